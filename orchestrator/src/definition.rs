@@ -1,0 +1,583 @@
+//! Saga and TCC definitions: the Rust builder API, the serializable plan that is logged with
+//! every instance, and the registry of definitions by name and version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How a transaction coordinates its steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Steps run forward in order (`action`); on failure, those that ran are compensated in reverse.
+    Saga,
+    /// Every step is tried at once (`try`); then all are confirmed, or all that may have been
+    /// tried are cancelled.
+    Tcc,
+}
+
+impl Mode {
+    /// The wire/database name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Saga => "saga",
+            Mode::Tcc => "tcc",
+        }
+    }
+}
+
+/// Retry policy of one operation: exponential backoff with jitter, bounded by attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts in all, including the first one (at least 1).
+    pub max_attempts: u32,
+    /// Delay before the second attempt.
+    pub initial_backoff_ms: u64,
+    /// Upper bound of any delay.
+    pub max_backoff_ms: u64,
+    /// Growth factor of the delay per attempt.
+    pub multiplier: f64,
+    /// Fraction (0..=1) of each delay that is randomized away, so retries spread out.
+    pub jitter: f64,
+}
+
+impl RetryPolicy {
+    /// The default for forward operations (`action`, `try`): 3 attempts, 200 ms doubling to 5 s.
+    pub const FORWARD: RetryPolicy = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff_ms: 200,
+        max_backoff_ms: 5_000,
+        multiplier: 2.0,
+        jitter: 0.2,
+    };
+
+    /// The default for compensate/confirm/cancel: 20 attempts, 500 ms doubling to 60 s
+    /// (about 15 minutes in all) before the instance is reported `stuck`.
+    pub const FINISH: RetryPolicy = RetryPolicy {
+        max_attempts: 20,
+        initial_backoff_ms: 500,
+        max_backoff_ms: 60_000,
+        multiplier: 2.0,
+        jitter: 0.2,
+    };
+
+    /// A policy with `max_attempts` attempts and the given first and largest delays.
+    pub fn exponential(max_attempts: u32, initial: Duration, max: Duration) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
+            initial_backoff_ms: initial.as_millis() as u64,
+            max_backoff_ms: max.as_millis() as u64,
+            ..RetryPolicy::FORWARD
+        }
+    }
+
+    /// The same policy with another jitter fraction.
+    pub fn with_jitter(self, jitter: f64) -> RetryPolicy {
+        RetryPolicy { jitter, ..self }
+    }
+
+    /// The delay after `attempts` failed attempts (1 = after the first one), before jitter.
+    pub fn base_delay_ms(&self, attempts: u32) -> u64 {
+        let exp = attempts.saturating_sub(1).min(64) as i32;
+        let raw = self.initial_backoff_ms as f64 * self.multiplier.max(1.0).powi(exp);
+        raw.min(self.max_backoff_ms as f64).max(0.0) as u64
+    }
+
+    /// The delay after `attempts` failed attempts, with `unit` in `[0, 1)` choosing the jitter.
+    pub fn delay_ms(&self, attempts: u32, unit: f64) -> u64 {
+        let base = self.base_delay_ms(attempts) as f64;
+        let jitter = self.jitter.clamp(0.0, 1.0) * unit.clamp(0.0, 1.0);
+        (base * (1.0 - jitter)).round() as u64
+    }
+
+    fn validate(&self, what: &str) -> Result<(), DefinitionError> {
+        if self.max_attempts == 0 {
+            return Err(DefinitionError::Invalid(format!(
+                "{what}: max_attempts must be at least 1"
+            )));
+        }
+        if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
+            return Err(DefinitionError::Invalid(format!(
+                "{what}: multiplier must be a finite number >= 1"
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(DefinitionError::Invalid(format!(
+                "{what}: jitter must be between 0 and 1"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The static shape of one step, logged with each instance so that recovery after a redeploy
+/// uses what the instance started with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepPlan {
+    /// Step name, unique within the definition.
+    pub name: String,
+    /// The participant (AMQP routing key) that executes the step.
+    pub participant: String,
+    /// Retry policy of the forward operation (`action` / `try`).
+    pub retry: RetryPolicy,
+    /// Retry policy of `compensate` / `confirm` / `cancel`; past it the instance is `stuck`.
+    pub finish_retry: RetryPolicy,
+    /// How long one attempt waits for its reply.
+    pub timeout_ms: u64,
+}
+
+/// The static shape of a definition: what an instance needs to run without the code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Definition name.
+    pub name: String,
+    /// Definition version.
+    pub version: u32,
+    /// Saga or TCC.
+    pub mode: Mode,
+    /// Ordered steps.
+    pub steps: Vec<StepPlan>,
+}
+
+impl Plan {
+    /// The index of the step named `name`.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+}
+
+/// The outputs of the steps that have succeeded so far, by step name.
+#[derive(Debug, Clone, Copy)]
+pub struct Outputs<'a> {
+    names: &'a [StepPlan],
+    values: &'a [Option<Value>],
+}
+
+impl<'a> Outputs<'a> {
+    /// Outputs of `names[i]` given by `values[i]`.
+    pub fn new(names: &'a [StepPlan], values: &'a [Option<Value>]) -> Outputs<'a> {
+        Outputs { names, values }
+    }
+
+    /// The output of the step named `step`, if it has succeeded.
+    pub fn get(&self, step: &str) -> Option<&'a Value> {
+        let i = self.names.iter().position(|s| s.name == step)?;
+        self.values.get(i)?.as_ref()
+    }
+
+    /// The output of `step` deserialized into `T`.
+    pub fn get_as<T: DeserializeOwned>(&self, step: &str) -> Result<T, String> {
+        let v = self
+            .get(step)
+            .ok_or_else(|| format!("step {step} has no output"))?;
+        serde_json::from_value(v.clone()).map_err(|e| format!("output of step {step}: {e}"))
+    }
+}
+
+type CommandFn<I> = Arc<dyn Fn(&I, &Outputs<'_>) -> Result<Value, String> + Send + Sync>;
+type ErasedCommandFn = Arc<dyn Fn(&Value, &Outputs<'_>) -> Result<Value, String> + Send + Sync>;
+
+/// One step of a definition under construction, for input type `I`.
+pub struct Step<I> {
+    plan: StepPlan,
+    command: Option<CommandFn<I>>,
+}
+
+impl<I> Step<I> {
+    /// A step named `name` executed by `participant`, with default retry policies and a 10 s timeout.
+    pub fn new(name: impl Into<String>, participant: impl Into<String>) -> Step<I> {
+        Step {
+            plan: StepPlan {
+                name: name.into(),
+                participant: participant.into(),
+                retry: RetryPolicy::FORWARD,
+                finish_retry: RetryPolicy::FINISH,
+                timeout_ms: 10_000,
+            },
+            command: None,
+        }
+    }
+
+    /// How the step's command payload is computed from the input and earlier outputs.
+    pub fn command(
+        mut self,
+        f: impl Fn(&I, &Outputs<'_>) -> Value + Send + Sync + 'static,
+    ) -> Step<I> {
+        self.command = Some(Arc::new(move |i, o| Ok(f(i, o))));
+        self
+    }
+
+    /// Like [`Step::command`], for computations that can fail (the step then fails for good).
+    pub fn try_command(
+        mut self,
+        f: impl Fn(&I, &Outputs<'_>) -> Result<Value, String> + Send + Sync + 'static,
+    ) -> Step<I> {
+        self.command = Some(Arc::new(f));
+        self
+    }
+
+    /// Retry policy of the forward operation.
+    pub fn retry(mut self, policy: RetryPolicy) -> Step<I> {
+        self.plan.retry = policy;
+        self
+    }
+
+    /// Retry policy of compensate/confirm/cancel.
+    pub fn finish_retry(mut self, policy: RetryPolicy) -> Step<I> {
+        self.plan.finish_retry = policy;
+        self
+    }
+
+    /// How long each attempt waits for a reply.
+    pub fn timeout(mut self, timeout: Duration) -> Step<I> {
+        self.plan.timeout_ms = timeout.as_millis().max(1) as u64;
+        self
+    }
+}
+
+/// Why a definition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionError {
+    /// The definition is malformed.
+    #[error("invalid definition: {0}")]
+    Invalid(String),
+    /// A definition with the same name and version is registered already.
+    #[error("definition {0} version {1} is registered already")]
+    Duplicate(String, u32),
+}
+
+/// Builder of a definition whose input is `I` (any JSON-deserializable type).
+pub struct DefinitionBuilder<I> {
+    name: String,
+    version: u32,
+    mode: Mode,
+    steps: Vec<Step<I>>,
+    _input: PhantomData<fn() -> I>,
+}
+
+/// A registered definition: the plan plus the code that computes forward commands.
+#[derive(Clone)]
+pub struct Definition {
+    plan: Arc<Plan>,
+    validate: Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>,
+    commands: Vec<ErasedCommandFn>,
+}
+
+impl fmt::Debug for Definition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Definition")
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Definition {
+    /// Starts a saga definition.
+    pub fn saga<I>(name: impl Into<String>, version: u32) -> DefinitionBuilder<I> {
+        DefinitionBuilder::new(name, version, Mode::Saga)
+    }
+
+    /// Starts a TCC definition.
+    pub fn tcc<I>(name: impl Into<String>, version: u32) -> DefinitionBuilder<I> {
+        DefinitionBuilder::new(name, version, Mode::Tcc)
+    }
+
+    /// The plan logged with every instance.
+    pub fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    /// The definition name.
+    pub fn name(&self) -> &str {
+        &self.plan.name
+    }
+
+    /// The definition version.
+    pub fn version(&self) -> u32 {
+        self.plan.version
+    }
+
+    /// Checks that `input` deserializes into the definition's input type.
+    pub fn validate_input(&self, input: &Value) -> Result<(), String> {
+        (self.validate)(input)
+    }
+
+    /// Computes the forward command of step `step`.
+    pub fn command(
+        &self,
+        step: usize,
+        input: &Value,
+        outputs: &Outputs<'_>,
+    ) -> Result<Value, String> {
+        let f = self
+            .commands
+            .get(step)
+            .ok_or_else(|| format!("definition has no step {step}"))?;
+        f(input, outputs)
+    }
+}
+
+impl<I> DefinitionBuilder<I> {
+    fn new(name: impl Into<String>, version: u32, mode: Mode) -> Self {
+        DefinitionBuilder {
+            name: name.into(),
+            version,
+            mode,
+            steps: Vec::new(),
+            _input: PhantomData,
+        }
+    }
+
+    /// Appends a step named `name` executed by `participant`; `configure` sets its command
+    /// (required) and optionally its retry policies and timeout.
+    ///
+    /// ```
+    /// # use sagas_orchestrator::{Definition, RetryPolicy};
+    /// # use std::time::Duration;
+    /// #[derive(serde::Deserialize)]
+    /// struct Order { qty: u32 }
+    /// let def = Definition::saga::<Order>("order", 1)
+    ///     .step("reserve", "inventory", |s| {
+    ///         s.command(|o, _| serde_json::json!({ "qty": o.qty }))
+    ///             .timeout(Duration::from_secs(5))
+    ///             .retry(RetryPolicy::exponential(5, Duration::from_millis(100), Duration::from_secs(2)))
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(def.plan().steps[0].timeout_ms, 5000);
+    /// ```
+    pub fn step(
+        mut self,
+        name: impl Into<String>,
+        participant: impl Into<String>,
+        configure: impl FnOnce(Step<I>) -> Step<I>,
+    ) -> Self {
+        self.steps.push(configure(Step::new(name, participant)));
+        self
+    }
+}
+
+impl<I: DeserializeOwned + 'static> DefinitionBuilder<I> {
+    /// Validates and finishes the definition.
+    pub fn build(self) -> Result<Definition, DefinitionError> {
+        valid_name("definition name", &self.name)?;
+        if self.steps.is_empty() {
+            return Err(DefinitionError::Invalid(format!(
+                "{} has no steps",
+                self.name
+            )));
+        }
+        let mut plans = Vec::with_capacity(self.steps.len());
+        let mut commands: Vec<ErasedCommandFn> = Vec::with_capacity(self.steps.len());
+        for step in self.steps {
+            let what = format!("{} step {}", self.name, step.plan.name);
+            valid_name(&what, &step.plan.name)?;
+            valid_name(&format!("{what} participant"), &step.plan.participant)?;
+            if plans.iter().any(|p: &StepPlan| p.name == step.plan.name) {
+                return Err(DefinitionError::Invalid(format!(
+                    "{}: step name {} is used twice",
+                    self.name, step.plan.name
+                )));
+            }
+            step.plan.retry.validate(&what)?;
+            step.plan.finish_retry.validate(&what)?;
+            let Some(f) = step.command else {
+                return Err(DefinitionError::Invalid(format!("{what} has no command")));
+            };
+            commands.push(Arc::new(move |input: &Value, outputs: &Outputs<'_>| {
+                let typed: I = serde_json::from_value(input.clone())
+                    .map_err(|e| format!("input does not match the definition: {e}"))?;
+                f(&typed, outputs)
+            }));
+            plans.push(step.plan);
+        }
+        Ok(Definition {
+            plan: Arc::new(Plan {
+                name: self.name,
+                version: self.version,
+                mode: self.mode,
+                steps: plans,
+            }),
+            validate: Arc::new(|input: &Value| {
+                serde_json::from_value::<I>(input.clone())
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }),
+            commands,
+        })
+    }
+}
+
+fn valid_name(what: &str, name: &str) -> Result<(), DefinitionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DefinitionError::Invalid(format!(
+            "{what} {name:?} must be 1-100 characters of [A-Za-z0-9_.-]"
+        )))
+    }
+}
+
+/// The definitions an orchestrator knows, by name and version.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    by_name: HashMap<String, BTreeMap<u32, Definition>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Registers a definition; a second one with the same name and version is refused.
+    pub fn register(&mut self, def: Definition) -> Result<(), DefinitionError> {
+        let versions = self.by_name.entry(def.name().to_owned()).or_default();
+        if versions.contains_key(&def.version()) {
+            return Err(DefinitionError::Duplicate(
+                def.name().to_owned(),
+                def.version(),
+            ));
+        }
+        versions.insert(def.version(), def);
+        Ok(())
+    }
+
+    /// Registers a definition, builder style.
+    pub fn with(mut self, def: Definition) -> Result<Registry, DefinitionError> {
+        self.register(def)?;
+        Ok(self)
+    }
+
+    /// The newest version of the definition named `name`.
+    pub fn latest(&self, name: &str) -> Option<&Definition> {
+        self.by_name.get(name)?.values().next_back()
+    }
+
+    /// The definition `name` at `version`.
+    pub fn get(&self, name: &str, version: u32) -> Option<&Definition> {
+        self.by_name.get(name)?.get(&version)
+    }
+
+    /// Every registered definition, by name then version.
+    pub fn iter(&self) -> impl Iterator<Item = &Definition> {
+        let mut names: Vec<_> = self.by_name.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .flat_map(|n| self.by_name[n].values())
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    /// The names of every participant any definition uses, sorted and deduplicated.
+    pub fn participants(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .iter()
+            .flat_map(|d| d.plan().steps.iter().map(|s| s.participant.clone()))
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Deserialize)]
+    struct Order {
+        qty: u32,
+    }
+
+    fn order_saga(version: u32) -> Definition {
+        Definition::saga::<Order>("order", version)
+            .step("reserve", "inventory", |s| {
+                s.command(|o, _| json!({"qty": o.qty}))
+            })
+            .step("charge", "payment", |s| {
+                s.command(
+                    |o, out| json!({"qty": o.qty, "reservation": out.get("reserve").cloned()}),
+                )
+            })
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn commands_are_computed_from_the_typed_input_and_earlier_outputs() {
+        let def = order_saga(1);
+        let outputs = vec![Some(json!("r-1")), None];
+        let o = Outputs::new(&def.plan().steps, &outputs);
+        assert_eq!(
+            def.command(0, &json!({"qty": 2}), &o).unwrap(),
+            json!({"qty": 2})
+        );
+        assert_eq!(
+            def.command(1, &json!({"qty": 2}), &o).unwrap(),
+            json!({"qty": 2, "reservation": "r-1"})
+        );
+    }
+
+    #[test]
+    fn input_of_the_wrong_shape_is_refused_with_the_reason() {
+        let def = order_saga(1);
+        let err = def.validate_input(&json!({"qty": "two"})).unwrap_err();
+        assert!(err.contains("invalid type"), "{err}");
+        assert!(def.validate_input(&json!({"qty": 2})).is_ok());
+    }
+
+    #[test]
+    fn definitions_without_steps_or_with_repeated_names_are_refused() {
+        let empty = Definition::saga::<Order>("empty", 1).build();
+        assert!(matches!(empty, Err(DefinitionError::Invalid(_))));
+        let twice = Definition::saga::<Order>("twice", 1)
+            .step("a", "p", |s| s.command(|_, _| json!(1)))
+            .step("a", "p", |s| s.command(|_, _| json!(2)))
+            .build();
+        assert!(matches!(twice, Err(DefinitionError::Invalid(m)) if m.contains("twice")));
+        let bad = Definition::saga::<Order>("has space", 1)
+            .step("a", "p", |s| s.command(|_, _| json!(1)))
+            .build();
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn the_registry_serves_the_latest_version_and_refuses_duplicates() {
+        let mut reg = Registry::new();
+        reg.register(order_saga(1)).unwrap();
+        reg.register(order_saga(2)).unwrap();
+        assert_eq!(reg.latest("order").unwrap().version(), 2);
+        assert_eq!(reg.get("order", 1).unwrap().version(), 1);
+        assert_eq!(
+            reg.register(order_saga(2)).unwrap_err(),
+            DefinitionError::Duplicate("order".into(), 2)
+        );
+        assert_eq!(reg.participants(), vec!["inventory", "payment"]);
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_up_to_the_cap_and_jitter_only_shortens_it() {
+        let p = RetryPolicy::exponential(5, Duration::from_millis(100), Duration::from_millis(350));
+        assert_eq!(p.base_delay_ms(1), 100);
+        assert_eq!(p.base_delay_ms(2), 200);
+        assert_eq!(p.base_delay_ms(3), 350);
+        assert_eq!(p.base_delay_ms(30), 350);
+        let p = p.with_jitter(0.5);
+        assert_eq!(p.delay_ms(2, 0.0), 200);
+        assert_eq!(p.delay_ms(2, 0.999), 100);
+    }
+}

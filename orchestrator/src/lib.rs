@@ -1,0 +1,16 @@
+//! The sagas orchestrator: definitions, the pure state machine, the PostgreSQL log, the AMQP
+//! transport, the engine that drives them, and the HTTP API.
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod definition;
+pub mod engine;
+pub mod machine;
+pub mod server;
+pub mod store;
+pub mod transport;
+
+pub use definition::{Definition, Mode, Outputs, Registry, RetryPolicy, Step};
+pub use engine::{Engine, EngineConfig, EngineError};
+pub use machine::Status;

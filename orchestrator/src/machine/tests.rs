@@ -1,0 +1,499 @@
+//! Unit tests of each transition. Every transition is also replayed from its log and compared.
+
+use super::*;
+use crate::definition::StepPlan;
+use chrono::TimeZone;
+use serde_json::json;
+
+pub(crate) fn plan(mode: Mode, steps: usize) -> Plan {
+    Plan {
+        name: "test".into(),
+        version: 1,
+        mode,
+        steps: (0..steps)
+            .map(|i| StepPlan {
+                name: format!("s{i}"),
+                participant: format!("p{i}"),
+                retry: RetryPolicy::exponential(
+                    3,
+                    std::time::Duration::from_millis(100),
+                    std::time::Duration::from_millis(1000),
+                ),
+                finish_retry: RetryPolicy::exponential(
+                    2,
+                    std::time::Duration::from_millis(100),
+                    std::time::Duration::from_millis(1000),
+                ),
+                timeout_ms: 1000,
+            })
+            .collect(),
+    }
+}
+
+/// Commands that echo the step index and the outputs so far.
+pub(crate) struct Echo;
+
+impl Commands for Echo {
+    fn command(&self, step: usize, input: &Value, outputs: &Outputs<'_>) -> Result<Value, String> {
+        let prev = if step == 0 {
+            Value::Null
+        } else {
+            outputs
+                .get(&format!("s{}", step - 1))
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        if input.get("fail_prepare") == Some(&json!(step)) {
+            return Err("cannot compute".into());
+        }
+        Ok(json!({"step": step, "prev": prev}))
+    }
+}
+
+fn t0() -> Time {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
+
+/// A running instance plus its whole log, checking replay after every transition.
+struct Run {
+    inst: Instance,
+    log: Vec<Event>,
+    now: Time,
+    last: Vec<Effect>,
+}
+
+impl Run {
+    fn start(mode: Mode, steps: usize) -> Run {
+        Run::start_with(mode, steps, json!({}))
+    }
+
+    fn start_with(mode: Mode, steps: usize, input: Value) -> Run {
+        let t = start(Uuid::from_u128(7), plan(mode, steps), input, t0(), &Echo);
+        let mut run = Run {
+            inst: t.instance.clone(),
+            log: Vec::new(),
+            now: t0(),
+            last: Vec::new(),
+        };
+        run.absorb(t);
+        run
+    }
+
+    fn absorb(&mut self, t: Transition) {
+        self.log.extend(t.events.iter().cloned());
+        self.inst = t.instance;
+        self.last = t.effects;
+        assert_eq!(self.inst.seq, self.log.len() as u64);
+        assert_eq!(
+            replay(&self.log).as_ref(),
+            Some(&self.inst),
+            "replay differs"
+        );
+    }
+
+    fn input(&mut self, input: Input) -> Result<(), Rejected> {
+        let t = handle(&self.inst, input, self.now, &Echo)?;
+        self.absorb(t);
+        Ok(())
+    }
+
+    fn reply(&mut self, step: usize, op: Operation, attempt: u32, outcome: Outcome) {
+        let reply = Reply {
+            protocol: PROTOCOL_VERSION,
+            transaction_id: self.inst.id,
+            step: format!("s{step}"),
+            operation: op,
+            attempt,
+            outcome,
+        };
+        self.input(Input::Reply(reply)).unwrap();
+    }
+
+    fn ok(&mut self, step: usize, op: Operation) {
+        let attempt = self.inst.steps[step].attempt;
+        self.reply(step, op, attempt, Outcome::succeeded(json!({"out": step})));
+    }
+
+    /// Fires the timer of `step` that the last transition set, advancing the clock to it.
+    fn fire(&mut self, step: usize) {
+        let (at, timer) = self
+            .last
+            .iter()
+            .find_map(|e| match e {
+                Effect::SetTimer { at, timer } if timer.step == step => Some((*at, *timer)),
+                _ => None,
+            })
+            .expect("a timer for the step");
+        self.now = at;
+        self.input(Input::Timer(timer)).unwrap();
+    }
+
+    fn sent(&self) -> Vec<(usize, Operation, u32)> {
+        self.last
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send { command, .. } => Some((
+                    self.inst.plan.step_index(&command.step).unwrap(),
+                    command.operation,
+                    command.attempt,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn statuses(&self) -> Vec<StepStatus> {
+        self.inst.steps.iter().map(|s| s.status).collect()
+    }
+}
+
+use Operation::*;
+use StepStatus as S;
+
+#[test]
+fn a_saga_runs_its_steps_in_order_and_completes_when_all_succeed() {
+    let mut r = Run::start(Mode::Saga, 3);
+    assert_eq!(r.sent(), vec![(0, Action, 1)]);
+    r.ok(0, Action);
+    assert_eq!(r.sent(), vec![(1, Action, 1)]);
+    // step 1's command was computed from step 0's output
+    assert_eq!(
+        r.inst.steps[1].payload,
+        Some(json!({"step": 1, "prev": {"out": 0}}))
+    );
+    r.ok(1, Action);
+    r.ok(2, Action);
+    assert_eq!(r.inst.status, Status::Completed);
+    assert_eq!(r.statuses(), vec![S::Succeeded; 3]);
+    assert!(r.sent().is_empty());
+}
+
+#[test]
+fn a_business_failure_compensates_the_earlier_steps_in_reverse_order() {
+    let mut r = Run::start(Mode::Saga, 3);
+    r.ok(0, Action);
+    r.ok(1, Action);
+    r.reply(2, Action, 1, Outcome::failed("out of stock"));
+    assert_eq!(r.inst.status, Status::Compensating);
+    assert_eq!(
+        r.inst.failure.as_deref(),
+        Some("step s2 failed: out of stock")
+    );
+    assert_eq!(r.sent(), vec![(1, Compensate, 1)]);
+    r.ok(1, Compensate);
+    assert_eq!(r.sent(), vec![(0, Compensate, 1)]);
+    r.ok(0, Compensate);
+    assert_eq!(r.inst.status, Status::Compensated);
+    assert_eq!(
+        r.statuses(),
+        vec![S::Compensated, S::Compensated, S::Failed]
+    );
+}
+
+#[test]
+fn a_failed_first_step_ends_compensated_with_nothing_to_undo() {
+    let mut r = Run::start(Mode::Saga, 2);
+    r.reply(0, Action, 1, Outcome::failed("closed"));
+    assert_eq!(r.inst.status, Status::Compensated);
+    assert!(r.sent().is_empty());
+    assert_eq!(r.statuses(), vec![S::Failed, S::Pending]);
+}
+
+#[test]
+fn compensation_carries_the_logged_payload_and_the_forward_output() {
+    let mut r = Run::start(Mode::Saga, 2);
+    r.ok(0, Action);
+    r.reply(1, Action, 1, Outcome::failed("no"));
+    let cmd = r
+        .last
+        .iter()
+        .find_map(|e| match e {
+            Effect::Send { command, .. } => Some(command.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(cmd.operation, Compensate);
+    assert_eq!(cmd.payload, json!({"step": 0, "prev": null}));
+    assert_eq!(cmd.output, Some(json!({"out": 0})));
+}
+
+#[test]
+fn a_silent_participant_is_retried_with_backoff_then_compensated_as_unknown() {
+    let mut r = Run::start(Mode::Saga, 2);
+    r.ok(0, Action);
+    r.fire(1); // deadline of attempt 1
+    assert_eq!(
+        r.inst.steps[1].waiting,
+        Waiting::Backoff {
+            until: r.now
+                + Duration::milliseconds(
+                    r.inst.plan.steps[1]
+                        .retry
+                        .delay_ms(1, jitter_unit(r.inst.id, 1, Action, 1))
+                        as i64
+                )
+        }
+    );
+    r.fire(1); // backoff
+    assert_eq!(r.sent(), vec![(1, Action, 2)]);
+    r.fire(1);
+    r.fire(1);
+    assert_eq!(r.sent(), vec![(1, Action, 3)]);
+    r.fire(1); // third deadline: attempts exhausted
+    assert_eq!(r.inst.steps[1].status, S::Compensating);
+    assert_eq!(r.sent(), vec![(1, Compensate, 1)]);
+    assert!(r.inst.failure.as_deref().unwrap().contains("gave up"));
+    r.ok(1, Compensate);
+    r.ok(0, Compensate);
+    assert_eq!(r.inst.status, Status::Compensated);
+}
+
+#[test]
+fn a_late_definite_reply_to_an_earlier_attempt_is_accepted() {
+    let mut r = Run::start(Mode::Saga, 1);
+    r.fire(0); // timeout of attempt 1 -> backoff
+    r.reply(0, Action, 1, Outcome::succeeded(json!(1)));
+    assert_eq!(r.inst.status, Status::Completed);
+    assert!(r.last.contains(&Effect::CancelTimer {
+        key: "step:0".into()
+    }));
+}
+
+#[test]
+fn a_retry_reply_uses_the_hint_when_it_is_longer_than_the_backoff() {
+    let mut r = Run::start(Mode::Saga, 1);
+    r.reply(
+        0,
+        Action,
+        1,
+        Outcome::Retry {
+            reason: "busy".into(),
+            retry_after_ms: Some(60_000),
+        },
+    );
+    assert_eq!(
+        r.inst.steps[0].waiting,
+        Waiting::Backoff {
+            until: t0() + Duration::milliseconds(60_000)
+        }
+    );
+    // a second transient error for the same attempt is stale now
+    r.reply(0, Action, 1, Outcome::retry("again"));
+    assert_eq!(r.log.last().unwrap().kind(), "reply_ignored");
+}
+
+#[test]
+fn duplicate_stray_and_future_replies_are_logged_and_ignored() {
+    let mut r = Run::start(Mode::Saga, 2);
+    r.ok(0, Action);
+    let before = r.inst.clone();
+    r.reply(0, Action, 1, Outcome::succeeded(json!("again")));
+    r.reply(1, Action, 7, Outcome::succeeded(json!("future")));
+    r.reply(1, Compensate, 1, Outcome::succeeded(json!("stray")));
+    let reply = Reply {
+        protocol: PROTOCOL_VERSION,
+        transaction_id: r.inst.id,
+        step: "nope".into(),
+        operation: Action,
+        attempt: 1,
+        outcome: Outcome::succeeded(json!(null)),
+    };
+    r.input(Input::Reply(reply)).unwrap();
+    assert_eq!(
+        r.log
+            .iter()
+            .rev()
+            .take(4)
+            .filter(|e| e.kind() == "reply_ignored")
+            .count(),
+        4
+    );
+    assert_eq!(r.inst.steps, before.steps);
+    assert_eq!(r.inst.steps[0].output, Some(json!({"out": 0})));
+}
+
+#[test]
+fn a_compensation_past_its_budget_leaves_the_instance_stuck_until_an_operator_retries() {
+    let mut r = Run::start(Mode::Saga, 2);
+    r.ok(0, Action);
+    r.reply(1, Action, 1, Outcome::failed("no"));
+    r.fire(0); // compensate attempt 1 times out
+    r.fire(0); // backoff -> attempt 2
+    r.fire(0); // attempt 2 times out: budget of 2 exhausted
+    assert_eq!(r.inst.status, Status::Stuck);
+    assert!(r.inst.steps[0].stuck);
+    assert!(
+        r.inst.steps[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("exhausted")
+    );
+    let err = r.input(Input::Abort {
+        actor: "ops".into(),
+        reason: "x".into(),
+    });
+    assert!(err.is_err());
+    r.input(Input::Retry {
+        actor: "ops".into(),
+        reason: "participant fixed".into(),
+    })
+    .unwrap();
+    assert_eq!(r.inst.status, Status::Compensating);
+    assert_eq!(r.sent(), vec![(0, Compensate, 3)]);
+    // a fresh budget: one timeout no longer makes it stuck
+    r.fire(0);
+    assert_eq!(r.inst.status, Status::Compensating);
+    r.fire(0);
+    r.ok(0, Compensate);
+    assert_eq!(r.inst.status, Status::Compensated);
+}
+
+#[test]
+fn a_compensation_that_answers_failed_makes_the_instance_stuck_at_once() {
+    let mut r = Run::start(Mode::Saga, 2);
+    r.ok(0, Action);
+    r.reply(1, Action, 1, Outcome::failed("no"));
+    r.reply(0, Compensate, 1, Outcome::failed("account closed"));
+    assert_eq!(r.inst.status, Status::Stuck);
+    // a late success still finishes it
+    r.reply(0, Compensate, 1, Outcome::succeeded(json!(null)));
+    assert_eq!(r.inst.status, Status::Compensated);
+}
+
+#[test]
+fn tcc_tries_every_branch_at_once_then_confirms_them_all() {
+    let mut r = Run::start(Mode::Tcc, 3);
+    assert_eq!(r.sent(), vec![(0, Try, 1), (1, Try, 1), (2, Try, 1)]);
+    r.ok(1, Try);
+    r.ok(0, Try);
+    assert!(r.sent().is_empty());
+    r.ok(2, Try);
+    assert_eq!(
+        r.sent(),
+        vec![(0, Confirm, 1), (1, Confirm, 1), (2, Confirm, 1)]
+    );
+    assert_eq!(r.inst.status, Status::Running);
+    r.ok(0, Confirm);
+    r.ok(2, Confirm);
+    r.ok(1, Confirm);
+    assert_eq!(r.inst.status, Status::Completed);
+    assert_eq!(r.statuses(), vec![S::Confirmed; 3]);
+}
+
+#[test]
+fn tcc_cancels_every_branch_that_was_or_may_have_been_tried_when_one_try_fails() {
+    let mut r = Run::start(Mode::Tcc, 3);
+    r.ok(0, Try);
+    r.reply(1, Try, 1, Outcome::failed("overdrawn"));
+    // branch 2 is still in flight: it may have been tried, so it is cancelled too
+    assert_eq!(r.sent(), vec![(0, Cancel, 1), (2, Cancel, 1)]);
+    assert_eq!(r.inst.status, Status::Compensating);
+    // the late try reply of branch 2 is ignored
+    r.reply(2, Try, 1, Outcome::succeeded(json!(1)));
+    assert_eq!(r.log.last().unwrap().kind(), "reply_ignored");
+    r.ok(0, Cancel);
+    r.ok(2, Cancel);
+    assert_eq!(r.inst.status, Status::Compensated);
+    assert_eq!(r.statuses(), vec![S::Cancelled, S::Failed, S::Cancelled]);
+}
+
+#[test]
+fn an_operator_abort_compensates_the_step_in_flight_too() {
+    let mut r = Run::start(Mode::Saga, 3);
+    r.ok(0, Action);
+    r.input(Input::Abort {
+        actor: "alice".into(),
+        reason: "customer cancelled".into(),
+    })
+    .unwrap();
+    assert_eq!(r.sent(), vec![(1, Compensate, 1)]);
+    assert_eq!(
+        r.inst.failure.as_deref(),
+        Some("aborted by alice: customer cancelled")
+    );
+    r.ok(1, Compensate);
+    r.ok(0, Compensate);
+    assert_eq!(r.inst.status, Status::Compensated);
+    assert_eq!(
+        r.statuses(),
+        vec![S::Compensated, S::Compensated, S::Pending]
+    );
+}
+
+#[test]
+fn a_command_that_cannot_be_computed_fails_its_step_and_compensates_the_rest() {
+    let mut r = Run::start_with(Mode::Saga, 3, json!({"fail_prepare": 1}));
+    r.ok(0, Action);
+    assert_eq!(r.sent(), vec![(0, Compensate, 1)]);
+    assert_eq!(r.inst.steps[1].status, S::Failed);
+    assert!(
+        r.inst
+            .failure
+            .as_deref()
+            .unwrap()
+            .contains("cannot compute")
+    );
+}
+
+#[test]
+fn terminal_instances_ignore_every_further_input() {
+    let mut r = Run::start(Mode::Saga, 1);
+    r.ok(0, Action);
+    let done = r.inst.clone();
+    r.reply(0, Action, 1, Outcome::failed("late"));
+    r.input(Input::Timer(Timer {
+        step: 0,
+        kind: TimerKind::Deadline,
+        operation: Action,
+        attempt: 1,
+    }))
+    .unwrap();
+    assert!(
+        r.input(Input::Retry {
+            actor: "a".into(),
+            reason: "b".into()
+        })
+        .is_err()
+    );
+    assert!(
+        r.input(Input::Abort {
+            actor: "a".into(),
+            reason: "b".into()
+        })
+        .is_err()
+    );
+    assert_eq!(r.inst.status, done.status);
+    assert_eq!(r.inst.steps, done.steps);
+    assert!(r.sent().is_empty());
+}
+
+#[test]
+fn stale_timers_change_nothing() {
+    let mut r = Run::start(Mode::Saga, 1);
+    let before = r.inst.clone();
+    r.input(Input::Timer(Timer {
+        step: 0,
+        kind: TimerKind::Backoff,
+        operation: Action,
+        attempt: 2,
+    }))
+    .unwrap();
+    r.input(Input::Timer(Timer {
+        step: 5,
+        kind: TimerKind::Deadline,
+        operation: Action,
+        attempt: 1,
+    }))
+    .unwrap();
+    assert_eq!(r.inst, before);
+}
+
+#[test]
+fn jitter_is_deterministic_and_in_the_unit_interval() {
+    let id = Uuid::from_u128(42);
+    let a = jitter_unit(id, 1, Action, 2);
+    assert_eq!(a, jitter_unit(id, 1, Action, 2));
+    assert!((0.0..1.0).contains(&a));
+    assert_ne!(a, jitter_unit(id, 1, Action, 3));
+}

@@ -1,0 +1,127 @@
+//! Durable storage of instances: the event log, the projection, the outbox and the timers.
+//!
+//! One call of [`SagaStore::create`] or [`SagaStore::update`] is one database transaction that
+//! appends the transition's events, updates the projection, writes the outgoing commands to the
+//! outbox and sets or cancels timers, so a crash leaves either all of it or none.
+
+use async_trait::async_trait;
+use chrono::Duration;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::machine::{Event, Instance, Rejected, Time, Timer, Transition};
+use sagas_participant::protocol::Command;
+
+pub mod postgres;
+
+pub use postgres::PgStore;
+
+/// A command waiting in the outbox to be published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxMessage {
+    /// Outbox row id.
+    pub id: i64,
+    /// Destination participant (routing key).
+    pub participant: String,
+    /// The command.
+    pub command: Command,
+}
+
+/// One event of an instance's log with its sequence number and time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoggedEvent {
+    /// Position in the instance's log, from 1.
+    pub seq: i64,
+    /// When it was appended.
+    pub at: Time,
+    /// The event.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// An instance's projection with its timestamps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredInstance {
+    /// The state.
+    pub instance: Instance,
+    /// When it started.
+    pub created_at: Time,
+    /// When it last changed.
+    pub updated_at: Time,
+}
+
+/// The result of [`SagaStore::update`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Updated {
+    /// The committed transition.
+    pub transition: Transition,
+    /// The outbox rows it wrote, to publish now.
+    pub outbox: Vec<OutboxMessage>,
+}
+
+/// Decides a transition from the current state, inside the store's transaction.
+pub type Decide<'a> = Box<dyn FnOnce(&Instance) -> Result<Transition, Rejected> + Send + 'a>;
+
+/// Errors of a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No instance with that id.
+    #[error("instance {0} not found")]
+    NotFound(Uuid),
+    /// An instance with that id exists already.
+    #[error("instance {0} exists already")]
+    Exists(Uuid),
+    /// The decision refused the input (an operator action that does not fit).
+    #[error(transparent)]
+    Rejected(#[from] Rejected),
+    /// Stored data could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The database failed; retryable.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Durable storage of instances.
+#[async_trait]
+pub trait SagaStore: Send + Sync + 'static {
+    /// Stores a new instance with the transition that started it.
+    async fn create(&self, start: &Transition, now: Time)
+    -> Result<Vec<OutboxMessage>, StoreError>;
+
+    /// Locks the instance, deletes `fired` if it is still the timer stored under its key, lets
+    /// `decide` compute the transition from the current state, and commits it.
+    async fn update(
+        &self,
+        id: Uuid,
+        fired: Option<Timer>,
+        now: Time,
+        decide: Decide<'_>,
+    ) -> Result<Updated, StoreError>;
+
+    /// The instance's current projection.
+    async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError>;
+
+    /// The instance's log, in order.
+    async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, StoreError>;
+
+    /// Claims up to `limit` timers due at `now`: they are leased for `lease` (so another
+    /// process takes them over if this one dies) and returned.
+    async fn claim_due_timers(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<(Uuid, Timer)>, StoreError>;
+
+    /// Claims up to `limit` outbox rows available at `now`, leasing them for `lease`.
+    async fn claim_outbox(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<OutboxMessage>, StoreError>;
+
+    /// Deletes published outbox rows.
+    async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError>;
+}

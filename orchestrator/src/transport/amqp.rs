@@ -1,0 +1,347 @@
+//! The AMQP (RabbitMQ) transport, on lapin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::{Mutex, mpsc};
+
+use super::{Ack, Incoming, Transport, TransportError};
+use crate::store::OutboxMessage;
+use sagas_participant::amqp::{QueueOptions, declare_participant, declare_replies};
+use sagas_participant::protocol::{CONTENT_TYPE, Command, Topology};
+
+/// Settings of the AMQP transport.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// Broker URI, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub uri: String,
+    /// Exchange and queue names.
+    pub topology: Topology,
+    /// Queue arguments (quorum queues, expiry in tests).
+    pub queues: QueueOptions,
+}
+
+struct Link {
+    connection: Arc<Connection>,
+    publisher: Channel,
+}
+
+/// The AMQP transport: one connection per process, a confirm-mode channel for publishing and
+/// one channel per consumer.
+pub struct AmqpTransport {
+    config: AmqpConfig,
+    link: Mutex<Option<Arc<Link>>>,
+    shutdown: tokio_util_shutdown::Flag,
+}
+
+mod tokio_util_shutdown {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A flag the consumer task checks before reconnecting.
+    #[derive(Clone, Default)]
+    pub struct Flag(Arc<AtomicBool>);
+
+    impl Flag {
+        pub fn set(&self) {
+            self.0.store(true, Ordering::SeqCst)
+        }
+        pub fn is_set(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+}
+
+fn broker(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Broker(e.to_string())
+}
+
+impl AmqpTransport {
+    /// A transport with `config`; it connects lazily and reconnects after failures.
+    pub fn new(config: AmqpConfig) -> AmqpTransport {
+        AmqpTransport {
+            config,
+            link: Mutex::new(None),
+            shutdown: Default::default(),
+        }
+    }
+
+    /// The topology.
+    pub fn topology(&self) -> &Topology {
+        &self.config.topology
+    }
+
+    /// Stops reconnecting and closes the connection.
+    pub async fn close(&self) {
+        self.shutdown.set();
+        if let Some(link) = self.link.lock().await.take() {
+            let _ = link.connection.close(200, "shutdown".into()).await;
+        }
+    }
+
+    async fn link(&self) -> Result<Arc<Link>, TransportError> {
+        let mut guard = self.link.lock().await;
+        if let Some(link) = guard.as_ref()
+            && link.connection.status().connected()
+            && link.publisher.status().connected()
+        {
+            return Ok(link.clone());
+        }
+        let connection = Connection::connect(&self.config.uri, ConnectionProperties::default())
+            .await
+            .map_err(broker)?;
+        let publisher = connection.create_channel().await.map_err(broker)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(broker)?;
+        let link = Arc::new(Link {
+            connection: Arc::new(connection),
+            publisher,
+        });
+        *guard = Some(link.clone());
+        Ok(link)
+    }
+
+    async fn forget(&self, link: &Arc<Link>) {
+        let mut guard = self.link.lock().await;
+        if guard.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            *guard = None;
+        }
+    }
+}
+
+/// The AMQP properties of a command.
+pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-saga-transaction".into(),
+        AMQPValue::LongString(command.transaction_id.to_string().into()),
+    );
+    headers.insert(
+        "x-saga-step".into(),
+        AMQPValue::LongString(command.step.clone().into()),
+    );
+    headers.insert(
+        "x-saga-operation".into(),
+        AMQPValue::LongString(command.operation.as_str().into()),
+    );
+    headers.insert(
+        "x-saga-attempt".into(),
+        AMQPValue::LongLongInt(i64::from(command.attempt)),
+    );
+    if let Some(deadline) = command.deadline {
+        headers.insert(
+            "x-saga-deadline".into(),
+            AMQPValue::LongString(deadline.to_rfc3339().into()),
+        );
+    }
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_message_id(command.message_id().into())
+        .with_correlation_id(command.transaction_id.to_string().into())
+        .with_reply_to(reply_to.into())
+        .with_headers(headers)
+}
+
+#[async_trait]
+impl Transport for AmqpTransport {
+    async fn declare(&self, participants: &[String]) -> Result<(), TransportError> {
+        let link = self.link().await?;
+        let ch = link.connection.create_channel().await.map_err(broker)?;
+        let t = &self.config.topology;
+        declare_replies(&ch, t, &self.config.queues)
+            .await
+            .map_err(broker)?;
+        for p in participants {
+            declare_participant(&ch, t, p, &self.config.queues)
+                .await
+                .map_err(broker)?;
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), TransportError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let link = self.link().await?;
+        let t = &self.config.topology;
+        let exchange = t.commands_exchange();
+        let reply_to = t.replies_queue();
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            let body = serde_json::to_vec(&m.command).map_err(broker)?;
+            let sent = link
+                .publisher
+                .basic_publish(
+                    exchange.as_str().into(),
+                    m.participant.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    &body,
+                    command_properties(&m.command, &reply_to),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => confirms.push((m, confirm)),
+                Err(e) => {
+                    self.forget(&link).await;
+                    return Err(broker(e));
+                }
+            }
+        }
+        // Pipelined: every publish is on the wire before the first confirm is awaited.
+        let results = join_all(
+            confirms
+                .into_iter()
+                .map(|(m, c)| async move { (m, c.await) }),
+        )
+        .await;
+        for (m, result) in results {
+            let confirmation = match result {
+                Ok(c) => c,
+                Err(e) => {
+                    self.forget(&link).await;
+                    return Err(broker(e));
+                }
+            };
+            let id = m.command.message_id();
+            if !confirmation.is_ack() {
+                return Err(TransportError::NotConfirmed(id, "nacked".into()));
+            }
+            if confirmation.take_message().is_some() {
+                return Err(TransportError::NotConfirmed(
+                    id,
+                    format!("no queue is bound for participant {}", m.participant),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError> {
+        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        let config = self.config.clone();
+        let shutdown = self.shutdown.clone();
+        // The first connection is made here so that a broken configuration fails loudly.
+        let first = consume(&config, prefetch).await?;
+        tokio::spawn(async move {
+            let mut consumer = Some(first);
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let (conn, mut stream) = match consumer.take() {
+                    Some(c) => c,
+                    None => match consume(&config, prefetch).await {
+                        Ok(c) => {
+                            backoff = Duration::from_millis(100);
+                            c
+                        }
+                        Err(e) => {
+                            if shutdown.is_set() || tx.is_closed() {
+                                return;
+                            }
+                            tracing::warn!(error = %e, "reply consumer cannot connect; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    },
+                };
+                while let Some(delivery) = stream.next().await {
+                    let delivery = match delivery {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reply consumer failed; reconnecting");
+                            break;
+                        }
+                    };
+                    let incoming = Incoming {
+                        body: delivery.data,
+                        ack: Box::new(AmqpAck(delivery.acker)),
+                    };
+                    if tx.send(incoming).await.is_err() {
+                        let _ = conn.close(200, "shutdown".into()).await;
+                        return;
+                    }
+                }
+                let _ = conn.close(200, "reconnecting".into()).await;
+                if shutdown.is_set() || tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+async fn consume(
+    config: &AmqpConfig,
+    prefetch: u16,
+) -> Result<(Connection, lapin::Consumer), TransportError> {
+    let conn = Connection::connect(&config.uri, ConnectionProperties::default())
+        .await
+        .map_err(broker)?;
+    let ch = conn.create_channel().await.map_err(broker)?;
+    declare_replies(&ch, &config.topology, &config.queues)
+        .await
+        .map_err(broker)?;
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(broker)?;
+    let consumer = ch
+        .basic_consume(
+            config.topology.replies_queue().into(),
+            "sagas-orchestrator".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker)?;
+    Ok((conn, consumer))
+}
+
+struct AmqpAck(lapin::Acker);
+
+#[async_trait]
+impl Ack for AmqpAck {
+    async fn ack(&self) -> Result<(), TransportError> {
+        self.0
+            .ack(BasicAckOptions::default())
+            .await
+            .map(drop)
+            .map_err(broker)
+    }
+
+    async fn reject(&self) -> Result<(), TransportError> {
+        self.0
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .map(drop)
+            .map_err(broker)
+    }
+
+    async fn requeue(&self) -> Result<(), TransportError> {
+        self.0
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await
+            .map(drop)
+            .map_err(broker)
+    }
+}

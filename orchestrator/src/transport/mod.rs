@@ -1,0 +1,57 @@
+//! Carrying commands to participants and replies back.
+//!
+//! One small trait with an AMQP implementation; publishing counts only once the broker has
+//! confirmed it, and an incoming reply is acknowledged only after its effect is committed.
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::store::OutboxMessage;
+
+pub mod amqp;
+
+pub use amqp::{AmqpConfig, AmqpTransport};
+
+/// Errors of a transport; all of them are retryable.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The broker connection failed or was refused.
+    #[error("broker error: {0}")]
+    Broker(String),
+    /// The broker did not confirm (nacked or returned) a message.
+    #[error("message {0} was not confirmed by the broker: {1}")]
+    NotConfirmed(String, String),
+}
+
+/// What to do with a received message once it has been handled.
+#[async_trait]
+pub trait Ack: Send + Sync {
+    /// The message's effect is committed: remove it from the queue.
+    async fn ack(&self) -> Result<(), TransportError>;
+    /// The message can never be handled: dead-letter it.
+    async fn reject(&self) -> Result<(), TransportError>;
+    /// Handling failed for a transient reason: deliver it again later.
+    async fn requeue(&self) -> Result<(), TransportError>;
+}
+
+/// A received reply, not yet decoded.
+pub struct Incoming {
+    /// The message body.
+    pub body: Vec<u8>,
+    /// Settles the message.
+    pub ack: Box<dyn Ack>,
+}
+
+/// Publishes commands and receives replies.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Declares what the orchestrator needs (queues of the given participants, replies queue).
+    async fn declare(&self, participants: &[String]) -> Result<(), TransportError>;
+
+    /// Publishes commands; returns once the broker has confirmed every one of them.
+    async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), TransportError>;
+
+    /// Starts receiving replies; the receiver ends when the transport is shut down. Delivery
+    /// survives broker restarts (the transport reconnects).
+    async fn subscribe(&self, prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError>;
+}

@@ -1,0 +1,331 @@
+//! Exactly-once effects in the participant's own PostgreSQL database.
+//!
+//! Commands arrive at least once, possibly out of order (a cancel can overtake its try) and
+//! possibly concurrently (a redelivery while the first delivery is still running). The barrier
+//! is a row per `(transaction id, step, operation)` in `sagas_barrier`, inserted in the same
+//! database transaction as the business change, before the handler runs:
+//!
+//! - **Duplicates**: the row already exists, so the stored reply is returned and the handler
+//!   does not run again. A concurrent duplicate waits on the primary key until the first one
+//!   commits (then it sees the row) or rolls back (then it runs itself).
+//! - **Null compensation**: an undo (`compensate`/`cancel`) first inserts the row of its
+//!   forward operation (`action`/`try`) on its behalf, origin `guard`. If that insert succeeds,
+//!   or the forward operation had replied `failed`, the forward operation never took effect:
+//!   the undo changes nothing and replies `succeeded` with `{"null_compensation": true}`.
+//! - **Anti-hanging**: a forward operation arriving after its undo finds the `guard` row and
+//!   returns its stored reply, a `failed` refusal, without running.
+//!
+//! Everything runs at READ COMMITTED: each statement after a wait on the key takes a new
+//! snapshot and so sees the row that the other transaction committed.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::types::Json;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::handler::{Handler, HandlerError};
+use crate::protocol::{Command, Operation, Outcome};
+
+/// The barrier schema; idempotent, run by [`install`].
+pub const SCHEMA: &str = include_str!("../../migrations/participant/0001_barrier.sql");
+
+/// Errors of the barrier itself (not of the handler); the runtime replies `retry` for them.
+#[derive(Debug, thiserror::Error)]
+pub enum BarrierError {
+    /// The participant database failed or is unreachable.
+    #[error("barrier database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A barrier row exists but holds no usable reply (edited by hand, or removed by
+    /// [`cleanup`] while in use).
+    #[error("barrier row {transaction_id}/{step}/{operation} is unusable: {detail}")]
+    Inconsistent {
+        /// The transaction id.
+        transaction_id: Uuid,
+        /// The step name.
+        step: String,
+        /// The operation.
+        operation: Operation,
+        /// What is wrong with the row.
+        detail: String,
+    },
+    /// [`cleanup`] was given a negative retention.
+    #[error("the barrier retention must not be negative")]
+    NegativeRetention,
+}
+
+/// Why a barrier row exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// The operation's handler ran (succeeded or failed for business reasons).
+    Handler,
+    /// An undo found that its forward operation never took effect, and did nothing.
+    NullCompensation,
+    /// A forward-operation row written by its undo so that the late forward operation is refused.
+    Guard,
+}
+
+impl Origin {
+    /// The value stored in the `origin` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Handler => "handler",
+            Origin::NullCompensation => "null_compensation",
+            Origin::Guard => "guard",
+        }
+    }
+
+    /// Parses a stored `origin` value.
+    pub fn parse(s: &str) -> Option<Origin> {
+        [Origin::Handler, Origin::NullCompensation, Origin::Guard]
+            .into_iter()
+            .find(|o| o.as_str() == s)
+    }
+}
+
+/// One row of `sagas_barrier`, for inspection and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarrierRecord {
+    /// The transaction id.
+    pub transaction_id: Uuid,
+    /// The step name.
+    pub step: String,
+    /// The operation, as stored (a wire name).
+    pub operation: String,
+    /// Why the row exists (`None` if the stored value is unknown to this version).
+    pub origin: Option<Origin>,
+    /// The stored reply.
+    pub reply: Option<Outcome>,
+    /// When the row was inserted (database clock).
+    pub created_at: DateTime<Utc>,
+}
+
+/// Creates the barrier table if it does not exist; safe to call concurrently at every start-up.
+///
+/// It does not use sqlx's migration table on purpose: the participant's database belongs to
+/// the participant, which may run its own migrations.
+pub async fn install(pool: &PgPool) -> Result<(), BarrierError> {
+    let mut tx = pool.begin().await?;
+    // Concurrent CREATE TABLE IF NOT EXISTS can still fail on the catalog's unique index.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sagas_barrier'))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Runs `cmd` through the barrier and `handler`, exactly once per `(transaction, step, operation)`.
+///
+/// Returns the outcome to reply with: the handler's (`failed` for [`HandlerError::Business`],
+/// `retry` for transient and database errors), or the stored one for a duplicate, a null
+/// compensation or a refused late forward operation.
+///
+/// A business failure of a forward operation is stored (its writes are rolled back through a
+/// savepoint) so that redeliveries get the same answer. A business failure of `confirm`,
+/// `compensate` or `cancel` is not stored: those must eventually succeed, and once the
+/// participant is fixed, the orchestrator's (or an operator's) retry must run the handler again.
+pub async fn execute(
+    pool: &PgPool,
+    cmd: &Command,
+    handler: &dyn Handler,
+) -> Result<Outcome, BarrierError> {
+    let op = cmd.operation;
+    let mut tx = pool.begin().await?;
+
+    if !insert(&mut tx, cmd, op, Origin::Handler, None).await? {
+        let stored = stored_reply(&mut tx, cmd, op).await?;
+        tx.commit().await?;
+        return Ok(stored);
+    }
+
+    if op.is_undo() {
+        let forward = op.forward();
+        let refusal = Outcome::failed(format!(
+            "{forward} refused: it arrived after its {op} (anti-hanging)"
+        ));
+        let forward_took_effect = if insert(&mut tx, cmd, forward, Origin::Guard, Some(&refusal))
+            .await?
+        {
+            false
+        } else {
+            matches!(
+                stored_reply(&mut tx, cmd, forward).await?,
+                Outcome::Succeeded { .. }
+            )
+        };
+        if !forward_took_effect {
+            let outcome = Outcome::succeeded(json!({ "null_compensation": true }));
+            record(&mut tx, cmd, Origin::NullCompensation, &outcome).await?;
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+    }
+
+    // The savepoint lets a business failure undo the handler's writes (and recover from a
+    // statement error that aborted the transaction) while the barrier row survives.
+    let mut savepoint = tx.begin().await?;
+    match handler.handle(cmd, &mut savepoint).await {
+        Ok(output) => {
+            savepoint.commit().await?;
+            let outcome = Outcome::succeeded(output);
+            record(&mut tx, cmd, Origin::Handler, &outcome).await?;
+            tx.commit().await?;
+            Ok(outcome)
+        }
+        Err(HandlerError::Business(reason)) if op.is_forward() => {
+            savepoint.rollback().await?;
+            let outcome = Outcome::failed(reason);
+            record(&mut tx, cmd, Origin::Handler, &outcome).await?;
+            tx.commit().await?;
+            Ok(outcome)
+        }
+        Err(error) => {
+            drop(savepoint);
+            tx.rollback().await?;
+            Ok(error.to_outcome())
+        }
+    }
+}
+
+/// Deletes the barrier rows of transactions whose every row is older than `older_than`;
+/// returns the number of rows deleted.
+///
+/// The retention must exceed the longest time a transaction can stay open (its steps'
+/// timeouts and retries, and the time an operator may take to resolve a stuck instance):
+/// deleting the rows of an open transaction would let a redelivered forward operation run
+/// again, or a late one run after its undo (hanging).
+pub async fn cleanup(pool: &PgPool, older_than: chrono::Duration) -> Result<u64, BarrierError> {
+    if older_than < chrono::Duration::zero() {
+        return Err(BarrierError::NegativeRetention);
+    }
+    let seconds = older_than.num_milliseconds() as f64 / 1000.0;
+    let result = sqlx::query(
+        "DELETE FROM sagas_barrier WHERE transaction_id IN ( \
+             SELECT transaction_id FROM sagas_barrier GROUP BY transaction_id \
+             HAVING max(created_at) < now() - make_interval(secs => $1))",
+    )
+    .bind(seconds)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// The barrier rows of one transaction, ordered by step and operation.
+pub async fn records(
+    pool: &PgPool,
+    transaction_id: Uuid,
+) -> Result<Vec<BarrierRecord>, BarrierError> {
+    type Row = (Uuid, String, String, String, Option<Json<Outcome>>, DateTime<Utc>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT transaction_id, step, operation, origin, reply, created_at \
+         FROM sagas_barrier WHERE transaction_id = $1 ORDER BY step, operation",
+    )
+    .bind(transaction_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(transaction_id, step, operation, origin, reply, created_at)| BarrierRecord {
+                transaction_id,
+                step,
+                operation,
+                origin: Origin::parse(&origin),
+                reply: reply.map(|Json(outcome)| outcome),
+                created_at,
+            },
+        )
+        .collect())
+}
+
+/// Inserts the row of `operation` for `cmd`'s transaction and step; false if it already existed
+/// (after waiting for a concurrent inserter to finish).
+async fn insert(
+    conn: &mut PgConnection,
+    cmd: &Command,
+    operation: Operation,
+    origin: Origin,
+    reply: Option<&Outcome>,
+) -> Result<bool, BarrierError> {
+    let result = sqlx::query(
+        "INSERT INTO sagas_barrier (transaction_id, step, operation, origin, reply) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(cmd.transaction_id)
+    .bind(&cmd.step)
+    .bind(operation.as_str())
+    .bind(origin.as_str())
+    .bind(reply.map(Json))
+    .execute(conn)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Stores the reply (and origin) of `cmd`'s own row.
+async fn record(
+    conn: &mut PgConnection,
+    cmd: &Command,
+    origin: Origin,
+    outcome: &Outcome,
+) -> Result<(), BarrierError> {
+    sqlx::query(
+        "UPDATE sagas_barrier SET origin = $4, reply = $5 \
+         WHERE transaction_id = $1 AND step = $2 AND operation = $3",
+    )
+    .bind(cmd.transaction_id)
+    .bind(&cmd.step)
+    .bind(cmd.operation.as_str())
+    .bind(origin.as_str())
+    .bind(Json(outcome))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The committed reply of `operation` for `cmd`'s transaction and step.
+async fn stored_reply(
+    conn: &mut PgConnection,
+    cmd: &Command,
+    operation: Operation,
+) -> Result<Outcome, BarrierError> {
+    let row: Option<(Option<Json<Outcome>>,)> = sqlx::query_as(
+        "SELECT reply FROM sagas_barrier \
+         WHERE transaction_id = $1 AND step = $2 AND operation = $3",
+    )
+    .bind(cmd.transaction_id)
+    .bind(&cmd.step)
+    .bind(operation.as_str())
+    .fetch_optional(conn)
+    .await?;
+    let inconsistent = |detail: &str| BarrierError::Inconsistent {
+        transaction_id: cmd.transaction_id,
+        step: cmd.step.clone(),
+        operation,
+        detail: detail.to_owned(),
+    };
+    match row {
+        Some((Some(Json(outcome)),)) => Ok(outcome),
+        Some((None,)) => Err(inconsistent("no stored reply")),
+        None => Err(inconsistent("the row disappeared")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_round_trip_through_their_stored_names() {
+        for origin in [Origin::Handler, Origin::NullCompensation, Origin::Guard] {
+            assert_eq!(Origin::parse(origin.as_str()), Some(origin));
+        }
+        assert_eq!(Origin::parse("other"), None);
+    }
+
+    #[test]
+    fn the_schema_is_idempotent_sql() {
+        assert!(SCHEMA.contains("CREATE TABLE IF NOT EXISTS sagas_barrier"));
+        assert!(!SCHEMA.contains("CREATE TABLE sagas_barrier"));
+    }
+}

@@ -1,0 +1,23 @@
+//! The sagas participant SDK.
+//!
+//! A participant is a service that executes saga steps (`action`/`compensate`) or TCC steps
+//! (`try`/`confirm`/`cancel`) on behalf of the orchestrator. This crate gives it:
+//!
+//! - [`protocol`]: the wire types, shared with the orchestrator;
+//! - [`handler`]: the traits a participant implements, and a [`Router`] to dispatch steps;
+//! - [`barrier`]: exactly-once effects, null compensation and anti-hanging in the
+//!   participant's own PostgreSQL database;
+//! - [`runtime`]: the AMQP consumer that ties them together;
+//! - [`amqp`]: the exchange and queue declarations both sides use.
+
+pub mod amqp;
+pub mod barrier;
+pub mod handler;
+pub mod protocol;
+pub mod runtime;
+
+pub use amqp::QueueOptions;
+pub use barrier::BarrierError;
+pub use handler::{Handler, HandlerError, Router, Saga, SagaHandler, Tcc, TccHandler};
+pub use protocol::{Command, Operation, Outcome, Reply, Topology};
+pub use runtime::{Participant, RuntimeError, Stats};

@@ -1,0 +1,300 @@
+//! The wire protocol between the orchestrator and participants (version 1).
+//!
+//! Everything here is plain JSON over AMQP so that a participant can be written in any
+//! language with a plain AMQP client; docs/protocol.md is the normative description.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The protocol version carried in every message body.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The MIME type of every message body.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// What a command asks a participant to do with one step of one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// Saga forward operation.
+    Action,
+    /// Saga undo of an action that ran or may have run.
+    Compensate,
+    /// TCC reservation.
+    Try,
+    /// TCC commit of a successful try.
+    Confirm,
+    /// TCC release of a try that ran or may have run.
+    Cancel,
+}
+
+impl Operation {
+    /// Every operation, in a stable order.
+    pub const ALL: [Operation; 5] = [
+        Operation::Action,
+        Operation::Compensate,
+        Operation::Try,
+        Operation::Confirm,
+        Operation::Cancel,
+    ];
+
+    /// The wire name (`action`, `compensate`, `try`, `confirm`, `cancel`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Action => "action",
+            Operation::Compensate => "compensate",
+            Operation::Try => "try",
+            Operation::Confirm => "confirm",
+            Operation::Cancel => "cancel",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Operation> {
+        Operation::ALL.into_iter().find(|op| op.as_str() == s)
+    }
+
+    /// True for the operations that change business state first (`action`, `try`).
+    pub fn is_forward(self) -> bool {
+        matches!(self, Operation::Action | Operation::Try)
+    }
+
+    /// True for the operations that undo a forward operation (`compensate`, `cancel`).
+    pub fn is_undo(self) -> bool {
+        matches!(self, Operation::Compensate | Operation::Cancel)
+    }
+
+    /// The forward operation that this operation completes or undoes.
+    pub fn forward(self) -> Operation {
+        match self {
+            Operation::Action | Operation::Compensate => Operation::Action,
+            Operation::Try | Operation::Confirm | Operation::Cancel => Operation::Try,
+        }
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A command from the orchestrator to a participant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Protocol version ([`PROTOCOL_VERSION`]).
+    pub protocol: u32,
+    /// The transaction (saga instance) id.
+    pub transaction_id: Uuid,
+    /// The saga definition name.
+    pub definition: String,
+    /// The step name, unique within the definition.
+    pub step: String,
+    /// What to do.
+    pub operation: Operation,
+    /// Delivery attempt of this operation, starting at 1.
+    pub attempt: u32,
+    /// The step's command, computed once and logged before the first dispatch.
+    pub payload: Value,
+    /// The output of the forward operation; set for `compensate`, `confirm` and `cancel`
+    /// when the forward operation replied `succeeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// When the orchestrator stops waiting for this attempt's reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+impl Command {
+    /// The AMQP `message_id` of this command: unique per transaction, step, operation and attempt.
+    pub fn message_id(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.transaction_id, self.step, self.operation, self.attempt
+        )
+    }
+
+    /// The reply to this command with the given outcome.
+    pub fn reply(&self, outcome: Outcome) -> Reply {
+        Reply {
+            protocol: PROTOCOL_VERSION,
+            transaction_id: self.transaction_id,
+            step: self.step.clone(),
+            operation: self.operation,
+            attempt: self.attempt,
+            outcome,
+        }
+    }
+}
+
+/// A participant's reply to a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Protocol version ([`PROTOCOL_VERSION`]).
+    pub protocol: u32,
+    /// The transaction id from the command.
+    pub transaction_id: Uuid,
+    /// The step name from the command.
+    pub step: String,
+    /// The operation from the command.
+    pub operation: Operation,
+    /// The attempt from the command.
+    pub attempt: u32,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+impl Reply {
+    /// The AMQP `message_id` of this reply.
+    pub fn message_id(&self) -> String {
+        format!(
+            "{}:{}:{}:{}:reply",
+            self.transaction_id, self.step, self.operation, self.attempt
+        )
+    }
+}
+
+/// The result of one operation as the participant reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The operation took effect; `output` is kept in the log and passed to later steps and
+    /// to this step's compensate/confirm/cancel.
+    Succeeded {
+        /// Any JSON value the participant wants to return.
+        #[serde(default)]
+        output: Value,
+    },
+    /// A business failure: the operation did not take effect and will not be retried.
+    Failed {
+        /// Human-readable reason, logged and shown to operators.
+        reason: String,
+    },
+    /// A transient error: the operation did not take effect; the orchestrator retries it.
+    Retry {
+        /// Human-readable reason.
+        reason: String,
+        /// Optional hint: wait at least this long before the next attempt.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+impl Outcome {
+    /// A `succeeded` outcome.
+    pub fn succeeded(output: Value) -> Outcome {
+        Outcome::Succeeded { output }
+    }
+
+    /// A `failed` (business failure) outcome.
+    pub fn failed(reason: impl Into<String>) -> Outcome {
+        Outcome::Failed {
+            reason: reason.into(),
+        }
+    }
+
+    /// A `retry` (transient error) outcome.
+    pub fn retry(reason: impl Into<String>) -> Outcome {
+        Outcome::Retry {
+            reason: reason.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// The wire name of the outcome.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded { .. } => "succeeded",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Retry { .. } => "retry",
+        }
+    }
+}
+
+/// Names of the AMQP exchanges and queues, derived from one prefix (default `sagas`).
+///
+/// Tests use a unique prefix each so that they can run in parallel on one broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology::new("sagas")
+    }
+}
+
+impl Topology {
+    /// A topology whose names all start with `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Topology {
+        Topology {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Direct exchange to which the orchestrator publishes commands, routing key = participant.
+    pub fn commands_exchange(&self) -> String {
+        format!("{}.commands", self.prefix)
+    }
+
+    /// The durable queue of one participant.
+    pub fn participant_queue(&self, participant: &str) -> String {
+        format!("{}.participant.{}", self.prefix, participant)
+    }
+
+    /// The durable queue the orchestrator consumes replies from (the commands' `reply_to`).
+    pub fn replies_queue(&self) -> String {
+        format!("{}.replies", self.prefix)
+    }
+
+    /// Fanout exchange that receives rejected (malformed or unknown) messages.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+
+    /// The durable queue bound to the dead-letter exchange.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn operations_round_trip_through_their_wire_names() {
+        for op in Operation::ALL {
+            assert_eq!(Operation::parse(op.as_str()), Some(op));
+            let json = serde_json::to_value(op).unwrap();
+            assert_eq!(json, json!(op.as_str()));
+        }
+        assert_eq!(Operation::parse("commit"), None);
+    }
+
+    #[test]
+    fn undo_operations_point_back_at_their_forward_operation() {
+        assert_eq!(Operation::Compensate.forward(), Operation::Action);
+        assert_eq!(Operation::Cancel.forward(), Operation::Try);
+        assert_eq!(Operation::Confirm.forward(), Operation::Try);
+        assert!(Operation::Try.is_forward() && !Operation::Try.is_undo());
+        assert!(Operation::Cancel.is_undo() && !Operation::Confirm.is_undo());
+    }
+
+    #[test]
+    fn outcomes_serialize_with_a_status_tag() {
+        let json = serde_json::to_value(Outcome::failed("overdrawn")).unwrap();
+        assert_eq!(json, json!({"status": "failed", "reason": "overdrawn"}));
+        let back: Outcome = serde_json::from_value(json!({"status": "succeeded"})).unwrap();
+        assert_eq!(back, Outcome::succeeded(Value::Null));
+    }
+}

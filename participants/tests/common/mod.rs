@@ -1,0 +1,369 @@
+//! Test helpers: a fresh PostgreSQL database and a fresh AMQP topology per test, and a small
+//! bank participant (TCC step `reserve`, saga step `credit`) over an `accounts` table.
+#![allow(dead_code)]
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sagas_participant::amqp::{self, QueueOptions};
+use sagas_participant::barrier;
+use sagas_participant::handler::{HandlerError, Router, Saga, SagaHandler, Tcc, TccHandler};
+use sagas_participant::protocol::{Command, Operation, PROTOCOL_VERSION, Reply, Topology};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// The admin URL of the test PostgreSQL server.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The URL of the test RabbitMQ broker.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A database of its own, with the barrier installed and an `accounts` table; dropped on drop.
+pub struct TestDb {
+    pub pool: PgPool,
+    name: String,
+}
+
+impl TestDb {
+    /// Creates the database; `max_connections` bounds the pool.
+    pub async fn with_connections(max_connections: u32) -> TestDb {
+        let name = format!("sagas_t_{}", Uuid::new_v4().simple());
+        let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL");
+        let mut conn = PgConnection::connect_with(&admin)
+            .await
+            .expect("connect to the admin database");
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create the test database");
+        conn.close().await.ok();
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(admin.database(&name))
+            .await
+            .expect("connect to the test database");
+        barrier::install(&pool).await.expect("install the barrier");
+        sqlx::raw_sql(
+            "CREATE TABLE accounts (id text PRIMARY KEY, balance bigint NOT NULL, \
+             reserved bigint NOT NULL DEFAULT 0)",
+        )
+        .execute(&pool)
+        .await
+        .expect("create accounts");
+        TestDb { pool, name }
+    }
+
+    /// Creates the database with a pool of 10 connections.
+    pub async fn new() -> TestDb {
+        TestDb::with_connections(10).await
+    }
+
+    /// Opens an account.
+    pub async fn open(&self, id: &str, balance: i64) {
+        sqlx::query("INSERT INTO accounts (id, balance) VALUES ($1, $2)")
+            .bind(id)
+            .bind(balance)
+            .execute(&self.pool)
+            .await
+            .expect("open account");
+    }
+
+    /// `(balance, reserved)` of an account.
+    pub async fn account(&self, id: &str) -> (i64, i64) {
+        sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .expect("read account")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Runs on a thread of its own so that it also works while a failed test unwinds.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL");
+                let mut conn = PgConnection::connect_with(&admin).await?;
+                sqlx::raw_sql(AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// A command for step `step` of transaction `id`.
+pub fn command(id: Uuid, step: &str, operation: Operation, payload: Value) -> Command {
+    Command {
+        protocol: PROTOCOL_VERSION,
+        transaction_id: id,
+        definition: "transfer".to_owned(),
+        step: step.to_owned(),
+        operation,
+        attempt: 1,
+        payload,
+        output: None,
+        deadline: None,
+    }
+}
+
+/// The same command, redelivered as a later attempt.
+pub fn again(cmd: &Command) -> Command {
+    Command {
+        attempt: cmd.attempt + 1,
+        ..cmd.clone()
+    }
+}
+
+/// The test participant: `reserve` (TCC) and `credit` (saga) over `accounts`.
+///
+/// Payload: `{"account": id, "amount": n}`, plus optional `"fail"` (`"business"`,
+/// `"business_after_write"`, `"transient"`, `"panic"`), `"fail_undo"` (`"business"`) and
+/// `"sleep_ms"` (sleeps inside the transaction after writing).
+pub fn bank() -> Router {
+    Router::new()
+        .route("reserve", Tcc(Bank))
+        .route("credit", Saga(Bank))
+}
+
+pub struct Bank;
+
+fn account(cmd: &Command) -> String {
+    cmd.payload["account"].as_str().unwrap_or("a").to_owned()
+}
+
+fn amount(cmd: &Command) -> i64 {
+    cmd.payload["amount"].as_i64().unwrap_or(10)
+}
+
+async fn after_write(cmd: &Command, field: &str) -> Result<(), HandlerError> {
+    if let Some(ms) = cmd.payload["sleep_ms"].as_u64() {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    match cmd.payload[field].as_str() {
+        Some("business_after_write") | Some("business") => {
+            Err(HandlerError::business("injected business failure"))
+        }
+        Some("transient") => Err(HandlerError::transient("injected transient error")),
+        Some("panic") => panic!("injected panic"),
+        _ => Ok(()),
+    }
+}
+
+async fn update(
+    tx: &mut PgConnection,
+    sql: &'static str,
+    cmd: &Command,
+) -> Result<u64, HandlerError> {
+    Ok(sqlx::query(sql)
+        .bind(account(cmd))
+        .bind(amount(cmd))
+        .execute(tx)
+        .await?
+        .rows_affected())
+}
+
+#[async_trait]
+impl TccHandler for Bank {
+    async fn try_(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        if cmd.payload["fail"] == "business" {
+            return Err(HandlerError::business("injected business failure"));
+        }
+        let updated = update(
+            tx,
+            "UPDATE accounts SET balance = balance - $2, reserved = reserved + $2 \
+             WHERE id = $1 AND balance >= $2",
+            cmd,
+        )
+        .await?;
+        if updated == 0 {
+            return Err(HandlerError::business("insufficient funds"));
+        }
+        after_write(cmd, "fail").await?;
+        Ok(json!({ "reserved": amount(cmd) }))
+    }
+
+    async fn confirm(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        update(
+            tx,
+            "UPDATE accounts SET reserved = reserved - $2 WHERE id = $1",
+            cmd,
+        )
+        .await?;
+        after_write(cmd, "fail_undo").await?;
+        Ok(json!({ "confirmed": amount(cmd) }))
+    }
+
+    async fn cancel(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        update(
+            tx,
+            "UPDATE accounts SET balance = balance + $2, reserved = reserved - $2 WHERE id = $1",
+            cmd,
+        )
+        .await?;
+        after_write(cmd, "fail_undo").await?;
+        Ok(json!({ "released": amount(cmd) }))
+    }
+}
+
+#[async_trait]
+impl SagaHandler for Bank {
+    async fn action(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        update(
+            tx,
+            "UPDATE accounts SET balance = balance + $2 WHERE id = $1",
+            cmd,
+        )
+        .await?;
+        after_write(cmd, "fail").await?;
+        Ok(json!({ "credited": amount(cmd) }))
+    }
+
+    async fn compensate(
+        &self,
+        cmd: &Command,
+        tx: &mut PgConnection,
+    ) -> Result<Value, HandlerError> {
+        update(
+            tx,
+            "UPDATE accounts SET balance = balance - $2 WHERE id = $1",
+            cmd,
+        )
+        .await?;
+        after_write(cmd, "fail_undo").await?;
+        Ok(json!({ "debited": amount(cmd) }))
+    }
+}
+
+/// A broker connection and a topology of its own (queues expire if the test dies).
+pub struct TestBroker {
+    pub conn: Connection,
+    pub channel: Channel,
+    pub topology: Topology,
+    pub options: QueueOptions,
+}
+
+impl TestBroker {
+    /// Connects, and declares the replies queue and the dead-letter part.
+    pub async fn new() -> TestBroker {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = conn.create_channel().await.expect("channel");
+        let topology = Topology::new(format!("t-{}", Uuid::new_v4()));
+        let options = QueueOptions {
+            quorum: false,
+            expires: Some(Duration::from_secs(60)),
+        };
+        amqp::declare_replies(&channel, &topology, &options)
+            .await
+            .expect("declare replies");
+        TestBroker {
+            conn,
+            channel,
+            topology,
+            options,
+        }
+    }
+
+    /// Declares a participant's queue as the orchestrator would.
+    pub async fn declare_participant(&self, participant: &str) {
+        amqp::declare_participant(&self.channel, &self.topology, participant, &self.options)
+            .await
+            .expect("declare participant");
+    }
+
+    /// Publishes a command to a participant through the commands exchange.
+    pub async fn send(&self, participant: &str, cmd: &Command) {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(cmd.message_id().into())
+            .with_reply_to(self.topology.replies_queue().into());
+        self.publish_raw(
+            &self.topology.commands_exchange(),
+            participant,
+            &serde_json::to_vec(cmd).expect("encode"),
+            props,
+        )
+        .await;
+    }
+
+    /// Publishes any bytes with any properties.
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) {
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish");
+    }
+
+    /// Waits up to 10 s for the next message on `queue`.
+    pub async fn next_message(&self, queue: &str) -> lapin::message::BasicGetMessage {
+        for _ in 0..500 {
+            let message = self
+                .channel
+                .basic_get(
+                    queue.into(),
+                    BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic.get");
+            if let Some(message) = message {
+                return message;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no message on {queue} within 10 s");
+    }
+
+    /// Waits for the next reply.
+    pub async fn next_reply(&self) -> (Reply, BasicProperties) {
+        let message = self.next_message(&self.topology.replies_queue()).await;
+        let reply = serde_json::from_slice(&message.delivery.data).expect("decode reply");
+        (reply, message.delivery.properties.clone())
+    }
+
+    /// Deletes the topology.
+    pub async fn teardown(self, participants: &[&str]) {
+        amqp::delete_topology(&self.channel, &self.topology, participants)
+            .await
+            .expect("delete topology");
+        self.conn.close(200, "OK".into()).await.ok();
+    }
+}
