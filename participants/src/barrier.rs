@@ -144,16 +144,15 @@ pub async fn execute(
         let refusal = Outcome::failed(format!(
             "{forward} refused: it arrived after its {op} (anti-hanging)"
         ));
-        let forward_took_effect = if insert(&mut tx, cmd, forward, Origin::Guard, Some(&refusal))
-            .await?
-        {
-            false
-        } else {
-            matches!(
-                stored_reply(&mut tx, cmd, forward).await?,
-                Outcome::Succeeded { .. }
-            )
-        };
+        let forward_took_effect =
+            if insert(&mut tx, cmd, forward, Origin::Guard, Some(&refusal)).await? {
+                false
+            } else {
+                matches!(
+                    stored_reply(&mut tx, cmd, forward).await?,
+                    Outcome::Succeeded { .. }
+                )
+            };
         if !forward_took_effect {
             let outcome = Outcome::succeeded(json!({ "null_compensation": true }));
             record(&mut tx, cmd, Origin::NullCompensation, &outcome).await?;
@@ -216,7 +215,14 @@ pub async fn records(
     pool: &PgPool,
     transaction_id: Uuid,
 ) -> Result<Vec<BarrierRecord>, BarrierError> {
-    type Row = (Uuid, String, String, String, Option<Json<Outcome>>, DateTime<Utc>);
+    type Row = (
+        Uuid,
+        String,
+        String,
+        String,
+        Option<Json<Outcome>>,
+        DateTime<Utc>,
+    );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT transaction_id, step, operation, origin, reply, created_at \
          FROM sagas_barrier WHERE transaction_id = $1 ORDER BY step, operation",

@@ -221,7 +221,7 @@ impl Participant {
         &self.name
     }
 
-    /// A handle on the live counters, valid after `run` starts and after it returns.
+    /// A handle on the live counters; take it before calling [`Participant::run`].
     pub fn stats(&self) -> Stats {
         self.stats.clone()
     }
@@ -229,8 +229,9 @@ impl Participant {
     /// Serves the participant's queue until `shutdown` completes, then stops consuming, waits
     /// for the commands in flight, and returns.
     ///
-    /// Commands delivered but not yet started when shutting down are requeued by the broker
-    /// when the channel closes.
+    /// It first creates the barrier table (unless [`Participant::install_barrier`] is off) and
+    /// declares its queue. Commands delivered but not yet started when shutting down are
+    /// requeued by the broker when the channel closes.
     pub async fn run(
         self,
         conn: &Connection,

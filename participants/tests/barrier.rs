@@ -30,10 +30,7 @@ async fn a_duplicate_delivery_of_each_operation_returns_the_stored_reply_and_app
 
     // TCC: try + confirm, each delivered twice.
     let t1 = Uuid::new_v4();
-    for (op, expected) in [
-        (Operation::Try, (90, 10)),
-        (Operation::Confirm, (90, 0)),
-    ] {
+    for (op, expected) in [(Operation::Try, (90, 10)), (Operation::Confirm, (90, 0))] {
         let cmd = command(t1, "reserve", op, pay.clone());
         let first = barrier::execute(&db.pool, &cmd, &router).await.unwrap();
         assert_eq!(first.status(), "succeeded", "{op}: {first:?}");
@@ -46,9 +43,13 @@ async fn a_duplicate_delivery_of_each_operation_returns_the_stored_reply_and_app
 
     // TCC: try + cancel, the cancel delivered twice.
     let t2 = Uuid::new_v4();
-    let tried = barrier::execute(&db.pool, &command(t2, "reserve", Operation::Try, pay.clone()), &router)
-        .await
-        .unwrap();
+    let tried = barrier::execute(
+        &db.pool,
+        &command(t2, "reserve", Operation::Try, pay.clone()),
+        &router,
+    )
+    .await
+    .unwrap();
     assert_eq!(tried.status(), "succeeded");
     assert_eq!(db.account("a").await, (80, 10));
     let cancel = command(t2, "reserve", Operation::Cancel, pay.clone());
@@ -113,7 +114,9 @@ async fn cancel_before_try_records_a_null_compensation_and_refuses_the_late_try(
         null_compensation()
     );
     let late_try = command(id, "reserve", Operation::Try, pay.clone());
-    let refused = barrier::execute(&db.pool, &late_try, &router).await.unwrap();
+    let refused = barrier::execute(&db.pool, &late_try, &router)
+        .await
+        .unwrap();
     assert!(is_refusal(&refused), "{refused:?}");
     assert_eq!(
         barrier::execute(&db.pool, &again(&late_try), &router)
@@ -165,7 +168,11 @@ async fn compensate_before_action_records_a_null_compensation_and_refuses_the_la
 
 /// Asserts that one try/cancel pair ended consistently; true if the try took effect first.
 async fn assert_consistent(db: &TestDb, tried: &Outcome, cancelled: &Outcome) -> bool {
-    assert_eq!(db.account("a").await, (100, 0), "try {tried:?}, cancel {cancelled:?}");
+    assert_eq!(
+        db.account("a").await,
+        (100, 0),
+        "try {tried:?}, cancel {cancelled:?}"
+    );
     match tried {
         Outcome::Succeeded { .. } => {
             assert_eq!(cancelled, &Outcome::succeeded(json!({ "released": 10 })));
@@ -191,7 +198,12 @@ async fn try_and_cancel_racing_end_cancelled_when_the_try_holds_the_key_first() 
         Operation::Try,
         json!({ "account": "a", "amount": 10, "sleep_ms": 300 }),
     );
-    let cancel = command(id, "reserve", Operation::Cancel, json!({ "account": "a", "amount": 10 }));
+    let cancel = command(
+        id,
+        "reserve",
+        Operation::Cancel,
+        json!({ "account": "a", "amount": 10 }),
+    );
     let (tried, cancelled) = tokio::join!(barrier::execute(&db.pool, &slow_try, &router), async {
         tokio::time::sleep(Duration::from_millis(100)).await;
         barrier::execute(&db.pool, &cancel, &router).await
@@ -229,7 +241,10 @@ async fn try_and_cancel_racing_end_in_a_null_compensation_when_the_cancel_holds_
         });
     let (tried, cancelled) = (tried.unwrap(), cancelled.unwrap());
     assert!(!assert_consistent(&db, &tried, &cancelled).await);
-    assert!(waited >= Duration::from_millis(100), "the try waited {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(100),
+        "the try waited {waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -289,7 +304,11 @@ async fn a_business_failure_rolls_back_the_handler_writes_but_keeps_the_failed_r
     );
     let failed = barrier::execute(&db.pool, &failing, &router).await.unwrap();
     assert_eq!(failed, Outcome::failed("injected business failure"));
-    assert_eq!(db.account("a").await, (100, 0), "the handler's write was rolled back");
+    assert_eq!(
+        db.account("a").await,
+        (100, 0),
+        "the handler's write was rolled back"
+    );
 
     // A redelivery gets the stored failure even if the handler would now succeed.
     let mut redelivery = again(&failing);
@@ -303,7 +322,12 @@ async fn a_business_failure_rolls_back_the_handler_writes_but_keeps_the_failed_r
     assert_eq!(db.account("a").await, (100, 0));
 
     // Cancelling a try that failed is a null compensation: its effect never happened.
-    let cancel = command(id, "reserve", Operation::Cancel, json!({ "account": "a", "amount": 10 }));
+    let cancel = command(
+        id,
+        "reserve",
+        Operation::Cancel,
+        json!({ "account": "a", "amount": 10 }),
+    );
     assert_eq!(
         barrier::execute(&db.pool, &cancel, &router).await.unwrap(),
         null_compensation()
@@ -344,9 +368,13 @@ async fn a_business_failure_of_a_cancel_is_not_stored_so_a_retry_runs_it_again()
     let router = bank();
     let id = Uuid::new_v4();
     let pay = json!({ "account": "a", "amount": 10 });
-    barrier::execute(&db.pool, &command(id, "reserve", Operation::Try, pay.clone()), &router)
-        .await
-        .unwrap();
+    barrier::execute(
+        &db.pool,
+        &command(id, "reserve", Operation::Try, pay.clone()),
+        &router,
+    )
+    .await
+    .unwrap();
     let broken = command(
         id,
         "reserve",
@@ -355,7 +383,11 @@ async fn a_business_failure_of_a_cancel_is_not_stored_so_a_retry_runs_it_again()
     );
     let outcome = barrier::execute(&db.pool, &broken, &router).await.unwrap();
     assert_eq!(outcome.status(), "failed");
-    assert_eq!(db.account("a").await, (90, 10), "the cancel's writes were rolled back");
+    assert_eq!(
+        db.account("a").await,
+        (90, 10),
+        "the cancel's writes were rolled back"
+    );
 
     let mut fixed = again(&broken);
     fixed.payload = pay;

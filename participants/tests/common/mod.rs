@@ -25,8 +25,7 @@ pub fn database_url() -> String {
 
 /// The URL of the test RabbitMQ broker.
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
 /// A database of its own, with the barrier installed and an `accounts` table; dropped on drop.
@@ -338,10 +337,7 @@ impl TestBroker {
         for _ in 0..500 {
             let message = self
                 .channel
-                .basic_get(
-                    queue.into(),
-                    BasicGetOptions { no_ack: true },
-                )
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
                 .await
                 .expect("basic.get");
             if let Some(message) = message {

@@ -1,0 +1,289 @@
+//! End to end over real PostgreSQL and RabbitMQ: the bank transfer definitions through the HTTP
+//! API, the orchestrator engine and the accounts participant.
+
+mod common;
+
+#[path = "../examples/bank_transfer/bank.rs"]
+#[allow(dead_code)]
+mod bank;
+
+use anyhow::Result;
+use common::{RawPeer, TestEnv, spawn_app, spawn_participant};
+use sagas::orchestrator::Status;
+use sagas::orchestrator::machine::StepStatus;
+use sagas::participant::barrier::{self, Origin};
+use sagas::participant::{Command, Operation, Outcome};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+struct Bank {
+    env: TestEnv,
+    app: common::App,
+    accounts: common::Running,
+    http: reqwest::Client,
+}
+
+impl Bank {
+    async fn start() -> Result<Bank> {
+        let env = TestEnv::new().await?;
+        bank::seed(&env.bank, 3, 1_000).await?;
+        let app = spawn_app(&env, bank::registry()?).await?;
+        let accounts = spawn_participant(
+            &env,
+            bank::PARTICIPANT,
+            bank::shared_handler(Default::default()),
+        )
+        .await?;
+        Ok(Bank {
+            env,
+            app,
+            accounts,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    async fn transfer(&self, definition: &str, from: &str, to: &str, amount: i64) -> Result<Uuid> {
+        let res = self
+            .http
+            .post(self.app.url(&format!("/v1/sagas/{definition}")))
+            .json(&json!({"input": {"from": from, "to": to, "amount": amount}}))
+            .send()
+            .await?;
+        anyhow::ensure!(res.status() == 202, "start answered {}", res.status());
+        let body: Value = res.json().await?;
+        Ok(body["id"].as_str().unwrap().parse()?)
+    }
+
+    async fn view(&self, id: Uuid) -> Result<Value> {
+        Ok(self
+            .http
+            .get(self.app.url(&format!("/v1/sagas/{id}")))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    async fn balance(&self, account: &str) -> Result<(i64, i64, i64)> {
+        Ok(
+            sqlx::query_as("SELECT available, frozen, pending FROM bank_accounts WHERE id = $1")
+                .bind(account)
+                .fetch_one(&self.env.bank)
+                .await?,
+        )
+    }
+
+    async fn stop(self) {
+        self.accounts.stop().await;
+        self.app.stop().await;
+        self.env.cleanup().await;
+    }
+}
+
+fn step_statuses(view: &Value) -> Vec<String> {
+    view["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_whose_steps_all_succeed_completes_and_moves_the_money() -> Result<()> {
+    let b = Bank::start().await?;
+    let id = b.transfer("transfer_saga", "acct-1", "acct-2", 250).await?;
+    let done = b.env.wait_terminal(id).await?;
+    assert_eq!(done.status, Status::Completed);
+    let view = b.view(id).await?;
+    assert_eq!(view["status"], "completed");
+    assert_eq!(view["definition"], "transfer_saga");
+    assert_eq!(step_statuses(&view), ["succeeded", "succeeded"]);
+    assert_eq!(b.balance("acct-1").await?, (750, 0, 0));
+    assert_eq!(b.balance("acct-2").await?, (1_250, 0, 0));
+    assert!(bank::audit(&b.env.bank).await?.holds());
+    b.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_whose_second_step_fails_compensates_the_first() -> Result<()> {
+    let b = Bank::start().await?;
+    bank::close(&b.env.bank, "acct-3").await?;
+    let id = b.transfer("transfer_saga", "acct-1", "acct-3", 400).await?;
+    let done = b.env.wait_terminal(id).await?;
+    assert_eq!(done.status, Status::Compensated);
+    assert_eq!(done.steps[0].status, StepStatus::Compensated);
+    assert_eq!(done.steps[1].status, StepStatus::Failed);
+    let view = b.view(id).await?;
+    assert_eq!(view["status"], "compensated");
+    assert!(
+        view["failure"].as_str().unwrap().contains("account closed"),
+        "{view}"
+    );
+    assert_eq!(b.balance("acct-1").await?, (1_000, 0, 0));
+    assert_eq!(b.balance("acct-3").await?, (1_000, 0, 0));
+    assert!(bank::audit(&b.env.bank).await?.holds());
+    b.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcc_transfer_whose_tries_succeed_confirms_every_branch() -> Result<()> {
+    let b = Bank::start().await?;
+    let id = b.transfer("transfer_tcc", "acct-2", "acct-1", 300).await?;
+    let done = b.env.wait_terminal(id).await?;
+    assert_eq!(done.status, Status::Completed);
+    assert_eq!(
+        step_statuses(&b.view(id).await?),
+        ["confirmed", "confirmed"]
+    );
+    assert_eq!(b.balance("acct-2").await?, (700, 0, 0));
+    assert_eq!(b.balance("acct-1").await?, (1_300, 0, 0));
+    assert!(bank::audit(&b.env.bank).await?.holds());
+    b.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcc_transfer_with_a_failed_try_cancels_every_branch_that_was_tried() -> Result<()> {
+    let b = Bank::start().await?;
+    // Overdraw: the debit try fails, the credit try succeeds and must be cancelled.
+    let id = b
+        .transfer("transfer_tcc", "acct-1", "acct-2", 5_000)
+        .await?;
+    let done = b.env.wait_terminal(id).await?;
+    assert_eq!(done.status, Status::Compensated);
+    assert_eq!(done.steps[0].status, StepStatus::Failed);
+    assert_eq!(done.steps[1].status, StepStatus::Cancelled);
+    assert_eq!(b.balance("acct-1").await?, (1_000, 0, 0));
+    assert_eq!(b.balance("acct-2").await?, (1_000, 0, 0));
+    assert!(bank::audit(&b.env.bank).await?.holds());
+    // The log shows the cancel that was sent.
+    let events = b.app.engine.events(id).await?;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.event.kind() == "dispatched"
+                && e.event.operation() == Some(Operation::Cancel))
+    );
+    b.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_or_unknown_start_requests_get_clear_errors() -> Result<()> {
+    let b = Bank::start().await?;
+    let post = |path: &str, body: &'static str| {
+        b.http
+            .post(b.app.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = post("/v1/sagas/nope", r#"{"input": {}}"#).await?;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await?["error"], "unknown_definition");
+    let r = post("/v1/sagas/transfer_tcc", "{not json").await?;
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await?["error"], "malformed_body");
+    let r = post("/v1/sagas/transfer_tcc", r#"{"input": {"from": "a"}}"#).await?;
+    assert_eq!(r.status(), 400);
+    let body = r.json::<Value>().await?;
+    assert_eq!(body["error"], "invalid_input");
+    assert!(
+        body["message"].as_str().unwrap().contains("missing field"),
+        "{body}"
+    );
+    let r = b.http.get(b.app.url("/v1/sagas/not-a-uuid")).send().await?;
+    assert_eq!(r.status(), 400);
+    let r = b
+        .http
+        .get(b.app.url(&format!("/v1/sagas/{}", Uuid::now_v7())))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404);
+    b.stop().await;
+    Ok(())
+}
+
+fn command(definition: &str, op: Operation, tx: Uuid, payload: Value) -> Command {
+    Command {
+        protocol: 1,
+        transaction_id: tx,
+        definition: definition.into(),
+        step: "debit".into(),
+        operation: op,
+        attempt: 1,
+        payload,
+        output: None,
+        deadline: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_delivered_twice_is_applied_once_and_answered_the_same() -> Result<()> {
+    let b = Bank::start().await?;
+    let mut peer = RawPeer::new(&b.env, bank::PARTICIPANT).await?;
+    let cmd = command(
+        "transfer_saga",
+        Operation::Action,
+        Uuid::now_v7(),
+        json!({"account": "acct-1", "amount": 100}),
+    );
+    peer.send(bank::PARTICIPANT, &cmd).await?;
+    let first = peer.next_reply().await?;
+    peer.send(bank::PARTICIPANT, &cmd).await?;
+    let second = peer.next_reply().await?;
+    assert!(
+        matches!(first.outcome, Outcome::Succeeded { .. }),
+        "{first:?}"
+    );
+    assert_eq!(first, second);
+    assert_eq!(b.balance("acct-1").await?, (900, 0, 0));
+    peer.close().await;
+    b.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_before_its_try_is_a_null_compensation_and_the_late_try_is_refused() -> Result<()>
+{
+    let b = Bank::start().await?;
+    let mut peer = RawPeer::new(&b.env, bank::PARTICIPANT).await?;
+    let tx = Uuid::now_v7();
+    let payload = json!({"account": "acct-1", "amount": 100});
+    peer.send(
+        bank::PARTICIPANT,
+        &command("transfer_tcc", Operation::Cancel, tx, payload.clone()),
+    )
+    .await?;
+    let cancel = peer.next_reply().await?;
+    assert!(
+        matches!(cancel.outcome, Outcome::Succeeded { .. }),
+        "{cancel:?}"
+    );
+    peer.send(
+        bank::PARTICIPANT,
+        &command("transfer_tcc", Operation::Try, tx, payload),
+    )
+    .await?;
+    let late_try = peer.next_reply().await?;
+    assert!(
+        matches!(late_try.outcome, Outcome::Failed { .. }),
+        "{late_try:?}"
+    );
+    assert_eq!(b.balance("acct-1").await?, (1_000, 0, 0));
+    let records = barrier::records(&b.env.bank, tx).await?;
+    let origin = |op: &str| {
+        records
+            .iter()
+            .find(|r| r.operation == op)
+            .and_then(|r| r.origin)
+    };
+    assert_eq!(origin("cancel"), Some(Origin::NullCompensation));
+    assert_eq!(origin("try"), Some(Origin::Guard));
+    peer.close().await;
+    b.stop().await;
+    Ok(())
+}
