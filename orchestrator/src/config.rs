@@ -18,6 +18,8 @@ pub struct Config {
     pub quorum_queues: bool,
     /// Database connections (`SAGAS_DB_POOL`, default 16).
     pub db_pool: u32,
+    /// Queues vanish after this long unused (`SAGAS_QUEUE_EXPIRES_MS`); for tests and demos only.
+    pub queue_expires_ms: Option<u64>,
 }
 
 /// The default database URL (local PostgreSQL, trust auth).
@@ -36,6 +38,9 @@ impl Config {
             amqp_prefix: var("SAGAS_AMQP_PREFIX", "sagas"),
             quorum_queues: matches!(var("SAGAS_QUORUM_QUEUES", "0").as_str(), "1" | "true"),
             db_pool: var("SAGAS_DB_POOL", "16").parse().unwrap_or(16),
+            queue_expires_ms: std::env::var("SAGAS_QUEUE_EXPIRES_MS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -48,7 +53,7 @@ impl Config {
     pub fn queue_options(&self) -> QueueOptions {
         QueueOptions {
             quorum: self.quorum_queues,
-            ..QueueOptions::default()
+            expires: self.queue_expires_ms.map(std::time::Duration::from_millis),
         }
     }
 }

@@ -46,7 +46,7 @@ impl Default for EngineConfig {
             prefetch: 64,
             timer_poll: Duration::from_millis(100),
             timer_batch: 128,
-            timer_lease: Duration::from_secs(30),
+            timer_lease: Duration::from_secs(10),
             relay_poll: Duration::from_secs(1),
         }
     }

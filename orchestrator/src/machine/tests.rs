@@ -497,3 +497,4 @@ fn jitter_is_deterministic_and_in_the_unit_interval() {
     assert!((0.0..1.0).contains(&a));
     assert_ne!(a, jitter_unit(id, 1, Action, 3));
 }
+mod properties;

@@ -1,0 +1,303 @@
+//! Faults end to end: a participant that never answers, and an orchestrator killed mid-flight.
+
+mod common;
+
+#[path = "../examples/bank_transfer/bank.rs"]
+#[allow(dead_code)]
+mod bank;
+
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+use sagas::orchestrator::machine::StepStatus;
+use sagas::orchestrator::{Definition, Registry, RetryPolicy, Status};
+use sagas::participant::amqp::declare_participant;
+use sagas::participant::{Command, HandlerError, Operation, Outcome, Router, Saga, SagaHandler};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use common::{TestEnv, amqp_url, queue_options, spawn_app, spawn_participant};
+
+struct Reserve;
+
+#[async_trait]
+impl SagaHandler for Reserve {
+    async fn action(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        sqlx::query("INSERT INTO reservations (id, active) VALUES ($1, true)")
+            .bind(cmd.transaction_id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(json!({"reservation": cmd.transaction_id}))
+    }
+    async fn compensate(
+        &self,
+        cmd: &Command,
+        tx: &mut PgConnection,
+    ) -> Result<Value, HandlerError> {
+        sqlx::query("UPDATE reservations SET active = false WHERE id = $1")
+            .bind(cmd.transaction_id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(Value::Null)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Nothing {}
+
+/// A participant written against the raw protocol: it swallows actions without a reply and
+/// answers compensations.
+async fn silent_participant(
+    env: &TestEnv,
+    seen: Arc<Mutex<Vec<(Operation, u32)>>>,
+) -> Result<(Connection, tokio::task::JoinHandle<()>)> {
+    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    declare_participant(&ch, &env.topology, "silent", &queue_options()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            env.topology.participant_queue("silent").into(),
+            "silent".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let task = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let cmd: Command = serde_json::from_slice(&d.data).unwrap();
+            seen.lock().await.push((cmd.operation, cmd.attempt));
+            if cmd.operation == Operation::Compensate {
+                let reply = cmd.reply(Outcome::succeeded(Value::Null));
+                let reply_to = d.properties.reply_to().clone().unwrap();
+                ch.basic_publish(
+                    "".into(),
+                    reply_to,
+                    BasicPublishOptions::default(),
+                    &serde_json::to_vec(&reply).unwrap(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            }
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    });
+    Ok((conn, task))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_never_replies_is_retried_per_policy_then_compensated() -> Result<()> {
+    let env = TestEnv::new().await?;
+    sqlx::query("CREATE TABLE reservations (id uuid PRIMARY KEY, active boolean NOT NULL)")
+        .execute(&env.bank)
+        .await?;
+    let def = Definition::saga::<Nothing>("silent_saga", 1)
+        .step("reserve", "accounts", |s| s.command(|_, _| json!({})))
+        .step("notify", "silent", |s| {
+            s.command(|_, out| json!({"after": out.get("reserve").cloned()}))
+                .retry(RetryPolicy::exponential(
+                    3,
+                    Duration::from_millis(50),
+                    Duration::from_millis(100),
+                ))
+                .timeout(Duration::from_millis(300))
+        })
+        .build()?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (silent_conn, silent) = silent_participant(&env, seen.clone()).await?;
+    let app = spawn_app(&env, Registry::new().with(def)?).await?;
+    let accounts = spawn_participant(
+        &env,
+        "accounts",
+        Arc::new(Router::new().route("reserve", Saga(Reserve))),
+    )
+    .await?;
+
+    let instance = app.engine.start("silent_saga", json!({})).await?;
+    let done = env.wait_terminal(instance.id).await?;
+
+    assert_eq!(done.status, Status::Compensated);
+    assert_eq!(done.steps[0].status, StepStatus::Compensated);
+    // The silent step's outcome is unknown, so it is compensated too.
+    assert_eq!(done.steps[1].status, StepStatus::Compensated);
+    assert!(
+        done.failure.as_deref().unwrap().contains("gave up"),
+        "{done:?}"
+    );
+    let actions: Vec<u32> = seen
+        .lock()
+        .await
+        .iter()
+        .filter(|(op, _)| *op == Operation::Action)
+        .map(|(_, a)| *a)
+        .collect();
+    assert_eq!(actions, vec![1, 2, 3]);
+    let events = app.engine.events(instance.id).await?;
+    let timeouts = events
+        .iter()
+        .filter(|e| e.event.kind() == "timed_out")
+        .count();
+    assert_eq!(timeouts, 3);
+    let (active,): (bool,) = sqlx::query_as("SELECT active FROM reservations WHERE id = $1")
+        .bind(instance.id)
+        .fetch_one(&env.bank)
+        .await?;
+    assert!(!active, "the reservation was released");
+
+    accounts.stop().await;
+    app.stop().await;
+    silent.abort();
+    let _ = silent_conn.close(200, "done".into()).await;
+    env.cleanup().await;
+    Ok(())
+}
+
+fn example_binary() -> Result<std::path::PathBuf> {
+    // target/debug/deps/faults-<hash> -> target/debug/examples/bank_transfer
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("target dir")?;
+    let bin = dir.join("examples").join("bank_transfer");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: build the examples first (scripts/test runs `cargo build --all-targets`)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn spawn_orchestrator(env: &TestEnv, port: u16) -> Result<Child> {
+    Ok(Process::new(example_binary()?)
+        .arg("orchestrator")
+        .env("DATABASE_URL", &env.orch_url)
+        .env("AMQP_URL", amqp_url())
+        .env("SAGAS_BIND", format!("127.0.0.1:{port}"))
+        .env("SAGAS_AMQP_PREFIX", env.topology.prefix())
+        .env("SAGAS_QUEUE_EXPIRES_MS", "600000")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()?)
+}
+
+async fn wait_healthy(http: &reqwest::Client, base: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/healthz")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "orchestrator not healthy in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn count_open(env: &TestEnv) -> Result<i64> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM sagas_instances WHERE status NOT IN ('completed', 'compensated')",
+    )
+    .fetch_one(&env.orch)
+    .await?;
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_killed_mid_flight_finishes_every_transfer_after_restart() -> Result<()> {
+    let env = TestEnv::new().await?;
+    bank::seed(&env.bank, 10, 10_000).await?;
+    bank::close(&env.bank, "acct-10").await?;
+    let accounts = spawn_participant(
+        &env,
+        bank::PARTICIPANT,
+        bank::shared_handler(bank::Accounts {
+            delay: Duration::from_millis(100),
+        }),
+    )
+    .await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let mut child = spawn_orchestrator(&env, port)?;
+    wait_healthy(&http, &base).await?;
+
+    let mut ids = Vec::new();
+    for i in 0..60u32 {
+        let definition = if i % 2 == 0 {
+            "transfer_tcc"
+        } else {
+            "transfer_saga"
+        };
+        let from = format!("acct-{}", 1 + i % 9);
+        let to = format!("acct-{}", 1 + (i * 7 + 3) % 10);
+        let to = if to == from { "acct-10".to_owned() } else { to };
+        // every 7th overdraws
+        let amount = if i % 7 == 0 {
+            50_000
+        } else {
+            100 + i64::from(i) * 13
+        };
+        let r = http
+            .post(format!("{base}/v1/sagas/{definition}"))
+            .json(&json!({"input": {"from": from, "to": to, "amount": amount}}))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status() == 202, "start answered {}", r.status());
+        let body: Value = r.json().await?;
+        ids.push(body["id"].as_str().unwrap().parse::<Uuid>()?);
+    }
+    child.kill()?; // SIGKILL
+    child.wait()?;
+    let open_at_crash = count_open(&env).await?;
+    assert!(
+        open_at_crash > 0,
+        "the crash should catch transfers in flight"
+    );
+
+    let mut child = spawn_orchestrator(&env, port)?;
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(env.wait_terminal(*id).await?.status);
+    }
+    child.kill()?;
+    child.wait()?;
+
+    assert_eq!(count_open(&env).await?, 0);
+    assert!(statuses.contains(&Status::Completed) && statuses.contains(&Status::Compensated));
+    let audit = bank::audit(&env.bank).await?;
+    assert!(audit.holds(), "{audit:?}");
+    assert_eq!((audit.frozen, audit.pending), (0, 0));
+    // Every instance's projection is what its log replays to.
+    let store = env.store();
+    for id in &ids {
+        use sagas::orchestrator::store::SagaStore;
+        let log: Vec<_> = store
+            .events(*id)
+            .await?
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+        let replayed = sagas::orchestrator::machine::replay(&log).unwrap();
+        assert_eq!(Some(replayed), store.get(*id).await?.map(|s| s.instance));
+    }
+    accounts.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
