@@ -287,3 +287,85 @@ async fn a_cancel_before_its_try_is_a_null_compensation_and_the_late_try_is_refu
     b.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_stray_replies_are_dead_lettered_with_a_reason_and_the_engine_goes_on()
+-> Result<()> {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use std::sync::atomic::Ordering;
+
+    let b = Bank::start().await?;
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let stray = Command {
+        protocol: 1,
+        transaction_id: Uuid::now_v7(),
+        definition: "transfer_saga".into(),
+        step: "debit".into(),
+        operation: Operation::Action,
+        attempt: 1,
+        payload: Value::Null,
+        output: None,
+        deadline: None,
+    }
+    .reply(Outcome::succeeded(Value::Null));
+    let bodies = [b"{not json".to_vec(), serde_json::to_vec(&stray)?];
+    for body in &bodies {
+        ch.basic_publish(
+            "".into(),
+            b.env.topology.replies_queue().into(),
+            BasicPublishOptions::default(),
+            body,
+            Default::default(),
+        )
+        .await?
+        .await?;
+    }
+    let mut dead = ch
+        .basic_consume(
+            b.env.topology.dead_letter_queue().into(),
+            "test".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(30), dead.next())
+            .await?
+            .unwrap()?;
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        let reason = headers
+            .inner()
+            .get("x-sagas-reason")
+            .and_then(|v| match v {
+                AMQPValue::LongString(s) => Some(s.to_string()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        assert!(bodies.contains(&d.data), "the dead letter keeps the body");
+        reasons.push(reason);
+    }
+    reasons.sort();
+    assert!(reasons[0].starts_with("malformed reply"), "{reasons:?}");
+    assert!(
+        reasons[1].starts_with("reply for unknown transaction"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        b.app.engine.stats().dead_lettered.load(Ordering::Relaxed),
+        2
+    );
+    // The engine goes on.
+    let id = b.transfer("transfer_saga", "acct-1", "acct-2", 10).await?;
+    assert_eq!(b.env.wait_terminal(id).await?.status, Status::Completed);
+    let _ = conn.close(200, "done".into()).await;
+    b.stop().await;
+    Ok(())
+}

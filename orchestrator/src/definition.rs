@@ -182,6 +182,7 @@ impl<'a> Outputs<'a> {
 
 type CommandFn<I> = Arc<dyn Fn(&I, &Outputs<'_>) -> Result<Value, String> + Send + Sync>;
 type ErasedCommandFn = Arc<dyn Fn(&Value, &Outputs<'_>) -> Result<Value, String> + Send + Sync>;
+type ValidateFn = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
 
 /// One step of a definition under construction, for input type `I`.
 pub struct Step<I> {
@@ -265,7 +266,7 @@ pub struct DefinitionBuilder<I> {
 #[derive(Clone)]
 pub struct Definition {
     plan: Arc<Plan>,
-    validate: Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>,
+    validate: ValidateFn,
     commands: Vec<ErasedCommandFn>,
 }
 

@@ -227,11 +227,18 @@ impl Engine {
         }
     }
 
+    /// Declares the broker topology the registered definitions need (idempotent; `run` does it
+    /// too). Call it first to know that commands published from now on are routable.
+    pub async fn declare(&self) -> Result<(), EngineError> {
+        Ok(self
+            .transport
+            .declare(&self.registry.participants())
+            .await?)
+    }
+
     /// Runs the reply consumer, the timer loop and the outbox relay until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
-        self.transport
-            .declare(&self.registry.participants())
-            .await?;
+        self.declare().await?;
         let replies = self.transport.subscribe(self.config.prefetch).await?;
         let consumer = tokio::spawn(self.clone().consume(replies, shutdown.clone()));
         let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
@@ -273,16 +280,13 @@ impl Engine {
         let reply: Reply = match serde_json::from_slice(&incoming.body) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "malformed reply dead-lettered");
-                return self.dead_letter(incoming).await;
+                let reason = format!("malformed reply: {e}");
+                return self.dead_letter(incoming, &reason).await;
             }
         };
         if reply.protocol != PROTOCOL_VERSION {
-            tracing::warn!(
-                protocol = reply.protocol,
-                "reply of an unknown protocol version dead-lettered"
-            );
-            return self.dead_letter(incoming).await;
+            let reason = format!("unknown protocol version {}", reply.protocol);
+            return self.dead_letter(incoming, &reason).await;
         }
         let id = reply.transaction_id;
         match self.deliver(id, Input::Reply(reply), None).await {
@@ -294,8 +298,8 @@ impl Engine {
                 }
             }
             Err(EngineError::NotFound(_)) => {
-                tracing::warn!(%id, "reply for an unknown transaction dead-lettered");
-                self.dead_letter(incoming).await;
+                let reason = format!("reply for unknown transaction {id}");
+                self.dead_letter(incoming, &reason).await;
             }
             Err(e) => {
                 tracing::warn!(%id, error = %e, "reply not committed; it will be redelivered");
@@ -305,9 +309,10 @@ impl Engine {
         }
     }
 
-    async fn dead_letter(&self, incoming: Incoming) {
+    async fn dead_letter(&self, incoming: Incoming, reason: &str) {
+        tracing::warn!(reason, "reply dead-lettered");
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = incoming.ack.reject().await {
+        if let Err(e) = incoming.ack.reject(&incoming.body, reason).await {
             tracing::warn!(error = %e, "reject failed");
         }
     }

@@ -202,6 +202,7 @@ pub async fn spawn_app(env: &TestEnv, registry: Registry) -> Result<App> {
         Arc::new(SystemClock),
         engine_config(),
     );
+    engine.declare().await?;
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -250,6 +251,11 @@ pub async fn spawn_participant(
     handler: Arc<dyn Handler>,
 ) -> Result<Running> {
     let conn = Arc::new(Connection::connect(&amqp_url(), Default::default()).await?);
+    // Declared before returning, so that nothing published from now on is unroutable.
+    let ch = conn.create_channel().await?;
+    sagas::participant::amqp::declare_participant(&ch, &env.topology, name, &queue_options())
+        .await?;
+    let _ = ch.close(200, "declared".into()).await;
     let shutdown = CancellationToken::new();
     let participant = Participant::new(name, env.topology.clone(), env.bank.clone(), handler)
         .queue_options(queue_options());

@@ -13,6 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use super::{Ack, Incoming, Transport, TransportError};
 use crate::store::OutboxMessage;
@@ -40,25 +41,7 @@ struct Link {
 pub struct AmqpTransport {
     config: AmqpConfig,
     link: Mutex<Option<Arc<Link>>>,
-    shutdown: tokio_util_shutdown::Flag,
-}
-
-mod tokio_util_shutdown {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    /// A flag the consumer task checks before reconnecting.
-    #[derive(Clone, Default)]
-    pub struct Flag(Arc<AtomicBool>);
-
-    impl Flag {
-        pub fn set(&self) {
-            self.0.store(true, Ordering::SeqCst)
-        }
-        pub fn is_set(&self) -> bool {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
+    shutdown: CancellationToken,
 }
 
 fn broker(e: impl std::fmt::Display) -> TransportError {
@@ -82,7 +65,7 @@ impl AmqpTransport {
 
     /// Stops reconnecting and closes the connection.
     pub async fn close(&self) {
-        self.shutdown.set();
+        self.shutdown.cancel();
         if let Some(link) = self.link.lock().await.take() {
             let _ = link.connection.close(200, "shutdown".into()).await;
         }
@@ -243,7 +226,7 @@ impl Transport for AmqpTransport {
             let mut consumer = Some(first);
             let mut backoff = Duration::from_millis(100);
             loop {
-                let (conn, mut stream) = match consumer.take() {
+                let (conn, mut stream, dead) = match consumer.take() {
                     Some(c) => c,
                     None => match consume(&config, prefetch).await {
                         Ok(c) => {
@@ -251,7 +234,7 @@ impl Transport for AmqpTransport {
                             c
                         }
                         Err(e) => {
-                            if shutdown.is_set() || tx.is_closed() {
+                            if shutdown.is_cancelled() || tx.is_closed() {
                                 return;
                             }
                             tracing::warn!(error = %e, "reply consumer cannot connect; retrying");
@@ -271,7 +254,10 @@ impl Transport for AmqpTransport {
                     };
                     let incoming = Incoming {
                         body: delivery.data,
-                        ack: Box::new(AmqpAck(delivery.acker)),
+                        ack: Box::new(AmqpAck {
+                            acker: delivery.acker,
+                            dead: dead.clone(),
+                        }),
                     };
                     if tx.send(incoming).await.is_err() {
                         let _ = conn.close(200, "shutdown".into()).await;
@@ -279,7 +265,7 @@ impl Transport for AmqpTransport {
                     }
                 }
                 let _ = conn.close(200, "reconnecting".into()).await;
-                if shutdown.is_set() || tx.is_closed() {
+                if shutdown.is_cancelled() || tx.is_closed() {
                     return;
                 }
             }
@@ -291,7 +277,7 @@ impl Transport for AmqpTransport {
 async fn consume(
     config: &AmqpConfig,
     prefetch: u16,
-) -> Result<(Connection, lapin::Consumer), TransportError> {
+) -> Result<(Connection, lapin::Consumer, DeadLetters), TransportError> {
     let conn = Connection::connect(&config.uri, ConnectionProperties::default())
         .await
         .map_err(broker)?;
@@ -300,6 +286,11 @@ async fn consume(
         .await
         .map_err(broker)?;
     ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(broker)?;
+    // Dead letters are republished with their reason on a confirm-mode channel, then acked.
+    let dead = conn.create_channel().await.map_err(broker)?;
+    dead.confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(broker)?;
     let consumer = ch
@@ -311,31 +302,90 @@ async fn consume(
         )
         .await
         .map_err(broker)?;
-    Ok((conn, consumer))
+    let dead = DeadLetters {
+        channel: dead,
+        exchange: config.topology.dead_letter_exchange(),
+        queue: config.topology.replies_queue(),
+    };
+    Ok((conn, consumer, dead))
 }
 
-struct AmqpAck(lapin::Acker);
+/// Where rejected replies go, with the reason in the `x-sagas-reason` header.
+#[derive(Clone)]
+struct DeadLetters {
+    channel: Channel,
+    exchange: String,
+    queue: String,
+}
+
+struct AmqpAck {
+    acker: lapin::Acker,
+    dead: DeadLetters,
+}
+
+impl AmqpAck {
+    async fn publish_dead_letter(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-sagas-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            "x-sagas-queue".into(),
+            AMQPValue::LongString(self.dead.queue.as_str().into()),
+        );
+        let confirm = self
+            .dead
+            .channel
+            .basic_publish(
+                self.dead.exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .map_err(broker)?
+            .await
+            .map_err(broker)?;
+        if confirm.is_ack() {
+            Ok(())
+        } else {
+            Err(TransportError::NotConfirmed(
+                "dead letter".into(),
+                "nacked".into(),
+            ))
+        }
+    }
+}
 
 #[async_trait]
 impl Ack for AmqpAck {
     async fn ack(&self) -> Result<(), TransportError> {
-        self.0
+        self.acker
             .ack(BasicAckOptions::default())
             .await
             .map(drop)
             .map_err(broker)
     }
 
-    async fn reject(&self) -> Result<(), TransportError> {
-        self.0
-            .reject(BasicRejectOptions { requeue: false })
-            .await
-            .map(drop)
-            .map_err(broker)
+    async fn reject(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
+        match self.publish_dead_letter(body, reason).await {
+            Ok(()) => self.ack().await,
+            // Without the reason, but dead-lettered all the same by the queue's own DLX.
+            Err(_) => self
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await
+                .map(drop)
+                .map_err(broker),
+        }
     }
 
     async fn requeue(&self) -> Result<(), TransportError> {
-        self.0
+        self.acker
             .nack(BasicNackOptions {
                 multiple: false,
                 requeue: true,

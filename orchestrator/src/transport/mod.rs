@@ -28,8 +28,9 @@ pub enum TransportError {
 pub trait Ack: Send + Sync {
     /// The message's effect is committed: remove it from the queue.
     async fn ack(&self) -> Result<(), TransportError>;
-    /// The message can never be handled: dead-letter it.
-    async fn reject(&self) -> Result<(), TransportError>;
+    /// The message can never be handled: dead-letter it with `reason` (the body is the
+    /// message's, so that the dead letter carries it).
+    async fn reject(&self, body: &[u8], reason: &str) -> Result<(), TransportError>;
     /// Handling failed for a transient reason: deliver it again later.
     async fn requeue(&self) -> Result<(), TransportError>;
 }
