@@ -301,3 +301,40 @@ async fn an_orchestrator_killed_mid_flight_finishes_every_transfer_after_restart
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_committed_but_never_published_are_relayed_from_the_outbox() -> Result<()> {
+    use sagas::orchestrator::store::SagaStore;
+    use std::sync::atomic::Ordering;
+
+    let env = TestEnv::new().await?;
+    bank::seed(&env.bank, 2, 1_000).await?;
+    let registry = bank::registry()?;
+    // As if a process committed the start of a transfer and died before publishing: the
+    // outbox row is there, nothing was sent.
+    let def = registry.latest("transfer_saga").unwrap().clone();
+    let id = Uuid::now_v7();
+    let long_ago = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let input = json!({"from": "acct-1", "to": "acct-2", "amount": 5});
+    let t = sagas::orchestrator::machine::start(id, (**def.plan()).clone(), input, long_ago, &def);
+    env.store().create(&t, long_ago).await?;
+
+    let accounts = spawn_participant(
+        &env,
+        bank::PARTICIPANT,
+        bank::shared_handler(Default::default()),
+    )
+    .await?;
+    let app = spawn_app(&env, registry).await?;
+    let done = env.wait_terminal(id).await?;
+    assert_eq!(done.status, Status::Completed);
+    assert!(app.engine.stats().relayed.load(Ordering::Relaxed) >= 1);
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM sagas_outbox")
+        .fetch_one(&env.orch)
+        .await?;
+    assert_eq!(left, 0);
+    accounts.stop().await;
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
