@@ -535,22 +535,7 @@ impl Commands for NoCommands {
 /// Creates an instance and dispatches its first step(s).
 pub fn start(id: Uuid, plan: Plan, input: Value, now: Time, commands: &dyn Commands) -> Transition {
     let started = Event::Started { id, plan, input };
-    let mut instance = Instance {
-        id,
-        plan: Plan {
-            name: String::new(),
-            version: 0,
-            mode: Mode::Saga,
-            steps: Vec::new(),
-        },
-        input: Value::Null,
-        status: Status::Running,
-        phase: Phase::Forward,
-        steps: Vec::new(),
-        failure: None,
-        seq: 0,
-    };
-    apply(&mut instance, &started);
+    let instance = replay([&started]).expect("a log that begins with started");
     let mut t = Step {
         inst: instance,
         now,

@@ -149,7 +149,7 @@ fn case() -> impl Strategy<Value = Case> {
 
 fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: 20_000,
+        cases: 256,
         failure_persistence: None,
         ..ProptestConfig::default()
     }
