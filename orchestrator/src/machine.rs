@@ -797,16 +797,16 @@ impl Step<'_> {
         }
         let current_attempt = reply.attempt == s.attempt;
         let awaiting_reply = matches!(s.waiting, Waiting::Reply { .. });
-        if let Outcome::Retry { retry_after_ms, .. } = &reply.outcome {
+        if let Outcome::Retry {
+            reason,
+            retry_after_ms,
+        } = &reply.outcome
+        {
             // A transient error of an older attempt says nothing about the newer one.
             if !(current_attempt && awaiting_reply) {
                 return ignore(self, "a newer attempt is under way".to_owned());
             }
-            let hint = *retry_after_ms;
-            let reason = match &reply.outcome {
-                Outcome::Retry { reason, .. } => reason.clone(),
-                _ => unreachable!(),
-            };
+            let (reason, hint) = (reason.clone(), *retry_after_ms);
             self.emit(Event::Replied {
                 step: i,
                 operation: reply.operation,
