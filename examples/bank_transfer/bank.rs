@@ -35,32 +35,35 @@ fn retry() -> RetryPolicy {
     RetryPolicy::exponential(5, Duration::from_millis(200), Duration::from_secs(2))
 }
 
+fn validate(t: &Transfer) -> Result<(), String> {
+    if t.amount <= 0 {
+        Err(format!("amount must be positive, got {}", t.amount))
+    } else if t.from == t.to {
+        Err("from and to must differ".to_owned())
+    } else {
+        Ok(())
+    }
+}
+
 /// `transfer_tcc` and `transfer_saga`, version 1.
 pub fn registry() -> anyhow::Result<Registry> {
-    let validate = |t: &Transfer| {
-        if t.amount <= 0 {
-            Err(format!("amount must be positive, got {}", t.amount))
-        } else if t.from == t.to {
-            Err("from and to must differ".to_owned())
-        } else {
-            Ok(())
-        }
-    };
     let tcc = Definition::tcc::<Transfer>("transfer_tcc", 1)
+        .validate(validate)
         .step("debit", PARTICIPANT, |s| {
-            s.try_command(move |t, _| validate(t).map(|()| leg(&t.from, t.amount)))
+            s.command(|t, _| leg(&t.from, t.amount))
                 .retry(retry())
                 .timeout(Duration::from_secs(5))
         })
         .step("credit", PARTICIPANT, |s| {
-            s.try_command(move |t, _| validate(t).map(|()| leg(&t.to, t.amount)))
+            s.command(|t, _| leg(&t.to, t.amount))
                 .retry(retry())
                 .timeout(Duration::from_secs(5))
         })
         .build()?;
     let saga = Definition::saga::<Transfer>("transfer_saga", 1)
+        .validate(validate)
         .step("debit", PARTICIPANT, |s| {
-            s.try_command(move |t, _| validate(t).map(|()| leg(&t.from, t.amount)))
+            s.command(|t, _| leg(&t.from, t.amount))
                 .retry(retry())
                 .timeout(Duration::from_secs(5))
         })

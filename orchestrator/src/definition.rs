@@ -259,8 +259,11 @@ pub struct DefinitionBuilder<I> {
     version: u32,
     mode: Mode,
     steps: Vec<Step<I>>,
+    check: Option<CheckFn<I>>,
     _input: PhantomData<fn() -> I>,
 }
+
+type CheckFn<I> = Arc<dyn Fn(&I) -> Result<(), String> + Send + Sync>;
 
 /// A registered definition: the plan plus the code that computes forward commands.
 #[derive(Clone)]
@@ -331,8 +334,19 @@ impl<I> DefinitionBuilder<I> {
             version,
             mode,
             steps: Vec::new(),
+            check: None,
             _input: PhantomData,
         }
+    }
+
+    /// Business rules the input must satisfy beyond its type (e.g. a positive amount). A start
+    /// request that breaks them is refused before anything is stored.
+    pub fn validate(
+        mut self,
+        check: impl Fn(&I) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.check = Some(Arc::new(check));
+        self
     }
 
     /// Appends a step named `name` executed by `participant`; `configure` sets its command
@@ -405,11 +419,17 @@ impl<I: DeserializeOwned + 'static> DefinitionBuilder<I> {
                 mode: self.mode,
                 steps: plans,
             }),
-            validate: Arc::new(|input: &Value| {
-                serde_json::from_value::<I>(input.clone())
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            }),
+            validate: {
+                let check = self.check;
+                Arc::new(move |input: &Value| {
+                    let typed =
+                        serde_json::from_value::<I>(input.clone()).map_err(|e| e.to_string())?;
+                    match &check {
+                        Some(check) => check(&typed),
+                        None => Ok(()),
+                    }
+                })
+            },
             commands,
         })
     }
@@ -539,6 +559,33 @@ mod tests {
         let err = def.validate_input(&json!({"qty": "two"})).unwrap_err();
         assert!(err.contains("invalid type"), "{err}");
         assert!(def.validate_input(&json!({"qty": 2})).is_ok());
+    }
+
+    #[test]
+    fn business_rules_on_the_input_are_checked_after_its_type() {
+        let def = Definition::saga::<Order>("order", 1)
+            .validate(|o| {
+                if o.qty == 0 {
+                    Err("qty must be positive".into())
+                } else {
+                    Ok(())
+                }
+            })
+            .step("reserve", "inventory", |s| {
+                s.command(|o, _| json!({"qty": o.qty}))
+            })
+            .build()
+            .unwrap();
+        assert_eq!(
+            def.validate_input(&json!({"qty": 0})).unwrap_err(),
+            "qty must be positive"
+        );
+        assert!(def.validate_input(&json!({"qty": 1})).is_ok());
+        assert!(
+            def.validate_input(&json!({}))
+                .unwrap_err()
+                .contains("missing field")
+        );
     }
 
     #[test]
