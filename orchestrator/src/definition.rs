@@ -130,6 +130,17 @@ pub struct StepPlan {
     pub finish_retry: RetryPolicy,
     /// How long one attempt waits for its reply.
     pub timeout_ms: u64,
+    /// How long an attempt the participant answered `in_progress` may take before it counts as
+    /// timed out.
+    #[serde(default = "default_in_progress_ms")]
+    pub in_progress_timeout_ms: u64,
+}
+
+/// One hour: the default of [`StepPlan::in_progress_timeout_ms`].
+pub const DEFAULT_IN_PROGRESS_MS: u64 = 3_600_000;
+
+fn default_in_progress_ms() -> u64 {
+    DEFAULT_IN_PROGRESS_MS
 }
 
 /// The static shape of a definition: what an instance needs to run without the code.
@@ -200,6 +211,7 @@ impl<I> Step<I> {
                 retry: RetryPolicy::FORWARD,
                 finish_retry: RetryPolicy::FINISH,
                 timeout_ms: 10_000,
+                in_progress_timeout_ms: DEFAULT_IN_PROGRESS_MS,
             },
             command: None,
         }
@@ -238,6 +250,12 @@ impl<I> Step<I> {
     /// How long each attempt waits for a reply.
     pub fn timeout(mut self, timeout: Duration) -> Step<I> {
         self.plan.timeout_ms = timeout.as_millis().max(1) as u64;
+        self
+    }
+
+    /// How long an attempt answered `in_progress` may take (default one hour).
+    pub fn in_progress_timeout(mut self, timeout: Duration) -> Step<I> {
+        self.plan.in_progress_timeout_ms = timeout.as_millis().max(1) as u64;
         self
     }
 }

@@ -186,6 +186,9 @@ pub struct StepState {
     /// True when the step's compensate/confirm/cancel needs an operator.
     #[serde(default)]
     pub stuck: bool,
+    /// True when the participant answered the current attempt `in_progress`.
+    #[serde(default)]
+    pub in_progress: bool,
 }
 
 impl StepState {
@@ -199,6 +202,7 @@ impl StepState {
             output: None,
             last_error: None,
             stuck: false,
+            in_progress: false,
         }
     }
 }
@@ -345,6 +349,17 @@ pub enum Event {
         /// Why it was ignored.
         reason: String,
     },
+    /// The participant answered `in_progress`: the attempt now waits until `deadline`.
+    Extended {
+        /// Step index.
+        step: usize,
+        /// Operation.
+        operation: Operation,
+        /// Attempt.
+        attempt: u32,
+        /// The new deadline.
+        deadline: Time,
+    },
     /// An attempt got no reply before its deadline.
     TimedOut {
         /// Step index.
@@ -416,6 +431,7 @@ impl Event {
             Event::Dispatched { .. } => "dispatched",
             Event::Replied { .. } => "replied",
             Event::ReplyIgnored { .. } => "reply_ignored",
+            Event::Extended { .. } => "extended",
             Event::TimedOut { .. } => "timed_out",
             Event::RetryScheduled { .. } => "retry_scheduled",
             Event::GaveUp { .. } => "gave_up",
@@ -435,6 +451,7 @@ impl Event {
             | Event::Dispatched { step, .. }
             | Event::Replied { step, .. }
             | Event::TimedOut { step, .. }
+            | Event::Extended { step, .. }
             | Event::RetryScheduled { step, .. }
             | Event::GaveUp { step, .. }
             | Event::Stuck { step, .. } => Some(*step),
@@ -450,6 +467,7 @@ impl Event {
             | Event::Replied { operation, .. }
             | Event::ReplyIgnored { operation, .. }
             | Event::TimedOut { operation, .. }
+            | Event::Extended { operation, .. }
             | Event::RetryScheduled { operation, .. }
             | Event::GaveUp { operation, .. }
             | Event::Stuck { operation, .. } => Some(*operation),
@@ -464,6 +482,7 @@ impl Event {
             | Event::Replied { attempt, .. }
             | Event::ReplyIgnored { attempt, .. }
             | Event::TimedOut { attempt, .. }
+            | Event::Extended { attempt, .. }
             | Event::RetryScheduled { attempt, .. } => Some(*attempt),
             _ => None,
         }
@@ -647,6 +666,15 @@ pub fn apply(inst: &mut Instance, event: &Event) {
                     deadline: *deadline,
                 };
                 s.stuck = false;
+                s.in_progress = false;
+            }
+        }
+        Event::Extended { step, deadline, .. } => {
+            if let Some(s) = inst.steps.get_mut(*step) {
+                s.waiting = Waiting::Reply {
+                    deadline: *deadline,
+                };
+                s.in_progress = true;
             }
         }
         Event::Replied {
@@ -681,6 +709,8 @@ pub fn apply(inst: &mut Instance, event: &Event) {
                         s.waiting = Waiting::Nothing;
                         s.last_error = Some(reason.clone());
                     }
+                    // The wait is extended by the `extended` event that follows.
+                    Outcome::InProgress { .. } => {}
                 }
             }
         }
@@ -797,6 +827,39 @@ impl Step<'_> {
         }
         let current_attempt = reply.attempt == s.attempt;
         let awaiting_reply = matches!(s.waiting, Waiting::Reply { .. });
+        if let Outcome::InProgress { .. } = &reply.outcome {
+            if !(current_attempt && awaiting_reply) || s.in_progress {
+                return ignore(
+                    self,
+                    "the attempt is not awaiting a first answer".to_owned(),
+                );
+            }
+            let until = self.inst.plan.steps[i].in_progress_timeout_ms;
+            let deadline = self.now + Duration::milliseconds(until as i64);
+            let (op, attempt) = (reply.operation, reply.attempt);
+            self.emit(Event::Replied {
+                step: i,
+                operation: op,
+                attempt,
+                outcome: reply.outcome,
+            });
+            self.emit(Event::Extended {
+                step: i,
+                operation: op,
+                attempt,
+                deadline,
+            });
+            self.effects.push(Effect::SetTimer {
+                at: deadline,
+                timer: Timer {
+                    step: i,
+                    kind: TimerKind::Deadline,
+                    operation: op,
+                    attempt,
+                },
+            });
+            return;
+        }
         if let Outcome::Retry {
             reason,
             retry_after_ms,
@@ -852,13 +915,21 @@ impl Step<'_> {
         }
         match (timer.kind, s.waiting) {
             (TimerKind::Deadline, Waiting::Reply { .. }) if timer.attempt == s.attempt => {
+                let in_progress = s.in_progress;
                 self.emit(Event::TimedOut {
                     step: timer.step,
                     operation: timer.operation,
                     attempt: timer.attempt,
                 });
-                let timeout = self.inst.plan.steps[timer.step].timeout_ms;
-                let reason = format!("no reply within {timeout} ms");
+                let plan = &self.inst.plan.steps[timer.step];
+                let reason = if in_progress {
+                    format!(
+                        "in progress for longer than {} ms",
+                        plan.in_progress_timeout_ms
+                    )
+                } else {
+                    format!("no reply within {} ms", plan.timeout_ms)
+                };
                 self.retry_or_give_up(timer.step, timer.operation, reason, 0);
             }
             (TimerKind::Backoff, Waiting::Backoff { .. }) if timer.attempt == s.attempt + 1 => {

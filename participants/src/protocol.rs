@@ -172,6 +172,13 @@ pub enum Outcome {
         /// Human-readable reason, logged and shown to operators.
         reason: String,
     },
+    /// The operation is long-running: the participant will send the final reply later. The
+    /// orchestrator stops re-sending and waits up to the step's in-progress timeout.
+    InProgress {
+        /// Optional human-readable note (e.g. a ticket or job id).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
     /// A transient error: the operation did not take effect; the orchestrator retries it.
     Retry {
         /// Human-readable reason.
@@ -203,11 +210,17 @@ impl Outcome {
         }
     }
 
+    /// An `in_progress` outcome.
+    pub fn in_progress() -> Outcome {
+        Outcome::InProgress { note: None }
+    }
+
     /// The wire name of the outcome.
     pub fn status(&self) -> &'static str {
         match self {
             Outcome::Succeeded { .. } => "succeeded",
             Outcome::Failed { .. } => "failed",
+            Outcome::InProgress { .. } => "in_progress",
             Outcome::Retry { .. } => "retry",
         }
     }

@@ -25,6 +25,7 @@ pub(crate) fn plan(mode: Mode, steps: usize) -> Plan {
                     std::time::Duration::from_millis(1000),
                 ),
                 timeout_ms: 1000,
+                in_progress_timeout_ms: 60_000,
             })
             .collect(),
     }
@@ -487,6 +488,39 @@ fn stale_timers_change_nothing() {
     }))
     .unwrap();
     assert_eq!(r.inst, before);
+}
+
+#[test]
+fn an_in_progress_answer_stops_resending_until_the_in_progress_timeout() {
+    let mut r = Run::start(Mode::Saga, 1);
+    r.reply(0, Action, 1, Outcome::in_progress());
+    let deadline = t0() + Duration::milliseconds(60_000);
+    assert_eq!(r.inst.steps[0].waiting, Waiting::Reply { deadline });
+    assert!(r.inst.steps[0].in_progress);
+    assert!(
+        r.last
+            .iter()
+            .any(|e| matches!(e, Effect::SetTimer { at, .. } if *at == deadline))
+    );
+    assert!(r.sent().is_empty());
+    // a second in_progress does not extend the wait again
+    r.reply(0, Action, 1, Outcome::in_progress());
+    assert_eq!(r.log.last().unwrap().kind(), "reply_ignored");
+    // the final answer arrives later
+    r.reply(0, Action, 1, Outcome::succeeded(json!("done")));
+    assert_eq!(r.inst.status, Status::Completed);
+}
+
+#[test]
+fn an_in_progress_attempt_that_outlives_its_timeout_is_retried() {
+    let mut r = Run::start(Mode::Saga, 1);
+    r.reply(0, Action, 1, Outcome::in_progress());
+    r.fire(0);
+    assert_eq!(r.log.last().unwrap().kind(), "retry_scheduled");
+    assert!(matches!(r.inst.steps[0].waiting, Waiting::Backoff { .. }));
+    r.fire(0);
+    assert_eq!(r.sent(), vec![(0, Action, 2)]);
+    assert!(!r.inst.steps[0].in_progress);
 }
 
 #[test]
