@@ -134,6 +134,10 @@ pub struct StepPlan {
     /// timed out.
     #[serde(default = "default_in_progress_ms")]
     pub in_progress_timeout_ms: u64,
+    /// Indices of the steps this one runs after (saga only); `None` means the previous step,
+    /// so that a plain list of steps runs in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Vec<usize>>,
 }
 
 /// One hour: the default of [`StepPlan::in_progress_timeout_ms`].
@@ -160,6 +164,22 @@ impl Plan {
     /// The index of the step named `name`.
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// The steps step `i` runs after.
+    pub fn deps(&self, i: usize) -> Vec<usize> {
+        match self.steps.get(i).and_then(|s| s.after.clone()) {
+            Some(deps) => deps,
+            None if i == 0 => Vec::new(),
+            None => vec![i - 1],
+        }
+    }
+
+    /// The steps that run after step `i`.
+    pub fn dependents(&self, i: usize) -> Vec<usize> {
+        (0..self.steps.len())
+            .filter(|&j| self.deps(j).contains(&i))
+            .collect()
     }
 }
 
@@ -199,6 +219,7 @@ type ValidateFn = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
 pub struct Step<I> {
     plan: StepPlan,
     command: Option<CommandFn<I>>,
+    after: Option<Vec<String>>,
 }
 
 impl<I> Step<I> {
@@ -212,8 +233,10 @@ impl<I> Step<I> {
                 finish_retry: RetryPolicy::FINISH,
                 timeout_ms: 10_000,
                 in_progress_timeout_ms: DEFAULT_IN_PROGRESS_MS,
+                after: None,
             },
             command: None,
+            after: None,
         }
     }
 
@@ -250,6 +273,14 @@ impl<I> Step<I> {
     /// How long each attempt waits for a reply.
     pub fn timeout(mut self, timeout: Duration) -> Step<I> {
         self.plan.timeout_ms = timeout.as_millis().max(1) as u64;
+        self
+    }
+
+    /// Runs this saga step once all of `steps` (earlier steps, by name) have succeeded, instead
+    /// of after the previous step; steps whose dependencies are met run in parallel, and
+    /// compensation follows the reverse of the dependency order. `after([])` starts at once.
+    pub fn after<S: Into<String>>(mut self, steps: impl IntoIterator<Item = S>) -> Step<I> {
+        self.after = Some(steps.into_iter().map(Into::into).collect());
         self
     }
 
@@ -408,8 +439,28 @@ impl<I: DeserializeOwned + 'static> DefinitionBuilder<I> {
         }
         let mut plans = Vec::with_capacity(self.steps.len());
         let mut commands: Vec<ErasedCommandFn> = Vec::with_capacity(self.steps.len());
-        for step in self.steps {
+        for mut step in self.steps {
             let what = format!("{} step {}", self.name, step.plan.name);
+            if let Some(names) = step.after.take() {
+                if self.mode == Mode::Tcc {
+                    return Err(DefinitionError::Invalid(format!(
+                        "{what}: TCC branches all run at once and take no `after`"
+                    )));
+                }
+                let mut deps = Vec::with_capacity(names.len());
+                for name in names {
+                    let Some(i) = plans.iter().position(|p: &StepPlan| p.name == name) else {
+                        return Err(DefinitionError::Invalid(format!(
+                            "{what} runs after {name:?}, which is not an earlier step"
+                        )));
+                    };
+                    if !deps.contains(&i) {
+                        deps.push(i);
+                    }
+                }
+                deps.sort_unstable();
+                step.plan.after = Some(deps);
+            }
             valid_name(&what, &step.plan.name)?;
             valid_name(&format!("{what} participant"), &step.plan.participant)?;
             if plans.iter().any(|p: &StepPlan| p.name == step.plan.name) {
@@ -604,6 +655,39 @@ mod tests {
                 .unwrap_err()
                 .contains("missing field")
         );
+    }
+
+    #[test]
+    fn dependencies_are_resolved_to_earlier_steps_and_default_to_the_previous_one() {
+        let def = Definition::saga::<Order>("order", 1)
+            .step("create", "orders", |s| s.command(|_, _| json!({})))
+            .step("reserve", "inventory", |s| s.command(|_, _| json!({})))
+            .step("charge", "payment", |s| {
+                s.command(|_, _| json!({})).after(["create"])
+            })
+            .step("confirm", "orders", |s| {
+                s.command(|_, _| json!({})).after(["charge", "reserve"])
+            })
+            .build()
+            .unwrap();
+        let plan = def.plan();
+        assert_eq!(plan.deps(0), Vec::<usize>::new());
+        assert_eq!(plan.deps(1), vec![0]);
+        assert_eq!(plan.deps(2), vec![0]);
+        assert_eq!(plan.deps(3), vec![1, 2]);
+        assert_eq!(plan.dependents(0), vec![1, 2]);
+        let forward = Definition::saga::<Order>("o", 1)
+            .step("a", "p", |s| s.command(|_, _| json!({})).after(["b"]))
+            .step("b", "p", |s| s.command(|_, _| json!({})))
+            .build();
+        assert!(
+            matches!(forward, Err(DefinitionError::Invalid(m)) if m.contains("not an earlier step"))
+        );
+        let tcc = Definition::tcc::<Order>("t", 1)
+            .step("a", "p", |s| s.command(|_, _| json!({})))
+            .step("b", "p", |s| s.command(|_, _| json!({})).after(["a"]))
+            .build();
+        assert!(tcc.is_err());
     }
 
     #[test]

@@ -1124,19 +1124,37 @@ impl Step<'_> {
                     let running = steps.iter().any(|s| s.status == StepStatus::Running);
                     match self.inst.plan.mode {
                         Mode::Saga => {
-                            if running {
+                            let plan = &self.inst.plan;
+                            let ready: Vec<usize> = pending
+                                .iter()
+                                .copied()
+                                .filter(|&i| {
+                                    plan.deps(i)
+                                        .iter()
+                                        .all(|&d| steps[d].status == StepStatus::Succeeded)
+                                })
+                                .collect();
+                            if ready.is_empty() {
+                                if !running && pending.is_empty() {
+                                    self.emit(Event::Finished {
+                                        status: Status::Completed,
+                                    });
+                                }
                                 return;
                             }
-                            let Some(&next) = pending.first() else {
-                                self.emit(Event::Finished {
-                                    status: Status::Completed,
-                                });
-                                return;
-                            };
-                            if self.prepare(next) {
-                                self.dispatch(next, Operation::Action, 1);
-                                return;
+                            // Prepare every ready step before sending any, so that a command
+                            // that cannot be computed sends nothing that needs undoing.
+                            let mut all = true;
+                            for &i in &ready {
+                                all &= self.prepare(i);
                             }
+                            if !all {
+                                continue;
+                            }
+                            for i in ready {
+                                self.dispatch(i, Operation::Action, 1);
+                            }
+                            return;
                         }
                         Mode::Tcc => {
                             if !pending.is_empty() {
@@ -1188,13 +1206,29 @@ impl Step<'_> {
                     };
                     let in_flight = self.inst.steps.iter().any(|s| s.status == undoing);
                     match self.inst.plan.mode {
-                        // One compensation at a time, last step first.
+                        // A step is compensated once every step that ran after it is undone
+                        // (or never ran): the reverse of the dependency order.
                         Mode::Saga => {
-                            if in_flight {
-                                return;
+                            let steps = &self.inst.steps;
+                            let plan = &self.inst.plan;
+                            let ready: Vec<usize> = needs
+                                .iter()
+                                .copied()
+                                .filter(|&i| {
+                                    plan.dependents(i).iter().all(|&j| {
+                                        matches!(
+                                            steps[j].status,
+                                            StepStatus::Pending
+                                                | StepStatus::Failed
+                                                | StepStatus::Compensated
+                                        )
+                                    })
+                                })
+                                .collect();
+                            for &i in &ready {
+                                self.dispatch(i, undo_op, 1);
                             }
-                            if let Some(&last) = needs.last() {
-                                self.dispatch(last, undo_op, 1);
+                            if in_flight || !needs.is_empty() {
                                 return;
                             }
                         }

@@ -26,6 +26,7 @@ pub(crate) fn plan(mode: Mode, steps: usize) -> Plan {
                 ),
                 timeout_ms: 1000,
                 in_progress_timeout_ms: 60_000,
+                after: None,
             })
             .collect(),
     }
@@ -521,6 +522,69 @@ fn an_in_progress_attempt_that_outlives_its_timeout_is_retried() {
     r.fire(0);
     assert_eq!(r.sent(), vec![(0, Action, 2)]);
     assert!(!r.inst.steps[0].in_progress);
+}
+
+/// create -> (reserve || charge) -> confirm
+fn diamond() -> Run {
+    let mut p = plan(Mode::Saga, 4);
+    p.steps[2].after = Some(vec![0]);
+    p.steps[3].after = Some(vec![1, 2]);
+    let t = start(Uuid::from_u128(9), p, json!({}), t0(), &Echo);
+    let mut run = Run {
+        inst: t.instance.clone(),
+        log: Vec::new(),
+        now: t0(),
+        last: Vec::new(),
+    };
+    run.absorb(t);
+    run
+}
+
+#[test]
+fn parallel_steps_run_together_and_a_join_waits_for_all_of_them() {
+    let mut r = diamond();
+    assert_eq!(r.sent(), vec![(0, Action, 1)]);
+    r.ok(0, Action);
+    assert_eq!(r.sent(), vec![(1, Action, 1), (2, Action, 1)]);
+    r.ok(2, Action);
+    assert!(r.sent().is_empty());
+    r.ok(1, Action);
+    assert_eq!(r.sent(), vec![(3, Action, 1)]);
+    r.ok(3, Action);
+    assert_eq!(r.inst.status, Status::Completed);
+}
+
+#[test]
+fn a_failed_branch_compensates_its_sibling_before_the_step_both_ran_after() {
+    let mut r = diamond();
+    r.ok(0, Action);
+    r.reply(2, Action, 1, Outcome::failed("card declined"));
+    // the sibling is still running: its outcome is unknown, so it is compensated at once
+    assert_eq!(r.sent(), vec![(1, Compensate, 1)]);
+    r.ok(1, Compensate);
+    assert_eq!(r.sent(), vec![(0, Compensate, 1)]);
+    r.ok(0, Compensate);
+    assert_eq!(r.inst.status, Status::Compensated);
+    assert_eq!(
+        r.statuses(),
+        vec![S::Compensated, S::Compensated, S::Failed, S::Pending]
+    );
+}
+
+#[test]
+fn a_failed_join_compensates_both_branches_in_parallel_then_the_root() {
+    let mut r = diamond();
+    r.ok(0, Action);
+    r.ok(1, Action);
+    r.ok(2, Action);
+    r.reply(3, Action, 1, Outcome::failed("no"));
+    assert_eq!(r.sent(), vec![(1, Compensate, 1), (2, Compensate, 1)]);
+    r.ok(2, Compensate);
+    assert!(r.sent().is_empty());
+    r.ok(1, Compensate);
+    assert_eq!(r.sent(), vec![(0, Compensate, 1)]);
+    r.ok(0, Compensate);
+    assert_eq!(r.inst.status, Status::Compensated);
 }
 
 #[test]
