@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::definition::Registry;
 use crate::machine::{self, Commands, Input, Instance, NoCommands, Timer};
-use crate::store::{LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance};
+use crate::store::{ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance};
 use crate::transport::{Incoming, Transport, TransportError};
 use sagas_participant::protocol::{PROTOCOL_VERSION, Reply};
 
@@ -206,6 +206,28 @@ impl Engine {
     /// The instance's log.
     pub async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, EngineError> {
         Ok(self.store.events(id).await?)
+    }
+
+    /// Carries out an operator action ([`Input::Abort`] or [`Input::Retry`]); an action that
+    /// does not fit the instance's state is a [`EngineError::Conflict`].
+    pub async fn operate(&self, id: Uuid, action: Input) -> Result<StoredInstance, EngineError> {
+        self.deliver(id, action, None).await?;
+        self.store.get(id).await?.ok_or(EngineError::NotFound(id))
+    }
+
+    /// Instances matching `filter`, newest first.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredInstance>, EngineError> {
+        Ok(self.store.list(filter).await?)
+    }
+
+    /// Whether the database answers.
+    pub async fn ping_store(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+
+    /// Whether the broker can be reached.
+    pub async fn ping_transport(&self) -> Result<(), TransportError> {
+        self.transport.ping().await
     }
 
     /// Publishes committed outbox rows and deletes them once confirmed. A failure leaves them

@@ -1,7 +1,7 @@
 //! The one error shape of the HTTP API: `{"error": "<stable_code>", "message": "<sentence>"}`.
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -30,6 +30,16 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+
+    /// 400 for a body that parses but does not say what it must.
+    pub fn invalid_body(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", message)
+    }
+
+    /// 400 for a query parameter that does not fit; the message names the parameter.
+    pub fn invalid_query(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message)
     }
 
     /// 404 for a path that names nothing.
@@ -69,6 +79,12 @@ impl From<JsonRejection> for ApiError {
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "malformed_path", r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::invalid_query(r.body_text())
     }
 }
 

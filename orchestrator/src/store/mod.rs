@@ -9,7 +9,7 @@ use chrono::Duration;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::machine::{Event, Instance, Rejected, Time, Timer, Transition};
+use crate::machine::{Event, Instance, Rejected, Status, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
 pub mod postgres;
@@ -48,6 +48,38 @@ pub struct StoredInstance {
     pub created_at: Time,
     /// When it last changed.
     pub updated_at: Time,
+}
+
+/// Where an instance sits in the newest-first order of [`SagaStore::list`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// When the instance started.
+    pub created_at: Time,
+    /// Its id (breaks ties between instances started in the same microsecond).
+    pub id: Uuid,
+}
+
+impl Position {
+    /// The position of a stored instance.
+    pub fn of(stored: &StoredInstance) -> Position {
+        Position {
+            created_at: stored.created_at,
+            id: stored.instance.id,
+        }
+    }
+}
+
+/// Which instances [`SagaStore::list`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only instances with this status.
+    pub status: Option<Status>,
+    /// Only instances of this definition (any version).
+    pub definition: Option<String>,
+    /// Only instances strictly after this position (older, or as old with a smaller id).
+    pub after: Option<Position>,
+    /// At most this many.
+    pub limit: u32,
 }
 
 /// The result of [`SagaStore::update`].
@@ -104,6 +136,13 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// The instance's log, in order.
     async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, StoreError>;
+
+    /// Instances matching `filter`, newest first by `(created_at, id)`. Paging continues from
+    /// the last one's [`Position`] (a keyset, so instances started meanwhile never shift pages).
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredInstance>, StoreError>;
+
+    /// Answers if the database does.
+    async fn ping(&self) -> Result<(), StoreError>;
 
     /// Claims up to `limit` timers due at `now`: they are leased for `lease` (so another
     /// process takes them over if this one dies) and returned.

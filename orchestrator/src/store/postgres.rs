@@ -10,7 +10,9 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{Decide, LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance, Updated};
+use super::{
+    Decide, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance, Updated,
+};
 use crate::machine::{Effect, Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
@@ -284,6 +286,42 @@ impl SagaStore for PgStore {
             .into_iter()
             .map(|(seq, at, Json(event))| LoggedEvent { seq, at, event })
             .collect())
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredInstance>, StoreError> {
+        let (after_at, after_id) = match filter.after {
+            Some(p) => (Some(p.created_at), Some(p.id)),
+            None => (None, None),
+        };
+        // The row comparison walks the (created_at, id) index backwards from the cursor.
+        let rows: Vec<(Json<Instance>, Time, Time)> = sqlx::query_as(
+            "SELECT state, created_at, updated_at FROM sagas_instances
+             WHERE ($1::text IS NULL OR status = $1)
+               AND ($2::text IS NULL OR definition = $2)
+               AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+             ORDER BY created_at DESC, id DESC
+             LIMIT $5",
+        )
+        .bind(filter.status.map(|s| s.as_str()))
+        .bind(filter.definition.as_deref())
+        .bind(after_at)
+        .bind(after_id)
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(Json(instance), created_at, updated_at)| StoredInstance {
+                instance,
+                created_at,
+                updated_at,
+            })
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn claim_due_timers(

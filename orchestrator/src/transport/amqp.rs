@@ -216,6 +216,11 @@ impl Transport for AmqpTransport {
         Ok(())
     }
 
+    async fn ping(&self) -> Result<(), TransportError> {
+        // The publishing link is what a start or an operator action needs.
+        self.link().await.map(drop)
+    }
+
     async fn subscribe(&self, prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError> {
         let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
         let config = self.config.clone();

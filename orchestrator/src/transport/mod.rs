@@ -55,4 +55,7 @@ pub trait Transport: Send + Sync + 'static {
     /// Starts receiving replies; the receiver ends when the transport is shut down. Delivery
     /// survives broker restarts (the transport reconnects).
     async fn subscribe(&self, prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError>;
+
+    /// Succeeds if the broker can be reached now (connecting if need be).
+    async fn ping(&self) -> Result<(), TransportError>;
 }

@@ -1,0 +1,565 @@
+//! The operator API end to end over real PostgreSQL and RabbitMQ: abort and retry, listing with
+//! a keyset cursor, the registered definitions, and readiness.
+
+mod common;
+
+#[path = "../examples/bank_transfer/bank.rs"]
+#[allow(dead_code)]
+mod bank;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+use sagas::orchestrator::clock::SystemClock;
+use sagas::orchestrator::machine::StepStatus;
+use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
+use sagas::orchestrator::{Definition, Engine, Registry, Status};
+use sagas::participant::amqp::declare_participant;
+use sagas::participant::{Command, Operation, Outcome};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use common::{TestEnv, amqp_url, engine_config, queue_options, spawn_app};
+
+/// The participant of the test definitions (cleaned up with the test's topology).
+const PARTICIPANT: &str = "silent";
+
+#[derive(serde::Deserialize)]
+struct Script {
+    answer: bool,
+    #[serde(default)]
+    busy: bool,
+}
+
+/// A one-step saga on [`PARTICIPANT`]; the step's payload is the input, so the input decides
+/// whether the participant answers.
+fn one_step(name: &str) -> Result<Definition> {
+    Ok(Definition::saga::<Script>(name, 1)
+        .step("hold", PARTICIPANT, |s| {
+            s.command(|s: &Script, _| json!({"answer": s.answer, "busy": s.busy}))
+                .timeout(Duration::from_secs(120))
+        })
+        .build()?)
+}
+
+/// A participant on the raw protocol: it answers an action only when its payload says
+/// `"answer": true` (otherwise the saga stays running), asks for the first attempt to be
+/// retried in ten minutes when it says `"busy": true`, and answers every compensation.
+async fn scripted_participant(env: &TestEnv) -> Result<(Connection, tokio::task::JoinHandle<()>)> {
+    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    declare_participant(&ch, &env.topology, PARTICIPANT, &queue_options()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            env.topology.participant_queue(PARTICIPANT).into(),
+            "scripted".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let task = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let cmd: Command = serde_json::from_slice(&d.data).unwrap();
+            let action = cmd.operation == Operation::Action;
+            let outcome = if action && cmd.payload["busy"] == true && cmd.attempt == 1 {
+                Some(Outcome::Retry {
+                    reason: "busy".into(),
+                    retry_after_ms: Some(600_000),
+                })
+            } else if !action || cmd.payload["answer"] == true {
+                Some(Outcome::succeeded(json!({"held": true})))
+            } else {
+                None
+            };
+            if let Some(outcome) = outcome {
+                let reply = cmd.reply(outcome);
+                let reply_to = d.properties.reply_to().clone().unwrap();
+                ch.basic_publish(
+                    "".into(),
+                    reply_to,
+                    BasicPublishOptions::default(),
+                    &serde_json::to_vec(&reply).unwrap(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            }
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    });
+    Ok((conn, task))
+}
+
+struct Api {
+    env: TestEnv,
+    app: common::App,
+    participant: (Connection, tokio::task::JoinHandle<()>),
+    http: reqwest::Client,
+}
+
+impl Api {
+    /// An orchestrator with the definitions `api_saga` and `api_other`, and their participant.
+    async fn start() -> Result<Api> {
+        let env = TestEnv::new().await?;
+        let participant = scripted_participant(&env).await?;
+        let registry = Registry::new()
+            .with(one_step("api_saga")?)?
+            .with(one_step("api_other")?)?;
+        let app = spawn_app(&env, registry).await?;
+        Ok(Api {
+            env,
+            app,
+            participant,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// Starts an instance whose participant answers if `answer`.
+    async fn begin(&self, definition: &str, answer: bool) -> Result<Uuid> {
+        let (status, body) = self
+            .post(
+                &format!("/v1/sagas/{definition}"),
+                None,
+                json!({"input": {"answer": answer}}),
+            )
+            .await?;
+        anyhow::ensure!(status == 202, "start answered {status}: {body}");
+        Ok(body["id"].as_str().unwrap().parse()?)
+    }
+
+    /// Starts an instance and waits until it has completed.
+    async fn completed(&self, definition: &str) -> Result<Uuid> {
+        let id = self.begin(definition, true).await?;
+        assert_eq!(self.env.wait_terminal(id).await?.status, Status::Completed);
+        Ok(id)
+    }
+
+    async fn post(&self, path: &str, actor: Option<&str>, body: Value) -> Result<(u16, Value)> {
+        let mut req = self.http.post(self.app.url(path)).json(&body);
+        if let Some(actor) = actor {
+            req = req.header("X-Sagas-Actor", actor);
+        }
+        let res = req.send().await?;
+        Ok((res.status().as_u16(), res.json().await?))
+    }
+
+    async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        let res = self.http.get(self.app.url(path)).send().await?;
+        Ok((res.status().as_u16(), res.json().await?))
+    }
+
+    async fn stop(self) {
+        self.app.stop().await;
+        self.participant.1.abort();
+        let _ = self.participant.0.close(200, "done".into()).await;
+        self.env.cleanup().await;
+    }
+}
+
+fn ids(page: &Value) -> Vec<Uuid> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborting_a_running_saga_compensates_it_and_logs_who_asked_and_why() -> Result<()> {
+    let api = Api::start().await?;
+    let id = api.begin("api_saga", false).await?;
+    let (status, view) = api
+        .post(
+            &format!("/v1/sagas/{id}/abort"),
+            Some("alice"),
+            json!({"reason": "customer cancelled the order"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["id"], id.to_string());
+    assert_eq!(view["status"], "compensating");
+
+    let done = api.env.wait_terminal(id).await?;
+    assert_eq!(done.status, Status::Compensated);
+    // The step's action may have run (no reply came), so it is compensated.
+    assert_eq!(done.steps[0].status, StepStatus::Compensated);
+    assert_eq!(
+        done.failure.as_deref(),
+        Some("aborted by alice: customer cancelled the order")
+    );
+    let (status, events) = api.get(&format!("/v1/sagas/{id}/events")).await?;
+    assert_eq!(status, 200);
+    let actions: Vec<&Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "operator_action")
+        .collect();
+    assert_eq!(actions.len(), 1, "{events}");
+    assert_eq!(actions[0]["action"], "abort");
+    assert_eq!(actions[0]["actor"], "alice");
+    assert_eq!(actions[0]["reason"], "customer cancelled the order");
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_without_a_header_is_logged_as_anonymous() -> Result<()> {
+    let api = Api::start().await?;
+    let id = api.begin("api_saga", false).await?;
+    let (status, view) = api
+        .post(
+            &format!("/v1/sagas/{id}/abort"),
+            None,
+            json!({"reason": "test"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{view}");
+    let events = api.app.engine.events(id).await?;
+    let action = events
+        .iter()
+        .find(|e| e.event.kind() == "operator_action")
+        .unwrap();
+    assert_eq!(serde_json::to_value(action)?["actor"], "anonymous");
+    api.env.wait_terminal(id).await?;
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborting_a_completed_saga_is_a_conflict_that_says_why_and_changes_nothing() -> Result<()> {
+    let api = Api::start().await?;
+    let id = api.completed("api_saga").await?;
+    let seq_before = api.app.engine.events(id).await?.len();
+    let (status, body) = api
+        .post(
+            &format!("/v1/sagas/{id}/abort"),
+            Some("alice"),
+            json!({"reason": "too late"}),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "conflict");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("only a running instance"),
+        "{body}"
+    );
+    assert_eq!(api.app.engine.events(id).await?.len(), seq_before);
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_a_saga_with_nothing_to_retry_is_a_conflict() -> Result<()> {
+    let api = Api::start().await?;
+    // Waiting for a reply is not something to retry; neither is a completed saga.
+    let running = api.begin("api_saga", false).await?;
+    let completed = api.completed("api_saga").await?;
+    for id in [running, completed] {
+        let (status, body) = api
+            .post(
+                &format!("/v1/sagas/{id}/retry"),
+                Some("bob"),
+                json!({"reason": "try again"}),
+            )
+            .await?;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"], "conflict");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("nothing to retry"),
+            "{body}"
+        );
+    }
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_a_step_that_waits_to_retry_sends_it_again_now_and_logs_who_asked() -> Result<()> {
+    let api = Api::start().await?;
+    let (status, body) = api
+        .post(
+            "/v1/sagas/api_saga",
+            None,
+            json!({"input": {"answer": true, "busy": true}}),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let id: Uuid = body["id"].as_str().unwrap().parse()?;
+    // Wait until the participant's "retry in ten minutes" is in the log.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !api
+        .app
+        .engine
+        .events(id)
+        .await?
+        .iter()
+        .any(|e| e.event.kind() == "retry_scheduled")
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no retry scheduled");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, view) = api
+        .post(
+            &format!("/v1/sagas/{id}/retry"),
+            Some("bob"),
+            json!({"reason": "the participant is back"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["steps"][0]["attempts"], 2);
+    // Well before the ten minutes are up.
+    let done = tokio::time::timeout(Duration::from_secs(30), api.env.wait_terminal(id)).await??;
+    assert_eq!(done.status, Status::Completed);
+    let events = api.app.engine.events(id).await?;
+    let action = events
+        .iter()
+        .find(|e| e.event.kind() == "operator_action")
+        .map(serde_json::to_value)
+        .unwrap()?;
+    assert_eq!(action["action"], "retry");
+    assert_eq!(action["actor"], "bob");
+    assert_eq!(action["reason"], "the participant is back");
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_without_a_reason_are_refused_and_unknown_ids_are_not_found() -> Result<()> {
+    let api = Api::start().await?;
+    let id = api.begin("api_saga", false).await?;
+    for action in ["abort", "retry"] {
+        let path = format!("/v1/sagas/{id}/{action}");
+        for body in [json!({}), json!({"reason": ""}), json!({"reason": "   "})] {
+            let (status, answer) = api.post(&path, Some("alice"), body).await?;
+            assert_eq!(status, 400, "{answer}");
+            assert_eq!(answer["error"], "invalid_body");
+            assert!(answer["message"].as_str().unwrap().contains("reason"));
+        }
+        let (status, answer) = api
+            .post(&path, Some("alice"), json!({"reason": "x", "force": true}))
+            .await?;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"], "malformed_body");
+        let unknown = format!("/v1/sagas/{}/{action}", Uuid::now_v7());
+        let (status, answer) = api.post(&unknown, None, json!({"reason": "x"})).await?;
+        assert_eq!(status, 404, "{answer}");
+        assert_eq!(answer["error"], "not_found");
+        let (status, _) = api
+            .post(
+                &format!("/v1/sagas/nope/{action}"),
+                None,
+                json!({"reason": "x"}),
+            )
+            .await?;
+        assert_eq!(status, 400);
+    }
+    // Nothing was recorded and the saga still runs.
+    let events = api.app.engine.events(id).await?;
+    assert!(events.iter().all(|e| e.event.kind() != "operator_action"));
+    assert_eq!(
+        api.get(&format!("/v1/sagas/{id}")).await?.1["status"],
+        "running"
+    );
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_filters_by_status_and_definition_and_pages_newest_first_with_a_stable_cursor()
+-> Result<()> {
+    let api = Api::start().await?;
+    // Seven api_saga instances (four completed, three running) and two api_other ones.
+    let mut sagas = Vec::new();
+    for i in 0..7 {
+        sagas.push(if i % 2 == 0 {
+            api.completed("api_saga").await?
+        } else {
+            api.begin("api_saga", false).await?
+        });
+    }
+    let others = [
+        api.completed("api_other").await?,
+        api.completed("api_other").await?,
+    ];
+    let newest_first: Vec<Uuid> = sagas.iter().rev().copied().collect();
+
+    // Pages of three over api_saga; an instance started between pages does not shift them.
+    let (status, first) = api.get("/v1/sagas?definition=api_saga&limit=3").await?;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(ids(&first), newest_first[0..3]);
+    let late = api.begin("api_saga", false).await?;
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let (_, second) = api
+        .get(&format!(
+            "/v1/sagas?definition=api_saga&limit=3&cursor={cursor}"
+        ))
+        .await?;
+    assert_eq!(ids(&second), newest_first[3..6]);
+    let cursor = second["next_cursor"].as_str().unwrap().to_owned();
+    let (_, third) = api
+        .get(&format!(
+            "/v1/sagas?definition=api_saga&limit=3&cursor={cursor}"
+        ))
+        .await?;
+    assert_eq!(ids(&third), newest_first[6..7]);
+    assert!(third["next_cursor"].is_null(), "{third}");
+    // The same cursor gives the same page again.
+    let (_, again) = api
+        .get(&format!(
+            "/v1/sagas?definition=api_saga&limit=3&cursor={cursor}"
+        ))
+        .await?;
+    assert_eq!(ids(&again), ids(&third));
+
+    // Status and definition filters, alone and together.
+    let (_, running) = api
+        .get("/v1/sagas?status=running&definition=api_saga")
+        .await?;
+    let expected: Vec<Uuid> = [late, sagas[5], sagas[3], sagas[1]].into();
+    assert_eq!(ids(&running), expected);
+    assert!(
+        running["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["status"] == "running" && v["definition"] == "api_saga")
+    );
+    let (_, other) = api.get("/v1/sagas?definition=api_other").await?;
+    assert_eq!(ids(&other), [others[1], others[0]]);
+    let (_, completed) = api.get("/v1/sagas?status=completed").await?;
+    assert_eq!(
+        ids(&completed),
+        [others[1], others[0], sagas[6], sagas[4], sagas[2], sagas[0]]
+    );
+    assert!(completed["next_cursor"].is_null());
+    // Everything, with the default limit.
+    let (_, all) = api.get("/v1/sagas").await?;
+    assert_eq!(ids(&all).len(), 10);
+    assert_eq!(all["items"][0]["id"], late.to_string());
+    let (_, none) = api.get("/v1/sagas?definition=nope").await?;
+    assert_eq!(none, json!({"items": [], "next_cursor": null}));
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_list_parameters_are_answered_400_naming_the_parameter() -> Result<()> {
+    let api = Api::start().await?;
+    for (query, named) in [
+        ("status=finished", "status"),
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("limit=ten", "limit"),
+        ("limit=-1", "limit"),
+        ("cursor=not-a-cursor", "cursor"),
+        ("cursor=7a7a", "cursor"),
+        ("offset=3", "offset"),
+    ] {
+        let (status, body) = api.get(&format!("/v1/sagas?{query}")).await?;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"], "invalid_query", "{query}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(named),
+            "{query}: {body}"
+        );
+    }
+    let (status, _) = api.get("/v1/sagas?limit=500&status=stuck").await?;
+    assert_eq!(status, 200);
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_lists_the_bank_definitions_with_their_steps_and_policies() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let app = spawn_app(&env, bank::registry()?).await?;
+    let res = reqwest::get(app.url("/v1/definitions")).await?;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await?;
+    let items = body["items"].as_array().unwrap();
+    let names: Vec<(&str, &str)> = items
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap(), d["mode"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, [("transfer_saga", "saga"), ("transfer_tcc", "tcc")]);
+    for d in items {
+        assert_eq!(d["version"], 1);
+        assert_eq!(d["latest"], true);
+        let steps: Vec<&str> = d["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(steps, ["debit", "credit"]);
+        let debit = &d["steps"][0];
+        assert_eq!(debit["participant"], bank::PARTICIPANT);
+        assert_eq!(debit["timeout_ms"], 5_000);
+        assert!(debit["in_progress_timeout_ms"].is_u64());
+        assert!(debit["retry"]["max_attempts"].as_u64().unwrap() >= 1);
+        assert!(debit["finish_retry"]["max_backoff_ms"].is_u64());
+    }
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_ok_when_the_database_and_the_broker_answer() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let app = spawn_app(&env, Registry::new()).await?;
+    let res = reqwest::get(app.url("/readyz")).await?;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.json::<Value>().await?,
+        json!({"database": "ok", "broker": "ok"})
+    );
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_naming_the_broker_when_it_cannot_be_reached() -> Result<()> {
+    let env = TestEnv::new().await?;
+    // Nothing listens on port 1.
+    let transport = AmqpTransport::new(AmqpConfig {
+        uri: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+        ..env.amqp_config()
+    });
+    let engine = Engine::new(
+        Arc::new(env.store()),
+        Arc::new(transport),
+        Registry::new(),
+        Arc::new(SystemClock),
+        engine_config(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, sagas::orchestrator::api::router(engine)).await;
+    });
+    let res = reqwest::get(format!("http://{addr}/readyz")).await?;
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await?;
+    assert_eq!(body["database"], "ok");
+    assert_ne!(body["broker"], "ok");
+    server.abort();
+    env.cleanup().await;
+    Ok(())
+}
