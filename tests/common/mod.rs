@@ -121,7 +121,12 @@ impl TestEnv {
         if let Ok(conn) = Connection::connect(&amqp_url(), Default::default()).await
             && let Ok(ch) = conn.create_channel().await
         {
-            let _ = delete_topology(&ch, &self.topology, &["accounts", "silent"]).await;
+            let _ = delete_topology(
+                &ch,
+                &self.topology,
+                &["accounts", "silent", "orders", "inventory", "payment"],
+            )
+            .await;
             let _ = ch
                 .queue_delete(
                     format!("{}.test-replies", self.topology.prefix()).into(),
@@ -354,5 +359,277 @@ impl RawPeer {
 
     pub async fn close(self) {
         let _ = self.conn.close(200, "done".into()).await;
+    }
+}
+
+// --- Conformance helpers (tests/conformance.rs) -------------------------------------------------
+
+/// A command as a raw participant received it: the JSON body, the AMQP properties, and when.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub body: serde_json::Value,
+    pub properties: BasicProperties,
+    pub at: tokio::time::Instant,
+}
+
+impl Received {
+    /// A body field as a string (panics when absent: the protocol requires it).
+    pub fn field(&self, name: &str) -> &str {
+        self.body[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("command field {name:?} is not a string: {}", self.body))
+    }
+
+    /// `(step, operation, attempt)` from the body.
+    pub fn key(&self) -> (String, String, u64) {
+        (
+            self.field("step").to_owned(),
+            self.field("operation").to_owned(),
+            self.body["attempt"].as_u64().expect("numeric attempt"),
+        )
+    }
+}
+
+/// A participant written against the wire protocol with nothing but lapin and JSON literals:
+/// it declares its queue with the documented arguments, hands every command to the test and
+/// publishes whatever reply body the test writes.
+pub struct RawParticipant {
+    conn: Connection,
+    ch: lapin::Channel,
+    queue: String,
+    commands: tokio::sync::mpsc::UnboundedReceiver<Received>,
+    task: JoinHandle<()>,
+}
+
+impl RawParticipant {
+    /// Declares (exactly as docs/protocol.md says, with the test queue expiry) and consumes the
+    /// queue of participant `name`.
+    pub async fn start(env: &TestEnv, name: &str) -> Result<RawParticipant> {
+        use lapin::ExchangeKind;
+        use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+        use lapin::types::{AMQPValue, LongString};
+
+        let p = env.topology.prefix();
+        let expires = i64::try_from(queue_options().expires.expect("tests expire").as_millis())?;
+        let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+        let ch = conn.create_channel().await?;
+        let exchange = ExchangeDeclareOptions {
+            durable: true,
+            auto_delete: true, // because queue expiry is configured
+            ..Default::default()
+        };
+        let queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let with_expiry = |dlx: Option<String>| {
+            let mut args = FieldTable::default();
+            if let Some(dlx) = dlx {
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString(LongString::from(dlx)),
+                );
+            }
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(expires));
+            args
+        };
+        let (dlx, dead) = (format!("{p}.dlx"), format!("{p}.dead"));
+        ch.exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Fanout,
+            exchange,
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_declare(dead.as_str().into(), queue, with_expiry(None))
+            .await?;
+        ch.queue_bind(
+            dead.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let (commands, own) = (format!("{p}.commands"), format!("{p}.participant.{name}"));
+        ch.exchange_declare(
+            commands.as_str().into(),
+            ExchangeKind::Direct,
+            exchange,
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_declare(own.as_str().into(), queue, with_expiry(Some(dlx)))
+            .await?;
+        ch.queue_bind(
+            own.as_str().into(),
+            commands.as_str().into(),
+            name.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+
+        let consume = conn.create_channel().await?;
+        let mut consumer = consume
+            .basic_consume(
+                own.as_str().into(),
+                "raw-participant".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (tx, commands_rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _channel = consume;
+            while let Some(Ok(d)) = consumer.next().await {
+                let body = serde_json::from_slice(&d.data).unwrap_or_else(|e| {
+                    serde_json::Value::String(format!("undecodable command: {e}"))
+                });
+                let received = Received {
+                    body,
+                    properties: d.properties.clone(),
+                    at: tokio::time::Instant::now(),
+                };
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+                if tx.send(received).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(RawParticipant {
+            conn,
+            ch,
+            queue: own,
+            commands: commands_rx,
+            task,
+        })
+    }
+
+    /// The next command (bounded wait: 30 s).
+    pub async fn next(&mut self) -> Result<Received> {
+        tokio::time::timeout(Duration::from_secs(30), self.commands.recv())
+            .await
+            .context("no command within 30 s")?
+            .context("the raw participant's consumer ended")
+    }
+
+    /// The next command, which must be `(step, operation, attempt)`.
+    pub async fn expect(&mut self, step: &str, operation: &str, attempt: u64) -> Result<Received> {
+        let received = self.next().await?;
+        anyhow::ensure!(
+            received.key() == (step.to_owned(), operation.to_owned(), attempt),
+            "expected {step}/{operation}/{attempt}, got {}",
+            received.body
+        );
+        Ok(received)
+    }
+
+    /// Asserts that no command arrives for `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) -> Result<()> {
+        match tokio::time::timeout(wait, self.commands.recv()).await {
+            Err(_) => Ok(()),
+            Ok(Some(r)) => anyhow::bail!("unexpected command: {}", r.body),
+            Ok(None) => anyhow::bail!("the raw participant's consumer ended"),
+        }
+    }
+
+    /// The reply body for `to` with `outcome` (a JSON object with `status`), built by hand.
+    pub fn reply_body(to: &Received, outcome: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "protocol": 1,
+            "transaction_id": to.body["transaction_id"],
+            "step": to.body["step"],
+            "operation": to.body["operation"],
+            "attempt": to.body["attempt"],
+            "outcome": outcome,
+        })
+    }
+
+    /// Publishes `reply_body(to, outcome)` to the command's `reply_to`.
+    pub async fn reply(&self, to: &Received, outcome: serde_json::Value) -> Result<()> {
+        let body = serde_json::to_vec(&Self::reply_body(to, outcome))?;
+        self.reply_raw(to, &body).await
+    }
+
+    /// Publishes any bytes to the command's `reply_to`, as the documented reply properties say.
+    pub async fn reply_raw(&self, to: &Received, body: &[u8]) -> Result<()> {
+        let reply_to = to
+            .properties
+            .reply_to()
+            .clone()
+            .context("command without reply_to")?;
+        let confirm = self
+            .ch
+            .basic_publish(
+                "".into(),
+                reply_to,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(confirm.is_ack(), "reply not confirmed");
+        anyhow::ensure!(confirm.take_message().is_none(), "reply unroutable");
+        Ok(())
+    }
+
+    /// Deletes the participant's queue and closes the connection.
+    pub async fn close(self) {
+        self.task.abort();
+        let _ = self
+            .ch
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+}
+
+/// Waits (bounded: 30 s) until the instance has `status`, and returns it.
+pub async fn wait_status(
+    env: &TestEnv,
+    id: Uuid,
+    status: sagas::orchestrator::Status,
+) -> Result<Instance> {
+    let store = env.store();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let current = store.get(id).await?.map(|s| s.instance);
+        if let Some(instance) = &current
+            && instance.status == status
+        {
+            return Ok(current.unwrap());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("instance {id} not {status:?} after 30 s: {current:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (bounded: 30 s) until the instance's log has an event for which `pred` holds, and
+/// returns it.
+pub async fn wait_event(
+    app: &App,
+    id: Uuid,
+    pred: impl Fn(&sagas::orchestrator::store::LoggedEvent) -> bool,
+) -> Result<sagas::orchestrator::store::LoggedEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = app.engine.events(id).await?;
+        if let Some(e) = events.iter().find(|e| pred(e)) {
+            return Ok(e.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("no such event after 30 s; log: {events:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,141 @@
+//! The order saga demo: create order -> (reserve stock || charge payment) -> (commit stock ||
+//! confirm order), each participant its own process.
+//!
+//! ```text
+//! cargo run --example order_saga -- seed --sku widget --units 10
+//! cargo run --example order_saga -- orders &
+//! cargo run --example order_saga -- inventory &
+//! cargo run --example order_saga -- payment &
+//! cargo run --example order_saga -- orchestrator &
+//! curl -s -XPOST localhost:8080/v1/sagas/order -H 'content-type: application/json' \
+//!      -d '{"input": {"customer": "ada", "sku": "widget", "qty": 2, "amount": 1999}}'
+//! cargo run --example order_saga -- audit
+//! ```
+//! Add `"simulate": "fail"` (card declined) or `"simulate": "hang"` (the charge outlasts its
+//! timeout) to the input to watch compensation.
+
+mod shop;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sagas::orchestrator::config::{Config, DEFAULT_DATABASE_URL};
+use sagas::orchestrator::server;
+use sagas::participant::{Handler, Participant};
+use sqlx::PgPool;
+
+#[derive(Parser)]
+#[command(name = "order_saga", about = "An order / inventory / payment saga")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the orchestrator (engine + HTTP API) with the `order` definition.
+    /// Env: DATABASE_URL, AMQP_URL, SAGAS_BIND (default 127.0.0.1:8080), SAGAS_AMQP_PREFIX.
+    Orchestrator,
+    /// Runs the orders participant (env ORDERS_DATABASE_URL).
+    Orders,
+    /// Runs the inventory participant (env INVENTORY_DATABASE_URL).
+    Inventory,
+    /// Runs the payment participant (env PAYMENT_DATABASE_URL).
+    Payment,
+    /// Sets the stock of a SKU (and creates every participant's tables in its database).
+    Seed {
+        /// The SKU.
+        #[arg(long, default_value = "widget")]
+        sku: String,
+        /// Units available.
+        #[arg(long, default_value_t = 10)]
+        units: i32,
+    },
+    /// Checks that stock is conserved and every order is charged or refunded as it should be;
+    /// exits non-zero on any problem. Run it when no order is in flight.
+    Audit,
+}
+
+async fn pool(var: &str) -> anyhow::Result<PgPool> {
+    let url = std::env::var(var).unwrap_or_else(|_| DEFAULT_DATABASE_URL.into());
+    PgPool::connect(&url)
+        .await
+        .with_context(|| format!("connecting to {var}"))
+}
+
+async fn participant(name: &str, var: &str, handler: Arc<dyn Handler>) -> anyhow::Result<()> {
+    let config = Config::from_env();
+    let pool = pool(var).await?;
+    shop::install(&pool).await?;
+    let conn = lapin::Connection::connect(&config.amqp_url, Default::default())
+        .await
+        .context("connecting to the broker (AMQP_URL)")?;
+    tracing::info!(participant = name, "running");
+    Participant::new(name, config.topology(), pool, handler)
+        .queue_options(config.queue_options())
+        .run(&conn, server::wait_for_signal())
+        .await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    server::init_tracing();
+    match Args::parse().command {
+        Cmd::Orchestrator => server::serve(Config::from_env(), shop::registry()?, None).await?,
+        Cmd::Orders => {
+            participant(
+                shop::ORDERS,
+                "ORDERS_DATABASE_URL",
+                Arc::new(shop::orders()),
+            )
+            .await?
+        }
+        Cmd::Inventory => {
+            participant(
+                shop::INVENTORY,
+                "INVENTORY_DATABASE_URL",
+                Arc::new(shop::inventory()),
+            )
+            .await?
+        }
+        Cmd::Payment => {
+            participant(
+                shop::PAYMENT,
+                "PAYMENT_DATABASE_URL",
+                Arc::new(shop::payment()),
+            )
+            .await?
+        }
+        Cmd::Seed { sku, units } => {
+            for var in ["ORDERS_DATABASE_URL", "PAYMENT_DATABASE_URL"] {
+                shop::install(&pool(var).await?).await?;
+            }
+            shop::seed(&pool("INVENTORY_DATABASE_URL").await?, &sku, units).await?;
+            println!("{sku}: {units} units available");
+        }
+        Cmd::Audit => {
+            let a = shop::audit(
+                &pool("ORDERS_DATABASE_URL").await?,
+                &pool("INVENTORY_DATABASE_URL").await?,
+                &pool("PAYMENT_DATABASE_URL").await?,
+            )
+            .await?;
+            for (status, n) in &a.orders {
+                println!("{status}: {n}");
+            }
+            if a.problems.is_empty() {
+                println!(
+                    "OK: stock conserved, every confirmed order charged, every cancelled order refunded"
+                );
+            } else {
+                for p in &a.problems {
+                    println!("PROBLEM: {p}");
+                }
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
