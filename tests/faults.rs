@@ -338,3 +338,58 @@ async fn commands_committed_but_never_published_are_relayed_from_the_outbox() ->
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_without_the_definition_leaves_the_saga_to_one_that_has_it() -> Result<()> {
+    use sagas::orchestrator::store::SagaStore;
+
+    let env = TestEnv::new().await?;
+    bank::seed(&env.bank, 2, 1_000).await?;
+    let registry = bank::registry()?;
+    let def = registry.latest("transfer_saga").unwrap().clone();
+    let id = Uuid::now_v7();
+    let long_ago = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let input = json!({"from": "acct-1", "to": "acct-2", "amount": 5});
+    let t = sagas::orchestrator::machine::start(id, (**def.plan()).clone(), input, long_ago, &def);
+    env.store().create(&t, long_ago).await?;
+    let accounts = spawn_participant(
+        &env,
+        bank::PARTICIPANT,
+        bank::shared_handler(Default::default()),
+    )
+    .await?;
+
+    // A process with no definitions relays the debit; the reply needs the credit's command,
+    // which it cannot compute, so it must not commit anything for it.
+    let blind = spawn_app(&env, Registry::new()).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while blind
+        .engine
+        .stats()
+        .relayed
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "nothing relayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let kinds: Vec<&str> = env
+        .store()
+        .events(id)
+        .await?
+        .iter()
+        .map(|e| e.event.kind())
+        .collect();
+    assert!(!kinds.contains(&"preparation_failed"), "{kinds:?}");
+    assert!(!kinds.contains(&"undo_started"), "{kinds:?}");
+    blind.stop().await;
+
+    let app = spawn_app(&env, registry).await?;
+    let done = env.wait_terminal(id).await?;
+    assert_eq!(done.status, Status::Completed);
+    accounts.stop().await;
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}

@@ -57,7 +57,12 @@ async fn concurrent_updates_of_one_instance_serialize_into_a_gapless_log() -> Re
                     None,
                     Utc::now(),
                     Box::new(move |inst| {
-                        machine::handle(inst, Input::Reply(reply), Utc::now(), &def)
+                        Ok(machine::handle(
+                            inst,
+                            Input::Reply(reply),
+                            Utc::now(),
+                            &def,
+                        )?)
                     }),
                 )
                 .await

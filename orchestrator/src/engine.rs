@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::definition::Registry;
-use crate::machine::{self, Commands, Input, Instance, NoCommands, Timer};
+use crate::machine::{self, Input, Instance, MissingDefinition, Timer};
 use crate::store::{ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance};
 use crate::transport::{Incoming, Transport, TransportError};
 use sagas_participant::protocol::{PROTOCOL_VERSION, Reply};
@@ -79,6 +79,10 @@ pub enum EngineError {
     /// No instance with that id.
     #[error("instance {0} not found")]
     NotFound(Uuid),
+    /// The instance needs a definition this process does not have; another process (or a
+    /// later deploy) must handle it.
+    #[error("{0}")]
+    MissingDefinition(String),
     /// An operator action does not fit the instance's state.
     #[error("{0}")]
     Conflict(String),
@@ -95,6 +99,7 @@ impl From<StoreError> for EngineError {
         match e {
             StoreError::NotFound(id) => EngineError::NotFound(id),
             StoreError::Rejected(r) => EngineError::Conflict(r.0),
+            StoreError::MissingDefinition(m) => EngineError::MissingDefinition(m),
             other => EngineError::Store(other),
         }
     }
@@ -178,19 +183,20 @@ impl Engine {
                 fired,
                 now,
                 Box::new(move |inst| {
-                    let missing;
-                    let commands: &dyn Commands =
-                        match registry.get(&inst.plan.name, inst.plan.version) {
-                            Some(def) => def,
-                            None => {
-                                missing = NoCommands(format!(
-                                    "definition {} version {} is not registered in this process",
-                                    inst.plan.name, inst.plan.version
-                                ));
-                                &missing
-                            }
-                        };
-                    machine::handle(inst, input, now, commands)
+                    if let Some(def) = registry.get(&inst.plan.name, inst.plan.version) {
+                        return Ok(machine::handle(inst, input, now, def)?);
+                    }
+                    // Without the code, only transitions that compute no command may commit;
+                    // the others are left to a process that has the definition.
+                    let probe = MissingDefinition::default();
+                    let t = machine::handle(inst, input, now, &probe)?;
+                    if probe.was_asked() {
+                        return Err(StoreError::MissingDefinition(format!(
+                            "definition {} version {} is not registered in this process",
+                            inst.plan.name, inst.plan.version
+                        )));
+                    }
+                    Ok(t)
                 }),
             )
             .await?;
@@ -322,6 +328,11 @@ impl Engine {
             Err(EngineError::NotFound(_)) => {
                 let reason = format!("reply for unknown transaction {id}");
                 self.dead_letter(incoming, &reason).await;
+            }
+            Err(e @ EngineError::MissingDefinition(_)) => {
+                tracing::warn!(%id, error = %e, "reply left for a process that has the definition");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = incoming.ack.requeue().await;
             }
             Err(e) => {
                 tracing::warn!(%id, error = %e, "reply not committed; it will be redelivered");

@@ -541,13 +541,25 @@ impl Commands for Definition {
     }
 }
 
-/// Commands when no definition is available (e.g. a version no longer deployed): every
-/// forward command fails to compute, so the instance compensates what already ran.
-pub struct NoCommands(pub String);
+/// Commands when the instance's definition is not registered in this process (say, a version
+/// no longer deployed): it computes nothing and remembers that it was asked, so the engine can
+/// leave the input to a process that has the definition instead of failing the step.
+#[derive(Debug, Default)]
+pub struct MissingDefinition {
+    asked: std::cell::Cell<bool>,
+}
 
-impl Commands for NoCommands {
+impl MissingDefinition {
+    /// True when the transition needed a forward command.
+    pub fn was_asked(&self) -> bool {
+        self.asked.get()
+    }
+}
+
+impl Commands for MissingDefinition {
     fn command(&self, _: usize, _: &Value, _: &Outputs<'_>) -> Result<Value, String> {
-        Err(self.0.clone())
+        self.asked.set(true);
+        Err("the definition is not registered in this process".to_owned())
     }
 }
 

@@ -101,6 +101,11 @@ impl From<EngineError> for ApiError {
             EngineError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            EngineError::MissingDefinition(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "definition_unavailable",
+                e.to_string(),
+            ),
             EngineError::Store(inner) => {
                 tracing::error!(error = %inner, "store error");
                 ApiError::new(

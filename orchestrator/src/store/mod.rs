@@ -92,7 +92,7 @@ pub struct Updated {
 }
 
 /// Decides a transition from the current state, inside the store's transaction.
-pub type Decide<'a> = Box<dyn FnOnce(&Instance) -> Result<Transition, Rejected> + Send + 'a>;
+pub type Decide<'a> = Box<dyn FnOnce(&Instance) -> Result<Transition, StoreError> + Send + 'a>;
 
 /// Errors of a store.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +106,9 @@ pub enum StoreError {
     /// The decision refused the input (an operator action that does not fit).
     #[error(transparent)]
     Rejected(#[from] Rejected),
+    /// The instance needs its definition's code, which this process does not have.
+    #[error("{0}")]
+    MissingDefinition(String),
     /// Stored data could not be decoded.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
