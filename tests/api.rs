@@ -34,6 +34,8 @@ struct Script {
     answer: bool,
     #[serde(default)]
     busy: bool,
+    #[serde(default)]
+    stuck: bool,
 }
 
 /// A one-step saga on [`PARTICIPANT`]; the step's payload is the input, so the input decides
@@ -41,7 +43,7 @@ struct Script {
 fn one_step(name: &str) -> Result<Definition> {
     Ok(Definition::saga::<Script>(name, 1)
         .step("hold", PARTICIPANT, |s| {
-            s.command(|s: &Script, _| json!({"answer": s.answer, "busy": s.busy}))
+            s.command(|s: &Script, _| json!({"answer": s.answer, "busy": s.busy, "stuck": s.stuck}))
                 .timeout(Duration::from_secs(120))
         })
         .build()?)
@@ -71,6 +73,8 @@ async fn scripted_participant(env: &TestEnv) -> Result<(Connection, tokio::task:
                     reason: "busy".into(),
                     retry_after_ms: Some(600_000),
                 })
+            } else if !action && cmd.payload["stuck"] == true {
+                Some(Outcome::failed("cannot undo this"))
             } else if !action || cmd.payload["answer"] == true {
                 Some(Outcome::succeeded(json!({"held": true})))
             } else {
@@ -561,5 +565,68 @@ async fn readyz_is_503_naming_the_broker_when_it_cannot_be_reached() -> Result<(
     assert_ne!(body["broker"], "ok");
     server.abort();
     env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolving_a_stuck_saga_ends_it_resolved_with_who_and_why_in_the_log() -> Result<()> {
+    let api = Api::start().await?;
+    let (status, body) = api
+        .post(
+            "/v1/sagas/api_saga",
+            None,
+            json!({"input": {"answer": false, "stuck": true}}),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let id: Uuid = body["id"].as_str().unwrap().parse()?;
+    let path = |action: &str| format!("/v1/sagas/{id}/{action}");
+    // Not stuck yet: resolve is a conflict.
+    let (status, answer) = api
+        .post(&path("resolve"), Some("bob"), json!({"reason": "x"}))
+        .await?;
+    assert_eq!(status, 409, "{answer}");
+    // Abort: the compensation answers failed, so the saga is stuck.
+    let (status, _) = api
+        .post(&path("abort"), Some("bob"), json!({"reason": "stop"}))
+        .await?;
+    assert_eq!(status, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, view) = api.get(&format!("/v1/sagas/{id}")).await?;
+        if view["status"] == "stuck" {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "never stuck: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, view) = api
+        .post(
+            &path("resolve"),
+            Some("bob"),
+            json!({"reason": "refunded by hand, ticket 7"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "resolved");
+    let (status, _) = api
+        .post(&path("resolve"), Some("bob"), json!({"reason": "again"}))
+        .await?;
+    assert_eq!(status, 409);
+    let (_, events) = api.get(&format!("/v1/sagas/{id}/events")).await?;
+    let last_action = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|e| e["kind"] == "operator_action")
+        .unwrap()
+        .clone();
+    assert_eq!(last_action["action"], "resolve");
+    assert_eq!(last_action["actor"], "bob");
+    assert_eq!(last_action["reason"], "refunded by hand, ticket 7");
+    api.stop().await;
     Ok(())
 }

@@ -30,16 +30,19 @@ pub enum Status {
     Compensated,
     /// A compensate/confirm/cancel exhausted its retry budget or was refused; needs an operator.
     Stuck,
+    /// An operator handled a stuck instance by hand (terminal).
+    Resolved,
 }
 
 impl Status {
     /// Every status, in a stable order.
-    pub const ALL: [Status; 5] = [
+    pub const ALL: [Status; 6] = [
         Status::Running,
         Status::Compensating,
         Status::Completed,
         Status::Compensated,
         Status::Stuck,
+        Status::Resolved,
     ];
 
     /// The database/API name.
@@ -50,6 +53,7 @@ impl Status {
             Status::Completed => "completed",
             Status::Compensated => "compensated",
             Status::Stuck => "stuck",
+            Status::Resolved => "resolved",
         }
     }
 
@@ -60,7 +64,10 @@ impl Status {
 
     /// True when nothing more will happen to the instance.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Completed | Status::Compensated)
+        matches!(
+            self,
+            Status::Completed | Status::Compensated | Status::Resolved
+        )
     }
 }
 
@@ -226,6 +233,9 @@ pub struct Instance {
     pub failure: Option<String>,
     /// Events applied so far (the sequence number of the last one).
     pub seq: u64,
+    /// When a running instance is compensated if it has not finished its forward phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Time>,
 }
 
 /// A timer the machine asks the engine to keep: a reply deadline or a retry backoff.
@@ -244,9 +254,15 @@ pub struct Timer {
 impl Timer {
     /// The timer's key within its instance: one timer per step at a time.
     pub fn key(&self) -> String {
-        timer_key(self.step)
+        match self.kind {
+            TimerKind::Expiry => DEADLINE_KEY.to_owned(),
+            _ => timer_key(self.step),
+        }
     }
 }
+
+/// The key of the instance's deadline timer.
+pub const DEADLINE_KEY: &str = "deadline";
 
 fn timer_key(step: usize) -> String {
     format!("step:{step}")
@@ -260,6 +276,8 @@ pub enum TimerKind {
     Deadline,
     /// Time to send the next attempt.
     Backoff,
+    /// The instance's deadline passed.
+    Expiry,
 }
 
 /// An input to an existing instance.
@@ -283,6 +301,13 @@ pub enum Input {
         /// Why.
         reason: String,
     },
+    /// An operator has handled a stuck instance by hand; it ends `resolved`.
+    Resolve {
+        /// Who.
+        actor: String,
+        /// What was done, and why.
+        reason: String,
+    },
 }
 
 /// A fact in an instance's log. The instance state is the fold of [`apply`] over its events.
@@ -297,6 +322,9 @@ pub enum Event {
         plan: Plan,
         /// The input.
         input: Value,
+        /// When the forward phase must have finished, if ever.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline: Option<Time>,
     },
     /// A forward command was computed and logged; every attempt sends this payload.
     CommandPrepared {
@@ -565,7 +593,29 @@ impl Commands for MissingDefinition {
 
 /// Creates an instance and dispatches its first step(s).
 pub fn start(id: Uuid, plan: Plan, input: Value, now: Time, commands: &dyn Commands) -> Transition {
-    let started = Event::Started { id, plan, input };
+    start_with(id, plan, input, None, now, commands)
+}
+
+/// Like [`start`], with a deadline: if the forward phase has not finished by then, the instance
+/// is compensated.
+pub fn start_with(
+    id: Uuid,
+    plan: Plan,
+    input: Value,
+    deadline: Option<Time>,
+    now: Time,
+    commands: &dyn Commands,
+) -> Transition {
+    let forward = match plan.mode {
+        Mode::Saga => Operation::Action,
+        Mode::Tcc => Operation::Try,
+    };
+    let started = Event::Started {
+        id,
+        plan,
+        input,
+        deadline,
+    };
     let instance = replay([&started]).expect("a log that begins with started");
     let mut t = Step {
         inst: instance,
@@ -574,6 +624,17 @@ pub fn start(id: Uuid, plan: Plan, input: Value, now: Time, commands: &dyn Comma
         events: vec![started],
         effects: Vec::new(),
     };
+    if let Some(at) = deadline {
+        t.effects.push(Effect::SetTimer {
+            at,
+            timer: Timer {
+                step: 0,
+                kind: TimerKind::Expiry,
+                operation: forward,
+                attempt: 0,
+            },
+        });
+    }
     t.advance();
     t.finish()
 }
@@ -597,6 +658,7 @@ pub fn handle(
         Input::Timer(timer) => t.on_timer(timer),
         Input::Abort { actor, reason } => t.on_abort(actor, reason)?,
         Input::Retry { actor, reason } => t.on_retry(actor, reason)?,
+        Input::Resolve { actor, reason } => t.on_resolve(actor, reason)?,
     }
     t.advance();
     Ok(t.finish())
@@ -623,6 +685,7 @@ pub fn replay<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Instanc
         steps: Vec::new(),
         failure: None,
         seq: 0,
+        deadline: None,
     };
     apply(&mut instance, first);
     for e in events {
@@ -637,8 +700,14 @@ pub fn apply(inst: &mut Instance, event: &Event) {
     inst.seq += 1;
     let mode = inst.plan.mode;
     match event {
-        Event::Started { id, plan, input } => {
+        Event::Started {
+            id,
+            plan,
+            input,
+            deadline,
+        } => {
             inst.id = *id;
+            inst.deadline = *deadline;
             inst.plan = plan.clone();
             inst.input = input.clone();
             inst.steps = plan.steps.iter().map(|_| StepState::new()).collect();
@@ -794,7 +863,16 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
-    fn finish(self) -> Transition {
+    fn finish(mut self) -> Transition {
+        let finished = self
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Finished { .. }));
+        if finished && self.inst.deadline.is_some() {
+            self.effects.push(Effect::CancelTimer {
+                key: DEADLINE_KEY.to_owned(),
+            });
+        }
         Transition {
             instance: self.inst,
             events: self.events,
@@ -919,6 +997,18 @@ impl Step<'_> {
     }
 
     fn on_timer(&mut self, timer: Timer) {
+        if timer.kind == TimerKind::Expiry {
+            // Past its deadline, a transaction still moving forward is compensated; one already
+            // confirming or compensating goes on (its forward phase did finish).
+            if self.inst.phase == Phase::Forward
+                && let Some(deadline) = self.inst.deadline
+            {
+                self.emit(Event::UndoStarted {
+                    reason: format!("deadline {} passed", deadline.to_rfc3339()),
+                });
+            }
+            return;
+        }
         let Some(s) = self.inst.steps.get(timer.step) else {
             return;
         };
@@ -992,6 +1082,27 @@ impl Step<'_> {
         });
         for (i, op, attempt) in targets {
             self.dispatch(i, op, attempt + 1);
+        }
+        Ok(())
+    }
+
+    fn on_resolve(&mut self, actor: String, reason: String) -> Result<(), Rejected> {
+        if self.inst.status != Status::Stuck {
+            return Err(Rejected(format!(
+                "only a stuck instance can be resolved by hand; this one is {}",
+                self.inst.status.as_str()
+            )));
+        }
+        self.emit(Event::OperatorAction {
+            action: "resolve".to_owned(),
+            actor,
+            reason,
+        });
+        self.emit(Event::Finished {
+            status: Status::Resolved,
+        });
+        for i in 0..self.inst.steps.len() {
+            self.effects.push(Effect::CancelTimer { key: timer_key(i) });
         }
         Ok(())
     }

@@ -27,6 +27,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sagas/{id}/events", get(sagas::events))
         .route("/v1/sagas/{id}/abort", post(sagas::abort))
         .route("/v1/sagas/{id}/retry", post(sagas::retry))
+        .route("/v1/sagas/{id}/resolve", post(sagas::resolve))
         .route("/v1/definitions", get(definitions::list))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -186,7 +186,7 @@ pub async fn events(
     Ok(Json(events))
 }
 
-/// Body of `POST /v1/sagas/{id}/abort` and `POST /v1/sagas/{id}/retry`.
+/// Body of `POST /v1/sagas/{id}/abort`, `/retry` and `/resolve`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
@@ -232,6 +232,21 @@ fn reason(body: Result<Json<ActionRequest>, JsonRejection>) -> Result<String, Ap
     Ok(reason.to_owned())
 }
 
+/// Runs one operator action: the actor from the header, the reason from the body.
+async fn act(
+    engine: &Engine,
+    id: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+    body: Result<Json<ActionRequest>, JsonRejection>,
+    input: fn(String, String) -> Input,
+) -> Result<Json<SagaView>, ApiError> {
+    let id = parse_id(id)?;
+    let actor = actor(headers)?;
+    let reason = reason(body)?;
+    let stored = engine.operate(id, input(actor, reason)).await?;
+    Ok(Json(SagaView::of(stored)))
+}
+
 /// `POST /v1/sagas/{id}/abort`: compensates (or cancels) a transaction still in its forward
 /// phase; 409 once it is past that.
 pub async fn abort(
@@ -240,11 +255,11 @@ pub async fn abort(
     headers: HeaderMap,
     body: Result<Json<ActionRequest>, JsonRejection>,
 ) -> Result<Json<SagaView>, ApiError> {
-    let id = parse_id(id)?;
-    let actor = actor(&headers)?;
-    let reason = reason(body)?;
-    let stored = engine.operate(id, Input::Abort { actor, reason }).await?;
-    Ok(Json(SagaView::of(stored)))
+    act(&engine, id, &headers, body, |actor, reason| Input::Abort {
+        actor,
+        reason,
+    })
+    .await
 }
 
 /// `POST /v1/sagas/{id}/retry`: sends stuck or backing-off operations again now; 409 when
@@ -255,11 +270,25 @@ pub async fn retry(
     headers: HeaderMap,
     body: Result<Json<ActionRequest>, JsonRejection>,
 ) -> Result<Json<SagaView>, ApiError> {
-    let id = parse_id(id)?;
-    let actor = actor(&headers)?;
-    let reason = reason(body)?;
-    let stored = engine.operate(id, Input::Retry { actor, reason }).await?;
-    Ok(Json(SagaView::of(stored)))
+    act(&engine, id, &headers, body, |actor, reason| Input::Retry {
+        actor,
+        reason,
+    })
+    .await
+}
+
+/// `POST /v1/sagas/{id}/resolve`: an operator has handled a stuck transaction by hand; it ends
+/// `resolved`. 409 unless it is stuck.
+pub async fn resolve(
+    State(engine): State<Arc<Engine>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Json<ActionRequest>, JsonRejection>,
+) -> Result<Json<SagaView>, ApiError> {
+    act(&engine, id, &headers, body, |actor, reason| {
+        Input::Resolve { actor, reason }
+    })
+    .await
 }
 
 /// Query of `GET /v1/sagas`; every value is parsed by hand so that errors name the parameter.

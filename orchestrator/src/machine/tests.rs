@@ -588,6 +588,102 @@ fn a_failed_join_compensates_both_branches_in_parallel_then_the_root() {
 }
 
 #[test]
+fn a_stuck_instance_resolved_by_an_operator_ends_resolved_and_nothing_else_can() {
+    let mut r = Run::start(Mode::Saga, 2);
+    let resolve = |r: &mut Run| {
+        r.input(Input::Resolve {
+            actor: "ops".into(),
+            reason: "refunded by hand, ticket 42".into(),
+        })
+    };
+    assert!(
+        resolve(&mut r).is_err(),
+        "a running instance cannot be resolved"
+    );
+    r.ok(0, Action);
+    r.reply(1, Action, 1, Outcome::failed("no"));
+    r.reply(0, Compensate, 1, Outcome::failed("account closed"));
+    assert_eq!(r.inst.status, Status::Stuck);
+    resolve(&mut r).unwrap();
+    assert_eq!(r.inst.status, Status::Resolved);
+    assert!(r.inst.status.is_terminal());
+    assert!(r.last.contains(&Effect::CancelTimer {
+        key: "step:0".into()
+    }));
+    assert!(resolve(&mut r).is_err());
+    // a late compensation reply changes nothing any more
+    r.reply(0, Compensate, 1, Outcome::succeeded(json!(null)));
+    assert_eq!(r.inst.status, Status::Resolved);
+}
+
+fn with_deadline(mode: Mode, steps: usize) -> Run {
+    let deadline = t0() + Duration::milliseconds(30_000);
+    let t = start_with(
+        Uuid::from_u128(11),
+        plan(mode, steps),
+        json!({}),
+        Some(deadline),
+        t0(),
+        &Echo,
+    );
+    let mut run = Run {
+        inst: t.instance.clone(),
+        log: Vec::new(),
+        now: t0(),
+        last: Vec::new(),
+    };
+    run.absorb(t);
+    run
+}
+
+#[test]
+fn a_saga_past_its_deadline_is_compensated() {
+    let mut r = with_deadline(Mode::Saga, 2);
+    let expiry = r
+        .last
+        .iter()
+        .find_map(|e| match e {
+            Effect::SetTimer { timer, .. } if timer.kind == TimerKind::Expiry => Some(*timer),
+            _ => None,
+        })
+        .expect("a deadline timer");
+    assert_eq!(expiry.key(), DEADLINE_KEY);
+    r.ok(0, Action);
+    r.now = t0() + Duration::milliseconds(30_000);
+    r.input(Input::Timer(expiry)).unwrap();
+    assert_eq!(r.inst.status, Status::Compensating);
+    assert!(r.inst.failure.as_deref().unwrap().contains("deadline"));
+    assert_eq!(r.sent(), vec![(1, Compensate, 1)]);
+    r.ok(1, Compensate);
+    r.ok(0, Compensate);
+    assert_eq!(r.inst.status, Status::Compensated);
+    assert!(r.last.contains(&Effect::CancelTimer {
+        key: DEADLINE_KEY.into()
+    }));
+}
+
+#[test]
+fn a_deadline_does_not_interrupt_confirmation_and_is_cancelled_at_the_end() {
+    let mut r = with_deadline(Mode::Tcc, 2);
+    r.ok(0, Try);
+    r.ok(1, Try);
+    let expiry = Timer {
+        step: 0,
+        kind: TimerKind::Expiry,
+        operation: Try,
+        attempt: 0,
+    };
+    r.input(Input::Timer(expiry)).unwrap();
+    assert_eq!(r.inst.status, Status::Running);
+    r.ok(0, Confirm);
+    r.ok(1, Confirm);
+    assert_eq!(r.inst.status, Status::Completed);
+    assert!(r.last.contains(&Effect::CancelTimer {
+        key: DEADLINE_KEY.into()
+    }));
+}
+
+#[test]
 fn jitter_is_deterministic_and_in_the_unit_interval() {
     let id = Uuid::from_u128(42);
     let a = jitter_unit(id, 1, Action, 2);

@@ -804,6 +804,7 @@ fn check_rejections(trace: &Trace) -> Result<(), TestCaseError> {
                 (s.stuck || matches!(s.waiting, Waiting::Backoff { .. }))
                     && s.status.outstanding(mode).is_some()
             }),
+            Input::Resolve { .. } => before.status == Status::Stuck,
         };
         prop_assert_eq!(
             r.result.is_ok(),
