@@ -1,5 +1,6 @@
-//! The operator API end to end over real PostgreSQL and RabbitMQ: abort and retry, listing with
-//! a keyset cursor, the registered definitions, and readiness.
+//! The HTTP API end to end over real PostgreSQL and RabbitMQ: abort and retry, listing with
+//! a keyset cursor, the registered definitions, readiness, bearer tokens, `?wait`, deadlines,
+//! the OpenAPI document, metrics, request ids and body limits.
 
 mod common;
 
@@ -15,7 +16,9 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
+use sagas::orchestrator::api::ApiOptions;
 use sagas::orchestrator::clock::SystemClock;
+use sagas::orchestrator::config::{ApiToken, Config, Role};
 use sagas::orchestrator::machine::StepStatus;
 use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
 use sagas::orchestrator::{Definition, Engine, Registry, Status};
@@ -25,6 +28,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use common::{TestEnv, amqp_url, engine_config, queue_options, spawn_app};
+use tokio_util::sync::CancellationToken;
 
 /// The participant of the test definitions (cleaned up with the test's topology).
 const PARTICIPANT: &str = "silent";
@@ -101,28 +105,141 @@ async fn scripted_participant(env: &TestEnv) -> Result<(Connection, tokio::task:
     Ok((conn, task))
 }
 
+/// An orchestrator (engine + HTTP API with the given options) running in this process.
+struct Served {
+    engine: Arc<Engine>,
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Served {
+    async fn spawn(env: &TestEnv, registry: Registry, options: ApiOptions) -> Result<Served> {
+        let engine = Engine::new(
+            Arc::new(env.store()),
+            Arc::new(AmqpTransport::new(env.amqp_config())),
+            registry,
+            Arc::new(SystemClock),
+            engine_config(),
+        );
+        engine.declare().await?;
+        let shutdown = CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = sagas::orchestrator::api::router_with(engine.clone(), options);
+        let s = shutdown.clone();
+        let http = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await;
+        });
+        let runner = {
+            let engine = engine.clone();
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = engine.run(s).await {
+                    panic!("engine failed: {e}");
+                }
+            })
+        };
+        Ok(Served {
+            engine,
+            addr,
+            shutdown,
+            tasks: vec![http, runner],
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
 struct Api {
     env: TestEnv,
-    app: common::App,
+    app: Served,
     participant: (Connection, tokio::task::JoinHandle<()>),
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer` by `post` and `get`.
+    token: Option<&'static str>,
 }
+
+/// A read token and an operate token named `oncall` (see [`Api::with_tokens`]).
+const READ_TOKEN: &str = "read-token-0123456789";
+const OPERATE_TOKEN: &str = "operate-token-0123456789";
 
 impl Api {
     /// An orchestrator with the definitions `api_saga` and `api_other`, and their participant.
     async fn start() -> Result<Api> {
+        Api::start_with(&["api_saga", "api_other"], ApiOptions::default()).await
+    }
+
+    /// An orchestrator with one-step definitions named `names`, served with `options`.
+    async fn start_with(names: &[&str], options: ApiOptions) -> Result<Api> {
         let env = TestEnv::new().await?;
         let participant = scripted_participant(&env).await?;
-        let registry = Registry::new()
-            .with(one_step("api_saga")?)?
-            .with(one_step("api_other")?)?;
-        let app = spawn_app(&env, registry).await?;
+        let mut registry = Registry::new();
+        for name in names {
+            registry = registry.with(one_step(name)?)?;
+        }
+        let app = Served::spawn(&env, registry, options).await?;
         Ok(Api {
             env,
             app,
             participant,
             http: reqwest::Client::new(),
+            token: None,
         })
+    }
+
+    /// Options with [`READ_TOKEN`] (role read) and [`OPERATE_TOKEN`] (role operate, named
+    /// `oncall`).
+    fn with_tokens() -> ApiOptions {
+        ApiOptions {
+            tokens: vec![
+                ApiToken {
+                    role: Role::Read,
+                    name: "dashboard".into(),
+                    token: READ_TOKEN.into(),
+                },
+                ApiToken {
+                    role: Role::Operate,
+                    name: "oncall".into(),
+                    token: OPERATE_TOKEN.into(),
+                },
+            ],
+            ..ApiOptions::default()
+        }
+    }
+
+    /// Sends a request with `token` (or none) and returns status, headers and the JSON body.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<(u16, reqwest::header::HeaderMap, Value)> {
+        let mut req = self.http.request(method, self.app.url(path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let text = res.text().await?;
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, headers, json))
     }
 
     /// Starts an instance whose participant answers if `answer`.
@@ -150,12 +267,19 @@ impl Api {
         if let Some(actor) = actor {
             req = req.header("X-Sagas-Actor", actor);
         }
+        if let Some(token) = self.token {
+            req = req.bearer_auth(token);
+        }
         let res = req.send().await?;
         Ok((res.status().as_u16(), res.json().await?))
     }
 
     async fn get(&self, path: &str) -> Result<(u16, Value)> {
-        let res = self.http.get(self.app.url(path)).send().await?;
+        let mut req = self.http.get(self.app.url(path));
+        if let Some(token) = self.token {
+            req = req.bearer_auth(token);
+        }
+        let res = req.send().await?;
         Ok((res.status().as_u16(), res.json().await?))
     }
 
@@ -628,5 +752,556 @@ async fn resolving_a_stuck_saga_ends_it_resolved_with_who_and_why_in_the_log() -
     assert_eq!(last_action["actor"], "bob");
     assert_eq!(last_action["reason"], "refunded by hand, ticket 7");
     api.stop().await;
+    Ok(())
+}
+
+// --- Bearer tokens -------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_answer_401_without_a_valid_token_403_for_a_read_token_on_operations_and_leave_probes_open()
+-> Result<()> {
+    use reqwest::Method;
+    let api = Api::start_with(&["api_saga"], Api::with_tokens()).await?;
+    let start = json!({"input": {"answer": false}});
+
+    // No token, a wrong one, a malformed header: 401 with a Bearer challenge, one error shape.
+    for token in [None, Some("not-a-token-0123456789"), Some("")] {
+        let (status, headers, body) = api.send(Method::GET, "/v1/sagas", token, None).await?;
+        assert_eq!(status, 401, "{token:?}: {body}");
+        assert_eq!(body["error"], "unauthorized", "{body}");
+        assert!(body["message"].is_string());
+        let challenge = headers["www-authenticate"].to_str()?;
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+    }
+    let (status, _, _) = api
+        .send(
+            Method::POST,
+            "/v1/sagas/api_saga",
+            None,
+            Some(start.clone()),
+        )
+        .await?;
+    assert_eq!(status, 401);
+
+    // A read token reads but may not start or operate.
+    let (status, _, body) = api
+        .send(Method::GET, "/v1/sagas", Some(READ_TOKEN), None)
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = api
+        .send(Method::GET, "/v1/definitions", Some(READ_TOKEN), None)
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = api
+        .send(
+            Method::POST,
+            "/v1/sagas/api_saga",
+            Some(READ_TOKEN),
+            Some(start.clone()),
+        )
+        .await?;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "forbidden");
+    assert!(body["message"].as_str().unwrap().contains("operate"));
+
+    // An operate token starts, reads and operates; the actor is the token's name, whatever
+    // X-Sagas-Actor claims.
+    let (status, _, body) = api
+        .send(
+            Method::POST,
+            "/v1/sagas/api_saga",
+            Some(OPERATE_TOKEN),
+            Some(start.clone()),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let id: Uuid = body["id"].as_str().unwrap().parse()?;
+    let (status, _, _) = api
+        .send(
+            Method::GET,
+            &format!("/v1/sagas/{id}"),
+            Some(OPERATE_TOKEN),
+            None,
+        )
+        .await?;
+    assert_eq!(status, 200);
+    let (status, _, body) = api
+        .send(
+            Method::POST,
+            &format!("/v1/sagas/{id}/abort"),
+            Some(READ_TOKEN),
+            Some(json!({"reason": "x"})),
+        )
+        .await?;
+    assert_eq!(status, 403, "{body}");
+    let res = api
+        .http
+        .post(api.app.url(&format!("/v1/sagas/{id}/abort")))
+        .bearer_auth(OPERATE_TOKEN)
+        .header("X-Sagas-Actor", "mallory")
+        .json(&json!({"reason": "customer asked"}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    let events = api.app.engine.events(id).await?;
+    let action = events
+        .iter()
+        .find(|e| e.event.kind() == "operator_action")
+        .map(serde_json::to_value)
+        .unwrap()?;
+    assert_eq!(action["actor"], "oncall");
+    assert_eq!(action["reason"], "customer asked");
+
+    // Probes, metrics and the document need no token.
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        let (status, _, body) = api.send(Method::GET, path, None, None).await?;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    api.env.wait_terminal(id).await?;
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn serve_refuses_an_unauthenticated_api_on_a_non_loopback_address_before_connecting()
+-> Result<()> {
+    let config = Config {
+        bind: "0.0.0.0:0".into(),
+        // Nothing listens there: the check must come first.
+        database_url: "postgres://nobody@127.0.0.1:1/none".into(),
+        api_tokens: Vec::new(),
+        ..Config::from_env()
+    };
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        sagas::orchestrator::server::serve(config, Registry::new(), None),
+    )
+    .await?
+    .unwrap_err();
+    assert!(err.to_string().contains("SAGAS_API_TOKENS"), "{err:#}");
+    Ok(())
+}
+
+// --- ?wait and deadlines -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_with_wait_returns_the_terminal_view_with_200_or_the_running_one_with_202()
+-> Result<()> {
+    let api = Api::start().await?;
+    let started = tokio::time::Instant::now();
+    let (status, view) = api
+        .post(
+            "/v1/sagas/api_saga?wait=30",
+            None,
+            json!({"input": {"answer": true}}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "completed");
+    assert_eq!(view["steps"][0]["status"], "succeeded");
+    assert_eq!(view["steps"][0]["output"], json!({"held": true}));
+    // Woken by the commit, not by the wait running out.
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let (status, view) = api
+        .post(
+            "/v1/sagas/api_saga?wait=1",
+            None,
+            json!({"input": {"answer": false}}),
+        )
+        .await?;
+    assert_eq!(status, 202, "{view}");
+    assert_eq!(view["status"], "running");
+    assert!(view["definition"] == "api_saga" && view["steps"].is_array());
+
+    // GET waits too: abort the running one while a GET waits for it.
+    let id = view["id"].as_str().unwrap().to_owned();
+    let waiting = {
+        let http = api.http.clone();
+        let url = api.app.url(&format!("/v1/sagas/{id}?wait=30"));
+        tokio::spawn(async move {
+            let res = http.get(url).send().await?;
+            anyhow::Ok((res.status().as_u16(), res.json::<Value>().await?))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _) = api
+        .post(
+            &format!("/v1/sagas/{id}/abort"),
+            Some("alice"),
+            json!({"reason": "stop"}),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    let (status, view) = tokio::time::timeout(Duration::from_secs(20), waiting).await???;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "compensated");
+    assert_eq!(view["failure"], "aborted by alice: stop");
+
+    for bad in ["61", "-1", "1.5", "soon"] {
+        let (status, body) = api
+            .post(
+                &format!("/v1/sagas/api_saga?wait={bad}"),
+                None,
+                json!({"input": {"answer": true}}),
+            )
+            .await?;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"], "invalid_query");
+        assert!(body["message"].as_str().unwrap().contains("wait"));
+        let (status, _) = api.get(&format!("/v1/sagas/{id}?wait={bad}")).await?;
+        assert_eq!(status, 400);
+    }
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_still_moving_forward_at_its_deadline_is_compensated() -> Result<()> {
+    let api = Api::start().await?;
+    let (status, view) = api
+        .post(
+            "/v1/sagas/api_saga?wait=30",
+            None,
+            json!({"input": {"answer": false}, "deadline_s": 1}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "compensated");
+    assert!(
+        view["failure"].as_str().unwrap().contains("deadline"),
+        "{view}"
+    );
+    assert!(view["deadline"].is_string(), "{view}");
+    assert_eq!(view["steps"][0]["status"], "compensated");
+
+    // A saga that finishes first is not affected.
+    let (status, view) = api
+        .post(
+            "/v1/sagas/api_saga?wait=30",
+            None,
+            json!({"input": {"answer": true}, "deadline_s": 3600}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "completed");
+
+    for bad in [json!(0), json!(-5), json!(2_592_001)] {
+        let (status, body) = api
+            .post(
+                "/v1/sagas/api_saga",
+                None,
+                json!({"input": {"answer": true}, "deadline_s": bad}),
+            )
+            .await?;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"], "invalid_body");
+        assert!(body["message"].as_str().unwrap().contains("deadline_s"));
+    }
+    let (status, body) = api
+        .post(
+            "/v1/sagas/api_saga",
+            None,
+            json!({"input": {"answer": true}, "deadline_s": "soon"}),
+        )
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "malformed_body");
+    // Nothing was started by the refused requests.
+    let (_, page) = api.get("/v1/sagas").await?;
+    assert_eq!(ids(&page).len(), 2);
+    api.stop().await;
+    Ok(())
+}
+
+// --- OpenAPI -------------------------------------------------------------------------------------
+
+#[test]
+fn the_openapi_document_is_stable() {
+    let doc = serde_json::to_value(sagas::orchestrator::api::openapi()).unwrap();
+    insta::assert_json_snapshot!("openapi", doc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_of_the_router_is_in_the_openapi_document_and_nothing_else_is_routed()
+-> Result<()> {
+    use reqwest::Method;
+
+    let env = TestEnv::new().await?;
+    let app = Served::spawn(&env, Registry::new(), ApiOptions::default()).await?;
+    let http = reqwest::Client::new();
+    let call = |method: Method, path: String| {
+        let req = http
+            .request(method, app.url(&path))
+            .header("content-type", "application/json")
+            .body("{}");
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            let code = res
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned));
+            (status, code)
+        }
+    };
+    let doc = serde_json::to_value(sagas::orchestrator::api::openapi())?;
+    let paths = doc["paths"].as_object().unwrap();
+    let all = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ];
+    let mut operations = 0;
+    for (template, item) in paths {
+        // Any value fits every parameter well enough to reach the handler.
+        let path = template
+            .split('/')
+            .map(|seg| {
+                if seg.starts_with('{') {
+                    Uuid::now_v7().to_string()
+                } else {
+                    seg.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in &all {
+            let documented = item.get(method.as_str().to_lowercase()).is_some();
+            let (status, code) = call(method.clone(), path.clone()).await;
+            if documented {
+                operations += 1;
+                assert!(
+                    !matches!(
+                        code.as_deref(),
+                        Some("unknown_route" | "method_not_allowed")
+                    ),
+                    "{method} {template} is documented but not routed ({status})"
+                );
+            } else {
+                assert_eq!(
+                    (status, code.as_deref()),
+                    (405, Some("method_not_allowed")),
+                    "{method} {template} is routed but not documented"
+                );
+            }
+        }
+    }
+    assert_eq!(operations, 12, "{paths:?}");
+    for path in [
+        "/",
+        "/v1",
+        "/v2/sagas",
+        "/v1/sagas/x/y/z",
+        "/v1/definitions/x",
+    ] {
+        assert_eq!(
+            call(Method::GET, path.to_owned()).await,
+            (404, Some("unknown_route".to_owned())),
+            "{path}"
+        );
+    }
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+// --- Metrics, request ids, body limits -----------------------------------------------------------
+
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_started_and_finished_instances_by_definition_and_status() -> Result<()> {
+    // A definition of its own: counters are process-wide and other tests run alongside.
+    let api = Api::start_with(&["api_metrics"], ApiOptions::default()).await?;
+    for answer in [true, true, false] {
+        let (status, _) = api
+            .post(
+                "/v1/sagas/api_metrics?wait=30",
+                None,
+                json!({"input": {"answer": answer}, "deadline_s": 1}),
+            )
+            .await?;
+        assert_eq!(status, 200);
+    }
+    let res = api.http.get(api.app.url("/metrics")).send().await?;
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()?
+            .starts_with("text/plain")
+    );
+    let text = res.text().await?;
+    let value = |series: &str| metric_value(&text, series);
+    assert_eq!(
+        value("sagas_instances_started_total{definition=\"api_metrics\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("sagas_instances_finished_total{definition=\"api_metrics\",status=\"completed\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("sagas_instances_finished_total{definition=\"api_metrics\",status=\"compensated\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    for name in [
+        "sagas_replies_total",
+        "sagas_timers_fired_total",
+        "sagas_http_requests_total{",
+        "sagas_http_request_duration_seconds_bucket{",
+        "# HELP sagas_instances_started_total",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_is_echoed_or_assigned() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let app = Served::spawn(&env, Registry::new(), ApiOptions::default()).await?;
+    let http = reqwest::Client::new();
+    let res = http
+        .get(app.url("/v1/definitions"))
+        .header("X-Request-Id", "req-42.abc")
+        .send()
+        .await?;
+    assert_eq!(res.headers()["x-request-id"], "req-42.abc");
+    for req in [
+        http.get(app.url("/healthz")),
+        // Unusable ids are replaced.
+        http.get(app.url("/nowhere"))
+            .header("X-Request-Id", "x".repeat(200)),
+    ] {
+        let res = req.send().await?;
+        let id = res.headers()["x-request-id"].to_str()?;
+        assert!(id.parse::<Uuid>().is_ok(), "{id}");
+    }
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_are_413_and_other_content_types_415_in_the_error_shape() -> Result<()>
+{
+    let options = ApiOptions {
+        body_limit: 1024,
+        ..ApiOptions::default()
+    };
+    let api = Api::start_with(&["api_saga"], options).await?;
+    let big = json!({"input": {"answer": true, "padding": "x".repeat(2048)}});
+    let (status, body) = api.post("/v1/sagas/api_saga", None, big).await?;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"], "body_too_large");
+    let (status, _) = api
+        .post(
+            "/v1/sagas/api_saga",
+            None,
+            json!({"input": {"answer": true}}),
+        )
+        .await?;
+    assert_eq!(status, 202);
+    let res = api
+        .http
+        .post(api.app.url("/v1/sagas/api_saga"))
+        .header("content-type", "text/plain")
+        .body(r#"{"input": {"answer": true}}"#)
+        .send()
+        .await?;
+    assert_eq!(res.status(), 415);
+    assert_eq!(
+        res.json::<Value>().await?["error"],
+        "unsupported_media_type"
+    );
+    let res = api
+        .http
+        .post(api.app.url("/v1/sagas/api_saga"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.json::<Value>().await?["error"], "malformed_body");
+    api.stop().await;
+    Ok(())
+}
+
+// --- Shutdown ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_a_request_in_flight_and_stops_the_engine() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let participant = scripted_participant(&env).await?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let config = Config {
+        database_url: env.orch_url.clone(),
+        amqp_url: amqp_url(),
+        bind: format!("127.0.0.1:{port}"),
+        amqp_prefix: env.topology.prefix().to_owned(),
+        queue_expires_ms: Some(600_000),
+        api_tokens: Vec::new(),
+        invalid: Vec::new(),
+        ..Config::from_env()
+    };
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(sagas::orchestrator::server::serve(
+        config,
+        Registry::new().with(one_step("api_saga")?)?,
+        Some(shutdown.clone()),
+    ));
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{base}/healthz")).send().await.is_err() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "server never up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let res = http
+        .post(format!("{base}/v1/sagas/api_saga"))
+        .json(&json!({"input": {"answer": false}}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 202);
+    let id = res.json::<Value>().await?["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A request that would wait 60 s is in flight when the shutdown comes.
+    let waiting = tokio::spawn({
+        let http = http.clone();
+        let url = format!("{base}/v1/sagas/{id}?wait=60");
+        async move {
+            let res = http.get(url).send().await?;
+            anyhow::Ok((res.status().as_u16(), res.json::<Value>().await?))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::time::Instant::now();
+    shutdown.cancel();
+    let (status, view) = tokio::time::timeout(Duration::from_secs(10), waiting).await???;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "running");
+    tokio::time::timeout(Duration::from_secs(10), server).await???;
+    assert!(stopping.elapsed() < Duration::from_secs(10));
+    // No longer accepting.
+    assert!(http.get(format!("{base}/healthz")).send().await.is_err());
+    participant.1.abort();
+    let _ = participant.0.close(200, "done".into()).await;
+    env.cleanup().await;
     Ok(())
 }

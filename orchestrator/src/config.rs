@@ -1,5 +1,8 @@
 //! Process configuration from the environment.
 
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+
 use sagas_participant::amqp::QueueOptions;
 use sagas_participant::protocol::Topology;
 
@@ -20,17 +23,170 @@ pub struct Config {
     pub db_pool: u32,
     /// Queues vanish after this long unused (`SAGAS_QUEUE_EXPIRES_MS`); for tests and demos only.
     pub queue_expires_ms: Option<u64>,
+    /// Bearer tokens of the HTTP API (`SAGAS_API_TOKENS`); empty: the API is unauthenticated and
+    /// may only listen on loopback.
+    pub api_tokens: Vec<ApiToken>,
+    /// Largest accepted request body in bytes (`SAGAS_BODY_LIMIT`, default 1 MiB).
+    pub body_limit: usize,
+    /// Values of the environment that could not be used; [`Config::check`] refuses to start.
+    pub invalid: Vec<String>,
 }
 
 /// The default database URL (local PostgreSQL, trust auth).
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// The default broker URL (local RabbitMQ).
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The default request body limit (1 MiB).
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+/// Shortest accepted API token: shorter ones are guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// What a token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Read instances, events, definitions.
+    Read,
+    /// Everything `read` allows, plus starting transactions and operator actions.
+    Operate,
+}
+
+impl Role {
+    /// The configuration name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Operate => "operate",
+        }
+    }
+
+    /// Whether a holder of `self` may do what needs `needed`.
+    pub fn allows(self, needed: Role) -> bool {
+        self >= needed
+    }
+}
+
+/// One API token: who holds it and what it allows.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    /// What the token allows.
+    pub role: Role,
+    /// The caller's name, recorded as the actor of operator actions.
+    pub name: String,
+    /// The secret.
+    pub token: String,
+}
+
+impl fmt::Debug for ApiToken {
+    // The secret never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiToken")
+            .field("role", &self.role)
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Parses `SAGAS_API_TOKENS`: comma-separated `role:token` or `role:name:token` entries.
+///
+/// The role is `read` or `operate`; the name (default: the role) is what operator actions
+/// record as their actor. A token containing `:` needs the three-part form. Errors never
+/// quote a token.
+pub fn parse_api_tokens(raw: &str) -> Result<Vec<ApiToken>, String> {
+    let mut tokens: Vec<ApiToken> = Vec::new();
+    for (i, entry) in raw.split(',').map(str::trim).enumerate() {
+        if entry.is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let parts: Vec<&str> = entry.splitn(3, ':').collect();
+        let (role, name, token) = match parts.as_slice() {
+            [role, token] => (*role, *role, *token),
+            [role, name, token] => (*role, *name, *token),
+            _ => {
+                return Err(format!(
+                    "SAGAS_API_TOKENS entry {n} is not role:token or role:name:token"
+                ));
+            }
+        };
+        let role = match role {
+            "read" => Role::Read,
+            "operate" => Role::Operate,
+            _ => {
+                return Err(format!(
+                    "SAGAS_API_TOKENS entry {n}: role must be read or operate"
+                ));
+            }
+        };
+        if name.is_empty()
+            || name.len() > 100
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+        {
+            return Err(format!(
+                "SAGAS_API_TOKENS entry {n}: the name must be 1 to 100 letters, digits or ._-@"
+            ));
+        }
+        if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "SAGAS_API_TOKENS entry {n}: the token must be at least {MIN_TOKEN_LEN} visible ASCII characters"
+            ));
+        }
+        if tokens.iter().any(|t| t.token == token) {
+            return Err(format!(
+                "SAGAS_API_TOKENS entry {n} repeats the token of an earlier entry"
+            ));
+        }
+        tokens.push(ApiToken {
+            role,
+            name: name.to_owned(),
+            token: token.to_owned(),
+        });
+    }
+    Ok(tokens)
+}
+
+/// Whether every address `bind` resolves to is a loopback address.
+pub fn is_loopback(bind: &str) -> bool {
+    let addrs: Vec<SocketAddr> = match bind.to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(_) => return false,
+    };
+    !addrs.is_empty()
+        && addrs.iter().all(|a| match a.ip() {
+            IpAddr::V4(ip) => ip.is_loopback(),
+            IpAddr::V6(ip) => {
+                ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        })
+}
 
 impl Config {
-    /// Reads the configuration from the environment, with loopback defaults.
+    /// Reads the configuration from the environment, with loopback defaults. Unusable values
+    /// are kept in [`Config::invalid`] for [`Config::check`] to report.
     pub fn from_env() -> Config {
         let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+        let mut invalid = Vec::new();
+        let api_tokens = match std::env::var("SAGAS_API_TOKENS") {
+            Ok(raw) => parse_api_tokens(&raw).unwrap_or_else(|e| {
+                invalid.push(e);
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        let body_limit = match std::env::var("SAGAS_BODY_LIMIT") {
+            Ok(raw) => match raw.trim().parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    invalid.push(format!(
+                        "SAGAS_BODY_LIMIT={raw:?} is not a positive number of bytes"
+                    ));
+                    DEFAULT_BODY_LIMIT
+                }
+            },
+            Err(_) => DEFAULT_BODY_LIMIT,
+        };
         Config {
             database_url: var("DATABASE_URL", DEFAULT_DATABASE_URL),
             amqp_url: var("AMQP_URL", DEFAULT_AMQP_URL),
@@ -41,7 +197,26 @@ impl Config {
             queue_expires_ms: std::env::var("SAGAS_QUEUE_EXPIRES_MS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            api_tokens,
+            body_limit,
+            invalid,
         }
+    }
+
+    /// Refuses a configuration the server must not start with: unusable values, or an
+    /// unauthenticated API on an address other hosts can reach.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.invalid.is_empty() {
+            return Err(self.invalid.join("; "));
+        }
+        if self.api_tokens.is_empty() && !is_loopback(&self.bind) {
+            return Err(format!(
+                "SAGAS_BIND={} is not a loopback address and SAGAS_API_TOKENS is empty: \
+                 set tokens (role:token or role:name:token) before exposing the API",
+                self.bind
+            ));
+        }
+        Ok(())
     }
 
     /// The AMQP topology.
@@ -55,5 +230,77 @@ impl Config {
             quorum: self.quorum_queues,
             expires: self.queue_expires_ms.map(std::time::Duration::from_millis),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(bind: &str, tokens: &str) -> Config {
+        Config {
+            database_url: DEFAULT_DATABASE_URL.into(),
+            amqp_url: DEFAULT_AMQP_URL.into(),
+            bind: bind.into(),
+            amqp_prefix: "sagas".into(),
+            quorum_queues: false,
+            db_pool: 1,
+            queue_expires_ms: None,
+            api_tokens: parse_api_tokens(tokens).unwrap(),
+            body_limit: DEFAULT_BODY_LIMIT,
+            invalid: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn without_tokens_only_loopback_addresses_may_be_bound() {
+        for bind in ["127.0.0.1:8080", "[::1]:8080", "localhost:0", "127.1.2.3:1"] {
+            assert!(config(bind, "").check().is_ok(), "{bind}");
+        }
+        for bind in ["0.0.0.0:8080", "[::]:8080", "10.1.2.3:80", "nonsense"] {
+            let err = config(bind, "").check().unwrap_err();
+            assert!(err.contains("SAGAS_API_TOKENS"), "{bind}: {err}");
+        }
+        let with_tokens = config("0.0.0.0:8080", "read:0123456789abcdef");
+        assert!(with_tokens.check().is_ok());
+    }
+
+    #[test]
+    fn tokens_parse_with_an_optional_name_and_bad_entries_are_refused_without_quoting_them() {
+        let tokens = parse_api_tokens(
+            " read:rrrrrrrrrrrrrrrr , operate:oncall-bot:oooooooooooooooo:with:colons,",
+        )
+        .unwrap();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(
+            (
+                tokens[0].role,
+                tokens[0].name.as_str(),
+                tokens[0].token.as_str()
+            ),
+            (Role::Read, "read", "rrrrrrrrrrrrrrrr")
+        );
+        assert_eq!(
+            (
+                tokens[1].role,
+                tokens[1].name.as_str(),
+                tokens[1].token.as_str()
+            ),
+            (Role::Operate, "oncall-bot", "oooooooooooooooo:with:colons")
+        );
+        assert!(parse_api_tokens("").unwrap().is_empty());
+        for bad in [
+            "admin:ssssssssssssssss",
+            "read:short",
+            "justatokenwithoutrole",
+            "read:bad name:ssssssssssssssss",
+            "read:ssssssssssssssss,operate:ssssssssssssssss",
+        ] {
+            let err = parse_api_tokens(bad).unwrap_err();
+            assert!(!err.contains("ssssssss"), "{err}");
+        }
+        assert!(Role::Operate.allows(Role::Read));
+        assert!(!Role::Read.allows(Role::Operate));
+        assert!(!format!("{:?}", tokens[0]).contains("rrrr"));
     }
 }

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::definition::Registry;
-use crate::machine::{self, Input, Instance, MissingDefinition, Timer};
+use crate::machine::{self, Event, Input, Instance, MissingDefinition, Status, Timer, Transition};
 use crate::store::{ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance};
 use crate::transport::{Incoming, Transport, TransportError};
 use sagas_participant::protocol::{PROTOCOL_VERSION, Reply};
@@ -67,6 +67,67 @@ pub struct Stats {
     pub relayed: AtomicU64,
 }
 
+/// Options of [`Engine::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// If the forward phase has not finished this long after the start, the instance is
+    /// compensated (or cancelled).
+    pub deadline: Option<Duration>,
+}
+
+/// How often [`Engine::wait_terminal`] reads the store while no notification came: another
+/// process may finish the instance, and this process hears only of its own transitions.
+pub const WAIT_POLL: Duration = Duration::from_secs(1);
+
+/// Names of the metrics the engine records (Prometheus names once exported).
+pub mod metric {
+    /// Counter, label `definition`: instances started.
+    pub const STARTED: &str = "sagas_instances_started_total";
+    /// Counter, labels `definition`, `status` (`completed`, `compensated`, `resolved`):
+    /// instances that reached a terminal status.
+    pub const FINISHED: &str = "sagas_instances_finished_total";
+    /// Counter, label `definition`: instances that became stuck (need an operator).
+    pub const STUCK: &str = "sagas_instances_stuck_total";
+    /// Counter, label `action`: operator actions committed.
+    pub const OPERATOR_ACTIONS: &str = "sagas_operator_actions_total";
+    /// Counter: participant replies committed.
+    pub const REPLIES: &str = "sagas_replies_total";
+    /// Counter: replies dead-lettered (malformed, unknown protocol or transaction).
+    pub const DEAD_LETTERED: &str = "sagas_replies_dead_lettered_total";
+    /// Counter: timers fired.
+    pub const TIMERS: &str = "sagas_timers_fired_total";
+    /// Counter: outbox rows republished by the relay.
+    pub const RELAYED: &str = "sagas_outbox_relayed_total";
+    /// Counter: publishes that failed (rows left for the relay).
+    pub const PUBLISH_FAILURES: &str = "sagas_publish_failures_total";
+
+    /// Registers the descriptions of the engine's metrics with the installed recorder.
+    pub fn describe() {
+        use metrics::describe_counter;
+        describe_counter!(STARTED, "Instances started, by definition.");
+        describe_counter!(
+            FINISHED,
+            "Instances that reached a terminal status, by definition and status."
+        );
+        describe_counter!(STUCK, "Instances that became stuck and need an operator.");
+        describe_counter!(OPERATOR_ACTIONS, "Operator actions committed, by action.");
+        describe_counter!(REPLIES, "Participant replies committed.");
+        describe_counter!(DEAD_LETTERED, "Replies dead-lettered.");
+        describe_counter!(TIMERS, "Timers fired.");
+        describe_counter!(RELAYED, "Outbox rows republished by the relay.");
+        describe_counter!(
+            PUBLISH_FAILURES,
+            "Publishes that failed; the relay retries them."
+        );
+    }
+}
+
+/// True when nothing more happens to an instance without an operator: a waiting request
+/// returns.
+fn settled(status: Status) -> bool {
+    status.is_terminal() || status == Status::Stuck
+}
+
 /// Errors the engine reports to its callers.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -113,6 +174,10 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     stats: Stats,
+    /// Instances of this process that became terminal or stuck (for waiting requests).
+    finished: broadcast::Sender<Uuid>,
+    /// Cancelled when `run` is told to stop, so that waiting requests end.
+    stopping: CancellationToken,
 }
 
 impl Engine {
@@ -131,6 +196,8 @@ impl Engine {
             clock,
             config,
             stats: Stats::default(),
+            finished: broadcast::channel(1024).0,
+            stopping: CancellationToken::new(),
         })
     }
 
@@ -151,6 +218,17 @@ impl Engine {
 
     /// Starts an instance of the newest version of `definition`.
     pub async fn start(&self, definition: &str, input: Value) -> Result<Instance, EngineError> {
+        self.start_with(definition, input, StartOptions::default())
+            .await
+    }
+
+    /// Starts an instance of the newest version of `definition` with `options`.
+    pub async fn start_with(
+        &self,
+        definition: &str,
+        input: Value,
+        options: StartOptions,
+    ) -> Result<Instance, EngineError> {
         let def = self
             .registry
             .latest(definition)
@@ -158,13 +236,99 @@ impl Engine {
         def.validate_input(&input)
             .map_err(|e| EngineError::InvalidInput(definition.to_owned(), e))?;
         let now = self.clock.now();
+        let deadline = match options.deadline {
+            None => None,
+            Some(d) => Some(
+                chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .ok_or_else(|| {
+                        EngineError::InvalidInput(
+                            definition.to_owned(),
+                            "the deadline is too far away".to_owned(),
+                        )
+                    })?,
+            ),
+        };
         let id = Uuid::now_v7();
-        let t = machine::start(id, (**def.plan()).clone(), input, now, def);
+        let t = machine::start_with(id, (**def.plan()).clone(), input, deadline, now, def);
         let outbox = self.store.create(&t, now).await?;
         self.stats.started.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric::STARTED, "definition" => definition.to_owned()).increment(1);
+        self.committed(&t);
         tracing::debug!(%id, definition, "started");
         self.publish(outbox).await;
         Ok(t.instance)
+    }
+
+    /// Records what a committed transition changed: metrics, and a notification for requests
+    /// waiting for the instance to finish.
+    fn committed(&self, t: &Transition) {
+        let definition = &t.instance.plan.name;
+        for event in &t.events {
+            match event {
+                Event::Finished { status } => {
+                    metrics::counter!(metric::FINISHED,
+                        "definition" => definition.clone(), "status" => status.as_str())
+                    .increment(1);
+                }
+                Event::Stuck { .. } => {
+                    metrics::counter!(metric::STUCK, "definition" => definition.clone())
+                        .increment(1);
+                }
+                Event::OperatorAction { action, .. } => {
+                    metrics::counter!(metric::OPERATOR_ACTIONS, "action" => action.clone())
+                        .increment(1);
+                }
+                _ => {}
+            }
+        }
+        if settled(t.instance.status) && !t.events.is_empty() {
+            // Nobody waiting is the usual case.
+            let _ = self.finished.send(t.instance.id);
+        }
+    }
+
+    /// Waits until the instance is terminal or stuck (nothing more happens to it without an
+    /// operator), at most `wait` (less if the engine stops), and returns it as it then is;
+    /// `None` if there is no such instance.
+    ///
+    /// Transitions committed by this process wake the wait at once; those of other processes
+    /// are seen by reading the store every [`WAIT_POLL`].
+    pub async fn wait_terminal(
+        &self,
+        id: Uuid,
+        wait: Duration,
+    ) -> Result<Option<StoredInstance>, EngineError> {
+        // Subscribe before reading, so a transition committed in between is not missed.
+        let mut finished = self.finished.subscribe();
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let stored = self.store.get(id).await?;
+            match &stored {
+                Some(s) if !settled(s.instance.status) => {}
+                _ => return Ok(stored),
+            }
+            let poll = tokio::time::sleep(WAIT_POLL);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => return Ok(stored),
+                    _ = self.stopping.cancelled() => return Ok(stored),
+                    _ = &mut poll => break,
+                    n = finished.recv() => match n {
+                        Ok(done) if done == id => break,
+                        Ok(_) => {}
+                        // Missed notifications may include ours: read the store.
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            (&mut poll).await;
+                            break;
+                        }
+                    },
+                }
+            }
+        }
     }
 
     /// Feeds one input to an instance and carries out the result.
@@ -200,6 +364,7 @@ impl Engine {
                 }),
             )
             .await?;
+        self.committed(&updated.transition);
         self.publish(updated.outbox).await;
         Ok(updated.transition.instance)
     }
@@ -250,6 +415,7 @@ impl Engine {
                 }
             }
             Err(e) => {
+                metrics::counter!(metric::PUBLISH_FAILURES).increment(1);
                 tracing::warn!(error = %e, rows = outbox.len(), "publish failed; the outbox relay will retry");
             }
         }
@@ -272,6 +438,7 @@ impl Engine {
         let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
         let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone()));
         shutdown.cancelled().await;
+        self.stopping.cancel();
         for task in [consumer, timers, relay] {
             let _ = task.await;
         }
@@ -320,6 +487,7 @@ impl Engine {
         match self.deliver(id, Input::Reply(reply), None).await {
             Ok(_) => {
                 self.stats.replies.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(metric::REPLIES).increment(1);
                 if let Err(e) = incoming.ack.ack().await {
                     // The reply comes again and is then ignored as a duplicate.
                     tracing::warn!(error = %e, "ack of a committed reply failed");
@@ -345,6 +513,7 @@ impl Engine {
     async fn dead_letter(&self, incoming: Incoming, reason: &str) {
         tracing::warn!(reason, "reply dead-lettered");
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric::DEAD_LETTERED).increment(1);
         if let Err(e) = incoming.ack.reject(&incoming.body, reason).await {
             tracing::warn!(error = %e, "reject failed");
         }
@@ -366,6 +535,7 @@ impl Engine {
                             let engine = &self;
                             async move {
                                 engine.stats.timers.fetch_add(1, Ordering::Relaxed);
+                                metrics::counter!(metric::TIMERS).increment(1);
                                 if let Err(e) =
                                     engine.deliver(id, Input::Timer(timer), Some(timer)).await
                                 {
@@ -399,6 +569,7 @@ impl Engine {
                     tracing::info!(rows = n, "relaying unpublished outbox rows");
                     self.publish(rows).await;
                     self.stats.relayed.fetch_add(n, Ordering::Relaxed);
+                    metrics::counter!(metric::RELAYED).increment(n);
                     if n == 256 {
                         continue;
                     }

@@ -46,6 +46,11 @@ pub async fn serve(
     registry: Registry,
     shutdown: Option<CancellationToken>,
 ) -> anyhow::Result<()> {
+    // Refuse before connecting to anything: a misconfigured API must not come up.
+    config
+        .check()
+        .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+    let _ = crate::api::metrics::handle();
     let engine = engine(&config, registry).await?;
     let shutdown = shutdown.unwrap_or_else(|| {
         let token = CancellationToken::new();
@@ -59,9 +64,14 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(&config.bind)
         .await
         .with_context(|| format!("binding the HTTP API to {} (SAGAS_BIND)", config.bind))?;
-    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+    let addr = listener.local_addr()?;
+    if config.api_tokens.is_empty() {
+        tracing::warn!(%addr, "HTTP API listening UNAUTHENTICATED on loopback (SAGAS_API_TOKENS is empty): anyone on this host can start and operate transactions");
+    } else {
+        tracing::info!(%addr, tokens = config.api_tokens.len(), "HTTP API listening");
+    }
     let runner = tokio::spawn(engine.clone().run(shutdown.clone()));
-    let app = crate::api::router(engine);
+    let app = crate::api::router_with(engine, crate::api::ApiOptions::from_config(&config));
     let s = shutdown.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { s.cancelled().await })

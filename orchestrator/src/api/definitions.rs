@@ -5,12 +5,13 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::definition::{Definition, RetryPolicy};
 use crate::engine::Engine;
 
 /// One step of a definition as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StepDefinitionView {
     /// Step name.
     pub name: String,
@@ -21,13 +22,15 @@ pub struct StepDefinitionView {
     /// How long a step that answered `in_progress` may take before it counts as timed out.
     pub in_progress_timeout_ms: u64,
     /// Retry policy of the forward operation (`action` / `try`).
+    #[schema(value_type = Object)]
     pub retry: RetryPolicy,
     /// Retry policy of `compensate` / `confirm` / `cancel`.
+    #[schema(value_type = Object)]
     pub finish_retry: RetryPolicy,
 }
 
 /// A registered definition as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DefinitionView {
     /// Name.
     pub name: String,
@@ -42,7 +45,7 @@ pub struct DefinitionView {
 }
 
 /// Answer of `GET /v1/definitions`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Definitions {
     /// Every registered definition, by name then version.
     pub items: Vec<DefinitionView>,
@@ -74,6 +77,17 @@ impl DefinitionView {
 }
 
 /// `GET /v1/definitions`: every registered definition and version.
+#[utoipa::path(
+    get,
+    path = "/v1/definitions",
+    tag = "definitions",
+    operation_id = "definitions",
+    responses(
+        (status = 200, description = "Every registered definition", body = Definitions),
+        (status = 401, description = "No valid token", body = super::ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn list(State(engine): State<Arc<Engine>>) -> Json<Definitions> {
     let registry = engine.registry();
     let items = registry

@@ -2,9 +2,9 @@
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineError;
 
@@ -14,12 +14,16 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    header: Option<(HeaderName, HeaderValue)>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: &'a str,
-    message: &'a str,
+/// The body of every error answer.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A stable code to act on, such as `not_found`, `invalid_input` or `unauthorized`.
+    pub error: String,
+    /// A sentence for people; it never contains internals (SQL, broker errors).
+    pub message: String,
 }
 
 impl ApiError {
@@ -29,7 +33,24 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            header: None,
         }
+    }
+
+    /// The same error with a header on the answer (such as `WWW-Authenticate`).
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
+        self.header = Some((name, value));
+        self
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        self.code
     }
 
     /// 400 for a body that parses but does not say what it must.
@@ -42,6 +63,15 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message)
     }
 
+    /// 413 for a body over the configured limit.
+    pub fn body_too_large() -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is larger than this server accepts (SAGAS_BODY_LIMIT)",
+        )
+    }
+
     /// 404 for a path that names nothing.
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
@@ -50,11 +80,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
-            error: self.code,
-            message: &self.message,
+        let body = ErrorBody {
+            error: self.code.to_owned(),
+            message: self.message,
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some((name, value)) = self.header {
+            response.headers_mut().insert(name, value);
+        }
+        response
     }
 }
 
@@ -66,10 +100,13 @@ impl From<JsonRejection> for ApiError {
                 "unsupported_media_type",
                 "the body must be JSON with Content-Type: application/json",
             ),
+            JsonRejection::BytesRejection(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::body_too_large()
+            }
             JsonRejection::BytesRejection(_) => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "the request body is too large or could not be read",
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+                "the request body could not be read",
             ),
             other => ApiError::new(StatusCode::BAD_REQUEST, "malformed_body", other.body_text()),
         }

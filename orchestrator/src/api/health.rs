@@ -15,7 +15,7 @@ use crate::engine::Engine;
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Answer of `GET /readyz`: `ok`, or why a dependency is not.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Readiness {
     /// `ok`, `unavailable` or `timeout`: whether PostgreSQL answers `SELECT 1`.
     pub database: String,
@@ -24,6 +24,13 @@ pub struct Readiness {
 }
 
 /// `GET /healthz`: the process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    responses((status = 200, description = "`ok`: the process serves", body = String, content_type = "text/plain")),
+)]
 pub async fn healthz() -> &'static str {
     "ok"
 }
@@ -47,6 +54,16 @@ async fn check<E: std::fmt::Display>(
 }
 
 /// `GET /readyz`: 200 when the database and the broker answer, else 503 naming which did not.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "Database and broker answer", body = Readiness),
+        (status = 503, description = "One of them does not", body = Readiness),
+    ),
+)]
 pub async fn readyz(State(engine): State<Arc<Engine>>) -> (StatusCode, Json<Readiness>) {
     let (database, broker) = tokio::join!(
         check("database", engine.ping_store()),

@@ -1,36 +1,191 @@
 //! The HTTP API (JSON under `/v1`). `router` builds the app so tests can call it in-process.
+//!
+//! Routes are registered through utoipa-axum's `OpenApiRouter`, so the OpenAPI document
+//! (`GET /openapi.json`) is generated from the same handlers the router serves.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::http::header::CONTENT_TYPE;
+use axum::middleware;
+use axum::response::IntoResponse;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::config::{ApiToken, Config, DEFAULT_BODY_LIMIT, Role};
 use crate::engine::Engine;
 
+pub mod auth;
 pub mod definitions;
 pub mod error;
 pub mod health;
+pub mod metrics;
+pub mod observe;
 pub mod sagas;
 
-pub use error::ApiError;
+pub use auth::{Auth, Caller};
+pub use error::{ApiError, ErrorBody};
 
-/// Largest accepted request body.
-pub const BODY_LIMIT: usize = 1024 * 1024;
+/// Default largest accepted request body (`SAGAS_BODY_LIMIT` changes it).
+pub const BODY_LIMIT: usize = DEFAULT_BODY_LIMIT;
 
-/// The HTTP application over `engine`.
+/// How the HTTP API is served.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    /// Accepted bearer tokens; empty: no authentication (loopback only, see
+    /// [`Config::check`]).
+    pub tokens: Vec<ApiToken>,
+    /// Largest accepted request body in bytes.
+    pub body_limit: usize,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        ApiOptions {
+            tokens: Vec::new(),
+            body_limit: BODY_LIMIT,
+        }
+    }
+}
+
+impl ApiOptions {
+    /// The options a process configuration asks for.
+    pub fn from_config(config: &Config) -> ApiOptions {
+        ApiOptions {
+            tokens: config.api_tokens.clone(),
+            body_limit: config.body_limit,
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sagas orchestrator",
+        description = "Start, wait for, inspect, list and operate saga/TCC transactions. \
+            Errors are always {\"error\": \"<code>\", \"message\": \"<sentence>\"}.",
+    ),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "sagas", description = "Start and inspect transactions"),
+        (name = "operator", description = "Operator actions, recorded in the log with actor and reason"),
+        (name = "definitions", description = "What this orchestrator can run"),
+        (name = "health", description = "Probes and metrics; no token needed"),
+    ),
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A token from SAGAS_API_TOKENS: `read` for GETs, `operate` to start \
+                         and for operator actions",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// `GET /openapi.json`: this API's OpenAPI document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    operation_id = "openapi",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)),
+)]
+async fn openapi_json() -> impl IntoResponse {
+    static JSON: OnceLock<String> = OnceLock::new();
+    let json = JSON.get_or_init(|| {
+        openapi()
+            .to_pretty_json()
+            .expect("the OpenAPI document serializes")
+    });
+    ([(CONTENT_TYPE, "application/json")], json.as_str())
+}
+
+/// Every route with its OpenAPI description, the guarded ones behind their role.
+fn routes(auth: Arc<Auth>) -> OpenApiRouter<Arc<Engine>> {
+    let guard = |needs: Role| {
+        middleware::from_fn_with_state(
+            auth::Guard {
+                auth: auth.clone(),
+                needs,
+            },
+            auth::guard,
+        )
+    };
+    let read = OpenApiRouter::new()
+        .routes(routes!(sagas::list))
+        .routes(routes!(sagas::get))
+        .routes(routes!(sagas::events))
+        .routes(routes!(definitions::list))
+        .route_layer(guard(Role::Read));
+    let operate = OpenApiRouter::new()
+        .routes(routes!(sagas::start))
+        .routes(routes!(sagas::abort))
+        .routes(routes!(sagas::retry))
+        .routes(routes!(sagas::resolve))
+        .route_layer(guard(Role::Operate));
+    let open = OpenApiRouter::new()
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(openapi_json));
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(read)
+        .merge(operate)
+        .merge(open)
+}
+
+/// The OpenAPI document of the API, generated from the handlers.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes(Arc::new(Auth::default())).into_openapi()
+}
+
+/// The HTTP application over `engine`, unauthenticated, with the default body limit (for
+/// tests and embedding on loopback; servers use [`router_with`]).
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
-        .route("/v1/sagas", get(sagas::list))
-        // POST names a definition, GET an instance.
-        .route("/v1/sagas/{name}", post(sagas::start).get(sagas::get))
-        .route("/v1/sagas/{id}/events", get(sagas::events))
-        .route("/v1/sagas/{id}/abort", post(sagas::abort))
-        .route("/v1/sagas/{id}/retry", post(sagas::retry))
-        .route("/v1/sagas/{id}/resolve", post(sagas::resolve))
-        .route("/v1/definitions", get(definitions::list))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+    router_with(engine, ApiOptions::default())
+}
+
+/// The HTTP application over `engine` with `options`.
+pub fn router_with(engine: Arc<Engine>, options: ApiOptions) -> Router {
+    // Installs the process's recorder before anything is counted.
+    let _ = metrics::handle();
+    let (router, _) = routes(Arc::new(Auth::new(options.tokens))).split_for_parts();
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(options.body_limit))
+        .layer(middleware::from_fn(observe::observe))
         .with_state(engine)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "unknown_route",
+        "no such route; GET /openapi.json lists them",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
 }

@@ -1,25 +1,46 @@
 //! `/v1/sagas`: start, list, inspect and operate transactions.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::ApiError;
-use crate::engine::Engine;
+use super::auth::Caller;
+use super::{ApiError, ErrorBody};
+use crate::engine::{Engine, StartOptions};
 use crate::machine::{Input, Instance, Status};
 use crate::store::{ListFilter, LoggedEvent, Position, StoredInstance};
 
-/// Header naming who asks for an operator action.
+/// Header naming who asks for an operator action, honoured only while the API is
+/// unauthenticated (with tokens, the actor is the token's name).
 pub const ACTOR_HEADER: &str = "x-sagas-actor";
 
-/// The actor recorded when a request names none (until requests are authenticated).
+/// The actor recorded when an unauthenticated request names none.
 pub const ANONYMOUS: &str = "anonymous";
+
+/// Longest `?wait`, in seconds.
+pub const MAX_WAIT_S: u64 = 60;
+
+/// Longest `deadline_s` of a start request: 30 days.
+pub const MAX_DEADLINE_S: i64 = 30 * 24 * 3600;
+
+fn status_schema() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Type(Type::String))
+        .enum_values(Some(Status::ALL.iter().map(|s| s.as_str())))
+        .description(Some("Status of a transaction"))
+        .into()
+}
 
 /// Longest accepted actor name or reason, in characters.
 const MAX_TEXT: usize = 1_000;
@@ -31,24 +52,68 @@ pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 500;
 
 /// Body of `POST /v1/sagas/{definition}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartRequest {
     /// The transaction's input, checked against the definition's input type.
+    #[schema(value_type = Object)]
     pub input: Value,
+    /// Seconds from now until which the forward phase may run; a transaction still moving
+    /// forward then is compensated (or cancelled). 1 to 2592000 (30 days).
+    #[serde(default)]
+    pub deadline_s: Option<i64>,
 }
 
 /// Answer to a start request.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Started {
     /// The new transaction's id.
     pub id: Uuid,
     /// Its status right after starting.
+    #[schema(schema_with = status_schema)]
     pub status: Status,
 }
 
+/// A 202 answer of a start request: `Started` without `?wait`, `SagaView` with it (both have
+/// `id` and `status`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StartAnswer {
+    /// Without `?wait`.
+    Started(Started),
+    /// With `?wait`, when the wait ended before the transaction finished.
+    View(SagaView),
+}
+
+/// `?wait=<seconds>` of `POST /v1/sagas/{definition}` and `GET /v1/sagas/{id}`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Hold the answer until the transaction is completed, compensated, resolved or stuck,
+    /// at most this many seconds (0 to 60).
+    #[param(value_type = Option<u64>, maximum = 60)]
+    pub wait: Option<String>,
+}
+
+impl WaitQuery {
+    /// The wait asked for, if any; 400 naming `wait` when it does not fit.
+    pub fn duration(&self) -> Result<Option<Duration>, ApiError> {
+        match self.wait.as_deref() {
+            None | Some("") => Ok(None),
+            Some(w) => match w.parse::<u64>() {
+                Ok(0) => Ok(None),
+                Ok(n) if n <= MAX_WAIT_S => Ok(Some(Duration::from_secs(n))),
+                _ => Err(ApiError::invalid_query(format!(
+                    "wait {w:?} must be a whole number of seconds from 0 to {MAX_WAIT_S}"
+                ))),
+            },
+        }
+    }
+}
+
 /// One step as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StepView {
     /// Step name.
     pub name: String,
@@ -61,11 +126,12 @@ pub struct StepView {
     /// Last error or failure reason.
     pub last_error: Option<String>,
     /// Forward output.
+    #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
 }
 
 /// A transaction as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SagaView {
     /// Id.
     pub id: Uuid,
@@ -76,8 +142,10 @@ pub struct SagaView {
     /// `saga` or `tcc`.
     pub mode: String,
     /// Status.
+    #[schema(schema_with = status_schema)]
     pub status: Status,
     /// Input.
+    #[schema(value_type = Object)]
     pub input: Value,
     /// Why it compensated, if it did.
     pub failure: Option<String>,
@@ -85,6 +153,9 @@ pub struct SagaView {
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// Last changed.
     pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// When a transaction still moving forward is compensated, if it has a deadline.
+    #[serde(default)]
+    pub deadline: Option<chrono::DateTime<chrono::Utc>>,
     /// Steps in definition order.
     pub steps: Vec<StepView>,
 }
@@ -99,6 +170,7 @@ impl SagaView {
             status,
             steps,
             failure,
+            deadline,
             ..
         } = stored.instance;
         SagaView {
@@ -111,6 +183,7 @@ impl SagaView {
             failure,
             created_at: stored.created_at,
             updated_at: stored.updated_at,
+            deadline,
             steps: plan
                 .steps
                 .into_iter()
@@ -128,25 +201,78 @@ impl SagaView {
     }
 }
 
-/// `POST /v1/sagas/{definition}`: starts a transaction; 202 with its id.
+fn deadline(request: &StartRequest) -> Result<Option<Duration>, ApiError> {
+    match request.deadline_s {
+        None => Ok(None),
+        Some(s) if (1..=MAX_DEADLINE_S).contains(&s) => Ok(Some(Duration::from_secs(s as u64))),
+        Some(_) => Err(ApiError::invalid_body(format!(
+            "\"deadline_s\" must be a whole number of seconds from 1 to {MAX_DEADLINE_S}"
+        ))),
+    }
+}
+
+/// `POST /v1/sagas/{definition}`: starts a transaction; 202 with its id. With `?wait`, the
+/// answer is its view once it is settled (200 when terminal) or when the wait ends (202).
+#[utoipa::path(
+    post,
+    path = "/v1/sagas/{name}",
+    tag = "sagas",
+    operation_id = "start",
+    params(
+        ("name" = String, Path, description = "The definition to start (its newest version)"),
+        WaitQuery,
+    ),
+    request_body(content = StartRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "With `wait`: the transaction, terminal", body = SagaView),
+        (status = 202, description = "Started: its id and status without `wait`; with `wait`, the transaction as it is when the wait ended (still running, or stuck)", body = StartAnswer),
+        (status = 400, description = "`invalid_input`, `malformed_body`, `invalid_body` or `invalid_query`", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is `read`", body = ErrorBody),
+        (status = 404, description = "`unknown_definition`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn start(
     State(engine): State<Arc<Engine>>,
     Path(definition): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<Json<StartRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<Started>), ApiError> {
+) -> Result<Response, ApiError> {
     // An unknown definition is a 404 whatever the body says.
     if engine.registry().latest(&definition).is_none() {
         return Err(crate::engine::EngineError::UnknownDefinition(definition).into());
     }
+    let Query(query) = query?;
+    let wait = query.duration()?;
     let Json(request) = body?;
-    let instance = engine.start(&definition, request.input).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Started {
+    let options = StartOptions {
+        deadline: deadline(&request)?,
+    };
+    let instance = engine
+        .start_with(&definition, request.input, options)
+        .await?;
+    tracing::info!(id = %instance.id, definition, "transaction started");
+    let Some(wait) = wait else {
+        let started = Started {
             id: instance.id,
             status: instance.status,
-        }),
-    ))
+        };
+        return Ok((StatusCode::ACCEPTED, Json(StartAnswer::Started(started))).into_response());
+    };
+    let stored = engine
+        .wait_terminal(instance.id, wait)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("transaction {} not found", instance.id)))?;
+    let view = SagaView::of(stored);
+    Ok(if view.status.is_terminal() {
+        (StatusCode::OK, Json(view)).into_response()
+    } else {
+        (StatusCode::ACCEPTED, Json(StartAnswer::View(view))).into_response()
+    })
 }
 
 fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {
@@ -160,20 +286,74 @@ fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {
     })
 }
 
-/// `GET /v1/sagas/{id}`: the transaction with its steps.
+/// `GET /v1/sagas/{id}`: the transaction with its steps; with `?wait`, once it is settled or
+/// the wait ends.
+#[utoipa::path(
+    get,
+    path = "/v1/sagas/{name}",
+    tag = "sagas",
+    operation_id = "get",
+    params(
+        ("name" = Uuid, Path, description = "The transaction id (the path is shared with the start request, whose `name` is a definition)"),
+        WaitQuery,
+    ),
+    responses(
+        (status = 200, description = "The transaction", body = SagaView),
+        (status = 400, description = "`malformed_id` or `invalid_query`", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn get(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<SagaView>, ApiError> {
     let id = parse_id(id)?;
-    let stored = engine
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("transaction {id} not found")))?;
+    let Query(query) = query?;
+    let stored = match query.duration()? {
+        None => engine.get(id).await?,
+        Some(wait) => engine.wait_terminal(id, wait).await?,
+    };
+    let stored =
+        stored.ok_or_else(|| ApiError::not_found(format!("transaction {id} not found")))?;
     Ok(Json(SagaView::of(stored)))
 }
 
+/// One event of a transaction's log (the fields beside these depend on `kind`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EventView {
+    /// Position in the log, from 1.
+    pub seq: i64,
+    /// When it was appended.
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// `started`, `command_prepared`, `dispatched`, `replied`, `timed_out`, `retry_scheduled`,
+    /// `gave_up`, `undo_started`, `confirm_started`, `stuck`, `operator_action`, `finished`, …
+    pub kind: String,
+    /// The kind's own fields, inline.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub fields: serde_json::Map<String, Value>,
+}
+
 /// `GET /v1/sagas/{id}/events`: the transaction's log in order.
+#[utoipa::path(
+    get,
+    path = "/v1/sagas/{id}/events",
+    tag = "sagas",
+    operation_id = "events",
+    params(("id" = Uuid, Path, description = "The transaction id")),
+    responses(
+        (status = 200, description = "The log, oldest first", body = Vec<EventView>),
+        (status = 400, description = "`malformed_id`", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn events(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
@@ -187,14 +367,20 @@ pub async fn events(
 }
 
 /// Body of `POST /v1/sagas/{id}/abort`, `/retry` and `/resolve`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
     /// Why the operator acts; recorded in the log. Required and non-empty.
     pub reason: Option<String>,
 }
 
-fn actor(headers: &HeaderMap) -> Result<String, ApiError> {
+/// The actor recorded for an operator action: the token's name; without authentication, the
+/// `X-Sagas-Actor` header (or `anonymous`).
+fn actor(caller: &Caller, headers: &HeaderMap) -> Result<String, ApiError> {
+    if let Some(name) = &caller.name {
+        // The verified name only: a header could claim anyone.
+        return Ok(name.clone());
+    }
     let Some(raw) = headers.get(ACTOR_HEADER) else {
         return Ok(ANONYMOUS.to_owned());
     };
@@ -236,77 +422,138 @@ fn reason(body: Result<Json<ActionRequest>, JsonRejection>) -> Result<String, Ap
 async fn act(
     engine: &Engine,
     id: Result<Path<String>, PathRejection>,
+    caller: &Caller,
     headers: &HeaderMap,
     body: Result<Json<ActionRequest>, JsonRejection>,
     input: fn(String, String) -> Input,
 ) -> Result<Json<SagaView>, ApiError> {
     let id = parse_id(id)?;
-    let actor = actor(headers)?;
+    let actor = actor(caller, headers)?;
     let reason = reason(body)?;
-    let stored = engine.operate(id, input(actor, reason)).await?;
+    let action = input(actor.clone(), reason.clone());
+    let stored = engine.operate(id, action).await?;
+    tracing::info!(%id, actor, reason, "operator action");
     Ok(Json(SagaView::of(stored)))
 }
 
 /// `POST /v1/sagas/{id}/abort`: compensates (or cancels) a transaction still in its forward
 /// phase; 409 once it is past that.
+#[utoipa::path(
+    post,
+    path = "/v1/sagas/{id}/abort",
+    tag = "operator",
+    operation_id = "abort",
+    params(("id" = Uuid, Path, description = "The transaction id")),
+    request_body(content = ActionRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Done; the transaction as it now is", body = SagaView),
+        (status = 400, description = "`invalid_body` (no reason), `malformed_body`, `malformed_id`", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is `read`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`: it is past its forward phase", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn abort(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Json<ActionRequest>, JsonRejection>,
 ) -> Result<Json<SagaView>, ApiError> {
-    act(&engine, id, &headers, body, |actor, reason| Input::Abort {
-        actor,
-        reason,
+    act(&engine, id, &caller, &headers, body, |actor, reason| {
+        Input::Abort { actor, reason }
     })
     .await
 }
 
 /// `POST /v1/sagas/{id}/retry`: sends stuck or backing-off operations again now; 409 when
 /// there are none.
+#[utoipa::path(
+    post,
+    path = "/v1/sagas/{id}/retry",
+    tag = "operator",
+    operation_id = "retry",
+    params(("id" = Uuid, Path, description = "The transaction id")),
+    request_body(content = ActionRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Done; the transaction as it now is", body = SagaView),
+        (status = 400, description = "`invalid_body` (no reason), `malformed_body`, `malformed_id`", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is `read`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`: nothing is stuck or waiting to retry", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn retry(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Json<ActionRequest>, JsonRejection>,
 ) -> Result<Json<SagaView>, ApiError> {
-    act(&engine, id, &headers, body, |actor, reason| Input::Retry {
-        actor,
-        reason,
+    act(&engine, id, &caller, &headers, body, |actor, reason| {
+        Input::Retry { actor, reason }
     })
     .await
 }
 
 /// `POST /v1/sagas/{id}/resolve`: an operator has handled a stuck transaction by hand; it ends
 /// `resolved`. 409 unless it is stuck.
+#[utoipa::path(
+    post,
+    path = "/v1/sagas/{id}/resolve",
+    tag = "operator",
+    operation_id = "resolve",
+    params(("id" = Uuid, Path, description = "The transaction id")),
+    request_body(content = ActionRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Done; the transaction as it now is", body = SagaView),
+        (status = 400, description = "`invalid_body` (no reason), `malformed_body`, `malformed_id`", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is `read`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`: it is not stuck", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn resolve(
     State(engine): State<Arc<Engine>>,
     id: Result<Path<String>, PathRejection>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Json<ActionRequest>, JsonRejection>,
 ) -> Result<Json<SagaView>, ApiError> {
-    act(&engine, id, &headers, body, |actor, reason| {
+    act(&engine, id, &caller, &headers, body, |actor, reason| {
         Input::Resolve { actor, reason }
     })
     .await
 }
 
 /// Query of `GET /v1/sagas`; every value is parsed by hand so that errors name the parameter.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this status.
+    #[param(schema_with = status_schema)]
     pub status: Option<String>,
     /// Only this definition.
     pub definition: Option<String>,
-    /// Page size.
+    /// Page size, 1 to 500 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
 
 /// A page of `GET /v1/sagas`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SagaPage {
     /// Transactions, newest first.
     pub items: Vec<SagaView>,
@@ -377,6 +624,20 @@ fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
 
 /// `GET /v1/sagas?status=&definition=&limit=&cursor=`: transactions newest first, paged by
 /// a keyset cursor so that transactions started meanwhile never shift or repeat a page.
+#[utoipa::path(
+    get,
+    path = "/v1/sagas",
+    tag = "sagas",
+    operation_id = "list",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page, newest first", body = SagaPage),
+        (status = 400, description = "`invalid_query`, naming the parameter", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn list(
     State(engine): State<Arc<Engine>>,
     query: Result<Query<ListQuery>, QueryRejection>,
