@@ -2,11 +2,13 @@
 //! transport, the engine that drives them, and the HTTP API.
 
 pub mod api;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod definition;
 pub mod engine;
 pub mod machine;
+pub mod reconcile;
 pub mod server;
 pub mod store;
 pub mod transport;

@@ -1,0 +1,342 @@
+//! The command line: clap structs, with environment fallbacks, and the parsers of durations
+//! and times.
+
+use chrono::{Duration, NaiveDate, Utc};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use uuid::Uuid;
+
+use crate::machine::Time;
+
+const ABOUT: &str = "Operate and reconcile sagas.
+
+`reconcile` reads the orchestrator's database directly and checks every transaction's log;
+the other commands (except `migrate`) go through the HTTP API of a running sagad, so that every
+operator action is authenticated and logged by the server with who and why.";
+
+const EXAMPLES: &str = "Examples:
+  sagactl reconcile --since 24h --participant accounts=postgres://127.0.0.1/accounts
+  sagactl list --status stuck
+  sagactl show 01890a5d-ac96-774b-bcce-b302099a8057
+  sagactl retry 01890a5d-ac96-774b-bcce-b302099a8057 --reason 'ledger is back up'
+  sagactl completions bash > /etc/bash_completion.d/sagactl";
+
+/// `sagactl`: operate and reconcile sagas.
+#[derive(Debug, Parser)]
+#[command(name = "sagactl", version, about = "Operate and reconcile sagas", long_about = ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check every transaction's log and report where it is inconsistent.
+    ///
+    /// Replays each log through the state machine and compares it with the stored projection,
+    /// checks timers, stuck steps, the outbox and (with --participant) the participants'
+    /// barrier tables. Exit 0 if consistent, 1 with findings, 2 if it could not run.
+    #[command(after_help = "Examples:
+  sagactl reconcile --since 24h
+  sagactl reconcile --definition transfer_tcc --participant accounts=postgres://127.0.0.1/accounts
+  sagactl reconcile --since 2026-11-01 --until 2026-11-02 --format csv > findings.csv")]
+    Reconcile(ReconcileArgs),
+    /// List transactions, newest first (through the HTTP API).
+    #[command(after_help = "Examples:
+  sagactl list --status stuck
+  sagactl list --definition transfer_tcc --limit 20
+  sagactl list --status compensating --all --format json")]
+    List(ListArgs),
+    /// Show one transaction with its steps and the timeline of its log.
+    #[command(after_help = "Example:
+  sagactl show 01890a5d-ac96-774b-bcce-b302099a8057")]
+    Show {
+        /// The transaction id.
+        id: Uuid,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Send stuck or backing-off operations of a transaction again now, with a fresh budget.
+    #[command(after_help = "Example:
+  sagactl retry 01890a5d-ac96-774b-bcce-b302099a8057 --reason 'ledger service redeployed'")]
+    Retry(ActionArgs),
+    /// Compensate (or cancel) a transaction that is still in its forward phase.
+    #[command(after_help = "Example:
+  sagactl abort 01890a5d-ac96-774b-bcce-b302099a8057 --reason 'customer withdrew the order'")]
+    Abort(ActionArgs),
+    /// Mark a stuck transaction as resolved by hand (after fixing the participant's data).
+    #[command(after_help = "Example:
+  sagactl resolve 01890a5d-ac96-774b-bcce-b302099a8057 --reason 'refund booked manually, ticket OPS-42'")]
+    Resolve(ActionArgs),
+    /// List the definitions (and versions) the orchestrator runs.
+    #[command(after_help = "Example:
+  sagactl definitions --format json")]
+    Definitions {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Apply the orchestrator's database migrations.
+    #[command(after_help = "Example:
+  DATABASE_URL=postgres://postgres@127.0.0.1/sagas sagactl migrate")]
+    Migrate {
+        /// The orchestrator database.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+    },
+    /// Print a shell completion script.
+    #[command(after_help = "Example:
+  sagactl completions bash > ~/.local/share/bash-completion/completions/sagactl")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Where the HTTP API is and who is asking.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Base URL of the orchestrator's HTTP API.
+    #[arg(long, env = "SAGAS_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Bearer token sent as `Authorization: Bearer <token>`.
+    #[arg(long, env = "SAGAS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Who acts, sent as `X-Sagas-Actor` and recorded with operator actions (default: $USER).
+    #[arg(long, env = "SAGAS_ACTOR")]
+    pub actor: Option<String>,
+}
+
+/// `retry`, `abort`, `resolve`.
+#[derive(Debug, Clone, Args)]
+pub struct ActionArgs {
+    /// The transaction id.
+    pub id: Uuid,
+    /// Why; recorded in the transaction's log.
+    #[arg(long)]
+    pub reason: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// `list`.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Only this status (running, compensating, stuck, completed, compensated).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only this definition.
+    #[arg(long)]
+    pub definition: Option<String>,
+    /// Page size (1 to 500).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Start after this cursor (printed at the end of the previous page).
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// Follow the cursors to the last page.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// `reconcile`.
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    /// The orchestrator database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Only instances created since then: a duration ago (`24h`, `7d`, `90m`) or a time
+    /// (`2026-11-01`, RFC 3339). Open instances created earlier are always included.
+    #[arg(long, value_parser = parse_when)]
+    pub since: Option<When>,
+    /// Only instances created before then (same forms as --since).
+    #[arg(long, value_parser = parse_when)]
+    pub until: Option<When>,
+    /// Only instances of this definition (any version).
+    #[arg(long)]
+    pub definition: Option<String>,
+    /// Instances have no deadline of their own yet: report a running or compensating one that
+    /// has not changed for this long.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub stale_after: Duration,
+    /// Report outbox rows unpublished for longer than this.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub outbox_threshold: Duration,
+    /// Report reply deadlines and retry times passed by more than this with nothing logged.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub overdue_grace: Duration,
+    /// Cross-check a participant's barrier table: NAME=POSTGRES_URL (repeatable).
+    #[arg(long = "participant", value_name = "NAME=POSTGRES_URL", value_parser = parse_participant)]
+    pub participants: Vec<(String, String)>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+    /// Never draw a progress bar (it is drawn only when stderr is a terminal anyway).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Instances read per batch.
+    #[arg(long, default_value_t = 1_000, hide = true)]
+    pub batch_size: u32,
+    /// Make the report as of this time instead of now (RFC 3339), for reproducible reports.
+    #[arg(long, value_parser = parse_time, hide = true)]
+    pub now: Option<Time>,
+}
+
+/// Output of list/show/definitions and operator actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// JSON, as the API answers.
+    Json,
+}
+
+/// Output of `reconcile`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// Summary and findings as aligned columns.
+    Table,
+    /// The whole report as one JSON document.
+    Json,
+    /// The findings only, one per row, with a header.
+    Csv,
+}
+
+/// A point in time given on the command line: absolute, or a duration before now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// This time.
+    At(Time),
+    /// This long before now.
+    Ago(Duration),
+}
+
+impl When {
+    /// The time it means at `now`.
+    pub fn at(self, now: Time) -> Time {
+        match self {
+            When::At(t) => t,
+            When::Ago(d) => now - d,
+        }
+    }
+}
+
+/// Parses `90s`, `15m`, `1h30m`, `7d`, `2w`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (examples: 60s, 15m, 1h30m, 7d)");
+    let mut total = Duration::zero();
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: i64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let part = match &rest[..unit_len] {
+            "ms" => Duration::try_milliseconds(n),
+            "s" => Duration::try_seconds(n),
+            "m" => Duration::try_minutes(n),
+            "h" => Duration::try_hours(n),
+            "d" => Duration::try_days(n),
+            "w" => Duration::try_weeks(n),
+            _ => None,
+        }
+        .ok_or_else(bad)?;
+        total = total.checked_add(&part).ok_or_else(bad)?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+/// Parses an RFC 3339 time or a date (midnight UTC).
+pub fn parse_time(s: &str) -> Result<Time, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
+    }
+    Err(format!(
+        "{s:?} is not a time (examples: 2026-11-01, 2026-11-01T08:00:00Z)"
+    ))
+}
+
+/// Parses a duration ago or a time.
+pub fn parse_when(s: &str) -> Result<When, String> {
+    parse_duration(s)
+        .map(When::Ago)
+        .or_else(|_| parse_time(s).map(When::At))
+        .map_err(|_| {
+            format!("{s:?} is neither a duration ago (24h, 7d) nor a time (2026-11-01, RFC 3339)")
+        })
+}
+
+/// Parses `NAME=POSTGRES_URL`.
+pub fn parse_participant(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, url)) if !name.is_empty() && !url.is_empty() => {
+            Ok((name.to_owned(), url.to_owned()))
+        }
+        _ => Err(format!(
+            "{s:?} is not NAME=POSTGRES_URL (example: accounts=postgres://127.0.0.1/accounts)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_times_and_participants_parse_and_garbage_is_refused_with_an_example() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::seconds(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::minutes(90)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::days(7)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::milliseconds(500)));
+        for bad in ["", "h", "10", "10x", "1.5h", "-1h"] {
+            assert!(parse_duration(bad).unwrap_err().contains("60s"), "{bad}");
+        }
+        assert_eq!(
+            parse_time("2026-11-01").unwrap().to_rfc3339(),
+            "2026-11-01T00:00:00+00:00"
+        );
+        assert_eq!(parse_when("24h"), Ok(When::Ago(Duration::hours(24))));
+        assert!(matches!(
+            parse_when("2026-11-01T08:00:00+01:00"),
+            Ok(When::At(_))
+        ));
+        assert!(parse_when("yesterday").is_err());
+        assert_eq!(
+            parse_participant("accounts=postgres://x/y"),
+            Ok(("accounts".into(), "postgres://x/y".into()))
+        );
+        assert!(parse_participant("accounts").is_err());
+    }
+}

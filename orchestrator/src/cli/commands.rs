@@ -1,0 +1,219 @@
+//! What each command does. Every command returns the exit code, or an error that means "could
+//! not run" (exit 2).
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::CommandFactory;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+
+use super::args::{ActionArgs, ApiArgs, Cli, Format, ListArgs, ReconcileArgs, ReportFormat};
+use super::client::{Client, ClientError};
+use super::output;
+use super::{EXIT_FINDINGS, EXIT_OK};
+use crate::reconcile::{self, Options, ParticipantDb};
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error worth a message.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
+}
+
+async fn connect(url: &str, what: &str) -> anyhow::Result<sqlx::PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to the {what} database"))
+}
+
+/// The options of a reconciliation as the command line gives them (participants connected).
+pub async fn reconcile_options(args: &ReconcileArgs) -> anyhow::Result<Options> {
+    let now = args.now.unwrap_or_else(chrono::Utc::now);
+    let mut options = Options::new(now);
+    options.since = args.since.map(|w| w.at(now));
+    options.until = args.until.map(|w| w.at(now));
+    if let (Some(s), Some(u)) = (options.since, options.until) {
+        anyhow::ensure!(s < u, "--since must be before --until");
+    }
+    options.definition = args.definition.clone();
+    options.stale_after = args.stale_after;
+    options.outbox_threshold = args.outbox_threshold;
+    options.overdue_grace = args.overdue_grace;
+    options.batch_size = args.batch_size.max(1);
+    for (name, url) in &args.participants {
+        options.participants.push(ParticipantDb {
+            name: name.clone(),
+            pool: connect(url, &format!("participant {name}")).await?,
+        });
+    }
+    Ok(options)
+}
+
+/// `sagactl reconcile`.
+pub async fn reconcile(args: ReconcileArgs) -> anyhow::Result<u8> {
+    let pool = connect(&args.database_url, "orchestrator").await?;
+    let options = reconcile_options(&args).await?;
+    let bar = if std::io::stderr().is_terminal() && !args.no_progress {
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} reconciling [{bar:30}] {pos}/{len} instances, {per_sec}, eta {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let report = reconcile::run(&pool, &options, |p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    })
+    .await;
+    bar.finish_and_clear();
+    let report = report?;
+    print(&match args.format {
+        ReportFormat::Table => output::report_table(&report),
+        ReportFormat::Json => output::report_json(&report),
+        ReportFormat::Csv => output::report_csv(&report),
+    })?;
+    Ok(if report.is_consistent() {
+        EXIT_OK
+    } else {
+        EXIT_FINDINGS
+    })
+}
+
+/// Turns a refusal into exit code 1 with the server's message, other errors into "could not run".
+fn refused(e: ClientError) -> anyhow::Result<u8> {
+    match e {
+        ClientError::Refused { .. } => {
+            eprintln!("sagactl: {e}");
+            Ok(EXIT_FINDINGS)
+        }
+        ClientError::Failed(_) => Err(e.into()),
+    }
+}
+
+/// `sagactl list`.
+pub async fn list(args: ListArgs) -> anyhow::Result<u8> {
+    let client = Client::new(&args.api)?;
+    let mut cursor = args.cursor.clone();
+    let mut items: Vec<Value> = Vec::new();
+    let mut next: Option<String>;
+    loop {
+        let mut query = vec![("limit", args.limit.to_string())];
+        if let Some(s) = &args.status {
+            query.push(("status", s.clone()));
+        }
+        if let Some(d) = &args.definition {
+            query.push(("definition", d.clone()));
+        }
+        if let Some(c) = &cursor {
+            query.push(("cursor", c.clone()));
+        }
+        let page = match client.get("/v1/sagas", &query).await {
+            Ok(p) => p,
+            Err(e) => return refused(e),
+        };
+        items.extend(page["items"].as_array().cloned().unwrap_or_default());
+        next = page["next_cursor"].as_str().map(str::to_owned);
+        if !args.all || next.is_none() {
+            break;
+        }
+        cursor = next.clone();
+    }
+    let page = json!({ "items": items, "next_cursor": next });
+    match args.format {
+        Format::Json => print(&output::json(&page))?,
+        Format::Table => {
+            print(&output::saga_list(&page))?;
+            if let Some(c) = &next {
+                eprintln!("more: sagactl list --cursor {c} (or --all)");
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// `sagactl show`.
+pub async fn show(id: uuid::Uuid, api: ApiArgs, format: Format) -> anyhow::Result<u8> {
+    let client = Client::new(&api)?;
+    let saga = match client.get(&format!("/v1/sagas/{id}"), &[]).await {
+        Ok(s) => s,
+        Err(e) => return refused(e),
+    };
+    let events = match client.get(&format!("/v1/sagas/{id}/events"), &[]).await {
+        Ok(e) => e,
+        Err(e) => return refused(e),
+    };
+    match format {
+        Format::Json => print(&output::json(&json!({ "saga": saga, "events": events })))?,
+        Format::Table => print(&output::saga_detail(&saga, &events))?,
+    }
+    Ok(EXIT_OK)
+}
+
+/// `sagactl retry|abort|resolve`.
+pub async fn act(action: &str, args: ActionArgs) -> anyhow::Result<u8> {
+    let client = Client::new(&args.api)?;
+    let path = format!("/v1/sagas/{}/{action}", args.id);
+    let saga = match client.post(&path, &json!({ "reason": args.reason })).await {
+        Ok(s) => s,
+        Err(e) => return refused(e),
+    };
+    match args.format {
+        Format::Json => print(&output::json(&saga))?,
+        Format::Table => print(&format!(
+            "{action}: transaction {} is now {}\n",
+            output_str(&saga["id"]),
+            output_str(&saga["status"])
+        ))?,
+    }
+    Ok(EXIT_OK)
+}
+
+fn output_str(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
+/// `sagactl definitions`.
+pub async fn definitions(api: ApiArgs, format: Format) -> anyhow::Result<u8> {
+    let client = Client::new(&api)?;
+    let defs = match client.get("/v1/definitions", &[]).await {
+        Ok(d) => d,
+        Err(e) => return refused(e),
+    };
+    match format {
+        Format::Json => print(&output::json(&defs))?,
+        Format::Table => print(&output::definitions(&defs))?,
+    }
+    Ok(EXIT_OK)
+}
+
+/// `sagactl migrate`.
+pub async fn migrate(database_url: &str) -> anyhow::Result<u8> {
+    let pool = connect(database_url, "orchestrator").await?;
+    crate::store::PgStore::new(pool)
+        .migrate()
+        .await
+        .context("applying migrations")?;
+    print("migrations applied\n")?;
+    Ok(EXIT_OK)
+}
+
+/// `sagactl completions SHELL`.
+pub fn completions(shell: clap_complete::Shell) -> anyhow::Result<u8> {
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "sagactl", &mut buf);
+    print(&String::from_utf8_lossy(&buf))?;
+    Ok(EXIT_OK)
+}

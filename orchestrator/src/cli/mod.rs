@@ -1,0 +1,41 @@
+//! `sagactl`, the operator's command line: `args` (clap), `commands` (what each does),
+//! `client` (the HTTP API), `output` (tables, JSON, CSV). The binary only calls [`main`].
+
+pub mod args;
+pub mod client;
+pub mod commands;
+pub mod output;
+
+use clap::Parser;
+
+use args::{Cli, Command};
+
+/// Exit code: consistent / done.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: findings (reconcile), or the server refused the request (other commands).
+pub const EXIT_FINDINGS: u8 = 1;
+/// Exit code: could not run; the reason is on stderr.
+pub const EXIT_FAILED: u8 = 2;
+
+/// Parses the command line, runs the command, and answers the process exit code.
+pub async fn main() -> u8 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Reconcile(a) => commands::reconcile(a).await,
+        Command::List(a) => commands::list(a).await,
+        Command::Show { id, api, format } => commands::show(id, api, format).await,
+        Command::Retry(a) => commands::act("retry", a).await,
+        Command::Abort(a) => commands::act("abort", a).await,
+        Command::Resolve(a) => commands::act("resolve", a).await,
+        Command::Definitions { api, format } => commands::definitions(api, format).await,
+        Command::Migrate { database_url } => commands::migrate(&database_url).await,
+        Command::Completions { shell } => commands::completions(shell),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sagactl: {e:#}");
+            EXIT_FAILED
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Rendering: aligned tables for people, JSON and CSV for machines. Every function returns a
+//! `String` so that tests snapshot exactly what a terminal shows.
+
+use serde_json::{Value, json};
+
+use crate::machine::Status;
+use crate::reconcile::{FindingKind, Report};
+
+/// Aligned columns under a header; the last column is not padded.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let n = cells.len();
+        let mut out = String::new();
+        for (i, cell) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                out.push_str(cell);
+            } else {
+                out.push_str(cell);
+                out.push_str(&" ".repeat(widths[i] - cell.chars().count() + 2));
+            }
+        }
+        out.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn opt(v: Option<&str>) -> String {
+    v.unwrap_or("-").to_owned()
+}
+
+fn time(t: Option<crate::machine::Time>) -> String {
+    t.map_or_else(
+        || "-".to_owned(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+}
+
+/// The reconciliation report as people read it: the window, counts per definition and
+/// status, findings per kind, then every finding.
+pub fn report_table(report: &Report) -> String {
+    let s = &report.summary;
+    let mut out = String::new();
+    let window = match (s.since, s.until) {
+        (None, None) => "all instances".to_owned(),
+        (since, until) => format!(
+            "instances created {}{} and older open ones",
+            since.map_or(String::new(), |t| format!("from {} ", time(Some(t)))),
+            until.map_or("until now".to_owned(), |t| format!(
+                "before {}",
+                time(Some(t))
+            )),
+        ),
+    };
+    out.push_str(&format!(
+        "Reconciliation as of {}: {window}{}\n",
+        time(s.now),
+        s.definition
+            .as_ref()
+            .map_or(String::new(), |d| format!(" of definition {d}")),
+    ));
+    out.push_str(&format!(
+        "Checked {} instance(s) and {} event(s); participants cross-checked: {}\n\n",
+        s.instances,
+        s.events,
+        if s.participants.is_empty() {
+            "none".to_owned()
+        } else {
+            s.participants.join(", ")
+        }
+    ));
+
+    let mut headers = vec!["DEFINITION"];
+    let upper: Vec<String> = Status::ALL
+        .iter()
+        .map(|st| st.as_str().to_uppercase())
+        .collect();
+    headers.extend(upper.iter().map(String::as_str));
+    headers.push("TOTAL");
+    let mut rows = Vec::new();
+    let row_of = |name: &str, counts: &std::collections::BTreeMap<String, u64>| {
+        let mut row = vec![name.to_owned()];
+        let mut total = 0;
+        for st in Status::ALL {
+            let n = counts.get(st.as_str()).copied().unwrap_or(0);
+            total += n;
+            row.push(n.to_string());
+        }
+        row.push(total.to_string());
+        row
+    };
+    for (def, counts) in &s.by_definition {
+        rows.push(row_of(def, counts));
+    }
+    rows.push(row_of("(all)", &s.by_status()));
+    out.push_str(&table(&headers, &rows));
+    out.push('\n');
+
+    let kinds: Vec<Vec<String>> = FindingKind::ALL
+        .iter()
+        .map(|k| {
+            vec![
+                k.as_str().to_owned(),
+                s.findings.get(k.as_str()).copied().unwrap_or(0).to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["FINDING", "COUNT"], &kinds));
+    out.push('\n');
+
+    if report.findings.is_empty() {
+        out.push_str("Consistent: no findings.\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = report
+        .findings
+        .iter()
+        .map(|f| {
+            vec![
+                f.kind.as_str().to_owned(),
+                f.instance.map_or("-".to_owned(), |i| i.to_string()),
+                opt(f.definition.as_deref()),
+                opt(f.step.as_deref()),
+                f.detail.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["KIND", "INSTANCE", "DEFINITION", "STEP", "DETAIL"],
+        &rows,
+    ));
+    out.push_str(&format!(
+        "\nInconsistent: {} finding(s).\n",
+        report.findings.len()
+    ));
+    out
+}
+
+/// The whole report as one JSON document.
+pub fn report_json(report: &Report) -> String {
+    let doc = json!({
+        "consistent": report.is_consistent(),
+        "summary": report.summary,
+        "by_status": report.summary.by_status(),
+        "findings": report.findings,
+    });
+    serde_json::to_string_pretty(&doc).expect("a report serializes") + "\n"
+}
+
+/// The findings as CSV with a header row.
+pub fn report_csv(report: &Report) -> String {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["kind", "instance", "definition", "step", "detail"])
+        .expect("writing to memory");
+    for f in &report.findings {
+        w.write_record([
+            f.kind.as_str(),
+            &f.instance.map(|i| i.to_string()).unwrap_or_default(),
+            f.definition.as_deref().unwrap_or(""),
+            f.step.as_deref().unwrap_or(""),
+            &f.detail,
+        ])
+        .expect("writing to memory");
+    }
+    String::from_utf8(w.into_inner().expect("flushing to memory")).expect("CSV of UTF-8 is UTF-8")
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A page of `GET /v1/sagas` as a table.
+pub fn saga_list(page: &Value) -> String {
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|i| {
+            vec![
+                s(&i["id"]),
+                format!("{} v{}", s(&i["definition"]), s(&i["version"])),
+                s(&i["status"]),
+                s(&i["created_at"]),
+                s(&i["updated_at"]),
+                s(&i["failure"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "DEFINITION",
+            "STATUS",
+            "CREATED",
+            "UPDATED",
+            "FAILURE",
+        ],
+        &rows,
+    )
+}
+
+/// One line describing an event of the timeline.
+fn event_detail(e: &Value) -> String {
+    let get = |k: &str| e.get(k).filter(|v| !v.is_null());
+    match e["kind"].as_str().unwrap_or("") {
+        "started" => format!(
+            "{} v{} ({})",
+            s(&e["plan"]["name"]),
+            s(&e["plan"]["version"]),
+            s(&e["plan"]["mode"])
+        ),
+        "dispatched" | "extended" => format!("deadline {}", s(&e["deadline"])),
+        "replied" => {
+            let o = &e["outcome"];
+            match o.get("reason").or_else(|| o.get("note")) {
+                Some(r) if !r.is_null() => format!("{}: {}", s(&o["status"]), s(r)),
+                _ => s(&o["status"]),
+            }
+        }
+        "reply_ignored" => format!("{} reply ignored: {}", s(&e["outcome"]), s(&e["reason"])),
+        "retry_scheduled" => format!("next attempt at {}", s(&e["at"])),
+        "operator_action" => format!(
+            "{} by {}: {}",
+            s(&e["action"]),
+            s(&e["actor"]),
+            s(&e["reason"])
+        ),
+        "finished" => s(&e["status"]),
+        "preparation_failed" => s(&e["error"]),
+        _ => get("reason").map(s).unwrap_or_default(),
+    }
+}
+
+/// A transaction (`GET /v1/sagas/{id}`) with its timeline (`…/events`).
+pub fn saga_detail(saga: &Value, events: &Value) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("Transaction  {}\n", s(&saga["id"])));
+    out.push_str(&format!(
+        "Definition   {} v{} ({})\n",
+        s(&saga["definition"]),
+        s(&saga["version"]),
+        s(&saga["mode"])
+    ));
+    out.push_str(&format!("Status       {}\n", s(&saga["status"])));
+    if !saga["failure"].is_null() {
+        out.push_str(&format!("Failure      {}\n", s(&saga["failure"])));
+    }
+    out.push_str(&format!("Created      {}\n", s(&saga["created_at"])));
+    out.push_str(&format!("Updated      {}\n", s(&saga["updated_at"])));
+    out.push_str(&format!("Input        {}\n\n", saga["input"]));
+    let steps = saga["steps"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = steps
+        .iter()
+        .map(|st| {
+            vec![
+                s(&st["name"]),
+                s(&st["participant"]),
+                s(&st["status"]),
+                s(&st["attempts"]),
+                s(&st["last_error"]),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["STEP", "PARTICIPANT", "STATUS", "ATTEMPTS", "LAST ERROR"],
+        &rows,
+    ));
+    out.push('\n');
+    let name = |v: &Value| {
+        v.as_u64()
+            .and_then(|i| steps.get(i as usize))
+            .map_or_else(|| s(v), |st| s(&st["name"]))
+    };
+    let rows: Vec<Vec<String>> = events
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let step = match e.get("step") {
+                Some(v) if !v.is_null() => name(v),
+                _ => e.get("step_name").map_or("-".to_owned(), s),
+            };
+            vec![
+                s(&e["seq"]),
+                s(&e["at"]),
+                s(&e["kind"]),
+                step,
+                e.get("operation").map_or("-".to_owned(), s),
+                e.get("attempt").map_or("-".to_owned(), s),
+                event_detail(e),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "SEQ",
+            "AT",
+            "EVENT",
+            "STEP",
+            "OPERATION",
+            "ATTEMPT",
+            "DETAIL",
+        ],
+        &rows,
+    ));
+    out
+}
+
+/// `GET /v1/definitions` as a table.
+pub fn definitions(defs: &Value) -> String {
+    let items = defs["items"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|d| {
+            let steps: Vec<String> = d["steps"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|st| format!("{}@{}", s(&st["name"]), s(&st["participant"])))
+                .collect();
+            vec![
+                s(&d["name"]),
+                s(&d["version"]),
+                s(&d["mode"]),
+                if d["latest"].as_bool() == Some(true) {
+                    "yes".to_owned()
+                } else {
+                    "no".to_owned()
+                },
+                steps.join(" -> "),
+            ]
+        })
+        .collect();
+    table(&["NAME", "VERSION", "MODE", "LATEST", "STEPS"], &rows)
+}
+
+/// Pretty JSON with a final newline.
+pub fn json(v: &Value) -> String {
+    serde_json::to_string_pretty(v).expect("JSON values serialize") + "\n"
+}
