@@ -1,139 +1,695 @@
-//! The PostgreSQL store under concurrency: updates of one instance serialize, and due timers
-//! and outbox rows are claimed by one process each.
+//! One store suite, run against both backends: every test below runs once on PostgreSQL
+//! (`postgres::…`, its own database) and once on SQLite (`sqlite::…`, its own file). It covers
+//! the whole `SagaStore` trait: creation and its conflicts, the log, updates with their outbox
+//! rows and timers, claims under concurrency, keyset listing, and a restart that reopens the
+//! same database and carries on.
 
 mod common;
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::Result;
-use chrono::Utc;
-use sagas::orchestrator::machine::{self, Input, Timer, TimerKind};
-use sagas::orchestrator::store::{PgStore, SagaStore};
-use sagas::orchestrator::{Definition, Registry};
+use anyhow::{Context, Result};
+use chrono::Duration;
+use sagas::orchestrator::clock::{Clock, SystemClock};
+use sagas::orchestrator::machine::{
+    self, Effect, Input, Instance, Time, Timer, TimerKind, Transition,
+};
+use sagas::orchestrator::store::{
+    ListFilter, PgStore, Position, SagaStore, SqliteStore, StoreError,
+};
+use sagas::orchestrator::{Definition, Status};
 use sagas::participant::{Operation, Outcome, Reply};
 use serde_json::json;
+use sqlx::PgPool;
 use uuid::Uuid;
 
-fn definition() -> Definition {
-    Definition::saga::<serde_json::Value>("d", 1)
-        .step("a", "p", |s| s.command(|_, _| json!({})))
-        .step("b", "p", |s| s.command(|_, _| json!({})))
+/// Where a test's store lives.
+enum Backend {
+    Postgres(common::TestEnv),
+    Sqlite(PathBuf),
+}
+
+impl Backend {
+    async fn postgres() -> Result<Backend> {
+        Ok(Backend::Postgres(common::TestEnv::new().await?))
+    }
+
+    async fn sqlite() -> Result<Backend> {
+        let dir = std::env::temp_dir().join(format!("sagas-store-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Backend::Sqlite(dir))
+    }
+
+    /// A store on the test's database; a second call opens it again, as a new process would.
+    async fn open(&self) -> Result<Arc<dyn SagaStore>> {
+        Ok(match self {
+            Backend::Postgres(env) => {
+                let pool = PgPool::connect(&env.orch_url).await?;
+                Arc::new(PgStore::new(pool))
+            }
+            Backend::Sqlite(dir) => Arc::new(
+                SqliteStore::open(dir.join("sagas.db"))
+                    .await
+                    .context("opening the SQLite store")?,
+            ),
+        })
+    }
+
+    async fn cleanup(self) {
+        match self {
+            Backend::Postgres(env) => env.cleanup().await,
+            Backend::Sqlite(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+/// Runs each named suite function against both backends, as `postgres::name` and `sqlite::name`.
+macro_rules! store_suite {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    let backend = super::Backend::postgres().await?;
+                    super::$name(&backend).await?;
+                    backend.cleanup().await;
+                    Ok(())
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    let backend = super::Backend::sqlite().await?;
+                    super::$name(&backend).await?;
+                    backend.cleanup().await;
+                    Ok(())
+                }
+            )*
+        }
+    };
+}
+
+store_suite!(
+    a_created_instance_reads_back_with_its_log_outbox_row_and_deadline,
+    creating_an_instance_twice_is_refused_and_changes_nothing,
+    unknown_instances_are_not_found,
+    an_update_appends_events_writes_the_outbox_and_moves_the_timer,
+    a_fired_timer_is_deleted_only_while_it_is_the_stored_one,
+    a_refused_decision_commits_nothing,
+    concurrent_updates_of_one_instance_serialize_into_a_gapless_log,
+    due_timers_and_outbox_rows_are_claimed_by_one_claimer_each,
+    outbox_rows_wait_for_their_grace_and_deleted_ids_are_never_reused,
+    listing_pages_newest_first_and_filters_by_status_and_definition,
+    a_reopened_store_continues_a_transition_where_it_stopped,
+    ping_answers,
+);
+
+fn definition(name: &str) -> Definition {
+    Definition::saga::<serde_json::Value>(name, 1)
+        .step("a", "p", |s| s.command(|_, _| json!({"op": "a"})))
+        .step("b", "p", |s| s.command(|_, _| json!({"op": "b"})))
         .build()
         .unwrap()
 }
 
-async fn create(store: &PgStore, def: &Definition) -> Result<Uuid> {
-    let id = Uuid::now_v7();
-    let t = machine::start(id, (**def.plan()).clone(), json!({}), Utc::now(), def);
-    store.create(&t, Utc::now()).await?;
-    Ok(id)
+fn now() -> Time {
+    // Microseconds, as both databases store them.
+    SystemClock.now()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_updates_of_one_instance_serialize_into_a_gapless_log() -> Result<()> {
-    let env = common::TestEnv::new().await?;
-    let store = Arc::new(env.store());
-    let def = definition();
-    let id = create(&store, &def).await?;
+fn start(def: &Definition, at: Time) -> Transition {
+    machine::start(Uuid::now_v7(), (**def.plan()).clone(), json!({}), at, def)
+}
+
+async fn create(store: &dyn SagaStore, def: &Definition, at: Time) -> Result<Uuid> {
+    let t = start(def, at);
+    store.create(&t, at).await?;
+    Ok(t.instance.id)
+}
+
+fn reply(id: Uuid, step: &str, attempt: u32, outcome: Outcome) -> Reply {
+    Reply {
+        protocol: 1,
+        transaction_id: id,
+        step: step.into(),
+        operation: Operation::Action,
+        attempt,
+        outcome,
+    }
+}
+
+/// Feeds `input` to the instance through the machine, as the engine does.
+async fn feed(
+    store: &dyn SagaStore,
+    def: &Definition,
+    id: Uuid,
+    input: Input,
+    fired: Option<Timer>,
+    at: Time,
+) -> Result<sagas::orchestrator::store::Updated, StoreError> {
+    let def = def.clone();
+    store
+        .update(
+            id,
+            fired,
+            at,
+            Box::new(move |inst| Ok(machine::handle(inst, input, at, &def)?)),
+        )
+        .await
+}
+
+fn deadline(step: usize, attempt: u32) -> Timer {
+    Timer {
+        step,
+        kind: TimerKind::Deadline,
+        operation: Operation::Action,
+        attempt,
+    }
+}
+
+/// Every timer due before `at`, claimed (and so leased for a day).
+async fn due_timers(store: &dyn SagaStore, at: Time) -> Result<Vec<(Uuid, Timer)>> {
+    Ok(store.claim_due_timers(at, 1_000, Duration::days(1)).await?)
+}
+
+/// The stored log replays to the stored projection.
+async fn assert_replays(store: &dyn SagaStore, id: Uuid) -> Result<Instance> {
+    let events = store.events(id).await?;
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>());
+    let stored = store.get(id).await?.context("instance missing")?.instance;
+    assert_eq!(stored.seq, events.len() as u64);
+    let log: Vec<_> = events.into_iter().map(|e| e.event).collect();
+    assert_eq!(machine::replay(&log).as_ref(), Some(&stored));
+    Ok(stored)
+}
+
+async fn a_created_instance_reads_back_with_its_log_outbox_row_and_deadline(
+    b: &Backend,
+) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let t = start(&def, at);
+    let id = t.instance.id;
+    let outbox = store.create(&t, at).await?;
+
+    let stored = store.get(id).await?.context("instance missing")?;
+    assert_eq!(stored.instance, t.instance);
+    assert_eq!((stored.created_at, stored.updated_at), (at, at));
+    let events = store.events(id).await?;
+    assert_eq!(
+        events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+        t.events
+    );
+    assert!(events.iter().all(|e| e.at == at));
+    assert_replays(&*store, id).await?;
+
+    // The first command is in the outbox, exactly as the transition's effect says.
+    let sent: Vec<_> = t
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send {
+                participant,
+                command,
+            } => Some((participant.clone(), command.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(
+        (outbox[0].participant.clone(), outbox[0].command.clone()),
+        sent[0]
+    );
+    assert_eq!(outbox[0].command.payload, json!({"op": "a"}));
+
+    // Its reply deadline is a timer, due at the deadline and not before.
+    let due_at = outbox[0]
+        .command
+        .deadline
+        .context("command without deadline")?;
+    assert!(
+        store
+            .claim_due_timers(
+                due_at - Duration::milliseconds(1),
+                10,
+                Duration::seconds(10)
+            )
+            .await?
+            .is_empty()
+    );
+    assert_eq!(
+        due_timers(&*store, due_at).await?,
+        vec![(id, deadline(0, 1))]
+    );
+    Ok(())
+}
+
+async fn creating_an_instance_twice_is_refused_and_changes_nothing(b: &Backend) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let t = start(&def, at);
+    let first = store.create(&t, at).await?;
+    let later = at + Duration::seconds(1);
+    match store.create(&t, later).await {
+        Err(StoreError::Exists(id)) => assert_eq!(id, t.instance.id),
+        other => panic!("expected Exists, got {other:?}"),
+    }
+    assert_eq!(store.events(t.instance.id).await?.len(), t.events.len());
+    assert_eq!(store.get(t.instance.id).await?.unwrap().updated_at, at);
+    // Only the first creation's outbox row exists.
+    let rows = store
+        .claim_outbox(later + Duration::hours(1), 100, Duration::seconds(10))
+        .await?;
+    assert_eq!(
+        rows.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![first[0].id]
+    );
+    Ok(())
+}
+
+async fn unknown_instances_are_not_found(b: &Backend) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let id = Uuid::now_v7();
+    assert!(store.get(id).await?.is_none());
+    assert!(store.events(id).await?.is_empty());
+    let input = Input::Reply(reply(id, "a", 1, Outcome::succeeded(json!(1))));
+    match feed(&*store, &def, id, input, None, now()).await {
+        Err(StoreError::NotFound(missing)) => assert_eq!(missing, id),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    Ok(())
+}
+
+async fn an_update_appends_events_writes_the_outbox_and_moves_the_timer(b: &Backend) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let id = create(&*store, &def, at).await?;
+    let before = store.events(id).await?.len();
+
+    let later = at + Duration::milliseconds(300);
+    let input = Input::Reply(reply(id, "a", 1, Outcome::succeeded(json!({"got": "a"}))));
+    let updated = feed(&*store, &def, id, input, None, later).await?;
+
+    // The step's output is kept and the next step is dispatched through the outbox.
+    assert_eq!(updated.outbox.len(), 1);
+    let next = &updated.outbox[0];
+    assert_eq!(
+        (next.participant.as_str(), next.command.step.as_str()),
+        ("p", "b")
+    );
+    assert_eq!(next.command.payload, json!({"op": "b"}));
+    let events = store.events(id).await?;
+    assert_eq!(events.len(), before + updated.transition.events.len());
+    assert!(events[before..].iter().all(|e| e.at == later));
+    let stored = store.get(id).await?.unwrap();
+    assert_eq!(stored.instance, updated.transition.instance);
+    assert_eq!((stored.created_at, stored.updated_at), (at, later));
+    assert_eq!(stored.instance.steps[0].output, Some(json!({"got": "a"})));
+    assert_replays(&*store, id).await?;
+
+    // Step a's deadline is gone; step b's is set.
+    let timers = due_timers(&*store, later + Duration::days(1)).await?;
+    assert_eq!(timers, vec![(id, deadline(1, 1))]);
+
+    // Completing the last step finishes the instance and leaves no timer.
+    let input = Input::Reply(reply(id, "b", 1, Outcome::succeeded(json!("done"))));
+    let done = feed(&*store, &def, id, input, None, later).await?;
+    assert!(done.outbox.is_empty());
+    assert_eq!(
+        store.get(id).await?.unwrap().instance.status,
+        Status::Completed
+    );
+    assert!(
+        due_timers(&*store, later + Duration::days(3))
+            .await?
+            .is_empty()
+    );
+    assert_replays(&*store, id).await?;
+    Ok(())
+}
+
+async fn a_fired_timer_is_deleted_only_while_it_is_the_stored_one(b: &Backend) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let id = create(&*store, &def, at).await?;
+    let unchanged: machine::Timer = deadline(0, 1);
+    // A decision that changes nothing, so only the timer deletion is observed.
+    let nothing = |store: Arc<dyn SagaStore>, fired: Timer| async move {
+        store
+            .update(
+                id,
+                Some(fired),
+                now(),
+                Box::new(|inst| {
+                    Ok(Transition {
+                        instance: inst.clone(),
+                        events: vec![],
+                        effects: vec![],
+                    })
+                }),
+            )
+            .await
+    };
+    // A stale timer (an older attempt) leaves the stored one alone.
+    nothing(store.clone(), deadline(0, 7)).await?;
+    let later = at + Duration::days(1);
+    assert_eq!(
+        store.claim_due_timers(later, 10, Duration::zero()).await?,
+        vec![(id, unchanged)]
+    );
+    // The stored one is deleted.
+    nothing(store.clone(), unchanged).await?;
+    assert!(due_timers(&*store, later).await?.is_empty());
+    // Nothing else changed.
+    assert_eq!(store.events(id).await?.len(), start(&def, at).events.len());
+    Ok(())
+}
+
+async fn a_refused_decision_commits_nothing(b: &Backend) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let id = create(&*store, &def, at).await?;
+    let events = store.events(id).await?.len();
+    let result = store
+        .update(
+            id,
+            Some(deadline(0, 1)),
+            now(),
+            Box::new(|_| Err(StoreError::MissingDefinition("not here".into()))),
+        )
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::MissingDefinition(_))),
+        "{result:?}"
+    );
+    // The timer deletion was rolled back with the rest.
+    assert_eq!(
+        due_timers(&*store, at + Duration::days(1)).await?,
+        vec![(id, deadline(0, 1))]
+    );
+    assert_eq!(store.events(id).await?.len(), events);
+    // An operator action that does not fit is refused the same way.
+    let abort = Input::Retry {
+        actor: "test".into(),
+        reason: "nothing is stuck".into(),
+    };
+    let refused = feed(&*store, &def, id, abort, None, now()).await;
+    assert!(
+        matches!(refused, Err(StoreError::Rejected(_))),
+        "{refused:?}"
+    );
+    assert_eq!(store.events(id).await?.len(), events);
+    Ok(())
+}
+
+async fn concurrent_updates_of_one_instance_serialize_into_a_gapless_log(
+    b: &Backend,
+) -> Result<()> {
+    // Two stores on one database, as two processes would have.
+    let stores = [b.open().await?, b.open().await?];
+    let store = stores[0].clone();
+    let def = definition("d");
+    let id = create(&*store, &def, now()).await?;
     let before = store.events(id).await?.len();
     let mut tasks = Vec::new();
     for i in 0..20u32 {
-        let store = store.clone();
-        let def = def.clone();
+        let (store, def) = (stores[i as usize % 2].clone(), def.clone());
         tasks.push(tokio::spawn(async move {
             // A stray reply: each update appends exactly one `reply_ignored` event.
-            let reply = Reply {
-                protocol: 1,
-                transaction_id: id,
-                step: "b".into(),
-                operation: Operation::Action,
-                attempt: i + 1,
-                outcome: Outcome::succeeded(json!(i)),
-            };
-            store
-                .update(
-                    id,
-                    None,
-                    Utc::now(),
-                    Box::new(move |inst| {
-                        Ok(machine::handle(
-                            inst,
-                            Input::Reply(reply),
-                            Utc::now(),
-                            &def,
-                        )?)
-                    }),
-                )
-                .await
+            let stray = Input::Reply(reply(id, "b", i + 1, Outcome::succeeded(json!(i))));
+            feed(&*store, &def, id, stray, None, now()).await
         }));
     }
     for t in tasks {
         t.await??;
     }
-    let events = store.events(id).await?;
-    assert_eq!(events.len(), before + 20);
-    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>());
-    let stored = store.get(id).await?.unwrap().instance;
-    assert_eq!(stored.seq, events.len() as u64);
-    let log: Vec<_> = events.into_iter().map(|e| e.event).collect();
-    assert_eq!(machine::replay(&log), Some(stored));
-    env.cleanup().await;
+    assert_eq!(store.events(id).await?.len(), before + 20);
+    assert_replays(&*store, id).await?;
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn due_timers_and_outbox_rows_are_claimed_by_one_claimer_each() -> Result<()> {
-    let env = common::TestEnv::new().await?;
-    let store = Arc::new(env.store());
-    let def = definition();
+async fn due_timers_and_outbox_rows_are_claimed_by_one_claimer_each(b: &Backend) -> Result<()> {
+    let store = b.open().await?;
+    let other = b.open().await?;
+    let def = definition("d");
     let mut ids = Vec::new();
     for _ in 0..40 {
-        ids.push(create(&store, &def).await?);
+        ids.push(create(&*store, &def, now()).await?);
     }
     // Every instance has its first command in the outbox and a reply deadline timer.
-    let later = Utc::now() + chrono::Duration::hours(1);
-    let lease = chrono::Duration::minutes(5);
-    let claim_timers = |s: Arc<PgStore>| async move { s.claim_due_timers(later, 7, lease).await };
-    let claim_outbox = |s: Arc<PgStore>| async move { s.claim_outbox(later, 7, lease).await };
+    let later = now() + Duration::hours(1);
+    let lease = Duration::minutes(5);
+    let claim_timers =
+        |s: Arc<dyn SagaStore>| async move { s.claim_due_timers(later, 7, lease).await };
+    let claim_outbox = |s: Arc<dyn SagaStore>| async move { s.claim_outbox(later, 7, lease).await };
     let mut timers = Vec::new();
     let mut rows = Vec::new();
     loop {
-        let (a, b) = tokio::join!(claim_timers(store.clone()), claim_timers(store.clone()));
-        let (c, d) = tokio::join!(claim_outbox(store.clone()), claim_outbox(store.clone()));
-        let (a, b, c, d) = (a?, b?, c?, d?);
-        if a.is_empty() && b.is_empty() && c.is_empty() && d.is_empty() {
+        // One claimer in each of two "processes" and a second one in the first.
+        let (a, b, x) = tokio::join!(
+            claim_timers(store.clone()),
+            claim_timers(other.clone()),
+            claim_timers(store.clone())
+        );
+        let (c, d, y) = tokio::join!(
+            claim_outbox(store.clone()),
+            claim_outbox(other.clone()),
+            claim_outbox(other.clone())
+        );
+        let claimed_timers: Vec<_> = [a?, b?, x?].into_iter().flatten().collect();
+        let claimed_rows: Vec<_> = [c?, d?, y?].into_iter().flatten().collect();
+        if claimed_timers.is_empty() && claimed_rows.is_empty() {
             break;
         }
-        timers.extend(a.into_iter().chain(b));
-        rows.extend(c.into_iter().chain(d).map(|m| m.id));
+        timers.extend(claimed_timers);
+        rows.extend(claimed_rows.into_iter().map(|m| m.id));
     }
     let mut timer_ids: Vec<Uuid> = timers.iter().map(|(id, _)| *id).collect();
     timer_ids.sort();
-    let mut expected = ids.clone();
-    expected.sort();
-    assert_eq!(timer_ids, expected, "each timer claimed exactly once");
-    assert!(timers.iter().all(|(_, t)| *t
-        == Timer {
-            step: 0,
-            kind: TimerKind::Deadline,
-            operation: Operation::Action,
-            attempt: 1
-        }));
+    ids.sort();
+    assert_eq!(timer_ids, ids, "each timer claimed exactly once");
+    assert!(timers.iter().all(|(_, t)| *t == deadline(0, 1)));
     rows.sort();
     rows.dedup();
     assert_eq!(rows.len(), 40, "each outbox row claimed exactly once");
-    // Leased rows are not claimed again before the lease ends.
+    // Leased rows are not claimed again before the lease ends, and are after it.
     assert!(store.claim_outbox(later, 100, lease).await?.is_empty());
+    assert!(store.claim_due_timers(later, 100, lease).await?.is_empty());
+    let after_lease = later + lease;
+    assert_eq!(
+        store.claim_due_timers(after_lease, 100, lease).await?.len(),
+        40
+    );
+    assert_eq!(store.claim_outbox(after_lease, 100, lease).await?.len(), 40);
     store.delete_outbox(&rows).await?;
     assert!(
         store
-            .claim_outbox(later + chrono::Duration::hours(1), 100, lease)
+            .claim_outbox(after_lease + Duration::hours(1), 100, lease)
             .await?
             .is_empty()
     );
-    let _ = (Registry::new(), Duration::ZERO);
-    env.cleanup().await;
+    Ok(())
+}
+
+async fn outbox_rows_wait_for_their_grace_and_deleted_ids_are_never_reused(
+    b: &Backend,
+) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let first = store.create(&start(&def, at), at).await?;
+    let second = store.create(&start(&def, at), at).await?;
+    let lease = Duration::seconds(30);
+    // The writer publishes at once; the relay may only after the grace (5 s).
+    assert!(
+        store
+            .claim_outbox(at + Duration::seconds(4), 10, lease)
+            .await?
+            .is_empty()
+    );
+    let claimed = store
+        .claim_outbox(at + Duration::seconds(5), 10, lease)
+        .await?;
+    assert_eq!(
+        claimed.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![first[0].id, second[0].id],
+        "claimed in id order"
+    );
+    assert_eq!(claimed[0], first[0]);
+    // Deleting one row leaves the other; the next row gets a new id.
+    store.delete_outbox(&[second[0].id]).await?;
+    store.delete_outbox(&[]).await?;
+    let third = store.create(&start(&def, at), at).await?;
+    assert!(third[0].id > second[0].id);
+    let left = store
+        .claim_outbox(at + Duration::hours(1), 10, lease)
+        .await?;
+    assert_eq!(
+        left.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![first[0].id, third[0].id]
+    );
+    Ok(())
+}
+
+async fn listing_pages_newest_first_and_filters_by_status_and_definition(
+    b: &Backend,
+) -> Result<()> {
+    let store = b.open().await?;
+    let (d, other) = (definition("d"), definition("other"));
+    let base = now();
+    let mut created = Vec::new();
+    for i in 0..5 {
+        let at = base + Duration::milliseconds(i);
+        created.push((at, create(&*store, &d, at).await?));
+    }
+    // Two started in the same microsecond: the id breaks the tie.
+    let tie = base + Duration::milliseconds(10);
+    for _ in 0..2 {
+        created.push((tie, create(&*store, &other, tie).await?));
+    }
+    let mut expected = created.clone();
+    expected.sort_by(|a, b| b.cmp(a));
+    let expected: Vec<Uuid> = expected.into_iter().map(|(_, id)| id).collect();
+
+    let all = ListFilter {
+        status: None,
+        definition: None,
+        after: None,
+        limit: 100,
+    };
+    let ids = |page: &[sagas::orchestrator::store::StoredInstance]| {
+        page.iter().map(|s| s.instance.id).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&store.list(&all).await?), expected);
+
+    // Pages of 3 walk the same order without gaps or repeats, even when new instances start.
+    let mut paged = Vec::new();
+    let mut after: Option<Position> = None;
+    loop {
+        let page = store
+            .list(&ListFilter {
+                after,
+                limit: 3,
+                ..all.clone()
+            })
+            .await?;
+        if paged.is_empty() {
+            create(&*store, &d, base + Duration::hours(1)).await?;
+        }
+        let Some(last) = page.last() else { break };
+        after = Some(Position::of(last));
+        paged.extend(ids(&page));
+    }
+    assert_eq!(paged, expected);
+
+    let by_definition = store
+        .list(&ListFilter {
+            definition: Some("other".into()),
+            ..all.clone()
+        })
+        .await?;
+    assert_eq!(ids(&by_definition), expected[..2].to_vec());
+
+    // Complete one instance; filter on its status.
+    let done = created[1].1;
+    for step in ["a", "b"] {
+        let input = Input::Reply(reply(done, step, 1, Outcome::succeeded(json!("done"))));
+        feed(&*store, &d, done, input, None, now()).await?;
+    }
+    let completed = store
+        .list(&ListFilter {
+            status: Some(Status::Completed),
+            ..all.clone()
+        })
+        .await?;
+    assert_eq!(ids(&completed), vec![done]);
+    let running_other = store
+        .list(&ListFilter {
+            status: Some(Status::Running),
+            definition: Some("d".into()),
+            limit: 2,
+            ..all.clone()
+        })
+        .await?;
+    assert_eq!(running_other.len(), 2);
+    assert!(
+        running_other
+            .iter()
+            .all(|s| s.instance.plan.name == "d" && s.instance.status == Status::Running)
+    );
+    Ok(())
+}
+
+async fn a_reopened_store_continues_a_transition_where_it_stopped(b: &Backend) -> Result<()> {
+    let def = definition("d");
+    let at = now();
+    let (id, outbox) = {
+        let store = b.open().await?;
+        let t = start(&def, at);
+        let outbox = store.create(&t, at).await?;
+        feed(
+            &*store,
+            &def,
+            t.instance.id,
+            Input::Reply(reply(t.instance.id, "a", 1, Outcome::succeeded(json!("a")))),
+            None,
+            at,
+        )
+        .await?;
+        (t.instance.id, outbox)
+        // The store is dropped here, as by a process that stops.
+    };
+    let store = b.open().await?;
+    let stored = assert_replays(&*store, id).await?;
+    assert_eq!(stored.status, Status::Running);
+    assert_eq!(stored.steps[0].output, Some(json!("a")));
+    // What the first process left behind is there: both outbox rows and step b's deadline.
+    let rows = store
+        .claim_outbox(at + Duration::hours(1), 10, Duration::seconds(30))
+        .await?;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0], outbox[0]);
+    let timers = due_timers(&*store, at + Duration::days(1)).await?;
+    assert_eq!(timers, vec![(id, deadline(1, 1))]);
+    // The deadline fires in the new process: step b is retried, then completes.
+    let retried = feed(
+        &*store,
+        &def,
+        id,
+        Input::Timer(timers[0].1),
+        Some(timers[0].1),
+        at + Duration::days(1),
+    )
+    .await?;
+    assert!(
+        retried
+            .transition
+            .events
+            .iter()
+            .any(|e| e.kind() == "timed_out")
+    );
+    let input = Input::Reply(reply(id, "b", 1, Outcome::succeeded(json!("b"))));
+    feed(&*store, &def, id, input, None, at + Duration::days(1)).await?;
+    let done = assert_replays(&*store, id).await?;
+    assert_eq!(done.status, Status::Completed);
+    Ok(())
+}
+
+async fn ping_answers(b: &Backend) -> Result<()> {
+    let store = b.open().await?;
+    store.ping().await?;
     Ok(())
 }

@@ -1,7 +1,5 @@
 //! The PostgreSQL store.
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
 use chrono::Duration;
 use serde_json::Value;
@@ -82,23 +80,7 @@ async fn apply_effects(
     effects: &[Effect],
     now: Time,
 ) -> Result<Vec<OutboxMessage>, StoreError> {
-    let mut sends = Vec::new();
-    // Only the last effect on each timer key matters.
-    let mut timers: BTreeMap<String, Option<(Time, Timer)>> = BTreeMap::new();
-    for effect in effects {
-        match effect {
-            Effect::Send {
-                participant,
-                command,
-            } => sends.push((participant, command)),
-            Effect::SetTimer { at, timer } => {
-                timers.insert(timer.key(), Some((*at, *timer)));
-            }
-            Effect::CancelTimer { key } => {
-                timers.insert(key.clone(), None);
-            }
-        }
-    }
+    let super::PlannedEffects { sends, set, cancel } = super::plan_effects(effects);
     let mut outbox = Vec::with_capacity(sends.len());
     if !sends.is_empty() {
         let rows: Vec<Value> = sends
@@ -130,11 +112,6 @@ async fn apply_effects(
             });
         }
     }
-    let cancel: Vec<&String> = timers
-        .iter()
-        .filter(|(_, v)| v.is_none())
-        .map(|(k, _)| k)
-        .collect();
     if !cancel.is_empty() {
         sqlx::query("DELETE FROM sagas_timers WHERE instance_id = $1 AND key = ANY($2)")
             .bind(id)
@@ -142,10 +119,9 @@ async fn apply_effects(
             .execute(&mut *conn)
             .await?;
     }
-    let set: Vec<Value> = timers
-        .values()
-        .flatten()
-        .map(|(at, t)| serde_json::json!({"k": t.key(), "at": at, "t": t}))
+    let set: Vec<Value> = set
+        .iter()
+        .map(|(k, at, t)| serde_json::json!({"k": k, "at": at, "t": t}))
         .collect();
     if !set.is_empty() {
         sqlx::query(

@@ -9,8 +9,10 @@ use tokio::sync::mpsc;
 use crate::store::OutboxMessage;
 
 pub mod amqp;
+pub mod memory;
 
 pub use amqp::{AmqpConfig, AmqpTransport};
+pub use memory::MemoryTransport;
 
 /// Errors of a transport; all of them are retryable.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,461 @@
+//! The SQLite store: the embedded default, one file, no server.
+//!
+//! Same tables and the same semantics as the PostgreSQL store (`migrations/sqlite`): one
+//! database transaction per transition, the outbox with its grace period and leases, durable
+//! timers with leases. What differs is how writers are kept apart. SQLite has one writer at a
+//! time per file and no `FOR UPDATE SKIP LOCKED`, so:
+//!
+//! - every write goes through a pool of **one** connection, so writes of this process queue in
+//!   the pool (in order, without polling) rather than on the file lock;
+//! - every write transaction starts with `BEGIN IMMEDIATE`, which takes the file's write lock
+//!   at once. A deferred transaction that reads and then writes cannot wait for the lock (SQLite
+//!   answers `SQLITE_BUSY` at once to avoid a deadlock); an immediate one waits up to the busy
+//!   timeout. This also keeps a second process on the same file (a `sagactl`, a second
+//!   quickstart) correct, if slow;
+//! - a claim of due timers or outbox rows is one such transaction: claimers are serialized, so
+//!   the rows one claimer leases are invisible to the next as `SKIP LOCKED` makes them in
+//!   PostgreSQL.
+//!
+//! Reads (`get`, `events`, `list`, `ping`) use a separate pool: in WAL mode they see the last
+//! committed state and neither block nor are blocked by the writer.
+//!
+//! Durability: WAL journal with `synchronous = FULL`, so a transition is on disk when its commit
+//! returns (NORMAL would be faster but could lose the last commits on power loss; the engine
+//! acknowledges replies after commit and relies on them staying committed).
+//!
+//! Throughput is one writer's: thousands of small transactions per second at most, which is
+//! plenty for the embedded use (the quickstart, tests, a single-node tool). Production uses
+//! [`PgStore`](super::PgStore).
+
+use std::path::Path;
+use std::time::Duration as StdDuration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use uuid::Uuid;
+
+use super::{
+    Decide, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance, Updated,
+};
+use crate::machine::{Effect, Event, Instance, Time, Timer, Transition};
+use sagas_participant::protocol::Command;
+
+/// The SQLite store's migrations (`migrations/sqlite`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// How long the writer of an outbox row has to publish it before the relay may (as in
+/// PostgreSQL).
+const OUTBOX_GRACE_MS: i64 = 5_000;
+
+/// How long a write waits for another process's write lock on the file.
+const BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+
+/// Connections of the read pool.
+const READERS: u32 = 4;
+
+/// A [`SagaStore`] in one SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating it if missing) the database file at `path` and applies the migrations.
+    pub async fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true);
+        SqliteStore::connect(options).await
+    }
+
+    /// Opens a database with `options` and applies the migrations. WAL, `synchronous = FULL`
+    /// and a busy timeout are set on top of them: the store's guarantees depend on them.
+    pub async fn connect(options: SqliteConnectOptions) -> Result<SqliteStore, StoreError> {
+        let options = options
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            // Writes wait here for the one connection, behind the writes queued before them.
+            .acquire_timeout(StdDuration::from_secs(60))
+            .connect_with(options.clone())
+            .await?;
+        // The first connection has switched the file to WAL; readers connect on demand.
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .connect_lazy_with(options);
+        let store = SqliteStore { writer, reader };
+        store.migrate().await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => StoreError::Database(e),
+            other => StoreError::Corrupt(format!("migrations: {other}")),
+        })?;
+        Ok(store)
+    }
+
+    /// Applies the migrations (`open` and `connect` do).
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.writer).await
+    }
+
+    /// Closes both pools, waiting for the connections to finish.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// A time as stored: microseconds since the Unix epoch.
+fn micros(t: Time) -> i64 {
+    t.timestamp_micros()
+}
+
+fn time(us: i64) -> Result<Time, StoreError> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| corrupt("time", us))
+}
+
+fn uuid(s: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(s).map_err(|e| corrupt("uuid", e))
+}
+
+fn to_json(what: &str, value: &impl serde::Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| corrupt(what, e))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| corrupt(what, e))
+}
+
+/// A projection row: `state`, `created_at`, `updated_at`.
+type InstanceRow = (String, i64, i64);
+
+fn stored((state, created_at, updated_at): InstanceRow) -> Result<StoredInstance, StoreError> {
+    Ok(StoredInstance {
+        instance: from_json("instance state", &state)?,
+        created_at: time(created_at)?,
+        updated_at: time(updated_at)?,
+    })
+}
+
+/// Appends `events`, numbered from `first_seq`.
+async fn append_events(
+    conn: &mut SqliteConnection,
+    id: &str,
+    first_seq: i64,
+    events: &[Event],
+    now: Time,
+) -> Result<(), StoreError> {
+    for (i, event) in events.iter().enumerate() {
+        let body = serde_json::to_value(event).map_err(|e| corrupt("event", e))?;
+        // The same columns PostgreSQL extracts from the body, for queries by hand.
+        let field = |k: &str| body.get(k).cloned().unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(first_seq + i as i64)
+        .bind(field("kind").as_str().unwrap_or_default().to_owned())
+        .bind(field("step").as_i64())
+        .bind(field("operation").as_str().map(str::to_owned))
+        .bind(field("attempt").as_i64())
+        .bind(body.to_string())
+        .bind(micros(now))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Writes the transition's commands to the outbox and applies its timer effects.
+async fn apply_effects(
+    conn: &mut SqliteConnection,
+    id: &str,
+    effects: &[Effect],
+    now: Time,
+) -> Result<Vec<OutboxMessage>, StoreError> {
+    let super::PlannedEffects { sends, set, cancel } = super::plan_effects(effects);
+    let mut outbox = Vec::with_capacity(sends.len());
+    for (participant, command) in sends {
+        let (row_id,): (i64,) = sqlx::query_as(
+            "INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
+             VALUES (?, ?, ?, ?, ?, ?)
+             RETURNING id",
+        )
+        .bind(id)
+        .bind(participant)
+        .bind(command.message_id())
+        .bind(to_json("command", command)?)
+        .bind(micros(now))
+        .bind(micros(now) + OUTBOX_GRACE_MS * 1_000)
+        .fetch_one(&mut *conn)
+        .await?;
+        outbox.push(OutboxMessage {
+            id: row_id,
+            participant: participant.clone(),
+            command: command.clone(),
+        });
+    }
+    for key in cancel {
+        sqlx::query("DELETE FROM sagas_timers WHERE instance_id = ? AND key = ?")
+            .bind(id)
+            .bind(key)
+            .execute(&mut *conn)
+            .await?;
+    }
+    for (key, at, timer) in set {
+        sqlx::query(
+            "INSERT INTO sagas_timers (instance_id, key, due_at, timer) VALUES (?, ?, ?, ?)
+             ON CONFLICT (instance_id, key) DO UPDATE SET due_at = excluded.due_at, timer = excluded.timer",
+        )
+        .bind(id)
+        .bind(key)
+        .bind(micros(at))
+        .bind(to_json("timer", &timer)?)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(outbox)
+}
+
+#[async_trait]
+impl SagaStore for SqliteStore {
+    async fn create(
+        &self,
+        start: &Transition,
+        now: Time,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let inst = &start.instance;
+        let id = inst.id.to_string();
+        let mut tx = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO sagas_instances
+               (id, definition, version, mode, status, seq, state, failure, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(&inst.plan.name)
+        .bind(i64::from(inst.plan.version))
+        .bind(inst.plan.mode.as_str())
+        .bind(inst.status.as_str())
+        .bind(inst.seq as i64)
+        .bind(to_json("instance state", inst)?)
+        .bind(&inst.failure)
+        .bind(micros(now))
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Exists(inst.id));
+        }
+        append_events(&mut tx, &id, 1, &start.events, now).await?;
+        let outbox = apply_effects(&mut tx, &id, &start.effects, now).await?;
+        tx.commit().await?;
+        Ok(outbox)
+    }
+
+    async fn update(
+        &self,
+        id: Uuid,
+        fired: Option<Timer>,
+        now: Time,
+        decide: Decide<'_>,
+    ) -> Result<Updated, StoreError> {
+        let key = id.to_string();
+        // The write lock, taken at BEGIN, is what `FOR UPDATE` is in PostgreSQL.
+        let mut tx = self.begin_write().await?;
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT state FROM sagas_instances WHERE id = ?")
+                .bind(&key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((state,)) = row else {
+            return Err(StoreError::NotFound(id));
+        };
+        let current: Instance = from_json("instance state", &state)?;
+        if let Some(timer) = fired {
+            // Compared as values, not as JSON text: only the timer that fired is deleted.
+            let stored: Option<(String,)> =
+                sqlx::query_as("SELECT timer FROM sagas_timers WHERE instance_id = ? AND key = ?")
+                    .bind(&key)
+                    .bind(timer.key())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some((text,)) = stored
+                && serde_json::from_str::<Timer>(&text).is_ok_and(|t| t == timer)
+            {
+                sqlx::query("DELETE FROM sagas_timers WHERE instance_id = ? AND key = ?")
+                    .bind(&key)
+                    .bind(timer.key())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let transition = decide(&current)?;
+        let inst = &transition.instance;
+        let mut outbox = Vec::new();
+        if !transition.events.is_empty() {
+            let first_seq = current.seq as i64 + 1;
+            append_events(&mut tx, &key, first_seq, &transition.events, now).await?;
+            sqlx::query(
+                "UPDATE sagas_instances SET status = ?, seq = ?, state = ?, failure = ?, updated_at = ?
+                 WHERE id = ?",
+            )
+            .bind(inst.status.as_str())
+            .bind(inst.seq as i64)
+            .bind(to_json("instance state", inst)?)
+            .bind(&inst.failure)
+            .bind(micros(now))
+            .bind(&key)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !transition.effects.is_empty() {
+            outbox = apply_effects(&mut tx, &key, &transition.effects, now).await?;
+        }
+        tx.commit().await?;
+        Ok(Updated { transition, outbox })
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError> {
+        let row: Option<InstanceRow> = sqlx::query_as(
+            "SELECT state, created_at, updated_at FROM sagas_instances WHERE id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(stored).transpose()
+    }
+
+    async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, StoreError> {
+        let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+            "SELECT seq, at, body FROM sagas_events WHERE instance_id = ? ORDER BY seq",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|(seq, at, body)| {
+                Ok(LoggedEvent {
+                    seq,
+                    at: time(at)?,
+                    event: from_json("event", &body)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredInstance>, StoreError> {
+        let (after_at, after_id) = match filter.after {
+            Some(p) => (Some(micros(p.created_at)), Some(p.id.to_string())),
+            None => (None, None),
+        };
+        // Lowercase hyphenated UUIDs sort as their bytes do, so the keyset order is PostgreSQL's.
+        let rows: Vec<InstanceRow> = sqlx::query_as(
+            "SELECT state, created_at, updated_at FROM sagas_instances
+             WHERE (?1 IS NULL OR status = ?1)
+               AND (?2 IS NULL OR definition = ?2)
+               AND (?3 IS NULL OR (created_at, id) < (?3, ?4))
+             ORDER BY created_at DESC, id DESC
+             LIMIT ?5",
+        )
+        .bind(filter.status.map(|s| s.as_str()))
+        .bind(filter.definition.as_deref())
+        .bind(after_at)
+        .bind(after_id)
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(stored).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn claim_due_timers(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<(Uuid, Timer)>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "UPDATE sagas_timers SET due_at = ?3
+             WHERE (instance_id, key) IN
+                   (SELECT instance_id, key FROM sagas_timers
+                    WHERE due_at <= ?1 ORDER BY due_at LIMIT ?2)
+             RETURNING instance_id, timer",
+        )
+        .bind(micros(now))
+        .bind(limit)
+        .bind(micros(now + lease))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.into_iter()
+            .map(|(id, timer)| Ok((uuid(&id)?, from_json("timer", &timer)?)))
+            .collect()
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "UPDATE sagas_outbox SET available_at = ?3
+             WHERE id IN (SELECT id FROM sagas_outbox WHERE available_at <= ?1
+                          ORDER BY id LIMIT ?2)
+             RETURNING id, participant, body",
+        )
+        .bind(micros(now))
+        .bind(limit)
+        .bind(micros(now + lease))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut out = rows
+            .into_iter()
+            .map(|(id, participant, body)| {
+                Ok(OutboxMessage {
+                    id,
+                    participant,
+                    command: from_json::<Command>("outbox body", &body)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort_by_key(|m| m.id);
+        Ok(out)
+    }
+
+    async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM sagas_outbox WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(to_json("outbox ids", &ids)?)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
