@@ -716,7 +716,7 @@ pub fn apply(inst: &mut Instance, event: &Event) {
         }
         Event::CommandPrepared { step, payload } => {
             if let Some(s) = inst.steps.get_mut(*step) {
-                s.payload = Some(payload.clone());
+                s.payload = non_null(payload);
             }
         }
         Event::PreparationFailed { step, error } => {
@@ -771,7 +771,7 @@ pub fn apply(inst: &mut Instance, event: &Event) {
                         s.stuck = false;
                         s.status = match operation {
                             Operation::Action | Operation::Try => {
-                                s.output = Some(output.clone());
+                                s.output = non_null(output);
                                 StepStatus::Succeeded
                             }
                             Operation::Compensate => StepStatus::Compensated,
@@ -850,6 +850,12 @@ pub fn apply(inst: &mut Instance, event: &Event) {
             Status::Running
         };
     }
+}
+
+/// `null` is kept as `None`: the projection is stored as JSON, where `Some(null)` and `None`
+/// are both `null`, and the state must read back exactly as the log replays it.
+fn non_null(v: &Value) -> Option<Value> {
+    (!v.is_null()).then(|| v.clone())
 }
 
 /// The transition under construction: every emitted event is applied at once, so decisions

@@ -684,6 +684,15 @@ fn a_deadline_does_not_interrupt_confirmation_and_is_cancelled_at_the_end() {
 }
 
 #[test]
+fn a_null_output_reads_back_from_stored_json_as_it_replays() {
+    let mut r = Run::start(Mode::Saga, 2);
+    r.reply(0, Action, 1, Outcome::succeeded(Value::Null));
+    let stored: Instance = serde_json::from_value(serde_json::to_value(&r.inst).unwrap()).unwrap();
+    assert_eq!(stored, r.inst);
+    assert_eq!(replay(&r.log), Some(stored));
+}
+
+#[test]
 fn jitter_is_deterministic_and_in_the_unit_interval() {
     let id = Uuid::from_u128(42);
     let a = jitter_unit(id, 1, Action, 2);
