@@ -1305,3 +1305,57 @@ async fn shutdown_finishes_a_request_in_flight_and_stops_the_engine() -> Result<
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_start_with_the_same_idempotency_key_returns_the_first_transaction() -> Result<()>
+{
+    let api = Api::start().await?;
+    let body = json!({"input": {"answer": true}, "idempotency_key": "order-7"});
+    let (status, first) = api.post("/v1/sagas/api_saga", None, body.clone()).await?;
+    assert_eq!(status, 202, "{first}");
+    let (status, again) = api.post("/v1/sagas/api_saga", None, body).await?;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["id"], first["id"]);
+    // The header works too, and names the same transaction.
+    let res = api
+        .http
+        .post(api.app.url("/v1/sagas/api_saga"))
+        .header("idempotency-key", "order-7")
+        .json(&json!({"input": {"answer": true}}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await?["id"], first["id"]);
+    // The same key with another request is a conflict.
+    let (status, answer) = api
+        .post(
+            "/v1/sagas/api_saga",
+            None,
+            json!({"input": {"answer": false}, "idempotency_key": "order-7"}),
+        )
+        .await?;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("another request")
+    );
+    // Body and header must agree.
+    let res = api
+        .http
+        .post(api.app.url("/v1/sagas/api_saga"))
+        .header("idempotency-key", "order-8")
+        .json(&json!({"input": {"answer": true}, "idempotency_key": "order-9"}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 400);
+    let (_, page) = api.get("/v1/sagas?definition=api_saga").await?;
+    assert_eq!(
+        page["items"].as_array().unwrap().len(),
+        1,
+        "only one transaction started"
+    );
+    api.stop().await;
+    Ok(())
+}

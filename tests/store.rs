@@ -97,6 +97,7 @@ macro_rules! store_suite {
 store_suite!(
     a_created_instance_reads_back_with_its_log_outbox_row_and_deadline,
     creating_an_instance_twice_is_refused_and_changes_nothing,
+    an_idempotency_key_names_the_first_instance_and_tells_a_different_request_apart,
     unknown_instances_are_not_found,
     an_update_appends_events_writes_the_outbox_and_moves_the_timer,
     a_fired_timer_is_deleted_only_while_it_is_the_stored_one,
@@ -273,6 +274,56 @@ async fn creating_an_instance_twice_is_refused_and_changes_nothing(b: &Backend) 
         rows.iter().map(|m| m.id).collect::<Vec<_>>(),
         vec![first[0].id]
     );
+    Ok(())
+}
+
+async fn an_idempotency_key_names_the_first_instance_and_tells_a_different_request_apart(
+    b: &Backend,
+) -> Result<()> {
+    use sagas::orchestrator::store::{Created, Idempotency};
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let key = |request: serde_json::Value| Idempotency {
+        key: "order-42".into(),
+        request,
+    };
+    let first = start(&def, at);
+    let created = store
+        .create_idempotent(&first, at, &key(json!({"input": 1})))
+        .await?;
+    assert!(matches!(created, Created::New(ref rows) if rows.len() == 1));
+    let again = start(&def, at);
+    assert_eq!(
+        store
+            .create_idempotent(&again, at, &key(json!({"input": 1})))
+            .await?,
+        Created::Existing {
+            id: first.instance.id,
+            same_request: true
+        }
+    );
+    assert!(
+        store.get(again.instance.id).await?.is_none(),
+        "nothing stored"
+    );
+    assert_eq!(
+        store
+            .create_idempotent(&again, at, &key(json!({"input": 2})))
+            .await?,
+        Created::Existing {
+            id: first.instance.id,
+            same_request: false
+        }
+    );
+    // The key is scoped to its definition.
+    let other = start(&definition("e"), at);
+    assert!(matches!(
+        store
+            .create_idempotent(&other, at, &key(json!({"input": 1})))
+            .await?,
+        Created::New(_)
+    ));
     Ok(())
 }
 

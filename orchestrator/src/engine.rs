@@ -18,7 +18,10 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::definition::Registry;
 use crate::machine::{self, Event, Input, Instance, MissingDefinition, Status, Timer, Transition};
-use crate::store::{ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance};
+use crate::store::{
+    Created, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
+    StoredInstance,
+};
 use crate::transport::{Incoming, Transport, TransportError};
 use sagas_participant::protocol::{PROTOCOL_VERSION, Reply};
 
@@ -73,6 +76,18 @@ pub struct StartOptions {
     /// If the forward phase has not finished this long after the start, the instance is
     /// compensated (or cancelled).
     pub deadline: Option<Duration>,
+    /// A client's key: a second start of the same definition with the same key returns the
+    /// first instance instead of starting another (a different request with it is a conflict).
+    pub idempotency_key: Option<String>,
+}
+
+/// What [`Engine::start_with`] did.
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The instance (just started, or the one the idempotency key already named).
+    pub instance: Instance,
+    /// False when the idempotency key named an existing instance.
+    pub created: bool,
 }
 
 /// How often [`Engine::wait_terminal`] reads the store while no notification came: another
@@ -218,8 +233,10 @@ impl Engine {
 
     /// Starts an instance of the newest version of `definition`.
     pub async fn start(&self, definition: &str, input: Value) -> Result<Instance, EngineError> {
-        self.start_with(definition, input, StartOptions::default())
-            .await
+        Ok(self
+            .start_with(definition, input, StartOptions::default())
+            .await?
+            .instance)
     }
 
     /// Starts an instance of the newest version of `definition` with `options`.
@@ -228,7 +245,7 @@ impl Engine {
         definition: &str,
         input: Value,
         options: StartOptions,
-    ) -> Result<Instance, EngineError> {
+    ) -> Result<Start, EngineError> {
         let def = self
             .registry
             .latest(definition)
@@ -251,14 +268,45 @@ impl Engine {
             ),
         };
         let id = Uuid::now_v7();
+        let idempotency = options.idempotency_key.map(|key| Idempotency {
+            key,
+            request: serde_json::json!({
+                "input": input,
+                "deadline_ms": options.deadline.map(|d| d.as_millis() as u64),
+            }),
+        });
         let t = machine::start_with(id, (**def.plan()).clone(), input, deadline, now, def);
-        let outbox = self.store.create(&t, now).await?;
+        let outbox = match &idempotency {
+            None => self.store.create(&t, now).await?,
+            Some(idem) => match self.store.create_idempotent(&t, now, idem).await? {
+                Created::New(outbox) => outbox,
+                Created::Existing {
+                    id,
+                    same_request: true,
+                } => {
+                    let stored = self.store.get(id).await?.ok_or(EngineError::NotFound(id))?;
+                    return Ok(Start {
+                        instance: stored.instance,
+                        created: false,
+                    });
+                }
+                Created::Existing { id, .. } => {
+                    return Err(EngineError::Conflict(format!(
+                        "idempotency key {:?} was used for another request (transaction {id})",
+                        idem.key
+                    )));
+                }
+            },
+        };
         self.stats.started.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(metric::STARTED, "definition" => definition.to_owned()).increment(1);
         self.committed(&t);
         tracing::debug!(%id, definition, "started");
         self.publish(outbox).await;
-        Ok(t.instance)
+        Ok(Start {
+            instance: t.instance,
+            created: true,
+        })
     }
 
     /// Records what a committed transition changed: metrics, and a notification for requests

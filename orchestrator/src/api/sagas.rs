@@ -62,6 +62,12 @@ pub struct StartRequest {
     /// forward then is compensated (or cancelled). 1 to 2592000 (30 days).
     #[serde(default)]
     pub deadline_s: Option<i64>,
+    /// A key of the client's choosing (1 to 200 visible ASCII characters): a retry of the same
+    /// request with the same key returns the first transaction (200) instead of starting
+    /// another; the key with a different request is a conflict (409). The `Idempotency-Key`
+    /// header works too.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// Answer to a start request.
@@ -201,6 +207,44 @@ impl SagaView {
     }
 }
 
+/// The idempotency key from the body or the `Idempotency-Key` header (they must agree).
+fn idempotency_key(
+    request: &StartRequest,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ApiError> {
+    let header = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_header",
+                        "header Idempotency-Key must be visible ASCII",
+                    )
+                })?
+                .to_owned(),
+        ),
+    };
+    let key = match (&request.idempotency_key, header) {
+        (Some(body), Some(header)) if *body != header => {
+            return Err(ApiError::invalid_body(
+                "\"idempotency_key\" and the Idempotency-Key header differ",
+            ));
+        }
+        (Some(body), _) => Some(body.clone()),
+        (None, header) => header,
+    };
+    if let Some(k) = &key
+        && (k.is_empty() || k.len() > 200 || !k.chars().all(|c| c.is_ascii_graphic()))
+    {
+        return Err(ApiError::invalid_body(
+            "the idempotency key must be 1 to 200 visible ASCII characters",
+        ));
+    }
+    Ok(key)
+}
+
 fn deadline(request: &StartRequest) -> Result<Option<Duration>, ApiError> {
     match request.deadline_s {
         None => Ok(None),
@@ -224,8 +268,9 @@ fn deadline(request: &StartRequest) -> Result<Option<Duration>, ApiError> {
     ),
     request_body(content = StartRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "With `wait`: the transaction, terminal", body = SagaView),
+        (status = 200, description = "With `wait`: the transaction, terminal; or a repeated start with the same idempotency key and request: the first transaction's id and status (or view, with `wait`)", body = StartAnswer),
         (status = 202, description = "Started: its id and status without `wait`; with `wait`, the transaction as it is when the wait ended (still running, or stuck)", body = StartAnswer),
+        (status = 409, description = "`conflict`: the idempotency key was used for another request", body = ErrorBody),
         (status = 400, description = "`invalid_input`, `malformed_body`, `invalid_body` or `invalid_query`", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "The token's role is `read`", body = ErrorBody),
@@ -240,6 +285,7 @@ pub async fn start(
     State(engine): State<Arc<Engine>>,
     Path(definition): Path<String>,
     query: Result<Query<WaitQuery>, QueryRejection>,
+    headers: HeaderMap,
     body: Result<Json<StartRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     // An unknown definition is a 404 whatever the body says.
@@ -251,17 +297,27 @@ pub async fn start(
     let Json(request) = body?;
     let options = StartOptions {
         deadline: deadline(&request)?,
+        idempotency_key: idempotency_key(&request, &headers)?,
     };
-    let instance = engine
+    let start = engine
         .start_with(&definition, request.input, options)
         .await?;
-    tracing::info!(id = %instance.id, definition, "transaction started");
+    let instance = start.instance;
+    if start.created {
+        tracing::info!(id = %instance.id, definition, "transaction started");
+    }
     let Some(wait) = wait else {
         let started = Started {
             id: instance.id,
             status: instance.status,
         };
-        return Ok((StatusCode::ACCEPTED, Json(StartAnswer::Started(started))).into_response());
+        // A repeated idempotent start answers 200: nothing new was started.
+        let status = if start.created {
+            StatusCode::ACCEPTED
+        } else {
+            StatusCode::OK
+        };
+        return Ok((status, Json(StartAnswer::Started(started))).into_response());
     };
     let stored = engine
         .wait_terminal(instance.id, wait)

@@ -20,6 +20,29 @@ pub mod sqlite;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
+/// A client's idempotency key for a start request, with the request it came with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Idempotency {
+    /// The key, unique per definition.
+    pub key: String,
+    /// What identifies the request (input and options): a retry must send the same.
+    pub request: serde_json::Value,
+}
+
+/// The result of [`SagaStore::create_idempotent`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created {
+    /// The instance was stored; publish these outbox rows.
+    New(Vec<OutboxMessage>),
+    /// An instance with the same key exists already (nothing was stored).
+    Existing {
+        /// Its id.
+        id: Uuid,
+        /// Whether it was started with the same request.
+        same_request: bool,
+    },
+}
+
 /// A command waiting in the outbox to be published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxMessage {
@@ -127,6 +150,15 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Stores a new instance with the transition that started it.
     async fn create(&self, start: &Transition, now: Time)
     -> Result<Vec<OutboxMessage>, StoreError>;
+
+    /// Like [`SagaStore::create`], unless an instance of the same definition was started with
+    /// the same idempotency key: then nothing is stored and that instance is named.
+    async fn create_idempotent(
+        &self,
+        start: &Transition,
+        now: Time,
+        idempotency: &Idempotency,
+    ) -> Result<Created, StoreError>;
 
     /// Locks the instance, deletes `fired` if it is still the timer stored under its key, lets
     /// `decide` compute the transition from the current state, and commits it.

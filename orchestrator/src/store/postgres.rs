@@ -9,7 +9,8 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::{
-    Decide, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance, Updated,
+    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
+    StoredInstance, Updated,
 };
 use crate::machine::{Effect, Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
@@ -27,6 +28,61 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    async fn insert(
+        &self,
+        start: &Transition,
+        now: Time,
+        idempotency: Option<&Idempotency>,
+    ) -> Result<Created, StoreError> {
+        let inst = &start.instance;
+        let mut tx = self.pool.begin().await?;
+        // Conflicts on the id or on the idempotency key; a concurrent start with the same key
+        // waits on the unique index until the first commits, then finds its row below.
+        let inserted = sqlx::query(
+            "INSERT INTO sagas_instances
+               (id, definition, version, mode, status, seq, state, failure, created_at, updated_at,
+                idempotency_key, request)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(inst.id)
+        .bind(&inst.plan.name)
+        .bind(inst.plan.version as i32)
+        .bind(inst.plan.mode.as_str())
+        .bind(inst.status.as_str())
+        .bind(inst.seq as i64)
+        .bind(Json(inst))
+        .bind(&inst.failure)
+        .bind(now)
+        .bind(idempotency.map(|i| &i.key))
+        .bind(idempotency.map(|i| Json(&i.request)))
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            if let Some(idem) = idempotency {
+                let row: Option<(Uuid, Option<Json<serde_json::Value>>)> = sqlx::query_as(
+                    "SELECT id, request FROM sagas_instances
+                     WHERE definition = $1 AND idempotency_key = $2",
+                )
+                .bind(&inst.plan.name)
+                .bind(&idem.key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some((id, request)) = row {
+                    return Ok(Created::Existing {
+                        id,
+                        same_request: request.map(|Json(r)| r) == Some(idem.request.clone()),
+                    });
+                }
+            }
+            return Err(StoreError::Exists(inst.id));
+        }
+        append_events(&mut tx, inst.id, 1, &start.events, now).await?;
+        let outbox = apply_effects(&mut tx, inst.id, &start.effects, now).await?;
+        tx.commit().await?;
+        Ok(Created::New(outbox))
+    }
+
     /// A store on `pool` (migrations must have run: see [`PgStore::migrate`]).
     pub fn new(pool: PgPool) -> PgStore {
         PgStore { pool }
@@ -155,32 +211,19 @@ impl SagaStore for PgStore {
         start: &Transition,
         now: Time,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        let inst = &start.instance;
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO sagas_instances
-               (id, definition, version, mode, status, seq, state, failure, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(inst.id)
-        .bind(&inst.plan.name)
-        .bind(inst.plan.version as i32)
-        .bind(inst.plan.mode.as_str())
-        .bind(inst.status.as_str())
-        .bind(inst.seq as i64)
-        .bind(Json(inst))
-        .bind(&inst.failure)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(StoreError::Exists(inst.id));
+        match self.insert(start, now, None).await? {
+            Created::New(outbox) => Ok(outbox),
+            Created::Existing { id, .. } => Err(StoreError::Exists(id)),
         }
-        append_events(&mut tx, inst.id, 1, &start.events, now).await?;
-        let outbox = apply_effects(&mut tx, inst.id, &start.effects, now).await?;
-        tx.commit().await?;
-        Ok(outbox)
+    }
+
+    async fn create_idempotent(
+        &self,
+        start: &Transition,
+        now: Time,
+        idempotency: &Idempotency,
+    ) -> Result<Created, StoreError> {
+        self.insert(start, now, Some(idempotency)).await
     }
 
     async fn update(

@@ -39,7 +39,8 @@ use sqlx::sqlite::{
 use uuid::Uuid;
 
 use super::{
-    Decide, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError, StoredInstance, Updated,
+    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
+    StoredInstance, Updated,
 };
 use crate::machine::{Effect, Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
@@ -65,6 +66,70 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    async fn insert(
+        &self,
+        start: &Transition,
+        now: Time,
+        idempotency: Option<&Idempotency>,
+    ) -> Result<Created, StoreError> {
+        let inst = &start.instance;
+        let id = inst.id.to_string();
+        let mut tx = self.begin_write().await?;
+        let request = match idempotency {
+            Some(i) => Some(to_json("idempotent request", &i.request)?),
+            None => None,
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO sagas_instances
+               (id, definition, version, mode, status, seq, state, failure, created_at, updated_at,
+                idempotency_key, request)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&id)
+        .bind(&inst.plan.name)
+        .bind(i64::from(inst.plan.version))
+        .bind(inst.plan.mode.as_str())
+        .bind(inst.status.as_str())
+        .bind(inst.seq as i64)
+        .bind(to_json("instance state", inst)?)
+        .bind(&inst.failure)
+        .bind(micros(now))
+        .bind(micros(now))
+        .bind(idempotency.map(|i| &i.key))
+        .bind(&request)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            if let Some(idem) = idempotency {
+                let row: Option<(String, Option<String>)> = sqlx::query_as(
+                    "SELECT id, request FROM sagas_instances
+                     WHERE definition = ? AND idempotency_key = ?",
+                )
+                .bind(&inst.plan.name)
+                .bind(&idem.key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some((existing, stored)) = row {
+                    let existing = existing.parse().map_err(|e| {
+                        StoreError::Corrupt(format!("instance id {existing:?}: {e}"))
+                    })?;
+                    let stored: Option<serde_json::Value> =
+                        stored.and_then(|s| serde_json::from_str(&s).ok());
+                    return Ok(Created::Existing {
+                        id: existing,
+                        same_request: stored.as_ref() == Some(&idem.request),
+                    });
+                }
+            }
+            return Err(StoreError::Exists(inst.id));
+        }
+        append_events(&mut tx, &id, 1, &start.events, now).await?;
+        let outbox = apply_effects(&mut tx, &id, &start.effects, now).await?;
+        tx.commit().await?;
+        Ok(Created::New(outbox))
+    }
+
     /// Opens (creating it if missing) the database file at `path` and applies the migrations.
     pub async fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
         let options = SqliteConnectOptions::new()
@@ -238,34 +303,19 @@ impl SagaStore for SqliteStore {
         start: &Transition,
         now: Time,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        let inst = &start.instance;
-        let id = inst.id.to_string();
-        let mut tx = self.begin_write().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO sagas_instances
-               (id, definition, version, mode, status, seq, state, failure, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&id)
-        .bind(&inst.plan.name)
-        .bind(i64::from(inst.plan.version))
-        .bind(inst.plan.mode.as_str())
-        .bind(inst.status.as_str())
-        .bind(inst.seq as i64)
-        .bind(to_json("instance state", inst)?)
-        .bind(&inst.failure)
-        .bind(micros(now))
-        .bind(micros(now))
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(StoreError::Exists(inst.id));
+        match self.insert(start, now, None).await? {
+            Created::New(outbox) => Ok(outbox),
+            Created::Existing { id, .. } => Err(StoreError::Exists(id)),
         }
-        append_events(&mut tx, &id, 1, &start.events, now).await?;
-        let outbox = apply_effects(&mut tx, &id, &start.effects, now).await?;
-        tx.commit().await?;
-        Ok(outbox)
+    }
+
+    async fn create_idempotent(
+        &self,
+        start: &Transition,
+        now: Time,
+        idempotency: &Idempotency,
+    ) -> Result<Created, StoreError> {
+        self.insert(start, now, Some(idempotency)).await
     }
 
     async fn update(
