@@ -193,7 +193,12 @@ pub async fn execute(
 /// The retention must exceed the longest time a transaction can stay open (its steps'
 /// timeouts and retries, and the time an operator may take to resolve a stuck instance):
 /// deleting the rows of an open transaction would let a redelivered forward operation run
-/// again, or a late one run after its undo (hanging).
+/// again, or a late one run after its undo (hanging). Two rules keep what can be seen to be
+/// open whatever the retention: a transaction with any row newer than the retention is kept
+/// whole, and so is one with a TCC `try` that succeeded and has neither its `confirm` nor its
+/// `cancel` yet (every successful try ends with one of them). A saga action that succeeded
+/// looks the same whether its transaction completed or will still be compensated, so for
+/// sagas the retention alone protects. See docs/participant.md for a schedule.
 pub async fn cleanup(pool: &PgPool, older_than: chrono::Duration) -> Result<u64, BarrierError> {
     if older_than < chrono::Duration::zero() {
         return Err(BarrierError::NegativeRetention);
@@ -202,7 +207,13 @@ pub async fn cleanup(pool: &PgPool, older_than: chrono::Duration) -> Result<u64,
     let result = sqlx::query(
         "DELETE FROM sagas_barrier WHERE transaction_id IN ( \
              SELECT transaction_id FROM sagas_barrier GROUP BY transaction_id \
-             HAVING max(created_at) < now() - make_interval(secs => $1))",
+             HAVING max(created_at) < now() - make_interval(secs => $1)) \
+         AND transaction_id NOT IN ( \
+             SELECT t.transaction_id FROM sagas_barrier t \
+             WHERE t.operation = 'try' AND t.reply->>'status' = 'succeeded' \
+             AND NOT EXISTS (SELECT 1 FROM sagas_barrier u \
+                 WHERE u.transaction_id = t.transaction_id AND u.step = t.step \
+                 AND u.operation IN ('confirm', 'cancel')))",
     )
     .bind(seconds)
     .execute(pool)

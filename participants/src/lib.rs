@@ -8,16 +8,20 @@
 //! - [`barrier`]: exactly-once effects, null compensation and anti-hanging in the
 //!   participant's own PostgreSQL database;
 //! - [`runtime`]: the AMQP consumer that ties them together;
-//! - [`amqp`]: the exchange and queue declarations both sides use.
+//! - [`amqp`]: the exchange and queue declarations both sides use;
+//! - [`testing`]: a harness to unit-test handlers through the barrier, without a broker.
+//!
+//! docs/participant.md walks through a participant written from scratch.
 
 pub mod amqp;
 pub mod barrier;
 pub mod handler;
 pub mod protocol;
 pub mod runtime;
+pub mod testing;
 
 pub use amqp::QueueOptions;
 pub use barrier::BarrierError;
 pub use handler::{Handler, HandlerError, Router, Saga, SagaHandler, Tcc, TccHandler};
-pub use protocol::{Command, Operation, Outcome, Reply, Topology};
+pub use protocol::{Command, Operation, Outcome, Reply, Topology, TraceParent};
 pub use runtime::{Participant, RuntimeError, Stats};

@@ -279,6 +279,67 @@ impl Topology {
     }
 }
 
+/// A W3C trace context, as carried by the optional `traceparent` AMQP header of a command
+/// (`{version}-{trace id}-{parent id}-{flags}`, e.g.
+/// `00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01`).
+///
+/// The runtime records it in the handler's `tracing` span (fields `trace_id`,
+/// `parent_span_id`, `traceparent`) and repeats it on the reply, so that logs and traces of
+/// the orchestrator and the participant can be joined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    /// 32 lowercase hex digits, not all zero.
+    pub trace_id: String,
+    /// The caller's span id: 16 lowercase hex digits, not all zero.
+    pub parent_id: String,
+    /// Trace flags; bit 0 is "sampled".
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// Parses a `traceparent` value; `None` if it is invalid (it is then ignored, as the W3C
+    /// recommendation says). Versions above `00` are read by their first four fields.
+    pub fn parse(value: &str) -> Option<TraceParent> {
+        let hex = |s: &str, len: usize| {
+            s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        };
+        let value = value.trim();
+        let mut parts = value.split('-');
+        let (version, trace_id, parent_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let rest = parts.next();
+        let valid = hex(version, 2)
+            && version != "ff"
+            && (version != "00" || rest.is_none())
+            && hex(trace_id, 32)
+            && trace_id.bytes().any(|b| b != b'0')
+            && hex(parent_id, 16)
+            && parent_id.bytes().any(|b| b != b'0')
+            && hex(flags, 2);
+        valid.then(|| TraceParent {
+            trace_id: trace_id.to_owned(),
+            parent_id: parent_id.to_owned(),
+            flags: u8::from_str_radix(flags, 16).unwrap_or(0),
+        })
+    }
+
+    /// Whether the caller sampled the trace.
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    /// The version-00 header value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            self.trace_id, self.parent_id, self.flags
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,5 +370,29 @@ mod tests {
         assert_eq!(json, json!({"status": "failed", "reason": "overdrawn"}));
         let back: Outcome = serde_json::from_value(json!({"status": "succeeded"})).unwrap();
         assert_eq!(back, Outcome::succeeded(Value::Null));
+    }
+
+    #[test]
+    fn traceparents_parse_and_print_back_and_bad_ones_are_ignored() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = TraceParent::parse(value).unwrap();
+        assert_eq!(trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.parent_id, "00f067aa0ba902b7");
+        assert!(trace.sampled());
+        assert_eq!(trace.to_string(), value);
+        // A future version may append fields.
+        let v1 = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-extra";
+        assert!(!TraceParent::parse(v1).unwrap().sampled());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+        }
     }
 }

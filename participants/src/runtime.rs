@@ -3,13 +3,19 @@
 //! For each command: decode and validate it, run it through the [barrier](crate::barrier) and
 //! the handler, publish the reply (with a publisher confirm) to the command's `reply_to`, and
 //! only then ack the command. A crash anywhere before the ack means a redelivery, which the
-//! barrier answers from its stored reply. Bad messages are rejected without requeue, so that
-//! the queue's dead-letter exchange keeps them, and are counted.
+//! barrier answers from its stored reply. Bad messages are dead-lettered with their reason in
+//! the `x-sagas-reason` header, and counted.
+//!
+//! [`Participant::run`] serves on a connection the caller owns and returns when it fails;
+//! [`Participant::run_forever`] owns its connection and reconnects (with backoff, redeclaring
+//! the queue) after broker restarts and network failures until its shutdown signal.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -17,8 +23,8 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use sqlx::PgPool;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -27,13 +33,27 @@ use tracing::Instrument;
 use crate::amqp::{QueueOptions, declare_participant};
 use crate::barrier::{self, BarrierError};
 use crate::handler::Handler;
-use crate::protocol::{CONTENT_TYPE, Command, Outcome, PROTOCOL_VERSION, Reply, Topology};
+use crate::protocol::{
+    CONTENT_TYPE, Command, Outcome, PROTOCOL_VERSION, Reply, Topology, TraceParent,
+};
 
 /// Default number of unacknowledged commands the broker may push to one participant process.
 pub const DEFAULT_PREFETCH: u16 = 32;
 
 /// Default number of handlers running at once in one participant process.
 pub const DEFAULT_CONCURRENCY: usize = 16;
+
+/// Default time that handlers in flight get to finish after the shutdown signal.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// AMQP header that carries why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-sagas-reason";
+
+/// AMQP header that names the queue a dead-lettered message was taken from.
+pub const QUEUE_HEADER: &str = "x-sagas-queue";
+
+/// AMQP header of the W3C trace context (`00-{trace id}-{parent id}-{flags}`).
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 
 /// Why [`Participant::run`] stopped other than by its shutdown signal.
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +70,12 @@ pub enum RuntimeError {
     /// The channel used to publish replies closed; the caller should reconnect and run again.
     #[error("the reply channel closed")]
     ReplyChannelClosed,
+    /// The AMQP URL given to [`Participant::run_forever`] cannot be parsed.
+    #[error("invalid AMQP URL: {0}")]
+    InvalidUrl(String),
 }
 
-/// Why a delivery was rejected to the dead-letter exchange instead of being processed.
+/// Why a delivery was dead-lettered instead of being processed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Malformed {
     /// The body is not a JSON object with a `protocol` number.
@@ -86,10 +109,47 @@ pub fn decode_command(body: &[u8]) -> Result<Command, Malformed> {
 /// Runs `cmd` through the barrier and `handler`, never failing: barrier errors and handler
 /// panics become `retry` outcomes (nothing was committed in either case).
 pub async fn process(pool: &PgPool, handler: &dyn Handler, cmd: &Command) -> Outcome {
-    match AssertUnwindSafe(barrier::execute(pool, cmd, handler))
-        .catch_unwind()
-        .await
-    {
+    process_within(pool, handler, cmd, None).await
+}
+
+/// [`process`] with a time limit: a handler still running after `limit` is abandoned (its
+/// transaction is dropped, which rolls it back) and the outcome is `retry`.
+///
+/// If the limit strikes while the barrier commits, the commit may still have happened; the
+/// orchestrator's next attempt then gets the stored reply, so `retry` stays safe.
+pub async fn process_within(
+    pool: &PgPool,
+    handler: &dyn Handler,
+    cmd: &Command,
+    limit: Option<Duration>,
+) -> Outcome {
+    guarded(pool, handler, cmd, limit).await.0
+}
+
+/// The outcome, and whether the time limit struck.
+async fn guarded(
+    pool: &PgPool,
+    handler: &dyn Handler,
+    cmd: &Command,
+    limit: Option<Duration>,
+) -> (Outcome, bool) {
+    let run = AssertUnwindSafe(barrier::execute(pool, cmd, handler)).catch_unwind();
+    let result = match limit {
+        None => run.await,
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(result) => result,
+            Err(_) => {
+                let limit_ms = limit.as_millis();
+                tracing::warn!(
+                    limit_ms = limit_ms as u64,
+                    "handler exceeded its time limit; rolled back, replying retry"
+                );
+                let reason = format!("handler exceeded its time limit of {limit_ms} ms");
+                return (Outcome::retry(reason), true);
+            }
+        },
+    };
+    let outcome = match result {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(error)) => {
             tracing::warn!(%error, "barrier failed; replying retry");
@@ -104,7 +164,8 @@ pub async fn process(pool: &PgPool, handler: &dyn Handler, cmd: &Command) -> Out
             tracing::error!(panic = %message, "handler panicked; replying retry");
             Outcome::retry(format!("handler panicked: {message}"))
         }
-    }
+    };
+    (outcome, false)
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +174,8 @@ struct Counters {
     rejected: AtomicU64,
     publish_failures: AtomicU64,
     unroutable_replies: AtomicU64,
+    timed_out: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 /// Live counters of a running participant; cheap to clone.
@@ -125,7 +188,7 @@ impl Stats {
         self.0.processed.load(Ordering::Relaxed)
     }
 
-    /// Messages rejected to the dead-letter exchange (malformed, wrong version, no `reply_to`).
+    /// Messages dead-lettered (malformed, wrong version, no `reply_to`).
     pub fn rejected(&self) -> u64 {
         self.0.rejected.load(Ordering::Relaxed)
     }
@@ -141,9 +204,53 @@ impl Stats {
         self.0.unroutable_replies.load(Ordering::Relaxed)
     }
 
+    /// Handlers abandoned because they exceeded [`Participant::handler_timeout`].
+    pub fn timed_out(&self) -> u64 {
+        self.0.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// Sessions [`Participant::run_forever`] started after the first (reconnections).
+    pub fn reconnects(&self) -> u64 {
+        self.0.reconnects.load(Ordering::Relaxed)
+    }
+
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Completes on SIGTERM or Ctrl-C (SIGINT): the usual shutdown signal of a participant process.
+///
+/// ```no_run
+/// # async fn serve(participant: sagas_participant::Participant) {
+/// participant
+///     .run_forever("amqp://guest:guest@127.0.0.1:5672/%2f", sagas_participant::runtime::shutdown_signal())
+///     .await
+///     .expect("participant");
+/// # }
+/// ```
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; waiting for Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
 }
 
 /// One participant process: consumes its queue and answers commands through the barrier.
@@ -156,6 +263,9 @@ pub struct Participant {
     concurrency: usize,
     queue_options: QueueOptions,
     install_barrier: bool,
+    handler_timeout: Option<Duration>,
+    shutdown_timeout: Duration,
+    reconnect_backoff: (Duration, Duration),
     stats: Stats,
 }
 
@@ -167,8 +277,16 @@ impl std::fmt::Debug for Participant {
             .field("prefetch", &self.prefetch)
             .field("concurrency", &self.concurrency)
             .field("queue_options", &self.queue_options)
+            .field("handler_timeout", &self.handler_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// How a session ended without an error.
+enum Ended {
+    /// The shutdown signal fired.
+    Shutdown,
 }
 
 impl Participant {
@@ -188,6 +306,9 @@ impl Participant {
             concurrency: DEFAULT_CONCURRENCY,
             queue_options: QueueOptions::default(),
             install_barrier: true,
+            handler_timeout: None,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(5)),
             stats: Stats::default(),
         }
     }
@@ -216,6 +337,32 @@ impl Participant {
         self
     }
 
+    /// Limits how long one command may take in the barrier and handler (default: no limit).
+    ///
+    /// A command over the limit is abandoned, its database transaction rolled back, and
+    /// answered `retry`. Keep it below the step's timeout in the definition, so that the
+    /// orchestrator hears `retry` before it gives up on the attempt.
+    pub fn handler_timeout(mut self, limit: Duration) -> Participant {
+        self.handler_timeout = Some(limit);
+        self
+    }
+
+    /// How long handlers in flight may still run after the shutdown signal (default 25 s);
+    /// the ones still running then are abandoned (rolled back, and their commands redelivered
+    /// by the broker to another process or after the restart).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Participant {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The delay before the first reconnection attempt of [`Participant::run_forever`] and
+    /// its upper bound (it doubles in between); defaults 100 ms and 5 s.
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Participant {
+        let initial = initial.max(Duration::from_millis(1));
+        self.reconnect_backoff = (initial, max.max(initial));
+        self
+    }
+
     /// The participant's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -226,12 +373,14 @@ impl Participant {
         self.stats.clone()
     }
 
-    /// Serves the participant's queue until `shutdown` completes, then stops consuming, waits
-    /// for the commands in flight, and returns.
+    /// Serves the participant's queue on `conn` until `shutdown` completes, then stops
+    /// consuming, waits for the commands in flight (up to [`Participant::shutdown_timeout`]),
+    /// and returns.
     ///
     /// It first creates the barrier table (unless [`Participant::install_barrier`] is off) and
     /// declares its queue. Commands delivered but not yet started when shutting down are
-    /// requeued by the broker when the channel closes.
+    /// requeued by the broker when the channel closes. It returns an error when the connection
+    /// or a channel fails; [`Participant::run_forever`] reconnects instead.
     pub async fn run(
         self,
         conn: &Connection,
@@ -240,6 +389,98 @@ impl Participant {
         if self.install_barrier {
             barrier::install(&self.pool).await?;
         }
+        let mut shutdown = std::pin::pin!(shutdown);
+        let result = self.session(conn, shutdown.as_mut()).await;
+        tracing::info!(participant = %self.name, ok = result.is_ok(), "participant stopped");
+        result.map(|Ended::Shutdown| ())
+    }
+
+    /// Serves the participant's queue until `shutdown` completes, connecting to `amqp_url`
+    /// and reconnecting after every failure (broker restart, network loss, a deleted queue)
+    /// with exponential backoff, and redeclaring the queue each time.
+    ///
+    /// Nothing is lost across a reconnection: commands unacked when the connection dropped
+    /// are redelivered by the broker, and the barrier answers those that were already
+    /// handled with their stored reply. Database outages need no reconnection: commands are
+    /// answered `retry` meanwhile, and the pool reconnects on its own (creating the barrier
+    /// table at start-up is retried like a connection).
+    ///
+    /// Returns `Ok(())` once `shutdown` completes, and an error only for a URL that cannot be
+    /// parsed; every other failure is logged and retried.
+    pub async fn run_forever(
+        self,
+        amqp_url: &str,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), RuntimeError> {
+        amqp_url
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(RuntimeError::InvalidUrl)?;
+        let mut shutdown = std::pin::pin!(shutdown);
+        let (initial, max) = self.reconnect_backoff;
+        let mut backoff = initial;
+        let mut installed = !self.install_barrier;
+        let mut sessions = 0u64;
+        loop {
+            let attempt = async {
+                if !installed {
+                    barrier::install(&self.pool).await?;
+                    installed = true;
+                }
+                let conn = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+                Ok::<_, RuntimeError>(conn)
+            };
+            let conn = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break,
+                conn = attempt => conn,
+            };
+            let failure = match conn {
+                Ok(conn) => {
+                    if sessions > 0 {
+                        Stats::bump(&self.stats.0.reconnects);
+                    }
+                    sessions += 1;
+                    let started = tokio::time::Instant::now();
+                    let result = self.session(&conn, shutdown.as_mut()).await;
+                    if conn.status().connected() {
+                        let _ = conn.close(200, "OK".into()).await;
+                    }
+                    match result {
+                        Ok(Ended::Shutdown) => break,
+                        Err(error) => {
+                            // A session that served for a while resets the backoff.
+                            if started.elapsed() > max {
+                                backoff = initial;
+                            }
+                            error
+                        }
+                    }
+                }
+                Err(error) => error,
+            };
+            tracing::warn!(
+                participant = %self.name,
+                error = %failure,
+                retry_in_ms = backoff.as_millis() as u64,
+                "participant lost the broker or the database; reconnecting"
+            );
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(max);
+        }
+        tracing::info!(participant = %self.name, "participant stopped");
+        Ok(())
+    }
+
+    /// One connection's worth of serving: declare, consume, dispatch, drain.
+    async fn session(
+        &self,
+        conn: &Connection,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Ended, RuntimeError> {
         let consume_channel = conn.create_channel().await?;
         declare_participant(
             &consume_channel,
@@ -251,6 +492,7 @@ impl Participant {
         consume_channel
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
+        // Replies and dead letters share one confirm-mode channel.
         let reply_channel = conn.create_channel().await?;
         reply_channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -270,15 +512,17 @@ impl Participant {
 
         let ctx = Arc::new(Context {
             participant: self.name.clone(),
+            queue: queue.clone(),
+            dead_letter_exchange: self.topology.dead_letter_exchange(),
             pool: self.pool.clone(),
             handler: self.handler.clone(),
+            handler_timeout: self.handler_timeout,
             reply_channel: reply_channel.clone(),
             stats: self.stats.clone(),
             reply_channel_lost: Notify::new(),
         });
         let semaphore = Arc::new(Semaphore::new(self.concurrency));
         let mut in_flight = JoinSet::new();
-        let mut shutdown = std::pin::pin!(shutdown);
 
         let result = loop {
             while in_flight.try_join_next().is_some() {}
@@ -286,16 +530,16 @@ impl Participant {
             // with the broker (up to the prefetch), which is the backpressure.
             let permit = tokio::select! {
                 biased;
-                () = &mut shutdown => break Ok(()),
+                () = shutdown.as_mut() => break Ok(Ended::Shutdown),
                 () = ctx.reply_channel_lost.notified() => break Err(RuntimeError::ReplyChannelClosed),
                 permit = semaphore.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
-                    Err(_) => break Ok(()),
+                    Err(_) => break Ok(Ended::Shutdown),
                 },
             };
             let delivery = tokio::select! {
                 biased;
-                () = &mut shutdown => break Ok(()),
+                () = shutdown.as_mut() => break Ok(Ended::Shutdown),
                 () = ctx.reply_channel_lost.notified() => break Err(RuntimeError::ReplyChannelClosed),
                 delivery = consumer.next() => delivery,
             };
@@ -315,24 +559,48 @@ impl Participant {
         {
             tracing::warn!(%error, "could not cancel the consumer");
         }
-        while in_flight.join_next().await.is_some() {}
+        // Handlers in flight finish (and publish and ack) unless they outlast the deadline;
+        // abandoned ones roll back and their commands, unacked, return to the queue when the
+        // channel closes.
+        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                participant = %self.name,
+                abandoned = in_flight.len(),
+                "handlers still running at the shutdown deadline were abandoned; their commands will be redelivered"
+            );
+            in_flight.shutdown().await;
+        }
         for channel in [&consume_channel, &reply_channel] {
             if channel.status().connected() {
                 let _ = channel.close(200, "OK".into()).await;
             }
         }
-        tracing::info!(participant = %self.name, ok = result.is_ok(), "participant stopped");
         result
     }
 }
 
 struct Context {
     participant: String,
+    queue: String,
+    dead_letter_exchange: String,
     pool: PgPool,
     handler: Arc<dyn Handler>,
+    handler_timeout: Option<Duration>,
     reply_channel: Channel,
     stats: Stats,
     reply_channel_lost: Notify,
+}
+
+fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
 }
 
 /// Handles one delivery from decoding to ack; never panics on bad input.
@@ -353,20 +621,16 @@ async fn serve(ctx: Arc<Context>, delivery: Delivery, _permit: OwnedSemaphorePer
                 participant = %ctx.participant,
                 %reason,
                 message_id = ?delivery.properties.message_id(),
-                "rejecting command to the dead-letter exchange"
+                "dead-lettering a malformed command"
             );
             Stats::bump(&ctx.stats.0.rejected);
-            if let Err(error) = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-            {
-                tracing::warn!(%error, "could not reject a malformed command");
-            }
+            dead_letter(&ctx, &delivery, &reason.to_string()).await;
             return;
         }
     };
 
+    let trace = header_string(&delivery.properties, TRACEPARENT_HEADER)
+        .and_then(|value| TraceParent::parse(&value));
     let span = tracing::info_span!(
         "command",
         participant = %ctx.participant,
@@ -374,12 +638,24 @@ async fn serve(ctx: Arc<Context>, delivery: Delivery, _permit: OwnedSemaphorePer
         step = %cmd.step,
         operation = %cmd.operation,
         attempt = cmd.attempt,
+        trace_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
+        traceparent = tracing::field::Empty,
     );
+    if let Some(trace) = &trace {
+        span.record("trace_id", trace.trace_id.as_str());
+        span.record("parent_span_id", trace.parent_id.as_str());
+        span.record("traceparent", trace.to_string().as_str());
+    }
     async move {
-        let outcome = process(&ctx.pool, &*ctx.handler, &cmd).await;
+        let (outcome, timed_out) =
+            guarded(&ctx.pool, &*ctx.handler, &cmd, ctx.handler_timeout).await;
+        if timed_out {
+            Stats::bump(&ctx.stats.0.timed_out);
+        }
         tracing::debug!(status = outcome.status(), "command processed");
         let reply = cmd.reply(outcome);
-        match publish_reply(&ctx, &cmd, &reply, reply_to).await {
+        match publish_reply(&ctx, &cmd, &reply, reply_to, trace.as_ref()).await {
             Ok(()) => {
                 Stats::bump(&ctx.stats.0.processed);
                 if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
@@ -407,6 +683,54 @@ async fn serve(ctx: Arc<Context>, delivery: Delivery, _permit: OwnedSemaphorePer
     .await;
 }
 
+/// Republishes a bad delivery to the dead-letter exchange with its reason, then acks it; if
+/// that fails, rejects it without requeue so that the queue's own dead-lettering keeps it
+/// (without the reason).
+async fn dead_letter(ctx: &Context, delivery: &Delivery, reason: &str) {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(
+        QUEUE_HEADER.into(),
+        AMQPValue::LongString(ctx.queue.as_str().into()),
+    );
+    let properties = delivery
+        .properties
+        .clone()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let published = async {
+        let confirmation = ctx
+            .reply_channel
+            .basic_publish(
+                ctx.dead_letter_exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await?
+            .await?;
+        Ok::<_, lapin::Error>(confirmation.is_ack())
+    }
+    .await;
+    let result = match published {
+        Ok(true) => delivery.acker.ack(BasicAckOptions::default()).await,
+        Ok(false) | Err(_) => {
+            tracing::warn!(
+                ?published,
+                "could not republish a dead letter; rejecting it"
+            );
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await
+        }
+    };
+    if let Err(error) = result {
+        tracing::warn!(%error, "could not settle a malformed command");
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum PublishError {
     #[error(transparent)]
@@ -422,13 +746,23 @@ async fn publish_reply(
     cmd: &Command,
     reply: &Reply,
     reply_to: ShortString,
+    trace: Option<&TraceParent>,
 ) -> Result<(), PublishError> {
     let payload = serde_json::to_vec(reply)?;
-    let properties = BasicProperties::default()
+    let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
         .with_message_id(reply.message_id().into())
         .with_correlation_id(cmd.transaction_id.to_string().into());
+    if let Some(trace) = trace {
+        // The reply belongs to the same trace; the orchestrator may continue it.
+        let mut headers = FieldTable::default();
+        headers.insert(
+            TRACEPARENT_HEADER.into(),
+            AMQPValue::LongString(trace.to_string().into()),
+        );
+        properties = properties.with_headers(headers);
+    }
     let confirmation = ctx
         .reply_channel
         .basic_publish(

@@ -477,6 +477,74 @@ async fn cleanup_removes_old_rows_of_finished_transactions_only() {
 }
 
 #[tokio::test]
+async fn cleanup_keeps_a_tcc_try_awaiting_its_confirm_or_cancel_however_old() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let router = bank();
+    let pay = json!({ "account": "a", "amount": 10 });
+    let (open, refused, finished) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    // `open`: tried, never confirmed nor cancelled (the transaction is stuck or slow).
+    barrier::execute(
+        &db.pool,
+        &command(open, "reserve", Operation::Try, pay.clone()),
+        &router,
+    )
+    .await
+    .unwrap();
+    // `refused`: a try that failed needs no confirm or cancel.
+    let failing = json!({ "account": "a", "amount": 10, "fail": "business" });
+    barrier::execute(
+        &db.pool,
+        &command(refused, "reserve", Operation::Try, failing),
+        &router,
+    )
+    .await
+    .unwrap();
+    // `finished`: tried and cancelled.
+    for op in [Operation::Try, Operation::Cancel] {
+        barrier::execute(
+            &db.pool,
+            &command(finished, "reserve", op, pay.clone()),
+            &router,
+        )
+        .await
+        .unwrap();
+    }
+    sqlx::query("UPDATE sagas_barrier SET created_at = now() - interval '30 days'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let deleted = barrier::cleanup(&db.pool, chrono::Duration::days(7))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 3);
+    assert_eq!(barrier::records(&db.pool, open).await.unwrap().len(), 1);
+    assert!(
+        barrier::records(&db.pool, refused)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        barrier::records(&db.pool, finished)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A redelivered try of the open transaction still gets its stored answer: no second effect.
+    let again = barrier::execute(
+        &db.pool,
+        &command(open, "reserve", Operation::Try, pay),
+        &router,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.status(), "succeeded");
+    assert_eq!(db.account("a").await, (90, 10));
+}
+
+#[tokio::test]
 async fn installing_the_barrier_concurrently_and_repeatedly_is_harmless() {
     let db = TestDb::new().await;
     let (a, b, c) = tokio::join!(

@@ -10,6 +10,7 @@ use lapin::options::BasicGetOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sagas_participant::amqp::{self, QueueOptions};
+use sagas_participant::barrier;
 use sagas_participant::protocol::{Operation, Outcome, Reply, Topology};
 use sagas_participant::runtime::{Participant, RuntimeError, Stats};
 use serde_json::json;
@@ -18,6 +19,13 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 const BANK: &str = "bank";
+
+fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
 
 struct Running {
     stats: Stats,
@@ -36,12 +44,19 @@ impl Running {
     }
 }
 
-/// Starts the bank participant on a connection of its own.
-fn start(db: &TestDb, topology: &Topology, options: &QueueOptions) -> Running {
-    let participant = Participant::new(BANK, topology.clone(), db.pool.clone(), Arc::new(bank()))
+fn participant(db: &TestDb, topology: &Topology, options: &QueueOptions) -> Participant {
+    Participant::new(BANK, topology.clone(), db.pool.clone(), Arc::new(bank()))
         .prefetch(8)
         .concurrency(4)
-        .queue_options(options.clone());
+        .queue_options(options.clone())
+}
+
+/// Starts the bank participant on a connection of its own.
+fn start(db: &TestDb, topology: &Topology, options: &QueueOptions) -> Running {
+    start_with(participant(db, topology, options))
+}
+
+fn start_with(participant: Participant) -> Running {
     let stats = participant.stats();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -145,9 +160,20 @@ async fn a_malformed_message_is_dead_lettered_and_counted_and_the_runtime_keeps_
     let dead_letter_queue = broker.topology.dead_letter_queue();
     let mut dead = Vec::new();
     for _ in 0..3 {
-        dead.push(broker.next_message(&dead_letter_queue).await.delivery.data);
+        let message = broker.next_message(&dead_letter_queue).await;
+        let reason = header(&message.delivery.properties, "x-sagas-reason");
+        let from = header(&message.delivery.properties, "x-sagas-queue");
+        assert_eq!(from.as_deref(), Some(queue.as_str()));
+        dead.push((message.delivery.data.clone(), reason.expect("a reason")));
     }
-    assert!(dead.contains(&b"{not json".to_vec()));
+    dead.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(dead[0].0, b"{not json".to_vec());
+    assert!(
+        dead[0].1.starts_with("body is not a protocol message"),
+        "{dead:?}"
+    );
+    assert_eq!(dead[1].1, "missing reply_to property");
+    assert_eq!(dead[2].1, "unsupported protocol version 99 (expected 1)");
     assert_eq!(running.stats.rejected(), 3);
     assert_eq!(db.account("a").await, (100, 0), "nothing was processed");
 
@@ -212,7 +238,7 @@ async fn shutdown_waits_for_the_command_in_flight_and_its_reply() {
         json!({ "account": "a", "amount": 10, "sleep_ms": 700 }),
     );
     broker.send(BANK, &cmd).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.wait_handler_in_transaction().await;
     let stats = running.stats.clone();
     running.shutdown().await;
 
@@ -258,4 +284,230 @@ async fn declarations_from_both_sides_are_identical_and_idempotent() {
             .unwrap();
     }
     broker.teardown(&[]).await;
+}
+
+/// Starts the participant with [`Participant::run_forever`].
+fn start_forever(participant: Participant) -> Running {
+    let stats = participant.stats();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        participant
+            .run_forever(&amqp_url(), async {
+                stopped.await.ok();
+            })
+            .await
+    });
+    Running { stats, stop, task }
+}
+
+/// Polls `condition` every 20 ms for up to 10 s.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 10 s: {what}");
+}
+
+#[tokio::test]
+async fn a_handler_over_its_time_limit_is_rolled_back_and_answered_retry() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let running = start_with(
+        participant(&db, &broker.topology, &broker.options)
+            .handler_timeout(Duration::from_millis(300)),
+    );
+
+    let slow = command(
+        Uuid::new_v4(),
+        "reserve",
+        Operation::Try,
+        json!({ "account": "a", "amount": 10, "sleep_ms": 5_000 }),
+    );
+    broker.send(BANK, &slow).await;
+    let (reply, _) = broker.next_reply().await;
+    assert!(
+        matches!(&reply.outcome, Outcome::Retry { reason, .. } if reason.contains("time limit of 300 ms")),
+        "{reply:?}"
+    );
+    assert_eq!(running.stats.timed_out(), 1);
+    // The abandoned transaction is rolled back: no effect, no barrier row.
+    for _ in 0..100 {
+        if barrier::records(&db.pool, slow.transaction_id)
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        barrier::records(&db.pool, slow.transaction_id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(db.account("a").await, (100, 0));
+
+    // The next attempt, fast this time, runs afresh.
+    let mut fast = common::again(&slow);
+    fast.payload = json!({ "account": "a", "amount": 10 });
+    broker.send(BANK, &fast).await;
+    assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
+    assert_eq!(db.account("a").await, (90, 10));
+
+    running.shutdown().await;
+    broker.teardown(&[BANK]).await;
+}
+
+#[tokio::test]
+async fn shutdown_abandons_handlers_that_outlast_the_shutdown_timeout_and_their_command_is_redelivered()
+ {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let running = start_with(
+        participant(&db, &broker.topology, &broker.options)
+            .shutdown_timeout(Duration::from_millis(200)),
+    );
+    let cmd = command(
+        Uuid::new_v4(),
+        "reserve",
+        Operation::Try,
+        json!({ "account": "a", "amount": 10, "sleep_ms": 3_000 }),
+    );
+    broker.send(BANK, &cmd).await;
+    let queue = broker.topology.participant_queue(BANK);
+    db.wait_handler_in_transaction().await;
+    let started = tokio::time::Instant::now();
+    running.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Not lost: the unacked command is back in the queue, and nothing took effect.
+    let message = broker.next_message(&queue).await;
+    assert_eq!(
+        serde_json::from_slice::<sagas_participant::Command>(&message.delivery.data).unwrap(),
+        cmd
+    );
+    for _ in 0..100 {
+        if barrier::records(&db.pool, cmd.transaction_id)
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(db.account("a").await, (100, 0));
+    broker.teardown(&[BANK]).await;
+}
+
+#[tokio::test]
+async fn run_forever_redeclares_its_queue_after_the_broker_cancels_its_consumer() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let running = start_forever(
+        participant(&db, &broker.topology, &broker.options)
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(200)),
+    );
+    let first = command(
+        Uuid::new_v4(),
+        "reserve",
+        Operation::Try,
+        json!({ "account": "a", "amount": 10 }),
+    );
+    broker.send(BANK, &first).await;
+    assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
+
+    // Someone deletes the queue: the broker cancels the consumer.
+    broker
+        .channel
+        .queue_delete(
+            broker.topology.participant_queue(BANK).as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let stats = running.stats.clone();
+    eventually("a reconnection", || stats.reconnects() >= 1).await;
+    // The queue is back (declared by the participant itself), bound, and served.
+    broker
+        .wait_consumer(&broker.topology.participant_queue(BANK))
+        .await;
+    let second = command(
+        Uuid::new_v4(),
+        "reserve",
+        Operation::Try,
+        json!({ "account": "a", "amount": 10 }),
+    );
+    broker.send(BANK, &second).await;
+    assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
+    assert_eq!(db.account("a").await, (80, 20));
+
+    running.shutdown().await;
+    broker.teardown(&[BANK]).await;
+}
+
+#[tokio::test]
+async fn run_forever_rejects_an_unparsable_url_at_once() {
+    let db = TestDb::new().await;
+    let topology = Topology::new(format!("t-{}", Uuid::new_v4()));
+    let result = participant(&db, &topology, &QueueOptions::default())
+        .run_forever("not a url", std::future::pending())
+        .await;
+    assert!(
+        matches!(result, Err(RuntimeError::InvalidUrl(_))),
+        "{result:?}"
+    );
+}
+
+/// Database connections killed under a running participant (a stand-in for a PostgreSQL
+/// restart, which would disturb every other test on the server): commands in flight are
+/// answered `retry`, later ones succeed on fresh connections, and nothing applies twice.
+#[tokio::test]
+async fn killed_database_connections_cost_a_retry_and_nothing_else() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let running = start(&db, &broker.topology, &broker.options);
+
+    let in_flight = command(
+        Uuid::new_v4(),
+        "reserve",
+        Operation::Try,
+        json!({ "account": "a", "amount": 10, "sleep_ms": 1_000 }),
+    );
+    broker.send(BANK, &in_flight).await;
+    db.wait_handler_in_transaction().await;
+    let killed = db.kill_connections().await;
+    assert!(killed >= 1, "the handler's connection was killed");
+    let (reply, _) = broker.next_reply().await;
+    assert_eq!(reply.outcome.status(), "retry", "{reply:?}");
+
+    // The orchestrator's next attempt (and a fresh command) go through.
+    let mut next = common::again(&in_flight);
+    next.payload = json!({ "account": "a", "amount": 10 });
+    broker.send(BANK, &next).await;
+    assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
+    db.kill_connections().await;
+    broker.send(BANK, &next).await;
+    assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
+    assert_eq!(db.account("a").await, (90, 10), "applied once");
+
+    running.shutdown().await;
+    broker.teardown(&[BANK]).await;
 }

@@ -78,6 +78,52 @@ impl TestDb {
             .expect("open account");
     }
 
+    /// Terminates every server connection to this database (as a PostgreSQL restart would);
+    /// returns how many there were.
+    pub async fn kill_connections(&self) -> u64 {
+        let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL");
+        let mut conn = PgConnection::connect_with(&admin)
+            .await
+            .expect("connect to the admin database");
+        let killed: Vec<(bool,)> = sqlx::query_as(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .fetch_all(&mut conn)
+        .await
+        .expect("terminate backends");
+        conn.close().await.ok();
+        killed.into_iter().filter(|(ok,)| *ok).count() as u64
+    }
+
+    /// Waits up to 10 s until a connection to this database is idle inside a transaction: a
+    /// handler has written and is now sleeping (the bank's `sleep_ms`).
+    pub async fn wait_handler_in_transaction(&self) {
+        let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL");
+        let mut conn = PgConnection::connect_with(&admin)
+            .await
+            .expect("connect to the admin database");
+        for _ in 0..500 {
+            // The bank handler's last statement before its sleep; `barrier::install` at
+            // start-up is idle in a transaction too, between its statements.
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                 AND state = 'idle in transaction' AND query LIKE 'UPDATE accounts%'",
+            )
+            .bind(&self.name)
+            .fetch_one(&mut conn)
+            .await
+            .expect("read pg_stat_activity");
+            if n > 0 {
+                conn.close().await.ok();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no handler in a transaction within 10 s");
+    }
+
     /// `(balance, reserved)` of an account.
     pub async fn account(&self, id: &str) -> (i64, i64) {
         sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
@@ -346,6 +392,57 @@ impl TestBroker {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("no message on {queue} within 10 s");
+    }
+
+    /// Waits up to 10 s until `queue` has no message ready (all delivered to consumers).
+    pub async fn wait_delivered(&self, queue: &str) {
+        use lapin::options::QueueDeclareOptions;
+        for _ in 0..500 {
+            let declared = self
+                .channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .expect("passive queue.declare");
+            if declared.message_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{queue} still has ready messages after 10 s");
+    }
+
+    /// Waits up to 10 s until `queue` exists and has a consumer (so it is bound, too).
+    pub async fn wait_consumer(&self, queue: &str) {
+        use lapin::options::QueueDeclareOptions;
+        for _ in 0..500 {
+            // A NOT_FOUND closes the channel: use a fresh one each time.
+            let channel = self.conn.create_channel().await.expect("channel");
+            let declared = channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await;
+            if let Ok(declared) = declared {
+                channel.close(200, "OK".into()).await.ok();
+                if declared.consumer_count() > 0 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{queue} has no consumer after 10 s");
     }
 
     /// Waits for the next reply.
