@@ -218,6 +218,7 @@ fn command(definition: &str, op: Operation, tx: Uuid, payload: Value) -> Command
         payload,
         output: None,
         deadline: None,
+        traceparent: None,
     }
 }
 
@@ -310,6 +311,7 @@ async fn malformed_and_stray_replies_are_dead_lettered_with_a_reason_and_the_eng
         payload: Value::Null,
         output: None,
         deadline: None,
+        traceparent: None,
     }
     .reply(Outcome::succeeded(Value::Null));
     let bodies = [b"{not json".to_vec(), serde_json::to_vec(&stray)?];

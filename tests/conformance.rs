@@ -634,3 +634,40 @@ async fn a_failed_try_cancels_only_the_tries_that_may_have_taken_effect() -> Res
     s.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_context_of_the_starting_request_reaches_every_command() -> Result<()> {
+    let mut s = Setup::new(saga(
+        &["reserve", "charge"],
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+    ))
+    .await?;
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let res = reqwest::Client::new()
+        .post(s.app.url("/v1/sagas/conformance_saga"))
+        .header("traceparent", trace)
+        .json(&json!({"input": {}}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 202);
+    let first = s.raw.expect("reserve", "action", 1).await?;
+    assert_eq!(first.field("traceparent"), trace);
+    assert_eq!(
+        long_string(header(&first, "traceparent")).as_deref(),
+        Some(trace)
+    );
+    s.raw
+        .reply(&first, json!({"status": "succeeded", "output": 1}))
+        .await?;
+    let second = s.raw.expect("charge", "action", 1).await?;
+    assert_eq!(
+        long_string(header(&second, "traceparent")).as_deref(),
+        Some(trace)
+    );
+    s.raw
+        .reply(&second, json!({"status": "succeeded", "output": 2}))
+        .await?;
+    s.stop().await;
+    Ok(())
+}

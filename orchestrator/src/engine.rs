@@ -79,6 +79,8 @@ pub struct StartOptions {
     /// A client's key: a second start of the same definition with the same key returns the
     /// first instance instead of starting another (a different request with it is a conflict).
     pub idempotency_key: Option<String>,
+    /// The W3C trace context to pass on to participants with every command.
+    pub traceparent: Option<String>,
 }
 
 /// What [`Engine::start_with`] did.
@@ -275,7 +277,11 @@ impl Engine {
                 "deadline_ms": options.deadline.map(|d| d.as_millis() as u64),
             }),
         });
-        let t = machine::start_with(id, (**def.plan()).clone(), input, deadline, now, def);
+        let begin = machine::Begin {
+            deadline,
+            traceparent: options.traceparent,
+        };
+        let t = machine::start_with(id, (**def.plan()).clone(), input, begin, now, def);
         let outbox = match &idempotency {
             None => self.store.create(&t, now).await?,
             Some(idem) => match self.store.create_idempotent(&t, now, idem).await? {

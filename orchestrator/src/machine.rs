@@ -236,6 +236,9 @@ pub struct Instance {
     /// When a running instance is compensated if it has not finished its forward phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Time>,
+    /// The W3C trace context of the request that started it, passed on in every command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A timer the machine asks the engine to keep: a reply deadline or a retry backoff.
@@ -325,6 +328,9 @@ pub enum Event {
         /// When the forward phase must have finished, if ever.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deadline: Option<Time>,
+        /// The trace context of the request that started it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     /// A forward command was computed and logged; every attempt sends this payload.
     CommandPrepared {
@@ -593,19 +599,31 @@ impl Commands for MissingDefinition {
 
 /// Creates an instance and dispatches its first step(s).
 pub fn start(id: Uuid, plan: Plan, input: Value, now: Time, commands: &dyn Commands) -> Transition {
-    start_with(id, plan, input, None, now, commands)
+    start_with(id, plan, input, Begin::default(), now, commands)
 }
 
-/// Like [`start`], with a deadline: if the forward phase has not finished by then, the instance
-/// is compensated.
+/// Options of [`start_with`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Begin {
+    /// If the forward phase has not finished by then, the instance is compensated.
+    pub deadline: Option<Time>,
+    /// The W3C trace context to pass on to participants.
+    pub traceparent: Option<String>,
+}
+
+/// Like [`start`], with a deadline and a trace context.
 pub fn start_with(
     id: Uuid,
     plan: Plan,
     input: Value,
-    deadline: Option<Time>,
+    begin: Begin,
     now: Time,
     commands: &dyn Commands,
 ) -> Transition {
+    let Begin {
+        deadline,
+        traceparent,
+    } = begin;
     let forward = match plan.mode {
         Mode::Saga => Operation::Action,
         Mode::Tcc => Operation::Try,
@@ -615,6 +633,7 @@ pub fn start_with(
         plan,
         input,
         deadline,
+        traceparent,
     };
     let instance = replay([&started]).expect("a log that begins with started");
     let mut t = Step {
@@ -686,6 +705,7 @@ pub fn replay<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Instanc
         failure: None,
         seq: 0,
         deadline: None,
+        traceparent: None,
     };
     apply(&mut instance, first);
     for e in events {
@@ -705,9 +725,11 @@ pub fn apply(inst: &mut Instance, event: &Event) {
             plan,
             input,
             deadline,
+            traceparent,
         } => {
             inst.id = *id;
             inst.deadline = *deadline;
+            inst.traceparent = traceparent.clone();
             inst.plan = plan.clone();
             inst.input = input.clone();
             inst.steps = plan.steps.iter().map(|_| StepState::new()).collect();
@@ -1187,6 +1209,7 @@ impl Step<'_> {
                 s.output.clone()
             },
             deadline: Some(deadline),
+            traceparent: self.inst.traceparent.clone(),
         };
         self.effects.push(Effect::Send {
             participant,

@@ -105,6 +105,10 @@ pub struct Command {
     /// When the orchestrator stops waiting for this attempt's reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
+    /// The W3C trace context of the request that started the transaction, when it had one;
+    /// also sent as the `traceparent` AMQP header (added in protocol 1; absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Command {

@@ -148,6 +148,7 @@ pub fn command(step: impl Into<String>, operation: Operation) -> CommandBuilder 
         payload: Value::Null,
         output: None,
         deadline: None,
+        traceparent: None,
     })
 }
 

@@ -24,6 +24,7 @@ fn command(definition: &str, step: &str, operation: Operation) -> Command {
         payload: json!({ "account": "acct-1", "amount": 250 }),
         output: None,
         deadline: Some(deadline()),
+        traceparent: None,
     }
 }
 
@@ -231,4 +232,19 @@ fn deadlines_decode_from_any_rfc3339_offset() {
         cmd.deadline,
         Some(Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 5).unwrap())
     );
+}
+
+#[test]
+fn a_command_with_a_trace_context_carries_it_and_one_without_omits_it() {
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let cmd = Command {
+        traceparent: Some(trace.to_owned()),
+        ..command("transfer_saga", "debit", Operation::Action)
+    };
+    let json = serde_json::to_value(&cmd).unwrap();
+    assert_eq!(json["traceparent"], trace);
+    let plain = serde_json::to_value(command("transfer_saga", "debit", Operation::Action)).unwrap();
+    assert!(plain.get("traceparent").is_none());
+    let back: Command = serde_json::from_value(json).unwrap();
+    assert_eq!(back, cmd);
 }

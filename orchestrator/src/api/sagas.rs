@@ -245,6 +245,20 @@ fn idempotency_key(
     Ok(key)
 }
 
+/// The request's W3C `traceparent` when it has a valid one, else a new trace: the participants'
+/// spans for this transaction then share one trace id.
+fn trace_context(headers: &HeaderMap) -> String {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(sagas_participant::protocol::TraceParent::parse)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| {
+            let span = Uuid::new_v4().as_u128() as u64;
+            format!("00-{}-{span:016x}-01", Uuid::new_v4().simple())
+        })
+}
+
 fn deadline(request: &StartRequest) -> Result<Option<Duration>, ApiError> {
     match request.deadline_s {
         None => Ok(None),
@@ -298,6 +312,7 @@ pub async fn start(
     let options = StartOptions {
         deadline: deadline(&request)?,
         idempotency_key: idempotency_key(&request, &headers)?,
+        traceparent: Some(trace_context(&headers)),
     };
     let start = engine
         .start_with(&definition, request.input, options)

@@ -297,7 +297,7 @@ pub fn saga_detail(saga: &Value, events: &Value) -> String {
             };
             vec![
                 s(&e["seq"]),
-                s(&e["at"]),
+                s(&e["logged_at"]),
                 s(&e["kind"]),
                 step,
                 e.get("operation").map_or("-".to_owned(), s),

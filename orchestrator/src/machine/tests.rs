@@ -616,13 +616,41 @@ fn a_stuck_instance_resolved_by_an_operator_ends_resolved_and_nothing_else_can()
     assert_eq!(r.inst.status, Status::Resolved);
 }
 
+const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[test]
+fn every_command_carries_the_trace_context_the_instance_started_with() {
+    let mut r = with_deadline(Mode::Saga, 2);
+    r.ok(0, Action);
+    r.reply(1, Action, 1, Outcome::failed("no"));
+    let commands: Vec<&Command> = r
+        .last
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { command, .. } => Some(command),
+            _ => None,
+        })
+        .collect();
+    assert!(!commands.is_empty());
+    assert!(
+        commands
+            .iter()
+            .all(|c| c.traceparent.as_deref() == Some(TRACE))
+    );
+    assert_eq!(replay(&r.log).unwrap().traceparent.as_deref(), Some(TRACE));
+}
+
 fn with_deadline(mode: Mode, steps: usize) -> Run {
     let deadline = t0() + Duration::milliseconds(30_000);
+    let begin = Begin {
+        deadline: Some(deadline),
+        traceparent: Some(TRACE.to_owned()),
+    };
     let t = start_with(
         Uuid::from_u128(11),
         plan(mode, steps),
         json!({}),
-        Some(deadline),
+        begin,
         t0(),
         &Echo,
     );

@@ -59,7 +59,9 @@ pub struct OutboxMessage {
 pub struct LoggedEvent {
     /// Position in the instance's log, from 1.
     pub seq: i64,
-    /// When it was appended.
+    /// When it was appended (serialized as `logged_at`: a `retry_scheduled` event has an `at`
+    /// of its own, the time of the next attempt).
+    #[serde(rename = "logged_at")]
     pub at: Time,
     /// The event.
     #[serde(flatten)]

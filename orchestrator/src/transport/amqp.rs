@@ -122,6 +122,12 @@ pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties 
         "x-saga-attempt".into(),
         AMQPValue::LongLongInt(i64::from(command.attempt)),
     );
+    if let Some(trace) = &command.traceparent {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(trace.as_str().into()),
+        );
+    }
     if let Some(deadline) = command.deadline {
         headers.insert(
             "x-saga-deadline".into(),

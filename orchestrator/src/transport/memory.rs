@@ -427,6 +427,7 @@ mod tests {
             payload: Value::Null,
             output: None,
             deadline: None,
+            traceparent: None,
         }
     }
 

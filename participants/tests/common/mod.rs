@@ -173,6 +173,7 @@ pub fn command(id: Uuid, step: &str, operation: Operation, payload: Value) -> Co
         payload,
         output: None,
         deadline: None,
+        traceparent: None,
     }
 }
 
