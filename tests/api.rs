@@ -597,6 +597,8 @@ async fn bad_list_parameters_are_answered_400_naming_the_parameter() -> Result<(
         ("cursor=not-a-cursor", "cursor"),
         ("cursor=7a7a", "cursor"),
         ("offset=3", "offset"),
+        ("created_after=yesterday", "created_after"),
+        ("created_before=2026-13-01T00:00:00Z", "created_before"),
     ] {
         let (status, body) = api.get(&format!("/v1/sagas?{query}")).await?;
         assert_eq!(status, 400, "{query}: {body}");
@@ -608,6 +610,11 @@ async fn bad_list_parameters_are_answered_400_naming_the_parameter() -> Result<(
     }
     let (status, _) = api.get("/v1/sagas?limit=500&status=stuck").await?;
     assert_eq!(status, 200);
+    let (status, page) = api
+        .get("/v1/sagas?created_after=2000-01-01T00:00:00Z&created_before=2000-01-02T00:00:00%2B01:00")
+        .await?;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"], json!([]));
     api.stop().await;
     Ok(())
 }

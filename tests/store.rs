@@ -619,6 +619,8 @@ async fn listing_pages_newest_first_and_filters_by_status_and_definition(
         status: None,
         definition: None,
         after: None,
+        created_after: None,
+        created_before: None,
         limit: 100,
     };
     let ids = |page: &[sagas::orchestrator::store::StoredInstance]| {
@@ -681,6 +683,17 @@ async fn listing_pages_newest_first_and_filters_by_status_and_definition(
             .iter()
             .all(|s| s.instance.plan.name == "d" && s.instance.status == Status::Running)
     );
+    // A creation window: from the second instance (inclusive) to the tie (exclusive).
+    let window = store
+        .list(&ListFilter {
+            created_after: Some(base + Duration::milliseconds(1)),
+            created_before: Some(tie),
+            ..all.clone()
+        })
+        .await?;
+    let mut in_window: Vec<Uuid> = created[1..5].iter().map(|(_, id)| *id).collect();
+    in_window.reverse();
+    assert_eq!(ids(&window), in_window);
     Ok(())
 }
 

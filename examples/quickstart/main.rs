@@ -195,6 +195,8 @@ async fn unfinished(engine: &Engine) -> anyhow::Result<usize> {
             status: Some(status),
             definition: None,
             after: None,
+            created_after: None,
+            created_before: None,
             limit: 500,
         };
         n += engine.list(&filter).await?.len();
@@ -209,6 +211,8 @@ async fn watch(engine: Arc<Engine>, shutdown: CancellationToken) {
         status: None,
         definition: None,
         after: None,
+        created_after: None,
+        created_before: None,
         limit: 100,
     };
     let mut first = true;

@@ -621,6 +621,12 @@ pub struct ListQuery {
     pub limit: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// Only transactions created at or after this time (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub created_after: Option<String>,
+    /// Only transactions created before this time (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub created_before: Option<String>,
 }
 
 /// A page of `GET /v1/sagas`.
@@ -685,15 +691,29 @@ fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
             )
         })?),
     };
+    let time = |name: &str, v: Option<&str>| -> Result<Option<crate::machine::Time>, ApiError> {
+        match v {
+            None | Some("") => Ok(None),
+            Some(t) => chrono::DateTime::parse_from_rfc3339(t)
+                .map(|t| Some(t.with_timezone(&chrono::Utc)))
+                .map_err(|_| {
+                    ApiError::invalid_query(format!(
+                        "{name} {t:?} is not an RFC 3339 time such as 2026-11-24T00:00:00Z"
+                    ))
+                }),
+        }
+    };
     Ok(ListFilter {
         status,
         definition: q.definition.filter(|d| !d.is_empty()),
         after,
+        created_after: time("created_after", q.created_after.as_deref())?,
+        created_before: time("created_before", q.created_before.as_deref())?,
         limit,
     })
 }
 
-/// `GET /v1/sagas?status=&definition=&limit=&cursor=`: transactions newest first, paged by
+/// `GET /v1/sagas?status=&definition=&created_after=&created_before=&limit=&cursor=`: transactions newest first, paged by
 /// a keyset cursor so that transactions started meanwhile never shift or repeat a page.
 #[utoipa::path(
     get,

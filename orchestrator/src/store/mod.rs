@@ -107,6 +107,10 @@ pub struct ListFilter {
     pub definition: Option<String>,
     /// Only instances strictly after this position (older, or as old with a smaller id).
     pub after: Option<Position>,
+    /// Only instances created at or after this time.
+    pub created_after: Option<Time>,
+    /// Only instances created before this time.
+    pub created_before: Option<Time>,
     /// At most this many.
     pub limit: u32,
 }

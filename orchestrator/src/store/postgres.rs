@@ -318,6 +318,8 @@ impl SagaStore for PgStore {
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::text IS NULL OR definition = $2)
                AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+               AND ($6::timestamptz IS NULL OR created_at >= $6)
+               AND ($7::timestamptz IS NULL OR created_at < $7)
              ORDER BY created_at DESC, id DESC
              LIMIT $5",
         )
@@ -326,6 +328,8 @@ impl SagaStore for PgStore {
         .bind(after_at)
         .bind(after_id)
         .bind(i64::from(filter.limit))
+        .bind(filter.created_after)
+        .bind(filter.created_before)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

@@ -420,6 +420,8 @@ impl SagaStore for SqliteStore {
              WHERE (?1 IS NULL OR status = ?1)
                AND (?2 IS NULL OR definition = ?2)
                AND (?3 IS NULL OR (created_at, id) < (?3, ?4))
+               AND (?6 IS NULL OR created_at >= ?6)
+               AND (?7 IS NULL OR created_at < ?7)
              ORDER BY created_at DESC, id DESC
              LIMIT ?5",
         )
@@ -428,6 +430,8 @@ impl SagaStore for SqliteStore {
         .bind(after_at)
         .bind(after_id)
         .bind(i64::from(filter.limit))
+        .bind(filter.created_after.map(micros))
+        .bind(filter.created_before.map(micros))
         .fetch_all(&self.reader)
         .await?;
         rows.into_iter().map(stored).collect()
