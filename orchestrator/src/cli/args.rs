@@ -131,12 +131,18 @@ pub struct ActionArgs {
 /// `list`.
 #[derive(Debug, Clone, Args)]
 pub struct ListArgs {
-    /// Only this status (running, compensating, stuck, completed, compensated).
+    /// Only this status (running, compensating, stuck, completed, compensated, resolved).
     #[arg(long)]
     pub status: Option<String>,
     /// Only this definition.
     #[arg(long)]
     pub definition: Option<String>,
+    /// Only transactions created at or after this RFC 3339 time.
+    #[arg(long)]
+    pub created_after: Option<String>,
+    /// Only transactions created before this RFC 3339 time.
+    #[arg(long)]
+    pub created_before: Option<String>,
     /// Page size (1 to 500).
     #[arg(long, default_value_t = 50)]
     pub limit: u32,

@@ -114,6 +114,12 @@ pub async fn list(args: ListArgs) -> anyhow::Result<u8> {
         if let Some(s) = &args.status {
             query.push(("status", s.clone()));
         }
+        if let Some(t) = &args.created_after {
+            query.push(("created_after", t.clone()));
+        }
+        if let Some(t) = &args.created_before {
+            query.push(("created_before", t.clone()));
+        }
         if let Some(d) = &args.definition {
             query.push(("definition", d.clone()));
         }
