@@ -1,6 +1,7 @@
 //! `sagactl reconcile` and the HTTP commands of `sagactl`: logs with planted defects produce
 //! each kind of finding, a clean run of the bank produces none, the participant cross-check
-//! finds a barrier that disagrees with the log, and the report's outputs are snapshotted.
+//! finds a barrier that disagrees with the log, real runs with injected faults are reported
+//! where they happened, and the report's outputs are snapshotted.
 
 mod common;
 
@@ -844,5 +845,89 @@ fn sagactl_prints_help_with_examples_and_shell_completions() -> Result<()> {
     let out = run_sagactl(&["completions", "bash"])?;
     assert_eq!(code(&out), 0);
     assert!(String::from_utf8(out.stdout)?.contains("_sagactl"));
+    Ok(())
+}
+
+/// Holds and denies on demand; its compensation is always refused.
+struct Fragile {
+    deny: bool,
+}
+
+#[async_trait::async_trait]
+impl sagas::participant::SagaHandler for Fragile {
+    async fn action(
+        &self,
+        _: &sagas::participant::Command,
+        _: &mut sqlx::PgConnection,
+    ) -> Result<Value, sagas::participant::HandlerError> {
+        if self.deny {
+            return Err(sagas::participant::HandlerError::business("denied"));
+        }
+        Ok(json!({"held": true}))
+    }
+    async fn compensate(
+        &self,
+        _: &sagas::participant::Command,
+        _: &mut sqlx::PgConnection,
+    ) -> Result<Value, sagas::participant::HandlerError> {
+        Err(sagas::participant::HandlerError::business(
+            "the hold cannot be released",
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_runs_with_injected_faults_are_reported_where_they_happened() -> Result<()> {
+    let env = TestEnv::new().await?;
+    bank::seed(&env.bank, 2, 1_000).await?;
+    let fragile = Definition::saga::<Value>("fragile", 1)
+        .step("hold", "fragile", |s| s.command(|_, _| json!({})))
+        .step("deny", "fragile", |s| s.command(|_, _| json!({})))
+        .build()?;
+    let mut registry = bank::registry()?;
+    registry.register(fragile)?;
+    let app = spawn_app(&env, registry).await?;
+    let handler = sagas::participant::Router::new()
+        .route("hold", sagas::participant::Saga(Fragile { deny: false }))
+        .route("deny", sagas::participant::Saga(Fragile { deny: true }));
+    let fragile_runtime = spawn_participant(&env, "fragile", std::sync::Arc::new(handler)).await?;
+
+    // Fault 1: a compensation that the participant refuses. The second step is denied, and
+    // undoing the first one fails, so the instance is stuck.
+    let stuck = app.engine.start("fragile", json!({})).await?.id;
+    common::wait_status(&env, stuck, Status::Stuck).await?;
+
+    // Fault 2: the accounts participant is down and the orchestrator stops too, so the
+    // debit's reply deadline passes with nothing logged.
+    let silent = app.engine.start(
+        "transfer_saga",
+        json!({"from": "acct-1", "to": "acct-2", "amount": 5}),
+    );
+    let silent = silent.await?.id;
+    fragile_runtime.stop().await;
+    app.stop().await;
+
+    let mut options = Options::new(Utc::now() + chrono::Duration::minutes(5));
+    options.stale_after = chrono::Duration::hours(1);
+    let report = reconcile::run(&env.orch, &options, |_| {}).await?;
+    let kinds: BTreeSet<(FindingKind, Uuid)> = report
+        .findings
+        .iter()
+        .filter_map(|f| Some((f.kind, f.instance?)))
+        .collect();
+    assert!(kinds.contains(&(FindingKind::Stuck, stuck)), "{report:#?}");
+    assert!(
+        kinds.contains(&(FindingKind::ReplyOverdue, silent)),
+        "{report:#?}"
+    );
+    assert!(
+        !report.findings.iter().any(|f| matches!(
+            f.kind,
+            FindingKind::ProjectionMismatch | FindingKind::LogCorrupt
+        )),
+        "{report:#?}"
+    );
+    assert!(!report.is_consistent());
+    env.cleanup().await;
     Ok(())
 }
