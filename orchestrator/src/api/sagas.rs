@@ -774,6 +774,8 @@ mod tests {
             definition: None,
             limit: Some(limit.into()),
             cursor: Some(cursor.into()),
+            created_after: None,
+            created_before: None,
         };
         let msg = |r: Result<ListFilter, ApiError>| format!("{:?}", r.unwrap_err());
         assert!(msg(list_filter(q("done", "", ""))).contains("status"));
