@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -90,6 +90,72 @@ pub struct Start {
     pub instance: Instance,
     /// False when the idempotency key named an existing instance.
     pub created: bool,
+}
+
+/// Published outbox rows are deleted in batches: at most this often...
+pub const OUTBOX_DELETE_INTERVAL: Duration = Duration::from_millis(20);
+/// ...or as soon as this many ids are waiting.
+pub const OUTBOX_DELETE_BATCH: usize = 256;
+
+/// What the outbox deleter is told.
+enum Deletion {
+    /// Ids of rows whose publish the broker confirmed.
+    Ids(Vec<i64>),
+    /// Delete everything received so far, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Deletes confirmed outbox rows in batches, one `DELETE … WHERE id = ANY` per batch, off the
+/// path of the start and reply that published them. The first ids after a quiet period are
+/// deleted at once; under load the deletes run at most every [`OUTBOX_DELETE_INTERVAL`] (or
+/// every [`OUTBOX_DELETE_BATCH`] ids), so one transaction deletes many rows. A row whose
+/// delete is lost (crash, failed statement) is republished by the relay after its grace
+/// period: a duplicate command, which the participants' barrier absorbs.
+async fn delete_loop(store: Arc<dyn SagaStore>, mut rx: mpsc::UnboundedReceiver<Deletion>) {
+    let mut batch: Vec<i64> = Vec::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut last = tokio::time::Instant::now()
+        .checked_sub(OUTBOX_DELETE_INTERVAL)
+        .unwrap_or_else(tokio::time::Instant::now);
+    let mut open = true;
+    while open {
+        // Wait for work.
+        match rx.recv().await {
+            Some(Deletion::Ids(ids)) => batch.extend(ids),
+            Some(Deletion::Flush(done)) => waiting.push(done),
+            None => open = false,
+        }
+        // Collect until the interval since the last delete is over, the batch is full, or a
+        // flush is asked for.
+        let until = last + OUTBOX_DELETE_INTERVAL;
+        while open && waiting.is_empty() && batch.len() < OUTBOX_DELETE_BATCH {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(Deletion::Ids(ids)) => batch.extend(ids),
+                    Some(Deletion::Flush(done)) => waiting.push(done),
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        // Whatever else is already queued goes with it.
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Deletion::Ids(ids) => batch.extend(ids),
+                Deletion::Flush(done) => waiting.push(done),
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = store.delete_outbox(&batch).await {
+                tracing::warn!(error = %e, rows = batch.len(), "published outbox rows not deleted; the relay will publish them again");
+            }
+            batch.clear();
+            last = tokio::time::Instant::now();
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+    }
 }
 
 /// How often [`Engine::wait_terminal`] reads the store while no notification came: another
@@ -195,6 +261,9 @@ pub struct Engine {
     finished: broadcast::Sender<Uuid>,
     /// Cancelled when `run` is told to stop, so that waiting requests end.
     stopping: CancellationToken,
+    /// The background deleter of published outbox rows (none outside a Tokio runtime: then
+    /// rows are deleted right after their confirm).
+    deleter: Option<mpsc::UnboundedSender<Deletion>>,
 }
 
 impl Engine {
@@ -206,7 +275,13 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Arc<Engine> {
+        let deleter = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            runtime.spawn(delete_loop(store.clone(), rx));
+            tx
+        });
         Arc::new(Engine {
+            deleter,
             store,
             transport,
             registry: Arc::new(registry),
@@ -308,7 +383,7 @@ impl Engine {
         metrics::counter!(metric::STARTED, "definition" => definition.to_owned()).increment(1);
         self.committed(&t);
         tracing::debug!(%id, definition, "started");
-        self.publish(outbox).await;
+        self.publish(outbox, false).await;
         Ok(Start {
             instance: t.instance,
             created: true,
@@ -419,7 +494,7 @@ impl Engine {
             )
             .await?;
         self.committed(&updated.transition);
-        self.publish(updated.outbox).await;
+        self.publish(updated.outbox, false).await;
         Ok(updated.transition.instance)
     }
 
@@ -455,15 +530,24 @@ impl Engine {
         self.transport.ping().await
     }
 
-    /// Publishes committed outbox rows and deletes them once confirmed. A failure leaves them
-    /// for the relay, so it is logged, not returned.
-    async fn publish(&self, outbox: Vec<OutboxMessage>) {
+    /// Publishes committed outbox rows and, once confirmed, deletes them: at once when `now`
+    /// (the relay), else through the background deleter. A failure leaves them for the relay,
+    /// so it is logged, not returned.
+    async fn publish(&self, outbox: Vec<OutboxMessage>, now: bool) {
         if outbox.is_empty() {
             return;
         }
         match self.transport.publish(&outbox).await {
             Ok(()) => {
                 let ids: Vec<i64> = outbox.iter().map(|m| m.id).collect();
+                let ids = match (&self.deleter, now) {
+                    (Some(deleter), false) => match deleter.send(Deletion::Ids(ids)) {
+                        Ok(()) => return,
+                        Err(mpsc::error::SendError(Deletion::Ids(ids))) => ids,
+                        Err(_) => return,
+                    },
+                    _ => ids,
+                };
                 if let Err(e) = self.store.delete_outbox(&ids).await {
                     tracing::warn!(error = %e, "published outbox rows not deleted; the relay will publish them again");
                 }
@@ -471,6 +555,17 @@ impl Engine {
             Err(e) => {
                 metrics::counter!(metric::PUBLISH_FAILURES).increment(1);
                 tracing::warn!(error = %e, rows = outbox.len(), "publish failed; the outbox relay will retry");
+            }
+        }
+    }
+
+    /// Waits until the published outbox rows handed to the background deleter so far are
+    /// deleted (or their delete failed). `run` does it when it stops.
+    pub async fn flush_outbox_deletes(&self) {
+        if let Some(deleter) = &self.deleter {
+            let (done, wait) = oneshot::channel();
+            if deleter.send(Deletion::Flush(done)).is_ok() {
+                let _ = wait.await;
             }
         }
     }
@@ -496,6 +591,7 @@ impl Engine {
         for task in [consumer, timers, relay] {
             let _ = task.await;
         }
+        self.flush_outbox_deletes().await;
         Ok(())
     }
 
@@ -621,7 +717,7 @@ impl Engine {
                 Ok(rows) if !rows.is_empty() => {
                     let n = rows.len() as u64;
                     tracing::info!(rows = n, "relaying unpublished outbox rows");
-                    self.publish(rows).await;
+                    self.publish(rows, true).await;
                     self.stats.relayed.fetch_add(n, Ordering::Relaxed);
                     metrics::counter!(metric::RELAYED).increment(n);
                     if n == 256 {

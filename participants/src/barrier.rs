@@ -21,7 +21,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::types::Json;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::handler::{Handler, HandlerError};
@@ -162,25 +162,29 @@ pub async fn execute(
     }
 
     // The savepoint lets a business failure undo the handler's writes (and recover from a
-    // statement error that aborted the transaction) while the barrier row survives.
-    let mut savepoint = tx.begin().await?;
-    match handler.handle(cmd, &mut savepoint).await {
+    // statement error that aborted the transaction) while the barrier row survives. It is
+    // never released: committing the transaction commits the savepoint's work too, so the
+    // success path saves the RELEASE round trip.
+    sqlx::raw_sql("SAVEPOINT sagas_barrier_handler")
+        .execute(&mut *tx)
+        .await?;
+    match handler.handle(cmd, &mut tx).await {
         Ok(output) => {
-            savepoint.commit().await?;
             let outcome = Outcome::succeeded(output);
             record(&mut tx, cmd, Origin::Handler, &outcome).await?;
             tx.commit().await?;
             Ok(outcome)
         }
         Err(HandlerError::Business(reason)) if op.is_forward() => {
-            savepoint.rollback().await?;
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT sagas_barrier_handler")
+                .execute(&mut *tx)
+                .await?;
             let outcome = Outcome::failed(reason);
             record(&mut tx, cmd, Origin::Handler, &outcome).await?;
             tx.commit().await?;
             Ok(outcome)
         }
         Err(error) => {
-            drop(savepoint);
             tx.rollback().await?;
             Ok(error.to_outcome())
         }

@@ -3,9 +3,9 @@
 use async_trait::async_trait;
 use chrono::Duration;
 use serde_json::Value;
+use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::types::Json;
-use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::{
@@ -35,17 +35,46 @@ impl PgStore {
         idempotency: Option<&Idempotency>,
     ) -> Result<Created, StoreError> {
         let inst = &start.instance;
-        let mut tx = self.pool.begin().await?;
-        // Conflicts on the id or on the idempotency key; a concurrent start with the same key
-        // waits on the unique index until the first commits, then finds its row below.
-        let inserted = sqlx::query(
-            "INSERT INTO sagas_instances
-               (id, definition, version, mode, status, seq, state, failure, created_at, updated_at,
-                idempotency_key, request)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11)
-             ON CONFLICT DO NOTHING",
+        // One statement, so one implicit transaction: the instance, its first events, its
+        // outbox rows and timers, all or nothing. The other writes join `ins`, so a conflict
+        // on the id or on the idempotency key writes nothing. A concurrent start with the
+        // same key waits on the unique index until the first commits; its row is read below.
+        let w = Writes::new(&start.events, &start.effects);
+        let row: (bool, Vec<i64>, Vec<String>) = sqlx::query_as(
+            "WITH ins AS (
+               INSERT INTO sagas_instances
+                 (id, definition, version, mode, status, seq, state, failure, created_at, updated_at,
+                  idempotency_key, request)
+               VALUES ($1, $8, $9, $10, $11, $12, $13, $14, $3, $3, $15, $16)
+               ON CONFLICT DO NOTHING
+               RETURNING id),
+             ev AS (
+               INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
+               SELECT ins.id, $2 + e.ord - 1, e.body->>'kind', (e.body->>'step')::int,
+                      e.body->>'operation', (e.body->>'attempt')::int, e.body, $3
+               FROM ins, jsonb_array_elements($4) WITH ORDINALITY AS e(body, ord)),
+             tset AS (
+               INSERT INTO sagas_timers (instance_id, key, due_at, timer)
+               SELECT ins.id, r->>'k', (r->>'at')::timestamptz, r->'t'
+               FROM ins, jsonb_array_elements($5) AS r
+               ON CONFLICT (instance_id, key) DO UPDATE SET due_at = EXCLUDED.due_at, timer = EXCLUDED.timer),
+             ob AS (
+               INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
+               SELECT ins.id, r->>'p', r->>'m', r->'b', $3, $3 + make_interval(secs => $7::float8 / 1000)
+               FROM ins, jsonb_array_elements($6) WITH ORDINALITY AS r(r, ord)
+               ORDER BY r.ord
+               RETURNING id, message_id)
+             SELECT EXISTS (SELECT 1 FROM ins) AS created,
+                    coalesce((SELECT array_agg(id ORDER BY id) FROM ob), '{}') AS ids,
+                    coalesce((SELECT array_agg(message_id ORDER BY id) FROM ob), '{}') AS message_ids",
         )
         .bind(inst.id)
+        .bind(1_i64)
+        .bind(now)
+        .bind(Json(w.events))
+        .bind(Json(&w.set))
+        .bind(Json(&w.sends))
+        .bind(OUTBOX_GRACE_MS as f64)
         .bind(&inst.plan.name)
         .bind(inst.plan.version as i32)
         .bind(inst.plan.mode.as_str())
@@ -53,12 +82,12 @@ impl PgStore {
         .bind(inst.seq as i64)
         .bind(Json(inst))
         .bind(&inst.failure)
-        .bind(now)
         .bind(idempotency.map(|i| &i.key))
         .bind(idempotency.map(|i| Json(&i.request)))
-        .execute(&mut *tx)
+        .fetch_one(&self.pool)
         .await?;
-        if inserted.rows_affected() == 0 {
+        let (created, ids, message_ids) = row;
+        if !created {
             if let Some(idem) = idempotency {
                 let row: Option<(Uuid, Option<Json<serde_json::Value>>)> = sqlx::query_as(
                     "SELECT id, request FROM sagas_instances
@@ -66,7 +95,7 @@ impl PgStore {
                 )
                 .bind(&inst.plan.name)
                 .bind(&idem.key)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&self.pool)
                 .await?;
                 if let Some((id, request)) = row {
                     return Ok(Created::Existing {
@@ -77,10 +106,7 @@ impl PgStore {
             }
             return Err(StoreError::Exists(inst.id));
         }
-        append_events(&mut tx, inst.id, 1, &start.events, now).await?;
-        let outbox = apply_effects(&mut tx, inst.id, &start.effects, now).await?;
-        tx.commit().await?;
-        Ok(Created::New(outbox))
+        Ok(Created::New(w.outbox(&ids, &message_ids)?))
     }
 
     /// A store on `pool` (migrations must have run: see [`PgStore::migrate`]).
@@ -103,95 +129,67 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
-/// Appends `events` (numbered after `first_seq - 1`), in one statement.
-async fn append_events(
-    conn: &mut PgConnection,
-    id: Uuid,
-    first_seq: i64,
-    events: &[Event],
-    now: Time,
-) -> Result<(), StoreError> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
-         SELECT $1, $2 + e.ord - 1, e.body->>'kind', (e.body->>'step')::int,
-                e.body->>'operation', (e.body->>'attempt')::int, e.body, $4
-         FROM jsonb_array_elements($3) WITH ORDINALITY AS e(body, ord)",
-    )
-    .bind(id)
-    .bind(first_seq)
-    .bind(Json(events))
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// What one transition writes besides the projection, as the JSON parameters of the combined
+/// statements of [`PgStore::insert`] and [`SagaStore::update`].
+struct Writes<'a> {
+    /// The events to append, in order.
+    events: &'a [Event],
+    /// The commands for the outbox, in order.
+    commands: Vec<(&'a String, &'a Command)>,
+    /// The same as `{"p": participant, "m": message id, "b": command}`.
+    sends: Vec<Value>,
+    /// Timers to upsert, as `{"k": key, "at": due, "t": timer}`.
+    set: Vec<Value>,
+    /// Keys of the timers to delete.
+    cancel: Vec<String>,
 }
 
-/// Writes the transition's commands to the outbox and applies its timer effects.
-async fn apply_effects(
-    conn: &mut PgConnection,
-    id: Uuid,
-    effects: &[Effect],
-    now: Time,
-) -> Result<Vec<OutboxMessage>, StoreError> {
-    let super::PlannedEffects { sends, set, cancel } = super::plan_effects(effects);
-    let mut outbox = Vec::with_capacity(sends.len());
-    if !sends.is_empty() {
-        let rows: Vec<Value> = sends
-            .iter()
-            .map(|(p, c)| serde_json::json!({"p": p, "m": c.message_id(), "b": c}))
-            .collect();
-        let ids: Vec<(i64, String)> = sqlx::query_as(
-            "INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
-             SELECT $1, r->>'p', r->>'m', r->'b', $3, $3 + make_interval(secs => $4::float8 / 1000)
-             FROM jsonb_array_elements($2) AS r
-             RETURNING id, message_id",
-        )
-        .bind(id)
-        .bind(Json(&rows))
-        .bind(now)
-        .bind(OUTBOX_GRACE_MS as f64)
-        .fetch_all(&mut *conn)
-        .await?;
-        for (p, c) in sends {
-            let row_id = ids
+impl<'a> Writes<'a> {
+    fn new(events: &'a [Event], effects: &'a [Effect]) -> Writes<'a> {
+        let super::PlannedEffects { sends, set, cancel } = super::plan_effects(effects);
+        Writes {
+            events,
+            sends: sends
                 .iter()
-                .find(|(_, m)| *m == c.message_id())
-                .map(|(i, _)| *i)
-                .ok_or_else(|| corrupt("outbox insert", "a row id is missing"))?;
-            outbox.push(OutboxMessage {
-                id: row_id,
-                participant: p.clone(),
-                command: c.clone(),
-            });
+                .map(|(p, c)| serde_json::json!({"p": p, "m": c.message_id(), "b": c}))
+                .collect(),
+            commands: sends,
+            set: set
+                .iter()
+                .map(|(k, at, t)| serde_json::json!({"k": k, "at": at, "t": t}))
+                .collect(),
+            cancel,
         }
     }
-    if !cancel.is_empty() {
-        sqlx::query("DELETE FROM sagas_timers WHERE instance_id = $1 AND key = ANY($2)")
-            .bind(id)
-            .bind(&cancel)
-            .execute(&mut *conn)
-            .await?;
+
+    /// The keys of the timers set.
+    fn set_keys(&self) -> impl Iterator<Item = &str> {
+        self.set.iter().filter_map(|t| t["k"].as_str())
     }
-    let set: Vec<Value> = set
-        .iter()
-        .map(|(k, at, t)| serde_json::json!({"k": k, "at": at, "t": t}))
-        .collect();
-    if !set.is_empty() {
-        sqlx::query(
-            "INSERT INTO sagas_timers (instance_id, key, due_at, timer)
-             SELECT $1, r->>'k', (r->>'at')::timestamptz, r->'t'
-             FROM jsonb_array_elements($2) AS r
-             ON CONFLICT (instance_id, key) DO UPDATE SET due_at = EXCLUDED.due_at, timer = EXCLUDED.timer",
-        )
-        .bind(id)
-        .bind(Json(&set))
-        .execute(&mut *conn)
-        .await?;
+
+    /// The outbox rows written, from the ids and message ids the statement returned.
+    fn outbox(
+        &self,
+        ids: &[i64],
+        message_ids: &[String],
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        self.commands
+            .iter()
+            .map(|(p, c)| {
+                let row_id = ids
+                    .iter()
+                    .zip(message_ids)
+                    .find(|(_, m)| **m == c.message_id())
+                    .map(|(i, _)| *i)
+                    .ok_or_else(|| corrupt("outbox insert", "a row id is missing"))?;
+                Ok(OutboxMessage {
+                    id: row_id,
+                    participant: (*p).clone(),
+                    command: (*c).clone(),
+                })
+            })
+            .collect()
     }
-    Ok(outbox)
 }
 
 fn decode_outbox(row: &PgRow) -> Result<OutboxMessage, StoreError> {
@@ -242,38 +240,76 @@ impl SagaStore for PgStore {
         let Some((Json(current),)) = row else {
             return Err(StoreError::NotFound(id));
         };
-        if let Some(timer) = fired {
-            sqlx::query(
-                "DELETE FROM sagas_timers WHERE instance_id = $1 AND key = $2 AND timer = $3",
-            )
-            .bind(id)
-            .bind(timer.key())
-            .bind(Json(timer))
-            .execute(&mut *tx)
-            .await?;
-        }
         let transition = decide(&current)?;
         let inst = &transition.instance;
-        let mut outbox = Vec::new();
-        if !transition.events.is_empty() {
-            let first_seq = current.seq as i64 + 1;
-            append_events(&mut tx, id, first_seq, &transition.events, now).await?;
-            sqlx::query(
-                "UPDATE sagas_instances SET status = $2, seq = $3, state = $4, failure = $5, updated_at = $6
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(inst.status.as_str())
-            .bind(inst.seq as i64)
-            .bind(Json(inst))
-            .bind(&inst.failure)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        let w = Writes::new(&transition.events, &transition.effects);
+        // The fired timer is deleted if it is still the one that fired, unless the transition
+        // sets a timer with the same key (the upsert replaces it). The sub-statements of one
+        // statement must not touch the same row twice, hence the exclusions.
+        let fired = fired.filter(|t| !w.set_keys().any(|k| k == t.key()));
+        let cancel: Vec<&str> = w
+            .cancel
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !w.set_keys().any(|s| s == *k))
+            .collect();
+        if w.events.is_empty()
+            && w.commands.is_empty()
+            && w.set.is_empty()
+            && cancel.is_empty()
+            && fired.is_none()
+        {
+            tx.commit().await?;
+            return Ok(Updated {
+                transition,
+                outbox: Vec::new(),
+            });
         }
-        if !transition.effects.is_empty() {
-            outbox = apply_effects(&mut tx, id, &transition.effects, now).await?;
-        }
+        // Events, projection, timers and outbox in one statement (data-modifying CTEs).
+        let row: (Vec<i64>, Vec<String>) = sqlx::query_as(
+            "WITH ev AS (
+               INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
+               SELECT $1, $2 + e.ord - 1, e.body->>'kind', (e.body->>'step')::int,
+                      e.body->>'operation', (e.body->>'attempt')::int, e.body, $3
+               FROM jsonb_array_elements($4) WITH ORDINALITY AS e(body, ord)),
+             inst AS (
+               UPDATE sagas_instances
+               SET status = $8, seq = $9, state = $10, failure = $11, updated_at = $3
+               WHERE id = $1 AND jsonb_array_length($4) > 0),
+             tdel AS (
+               DELETE FROM sagas_timers
+               WHERE instance_id = $1 AND (key = ANY($12) OR (key = $13 AND timer = $14))),
+             tset AS (
+               INSERT INTO sagas_timers (instance_id, key, due_at, timer)
+               SELECT $1, r->>'k', (r->>'at')::timestamptz, r->'t'
+               FROM jsonb_array_elements($5) AS r
+               ON CONFLICT (instance_id, key) DO UPDATE SET due_at = EXCLUDED.due_at, timer = EXCLUDED.timer),
+             ob AS (
+               INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
+               SELECT $1, r->>'p', r->>'m', r->'b', $3, $3 + make_interval(secs => $7::float8 / 1000)
+               FROM jsonb_array_elements($6) WITH ORDINALITY AS r(r, ord)
+               ORDER BY r.ord
+               RETURNING id, message_id)
+             SELECT coalesce((SELECT array_agg(id ORDER BY id) FROM ob), '{}') AS ids,
+                    coalesce((SELECT array_agg(message_id ORDER BY id) FROM ob), '{}') AS message_ids",
+        )
+        .bind(id)
+        .bind(current.seq as i64 + 1)
+        .bind(now)
+        .bind(Json(w.events))
+        .bind(Json(&w.set))
+        .bind(Json(&w.sends))
+        .bind(OUTBOX_GRACE_MS as f64)
+        .bind(inst.status.as_str())
+        .bind(inst.seq as i64)
+        .bind(Json(inst))
+        .bind(&inst.failure)
+        .bind(&cancel)
+        .bind(fired.map(|t| t.key()))
+        .bind(fired.map(Json))
+        .fetch_one(&mut *tx)
+        .await?;
+        let outbox = w.outbox(&row.0, &row.1)?;
         tx.commit().await?;
         Ok(Updated { transition, outbox })
     }
