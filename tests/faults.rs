@@ -393,3 +393,57 @@ async fn a_process_without_the_definition_leaves_the_saga_to_one_that_has_it() -
     env.cleanup().await;
     Ok(())
 }
+
+/// Starts a job and answers `in_progress`, remembering the command for its completion.
+struct LongJob(Arc<Mutex<Vec<Command>>>);
+
+#[async_trait]
+impl sagas::participant::Handler for LongJob {
+    async fn handle(&self, cmd: &Command, _: &mut PgConnection) -> Result<Value, HandlerError> {
+        self.0.lock().await.push(cmd.clone());
+        Err(HandlerError::in_progress(Some("queued".into())))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_running_step_answered_in_progress_completes_when_the_participant_finishes_it()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let def = Definition::saga::<Nothing>("long_saga", 1)
+        .step("job", "accounts", |s| {
+            s.command(|_, _| json!({}))
+                .timeout(Duration::from_secs(2))
+                .in_progress_timeout(Duration::from_secs(120))
+        })
+        .build()?;
+    let app = spawn_app(&env, Registry::new().with(def)?).await?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let accounts = spawn_participant(&env, "accounts", Arc::new(LongJob(seen.clone()))).await?;
+    let id = app.engine.start("long_saga", json!({})).await?.id;
+    common::wait_event(&app, id, |e| e.event.kind() == "extended").await?;
+    // Longer than the step's 2 s timeout: the in_progress answer holds off any resend.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let cmd = {
+        let seen = seen.lock().await;
+        assert_eq!(seen.len(), 1, "no second attempt while in progress");
+        seen[0].clone()
+    };
+    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let done = sagas::participant::runtime::complete(
+        &env.bank,
+        &conn,
+        &env.topology,
+        &cmd,
+        Outcome::succeeded(json!({"result": "ready"})),
+    )
+    .await?;
+    assert_eq!(done, sagas::participant::barrier::Completion::Completed);
+    let finished = env.wait_terminal(id).await?;
+    assert_eq!(finished.status, Status::Completed);
+    assert_eq!(finished.steps[0].output, Some(json!({"result": "ready"})));
+    let _ = conn.close(200, "done".into()).await;
+    accounts.stop().await;
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}

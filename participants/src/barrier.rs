@@ -49,6 +49,9 @@ pub enum BarrierError {
         /// What is wrong with the row.
         detail: String,
     },
+    /// [`complete_in`] was given an outcome that is not final (`retry` or `in_progress`).
+    #[error("an operation can only be completed as succeeded or failed")]
+    NotFinal,
     /// [`cleanup`] was given a negative retention.
     #[error("the barrier retention must not be negative")]
     NegativeRetention,
@@ -144,13 +147,15 @@ pub async fn execute(
         let refusal = Outcome::failed(format!(
             "{forward} refused: it arrived after its {op} (anti-hanging)"
         ));
+        // The forward row is locked so that a completion of a long-running forward operation
+        // (`complete_in`) and this undo happen one after the other.
         let forward_took_effect =
             if insert(&mut tx, cmd, forward, Origin::Guard, Some(&refusal)).await? {
                 false
             } else {
                 matches!(
-                    stored_reply(&mut tx, cmd, forward).await?,
-                    Outcome::Succeeded { .. }
+                    locked_reply(&mut tx, cmd, forward).await?,
+                    Outcome::Succeeded { .. } | Outcome::InProgress { .. }
                 )
             };
         if !forward_took_effect {
@@ -171,6 +176,13 @@ pub async fn execute(
     match handler.handle(cmd, &mut tx).await {
         Ok(output) => {
             let outcome = Outcome::succeeded(output);
+            record(&mut tx, cmd, Origin::Handler, &outcome).await?;
+            tx.commit().await?;
+            Ok(outcome)
+        }
+        Err(HandlerError::InProgress(note)) => {
+            // Accepted: the handler's writes stay, and the reply says so until completed.
+            let outcome = Outcome::InProgress { note };
             record(&mut tx, cmd, Origin::Handler, &outcome).await?;
             tx.commit().await?;
             Ok(outcome)
@@ -302,6 +314,93 @@ async fn record(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// What [`complete_in`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completion {
+    /// The stored `in_progress` reply is now the final outcome: publish the reply.
+    Completed,
+    /// The operation was already final (a completion ran before): nothing changed; this is
+    /// its outcome, to publish again if wanted.
+    AlreadyFinal(Outcome),
+    /// The operation's undo ran first: do not apply the effect (roll back the transaction).
+    Undone,
+}
+
+/// Records the final outcome of a long-running operation that answered `in_progress`, in the
+/// caller's transaction, so that the business writes that finish the work commit with it.
+///
+/// On [`Completion::Undone`] the caller must roll back: the orchestrator compensated or
+/// cancelled the step first (anti-hanging). The forward row is locked, so a concurrent undo
+/// waits for this transaction (and then undoes the completed effect) or ran before it.
+pub async fn complete_in(
+    conn: &mut PgConnection,
+    cmd: &Command,
+    outcome: &Outcome,
+) -> Result<Completion, BarrierError> {
+    if !matches!(outcome, Outcome::Succeeded { .. } | Outcome::Failed { .. }) {
+        return Err(BarrierError::NotFinal);
+    }
+    let current = locked_reply(&mut *conn, cmd, cmd.operation).await?;
+    if cmd.operation.is_forward() {
+        let undo = match cmd.operation {
+            Operation::Action => Operation::Compensate,
+            _ => Operation::Cancel,
+        };
+        let undone: Option<(String,)> = sqlx::query_as(
+            "SELECT origin FROM sagas_barrier \
+             WHERE transaction_id = $1 AND step = $2 AND operation = $3",
+        )
+        .bind(cmd.transaction_id)
+        .bind(&cmd.step)
+        .bind(undo.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+        if undone.is_some() {
+            return Ok(Completion::Undone);
+        }
+    }
+    if !matches!(current, Outcome::InProgress { .. }) {
+        return Ok(Completion::AlreadyFinal(current));
+    }
+    sqlx::query(
+        "UPDATE sagas_barrier SET reply = $4 \
+         WHERE transaction_id = $1 AND step = $2 AND operation = $3",
+    )
+    .bind(cmd.transaction_id)
+    .bind(&cmd.step)
+    .bind(cmd.operation.as_str())
+    .bind(Json(outcome))
+    .execute(&mut *conn)
+    .await?;
+    Ok(Completion::Completed)
+}
+
+/// Like [`stored_reply`], locking the row until the transaction ends.
+async fn locked_reply(
+    conn: &mut PgConnection,
+    cmd: &Command,
+    operation: Operation,
+) -> Result<Outcome, BarrierError> {
+    let row: Option<(Option<Json<Outcome>>,)> = sqlx::query_as(
+        "SELECT reply FROM sagas_barrier \
+         WHERE transaction_id = $1 AND step = $2 AND operation = $3 FOR UPDATE",
+    )
+    .bind(cmd.transaction_id)
+    .bind(&cmd.step)
+    .bind(operation.as_str())
+    .fetch_optional(conn)
+    .await?;
+    match row {
+        Some((Some(Json(outcome)),)) => Ok(outcome),
+        _ => Err(BarrierError::Inconsistent {
+            transaction_id: cmd.transaction_id,
+            step: cmd.step.clone(),
+            operation,
+            detail: "no stored reply to complete".to_owned(),
+        }),
+    }
 }
 
 /// The committed reply of `operation` for `cmd`'s transaction and step.

@@ -26,6 +26,11 @@ pub enum HandlerError {
     /// A database error (`retry` reply): nothing took effect; the orchestrator retries later.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The operation was accepted and goes on after the handler returns (`in_progress` reply):
+    /// the handler's writes are committed, and the final answer is given later with
+    /// [`crate::barrier::complete_in`] / [`crate::runtime::complete`].
+    #[error("in progress")]
+    InProgress(Option<String>),
 }
 
 impl HandlerError {
@@ -39,15 +44,25 @@ impl HandlerError {
         HandlerError::Transient(reason.into())
     }
 
-    /// True when the orchestrator should retry (transient and database errors).
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, HandlerError::Business(_))
+    /// A long-running operation: answer `in_progress` now, the final outcome later.
+    pub fn in_progress(note: Option<String>) -> HandlerError {
+        HandlerError::InProgress(note)
     }
 
-    /// The outcome reported for this error: `failed` for business failures, `retry` otherwise.
+    /// True when the orchestrator should retry (transient and database errors).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            HandlerError::Business(_) | HandlerError::InProgress(_)
+        )
+    }
+
+    /// The outcome reported for this error: `failed` for business failures, `in_progress` for
+    /// accepted long-running operations, `retry` otherwise.
     pub fn to_outcome(&self) -> Outcome {
         match self {
             HandlerError::Business(reason) => Outcome::failed(reason.clone()),
+            HandlerError::InProgress(note) => Outcome::InProgress { note: note.clone() },
             other => Outcome::retry(other.to_string()),
         }
     }
