@@ -113,10 +113,18 @@ pub struct Accounts {
 }
 
 impl Accounts {
-    async fn pause(&self) {
+    /// Applies `sql` to the account the command names, after the test pause.
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        cmd: &Command,
+        sql: &'static str,
+        why: &str,
+    ) -> Result<Value, HandlerError> {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
+        change(tx, sql, &leg_of(cmd)?, why).await
     }
 }
 
@@ -149,71 +157,62 @@ struct TccCredit(Accounts);
 #[async_trait]
 impl SagaHandler for SagaDebit {
     async fn action(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        let leg = leg_of(cmd)?;
-        change(tx, DEBIT, &leg, "insufficient funds or no such account").await
+        self.0
+            .apply(tx, cmd, DEBIT, "insufficient funds or no such account")
+            .await
     }
     async fn compensate(
         &self,
         cmd: &Command,
         tx: &mut PgConnection,
     ) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        change(tx, REFUND, &leg_of(cmd)?, "no such account").await
+        self.0.apply(tx, cmd, REFUND, "no such account").await
     }
 }
 
 #[async_trait]
 impl SagaHandler for SagaCredit {
     async fn action(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        change(tx, CREDIT, &leg_of(cmd)?, "account closed or unknown").await
+        self.0
+            .apply(tx, cmd, CREDIT, "account closed or unknown")
+            .await
     }
     async fn compensate(
         &self,
         cmd: &Command,
         tx: &mut PgConnection,
     ) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        change(tx, TAKE_BACK, &leg_of(cmd)?, "no such account").await
+        self.0.apply(tx, cmd, TAKE_BACK, "no such account").await
     }
 }
 
 #[async_trait]
 impl TccHandler for TccDebit {
     async fn try_(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        change(
-            tx,
-            FREEZE,
-            &leg_of(cmd)?,
-            "insufficient funds or no such account",
-        )
-        .await
+        self.0
+            .apply(tx, cmd, FREEZE, "insufficient funds or no such account")
+            .await
     }
     async fn confirm(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        change(tx, SPEND_FROZEN, &leg_of(cmd)?, "no such account").await
+        self.0.apply(tx, cmd, SPEND_FROZEN, "no such account").await
     }
     async fn cancel(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        change(tx, UNFREEZE, &leg_of(cmd)?, "no such account").await
+        self.0.apply(tx, cmd, UNFREEZE, "no such account").await
     }
 }
 
 #[async_trait]
 impl TccHandler for TccCredit {
     async fn try_(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        change(tx, EXPECT, &leg_of(cmd)?, "account closed or unknown").await
+        self.0
+            .apply(tx, cmd, EXPECT, "account closed or unknown")
+            .await
     }
     async fn confirm(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        change(tx, RECEIVE, &leg_of(cmd)?, "no such account").await
+        self.0.apply(tx, cmd, RECEIVE, "no such account").await
     }
     async fn cancel(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
-        self.0.pause().await;
-        change(tx, FORGET, &leg_of(cmd)?, "no such account").await
+        self.0.apply(tx, cmd, FORGET, "no such account").await
     }
 }
 

@@ -70,7 +70,17 @@ impl Run {
     }
 
     fn start_with(mode: Mode, steps: usize, input: Value) -> Run {
-        let t = start(Uuid::from_u128(7), plan(mode, steps), input, t0(), &Echo);
+        Run::from_start(start(
+            Uuid::from_u128(7),
+            plan(mode, steps),
+            input,
+            t0(),
+            &Echo,
+        ))
+    }
+
+    /// A run from the transition that started the instance at `t0`.
+    fn from_start(t: Transition) -> Run {
         let mut run = Run {
             inst: t.instance.clone(),
             log: Vec::new(),
@@ -530,14 +540,7 @@ fn diamond() -> Run {
     p.steps[2].after = Some(vec![0]);
     p.steps[3].after = Some(vec![1, 2]);
     let t = start(Uuid::from_u128(9), p, json!({}), t0(), &Echo);
-    let mut run = Run {
-        inst: t.instance.clone(),
-        log: Vec::new(),
-        now: t0(),
-        last: Vec::new(),
-    };
-    run.absorb(t);
-    run
+    Run::from_start(t)
 }
 
 #[test]
@@ -654,14 +657,7 @@ fn with_deadline(mode: Mode, steps: usize) -> Run {
         t0(),
         &Echo,
     );
-    let mut run = Run {
-        inst: t.instance.clone(),
-        log: Vec::new(),
-        now: t0(),
-        last: Vec::new(),
-    };
-    run.absorb(t);
-    run
+    Run::from_start(t)
 }
 
 #[test]
