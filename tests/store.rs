@@ -12,11 +12,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use chrono::Duration;
 use sagas::orchestrator::clock::{Clock, SystemClock};
-use sagas::orchestrator::machine::{
-    self, Effect, Input, Instance, Time, Timer, TimerKind, Transition,
-};
+use sagas::orchestrator::machine::{self, Input, Instance, Time, Timer, TimerKind, Transition};
 use sagas::orchestrator::store::{
-    ListFilter, PgStore, Position, SagaStore, SqliteStore, StoreError,
+    Decide, ListFilter, PgStore, Position, SagaStore, SqliteStore, StoreError,
 };
 use sagas::orchestrator::{Definition, Status};
 use sagas::participant::{Operation, Outcome, Reply};
@@ -108,6 +106,8 @@ store_suite!(
     listing_pages_newest_first_and_filters_by_status_and_definition,
     a_reopened_store_continues_a_transition_where_it_stopped,
     ping_answers,
+    a_batch_commits_every_good_input_and_answers_each_item_on_its_own,
+    concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_deadlock,
 );
 
 fn definition(name: &str) -> Definition {
@@ -212,23 +212,10 @@ async fn a_created_instance_reads_back_with_its_log_outbox_row_and_deadline(
     assert_replays(&*store, id).await?;
 
     // The first command is in the outbox, exactly as the transition's effect says.
-    let sent: Vec<_> = t
-        .effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Send {
-                participant,
-                command,
-            } => Some((participant.clone(), command.clone())),
-            _ => None,
-        })
-        .collect();
+    let sent: Vec<_> = t.sends().collect();
     assert_eq!(sent.len(), 1);
     assert_eq!(outbox.len(), 1);
-    assert_eq!(
-        (outbox[0].participant.clone(), outbox[0].command.clone()),
-        sent[0]
-    );
+    assert_eq!((&outbox[0].participant, &outbox[0].command), sent[0]);
     assert_eq!(outbox[0].command.payload, json!({"op": "a"}));
 
     // Its reply deadline is a timer, due at the deadline and not before.
@@ -749,6 +736,118 @@ async fn a_reopened_store_continues_a_transition_where_it_stopped(b: &Backend) -
     feed(&*store, &def, id, input, None, at + Duration::days(1)).await?;
     let done = assert_replays(&*store, id).await?;
     assert_eq!(done.status, Status::Completed);
+    Ok(())
+}
+
+/// The machine's decision on `input`, as the engine makes it inside the store's transaction.
+fn decide(def: &Definition, input: Input, at: Time) -> Decide<'static> {
+    let def = def.clone();
+    Box::new(move |inst| Ok(machine::handle(inst, input, at, &def)?))
+}
+
+async fn a_batch_commits_every_good_input_and_answers_each_item_on_its_own(
+    b: &Backend,
+) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let (one, two) = (
+        create(&*store, &def, at).await?,
+        create(&*store, &def, at).await?,
+    );
+    let unknown = Uuid::now_v7();
+    let later = at + Duration::milliseconds(40);
+    let ok = |id, step| Input::Reply(reply(id, step, 1, Outcome::succeeded(json!(step))));
+    let items: Vec<(Uuid, Decide<'static>)> = vec![
+        (one, decide(&def, ok(one, "a"), later)),
+        (two, decide(&def, ok(two, "a"), later)),
+        (unknown, decide(&def, ok(unknown, "a"), later)),
+        // A second input for `one` sees the state the first left: step b is running.
+        (one, decide(&def, ok(one, "b"), later)),
+        (
+            two,
+            Box::new(|_| Err(StoreError::MissingDefinition("not here".into()))),
+        ),
+    ];
+    let results = store.update_batch(later, items).await?;
+    assert_eq!(results.len(), 5);
+    let first = results[0].as_ref().expect("one, step a");
+    let second = results[1].as_ref().expect("two, step a");
+    assert!(matches!(results[2], Err(StoreError::NotFound(id)) if id == unknown));
+    let third = results[3].as_ref().expect("one, step b");
+    assert!(matches!(results[4], Err(StoreError::MissingDefinition(_))));
+
+    // Each item's outbox rows are its own, with the ids the relay would see.
+    assert_eq!(first.outbox.len(), 1);
+    assert_eq!(first.outbox[0].command.transaction_id, one);
+    assert_eq!(first.outbox[0].command.step, "b");
+    assert_eq!(second.outbox.len(), 1);
+    assert_eq!(second.outbox[0].command.transaction_id, two);
+    assert!(third.outbox.is_empty());
+    let rows = store
+        .claim_outbox(later + Duration::hours(1), 10, Duration::seconds(30))
+        .await?;
+    let mut expected = vec![first.outbox[0].clone(), second.outbox[0].clone()];
+    expected.extend(rows.iter().filter(|r| r.command.step == "a").cloned());
+    expected.sort_by_key(|m| m.id);
+    assert_eq!(rows, expected);
+
+    // `one` completed through both inputs; `two` runs step b with its deadline.
+    let one_state = assert_replays(&*store, one).await?;
+    assert_eq!(one_state.status, Status::Completed);
+    assert_eq!(one_state, third.transition.instance);
+    let two_state = assert_replays(&*store, two).await?;
+    assert_eq!(two_state, second.transition.instance);
+    assert_eq!(store.get(two).await?.unwrap().updated_at, later);
+    assert_eq!(
+        due_timers(&*store, later + Duration::days(1)).await?,
+        vec![(two, deadline(1, 1))]
+    );
+    assert!(store.get(unknown).await?.is_none());
+    Ok(())
+}
+
+async fn concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_deadlock(
+    b: &Backend,
+) -> Result<()> {
+    // Two stores on one database, as two processes would have.
+    let stores = [b.open().await?, b.open().await?];
+    let def = definition("d");
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(create(&*stores[0], &def, now()).await?);
+    }
+    let before = stores[0].events(ids[0]).await?.len();
+    let mut tasks = Vec::new();
+    for round in 0..8u32 {
+        let (store, def) = (stores[round as usize % 2].clone(), def.clone());
+        // Every batch names every instance, in an order of its own.
+        let mut order = ids.clone();
+        order.rotate_left(round as usize % ids.len());
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        tasks.push(tokio::spawn(async move {
+            let items: Vec<(Uuid, Decide<'static>)> = order
+                .iter()
+                .map(|&id| {
+                    // A stray reply: each appends exactly one `reply_ignored` event.
+                    let stray = reply(id, "b", round + 1, Outcome::succeeded(json!(round)));
+                    (id, decide(&def, Input::Reply(stray), now()))
+                })
+                .collect();
+            store.update_batch(now(), items).await
+        }));
+    }
+    for t in tasks {
+        for result in t.await?? {
+            result?;
+        }
+    }
+    for id in ids {
+        assert_eq!(stores[0].events(id).await?.len(), before + 8);
+        assert_replays(&*stores[0], id).await?;
+    }
     Ok(())
 }
 

@@ -17,9 +17,11 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::definition::Registry;
-use crate::machine::{self, Event, Input, Instance, MissingDefinition, Status, Timer, Transition};
+use crate::machine::{
+    self, Event, Input, Instance, MissingDefinition, Status, Time, Timer, Transition,
+};
 use crate::store::{
-    Created, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
+    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
     StoredInstance,
 };
 use crate::transport::{Incoming, Transport, TransportError};
@@ -28,10 +30,15 @@ use sagas_participant::protocol::{PROTOCOL_VERSION, Reply};
 /// Tuning of the engine's loops.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Replies handled at the same time.
+    /// Reply batches (store transactions) handled at the same time.
     pub reply_concurrency: usize,
+    /// At most this many replies are committed in one store transaction. A batch takes the
+    /// replies that are waiting when a slot frees up; it never waits for more.
+    pub reply_batch: usize,
     /// Unacknowledged replies the broker may send ahead.
     pub prefetch: u16,
+    /// Due timers handled at the same time.
+    pub timer_concurrency: usize,
     /// How often due timers are looked for when none were due.
     pub timer_poll: Duration,
     /// Timers claimed at once.
@@ -45,8 +52,10 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            reply_concurrency: 32,
-            prefetch: 64,
+            reply_concurrency: 4,
+            reply_batch: 64,
+            prefetch: 256,
+            timer_concurrency: 32,
             timer_poll: Duration::from_millis(100),
             timer_batch: 128,
             timer_lease: Duration::from_secs(10),
@@ -177,6 +186,8 @@ pub mod metric {
     pub const REPLIES: &str = "sagas_replies_total";
     /// Counter: replies dead-lettered (malformed, unknown protocol or transaction).
     pub const DEAD_LETTERED: &str = "sagas_replies_dead_lettered_total";
+    /// Histogram: replies committed per store transaction.
+    pub const REPLY_BATCH: &str = "sagas_reply_batch_size";
     /// Counter: timers fired.
     pub const TIMERS: &str = "sagas_timers_fired_total";
     /// Counter: outbox rows republished by the relay.
@@ -196,6 +207,11 @@ pub mod metric {
         describe_counter!(OPERATOR_ACTIONS, "Operator actions committed, by action.");
         describe_counter!(REPLIES, "Participant replies committed.");
         describe_counter!(DEAD_LETTERED, "Replies dead-lettered.");
+        metrics::describe_histogram!(
+            REPLY_BATCH,
+            metrics::Unit::Count,
+            "Replies committed per store transaction."
+        );
         describe_counter!(TIMERS, "Timers fired.");
         describe_counter!(RELAYED, "Outbox rows republished by the relay.");
         describe_counter!(
@@ -468,34 +484,35 @@ impl Engine {
         fired: Option<Timer>,
     ) -> Result<Instance, EngineError> {
         let now = self.clock.now();
-        let registry = self.registry.clone();
         let updated = self
             .store
-            .update(
-                id,
-                fired,
-                now,
-                Box::new(move |inst| {
-                    if let Some(def) = registry.get(&inst.plan.name, inst.plan.version) {
-                        return Ok(machine::handle(inst, input, now, def)?);
-                    }
-                    // Without the code, only transitions that compute no command may commit;
-                    // the others are left to a process that has the definition.
-                    let probe = MissingDefinition::default();
-                    let t = machine::handle(inst, input, now, &probe)?;
-                    if probe.was_asked() {
-                        return Err(StoreError::MissingDefinition(format!(
-                            "definition {} version {} is not registered in this process",
-                            inst.plan.name, inst.plan.version
-                        )));
-                    }
-                    Ok(t)
-                }),
-            )
+            .update(id, fired, now, self.decider(input, now))
             .await?;
         self.committed(&updated.transition);
         self.publish(updated.outbox, false).await;
         Ok(updated.transition.instance)
+    }
+
+    /// The decision on an instance's current state for `input`, run inside the store's
+    /// transaction.
+    fn decider(&self, input: Input, now: Time) -> Decide<'static> {
+        let registry = self.registry.clone();
+        Box::new(move |inst| {
+            if let Some(def) = registry.get(&inst.plan.name, inst.plan.version) {
+                return Ok(machine::handle(inst, input, now, def)?);
+            }
+            // Without the code, only transitions that compute no command may commit;
+            // the others are left to a process that has the definition.
+            let probe = MissingDefinition::default();
+            let t = machine::handle(inst, input, now, &probe)?;
+            if probe.was_asked() {
+                return Err(StoreError::MissingDefinition(format!(
+                    "definition {} version {} is not registered in this process",
+                    inst.plan.name, inst.plan.version
+                )));
+            }
+            Ok(t)
+        })
     }
 
     /// The instance's projection.
@@ -601,41 +618,102 @@ impl Engine {
         shutdown: CancellationToken,
     ) {
         let permits = Arc::new(Semaphore::new(self.config.reply_concurrency));
+        let limit = self.config.reply_batch.max(1);
         loop {
-            let incoming = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                m = replies.recv() => match m { Some(m) => m, None => break },
-            };
+            // A slot first: while every slot is busy, replies gather in the channel and the
+            // next batch takes them all (up to the limit), so batches grow with the load.
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = replies.recv() => match m { Some(m) => m, None => break },
+            };
+            let mut batch = vec![first];
+            while batch.len() < limit {
+                match replies.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
             let engine = self.clone();
             tokio::spawn(async move {
-                engine.on_incoming(incoming).await;
+                engine.on_replies(batch).await;
                 drop(permit);
             });
         }
-        // Let handlers in flight finish so their acks go out.
+        // Let batches in flight finish so their acks go out.
         let _ = permits
             .acquire_many(self.config.reply_concurrency as u32)
             .await;
     }
 
-    async fn on_incoming(&self, incoming: Incoming) {
-        let reply: Reply = match serde_json::from_slice(&incoming.body) {
-            Ok(r) => r,
+    /// Handles a batch of replies: one store transaction for all, then the commands they
+    /// caused are published (pipelined), then each reply is settled.
+    async fn on_replies(&self, batch: Vec<Incoming>) {
+        let mut replies = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            let reply: Reply = match serde_json::from_slice(&incoming.body) {
+                Ok(r) => r,
+                Err(e) => {
+                    let reason = format!("malformed reply: {e}");
+                    self.dead_letter(incoming, &reason).await;
+                    continue;
+                }
+            };
+            if reply.protocol != PROTOCOL_VERSION {
+                let reason = format!("unknown protocol version {}", reply.protocol);
+                self.dead_letter(incoming, &reason).await;
+                continue;
+            }
+            replies.push((reply, incoming));
+        }
+        if replies.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let items = replies
+            .iter()
+            .map(|(reply, _)| {
+                let input = Input::Reply(reply.clone());
+                (reply.transaction_id, self.decider(input, now))
+            })
+            .collect();
+        let results = match self.store.update_batch(now, items).await {
+            Ok(results) => results,
             Err(e) => {
-                let reason = format!("malformed reply: {e}");
-                return self.dead_letter(incoming, &reason).await;
+                tracing::warn!(error = %e, replies = replies.len(), "replies not committed; they will be redelivered");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                for (_, incoming) in replies {
+                    let _ = incoming.ack.requeue().await;
+                }
+                return;
             }
         };
-        if reply.protocol != PROTOCOL_VERSION {
-            let reason = format!("unknown protocol version {}", reply.protocol);
-            return self.dead_letter(incoming, &reason).await;
+        metrics::histogram!(metric::REPLY_BATCH).record(replies.len() as f64);
+        let mut outbox = Vec::new();
+        let mut settled = Vec::with_capacity(replies.len());
+        for ((reply, incoming), result) in replies.into_iter().zip(results) {
+            let result = match result {
+                Ok(updated) => {
+                    self.committed(&updated.transition);
+                    outbox.extend(updated.outbox);
+                    Ok(())
+                }
+                Err(e) => Err(EngineError::from(e)),
+            };
+            settled.push((reply.transaction_id, incoming, result));
         }
-        let id = reply.transaction_id;
-        match self.deliver(id, Input::Reply(reply), None).await {
-            Ok(_) => {
+        self.publish(outbox, false).await;
+        for (id, incoming, result) in settled {
+            self.settle(id, incoming, result).await;
+        }
+    }
+
+    /// Acks a committed reply, dead-letters one for an unknown instance, requeues the others.
+    async fn settle(&self, id: Uuid, incoming: Incoming, result: Result<(), EngineError>) {
+        match result {
+            Ok(()) => {
                 self.stats.replies.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(metric::REPLIES).increment(1);
                 if let Err(e) = incoming.ack.ack().await {
@@ -649,13 +727,18 @@ impl Engine {
             }
             Err(e @ EngineError::MissingDefinition(_)) => {
                 tracing::warn!(%id, error = %e, "reply left for a process that has the definition");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = incoming.ack.requeue().await;
+                // Later, off this batch's path: the broker keeps the reply meanwhile.
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = incoming.ack.requeue().await;
+                });
             }
             Err(e) => {
                 tracing::warn!(%id, error = %e, "reply not committed; it will be redelivered");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let _ = incoming.ack.requeue().await;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = incoming.ack.requeue().await;
+                });
             }
         }
     }
@@ -681,7 +764,7 @@ impl Engine {
                 Ok(due) => {
                     let n = due.len();
                     futures_util::stream::iter(due)
-                        .for_each_concurrent(self.config.reply_concurrency, |(id, timer)| {
+                        .for_each_concurrent(self.config.timer_concurrency, |(id, timer)| {
                             let engine = &self;
                             async move {
                                 engine.stats.timers.fetch_add(1, Ordering::Relaxed);

@@ -558,6 +558,19 @@ pub struct Transition {
     pub effects: Vec<Effect>,
 }
 
+impl Transition {
+    /// The commands it sends, in order, with their participant.
+    pub fn sends(&self) -> impl Iterator<Item = (&String, &Command)> {
+        self.effects.iter().filter_map(|e| match e {
+            Effect::Send {
+                participant,
+                command,
+            } => Some((participant, command)),
+            _ => None,
+        })
+    }
+}
+
 /// Why an operator input does not fit the instance.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]

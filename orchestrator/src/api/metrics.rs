@@ -27,6 +27,11 @@ pub fn handle() -> &'static PrometheusHandle {
                 Matcher::Full(observe::HTTP_DURATION.to_owned()),
                 LATENCY_BUCKETS,
             )
+            .expect("non-empty buckets")
+            .set_buckets_for_metric(
+                Matcher::Full(metric::REPLY_BATCH.to_owned()),
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+            )
             .expect("non-empty buckets");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();

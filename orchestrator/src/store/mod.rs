@@ -176,6 +176,23 @@ pub trait SagaStore: Send + Sync + 'static {
         decide: Decide<'_>,
     ) -> Result<Updated, StoreError>;
 
+    /// Several inputs in one transaction: like [`SagaStore::update`] (without a fired timer)
+    /// for each `(id, decide)` in order, each decision seeing the state the previous ones left.
+    /// The results are in the order of `items`; an item's error (an unknown instance, a
+    /// refused decision) writes nothing for it and leaves the others to commit. `Err` means
+    /// that nothing was committed. Stores without a cheaper way run the items one by one.
+    async fn update_batch(
+        &self,
+        now: Time,
+        items: Vec<(Uuid, Decide<'_>)>,
+    ) -> Result<Vec<Result<Updated, StoreError>>, StoreError> {
+        let mut results = Vec::with_capacity(items.len());
+        for (id, decide) in items {
+            results.push(self.update(id, None, now, decide).await);
+        }
+        Ok(results)
+    }
+
     /// The instance's current projection.
     async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError>;
 

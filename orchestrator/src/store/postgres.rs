@@ -2,7 +2,9 @@
 
 use async_trait::async_trait;
 use chrono::Duration;
-use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Value, json};
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::types::Json;
@@ -125,12 +127,210 @@ impl PgStore {
     }
 }
 
+/// One input of [`PgStore::transact`].
+struct Item<'a> {
+    /// The instance.
+    id: Uuid,
+    /// The timer that fired, deleted if it is still the one stored under its key.
+    fired: Option<Timer>,
+    /// The decision on the instance's current state.
+    decide: Decide<'a>,
+}
+
+/// What the transitions of one transaction do to one instance, as they accumulate.
+struct Pending {
+    /// The state after the transitions so far.
+    state: Instance,
+    /// Whether any transition appended events (the projection is then rewritten).
+    changed: bool,
+    /// The final state of every timer key touched: set to (due, timer) or deleted.
+    timers: BTreeMap<String, Option<(Time, Timer)>>,
+    /// The timer that fired (only for an instance with one input in the transaction).
+    fired: Option<Timer>,
+    /// Inputs decided so far.
+    inputs: u32,
+}
+
+impl PgStore {
+    /// Runs `items` in one transaction: locks their instances (in id order, so concurrent
+    /// transactions cannot deadlock on them), lets each decision see the state the previous
+    /// ones left (several inputs for one instance apply in order), and writes every
+    /// transition's events, projections, timers and outbox rows with one statement. A decision
+    /// that fails (or an unknown instance) is that item's error and writes nothing; the others
+    /// commit. `Err` means the transaction failed and nothing was committed.
+    async fn transact(
+        &self,
+        now: Time,
+        items: Vec<Item<'_>>,
+    ) -> Result<Vec<Result<Updated, StoreError>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<Uuid> = items.iter().map(|i| i.id).collect();
+        let rows: Vec<(Uuid, Json<Instance>)> = sqlx::query_as(
+            "SELECT id, state FROM sagas_instances WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut pending: HashMap<Uuid, Pending> = rows
+            .into_iter()
+            .map(|(id, Json(state))| {
+                let p = Pending {
+                    state,
+                    changed: false,
+                    timers: BTreeMap::new(),
+                    fired: None,
+                    inputs: 0,
+                };
+                (id, p)
+            })
+            .collect();
+
+        let mut events = Vec::new();
+        let mut sends = Vec::new();
+        let mut results: Vec<Result<Transition, StoreError>> = Vec::with_capacity(items.len());
+        for item in items {
+            let Some(p) = pending.get_mut(&item.id) else {
+                results.push(Err(StoreError::NotFound(item.id)));
+                continue;
+            };
+            let transition = match (item.decide)(&p.state) {
+                Ok(t) => t,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            // A conditional delete of a fired timer is only exact against the stored row, so
+            // it is taken for an instance's only input; the batch API never passes one.
+            p.inputs += 1;
+            p.fired = if p.inputs == 1 { item.fired } else { None };
+            let first = transition.instance.seq as i64 - transition.events.len() as i64 + 1;
+            for (n, event) in transition.events.iter().enumerate() {
+                events.push(json!({"i": item.id, "s": first + n as i64, "b": event}));
+            }
+            for effect in &transition.effects {
+                match effect {
+                    Effect::Send {
+                        participant,
+                        command,
+                    } => sends.push(
+                        json!({"i": item.id, "p": participant, "m": command.message_id(), "b": command}),
+                    ),
+                    Effect::SetTimer { at, timer } => {
+                        p.timers.insert(timer.key(), Some((*at, *timer)));
+                    }
+                    Effect::CancelTimer { key } => {
+                        p.timers.insert(key.clone(), None);
+                    }
+                }
+            }
+            p.changed |= !transition.events.is_empty();
+            p.state = transition.instance.clone();
+            results.push(Ok(transition));
+        }
+
+        let mut instances = Vec::new();
+        let mut set = Vec::new();
+        let mut delete = Vec::new();
+        for (id, p) in &pending {
+            if p.changed {
+                let s = &p.state;
+                instances.push(json!({
+                    "i": id, "status": s.status.as_str(), "seq": s.seq, "state": s,
+                    "failure": s.failure,
+                }));
+            }
+            for (key, value) in &p.timers {
+                match value {
+                    Some((at, timer)) => set.push(json!({"i": id, "k": key, "at": at, "t": timer})),
+                    None => delete.push(json!({"i": id, "k": key})),
+                }
+            }
+            // The fired timer is deleted if it is still the one that fired, unless the
+            // transitions set or delete its key themselves (one statement must not touch a row
+            // twice).
+            if let Some(fired) = p.fired.filter(|t| !p.timers.contains_key(&t.key())) {
+                delete.push(json!({"i": id, "k": fired.key(), "t": fired}));
+            }
+        }
+
+        let mut row_ids: HashMap<String, i64> = HashMap::new();
+        if !(events.is_empty() && sends.is_empty() && set.is_empty() && delete.is_empty()) {
+            // Events, projections, timers and outbox of every instance in one statement
+            // (data-modifying CTEs).
+            let (ids, message_ids): (Vec<i64>, Vec<String>) = sqlx::query_as(
+                "WITH ev AS (
+                   INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
+                   SELECT (e->>'i')::uuid, (e->>'s')::bigint, e->'b'->>'kind', (e->'b'->>'step')::int,
+                          e->'b'->>'operation', (e->'b'->>'attempt')::int, e->'b', $1
+                   FROM jsonb_array_elements($2) AS e),
+                 inst AS (
+                   UPDATE sagas_instances i
+                   SET status = r->>'status', seq = (r->>'seq')::bigint, state = r->'state',
+                       failure = r->>'failure', updated_at = $1
+                   FROM jsonb_array_elements($3) AS r
+                   WHERE i.id = (r->>'i')::uuid),
+                 tdel AS (
+                   DELETE FROM sagas_timers t
+                   USING jsonb_array_elements($4) AS r
+                   WHERE t.instance_id = (r->>'i')::uuid AND t.key = r->>'k'
+                     AND (NOT r ? 't' OR t.timer = r->'t')),
+                 tset AS (
+                   INSERT INTO sagas_timers (instance_id, key, due_at, timer)
+                   SELECT (r->>'i')::uuid, r->>'k', (r->>'at')::timestamptz, r->'t'
+                   FROM jsonb_array_elements($5) AS r
+                   ON CONFLICT (instance_id, key) DO UPDATE SET due_at = EXCLUDED.due_at, timer = EXCLUDED.timer),
+                 ob AS (
+                   INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
+                   SELECT (r->>'i')::uuid, r->>'p', r->>'m', r->'b', $1, $1 + make_interval(secs => $7::float8 / 1000)
+                   FROM jsonb_array_elements($6) WITH ORDINALITY AS r(r, ord)
+                   ORDER BY r.ord
+                   RETURNING id, message_id)
+                 SELECT coalesce((SELECT array_agg(id ORDER BY id) FROM ob), '{}') AS ids,
+                        coalesce((SELECT array_agg(message_id ORDER BY id) FROM ob), '{}') AS message_ids",
+            )
+            .bind(now)
+            .bind(Json(&events))
+            .bind(Json(&instances))
+            .bind(Json(&delete))
+            .bind(Json(&set))
+            .bind(Json(&sends))
+            .bind(OUTBOX_GRACE_MS as f64)
+            .fetch_one(&mut *tx)
+            .await?;
+            row_ids.extend(message_ids.into_iter().zip(ids));
+        }
+        tx.commit().await?;
+
+        Ok(results
+            .into_iter()
+            .map(|result| {
+                let transition = result?;
+                let outbox = transition
+                    .sends()
+                    .map(|(participant, command)| {
+                        let id = *row_ids
+                            .get(&command.message_id())
+                            .ok_or_else(|| corrupt("outbox insert", "a row id is missing"))?;
+                        Ok(OutboxMessage {
+                            id,
+                            participant: participant.clone(),
+                            command: command.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                Ok(Updated { transition, outbox })
+            })
+            .collect())
+    }
+}
+
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
-/// What one transition writes besides the projection, as the JSON parameters of the combined
-/// statements of [`PgStore::insert`] and [`SagaStore::update`].
+/// What a start writes besides the projection, as the JSON parameters of the combined
+/// statement of [`PgStore::insert`].
 struct Writes<'a> {
     /// The events to append, in order.
     events: &'a [Event],
@@ -140,13 +340,11 @@ struct Writes<'a> {
     sends: Vec<Value>,
     /// Timers to upsert, as `{"k": key, "at": due, "t": timer}`.
     set: Vec<Value>,
-    /// Keys of the timers to delete.
-    cancel: Vec<String>,
 }
 
 impl<'a> Writes<'a> {
     fn new(events: &'a [Event], effects: &'a [Effect]) -> Writes<'a> {
-        let super::PlannedEffects { sends, set, cancel } = super::plan_effects(effects);
+        let super::PlannedEffects { sends, set, .. } = super::plan_effects(effects);
         Writes {
             events,
             sends: sends
@@ -158,13 +356,7 @@ impl<'a> Writes<'a> {
                 .iter()
                 .map(|(k, at, t)| serde_json::json!({"k": k, "at": at, "t": t}))
                 .collect(),
-            cancel,
         }
-    }
-
-    /// The keys of the timers set.
-    fn set_keys(&self) -> impl Iterator<Item = &str> {
-        self.set.iter().filter_map(|t| t["k"].as_str())
     }
 
     /// The outbox rows written, from the ids and message ids the statement returned.
@@ -231,87 +423,27 @@ impl SagaStore for PgStore {
         now: Time,
         decide: Decide<'_>,
     ) -> Result<Updated, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let row: Option<(Json<Instance>,)> =
-            sqlx::query_as("SELECT state FROM sagas_instances WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((Json(current),)) = row else {
-            return Err(StoreError::NotFound(id));
-        };
-        let transition = decide(&current)?;
-        let inst = &transition.instance;
-        let w = Writes::new(&transition.events, &transition.effects);
-        // The fired timer is deleted if it is still the one that fired, unless the transition
-        // sets a timer with the same key (the upsert replaces it). The sub-statements of one
-        // statement must not touch the same row twice, hence the exclusions.
-        let fired = fired.filter(|t| !w.set_keys().any(|k| k == t.key()));
-        let cancel: Vec<&str> = w
-            .cancel
-            .iter()
-            .map(String::as_str)
-            .filter(|k| !w.set_keys().any(|s| s == *k))
+        let item = Item { id, fired, decide };
+        self.transact(now, vec![item])
+            .await?
+            .pop()
+            .unwrap_or(Err(StoreError::NotFound(id)))
+    }
+
+    async fn update_batch(
+        &self,
+        now: Time,
+        items: Vec<(Uuid, Decide<'_>)>,
+    ) -> Result<Vec<Result<Updated, StoreError>>, StoreError> {
+        let items = items
+            .into_iter()
+            .map(|(id, decide)| Item {
+                id,
+                fired: None,
+                decide,
+            })
             .collect();
-        if w.events.is_empty()
-            && w.commands.is_empty()
-            && w.set.is_empty()
-            && cancel.is_empty()
-            && fired.is_none()
-        {
-            tx.commit().await?;
-            return Ok(Updated {
-                transition,
-                outbox: Vec::new(),
-            });
-        }
-        // Events, projection, timers and outbox in one statement (data-modifying CTEs).
-        let row: (Vec<i64>, Vec<String>) = sqlx::query_as(
-            "WITH ev AS (
-               INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
-               SELECT $1, $2 + e.ord - 1, e.body->>'kind', (e.body->>'step')::int,
-                      e.body->>'operation', (e.body->>'attempt')::int, e.body, $3
-               FROM jsonb_array_elements($4) WITH ORDINALITY AS e(body, ord)),
-             inst AS (
-               UPDATE sagas_instances
-               SET status = $8, seq = $9, state = $10, failure = $11, updated_at = $3
-               WHERE id = $1 AND jsonb_array_length($4) > 0),
-             tdel AS (
-               DELETE FROM sagas_timers
-               WHERE instance_id = $1 AND (key = ANY($12) OR (key = $13 AND timer = $14))),
-             tset AS (
-               INSERT INTO sagas_timers (instance_id, key, due_at, timer)
-               SELECT $1, r->>'k', (r->>'at')::timestamptz, r->'t'
-               FROM jsonb_array_elements($5) AS r
-               ON CONFLICT (instance_id, key) DO UPDATE SET due_at = EXCLUDED.due_at, timer = EXCLUDED.timer),
-             ob AS (
-               INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
-               SELECT $1, r->>'p', r->>'m', r->'b', $3, $3 + make_interval(secs => $7::float8 / 1000)
-               FROM jsonb_array_elements($6) WITH ORDINALITY AS r(r, ord)
-               ORDER BY r.ord
-               RETURNING id, message_id)
-             SELECT coalesce((SELECT array_agg(id ORDER BY id) FROM ob), '{}') AS ids,
-                    coalesce((SELECT array_agg(message_id ORDER BY id) FROM ob), '{}') AS message_ids",
-        )
-        .bind(id)
-        .bind(current.seq as i64 + 1)
-        .bind(now)
-        .bind(Json(w.events))
-        .bind(Json(&w.set))
-        .bind(Json(&w.sends))
-        .bind(OUTBOX_GRACE_MS as f64)
-        .bind(inst.status.as_str())
-        .bind(inst.seq as i64)
-        .bind(Json(inst))
-        .bind(&inst.failure)
-        .bind(&cancel)
-        .bind(fired.map(|t| t.key()))
-        .bind(fired.map(Json))
-        .fetch_one(&mut *tx)
-        .await?;
-        let outbox = w.outbox(&row.0, &row.1)?;
-        tx.commit().await?;
-        Ok(Updated { transition, outbox })
+        self.transact(now, items).await
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError> {

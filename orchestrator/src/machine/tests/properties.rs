@@ -491,16 +491,7 @@ impl Trace {
 }
 
 fn sends(t: &Transition) -> Vec<(&String, &sagas_participant::protocol::Command)> {
-    t.effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Send {
-                participant,
-                command,
-            } => Some((participant, command)),
-            _ => None,
-        })
-        .collect()
+    t.sends().collect()
 }
 
 fn dispatched(t: &Transition) -> Vec<(usize, Operation, u32, Time)> {
