@@ -107,6 +107,7 @@ store_suite!(
     a_reopened_store_continues_a_transition_where_it_stopped,
     ping_answers,
     a_batch_commits_every_good_input_and_answers_each_item_on_its_own,
+    a_batch_of_starts_stores_each_new_instance_and_refuses_an_existing_one,
     concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_deadlock,
 );
 
@@ -804,6 +805,41 @@ async fn a_batch_commits_every_good_input_and_answers_each_item_on_its_own(
         vec![(two, deadline(1, 1))]
     );
     assert!(store.get(unknown).await?.is_none());
+    Ok(())
+}
+
+async fn a_batch_of_starts_stores_each_new_instance_and_refuses_an_existing_one(
+    b: &Backend,
+) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let existing = start(&def, at);
+    store.create(&existing, at).await?;
+    let starts = vec![start(&def, at), existing.clone(), start(&def, at)];
+    let results = store.create_batch(&starts, at).await?;
+    assert_eq!(results.len(), 3);
+    assert!(matches!(results[1], Err(StoreError::Exists(id)) if id == existing.instance.id));
+    for i in [0, 2] {
+        let outbox = results[i].as_ref().expect("a new instance is stored");
+        let t = &starts[i];
+        let sent: Vec<_> = t.sends().collect();
+        assert_eq!(outbox.len(), 1);
+        assert_eq!((&outbox[0].participant, &outbox[0].command), sent[0]);
+        let stored = store.get(t.instance.id).await?.context("stored")?;
+        assert_eq!(stored.instance, t.instance);
+        assert_eq!((stored.created_at, stored.updated_at), (at, at));
+        assert_replays(&*store, t.instance.id).await?;
+    }
+    // The existing instance is untouched: one start's log and outbox row, not two.
+    assert_eq!(
+        store.events(existing.instance.id).await?.len(),
+        existing.events.len()
+    );
+    let rows = store
+        .claim_outbox(at + Duration::hours(1), 10, Duration::seconds(30))
+        .await?;
+    assert_eq!(rows.len(), 3);
     Ok(())
 }
 

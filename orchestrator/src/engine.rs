@@ -167,6 +167,65 @@ async fn delete_loop(store: Arc<dyn SagaStore>, mut rx: mpsc::UnboundedReceiver<
     }
 }
 
+/// Starts are stored in batches of at most this many (one statement, one transaction)...
+pub const START_BATCH: usize = 64;
+/// ...with at most this many batches being stored at once.
+pub const START_SLOTS: usize = 4;
+
+/// A start waiting to be stored, and where to send the result.
+struct Creation {
+    start: Transition,
+    done: oneshot::Sender<(Transition, Result<Vec<OutboxMessage>, StoreError>)>,
+}
+
+/// Stores starts in batches: when one of [`START_SLOTS`] is free it takes the starts that are
+/// waiting (at most [`START_BATCH`], never waiting for more) and stores them with one
+/// [`SagaStore::create_batch`]. A lone start is stored at once; under load many share a
+/// commit. If the batch fails as a whole, each start is tried alone, so that each gets its own
+/// error.
+async fn create_loop(
+    store: Arc<dyn SagaStore>,
+    clock: Arc<dyn Clock>,
+    mut rx: mpsc::UnboundedReceiver<Creation>,
+) {
+    let slots = Arc::new(Semaphore::new(START_SLOTS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let Some(first) = rx.recv().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < START_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let (store, now) = (store.clone(), clock.now());
+        tokio::spawn(async move {
+            let (starts, senders): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|c| (c.start, c.done)).unzip();
+            let results = match store.create_batch(&starts, now).await {
+                Ok(results) => results,
+                Err(e) => {
+                    tracing::debug!(error = %e, starts = starts.len(), "batched starts failed; storing them one by one");
+                    let mut results = Vec::with_capacity(starts.len());
+                    for start in &starts {
+                        results.push(store.create(start, now).await);
+                    }
+                    results
+                }
+            };
+            for ((start, done), result) in starts.into_iter().zip(senders).zip(results) {
+                let _ = done.send((start, result));
+            }
+            drop(slot);
+        });
+    }
+}
+
 /// How often [`Engine::wait_terminal`] reads the store while no notification came: another
 /// process may finish the instance, and this process hears only of its own transitions.
 pub const WAIT_POLL: Duration = Duration::from_secs(1);
@@ -280,6 +339,9 @@ pub struct Engine {
     /// The background deleter of published outbox rows (none outside a Tokio runtime: then
     /// rows are deleted right after their confirm).
     deleter: Option<mpsc::UnboundedSender<Deletion>>,
+    /// The background batcher of starts (none outside a Tokio runtime: then each start is
+    /// stored alone).
+    creator: Option<mpsc::UnboundedSender<Creation>>,
 }
 
 impl Engine {
@@ -296,8 +358,14 @@ impl Engine {
             runtime.spawn(delete_loop(store.clone(), rx));
             tx
         });
+        let creator = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            runtime.spawn(create_loop(store.clone(), clock.clone(), rx));
+            tx
+        });
         Arc::new(Engine {
             deleter,
+            creator,
             store,
             transport,
             registry: Arc::new(registry),
@@ -373,10 +441,10 @@ impl Engine {
             traceparent: options.traceparent,
         };
         let t = machine::start_with(id, (**def.plan()).clone(), input, begin, now, def);
-        let outbox = match &idempotency {
-            None => self.store.create(&t, now).await?,
+        let (t, outbox) = match &idempotency {
+            None => self.create(t, now).await?,
             Some(idem) => match self.store.create_idempotent(&t, now, idem).await? {
-                Created::New(outbox) => outbox,
+                Created::New(outbox) => (t, outbox),
                 Created::Existing {
                     id,
                     same_request: true,
@@ -404,6 +472,33 @@ impl Engine {
             instance: t.instance,
             created: true,
         })
+    }
+
+    /// Stores a start through the batcher (or alone without one).
+    async fn create(
+        &self,
+        start: Transition,
+        now: Time,
+    ) -> Result<(Transition, Vec<OutboxMessage>), StoreError> {
+        if let Some(creator) = &self.creator {
+            let (done, result) = oneshot::channel();
+            match creator.send(Creation { start, done }) {
+                Ok(()) => {
+                    if let Ok((start, outbox)) = result.await {
+                        return Ok((start, outbox?));
+                    }
+                    // The batcher is gone (the runtime is shutting down): whether the start
+                    // was stored is unknown, as after a lost connection.
+                    return Err(StoreError::Database(sqlx::Error::WorkerCrashed));
+                }
+                Err(mpsc::error::SendError(Creation { start, .. })) => {
+                    let outbox = self.store.create(&start, now).await?;
+                    return Ok((start, outbox));
+                }
+            }
+        }
+        let outbox = self.store.create(&start, now).await?;
+        Ok((start, outbox))
     }
 
     /// Records what a committed transition changed: metrics, and a notification for requests

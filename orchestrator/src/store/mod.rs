@@ -166,6 +166,22 @@ pub trait SagaStore: Send + Sync + 'static {
         idempotency: &Idempotency,
     ) -> Result<Created, StoreError>;
 
+    /// Several [`SagaStore::create`]s in one transaction, all stamped `now`. The results are
+    /// in the order of `starts`; an instance that exists already is that item's error and the
+    /// others are stored. `Err` means that nothing was stored. Stores without a cheaper way
+    /// create them one by one.
+    async fn create_batch(
+        &self,
+        starts: &[Transition],
+        now: Time,
+    ) -> Result<Vec<Result<Vec<OutboxMessage>, StoreError>>, StoreError> {
+        let mut results = Vec::with_capacity(starts.len());
+        for start in starts {
+            results.push(self.create(start, now).await);
+        }
+        Ok(results)
+    }
+
     /// Locks the instance, deletes `fired` if it is still the timer stored under its key, lets
     /// `decide` compute the transition from the current state, and commits it.
     async fn update(

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use chrono::Duration;
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::types::Json;
@@ -30,85 +30,134 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// Stores new instances with one statement, so in one implicit transaction: each
+    /// instance, its first events, its outbox rows and timers. The other writes join `ins`, so
+    /// a conflict on an id or on an idempotency key writes nothing for that instance (and
+    /// leaves the others). A concurrent start with the same key waits on the unique index
+    /// until the first commits; its row is then read and named.
     async fn insert(
+        &self,
+        starts: &[(&Transition, Option<&Idempotency>)],
+        now: Time,
+    ) -> Result<Vec<Result<Created, StoreError>>, StoreError> {
+        let mut instances = Vec::with_capacity(starts.len());
+        let mut events = Vec::new();
+        let mut set = Vec::new();
+        let mut sends = Vec::new();
+        for (start, idempotency) in starts {
+            let inst = &start.instance;
+            let id = inst.id;
+            instances.push(json!({
+                "i": id, "definition": inst.plan.name, "version": inst.plan.version,
+                "mode": inst.plan.mode.as_str(), "status": inst.status.as_str(), "seq": inst.seq,
+                "state": inst, "failure": inst.failure,
+                "key": idempotency.map(|i| &i.key), "request": idempotency.map(|i| &i.request),
+            }));
+            for (n, event) in start.events.iter().enumerate() {
+                events.push(json!({"i": id, "s": n + 1, "b": event}));
+            }
+            let super::PlannedEffects {
+                sends: cmds,
+                set: timers,
+                ..
+            } = super::plan_effects(&start.effects);
+            for (key, at, timer) in timers {
+                set.push(json!({"i": id, "k": key, "at": at, "t": timer}));
+            }
+            for (participant, command) in cmds {
+                sends.push(
+                    json!({"i": id, "p": participant, "m": command.message_id(), "b": command}),
+                );
+            }
+        }
+        let (created, ids, message_ids): (Vec<Uuid>, Vec<i64>, Vec<String>) = sqlx::query_as(
+            "WITH ins AS (
+               INSERT INTO sagas_instances
+                 (id, definition, version, mode, status, seq, state, failure, created_at, updated_at,
+                  idempotency_key, request)
+               SELECT (r->>'i')::uuid, r->>'definition', (r->>'version')::int, r->>'mode',
+                      r->>'status', (r->>'seq')::bigint, r->'state', r->>'failure', $1, $1,
+                      r->>'key', nullif(r->'request', 'null'::jsonb)
+               FROM jsonb_array_elements($2) AS r
+               ON CONFLICT DO NOTHING
+               RETURNING id),
+             ev AS (
+               INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
+               SELECT ins.id, (e->>'s')::bigint, e->'b'->>'kind', (e->'b'->>'step')::int,
+                      e->'b'->>'operation', (e->'b'->>'attempt')::int, e->'b', $1
+               FROM jsonb_array_elements($3) AS e JOIN ins ON ins.id = (e->>'i')::uuid),
+             tset AS (
+               INSERT INTO sagas_timers (instance_id, key, due_at, timer)
+               SELECT ins.id, r->>'k', (r->>'at')::timestamptz, r->'t'
+               FROM jsonb_array_elements($4) AS r JOIN ins ON ins.id = (r->>'i')::uuid
+               ON CONFLICT (instance_id, key) DO UPDATE SET due_at = EXCLUDED.due_at, timer = EXCLUDED.timer),
+             ob AS (
+               INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
+               SELECT ins.id, r.r->>'p', r.r->>'m', r.r->'b', $1, $1 + make_interval(secs => $6::float8 / 1000)
+               FROM jsonb_array_elements($5) WITH ORDINALITY AS r(r, ord)
+               JOIN ins ON ins.id = (r.r->>'i')::uuid
+               ORDER BY r.ord
+               RETURNING id, message_id)
+             SELECT coalesce((SELECT array_agg(id) FROM ins), '{}') AS created,
+                    coalesce((SELECT array_agg(id ORDER BY id) FROM ob), '{}') AS ids,
+                    coalesce((SELECT array_agg(message_id ORDER BY id) FROM ob), '{}') AS message_ids",
+        )
+        .bind(now)
+        .bind(Json(&instances))
+        .bind(Json(&events))
+        .bind(Json(&set))
+        .bind(Json(&sends))
+        .bind(OUTBOX_GRACE_MS as f64)
+        .fetch_one(&self.pool)
+        .await?;
+        let row_ids: HashMap<String, i64> = message_ids.into_iter().zip(ids).collect();
+        let mut results = Vec::with_capacity(starts.len());
+        for (start, idempotency) in starts {
+            let inst = &start.instance;
+            if created.contains(&inst.id) {
+                results.push(outbox_rows(start, &row_ids).map(Created::New));
+                continue;
+            }
+            let existing = match idempotency {
+                Some(idem) => self.existing(&inst.plan.name, idem).await?,
+                None => None,
+            };
+            results.push(existing.ok_or(StoreError::Exists(inst.id)));
+        }
+        Ok(results)
+    }
+
+    /// The instance of `definition` started with the idempotency key, if any.
+    async fn existing(
+        &self,
+        definition: &str,
+        idem: &Idempotency,
+    ) -> Result<Option<Created>, StoreError> {
+        let row: Option<(Uuid, Option<Json<serde_json::Value>>)> = sqlx::query_as(
+            "SELECT id, request FROM sagas_instances
+             WHERE definition = $1 AND idempotency_key = $2",
+        )
+        .bind(definition)
+        .bind(&idem.key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(id, request)| Created::Existing {
+            id,
+            same_request: request.map(|Json(r)| r) == Some(idem.request.clone()),
+        }))
+    }
+
+    /// Inserts one instance (see [`PgStore::insert`]).
+    async fn insert_one(
         &self,
         start: &Transition,
         now: Time,
         idempotency: Option<&Idempotency>,
     ) -> Result<Created, StoreError> {
-        let inst = &start.instance;
-        // One statement, so one implicit transaction: the instance, its first events, its
-        // outbox rows and timers, all or nothing. The other writes join `ins`, so a conflict
-        // on the id or on the idempotency key writes nothing. A concurrent start with the
-        // same key waits on the unique index until the first commits; its row is read below.
-        let w = Writes::new(&start.events, &start.effects);
-        let row: (bool, Vec<i64>, Vec<String>) = sqlx::query_as(
-            "WITH ins AS (
-               INSERT INTO sagas_instances
-                 (id, definition, version, mode, status, seq, state, failure, created_at, updated_at,
-                  idempotency_key, request)
-               VALUES ($1, $8, $9, $10, $11, $12, $13, $14, $3, $3, $15, $16)
-               ON CONFLICT DO NOTHING
-               RETURNING id),
-             ev AS (
-               INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
-               SELECT ins.id, $2 + e.ord - 1, e.body->>'kind', (e.body->>'step')::int,
-                      e.body->>'operation', (e.body->>'attempt')::int, e.body, $3
-               FROM ins, jsonb_array_elements($4) WITH ORDINALITY AS e(body, ord)),
-             tset AS (
-               INSERT INTO sagas_timers (instance_id, key, due_at, timer)
-               SELECT ins.id, r->>'k', (r->>'at')::timestamptz, r->'t'
-               FROM ins, jsonb_array_elements($5) AS r
-               ON CONFLICT (instance_id, key) DO UPDATE SET due_at = EXCLUDED.due_at, timer = EXCLUDED.timer),
-             ob AS (
-               INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
-               SELECT ins.id, r->>'p', r->>'m', r->'b', $3, $3 + make_interval(secs => $7::float8 / 1000)
-               FROM ins, jsonb_array_elements($6) WITH ORDINALITY AS r(r, ord)
-               ORDER BY r.ord
-               RETURNING id, message_id)
-             SELECT EXISTS (SELECT 1 FROM ins) AS created,
-                    coalesce((SELECT array_agg(id ORDER BY id) FROM ob), '{}') AS ids,
-                    coalesce((SELECT array_agg(message_id ORDER BY id) FROM ob), '{}') AS message_ids",
-        )
-        .bind(inst.id)
-        .bind(1_i64)
-        .bind(now)
-        .bind(Json(w.events))
-        .bind(Json(&w.set))
-        .bind(Json(&w.sends))
-        .bind(OUTBOX_GRACE_MS as f64)
-        .bind(&inst.plan.name)
-        .bind(inst.plan.version as i32)
-        .bind(inst.plan.mode.as_str())
-        .bind(inst.status.as_str())
-        .bind(inst.seq as i64)
-        .bind(Json(inst))
-        .bind(&inst.failure)
-        .bind(idempotency.map(|i| &i.key))
-        .bind(idempotency.map(|i| Json(&i.request)))
-        .fetch_one(&self.pool)
-        .await?;
-        let (created, ids, message_ids) = row;
-        if !created {
-            if let Some(idem) = idempotency {
-                let row: Option<(Uuid, Option<Json<serde_json::Value>>)> = sqlx::query_as(
-                    "SELECT id, request FROM sagas_instances
-                     WHERE definition = $1 AND idempotency_key = $2",
-                )
-                .bind(&inst.plan.name)
-                .bind(&idem.key)
-                .fetch_optional(&self.pool)
-                .await?;
-                if let Some((id, request)) = row {
-                    return Ok(Created::Existing {
-                        id,
-                        same_request: request.map(|Json(r)| r) == Some(idem.request.clone()),
-                    });
-                }
-            }
-            return Err(StoreError::Exists(inst.id));
-        }
-        Ok(Created::New(w.outbox(&ids, &message_ids)?))
+        self.insert(&[(start, idempotency)], now)
+            .await?
+            .pop()
+            .unwrap_or(Err(StoreError::Exists(start.instance.id)))
     }
 
     /// A store on `pool` (migrations must have run: see [`PgStore::migrate`]).
@@ -306,82 +355,34 @@ impl PgStore {
             .into_iter()
             .map(|result| {
                 let transition = result?;
-                let outbox = transition
-                    .sends()
-                    .map(|(participant, command)| {
-                        let id = *row_ids
-                            .get(&command.message_id())
-                            .ok_or_else(|| corrupt("outbox insert", "a row id is missing"))?;
-                        Ok(OutboxMessage {
-                            id,
-                            participant: participant.clone(),
-                            command: command.clone(),
-                        })
-                    })
-                    .collect::<Result<Vec<_>, StoreError>>()?;
+                let outbox = outbox_rows(&transition, &row_ids)?;
                 Ok(Updated { transition, outbox })
             })
             .collect())
     }
 }
 
+/// The outbox rows of `t`'s commands, by their message ids in what the statement returned.
+fn outbox_rows(
+    t: &Transition,
+    row_ids: &HashMap<String, i64>,
+) -> Result<Vec<OutboxMessage>, StoreError> {
+    t.sends()
+        .map(|(participant, command)| {
+            let id = *row_ids
+                .get(&command.message_id())
+                .ok_or_else(|| corrupt("outbox insert", "a row id is missing"))?;
+            Ok(OutboxMessage {
+                id,
+                participant: participant.clone(),
+                command: command.clone(),
+            })
+        })
+        .collect()
+}
+
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
-}
-
-/// What a start writes besides the projection, as the JSON parameters of the combined
-/// statement of [`PgStore::insert`].
-struct Writes<'a> {
-    /// The events to append, in order.
-    events: &'a [Event],
-    /// The commands for the outbox, in order.
-    commands: Vec<(&'a String, &'a Command)>,
-    /// The same as `{"p": participant, "m": message id, "b": command}`.
-    sends: Vec<Value>,
-    /// Timers to upsert, as `{"k": key, "at": due, "t": timer}`.
-    set: Vec<Value>,
-}
-
-impl<'a> Writes<'a> {
-    fn new(events: &'a [Event], effects: &'a [Effect]) -> Writes<'a> {
-        let super::PlannedEffects { sends, set, .. } = super::plan_effects(effects);
-        Writes {
-            events,
-            sends: sends
-                .iter()
-                .map(|(p, c)| serde_json::json!({"p": p, "m": c.message_id(), "b": c}))
-                .collect(),
-            commands: sends,
-            set: set
-                .iter()
-                .map(|(k, at, t)| serde_json::json!({"k": k, "at": at, "t": t}))
-                .collect(),
-        }
-    }
-
-    /// The outbox rows written, from the ids and message ids the statement returned.
-    fn outbox(
-        &self,
-        ids: &[i64],
-        message_ids: &[String],
-    ) -> Result<Vec<OutboxMessage>, StoreError> {
-        self.commands
-            .iter()
-            .map(|(p, c)| {
-                let row_id = ids
-                    .iter()
-                    .zip(message_ids)
-                    .find(|(_, m)| **m == c.message_id())
-                    .map(|(i, _)| *i)
-                    .ok_or_else(|| corrupt("outbox insert", "a row id is missing"))?;
-                Ok(OutboxMessage {
-                    id: row_id,
-                    participant: (*p).clone(),
-                    command: (*c).clone(),
-                })
-            })
-            .collect()
-    }
 }
 
 fn decode_outbox(row: &PgRow) -> Result<OutboxMessage, StoreError> {
@@ -401,10 +402,27 @@ impl SagaStore for PgStore {
         start: &Transition,
         now: Time,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        match self.insert(start, now, None).await? {
-            Created::New(outbox) => Ok(outbox),
-            Created::Existing { id, .. } => Err(StoreError::Exists(id)),
-        }
+        let mut results = self.create_batch(std::slice::from_ref(start), now).await?;
+        results
+            .pop()
+            .unwrap_or(Err(StoreError::Exists(start.instance.id)))
+    }
+
+    async fn create_batch(
+        &self,
+        starts: &[Transition],
+        now: Time,
+    ) -> Result<Vec<Result<Vec<OutboxMessage>, StoreError>>, StoreError> {
+        let starts: Vec<_> = starts.iter().map(|t| (t, None)).collect();
+        Ok(self
+            .insert(&starts, now)
+            .await?
+            .into_iter()
+            .map(|created| match created? {
+                Created::New(outbox) => Ok(outbox),
+                Created::Existing { id, .. } => Err(StoreError::Exists(id)),
+            })
+            .collect())
     }
 
     async fn create_idempotent(
@@ -413,7 +431,7 @@ impl SagaStore for PgStore {
         now: Time,
         idempotency: &Idempotency,
     ) -> Result<Created, StoreError> {
-        self.insert(start, now, Some(idempotency)).await
+        self.insert_one(start, now, Some(idempotency)).await
     }
 
     async fn update(
