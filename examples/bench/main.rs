@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench -- --workload happy --sagas 10000 --concurrency 64
 //! cargo run --release --example bench -- --workload all --json
+//! cargo run --release --example bench -- --workload happy --sagas 3000 --prefill-events 1000000
 //! ```
 //!
 //! Everything runs in this one process: the engine (built like `server::engine`), its HTTP
@@ -14,6 +15,7 @@
 mod ceilings;
 mod env;
 mod participants;
+mod prefill;
 mod run;
 mod sys;
 
@@ -116,6 +118,10 @@ pub struct Args {
     /// Give up when no saga finished for this many seconds.
     #[arg(long, default_value_t = 30)]
     pub stall_secs: u64,
+    /// Before each workload's timed part, fill its fresh databases with about this many events
+    /// of finished sagas (clones of real ones), then VACUUM ANALYZE and CHECKPOINT.
+    #[arg(long, default_value_t = 0)]
+    pub prefill_events: u64,
     /// Keep the scratch databases (for inspection).
     #[arg(long)]
     pub keep: bool,
@@ -264,6 +270,31 @@ fn print_text(r: &WorkloadResult) {
         r.steps,
         r.concurrency
     );
+    if let Some(p) = &r.prefill {
+        let mib = |b: i64| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "  prefill      {} events of {} finished sagas in {:.0} s (seeds {:.0} s, clones {:.0} s, VACUUM ANALYZE {:.0} s, CHECKPOINT {:.0} s); databases {:.0} MiB orchestrator, {:.0} MiB participants",
+            p.events,
+            p.instances,
+            p.total_secs,
+            p.seed_secs,
+            p.clone_secs,
+            p.vacuum_secs,
+            p.checkpoint_secs,
+            mib(p.orchestrator_db_bytes),
+            mib(p.participant_db_bytes)
+        );
+        for t in &p.tables {
+            println!(
+                "               {}.{}: ≈ {} rows, {:.0} MiB table + {:.0} MiB indexes",
+                t.database,
+                t.table,
+                t.rows,
+                mib(t.table_bytes),
+                mib(t.index_bytes)
+            );
+        }
+    }
     if r.status != "ok" {
         println!("  FAILURE");
         for f in &r.failures {

@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::env::{self, Scratch, Urls};
 use crate::participants::{self, BenchInput, Effects, Row};
+use crate::prefill::{self, PrefillReport};
 use crate::sys::{self, CpuSnapshot};
 use crate::{Args, Via, Workload};
 
@@ -87,6 +88,10 @@ pub struct WorkloadResult {
     pub machine_utilisation: f64,
     /// Peak resident memory of this process during the workload (MiB).
     pub peak_rss_mib: f64,
+    /// Events of finished sagas in the log before the timed part (`--prefill-events`).
+    pub prefill_events: u64,
+    /// What the prefill wrote and cost, with the table sizes after it.
+    pub prefill: Option<PrefillReport>,
     /// sagas/s × messages per saga / raw AMQP round trips per second.
     pub efficiency: Option<f64>,
     /// sagas/s × transactions per saga / raw PostgreSQL commits per second.
@@ -109,7 +114,7 @@ pub struct WorkloadResult {
 
 /// Starts sagas the way users do.
 #[derive(Clone)]
-enum Starter {
+pub enum Starter {
     Engine(Arc<Engine>),
     Http {
         client: reqwest::Client,
@@ -118,7 +123,8 @@ enum Starter {
 }
 
 impl Starter {
-    async fn start(&self, definition: &str, input: Value) -> Result<Uuid> {
+    /// Starts one instance of `definition` and returns its id.
+    pub async fn start(&self, definition: &str, input: Value) -> Result<Uuid> {
         match self {
             Starter::Engine(engine) => Ok(engine.start(definition, input).await?.id),
             Starter::Http { client, url } => {
@@ -302,6 +308,15 @@ async fn run_in(
         });
         running.push(RunningParticipant { conn, pool, task });
     }
+
+    // The history, before anything is counted.
+    let (prefill, boundary) = if args.prefill_events > 0 {
+        let p = prefill::prefill(args, &starter, workload, &definition, orch, part).await?;
+        (Some(p.report), p.boundary)
+    } else {
+        (None, Uuid::nil())
+    };
+    let writes_0: HashMap<String, (i64, i64, i64)> = table_writes(orch, part).await?;
 
     let admin = urls.admin_pool().await?;
     let xact_orch_0 = env::xact_commit(&admin, &orch.name).await?;
@@ -555,37 +570,47 @@ async fn run_in(
 
     // Read back: states, latencies, the log, the business rows.
     let mut check = PgConnection::connect(&orch.url).await?;
+    // The run's rows only: every prefilled id sorts before `boundary` (nil without a prefill).
     let instances: Vec<(Uuid, String, i64)> = sqlx::query_as(
         "SELECT id, status,
                 (extract(epoch FROM updated_at - created_at) * 1000000)::bigint
-         FROM sagas_instances",
+         FROM sagas_instances WHERE id >= $1",
     )
+    .bind(boundary)
     .fetch_all(&mut check)
     .await?;
-    let events: Vec<(String, i64)> =
-        sqlx::query_as("SELECT kind, count(*) FROM sagas_events GROUP BY kind ORDER BY kind")
-            .fetch_all(&mut check)
-            .await?;
+    let events: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT kind, count(*) FROM sagas_events WHERE instance_id >= $1
+         GROUP BY kind ORDER BY kind",
+    )
+    .bind(boundary)
+    .fetch_all(&mut check)
+    .await?;
     let (outbox_left,): (i64,) = sqlx::query_as("SELECT count(*) FROM sagas_outbox")
         .fetch_one(&mut check)
         .await?;
     let _ = check.close().await;
     let mut check = PgConnection::connect(&part.url).await?;
     let rows: Vec<(Uuid, i32, i32, i32, i32, i32)> = sqlx::query_as(
-        "SELECT saga_id, step, applied, compensated, confirmed, cancelled FROM bench_effects",
+        "SELECT saga_id, step, applied, compensated, confirmed, cancelled FROM bench_effects
+         WHERE saga_id >= $1",
     )
+    .bind(boundary)
     .fetch_all(&mut check)
     .await?;
     let _ = check.close().await;
     let mut rows_per_saga = BTreeMap::new();
-    for (url, side) in [(&orch.url, "orchestrator"), (&part.url, "participant")] {
-        for (table, ins, upd, _hot, del) in env::table_writes(url).await? {
-            let d = ok_starts.max(1) as f64;
-            rows_per_saga.insert(
-                format!("{side}.{table}"),
-                (ins as f64 / d, upd as f64 / d, del as f64 / d),
-            );
-        }
+    for (table, (ins, upd, del)) in table_writes(orch, part).await? {
+        let (ins_0, upd_0, del_0) = writes_0.get(&table).copied().unwrap_or_default();
+        let d = ok_starts.max(1) as f64;
+        rows_per_saga.insert(
+            table,
+            (
+                (ins - ins_0) as f64 / d,
+                (upd - upd_0) as f64 / d,
+                (del - del_0) as f64 / d,
+            ),
+        );
     }
 
     // Checks.
@@ -767,6 +792,8 @@ async fn run_in(
             0.0
         },
         peak_rss_mib: peak_rss,
+        prefill_events: prefill.as_ref().map_or(0, |p| p.events),
+        prefill,
         efficiency: match (sagas_per_s, amqp_ceiling) {
             (Some(s), Some(a)) if a > 0.0 => Some(s * messages_per_saga / a),
             _ => None,
@@ -789,4 +816,16 @@ async fn run_in(
             / 1000.0
             / polls.max(1) as f64,
     })
+}
+
+/// Rows inserted, updated and deleted so far per table of both databases, keyed
+/// `orchestrator.<table>` and `participant.<table>`.
+async fn table_writes(orch: &Scratch, part: &Scratch) -> Result<HashMap<String, (i64, i64, i64)>> {
+    let mut all = HashMap::new();
+    for (db, side) in [(orch, "orchestrator"), (part, "participant")] {
+        for (table, ins, upd, _hot, del) in env::table_writes(&db.url).await? {
+            all.insert(format!("{side}.{table}"), (ins, upd, del));
+        }
+    }
+    Ok(all)
 }
