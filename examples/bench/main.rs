@@ -122,11 +122,28 @@ pub struct Args {
     /// of finished sagas (clones of real ones), then VACUUM ANALYZE and CHECKPOINT.
     #[arg(long, default_value_t = 0)]
     pub prefill_events: u64,
+    /// Start calls in flight at most (HTTP requests or `Engine::start` calls); the in-flight
+    /// limit still applies [default: the concurrency, at most 512].
+    #[arg(long = "start-calls")]
+    start_calls_arg: Option<usize>,
+    /// Per-attempt timeout of every step, in seconds [default: the definition default, 10 s];
+    /// raise it when commands queue longer than that (large --concurrency, slow participants).
+    #[arg(long)]
+    pub step_timeout_secs: Option<u64>,
     /// Keep the scratch databases (for inspection).
     #[arg(long)]
     pub keep: bool,
     #[arg(skip)]
     pub progress: bool,
+}
+
+impl Args {
+    /// Start calls allowed in flight at once.
+    pub fn start_calls(&self) -> usize {
+        self.start_calls_arg
+            .unwrap_or(self.concurrency.min(512))
+            .max(1)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -168,6 +185,10 @@ async fn main_inner(args: &Args) -> Result<bool> {
     anyhow::ensure!(args.sagas > 0, "--sagas must be positive");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be positive");
     anyhow::ensure!(args.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
+    anyhow::ensure!(
+        args.skip_ceilings || args.concurrency <= 90,
+        "the PostgreSQL ceiling opens --concurrency connections: above 90, pass --skip-ceilings"
+    );
     anyhow::ensure!(
         u64::from(args.db_pool) + u64::from(args.participant_pool) * args.steps as u64 <= 90,
         "--db-pool + --steps x --participant-pool must stay under PostgreSQL's default 100 connections (at most 90)"
@@ -263,8 +284,15 @@ fn print_text(r: &WorkloadResult) {
         .map(|x| format!(", paced at {x:.0}/s"))
         .unwrap_or_default();
     println!();
+    let mut extra = String::new();
+    if r.start_calls < r.concurrency {
+        extra += &format!(", at most {} start calls at once", r.start_calls);
+    }
+    if let Some(t) = r.step_timeout_secs {
+        extra += &format!(", step timeout {t} s");
+    }
     println!(
-        "{} — {} sagas, {} steps, {} in flight, via {via}{rate}",
+        "{} — {} sagas, {} steps, {} in flight, via {via}{rate}{extra}",
         r.workload.as_str(),
         r.sagas,
         r.steps,
@@ -301,8 +329,8 @@ fn print_text(r: &WorkloadResult) {
             println!("    {f}");
         }
         println!(
-            "  lost {}, duplicated {}, inconsistent {}, start errors {}",
-            r.lost, r.duplicated, r.inconsistent, r.start_errors
+            "  lost {}, duplicated {}, inconsistent {}, start errors {}; at most {} in flight, peak RSS {:.0} MiB",
+            r.lost, r.duplicated, r.inconsistent, r.start_errors, r.max_in_flight, r.peak_rss_mib
         );
         return;
     }
@@ -350,8 +378,12 @@ fn print_text(r: &WorkloadResult) {
         );
     }
     println!(
-        "  memory       peak RSS {:.0} MiB (whole process)",
-        r.peak_rss_mib
+        "  memory       peak RSS {:.0} MiB (whole process: orchestrator + participants + driver), {:.0} MiB idle before the first start",
+        r.peak_rss_mib, r.idle_rss_mib
+    );
+    println!(
+        "  in flight    at most {} instances open at once ({:.0} MiB RSS when first reached)",
+        r.max_in_flight, r.rss_at_max_in_flight_mib
     );
     println!(
         "  efficiency   {} of the AMQP ceiling, {} of the PostgreSQL ceiling",

@@ -86,8 +86,19 @@ pub struct WorkloadResult {
     pub cpu_ms_per_saga_other: f64,
     /// Machine busy time / (cores × wall time) during the run.
     pub machine_utilisation: f64,
-    /// Peak resident memory of this process during the workload (MiB).
+    /// Peak resident memory of this process during the workload (MiB): orchestrator,
+    /// participants and driver together, so an upper bound of the orchestrator's.
     pub peak_rss_mib: f64,
+    /// Resident memory right before the first start, everything set up and idle (MiB).
+    pub idle_rss_mib: f64,
+    /// Most instances open at once (started, not terminal), as the completion poll counted them.
+    pub max_in_flight: u64,
+    /// Resident memory when that maximum was first seen (MiB).
+    pub rss_at_max_in_flight_mib: f64,
+    /// Start calls allowed in flight at once.
+    pub start_calls: usize,
+    /// Per-attempt step timeout, when not the definition's default (`--step-timeout-secs`).
+    pub step_timeout_secs: Option<u64>,
     /// Events of finished sagas in the log before the timed part (`--prefill-events`).
     pub prefill_events: u64,
     /// What the prefill wrote and cost, with the table sizes after it.
@@ -253,7 +264,11 @@ async fn run_in(
     let engine = Engine::new(
         Arc::new(PgStore::new(orch_pool.clone())),
         transport.clone(),
-        participants::registry(workload, steps)?,
+        participants::registry(
+            workload,
+            steps,
+            args.step_timeout_secs.map(Duration::from_secs),
+        )?,
         Arc::new(SystemClock),
         EngineConfig::default(),
     );
@@ -323,6 +338,7 @@ async fn run_in(
     let xact_part_0 = env::xact_commit(&admin, &part.name).await?;
     let wal_0 = env::wal(&admin).await?;
     sys::reset_peak_rss();
+    let idle_rss = sys::rss_mib();
     let cpu_0 = CpuSnapshot::take();
 
     // Completion: one connection counts the open instances through the partial index on
@@ -334,6 +350,9 @@ async fn run_in(
     let poll_micros = Arc::new(AtomicU64::new(0));
     let explained = Arc::new(AtomicU64::new(0));
     let explained_micros = Arc::new(AtomicU64::new(0));
+    // The most instances open at once, and the RSS (KiB) when that count was first reached.
+    let max_open = Arc::new(AtomicU64::new(0));
+    let rss_at_max_open = Arc::new(AtomicU64::new(0));
     let poller = {
         let mut conn = PgConnection::connect(&orch.url).await?;
         // Through the partial index on open statuses, never a sequential scan of the whole
@@ -348,6 +367,8 @@ async fn run_in(
         let poll_micros = poll_micros.clone();
         let explained = explained.clone();
         let explained_micros = explained_micros.clone();
+        let max_open = max_open.clone();
+        let rss_at_max_open = rss_at_max_open.clone();
         let stop = poll_stop.clone();
         let every = Duration::from_millis(args.poll_ms.max(1));
         tokio::spawn(async move {
@@ -385,6 +406,10 @@ async fn run_in(
                     }
                 }
                 if let Ok((open,)) = open {
+                    if open.max(0) as u64 > max_open.load(Ordering::Relaxed) {
+                        max_open.store(open as u64, Ordering::Relaxed);
+                        rss_at_max_open.store((sys::rss_mib() * 1024.0) as u64, Ordering::Relaxed);
+                    }
                     // Conservative: an instance committed but not yet returned counts as open.
                     let _ = term_tx.send(r.saturating_sub(open.max(0) as u64));
                 }
@@ -410,6 +435,7 @@ async fn run_in(
     // Drive.
     let timeout = Duration::from_secs(args.timeout_secs);
     let stall = Duration::from_secs(args.stall_secs);
+    let start_calls = args.start_calls();
     let t0 = Instant::now();
     let deadline = t0 + timeout;
     let mut set: JoinSet<(u64, Result<Uuid>, Duration)> = JoinSet::new();
@@ -445,7 +471,7 @@ async fn run_in(
                 collect(done?, &mut ids, &mut start_hist, &mut start_errors);
             }
             let term = *rx.borrow_and_update() + start_errors.len() as u64;
-            if issued.saturating_sub(term) < c as u64 {
+            if issued.saturating_sub(term) < c as u64 && set.len() < start_calls {
                 break;
             }
             if term != last_term {
@@ -792,6 +818,11 @@ async fn run_in(
             0.0
         },
         peak_rss_mib: peak_rss,
+        idle_rss_mib: idle_rss,
+        max_in_flight: max_open.load(Ordering::Relaxed),
+        rss_at_max_in_flight_mib: rss_at_max_open.load(Ordering::Relaxed) as f64 / 1024.0,
+        start_calls,
+        step_timeout_secs: args.step_timeout_secs,
         prefill_events: prefill.as_ref().map_or(0, |p| p.events),
         prefill,
         efficiency: match (sagas_per_s, amqp_ceiling) {
