@@ -353,7 +353,7 @@ fn print_text(r: &WorkloadResult) {
         r.start_p99_ms
     );
     println!(
-        "  per saga     {:.2} AMQP messages ({:.2} commands + {:.2} replies), {:.2} DB transactions ({:.2} orchestrator + {:.2} participants), {:.0} WAL bytes, {:.2} WAL syncs",
+        "  per saga     {:.2} AMQP messages ({:.2} commands + {:.2} replies), {:.2} DB transactions ({:.2} orchestrator + {:.2} participants), {:.0} WAL bytes ({:.2} full-page images), {:.2} WAL syncs",
         r.messages_per_saga,
         r.commands_per_saga,
         r.replies_per_saga,
@@ -361,6 +361,7 @@ fn print_text(r: &WorkloadResult) {
         r.orchestrator_xacts_per_saga,
         r.participant_xacts_per_saga,
         r.wal_bytes_per_saga,
+        r.wal_fpi_per_saga,
         r.wal_syncs_per_saga
     );
     println!(

@@ -76,6 +76,8 @@ pub struct WorkloadResult {
     pub wal_bytes_per_saga: f64,
     pub wal_records_per_saga: f64,
     pub wal_syncs_per_saga: f64,
+    /// Full-page images in the WAL per saga (the first change of a page after a checkpoint).
+    pub wal_fpi_per_saga: f64,
     /// CPU seconds per saga: this process (orchestrator + participants + driver), PostgreSQL,
     /// RabbitMQ, and the machine's busy time.
     pub cpu_ms_per_saga_bench: f64,
@@ -802,6 +804,7 @@ async fn run_in(
         wal_bytes_per_saga: per((wal_1.1 - wal_0.1) as f64),
         wal_records_per_saga: per((wal_1.0 - wal_0.0) as f64),
         wal_syncs_per_saga: per((wal_1.2 - wal_0.2) as f64),
+        wal_fpi_per_saga: per((wal_1.3 - wal_0.3) as f64),
         cpu_ms_per_saga_bench: per(run_cpu.bench) * 1000.0,
         cpu_ms_per_saga_postgres: per(pg_cpu) * 1000.0,
         cpu_ms_per_saga_rabbitmq: per(run_cpu.rabbitmq) * 1000.0,
