@@ -97,10 +97,11 @@ pub async fn xact_commit(admin: &PgPool, db: &str) -> Result<i64> {
     Ok(n)
 }
 
-/// Cluster-wide WAL counters (`pg_stat_wal`): `(records, bytes, syncs)`.
-pub async fn wal(admin: &PgPool) -> Result<(i64, i64, i64)> {
-    let row: (i64, i64, i64) = sqlx::query_as(
-        "SELECT wal_records::bigint, wal_bytes::bigint, wal_sync::bigint FROM pg_stat_wal",
+/// Cluster-wide WAL counters (`pg_stat_wal`): `(records, bytes, syncs, full-page images)`.
+pub async fn wal(admin: &PgPool) -> Result<(i64, i64, i64, i64)> {
+    let row: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT wal_records::bigint, wal_bytes::bigint, wal_sync::bigint, wal_fpi::bigint
+         FROM pg_stat_wal",
     )
     .fetch_one(admin)
     .await?;

@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench -- --workload happy --sagas 10000 --concurrency 64
 //! cargo run --release --example bench -- --workload all --json
+//! cargo run --release --example bench -- --workload happy --sagas 3000 --prefill-events 1000000
 //! ```
 //!
 //! Everything runs in this one process: the engine (built like `server::engine`), its HTTP
@@ -14,6 +15,7 @@
 mod ceilings;
 mod env;
 mod participants;
+mod prefill;
 mod run;
 mod sys;
 
@@ -116,11 +118,32 @@ pub struct Args {
     /// Give up when no saga finished for this many seconds.
     #[arg(long, default_value_t = 30)]
     pub stall_secs: u64,
+    /// Before each workload's timed part, fill its fresh databases with about this many events
+    /// of finished sagas (clones of real ones), then VACUUM ANALYZE and CHECKPOINT.
+    #[arg(long, default_value_t = 0)]
+    pub prefill_events: u64,
+    /// Start calls in flight at most (HTTP requests or `Engine::start` calls); the in-flight
+    /// limit still applies [default: the concurrency, at most 512].
+    #[arg(long = "start-calls")]
+    start_calls_arg: Option<usize>,
+    /// Per-attempt timeout of every step, in seconds [default: the definition default, 10 s];
+    /// raise it when commands queue longer than that (large --concurrency, slow participants).
+    #[arg(long)]
+    pub step_timeout_secs: Option<u64>,
     /// Keep the scratch databases (for inspection).
     #[arg(long)]
     pub keep: bool,
     #[arg(skip)]
     pub progress: bool,
+}
+
+impl Args {
+    /// Start calls allowed in flight at once.
+    pub fn start_calls(&self) -> usize {
+        self.start_calls_arg
+            .unwrap_or(self.concurrency.min(512))
+            .max(1)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -162,6 +185,10 @@ async fn main_inner(args: &Args) -> Result<bool> {
     anyhow::ensure!(args.sagas > 0, "--sagas must be positive");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be positive");
     anyhow::ensure!(args.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
+    anyhow::ensure!(
+        args.skip_ceilings || args.concurrency <= 90,
+        "the PostgreSQL ceiling opens --concurrency connections: above 90, pass --skip-ceilings"
+    );
     anyhow::ensure!(
         u64::from(args.db_pool) + u64::from(args.participant_pool) * args.steps as u64 <= 90,
         "--db-pool + --steps x --participant-pool must stay under PostgreSQL's default 100 connections (at most 90)"
@@ -257,21 +284,53 @@ fn print_text(r: &WorkloadResult) {
         .map(|x| format!(", paced at {x:.0}/s"))
         .unwrap_or_default();
     println!();
+    let mut extra = String::new();
+    if r.start_calls < r.concurrency {
+        extra += &format!(", at most {} start calls at once", r.start_calls);
+    }
+    if let Some(t) = r.step_timeout_secs {
+        extra += &format!(", step timeout {t} s");
+    }
     println!(
-        "{} — {} sagas, {} steps, {} in flight, via {via}{rate}",
+        "{} — {} sagas, {} steps, {} in flight, via {via}{rate}{extra}",
         r.workload.as_str(),
         r.sagas,
         r.steps,
         r.concurrency
     );
+    if let Some(p) = &r.prefill {
+        let mib = |b: i64| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "  prefill      {} events of {} finished sagas in {:.0} s (seeds {:.0} s, clones {:.0} s, VACUUM ANALYZE {:.0} s, CHECKPOINT {:.0} s); databases {:.0} MiB orchestrator, {:.0} MiB participants",
+            p.events,
+            p.instances,
+            p.total_secs,
+            p.seed_secs,
+            p.clone_secs,
+            p.vacuum_secs,
+            p.checkpoint_secs,
+            mib(p.orchestrator_db_bytes),
+            mib(p.participant_db_bytes)
+        );
+        for t in &p.tables {
+            println!(
+                "               {}.{}: ≈ {} rows, {:.0} MiB table + {:.0} MiB indexes",
+                t.database,
+                t.table,
+                t.rows,
+                mib(t.table_bytes),
+                mib(t.index_bytes)
+            );
+        }
+    }
     if r.status != "ok" {
         println!("  FAILURE");
         for f in &r.failures {
             println!("    {f}");
         }
         println!(
-            "  lost {}, duplicated {}, inconsistent {}, start errors {}",
-            r.lost, r.duplicated, r.inconsistent, r.start_errors
+            "  lost {}, duplicated {}, inconsistent {}, start errors {}; at most {} in flight, peak RSS {:.0} MiB",
+            r.lost, r.duplicated, r.inconsistent, r.start_errors, r.max_in_flight, r.peak_rss_mib
         );
         return;
     }
@@ -294,7 +353,7 @@ fn print_text(r: &WorkloadResult) {
         r.start_p99_ms
     );
     println!(
-        "  per saga     {:.2} AMQP messages ({:.2} commands + {:.2} replies), {:.2} DB transactions ({:.2} orchestrator + {:.2} participants), {:.0} WAL bytes, {:.2} WAL syncs",
+        "  per saga     {:.2} AMQP messages ({:.2} commands + {:.2} replies), {:.2} DB transactions ({:.2} orchestrator + {:.2} participants), {:.0} WAL bytes ({:.2} full-page images), {:.2} WAL syncs",
         r.messages_per_saga,
         r.commands_per_saga,
         r.replies_per_saga,
@@ -302,6 +361,7 @@ fn print_text(r: &WorkloadResult) {
         r.orchestrator_xacts_per_saga,
         r.participant_xacts_per_saga,
         r.wal_bytes_per_saga,
+        r.wal_fpi_per_saga,
         r.wal_syncs_per_saga
     );
     println!(
@@ -319,8 +379,12 @@ fn print_text(r: &WorkloadResult) {
         );
     }
     println!(
-        "  memory       peak RSS {:.0} MiB (whole process)",
-        r.peak_rss_mib
+        "  memory       peak RSS {:.0} MiB (whole process: orchestrator + participants + driver), {:.0} MiB idle before the first start",
+        r.peak_rss_mib, r.idle_rss_mib
+    );
+    println!(
+        "  in flight    at most {} instances open at once ({:.0} MiB RSS when first reached)",
+        r.max_in_flight, r.rss_at_max_in_flight_mib
     );
     println!(
         "  efficiency   {} of the AMQP ceiling, {} of the PostgreSQL ceiling",

@@ -6,6 +6,8 @@
 //! makes one real write to `bench_effects`, a row per (saga, step) whose counters record how
 //! many times each operation took effect, so the run can check exactly-once afterwards.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use sagas::orchestrator::{Definition, Registry};
 use sagas::participant::{Command, Handler, HandlerError, Operation};
@@ -51,8 +53,12 @@ pub fn definition_name(workload: Workload, steps: usize) -> String {
 }
 
 /// The registry with the workload's one definition (default retry policies and timeouts, as a
-/// user would start with).
-pub fn registry(workload: Workload, steps: usize) -> anyhow::Result<Registry> {
+/// user would start with; `timeout` replaces the 10 s per-attempt timeout of every step).
+pub fn registry(
+    workload: Workload,
+    steps: usize,
+    timeout: Option<Duration>,
+) -> anyhow::Result<Registry> {
     let name = definition_name(workload, steps);
     let mut builder = if workload == Workload::Tcc {
         Definition::tcc::<BenchInput>(name, 1)
@@ -62,9 +68,13 @@ pub fn registry(workload: Workload, steps: usize) -> anyhow::Result<Registry> {
     for (i, participant) in names(workload, steps).into_iter().enumerate() {
         let last = i + 1 == steps;
         builder = builder.step(participant.clone(), participant, move |s| {
-            s.command(
+            let s = s.command(
                 move |input: &BenchInput, _| json!({ "step": i + 1, "fail": last && input.fail }),
-            )
+            );
+            match timeout {
+                Some(t) => s.timeout(t),
+                None => s,
+            }
         });
     }
     Ok(Registry::new().with(builder.build()?)?)

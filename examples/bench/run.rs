@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::env::{self, Scratch, Urls};
 use crate::participants::{self, BenchInput, Effects, Row};
+use crate::prefill::{self, PrefillReport};
 use crate::sys::{self, CpuSnapshot};
 use crate::{Args, Via, Workload};
 
@@ -75,6 +76,8 @@ pub struct WorkloadResult {
     pub wal_bytes_per_saga: f64,
     pub wal_records_per_saga: f64,
     pub wal_syncs_per_saga: f64,
+    /// Full-page images in the WAL per saga (the first change of a page after a checkpoint).
+    pub wal_fpi_per_saga: f64,
     /// CPU seconds per saga: this process (orchestrator + participants + driver), PostgreSQL,
     /// RabbitMQ, and the machine's busy time.
     pub cpu_ms_per_saga_bench: f64,
@@ -85,8 +88,23 @@ pub struct WorkloadResult {
     pub cpu_ms_per_saga_other: f64,
     /// Machine busy time / (cores × wall time) during the run.
     pub machine_utilisation: f64,
-    /// Peak resident memory of this process during the workload (MiB).
+    /// Peak resident memory of this process during the workload (MiB): orchestrator,
+    /// participants and driver together, so an upper bound of the orchestrator's.
     pub peak_rss_mib: f64,
+    /// Resident memory right before the first start, everything set up and idle (MiB).
+    pub idle_rss_mib: f64,
+    /// Most instances open at once (started, not terminal), as the completion poll counted them.
+    pub max_in_flight: u64,
+    /// Resident memory when that maximum was first seen (MiB).
+    pub rss_at_max_in_flight_mib: f64,
+    /// Start calls allowed in flight at once.
+    pub start_calls: usize,
+    /// Per-attempt step timeout, when not the definition's default (`--step-timeout-secs`).
+    pub step_timeout_secs: Option<u64>,
+    /// Events of finished sagas in the log before the timed part (`--prefill-events`).
+    pub prefill_events: u64,
+    /// What the prefill wrote and cost, with the table sizes after it.
+    pub prefill: Option<PrefillReport>,
     /// sagas/s × messages per saga / raw AMQP round trips per second.
     pub efficiency: Option<f64>,
     /// sagas/s × transactions per saga / raw PostgreSQL commits per second.
@@ -109,7 +127,7 @@ pub struct WorkloadResult {
 
 /// Starts sagas the way users do.
 #[derive(Clone)]
-enum Starter {
+pub enum Starter {
     Engine(Arc<Engine>),
     Http {
         client: reqwest::Client,
@@ -118,7 +136,8 @@ enum Starter {
 }
 
 impl Starter {
-    async fn start(&self, definition: &str, input: Value) -> Result<Uuid> {
+    /// Starts one instance of `definition` and returns its id.
+    pub async fn start(&self, definition: &str, input: Value) -> Result<Uuid> {
         match self {
             Starter::Engine(engine) => Ok(engine.start(definition, input).await?.id),
             Starter::Http { client, url } => {
@@ -247,7 +266,11 @@ async fn run_in(
     let engine = Engine::new(
         Arc::new(PgStore::new(orch_pool.clone())),
         transport.clone(),
-        participants::registry(workload, steps)?,
+        participants::registry(
+            workload,
+            steps,
+            args.step_timeout_secs.map(Duration::from_secs),
+        )?,
         Arc::new(SystemClock),
         EngineConfig::default(),
     );
@@ -303,11 +326,21 @@ async fn run_in(
         running.push(RunningParticipant { conn, pool, task });
     }
 
+    // The history, before anything is counted.
+    let (prefill, boundary) = if args.prefill_events > 0 {
+        let p = prefill::prefill(args, &starter, workload, &definition, orch, part).await?;
+        (Some(p.report), p.boundary)
+    } else {
+        (None, Uuid::nil())
+    };
+    let writes_0: HashMap<String, (i64, i64, i64)> = table_writes(orch, part).await?;
+
     let admin = urls.admin_pool().await?;
     let xact_orch_0 = env::xact_commit(&admin, &orch.name).await?;
     let xact_part_0 = env::xact_commit(&admin, &part.name).await?;
     let wal_0 = env::wal(&admin).await?;
     sys::reset_peak_rss();
+    let idle_rss = sys::rss_mib();
     let cpu_0 = CpuSnapshot::take();
 
     // Completion: one connection counts the open instances through the partial index on
@@ -319,6 +352,9 @@ async fn run_in(
     let poll_micros = Arc::new(AtomicU64::new(0));
     let explained = Arc::new(AtomicU64::new(0));
     let explained_micros = Arc::new(AtomicU64::new(0));
+    // The most instances open at once, and the RSS (KiB) when that count was first reached.
+    let max_open = Arc::new(AtomicU64::new(0));
+    let rss_at_max_open = Arc::new(AtomicU64::new(0));
     let poller = {
         let mut conn = PgConnection::connect(&orch.url).await?;
         // Through the partial index on open statuses, never a sequential scan of the whole
@@ -333,6 +369,8 @@ async fn run_in(
         let poll_micros = poll_micros.clone();
         let explained = explained.clone();
         let explained_micros = explained_micros.clone();
+        let max_open = max_open.clone();
+        let rss_at_max_open = rss_at_max_open.clone();
         let stop = poll_stop.clone();
         let every = Duration::from_millis(args.poll_ms.max(1));
         tokio::spawn(async move {
@@ -370,6 +408,10 @@ async fn run_in(
                     }
                 }
                 if let Ok((open,)) = open {
+                    if open.max(0) as u64 > max_open.load(Ordering::Relaxed) {
+                        max_open.store(open as u64, Ordering::Relaxed);
+                        rss_at_max_open.store((sys::rss_mib() * 1024.0) as u64, Ordering::Relaxed);
+                    }
                     // Conservative: an instance committed but not yet returned counts as open.
                     let _ = term_tx.send(r.saturating_sub(open.max(0) as u64));
                 }
@@ -395,6 +437,7 @@ async fn run_in(
     // Drive.
     let timeout = Duration::from_secs(args.timeout_secs);
     let stall = Duration::from_secs(args.stall_secs);
+    let start_calls = args.start_calls();
     let t0 = Instant::now();
     let deadline = t0 + timeout;
     let mut set: JoinSet<(u64, Result<Uuid>, Duration)> = JoinSet::new();
@@ -430,7 +473,7 @@ async fn run_in(
                 collect(done?, &mut ids, &mut start_hist, &mut start_errors);
             }
             let term = *rx.borrow_and_update() + start_errors.len() as u64;
-            if issued.saturating_sub(term) < c as u64 {
+            if issued.saturating_sub(term) < c as u64 && set.len() < start_calls {
                 break;
             }
             if term != last_term {
@@ -555,37 +598,47 @@ async fn run_in(
 
     // Read back: states, latencies, the log, the business rows.
     let mut check = PgConnection::connect(&orch.url).await?;
+    // The run's rows only: every prefilled id sorts before `boundary` (nil without a prefill).
     let instances: Vec<(Uuid, String, i64)> = sqlx::query_as(
         "SELECT id, status,
                 (extract(epoch FROM updated_at - created_at) * 1000000)::bigint
-         FROM sagas_instances",
+         FROM sagas_instances WHERE id >= $1",
     )
+    .bind(boundary)
     .fetch_all(&mut check)
     .await?;
-    let events: Vec<(String, i64)> =
-        sqlx::query_as("SELECT kind, count(*) FROM sagas_events GROUP BY kind ORDER BY kind")
-            .fetch_all(&mut check)
-            .await?;
+    let events: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT kind, count(*) FROM sagas_events WHERE instance_id >= $1
+         GROUP BY kind ORDER BY kind",
+    )
+    .bind(boundary)
+    .fetch_all(&mut check)
+    .await?;
     let (outbox_left,): (i64,) = sqlx::query_as("SELECT count(*) FROM sagas_outbox")
         .fetch_one(&mut check)
         .await?;
     let _ = check.close().await;
     let mut check = PgConnection::connect(&part.url).await?;
     let rows: Vec<(Uuid, i32, i32, i32, i32, i32)> = sqlx::query_as(
-        "SELECT saga_id, step, applied, compensated, confirmed, cancelled FROM bench_effects",
+        "SELECT saga_id, step, applied, compensated, confirmed, cancelled FROM bench_effects
+         WHERE saga_id >= $1",
     )
+    .bind(boundary)
     .fetch_all(&mut check)
     .await?;
     let _ = check.close().await;
     let mut rows_per_saga = BTreeMap::new();
-    for (url, side) in [(&orch.url, "orchestrator"), (&part.url, "participant")] {
-        for (table, ins, upd, _hot, del) in env::table_writes(url).await? {
-            let d = ok_starts.max(1) as f64;
-            rows_per_saga.insert(
-                format!("{side}.{table}"),
-                (ins as f64 / d, upd as f64 / d, del as f64 / d),
-            );
-        }
+    for (table, (ins, upd, del)) in table_writes(orch, part).await? {
+        let (ins_0, upd_0, del_0) = writes_0.get(&table).copied().unwrap_or_default();
+        let d = ok_starts.max(1) as f64;
+        rows_per_saga.insert(
+            table,
+            (
+                (ins - ins_0) as f64 / d,
+                (upd - upd_0) as f64 / d,
+                (del - del_0) as f64 / d,
+            ),
+        );
     }
 
     // Checks.
@@ -751,6 +804,7 @@ async fn run_in(
         wal_bytes_per_saga: per((wal_1.1 - wal_0.1) as f64),
         wal_records_per_saga: per((wal_1.0 - wal_0.0) as f64),
         wal_syncs_per_saga: per((wal_1.2 - wal_0.2) as f64),
+        wal_fpi_per_saga: per((wal_1.3 - wal_0.3) as f64),
         cpu_ms_per_saga_bench: per(run_cpu.bench) * 1000.0,
         cpu_ms_per_saga_postgres: per(pg_cpu) * 1000.0,
         cpu_ms_per_saga_rabbitmq: per(run_cpu.rabbitmq) * 1000.0,
@@ -767,6 +821,13 @@ async fn run_in(
             0.0
         },
         peak_rss_mib: peak_rss,
+        idle_rss_mib: idle_rss,
+        max_in_flight: max_open.load(Ordering::Relaxed),
+        rss_at_max_in_flight_mib: rss_at_max_open.load(Ordering::Relaxed) as f64 / 1024.0,
+        start_calls,
+        step_timeout_secs: args.step_timeout_secs,
+        prefill_events: prefill.as_ref().map_or(0, |p| p.events),
+        prefill,
         efficiency: match (sagas_per_s, amqp_ceiling) {
             (Some(s), Some(a)) if a > 0.0 => Some(s * messages_per_saga / a),
             _ => None,
@@ -789,4 +850,16 @@ async fn run_in(
             / 1000.0
             / polls.max(1) as f64,
     })
+}
+
+/// Rows inserted, updated and deleted so far per table of both databases, keyed
+/// `orchestrator.<table>` and `participant.<table>`.
+async fn table_writes(orch: &Scratch, part: &Scratch) -> Result<HashMap<String, (i64, i64, i64)>> {
+    let mut all = HashMap::new();
+    for (db, side) in [(orch, "orchestrator"), (part, "participant")] {
+        for (table, ins, upd, _hot, del) in env::table_writes(&db.url).await? {
+            all.insert(format!("{side}.{table}"), (ins, upd, del));
+        }
+    }
+    Ok(all)
 }

@@ -130,6 +130,11 @@ pub fn peak_rss_mib() -> f64 {
     status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0
 }
 
+/// Resident memory of this process now, in MiB.
+pub fn rss_mib() -> f64 {
+    status_kb("VmRSS:").unwrap_or(0) as f64 / 1024.0
+}
+
 /// Resets the peak RSS to the current RSS (Linux `clear_refs` 5); false if not allowed.
 pub fn reset_peak_rss() -> bool {
     fs::write("/proc/self/clear_refs", "5").is_ok()
