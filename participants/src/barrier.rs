@@ -133,13 +133,43 @@ pub async fn execute(
     cmd: &Command,
     handler: &dyn Handler,
 ) -> Result<Outcome, BarrierError> {
-    let op = cmd.operation;
     let mut tx = pool.begin().await?;
+    match execute_in(&mut tx, cmd, handler).await? {
+        Executed::Keep(outcome) => {
+            tx.commit().await?;
+            Ok(outcome)
+        }
+        Executed::Discard(error) => {
+            tx.rollback().await?;
+            Ok(error.to_outcome())
+        }
+    }
+}
 
-    if !insert(&mut tx, cmd, op, Origin::Handler, None).await? {
-        let stored = stored_reply(&mut tx, cmd, op).await?;
-        tx.commit().await?;
-        return Ok(stored);
+/// What [`execute_in`] decided for one command.
+enum Executed {
+    /// Keep everything the command wrote (its barrier rows and the handler's writes); the
+    /// outcome is final once the transaction commits.
+    Keep(Outcome),
+    /// Undo everything the command wrote, its barrier row included, so that a redelivery runs
+    /// the handler again; the reply is the error's outcome (`retry`, or `failed` for an undo).
+    Discard(HandlerError),
+}
+
+/// The barrier and the handler for one command, on a connection inside a transaction.
+///
+/// The caller owns the scope of the command: it commits what [`Executed::Keep`] says to keep,
+/// and on [`Executed::Discard`] or an error rolls back to where the command started (the
+/// transaction's start, or a savepoint taken before it). An error leaves the transaction in an
+/// unknown state (perhaps aborted).
+async fn execute_in(
+    conn: &mut PgConnection,
+    cmd: &Command,
+    handler: &dyn Handler,
+) -> Result<Executed, BarrierError> {
+    let op = cmd.operation;
+    if !insert(conn, cmd, op, Origin::Handler, None).await? {
+        return Ok(Executed::Keep(stored_reply(conn, cmd, op).await?));
     }
 
     if op.is_undo() {
@@ -150,19 +180,18 @@ pub async fn execute(
         // The forward row is locked so that a completion of a long-running forward operation
         // (`complete_in`) and this undo happen one after the other.
         let forward_took_effect =
-            if insert(&mut tx, cmd, forward, Origin::Guard, Some(&refusal)).await? {
+            if insert(conn, cmd, forward, Origin::Guard, Some(&refusal)).await? {
                 false
             } else {
                 matches!(
-                    locked_reply(&mut tx, cmd, forward).await?,
+                    locked_reply(conn, cmd, forward).await?,
                     Outcome::Succeeded { .. } | Outcome::InProgress { .. }
                 )
             };
         if !forward_took_effect {
             let outcome = Outcome::succeeded(json!({ "null_compensation": true }));
-            record(&mut tx, cmd, Origin::NullCompensation, &outcome).await?;
-            tx.commit().await?;
-            return Ok(outcome);
+            record(conn, cmd, Origin::NullCompensation, &outcome).await?;
+            return Ok(Executed::Keep(outcome));
         }
     }
 
@@ -171,36 +200,22 @@ pub async fn execute(
     // never released: committing the transaction commits the savepoint's work too, so the
     // success path saves the RELEASE round trip.
     sqlx::raw_sql("SAVEPOINT sagas_barrier_handler")
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-    match handler.handle(cmd, &mut tx).await {
-        Ok(output) => {
-            let outcome = Outcome::succeeded(output);
-            record(&mut tx, cmd, Origin::Handler, &outcome).await?;
-            tx.commit().await?;
-            Ok(outcome)
-        }
-        Err(HandlerError::InProgress(note)) => {
-            // Accepted: the handler's writes stay, and the reply says so until completed.
-            let outcome = Outcome::InProgress { note };
-            record(&mut tx, cmd, Origin::Handler, &outcome).await?;
-            tx.commit().await?;
-            Ok(outcome)
-        }
+    let outcome = match handler.handle(cmd, conn).await {
+        Ok(output) => Outcome::succeeded(output),
+        // Accepted: the handler's writes stay, and the reply says so until completed.
+        Err(HandlerError::InProgress(note)) => Outcome::InProgress { note },
         Err(HandlerError::Business(reason)) if op.is_forward() => {
             sqlx::raw_sql("ROLLBACK TO SAVEPOINT sagas_barrier_handler")
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
-            let outcome = Outcome::failed(reason);
-            record(&mut tx, cmd, Origin::Handler, &outcome).await?;
-            tx.commit().await?;
-            Ok(outcome)
+            Outcome::failed(reason)
         }
-        Err(error) => {
-            tx.rollback().await?;
-            Ok(error.to_outcome())
-        }
-    }
+        Err(error) => return Ok(Executed::Discard(error)),
+    };
+    record(conn, cmd, Origin::Handler, &outcome).await?;
+    Ok(Executed::Keep(outcome))
 }
 
 /// Deletes the barrier rows of transactions whose every row is older than `older_than`;
