@@ -17,6 +17,9 @@
 //!
 //! Everything runs at READ COMMITTED: each statement after a wait on the key takes a new
 //! snapshot and so sees the row that the other transaction committed.
+//!
+//! Several commands can share one transaction and its commit ([`Batch`]), each in a savepoint
+//! of its own, with the outcomes they would have one after the other.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -216,6 +219,123 @@ async fn execute_in(
     };
     record(conn, cmd, Origin::Handler, &outcome).await?;
     Ok(Executed::Keep(outcome))
+}
+
+/// Several commands in one database transaction and one commit, each run through the barrier
+/// exactly as [`execute`] would run it alone.
+///
+/// Each command runs in a savepoint of its own: what [`execute`] would roll back for it (a
+/// transient or database error of its handler, a business failure of an undo) is rolled back
+/// to that savepoint, its barrier row included, and the other commands are unaffected. A later
+/// command sees what the earlier ones wrote, so a duplicate in the same batch gets the stored
+/// reply, and a try followed by its cancel (or a cancel by its try) ends as it would in two
+/// transactions one after the other.
+///
+/// An error (from [`Batch::execute`] or [`Batch::commit`]) is a failure of the transaction
+/// itself: the connection was lost, a statement failed outside a handler, a handler hit a
+/// deadlock or a serialization failure, or the commit failed. Nothing of the batch may then be
+/// assumed to have committed: drop the batch (which rolls it back), do not reply with its
+/// outcomes, and run its commands one by one with [`execute`] instead. If the commit did
+/// happen after all (the connection broke while it was acknowledged), those runs find the
+/// stored replies.
+///
+/// Every command holds its row locks until the batch commits, so handlers that update the
+/// same rows from many commands make the batches wait for each other (and may deadlock,
+/// which the fallback resolves). Each command takes up to two subtransactions; keep batches
+/// to at most 32 commands, since past 64 subtransactions in one transaction PostgreSQL's
+/// per-backend cache overflows and every snapshot in the database gets slower.
+pub struct Batch {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").finish_non_exhaustive()
+    }
+}
+
+impl Batch {
+    /// Begins the batch's transaction on a connection from `pool`.
+    pub async fn begin(pool: &PgPool) -> Result<Batch, BarrierError> {
+        Ok(Batch {
+            tx: pool.begin().await?,
+        })
+    }
+
+    /// Runs `cmd` through the barrier and `handler` in the batch; returns the batch, to go on
+    /// with, and the command's outcome, final once [`Batch::commit`] succeeds.
+    ///
+    /// The batch is consumed: after an error (or when the future is dropped, e.g. by a time
+    /// limit) it cannot be committed.
+    pub async fn execute(
+        mut self,
+        cmd: &Command,
+        handler: &dyn Handler,
+    ) -> Result<(Batch, Outcome), BarrierError> {
+        sqlx::raw_sql("SAVEPOINT sagas_barrier_command")
+            .execute(&mut *self.tx)
+            .await?;
+        let outcome = match execute_in(&mut self.tx, cmd, handler).await? {
+            Executed::Keep(outcome) => outcome,
+            Executed::Discard(HandlerError::Database(error)) if ends_the_batch(&error) => {
+                return Err(error.into());
+            }
+            Executed::Discard(error) => {
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT sagas_barrier_command")
+                    .execute(&mut *self.tx)
+                    .await?;
+                error.to_outcome()
+            }
+        };
+        Ok((self, outcome))
+    }
+
+    /// Commits every command of the batch at once.
+    pub async fn commit(self) -> Result<(), BarrierError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Runs `cmds` in one [`Batch`] and returns their outcomes in order; on an error nothing was
+/// committed (or, if the commit's answer was lost, everything was): run the commands one by
+/// one with [`execute`].
+pub async fn execute_batch(
+    pool: &PgPool,
+    cmds: &[Command],
+    handler: &dyn Handler,
+) -> Result<Vec<Outcome>, BarrierError> {
+    let mut batch = Batch::begin(pool).await?;
+    let mut outcomes = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        let (next, outcome) = batch.execute(cmd, handler).await?;
+        batch = next;
+        outcomes.push(outcome);
+    }
+    batch.commit().await?;
+    Ok(outcomes)
+}
+
+/// Whether a handler's database error fails the whole batch rather than only its command.
+///
+/// A statement that failed (a constraint, a bad query, a lock timeout) only aborted the
+/// command's savepoint, which the batch rolls back to, as a single command's transaction
+/// would roll back. A deadlock or a serialization failure also involves the batch's earlier
+/// commands' locks, and the commands alone would most likely pass; a lost connection or a
+/// broken protocol leaves nothing to roll back to.
+fn ends_the_batch(error: &sqlx::Error) -> bool {
+    match error {
+        // Deadlock, serialization failure, the server shutting down, connection exceptions.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            matches!(&*code, "40P01" | "40001" | "57P01" | "57P02" | "57P03")
+                || code.starts_with("08")
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
 }
 
 /// Deletes the barrier rows of transactions whose every row is older than `older_than`;
