@@ -17,6 +17,9 @@
 //!
 //! Everything runs at READ COMMITTED: each statement after a wait on the key takes a new
 //! snapshot and so sees the row that the other transaction committed.
+//!
+//! Several commands can share one transaction and its commit ([`Batch`]), each in a savepoint
+//! of its own, with the outcomes they would have one after the other.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -133,13 +136,43 @@ pub async fn execute(
     cmd: &Command,
     handler: &dyn Handler,
 ) -> Result<Outcome, BarrierError> {
-    let op = cmd.operation;
     let mut tx = pool.begin().await?;
+    match execute_in(&mut tx, cmd, handler).await? {
+        Executed::Keep(outcome) => {
+            tx.commit().await?;
+            Ok(outcome)
+        }
+        Executed::Discard(error) => {
+            tx.rollback().await?;
+            Ok(error.to_outcome())
+        }
+    }
+}
 
-    if !insert(&mut tx, cmd, op, Origin::Handler, None).await? {
-        let stored = stored_reply(&mut tx, cmd, op).await?;
-        tx.commit().await?;
-        return Ok(stored);
+/// What [`execute_in`] decided for one command.
+enum Executed {
+    /// Keep everything the command wrote (its barrier rows and the handler's writes); the
+    /// outcome is final once the transaction commits.
+    Keep(Outcome),
+    /// Undo everything the command wrote, its barrier row included, so that a redelivery runs
+    /// the handler again; the reply is the error's outcome (`retry`, or `failed` for an undo).
+    Discard(HandlerError),
+}
+
+/// The barrier and the handler for one command, on a connection inside a transaction.
+///
+/// The caller owns the scope of the command: it commits what [`Executed::Keep`] says to keep,
+/// and on [`Executed::Discard`] or an error rolls back to where the command started (the
+/// transaction's start, or a savepoint taken before it). An error leaves the transaction in an
+/// unknown state (perhaps aborted).
+async fn execute_in(
+    conn: &mut PgConnection,
+    cmd: &Command,
+    handler: &dyn Handler,
+) -> Result<Executed, BarrierError> {
+    let op = cmd.operation;
+    if !insert(conn, cmd, op, Origin::Handler, None).await? {
+        return Ok(Executed::Keep(stored_reply(conn, cmd, op).await?));
     }
 
     if op.is_undo() {
@@ -150,19 +183,18 @@ pub async fn execute(
         // The forward row is locked so that a completion of a long-running forward operation
         // (`complete_in`) and this undo happen one after the other.
         let forward_took_effect =
-            if insert(&mut tx, cmd, forward, Origin::Guard, Some(&refusal)).await? {
+            if insert(conn, cmd, forward, Origin::Guard, Some(&refusal)).await? {
                 false
             } else {
                 matches!(
-                    locked_reply(&mut tx, cmd, forward).await?,
+                    locked_reply(conn, cmd, forward).await?,
                     Outcome::Succeeded { .. } | Outcome::InProgress { .. }
                 )
             };
         if !forward_took_effect {
             let outcome = Outcome::succeeded(json!({ "null_compensation": true }));
-            record(&mut tx, cmd, Origin::NullCompensation, &outcome).await?;
-            tx.commit().await?;
-            return Ok(outcome);
+            record(conn, cmd, Origin::NullCompensation, &outcome).await?;
+            return Ok(Executed::Keep(outcome));
         }
     }
 
@@ -171,35 +203,138 @@ pub async fn execute(
     // never released: committing the transaction commits the savepoint's work too, so the
     // success path saves the RELEASE round trip.
     sqlx::raw_sql("SAVEPOINT sagas_barrier_handler")
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-    match handler.handle(cmd, &mut tx).await {
-        Ok(output) => {
-            let outcome = Outcome::succeeded(output);
-            record(&mut tx, cmd, Origin::Handler, &outcome).await?;
-            tx.commit().await?;
-            Ok(outcome)
-        }
-        Err(HandlerError::InProgress(note)) => {
-            // Accepted: the handler's writes stay, and the reply says so until completed.
-            let outcome = Outcome::InProgress { note };
-            record(&mut tx, cmd, Origin::Handler, &outcome).await?;
-            tx.commit().await?;
-            Ok(outcome)
-        }
+    let outcome = match handler.handle(cmd, conn).await {
+        Ok(output) => Outcome::succeeded(output),
+        // Accepted: the handler's writes stay, and the reply says so until completed.
+        Err(HandlerError::InProgress(note)) => Outcome::InProgress { note },
         Err(HandlerError::Business(reason)) if op.is_forward() => {
             sqlx::raw_sql("ROLLBACK TO SAVEPOINT sagas_barrier_handler")
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
-            let outcome = Outcome::failed(reason);
-            record(&mut tx, cmd, Origin::Handler, &outcome).await?;
-            tx.commit().await?;
-            Ok(outcome)
+            Outcome::failed(reason)
         }
-        Err(error) => {
-            tx.rollback().await?;
-            Ok(error.to_outcome())
-        }
+        Err(error) => return Ok(Executed::Discard(error)),
+    };
+    record(conn, cmd, Origin::Handler, &outcome).await?;
+    Ok(Executed::Keep(outcome))
+}
+
+/// Several commands in one database transaction and one commit, each run through the barrier
+/// exactly as [`execute`] would run it alone.
+///
+/// Each command runs in a savepoint of its own: what [`execute`] would roll back for it (a
+/// transient or database error of its handler, a business failure of an undo) is rolled back
+/// to that savepoint, its barrier row included, and the other commands are unaffected. A later
+/// command sees what the earlier ones wrote, so a duplicate in the same batch gets the stored
+/// reply, and a try followed by its cancel (or a cancel by its try) ends as it would in two
+/// transactions one after the other.
+///
+/// An error (from [`Batch::execute`] or [`Batch::commit`]) is a failure of the transaction
+/// itself: the connection was lost, a statement failed outside a handler, a handler hit a
+/// deadlock or a serialization failure, or the commit failed. Nothing of the batch may then be
+/// assumed to have committed: drop the batch (which rolls it back), do not reply with its
+/// outcomes, and run its commands one by one with [`execute`] instead. If the commit did
+/// happen after all (the connection broke while it was acknowledged), those runs find the
+/// stored replies.
+///
+/// Every command holds its row locks until the batch commits, so handlers that update the
+/// same rows from many commands make the batches wait for each other (and may deadlock,
+/// which the fallback resolves). Each command takes up to two subtransactions; keep batches
+/// to at most 32 commands, since past 64 subtransactions in one transaction PostgreSQL's
+/// per-backend cache overflows and every snapshot in the database gets slower.
+pub struct Batch {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").finish_non_exhaustive()
+    }
+}
+
+impl Batch {
+    /// Begins the batch's transaction on a connection from `pool`.
+    pub async fn begin(pool: &PgPool) -> Result<Batch, BarrierError> {
+        Ok(Batch {
+            tx: pool.begin().await?,
+        })
+    }
+
+    /// Runs `cmd` through the barrier and `handler` in the batch; returns the batch, to go on
+    /// with, and the command's outcome, final once [`Batch::commit`] succeeds.
+    ///
+    /// The batch is consumed: after an error (or when the future is dropped, e.g. by a time
+    /// limit) it cannot be committed.
+    pub async fn execute(
+        mut self,
+        cmd: &Command,
+        handler: &dyn Handler,
+    ) -> Result<(Batch, Outcome), BarrierError> {
+        sqlx::raw_sql("SAVEPOINT sagas_barrier_command")
+            .execute(&mut *self.tx)
+            .await?;
+        let outcome = match execute_in(&mut self.tx, cmd, handler).await? {
+            Executed::Keep(outcome) => outcome,
+            Executed::Discard(HandlerError::Database(error)) if ends_the_batch(&error) => {
+                return Err(error.into());
+            }
+            Executed::Discard(error) => {
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT sagas_barrier_command")
+                    .execute(&mut *self.tx)
+                    .await?;
+                error.to_outcome()
+            }
+        };
+        Ok((self, outcome))
+    }
+
+    /// Commits every command of the batch at once.
+    pub async fn commit(self) -> Result<(), BarrierError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Runs `cmds` in one [`Batch`] and returns their outcomes in order; on an error nothing was
+/// committed (or, if the commit's answer was lost, everything was): run the commands one by
+/// one with [`execute`].
+pub async fn execute_batch(
+    pool: &PgPool,
+    cmds: &[Command],
+    handler: &dyn Handler,
+) -> Result<Vec<Outcome>, BarrierError> {
+    let mut batch = Batch::begin(pool).await?;
+    let mut outcomes = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        let (next, outcome) = batch.execute(cmd, handler).await?;
+        batch = next;
+        outcomes.push(outcome);
+    }
+    batch.commit().await?;
+    Ok(outcomes)
+}
+
+/// Whether a handler's database error fails the whole batch rather than only its command.
+///
+/// A statement that failed (a constraint, a bad query, a lock timeout) only aborted the
+/// command's savepoint, which the batch rolls back to, as a single command's transaction
+/// would roll back. A deadlock or a serialization failure also involves the batch's earlier
+/// commands' locks, and the commands alone would most likely pass; a lost connection or a
+/// broken protocol leaves nothing to roll back to.
+fn ends_the_batch(error: &sqlx::Error) -> bool {
+    match error {
+        // Deadlock, serialization failure, the server shutting down, connection exceptions.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            matches!(&*code, "40P01" | "40001" | "57P01" | "57P02" | "57P03")
+                || code.starts_with("08")
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
     }
 }
 

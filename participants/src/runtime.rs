@@ -6,6 +6,12 @@
 //! barrier answers from its stored reply. Bad messages are dead-lettered with their reason in
 //! the `x-sagas-reason` header, and counted.
 //!
+//! Commands that are already delivered when one is taken are taken with it (up to
+//! [`Participant::batch_size`]) and run in one database transaction, a
+//! [`barrier::Batch`]: one commit for all of them. Their replies are published together after
+//! the commit, and each command is acked once its own reply is confirmed. A batch whose
+//! transaction fails is rolled back and its commands run one by one, as if never batched.
+//!
 //! [`Participant::run`] serves on a connection the caller owns and returns when it fails;
 //! [`Participant::run_forever`] owns its connection and reconnects (with backoff, redeclaring
 //! the queue) after broker restarts and network failures until its shutdown signal.
@@ -24,14 +30,17 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    PublisherConfirm,
+};
 use sqlx::PgPool;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::amqp::{QueueOptions, declare_participant};
-use crate::barrier::{self, BarrierError};
+use crate::barrier::{self, BarrierError, Batch};
 use crate::handler::Handler;
 use crate::protocol::{
     CONTENT_TYPE, Command, Outcome, PROTOCOL_VERSION, Reply, Topology, TraceParent,
@@ -40,8 +49,16 @@ use crate::protocol::{
 /// Default number of unacknowledged commands the broker may push to one participant process.
 pub const DEFAULT_PREFETCH: u16 = 32;
 
-/// Default number of handlers running at once in one participant process.
+/// Default number of commands in flight at once in one participant process.
 pub const DEFAULT_CONCURRENCY: usize = 16;
+
+/// Default number of commands run in one database transaction (see [`Participant::batch_size`]).
+pub const DEFAULT_BATCH_SIZE: usize = 16;
+
+/// The largest batch: each command takes up to two subtransactions, and past 64 in one
+/// transaction PostgreSQL's per-backend cache of them overflows (which slows down every
+/// snapshot in the database).
+pub const MAX_BATCH_SIZE: usize = 32;
 
 /// Default time that handlers in flight get to finish after the shutdown signal.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
@@ -207,20 +224,17 @@ async fn guarded(
     limit: Option<Duration>,
 ) -> (Outcome, bool) {
     let run = AssertUnwindSafe(barrier::execute(pool, cmd, handler)).catch_unwind();
-    let result = match limit {
-        None => run.await,
-        Some(limit) => match tokio::time::timeout(limit, run).await {
-            Ok(result) => result,
-            Err(_) => {
-                let limit_ms = limit.as_millis();
-                tracing::warn!(
-                    limit_ms = limit_ms as u64,
-                    "handler exceeded its time limit; rolled back, replying retry"
-                );
-                let reason = format!("handler exceeded its time limit of {limit_ms} ms");
-                return (Outcome::retry(reason), true);
-            }
-        },
+    let result = match within(limit, run).await {
+        Ok(result) => result,
+        Err(limit) => {
+            let limit_ms = limit.as_millis();
+            tracing::warn!(
+                limit_ms = limit_ms as u64,
+                "handler exceeded its time limit; rolled back, replying retry"
+            );
+            let reason = format!("handler exceeded its time limit of {limit_ms} ms");
+            return (Outcome::retry(reason), true);
+        }
     };
     let outcome = match result {
         Ok(Ok(outcome)) => outcome,
@@ -229,16 +243,100 @@ async fn guarded(
             Outcome::retry(error.to_string())
         }
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            let message = panic_message(&*panic);
             tracing::error!(panic = %message, "handler panicked; replying retry");
             Outcome::retry(format!("handler panicked: {message}"))
         }
     };
     (outcome, false)
+}
+
+/// Awaits `work`, for at most `limit` if there is one; `Err(limit)` when it strikes (and
+/// `work` is dropped, which rolls back a transaction it holds).
+async fn within<F: Future>(limit: Option<Duration>, work: F) -> Result<F::Output, Duration> {
+    match limit {
+        None => Ok(work.await),
+        Some(limit) => tokio::time::timeout(limit, work).await.map_err(|_| limit),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+/// Why a batch's transaction was abandoned (and its commands run one by one).
+#[derive(Debug, thiserror::Error)]
+enum BatchFailure {
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+    #[error("a step of the batch exceeded the time limit of {} ms", .0.as_millis())]
+    TimedOut(Duration),
+    #[error("a handler panicked: {0}")]
+    Panicked(String),
+}
+
+/// Runs the jobs' commands in one [`Batch`]: each command, and the begin and the commit, within
+/// the handler time limit. Any failure drops the batch, which rolls it back.
+async fn in_one_transaction(ctx: &Context, jobs: &[Job]) -> Result<Vec<Outcome>, BatchFailure> {
+    let limit = ctx.handler_timeout;
+    let mut batch = within(limit, Batch::begin(&ctx.pool))
+        .await
+        .map_err(BatchFailure::TimedOut)??;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let run = AssertUnwindSafe(batch.execute(&job.cmd, &*ctx.handler)).catch_unwind();
+        let (next, outcome) = within(limit, run)
+            .instrument(job.span.clone())
+            .await
+            .map_err(BatchFailure::TimedOut)?
+            .map_err(|panic| BatchFailure::Panicked(panic_message(&*panic)))??;
+        batch = next;
+        outcomes.push(outcome);
+    }
+    within(limit, batch.commit())
+        .await
+        .map_err(BatchFailure::TimedOut)??;
+    Ok(outcomes)
+}
+
+/// The outcomes of the jobs' commands, in order: from one transaction when there are several
+/// and it commits; otherwise from each command alone, all at once, as [`process_within`] runs
+/// it (a command that timed out, panicked or deadlocked in the batch then gets its own answer,
+/// and the others are not held back by it).
+async fn outcomes(ctx: &Context, jobs: &[Job]) -> Vec<Outcome> {
+    if jobs.len() > 1 {
+        match in_one_transaction(ctx, jobs).await {
+            Ok(outcomes) => {
+                Stats::bump(&ctx.stats.0.batches);
+                return outcomes;
+            }
+            Err(failure) => {
+                Stats::bump(&ctx.stats.0.batch_fallbacks);
+                tracing::warn!(
+                    participant = %ctx.participant,
+                    commands = jobs.len(),
+                    %failure,
+                    "batch rolled back; running its commands one by one"
+                );
+            }
+        }
+    }
+    let alone = jobs.iter().map(|job| {
+        async {
+            let (outcome, timed_out) =
+                guarded(&ctx.pool, &*ctx.handler, &job.cmd, ctx.handler_timeout).await;
+            if timed_out {
+                Stats::bump(&ctx.stats.0.timed_out);
+            }
+            outcome
+        }
+        .instrument(job.span.clone())
+    });
+    futures_util::future::join_all(alone).await
 }
 
 #[derive(Debug, Default)]
@@ -249,6 +347,8 @@ struct Counters {
     unroutable_replies: AtomicU64,
     timed_out: AtomicU64,
     reconnects: AtomicU64,
+    batches: AtomicU64,
+    batch_fallbacks: AtomicU64,
 }
 
 /// Live counters of a running participant; cheap to clone.
@@ -277,9 +377,20 @@ impl Stats {
         self.0.unroutable_replies.load(Ordering::Relaxed)
     }
 
-    /// Handlers abandoned because they exceeded [`Participant::handler_timeout`].
+    /// Commands answered `retry` because they exceeded [`Participant::handler_timeout`].
     pub fn timed_out(&self) -> u64 {
         self.0.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// Transactions that committed several commands at once (see [`Participant::batch_size`]).
+    pub fn batches(&self) -> u64 {
+        self.0.batches.load(Ordering::Relaxed)
+    }
+
+    /// Batches rolled back whose commands then ran one by one (a lost connection, a deadlock,
+    /// a failed commit, a handler that panicked or exceeded its time limit).
+    pub fn batch_fallbacks(&self) -> u64 {
+        self.0.batch_fallbacks.load(Ordering::Relaxed)
     }
 
     /// Sessions [`Participant::run_forever`] started after the first (reconnections).
@@ -334,6 +445,7 @@ pub struct Participant {
     handler: Arc<dyn Handler>,
     prefetch: u16,
     concurrency: usize,
+    batch_size: usize,
     queue_options: QueueOptions,
     install_barrier: bool,
     handler_timeout: Option<Duration>,
@@ -349,6 +461,7 @@ impl std::fmt::Debug for Participant {
             .field("topology", &self.topology)
             .field("prefetch", &self.prefetch)
             .field("concurrency", &self.concurrency)
+            .field("batch_size", &self.batch_size)
             .field("queue_options", &self.queue_options)
             .field("handler_timeout", &self.handler_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -377,6 +490,7 @@ impl Participant {
             handler,
             prefetch: DEFAULT_PREFETCH,
             concurrency: DEFAULT_CONCURRENCY,
+            batch_size: DEFAULT_BATCH_SIZE,
             queue_options: QueueOptions::default(),
             install_barrier: true,
             handler_timeout: None,
@@ -392,9 +506,24 @@ impl Participant {
         self
     }
 
-    /// Sets how many handlers may run at once (at least 1).
+    /// Sets how many commands may be in flight at once (at least 1), batched or not.
     pub fn concurrency(mut self, concurrency: usize) -> Participant {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Sets how many commands may run in one database transaction (default 16, from 1, which
+    /// turns batching off, to [`MAX_BATCH_SIZE`]).
+    ///
+    /// When a command is taken, the ones already delivered are taken with it, as long as
+    /// handler slots ([`Participant::concurrency`]) are free; nothing waits for more to
+    /// arrive. They run through the barrier in one transaction ([`barrier::Batch`]), each in a
+    /// savepoint of its own, with the same outcome each would have alone, and commit at once.
+    /// If the transaction fails, it is rolled back and the commands run one by one. Commands
+    /// of a batch hold their row locks until it commits: for handlers that mostly update the
+    /// same few rows, or that take long, prefer small batches.
+    pub fn batch_size(mut self, batch_size: usize) -> Participant {
+        self.batch_size = batch_size.clamp(1, MAX_BATCH_SIZE);
         self
     }
 
@@ -415,6 +544,12 @@ impl Participant {
     /// A command over the limit is abandoned, its database transaction rolled back, and
     /// answered `retry`. Keep it below the step's timeout in the definition, so that the
     /// orchestrator hears `retry` before it gives up on the attempt.
+    ///
+    /// In a batch, each command (and the batch's begin and commit) gets the limit for itself;
+    /// when it strikes, the whole batch is rolled back and its commands run one by one, each
+    /// with the limit again. A command's reply waits for its batch, so a batch of slow
+    /// commands can take up to `batch_size` times the limit: keep batches small if handlers
+    /// can take a large part of it.
     pub fn handler_timeout(mut self, limit: Duration) -> Participant {
         self.handler_timeout = Some(limit);
         self
@@ -618,7 +753,18 @@ impl Participant {
             };
             match delivery {
                 Some(Ok(delivery)) => {
-                    in_flight.spawn(serve(ctx.clone(), delivery, permit));
+                    let (mut taken, mut permits) = (vec![delivery], permit);
+                    let ended = take_ready(
+                        &mut consumer,
+                        &semaphore,
+                        (&mut taken, &mut permits),
+                        self.batch_size,
+                        &queue,
+                    );
+                    in_flight.spawn(serve(ctx.clone(), taken, permits));
+                    if let Some(error) = ended {
+                        break Err(error);
+                    }
                 }
                 Some(Err(error)) => break Err(RuntimeError::Amqp(error)),
                 None => break Err(RuntimeError::ConsumerEnded(queue.clone())),
@@ -656,6 +802,33 @@ impl Participant {
     }
 }
 
+/// Adds to `taken` the deliveries already there, without waiting for more, while a handler
+/// slot is free (merged into `permits`) and up to `max`; returns the error if the consumer
+/// ended meanwhile.
+fn take_ready(
+    consumer: &mut Consumer,
+    semaphore: &Arc<Semaphore>,
+    (taken, permits): (&mut Vec<Delivery>, &mut OwnedSemaphorePermit),
+    max: usize,
+    queue: &str,
+) -> Option<RuntimeError> {
+    while taken.len() < max {
+        let Ok(permit) = semaphore.clone().try_acquire_owned() else {
+            return None;
+        };
+        match consumer.next().now_or_never() {
+            None => return None,
+            Some(Some(Ok(delivery))) => {
+                taken.push(delivery);
+                permits.merge(permit);
+            }
+            Some(Some(Err(error))) => return Some(RuntimeError::Amqp(error)),
+            Some(None) => return Some(RuntimeError::ConsumerEnded(queue.to_owned())),
+        }
+    }
+    None
+}
+
 struct Context {
     participant: String,
     queue: String,
@@ -676,8 +849,17 @@ fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
-/// Handles one delivery from decoding to ack; never panics on bad input.
-async fn serve(ctx: Arc<Context>, delivery: Delivery, _permit: OwnedSemaphorePermit) {
+/// A decoded command on its way to its reply.
+struct Job {
+    delivery: Delivery,
+    cmd: Command,
+    reply_to: ShortString,
+    trace: Option<TraceParent>,
+    span: tracing::Span,
+}
+
+/// Decodes a delivery into a job, or dead-letters it.
+async fn job(ctx: &Context, delivery: Delivery) -> Option<Job> {
     let reply_to = delivery
         .properties
         .reply_to()
@@ -697,8 +879,8 @@ async fn serve(ctx: Arc<Context>, delivery: Delivery, _permit: OwnedSemaphorePer
                 "dead-lettering a malformed command"
             );
             Stats::bump(&ctx.stats.0.rejected);
-            dead_letter(&ctx, &delivery, &reason.to_string()).await;
-            return;
+            dead_letter(ctx, &delivery, &reason.to_string()).await;
+            return None;
         }
     };
 
@@ -720,40 +902,75 @@ async fn serve(ctx: Arc<Context>, delivery: Delivery, _permit: OwnedSemaphorePer
         span.record("parent_span_id", trace.parent_id.as_str());
         span.record("traceparent", trace.to_string().as_str());
     }
-    async move {
-        let (outcome, timed_out) =
-            guarded(&ctx.pool, &*ctx.handler, &cmd, ctx.handler_timeout).await;
-        if timed_out {
-            Stats::bump(&ctx.stats.0.timed_out);
+    Some(Job {
+        delivery,
+        cmd,
+        reply_to,
+        trace,
+        span,
+    })
+}
+
+/// Handles deliveries taken together, from decoding to ack; never panics on bad input.
+///
+/// The valid commands run in one batch (or alone), then every reply is published before any
+/// confirm is awaited, so that the broker confirms them together; each command is acked
+/// after its own reply's confirm. The handler slots are freed together at the end: freed one
+/// by one, they would be taken again one by one, and the next batches would be single commands.
+async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, _permits: OwnedSemaphorePermit) {
+    let mut jobs = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        jobs.extend(job(&ctx, delivery).await);
+    }
+    let outcomes = outcomes(&ctx, &jobs).await;
+    let mut published = Vec::with_capacity(jobs.len());
+    for (job, outcome) in jobs.into_iter().zip(outcomes) {
+        let confirm = async {
+            tracing::debug!(status = outcome.status(), "command processed");
+            publish_reply(&ctx, &job, &job.cmd.reply(outcome)).await
         }
-        tracing::debug!(status = outcome.status(), "command processed");
-        let reply = cmd.reply(outcome);
-        match publish_reply(&ctx, &cmd, &reply, reply_to, trace.as_ref()).await {
-            Ok(()) => {
-                Stats::bump(&ctx.stats.0.processed);
-                if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    // The broker redelivers; the barrier answers with the stored reply.
-                    tracing::warn!(%error, "could not ack a command");
-                }
+        .instrument(job.span.clone())
+        .await;
+        published.push((job, confirm));
+    }
+    for (job, confirm) in published {
+        let span = job.span.clone();
+        settle(&ctx, job, confirm).instrument(span).await;
+    }
+}
+
+/// Acks the job's command once its reply is confirmed, or requeues it.
+async fn settle(ctx: &Context, job: Job, confirm: Result<PublisherConfirm, PublishError>) {
+    let confirmed = match confirm {
+        Ok(confirm) => match confirm.await {
+            Ok(confirmation) => confirmed(ctx, &job.reply_to, confirmation),
+            Err(error) => Err(error.into()),
+        },
+        Err(error) => Err(error),
+    };
+    match confirmed {
+        Ok(()) => {
+            Stats::bump(&ctx.stats.0.processed);
+            if let Err(error) = job.delivery.acker.ack(BasicAckOptions::default()).await {
+                // The broker redelivers; the barrier answers with the stored reply.
+                tracing::warn!(%error, "could not ack a command");
             }
-            Err(error) => {
-                Stats::bump(&ctx.stats.0.publish_failures);
-                tracing::warn!(%error, "could not publish a reply; requeueing the command");
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                };
-                if let Err(error) = delivery.acker.nack(requeue).await {
-                    tracing::warn!(%error, "could not nack a command");
-                }
-                if !ctx.reply_channel.status().connected() {
-                    ctx.reply_channel_lost.notify_one();
-                }
+        }
+        Err(error) => {
+            Stats::bump(&ctx.stats.0.publish_failures);
+            tracing::warn!(%error, "could not publish a reply; requeueing the command");
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            if let Err(error) = job.delivery.acker.nack(requeue).await {
+                tracing::warn!(%error, "could not nack a command");
+            }
+            if !ctx.reply_channel.status().connected() {
+                ctx.reply_channel_lost.notify_one();
             }
         }
     }
-    .instrument(span)
-    .await;
 }
 
 /// Republishes a bad delivery to the dead-letter exchange with its reason, then acks it; if
@@ -814,20 +1031,19 @@ enum PublishError {
     Encode(#[from] serde_json::Error),
 }
 
+/// Publishes a job's reply; the confirm is awaited by [`settle`].
 async fn publish_reply(
     ctx: &Context,
-    cmd: &Command,
+    job: &Job,
     reply: &Reply,
-    reply_to: ShortString,
-    trace: Option<&TraceParent>,
-) -> Result<(), PublishError> {
+) -> Result<PublisherConfirm, PublishError> {
     let payload = serde_json::to_vec(reply)?;
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
         .with_message_id(reply.message_id().into())
-        .with_correlation_id(cmd.transaction_id.to_string().into());
-    if let Some(trace) = trace {
+        .with_correlation_id(job.cmd.transaction_id.to_string().into());
+    if let Some(trace) = &job.trace {
         // The reply belongs to the same trace; the orchestrator may continue it.
         let mut headers = FieldTable::default();
         headers.insert(
@@ -836,11 +1052,11 @@ async fn publish_reply(
         );
         properties = properties.with_headers(headers);
     }
-    let confirmation = ctx
+    let confirm = ctx
         .reply_channel
         .basic_publish(
             "".into(),
-            reply_to.clone(),
+            job.reply_to.clone(),
             BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()
@@ -848,8 +1064,16 @@ async fn publish_reply(
             &payload,
             properties,
         )
-        .await?
         .await?;
+    Ok(confirm)
+}
+
+/// Whether a confirmation means the reply is delivered (or can never be).
+fn confirmed(
+    ctx: &Context,
+    reply_to: &ShortString,
+    confirmation: Confirmation,
+) -> Result<(), PublishError> {
     match confirmation {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         Confirmation::Ack(Some(_returned)) => {

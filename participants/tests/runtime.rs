@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sagas_participant::amqp::{self, QueueOptions};
 use sagas_participant::barrier;
-use sagas_participant::protocol::{Operation, Outcome, Reply, Topology};
+use sagas_participant::protocol::{Command, Operation, Outcome, Reply, Topology};
 use sagas_participant::runtime::{Participant, RuntimeError, Stats};
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -507,6 +508,146 @@ async fn killed_database_connections_cost_a_retry_and_nothing_else() {
     broker.send(BANK, &next).await;
     assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
     assert_eq!(db.account("a").await, (90, 10), "applied once");
+
+    running.shutdown().await;
+    broker.teardown(&[BANK]).await;
+}
+
+/// Two participant processes on one queue, taking commands in batches, with redeliveries of
+/// some of them in the queue too, all on one account: every command is answered, its effect
+/// applied once.
+///
+/// A redelivery in one batch waiting for the original in another, which waits for the account
+/// row the first holds, is a deadlock: the batch it breaks falls back, a lone command it breaks
+/// is answered `retry`, and then sent again here as the orchestrator would.
+#[tokio::test]
+async fn participants_taking_commands_in_batches_apply_each_exactly_once_under_concurrency() {
+    let db = TestDb::with_connections(20).await;
+    db.open("a", 1_000).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let cmds: HashMap<Uuid, Command> = (0..60)
+        .map(|_| {
+            let payload = json!({ "account": "a", "amount": 1 });
+            let cmd = command(Uuid::new_v4(), "reserve", Operation::Try, payload);
+            (cmd.transaction_id, cmd)
+        })
+        .collect();
+    // Queued before the participants start, so that deliveries arrive together.
+    let mut sent = 0;
+    for (i, cmd) in cmds.values().enumerate() {
+        broker.send(BANK, cmd).await;
+        sent += 1;
+        if i % 3 == 0 {
+            broker.send(BANK, &common::again(cmd)).await;
+            sent += 1;
+        }
+    }
+    let batching = || {
+        participant(&db, &broker.topology, &broker.options)
+            .prefetch(16)
+            .concurrency(8)
+            .batch_size(8)
+    };
+    let running = [start_with(batching()), start_with(batching())];
+
+    let (mut answered, mut replies, mut retried) = (HashMap::new(), 0, 0);
+    while replies < sent {
+        let (reply, _) = broker.next_reply().await;
+        replies += 1;
+        let id = reply.transaction_id;
+        match reply.outcome {
+            Outcome::Retry { .. } => {
+                retried += 1;
+                broker.send(BANK, &common::again(&cmds[&id])).await;
+                sent += 1;
+            }
+            outcome => {
+                assert_eq!(outcome, Outcome::succeeded(json!({ "reserved": 1 })));
+                answered.insert(id, outcome);
+            }
+        }
+    }
+    assert_eq!(answered.len(), cmds.len());
+    assert_eq!(db.account("a").await, (940, 60), "each applied once");
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM sagas_barrier")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 60);
+
+    let stats: Vec<Stats> = running.iter().map(|r| r.stats.clone()).collect();
+    eventually("every command counted as processed", || {
+        stats.iter().map(Stats::processed).sum::<u64>() == sent
+    })
+    .await;
+    let batches: u64 = stats.iter().map(Stats::batches).sum();
+    let fallbacks: u64 = stats.iter().map(Stats::batch_fallbacks).sum();
+    assert!(batches >= 1, "no batch formed");
+    eprintln!("{sent} commands, {batches} batches, {fallbacks} fallbacks, {retried} retries");
+    for running in running {
+        running.shutdown().await;
+    }
+    broker.teardown(&[BANK]).await;
+}
+
+#[tokio::test]
+async fn a_command_over_the_time_limit_in_a_batch_is_answered_retry_and_the_others_succeed() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    // The slow command's account is its own: the others do not wait for its row lock.
+    db.open("b", 100).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let slow = command(
+        Uuid::new_v4(),
+        "reserve",
+        Operation::Try,
+        json!({ "account": "b", "amount": 10, "sleep_ms": 3_000 }),
+    );
+    broker.send(BANK, &slow).await;
+    for _ in 0..3 {
+        let payload = json!({ "account": "a", "amount": 10 });
+        broker
+            .send(
+                BANK,
+                &command(Uuid::new_v4(), "reserve", Operation::Try, payload),
+            )
+            .await;
+    }
+    let running = start_with(
+        participant(&db, &broker.topology, &broker.options)
+            .batch_size(8)
+            .handler_timeout(Duration::from_millis(300)),
+    );
+
+    let mut statuses = HashMap::new();
+    for _ in 0..4 {
+        let (reply, _) = broker.next_reply().await;
+        statuses.insert(reply.transaction_id, reply.outcome);
+    }
+    assert!(
+        matches!(&statuses[&slow.transaction_id], Outcome::Retry { reason, .. } if reason.contains("time limit of 300 ms")),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses
+            .values()
+            .filter(|o| o.status() == "succeeded")
+            .count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(running.stats.timed_out(), 1);
+    assert!(running.stats.batch_fallbacks() <= 1);
+    assert!(
+        barrier::records(&db.pool, slow.transaction_id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(db.account("a").await, (70, 30));
+    assert_eq!(db.account("b").await, (100, 0));
 
     running.shutdown().await;
     broker.teardown(&[BANK]).await;

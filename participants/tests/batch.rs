@@ -1,0 +1,343 @@
+//! Several commands in one barrier transaction (`barrier::Batch`) against a real PostgreSQL:
+//! the same outcomes and rows as the commands one after the other, failures of one command
+//! confined to it, and failures of the transaction reported so that the caller runs the
+//! commands alone.
+
+mod common;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{TestDb, again, bank, command};
+use sagas_participant::barrier::{self, BarrierError};
+use sagas_participant::handler::{Handler, HandlerError, Router};
+use sagas_participant::protocol::{Command, Operation, Outcome};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+/// Barrier rows (without their insertion time) and accounts: what a run leaves behind.
+type Rows = (
+    Vec<(Uuid, String, String, String, Option<Json<Value>>)>,
+    Vec<(String, i64, i64)>,
+);
+
+async fn rows(db: &TestDb) -> Rows {
+    let barrier = sqlx::query_as(
+        "SELECT transaction_id, step, operation, origin, reply FROM sagas_barrier \
+         ORDER BY transaction_id, step, operation",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let accounts = sqlx::query_as("SELECT id, balance, reserved FROM accounts ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    (barrier, accounts)
+}
+
+/// Runs `cmds` in one batch on a fresh database and one after the other on another; asserts
+/// that both give the same outcomes and leave the same rows, and returns them.
+async fn batch_equals_sequential(
+    router: &Router,
+    accounts: &[(&str, i64)],
+    cmds: &[Command],
+) -> (Vec<Outcome>, Rows) {
+    let (batched, sequential) = (TestDb::new().await, TestDb::new().await);
+    for (id, balance) in accounts {
+        batched.open(id, *balance).await;
+        sequential.open(id, *balance).await;
+    }
+    let outcomes = barrier::execute_batch(&batched.pool, cmds, router)
+        .await
+        .expect("the batch commits");
+    let mut one_by_one = Vec::new();
+    for cmd in cmds {
+        one_by_one.push(
+            barrier::execute(&sequential.pool, cmd, router)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(outcomes, one_by_one);
+    let left = rows(&batched).await;
+    assert_eq!(left, rows(&sequential).await);
+    (outcomes, left)
+}
+
+fn pay(amount: i64) -> Value {
+    json!({ "account": "a", "amount": amount })
+}
+
+#[tokio::test]
+async fn a_batch_gives_the_same_outcomes_and_rows_as_its_commands_one_after_the_other() {
+    let t: Vec<Uuid> = (0..8).map(|_| Uuid::new_v4()).collect();
+    let fresh = command(t[0], "credit", Operation::Action, pay(10));
+    let failing = json!({ "account": "a", "amount": 10, "fail": "business_after_write" });
+    let flaky = json!({ "account": "a", "amount": 10, "fail": "transient" });
+    let broken_undo = json!({ "account": "a", "amount": 10, "fail_undo": "business" });
+    let cmds = [
+        fresh.clone(),
+        // A duplicate delivery in the same batch: the stored reply, no second effect.
+        again(&fresh),
+        // A compensate overtaking its action: null compensation, then the action is refused.
+        command(t[1], "credit", Operation::Compensate, pay(10)),
+        command(t[1], "credit", Operation::Action, pay(10)),
+        // A business failure in the middle: stored, its write rolled back.
+        command(t[2], "reserve", Operation::Try, failing),
+        // A transient failure in the middle: nothing stored.
+        command(t[3], "reserve", Operation::Try, flaky),
+        // TCC try + confirm, and try + cancel, each pair in the same batch.
+        command(t[4], "reserve", Operation::Try, pay(10)),
+        command(t[4], "reserve", Operation::Confirm, pay(10)),
+        command(t[5], "reserve", Operation::Try, pay(10)),
+        command(t[5], "reserve", Operation::Cancel, pay(10)),
+        // A cancel failing for business reasons: not stored, its writes rolled back.
+        command(t[6], "reserve", Operation::Try, pay(10)),
+        command(t[6], "reserve", Operation::Cancel, broken_undo),
+        // And the batch goes on after all of them.
+        command(t[7], "credit", Operation::Action, pay(10)),
+    ];
+    let (outcomes, (barrier_rows, accounts)) =
+        batch_equals_sequential(&bank(), &[("a", 100)], &cmds).await;
+
+    let statuses: Vec<_> = outcomes.iter().map(Outcome::status).collect();
+    assert_eq!(
+        statuses,
+        [
+            "succeeded",
+            "succeeded",
+            "succeeded",
+            "failed",
+            "failed",
+            "retry",
+            "succeeded",
+            "succeeded",
+            "succeeded",
+            "succeeded",
+            "succeeded",
+            "failed",
+            "succeeded"
+        ]
+    );
+    assert_eq!(outcomes[0], outcomes[1]);
+    assert_eq!(
+        outcomes[2],
+        Outcome::succeeded(json!({ "null_compensation": true }))
+    );
+    assert!(
+        matches!(&outcomes[3], Outcome::Failed { reason } if reason.contains("anti-hanging")),
+        "{:?}",
+        outcomes[3]
+    );
+    assert_eq!(outcomes[9], Outcome::succeeded(json!({ "released": 10 })));
+    // +10 (t0) +10 (t7); t4 tried and confirmed, t5 tried and cancelled; t6 tried only.
+    assert_eq!(accounts, [("a".to_owned(), 100, 10)]);
+    let stored = |id: Uuid| barrier_rows.iter().filter(|r| r.0 == id).count();
+    let per_transaction: Vec<_> = t.iter().map(|id| stored(*id)).collect();
+    assert_eq!(per_transaction, [1, 2, 1, 0, 2, 2, 1, 1]);
+}
+
+/// The saga step `broken`: writes, then runs a statement that fails (and aborts the
+/// transaction, or the savepoint it is in).
+struct Broken;
+
+#[async_trait]
+impl Handler for Broken {
+    async fn handle(&self, _cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        sqlx::query("UPDATE accounts SET balance = balance + 1000 WHERE id = 'a'")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SELECT 1 / 0").execute(&mut *tx).await?;
+        Ok(Value::Null)
+    }
+}
+
+#[tokio::test]
+async fn a_handler_statement_error_in_a_batch_rolls_back_only_its_own_command() {
+    let router = bank().route("broken", Broken);
+    let (broken, after) = (Uuid::new_v4(), Uuid::new_v4());
+    let cmds = [
+        command(Uuid::new_v4(), "credit", Operation::Action, pay(10)),
+        command(broken, "broken", Operation::Action, json!({})),
+        command(after, "credit", Operation::Action, pay(10)),
+        // The broken command's transaction id again, on another step: unaffected.
+        command(broken, "credit", Operation::Action, pay(10)),
+    ];
+    let (outcomes, (barrier_rows, accounts)) =
+        batch_equals_sequential(&router, &[("a", 100)], &cmds).await;
+    assert!(
+        matches!(&outcomes[1], Outcome::Retry { reason, .. } if reason.contains("division by zero")),
+        "{:?}",
+        outcomes[1]
+    );
+    for i in [0, 2, 3] {
+        assert_eq!(outcomes[i].status(), "succeeded", "{i}: {:?}", outcomes[i]);
+    }
+    assert_eq!(
+        accounts,
+        [("a".to_owned(), 130, 0)],
+        "the +1000 is rolled back"
+    );
+    assert_eq!(barrier_rows.len(), 3);
+    assert!(!barrier_rows.iter().any(|r| r.1 == "broken"));
+}
+
+#[tokio::test]
+async fn a_batch_whose_connection_is_lost_commits_nothing_and_its_commands_then_run_alone() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let router = bank();
+    let cmds: Vec<Command> = [0, 1_000, 0]
+        .into_iter()
+        .map(|sleep_ms| {
+            let payload = json!({ "account": "a", "amount": 10, "sleep_ms": sleep_ms });
+            command(Uuid::new_v4(), "reserve", Operation::Try, payload)
+        })
+        .collect();
+    let (result, killed) = tokio::join!(barrier::execute_batch(&db.pool, &cmds, &router), async {
+        db.wait_handler_in_transaction().await;
+        db.kill_connections().await
+    });
+    assert!(killed >= 1);
+    assert!(
+        matches!(result, Err(BarrierError::Database(_))),
+        "{result:?}"
+    );
+    for cmd in &cmds {
+        assert!(
+            barrier::records(&db.pool, cmd.transaction_id)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(
+        db.account("a").await,
+        (100, 0),
+        "nothing of the batch committed"
+    );
+
+    for cmd in &cmds {
+        let outcome = barrier::execute(&db.pool, cmd, &router).await.unwrap();
+        assert_eq!(outcome.status(), "succeeded", "{outcome:?}");
+    }
+    assert_eq!(db.account("a").await, (70, 30));
+}
+
+#[tokio::test]
+async fn a_batch_whose_commit_fails_commits_nothing_and_its_commands_alone_answer_as_usual() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    db.open("b", 5).await;
+    // Checked at commit only: an overdrawn account fails the commit, not the statement.
+    sqlx::raw_sql(
+        "CREATE FUNCTION no_overdraft() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.balance < 0 THEN RAISE EXCEPTION 'overdrawn at commit'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE CONSTRAINT TRIGGER no_overdraft AFTER UPDATE ON accounts \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION no_overdraft();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let router = bank();
+    let credit = |account: &str, amount: i64| {
+        let payload = json!({ "account": account, "amount": amount });
+        command(Uuid::new_v4(), "credit", Operation::Action, payload)
+    };
+    let cmds = [credit("a", 10), credit("b", -50), credit("a", 10)];
+    let result = barrier::execute_batch(&db.pool, &cmds, &router).await;
+    assert!(
+        matches!(&result, Err(BarrierError::Database(e)) if e.to_string().contains("overdrawn")),
+        "{result:?}"
+    );
+    assert_eq!(db.account("a").await, (100, 0));
+    assert_eq!(db.account("b").await, (5, 0));
+
+    let alone: Vec<_> = [
+        barrier::execute(&db.pool, &cmds[0], &router).await,
+        barrier::execute(&db.pool, &cmds[1], &router).await,
+        barrier::execute(&db.pool, &cmds[2], &router).await,
+    ]
+    .into_iter()
+    .map(|r| r.map(|outcome| outcome.status()).map_err(|e| e.to_string()))
+    .collect();
+    assert_eq!(alone[0], Ok("succeeded"));
+    assert!(
+        matches!(&alone[1], Err(e) if e.contains("overdrawn")),
+        "{alone:?}"
+    );
+    assert_eq!(alone[2], Ok("succeeded"));
+    assert_eq!(db.account("a").await, (120, 0));
+    assert_eq!(db.account("b").await, (5, 0));
+    assert!(
+        barrier::records(&db.pool, cmds[1].transaction_id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn two_batches_that_deadlock_end_with_one_committed_and_the_other_reported() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    db.open("b", 100).await;
+    let router = bank();
+    // Each batch locks one account, waits, then wants the other's.
+    let try_ = |account: &str, sleep_ms: u64| {
+        let payload = json!({ "account": account, "amount": 10, "sleep_ms": sleep_ms });
+        command(Uuid::new_v4(), "reserve", Operation::Try, payload)
+    };
+    let first = [try_("a", 300), try_("b", 0)];
+    let second = [try_("b", 300), try_("a", 0)];
+    let (one, other) = tokio::join!(
+        barrier::execute_batch(&db.pool, &first, &router),
+        barrier::execute_batch(&db.pool, &second, &router)
+    );
+    let is_deadlock = |result: &Result<Vec<Outcome>, BarrierError>| {
+        matches!(result, Err(BarrierError::Database(sqlx::Error::Database(e)))
+            if e.code().as_deref() == Some("40P01"))
+    };
+    let (committed, failed) = match (is_deadlock(&one), is_deadlock(&other)) {
+        (false, true) => (one.as_ref().unwrap(), &second),
+        (true, false) => (other.as_ref().unwrap(), &first),
+        _ => panic!("expected one deadlock victim: {one:?} / {other:?}"),
+    };
+    assert!(committed.iter().all(|o| o.status() == "succeeded"));
+    assert_eq!(db.account("a").await, (90, 10));
+    assert_eq!(db.account("b").await, (90, 10));
+
+    // The victim's commands, alone, now go through.
+    for cmd in failed {
+        let outcome = barrier::execute(&db.pool, cmd, &router).await.unwrap();
+        assert_eq!(outcome.status(), "succeeded");
+    }
+    assert_eq!(db.account("a").await, (80, 20));
+    assert_eq!(db.account("b").await, (80, 20));
+}
+
+#[tokio::test]
+async fn a_batch_waits_for_a_concurrent_duplicate_and_returns_its_reply() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let router = bank();
+    let slow = command(
+        Uuid::new_v4(),
+        "reserve",
+        Operation::Try,
+        json!({ "account": "a", "amount": 10, "sleep_ms": 200 }),
+    );
+    let other = command(Uuid::new_v4(), "credit", Operation::Action, pay(10));
+    let (alone, batched) = tokio::join!(barrier::execute(&db.pool, &slow, &router), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        barrier::execute_batch(&db.pool, &[other.clone(), again(&slow)], &router).await
+    });
+    let (alone, batched) = (alone.unwrap(), batched.unwrap());
+    assert_eq!(alone.status(), "succeeded");
+    assert_eq!(batched[1], alone);
+    assert_eq!(db.account("a").await, (100, 10));
+}
