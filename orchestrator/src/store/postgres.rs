@@ -306,7 +306,9 @@ impl PgStore {
         let mut row_ids: HashMap<String, i64> = HashMap::new();
         if !(events.is_empty() && sends.is_empty() && set.is_empty() && delete.is_empty()) {
             // Events, projections, timers and outbox of every instance in one statement
-            // (data-modifying CTEs).
+            // (data-modifying CTEs). `= ANY($8)` (the batch's ids) lets the planner reach the
+            // rows to update and delete through the primary keys: joined only to the JSON
+            // rows, whose count it cannot know, it chose to scan the whole tables.
             let (ids, message_ids): (Vec<i64>, Vec<String>) = sqlx::query_as(
                 "WITH ev AS (
                    INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
@@ -318,11 +320,12 @@ impl PgStore {
                    SET status = r->>'status', seq = (r->>'seq')::bigint, state = r->'state',
                        failure = r->>'failure', updated_at = $1
                    FROM jsonb_array_elements($3) AS r
-                   WHERE i.id = (r->>'i')::uuid),
+                   WHERE i.id = ANY($8) AND i.id = (r->>'i')::uuid),
                  tdel AS (
                    DELETE FROM sagas_timers t
                    USING jsonb_array_elements($4) AS r
-                   WHERE t.instance_id = (r->>'i')::uuid AND t.key = r->>'k'
+                   WHERE t.instance_id = ANY($8)
+                     AND t.instance_id = (r->>'i')::uuid AND t.key = r->>'k'
                      AND (NOT r ? 't' OR t.timer = r->'t')),
                  tset AS (
                    INSERT INTO sagas_timers (instance_id, key, due_at, timer)
@@ -345,6 +348,7 @@ impl PgStore {
             .bind(Json(&set))
             .bind(Json(&sends))
             .bind(OUTBOX_GRACE_MS as f64)
+            .bind(&ids)
             .fetch_one(&mut *tx)
             .await?;
             row_ids.extend(message_ids.into_iter().zip(ids));
