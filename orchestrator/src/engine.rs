@@ -480,23 +480,23 @@ impl Engine {
         start: Transition,
         now: Time,
     ) -> Result<(Transition, Vec<OutboxMessage>), StoreError> {
-        if let Some(creator) = &self.creator {
-            let (done, result) = oneshot::channel();
-            match creator.send(Creation { start, done }) {
-                Ok(()) => {
-                    if let Ok((start, outbox)) = result.await {
+        let start = match &self.creator {
+            Some(creator) => {
+                let (done, result) = oneshot::channel();
+                match creator.send(Creation { start, done }) {
+                    Ok(()) => {
+                        let (start, outbox) = result
+                            .await
+                            // The batcher is gone (the runtime is shutting down): whether the
+                            // start was stored is unknown, as after a lost connection.
+                            .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
                         return Ok((start, outbox?));
                     }
-                    // The batcher is gone (the runtime is shutting down): whether the start
-                    // was stored is unknown, as after a lost connection.
-                    return Err(StoreError::Database(sqlx::Error::WorkerCrashed));
-                }
-                Err(mpsc::error::SendError(Creation { start, .. })) => {
-                    let outbox = self.store.create(&start, now).await?;
-                    return Ok((start, outbox));
+                    Err(mpsc::error::SendError(creation)) => creation.start,
                 }
             }
-        }
+            None => start,
+        };
         let outbox = self.store.create(&start, now).await?;
         Ok((start, outbox))
     }
@@ -767,13 +767,13 @@ impl Engine {
             return;
         }
         let now = self.clock.now();
-        let items = replies
-            .iter()
-            .map(|(reply, _)| {
-                let input = Input::Reply(reply.clone());
-                (reply.transaction_id, self.decider(input, now))
+        let (items, replies): (Vec<_>, Vec<_>) = replies
+            .into_iter()
+            .map(|(reply, incoming)| {
+                let id = reply.transaction_id;
+                ((id, self.decider(Input::Reply(reply), now)), (id, incoming))
             })
-            .collect();
+            .unzip();
         let results = match self.store.update_batch(now, items).await {
             Ok(results) => results,
             Err(e) => {
@@ -788,7 +788,7 @@ impl Engine {
         metrics::histogram!(metric::REPLY_BATCH).record(replies.len() as f64);
         let mut outbox = Vec::new();
         let mut settled = Vec::with_capacity(replies.len());
-        for ((reply, incoming), result) in replies.into_iter().zip(results) {
+        for ((id, incoming), result) in replies.into_iter().zip(results) {
             let result = match result {
                 Ok(updated) => {
                     self.committed(&updated.transition);
@@ -797,7 +797,7 @@ impl Engine {
                 }
                 Err(e) => Err(EngineError::from(e)),
             };
-            settled.push((reply.transaction_id, incoming, result));
+            settled.push((id, incoming, result));
         }
         self.publish(outbox, false).await;
         for (id, incoming, result) in settled {

@@ -43,6 +43,16 @@ pub enum Created {
     },
 }
 
+impl Created {
+    /// The outbox rows of a new instance; an existing one is [`StoreError::Exists`].
+    pub fn into_new(self) -> Result<Vec<OutboxMessage>, StoreError> {
+        match self {
+            Created::New(outbox) => Ok(outbox),
+            Created::Existing { id, .. } => Err(StoreError::Exists(id)),
+        }
+    }
+}
+
 /// A command waiting in the outbox to be published.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxMessage {

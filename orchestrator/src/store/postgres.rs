@@ -147,19 +147,6 @@ impl PgStore {
         }))
     }
 
-    /// Inserts one instance (see [`PgStore::insert`]).
-    async fn insert_one(
-        &self,
-        start: &Transition,
-        now: Time,
-        idempotency: Option<&Idempotency>,
-    ) -> Result<Created, StoreError> {
-        self.insert(&[(start, idempotency)], now)
-            .await?
-            .pop()
-            .unwrap_or(Err(StoreError::Exists(start.instance.id)))
-    }
-
     /// A store on `pool` (migrations must have run: see [`PgStore::migrate`]).
     pub fn new(pool: PgPool) -> PgStore {
         PgStore { pool }
@@ -188,16 +175,25 @@ struct Item<'a> {
 
 /// What the transitions of one transaction do to one instance, as they accumulate.
 struct Pending {
-    /// The state after the transitions so far.
-    state: Instance,
+    /// The state as locked.
+    loaded: Instance,
+    /// Where in the results its latest transition is (its state is the current one).
+    latest: Option<usize>,
     /// Whether any transition appended events (the projection is then rewritten).
     changed: bool,
     /// The final state of every timer key touched: set to (due, timer) or deleted.
     timers: BTreeMap<String, Option<(Time, Timer)>>,
     /// The timer that fired (only for an instance with one input in the transaction).
     fired: Option<Timer>,
-    /// Inputs decided so far.
-    inputs: u32,
+}
+
+impl Pending {
+    /// The state after the transitions so far.
+    fn current<'a>(&'a self, results: &'a [Result<Transition, StoreError>]) -> &'a Instance {
+        self.latest
+            .and_then(|i| results[i].as_ref().ok())
+            .map_or(&self.loaded, |t| &t.instance)
+    }
 }
 
 impl PgStore {
@@ -222,13 +218,13 @@ impl PgStore {
         .await?;
         let mut pending: HashMap<Uuid, Pending> = rows
             .into_iter()
-            .map(|(id, Json(state))| {
+            .map(|(id, Json(loaded))| {
                 let p = Pending {
-                    state,
+                    loaded,
+                    latest: None,
                     changed: false,
                     timers: BTreeMap::new(),
                     fired: None,
-                    inputs: 0,
                 };
                 (id, p)
             })
@@ -242,7 +238,7 @@ impl PgStore {
                 results.push(Err(StoreError::NotFound(item.id)));
                 continue;
             };
-            let transition = match (item.decide)(&p.state) {
+            let transition = match (item.decide)(p.current(&results)) {
                 Ok(t) => t,
                 Err(e) => {
                     results.push(Err(e));
@@ -251,8 +247,7 @@ impl PgStore {
             };
             // A conditional delete of a fired timer is only exact against the stored row, so
             // it is taken for an instance's only input; the batch API never passes one.
-            p.inputs += 1;
-            p.fired = if p.inputs == 1 { item.fired } else { None };
+            p.fired = if p.latest.is_none() { item.fired } else { None };
             let first = transition.instance.seq as i64 - transition.events.len() as i64 + 1;
             for (n, event) in transition.events.iter().enumerate() {
                 events.push(json!({"i": item.id, "s": first + n as i64, "b": event}));
@@ -274,7 +269,7 @@ impl PgStore {
                 }
             }
             p.changed |= !transition.events.is_empty();
-            p.state = transition.instance.clone();
+            p.latest = Some(results.len());
             results.push(Ok(transition));
         }
 
@@ -283,7 +278,7 @@ impl PgStore {
         let mut delete = Vec::new();
         for (id, p) in &pending {
             if p.changed {
-                let s = &p.state;
+                let s = p.current(&results);
                 instances.push(json!({
                     "i": id, "status": s.status.as_str(), "seq": s.seq, "state": s,
                     "failure": s.failure,
@@ -422,10 +417,7 @@ impl SagaStore for PgStore {
             .insert(&starts, now)
             .await?
             .into_iter()
-            .map(|created| match created? {
-                Created::New(outbox) => Ok(outbox),
-                Created::Existing { id, .. } => Err(StoreError::Exists(id)),
-            })
+            .map(|created| created?.into_new())
             .collect())
     }
 
@@ -435,7 +427,10 @@ impl SagaStore for PgStore {
         now: Time,
         idempotency: &Idempotency,
     ) -> Result<Created, StoreError> {
-        self.insert_one(start, now, Some(idempotency)).await
+        self.insert(&[(start, Some(idempotency))], now)
+            .await?
+            .pop()
+            .unwrap_or(Err(StoreError::Exists(start.instance.id)))
     }
 
     async fn update(

@@ -303,10 +303,7 @@ impl SagaStore for SqliteStore {
         start: &Transition,
         now: Time,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        match self.insert(start, now, None).await? {
-            Created::New(outbox) => Ok(outbox),
-            Created::Existing { id, .. } => Err(StoreError::Exists(id)),
-        }
+        self.insert(start, now, None).await?.into_new()
     }
 
     async fn create_idempotent(
