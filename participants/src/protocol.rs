@@ -11,8 +11,50 @@ use uuid::Uuid;
 /// The protocol version carried in every message body.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// The MIME type of every message body.
+/// The MIME type of every single-message body.
 pub const CONTENT_TYPE: &str = "application/json";
+
+/// The MIME type of a batch: a JSON array of commands (or of replies), each element exactly
+/// the body of a single message. See docs/protocol.md, "Batches".
+pub const BATCH_CONTENT_TYPE: &str = "application/vnd.sagas.batch+json";
+
+/// The AMQP header carrying the number of elements of a batch (signed 64-bit integer).
+pub const BATCH_HEADER: &str = "x-saga-batch";
+
+/// The most elements a batch may carry; a receiver dead-letters a larger batch.
+pub const MAX_BATCH: usize = 256;
+
+/// Splits a batch body into its elements (each the raw JSON of one message), or says why it
+/// is not a batch. The elements are not decoded: each is judged on its own, so that one bad
+/// element does not spoil the others.
+pub fn split_batch(body: &[u8]) -> Result<Vec<Box<serde_json::value::RawValue>>, String> {
+    let elements: Vec<Box<serde_json::value::RawValue>> = serde_json::from_slice(body)
+        .map_err(|e| format!("batch body is not a JSON array: {e}"))?;
+    if elements.is_empty() {
+        return Err("batch body is an empty array".into());
+    }
+    if elements.len() > MAX_BATCH {
+        return Err(format!(
+            "batch of {} elements exceeds the limit of {MAX_BATCH}",
+            elements.len()
+        ));
+    }
+    Ok(elements)
+}
+
+/// The body of a batch whose elements are already-encoded messages.
+pub fn join_batch<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(1024);
+    body.push(b'[');
+    for (n, element) in elements.into_iter().enumerate() {
+        if n > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(element);
+    }
+    body.push(b']');
+    body
+}
 
 /// What a command asks a participant to do with one step of one transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -348,6 +390,26 @@ impl std::fmt::Display for TraceParent {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_batch_splits_into_the_raw_elements_it_was_joined_from() {
+        let elements: [&[u8]; 3] = [br#"{"a":1}"#, b"[1, 2]", b"\"not an object\""];
+        let body = join_batch(elements);
+        let split = split_batch(&body).unwrap();
+        let raw: Vec<&str> = split.iter().map(|e| e.get()).collect();
+        assert_eq!(raw, [r#"{"a":1}"#, "[1, 2]", "\"not an object\""]);
+    }
+
+    #[test]
+    fn bodies_that_are_not_non_empty_arrays_of_bounded_length_are_not_batches() {
+        for body in [&b"{}"[..], b"[]", b"not json", b"[1,"] {
+            assert!(split_batch(body).is_err(), "{:?}", String::from_utf8_lossy(body));
+        }
+        let too_many = join_batch(std::iter::repeat_n(&b"1"[..], MAX_BATCH + 1));
+        assert!(split_batch(&too_many).unwrap_err().contains("exceeds the limit"));
+        let at_limit = join_batch(std::iter::repeat_n(&b"1"[..], MAX_BATCH));
+        assert_eq!(split_batch(&at_limit).unwrap().len(), MAX_BATCH);
+    }
 
     #[test]
     fn operations_round_trip_through_their_wire_names() {
