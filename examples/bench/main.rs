@@ -130,6 +130,10 @@ pub struct Args {
     /// raise it when commands queue longer than that (large --concurrency, slow participants).
     #[arg(long)]
     pub step_timeout_secs: Option<u64>,
+    /// Most commands per AMQP message (`SAGAS_AMQP_COMMAND_BATCH`; 1, the default, sends each
+    /// command alone; the bench's participants accept batches).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub command_batch: u16,
     /// Keep the scratch databases (for inspection).
     #[arg(long)]
     pub keep: bool,
@@ -151,6 +155,7 @@ struct Report {
     setup: &'static str,
     cores: usize,
     via: Via,
+    command_batch: u16,
     ceilings: Option<Ceilings>,
     workloads: Vec<WorkloadResult>,
     ok: bool,
@@ -207,7 +212,11 @@ async fn main_inner(args: &Args) -> Result<bool> {
         Which::All => vec![Workload::Happy, Workload::Compensate, Workload::Tcc],
     };
     if !args.json {
-        println!("sagas bench ({SETUP}; {} cores)", sys::cores());
+        println!(
+            "sagas bench ({SETUP}; {} cores; at most {} command(s) per AMQP message)",
+            sys::cores(),
+            args.command_batch
+        );
     }
 
     let ceilings = if args.skip_ceilings {
@@ -265,6 +274,7 @@ async fn main_inner(args: &Args) -> Result<bool> {
             setup: SETUP,
             cores: sys::cores(),
             via: args.via,
+            command_batch: args.command_batch,
             ceilings,
             workloads: results,
             ok,

@@ -262,6 +262,7 @@ async fn run_in(
         uri: urls.amqp.clone(),
         topology: topology.clone(),
         queues: queues.clone(),
+        command_batch: usize::from(args.command_batch),
     }));
     let engine = Engine::new(
         Arc::new(PgStore::new(orch_pool.clone())),

@@ -4,7 +4,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
 use sagas_participant::amqp::QueueOptions;
-use sagas_participant::protocol::Topology;
+use sagas_participant::protocol::{MAX_BATCH, Topology};
 
 /// What a `sagad`-style process needs to run.
 #[derive(Debug, Clone)]
@@ -21,6 +21,10 @@ pub struct Config {
     pub quorum_queues: bool,
     /// Database connections (`SAGAS_DB_POOL`, default 16).
     pub db_pool: u32,
+    /// Most commands carried by one AMQP message (`SAGAS_AMQP_COMMAND_BATCH`, default 1: every
+    /// command alone). Above 1, only once every participant accepts batches
+    /// (docs/protocol.md, "Batches").
+    pub command_batch: usize,
     /// Queues vanish after this long unused (`SAGAS_QUEUE_EXPIRES_MS`); for tests and demos only.
     pub queue_expires_ms: Option<u64>,
     /// Bearer tokens of the HTTP API (`SAGAS_API_TOKENS`); empty: the API is unauthenticated and
@@ -162,6 +166,16 @@ pub fn is_loopback(bind: &str) -> bool {
         })
 }
 
+/// Parses `SAGAS_AMQP_COMMAND_BATCH`: the most commands per AMQP message, 1 to [`MAX_BATCH`].
+pub fn parse_command_batch(raw: &str) -> Result<usize, String> {
+    match raw.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_BATCH).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "SAGAS_AMQP_COMMAND_BATCH={raw:?} is not a number from 1 to {MAX_BATCH}"
+        )),
+    }
+}
+
 impl Config {
     /// Reads the configuration from the environment, with loopback defaults. Unusable values
     /// are kept in [`Config::invalid`] for [`Config::check`] to report.
@@ -187,6 +201,13 @@ impl Config {
             },
             Err(_) => DEFAULT_BODY_LIMIT,
         };
+        let command_batch = match std::env::var("SAGAS_AMQP_COMMAND_BATCH") {
+            Ok(raw) => parse_command_batch(&raw).unwrap_or_else(|e| {
+                invalid.push(e);
+                1
+            }),
+            Err(_) => 1,
+        };
         Config {
             database_url: var("DATABASE_URL", DEFAULT_DATABASE_URL),
             amqp_url: var("AMQP_URL", DEFAULT_AMQP_URL),
@@ -194,6 +215,7 @@ impl Config {
             amqp_prefix: var("SAGAS_AMQP_PREFIX", "sagas"),
             quorum_queues: matches!(var("SAGAS_QUORUM_QUEUES", "0").as_str(), "1" | "true"),
             db_pool: var("SAGAS_DB_POOL", "16").parse().unwrap_or(16),
+            command_batch,
             queue_expires_ms: std::env::var("SAGAS_QUEUE_EXPIRES_MS")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -237,6 +259,17 @@ impl Config {
 mod tests {
     use super::*;
 
+    #[test]
+    fn command_batches_are_between_one_and_the_protocol_limit() {
+        assert_eq!(parse_command_batch("1"), Ok(1));
+        assert_eq!(parse_command_batch(" 16 "), Ok(16));
+        assert_eq!(parse_command_batch(&MAX_BATCH.to_string()), Ok(MAX_BATCH));
+        for bad in ["0", "-1", "many", "", &(MAX_BATCH + 1).to_string()] {
+            let err = parse_command_batch(bad).unwrap_err();
+            assert!(err.contains("SAGAS_AMQP_COMMAND_BATCH"), "{bad}: {err}");
+        }
+    }
+
     fn config(bind: &str, tokens: &str) -> Config {
         Config {
             database_url: DEFAULT_DATABASE_URL.into(),
@@ -245,6 +278,7 @@ mod tests {
             amqp_prefix: "sagas".into(),
             quorum_queues: false,
             db_pool: 1,
+            command_batch: 1,
             queue_expires_ms: None,
             api_tokens: parse_api_tokens(tokens).unwrap(),
             body_limit: DEFAULT_BODY_LIMIT,

@@ -29,6 +29,7 @@ pub async fn engine(config: &Config, registry: Registry) -> anyhow::Result<Arc<E
         uri: config.amqp_url.clone(),
         topology: config.topology(),
         queues: config.queue_options(),
+        command_batch: config.command_batch,
     });
     Ok(Engine::new(
         Arc::new(store),

@@ -28,8 +28,8 @@ pub const MAX_BATCH: usize = 256;
 /// is not a batch. The elements are not decoded: each is judged on its own, so that one bad
 /// element does not spoil the others.
 pub fn split_batch(body: &[u8]) -> Result<Vec<Box<serde_json::value::RawValue>>, String> {
-    let elements: Vec<Box<serde_json::value::RawValue>> = serde_json::from_slice(body)
-        .map_err(|e| format!("batch body is not a JSON array: {e}"))?;
+    let elements: Vec<Box<serde_json::value::RawValue>> =
+        serde_json::from_slice(body).map_err(|e| format!("batch body is not a JSON array: {e}"))?;
     if elements.is_empty() {
         return Err("batch body is an empty array".into());
     }
@@ -403,10 +403,18 @@ mod tests {
     #[test]
     fn bodies_that_are_not_non_empty_arrays_of_bounded_length_are_not_batches() {
         for body in [&b"{}"[..], b"[]", b"not json", b"[1,"] {
-            assert!(split_batch(body).is_err(), "{:?}", String::from_utf8_lossy(body));
+            assert!(
+                split_batch(body).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
         let too_many = join_batch(std::iter::repeat_n(&b"1"[..], MAX_BATCH + 1));
-        assert!(split_batch(&too_many).unwrap_err().contains("exceeds the limit"));
+        assert!(
+            split_batch(&too_many)
+                .unwrap_err()
+                .contains("exceeds the limit")
+        );
         let at_limit = join_batch(std::iter::repeat_n(&b"1"[..], MAX_BATCH));
         assert_eq!(split_batch(&at_limit).unwrap().len(), MAX_BATCH);
     }

@@ -142,6 +142,7 @@ impl TestEnv {
             uri: amqp_url(),
             topology: self.topology.clone(),
             queues: queue_options(),
+            command_batch: 1,
         }
     }
 

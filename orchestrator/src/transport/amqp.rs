@@ -1,6 +1,7 @@
 //! The AMQP (RabbitMQ) transport, on lapin.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Ack, Incoming, Transport, TransportError};
 use crate::store::OutboxMessage;
 use sagas_participant::amqp::{QueueOptions, declare_participant, declare_replies};
-use sagas_participant::protocol::{CONTENT_TYPE, Command, Topology};
+use sagas_participant::protocol::{
+    BATCH_CONTENT_TYPE, BATCH_HEADER, CONTENT_TYPE, Command, Topology, join_batch, split_batch,
+};
 
 /// Settings of the AMQP transport.
 #[derive(Debug, Clone)]
@@ -29,6 +32,9 @@ pub struct AmqpConfig {
     pub topology: Topology,
     /// Queue arguments (quorum queues, expiry in tests).
     pub queues: QueueOptions,
+    /// Most commands in one message: above 1, the commands of one publish for one participant
+    /// go in batches of up to this many (docs/protocol.md, "Batches"); 1 sends each alone.
+    pub command_batch: usize,
 }
 
 struct Link {
@@ -143,6 +149,47 @@ pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties 
         .with_headers(headers)
 }
 
+/// The AMQP properties of a batch of `count` commands whose first has `first_id`.
+pub fn batch_properties(first_id: &str, count: usize, reply_to: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        BATCH_HEADER.into(),
+        AMQPValue::LongLongInt(i64::try_from(count).unwrap_or(i64::MAX)),
+    );
+    BasicProperties::default()
+        .with_content_type(BATCH_CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_message_id(format!("batch:{first_id}:{count}").into())
+        .with_reply_to(reply_to.into())
+        .with_headers(headers)
+}
+
+/// Splits `messages` into what goes in one AMQP message each: the commands for one participant,
+/// in their order, at most `max` together (`max` ≤ 1: each alone). Groups come in the order of
+/// their participants' first commands.
+pub fn group_by_participant(messages: &[OutboxMessage], max: usize) -> Vec<Vec<&OutboxMessage>> {
+    if max <= 1 {
+        return messages.iter().map(|m| vec![m]).collect();
+    }
+    let mut groups: Vec<Vec<&OutboxMessage>> = Vec::new();
+    // The group being filled for each participant (index into `groups`).
+    let mut open: Vec<(&str, usize)> = Vec::new();
+    for m in messages {
+        match open.iter_mut().find(|(p, _)| *p == m.participant) {
+            Some((_, at)) if groups[*at].len() < max => groups[*at].push(m),
+            Some((_, at)) => {
+                *at = groups.len();
+                groups.push(vec![m]);
+            }
+            None => {
+                open.push((&m.participant, groups.len()));
+                groups.push(vec![m]);
+            }
+        }
+    }
+    groups
+}
+
 #[async_trait]
 impl Transport for AmqpTransport {
     async fn declare(&self, participants: &[String]) -> Result<(), TransportError> {
@@ -169,24 +216,41 @@ impl Transport for AmqpTransport {
         let t = &self.config.topology;
         let exchange = t.commands_exchange();
         let reply_to = t.replies_queue();
-        let mut confirms = Vec::with_capacity(messages.len());
-        for m in messages {
-            let body = serde_json::to_vec(&m.command).map_err(broker)?;
+        let groups = group_by_participant(messages, self.config.command_batch);
+        let mut confirms = Vec::with_capacity(groups.len());
+        for group in &groups {
+            let (body, properties) = match group.as_slice() {
+                [one] => (
+                    serde_json::to_vec(&one.command).map_err(broker)?,
+                    command_properties(&one.command, &reply_to),
+                ),
+                many => {
+                    let encoded = many
+                        .iter()
+                        .map(|m| serde_json::to_vec(&m.command))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(broker)?;
+                    (
+                        join_batch(encoded.iter().map(Vec::as_slice)),
+                        batch_properties(&many[0].command.message_id(), many.len(), &reply_to),
+                    )
+                }
+            };
             let sent = link
                 .publisher
                 .basic_publish(
                     exchange.as_str().into(),
-                    m.participant.as_str().into(),
+                    group[0].participant.as_str().into(),
                     BasicPublishOptions {
                         mandatory: true,
                         immediate: false,
                     },
                     &body,
-                    command_properties(&m.command, &reply_to),
+                    properties,
                 )
                 .await;
             match sent {
-                Ok(confirm) => confirms.push((m, confirm)),
+                Ok(confirm) => confirms.push((group, confirm)),
                 Err(e) => {
                     self.forget(&link).await;
                     return Err(broker(e));
@@ -197,10 +261,10 @@ impl Transport for AmqpTransport {
         let results = join_all(
             confirms
                 .into_iter()
-                .map(|(m, c)| async move { (m, c.await) }),
+                .map(|(group, c)| async move { (group, c.await) }),
         )
         .await;
-        for (m, result) in results {
+        for (group, result) in results {
             let confirmation = match result {
                 Ok(c) => c,
                 Err(e) => {
@@ -208,14 +272,14 @@ impl Transport for AmqpTransport {
                     return Err(broker(e));
                 }
             };
-            let id = m.command.message_id();
+            let id = group[0].command.message_id();
             if !confirmation.is_ack() {
                 return Err(TransportError::NotConfirmed(id, "nacked".into()));
             }
             if confirmation.take_message().is_some() {
                 return Err(TransportError::NotConfirmed(
                     id,
-                    format!("no queue is bound for participant {}", m.participant),
+                    format!("no queue is bound for participant {}", group[0].participant),
                 ));
             }
         }
@@ -263,14 +327,14 @@ impl Transport for AmqpTransport {
                             break;
                         }
                     };
-                    let incoming = Incoming {
-                        body: delivery.data,
-                        ack: Box::new(AmqpAck {
-                            acker: delivery.acker,
-                            dead: dead.clone(),
-                        }),
-                    };
-                    if tx.send(incoming).await.is_err() {
+                    let mut closed = false;
+                    for incoming in incoming(delivery, &dead).await {
+                        if tx.send(incoming).await.is_err() {
+                            closed = true;
+                            break;
+                        }
+                    }
+                    if closed {
                         let _ = conn.close(200, "shutdown".into()).await;
                         return;
                     }
@@ -329,13 +393,107 @@ struct DeadLetters {
     queue: String,
 }
 
+/// What the engine receives for a delivery: the reply itself, or each reply of a batch (see
+/// docs/protocol.md, "Batches"). A body declared a batch that is not one is dead-lettered here.
+async fn incoming(delivery: lapin::message::Delivery, dead: &DeadLetters) -> Vec<Incoming> {
+    let is_batch = delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .is_some_and(|t| t.as_str() == BATCH_CONTENT_TYPE);
+    let single = AmqpAck {
+        acker: delivery.acker,
+        dead: dead.clone(),
+    };
+    if !is_batch {
+        return vec![Incoming {
+            body: delivery.data,
+            ack: Box::new(single),
+        }];
+    }
+    match split_batch(&delivery.data) {
+        Ok(elements) => {
+            let shared = Arc::new(BatchAck {
+                single,
+                remaining: AtomicUsize::new(elements.len()),
+                requeue: AtomicBool::new(false),
+            });
+            elements
+                .into_iter()
+                .map(|element| Incoming {
+                    body: element.get().as_bytes().to_vec(),
+                    ack: Box::new(PartAck(shared.clone())),
+                })
+                .collect()
+        }
+        Err(reason) => {
+            let reason = format!("malformed reply batch: {reason}");
+            tracing::warn!(%reason, "dead-lettering a reply batch");
+            if let Err(error) = single.reject(&delivery.data, &reason).await {
+                tracing::warn!(%error, "could not dead-letter a reply batch");
+            }
+            Vec::new()
+        }
+    }
+}
+
+/// One delivery that carried a batch of replies: settled once every reply is, acked if all
+/// were acked or dead-lettered, requeued whole if any asked to be requeued.
+struct BatchAck {
+    single: AmqpAck,
+    remaining: AtomicUsize,
+    requeue: AtomicBool,
+}
+
+impl BatchAck {
+    async fn settle(&self, requeue: bool) -> Result<(), TransportError> {
+        if requeue {
+            self.requeue.store(true, Ordering::SeqCst);
+        }
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return Ok(());
+        }
+        if self.requeue.load(Ordering::SeqCst) {
+            self.single.requeue().await
+        } else {
+            self.single.ack().await
+        }
+    }
+}
+
+/// The settlement of one reply of a batch.
+struct PartAck(Arc<BatchAck>);
+
+#[async_trait]
+impl Ack for PartAck {
+    async fn ack(&self) -> Result<(), TransportError> {
+        self.0.settle(false).await
+    }
+
+    async fn reject(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
+        // Dead-lettered alone; if that fails the whole delivery comes back and it is tried
+        // again (the delivery cannot be rejected for one reply only).
+        match self.0.single.dead.publish(body, reason).await {
+            Ok(()) => self.0.settle(false).await,
+            Err(error) => {
+                tracing::warn!(%error, "could not dead-letter one reply of a batch");
+                self.0.settle(true).await
+            }
+        }
+    }
+
+    async fn requeue(&self) -> Result<(), TransportError> {
+        self.0.settle(true).await
+    }
+}
+
 struct AmqpAck {
     acker: lapin::Acker,
     dead: DeadLetters,
 }
 
-impl AmqpAck {
-    async fn publish_dead_letter(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
+impl DeadLetters {
+    async fn publish(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
         let mut headers = FieldTable::default();
         headers.insert(
             "x-sagas-reason".into(),
@@ -343,13 +501,12 @@ impl AmqpAck {
         );
         headers.insert(
             "x-sagas-queue".into(),
-            AMQPValue::LongString(self.dead.queue.as_str().into()),
+            AMQPValue::LongString(self.queue.as_str().into()),
         );
         let confirm = self
-            .dead
             .channel
             .basic_publish(
-                self.dead.exchange.as_str().into(),
+                self.exchange.as_str().into(),
                 "".into(),
                 BasicPublishOptions::default(),
                 body,
@@ -383,7 +540,7 @@ impl Ack for AmqpAck {
     }
 
     async fn reject(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
-        match self.publish_dead_letter(body, reason).await {
+        match self.dead.publish(body, reason).await {
             Ok(()) => self.ack().await,
             // Without the reason, but dead-lettered all the same by the queue's own DLX.
             Err(_) => self
