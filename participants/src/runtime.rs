@@ -559,7 +559,8 @@ impl Participant {
     /// when it strikes, the whole batch is rolled back and its commands run one by one, each
     /// with the limit again. A command's reply waits for its batch, so a batch of slow
     /// commands can take up to `batch_size` times the limit: keep batches small if handlers
-    /// can take a large part of it.
+    /// can take a large part of it. The reply batch of a command batch (one message of many
+    /// commands) waits for all of its commands, each with the limit.
     pub fn handler_timeout(mut self, limit: Duration) -> Participant {
         self.handler_timeout = Some(limit);
         self
@@ -1070,13 +1071,13 @@ async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, _permits: OwnedSema
         // outcomes (or that have none) can be answered now.
         while let Some(done) = taken.get(next).filter(|t| t.jobs.end <= outcomes.len()) {
             if done.reply_to.is_some() {
-                let pending = publish(&ctx, done, &jobs, &outcomes).await;
+                let pending = publish(&ctx, done, &jobs, &mut outcomes).await;
                 published.push((next, pending));
             }
             next += 1;
         }
         let Some(chunk) = chunks.next() else { break };
-        outcomes.extend(self::outcomes(&ctx, chunk).await);
+        outcomes.extend(self::outcomes(&ctx, chunk).await.into_iter().map(Some));
     }
     for (index, pending) in published {
         let taken = &taken[index];
@@ -1090,8 +1091,14 @@ async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, _permits: OwnedSema
 /// nothing to answer (every element of a batch was dead-lettered).
 type Pending = Result<Option<(PublisherConfirm, ShortString)>, PublishError>;
 
-/// Publishes what answers `taken`, whose jobs all have their outcomes.
-async fn publish(ctx: &Context, taken: &Taken, jobs: &[Job], outcomes: &[Outcome]) -> Pending {
+/// Publishes what answers `taken`, whose jobs all have their outcomes (taken from
+/// `outcomes`, where each is read once).
+async fn publish(
+    ctx: &Context,
+    taken: &Taken,
+    jobs: &[Job],
+    outcomes: &mut [Option<Outcome>],
+) -> Pending {
     let Some(reply_to) = &taken.reply_to else {
         return Ok(None);
     };
@@ -1101,11 +1108,12 @@ async fn publish(ctx: &Context, taken: &Taken, jobs: &[Job], outcomes: &[Outcome
     }
     let range = taken.jobs.clone();
     let mut replies = Vec::with_capacity(range.len());
-    for (job, outcome) in jobs[range.clone()].iter().zip(&outcomes[range]) {
+    let answered = outcomes[range.clone()].iter_mut().filter_map(Option::take);
+    for (job, outcome) in jobs[range].iter().zip(answered) {
         job.span.in_scope(|| {
             tracing::debug!(status = outcome.status(), "command processed");
         });
-        replies.push(job.cmd.reply(outcome.clone()));
+        replies.push(job.cmd.reply(outcome));
     }
     let confirm = match (taken.batch, &jobs[taken.jobs.clone()]) {
         (_, []) => return Ok(None),
