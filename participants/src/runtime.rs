@@ -12,11 +12,19 @@
 //! the commit, and each command is acked once its own reply is confirmed. A batch whose
 //! transaction fails is rolled back and its commands run one by one, as if never batched.
 //!
+//! A message can also be a command batch (`content_type` [`BATCH_CONTENT_TYPE`], a JSON array
+//! of commands; docs/protocol.md, "Batches"). Each element is handled as if it had arrived
+//! alone: a malformed element is dead-lettered alone, the others go through the barrier with
+//! the other commands taken (in transactions of at most [`Participant::batch_size`]
+//! commands), and the message is answered with one reply batch, acked once that is confirmed.
+//! A body that is not a batch, or one without `reply_to`, is dead-lettered whole.
+//!
 //! [`Participant::run`] serves on a connection the caller owns and returns when it fails;
 //! [`Participant::run_forever`] owns its connection and reconnects (with backoff, redeclaring
 //! the queue) after broker restarts and network failures until its shutdown signal.
 
 use std::future::Future;
+use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -43,7 +51,8 @@ use crate::amqp::{QueueOptions, declare_participant};
 use crate::barrier::{self, BarrierError, Batch};
 use crate::handler::Handler;
 use crate::protocol::{
-    CONTENT_TYPE, Command, Outcome, PROTOCOL_VERSION, Reply, Topology, TraceParent,
+    BATCH_CONTENT_TYPE, BATCH_HEADER, CONTENT_TYPE, Command, Outcome, PROTOCOL_VERSION, Reply,
+    Topology, TraceParent, join_batch, split_batch,
 };
 
 /// Default number of unacknowledged commands the broker may push to one participant process.
@@ -356,12 +365,13 @@ struct Counters {
 pub struct Stats(Arc<Counters>);
 
 impl Stats {
-    /// Commands answered and acked.
+    /// Commands answered and acked (each element of a command batch counts).
     pub fn processed(&self) -> u64 {
         self.0.processed.load(Ordering::Relaxed)
     }
 
-    /// Messages dead-lettered (malformed, wrong version, no `reply_to`).
+    /// Messages dead-lettered (malformed, wrong version, no `reply_to`, not a batch), each
+    /// malformed element of a command batch counting as one.
     pub fn rejected(&self) -> u64 {
         self.0.rejected.load(Ordering::Relaxed)
     }
@@ -549,7 +559,8 @@ impl Participant {
     /// when it strikes, the whole batch is rolled back and its commands run one by one, each
     /// with the limit again. A command's reply waits for its batch, so a batch of slow
     /// commands can take up to `batch_size` times the limit: keep batches small if handlers
-    /// can take a large part of it.
+    /// can take a large part of it. The reply batch of a command batch (one message of many
+    /// commands) waits for all of its commands, each with the limit.
     pub fn handler_timeout(mut self, limit: Duration) -> Participant {
         self.handler_timeout = Some(limit);
         self
@@ -725,6 +736,7 @@ impl Participant {
             pool: self.pool.clone(),
             handler: self.handler.clone(),
             handler_timeout: self.handler_timeout,
+            batch_size: self.batch_size,
             reply_channel: reply_channel.clone(),
             stats: self.stats.clone(),
             reply_channel_lost: Notify::new(),
@@ -836,6 +848,8 @@ struct Context {
     pool: PgPool,
     handler: Arc<dyn Handler>,
     handler_timeout: Option<Duration>,
+    /// The most commands run in one database transaction.
+    batch_size: usize,
     reply_channel: Channel,
     stats: Stats,
     reply_channel_lost: Notify,
@@ -849,43 +863,32 @@ fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
-/// A decoded command on its way to its reply.
+/// A decoded command on its way to its reply. It does not own its delivery (a command batch
+/// brings many commands): the deliveries are [`Taken`], each with the range of its jobs.
 struct Job {
-    delivery: Delivery,
     cmd: Command,
-    reply_to: ShortString,
     trace: Option<TraceParent>,
     span: tracing::Span,
 }
 
-/// Decodes a delivery into a job, or dead-letters it.
-async fn job(ctx: &Context, delivery: Delivery) -> Option<Job> {
-    let reply_to = delivery
-        .properties
-        .reply_to()
-        .clone()
-        .filter(|r| !r.as_str().is_empty());
-    let decoded = decode_command(&delivery.data).and_then(|cmd| match reply_to {
-        Some(reply_to) => Ok((cmd, reply_to)),
-        None => Err(Malformed::NoReplyTo),
-    });
-    let (cmd, reply_to) = match decoded {
-        Ok(decoded) => decoded,
-        Err(reason) => {
-            tracing::warn!(
-                participant = %ctx.participant,
-                %reason,
-                message_id = ?delivery.properties.message_id(),
-                "dead-lettering a malformed command"
-            );
-            Stats::bump(&ctx.stats.0.rejected);
-            dead_letter(ctx, &delivery, &reason.to_string()).await;
-            return None;
-        }
-    };
+/// A taken delivery and what it needs to be settled.
+struct Taken {
+    delivery: Delivery,
+    /// `None` once the message was dead-lettered whole: it is settled already.
+    reply_to: Option<ShortString>,
+    /// Whether it is a command batch (answered with one reply batch) or a single command.
+    batch: bool,
+    /// Its jobs, a range of the jobs of [`serve`] (empty when no command was valid).
+    jobs: Range<usize>,
+    /// An element of the batch could not be dead-lettered: the message must not be acked,
+    /// or that element would be lost.
+    lost_dead_letter: bool,
+    /// The span of a batch (each command has its own); the command's span for a single one.
+    span: tracing::Span,
+}
 
-    let trace = header_string(&delivery.properties, TRACEPARENT_HEADER)
-        .and_then(|value| TraceParent::parse(&value));
+/// The span in which a command is handled, continuing `trace` when there is one.
+fn command_span(ctx: &Context, cmd: &Command, trace: Option<&TraceParent>) -> tracing::Span {
     let span = tracing::info_span!(
         "command",
         participant = %ctx.participant,
@@ -897,61 +900,255 @@ async fn job(ctx: &Context, delivery: Delivery) -> Option<Job> {
         parent_span_id = tracing::field::Empty,
         traceparent = tracing::field::Empty,
     );
-    if let Some(trace) = &trace {
+    if let Some(trace) = trace {
         span.record("trace_id", trace.trace_id.as_str());
         span.record("parent_span_id", trace.parent_id.as_str());
         span.record("traceparent", trace.to_string().as_str());
     }
-    Some(Job {
+    span
+}
+
+fn reply_to(delivery: &Delivery) -> Option<ShortString> {
+    delivery
+        .properties
+        .reply_to()
+        .clone()
+        .filter(|r| !r.as_str().is_empty())
+}
+
+fn is_batch(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .is_some_and(|ct| ct.as_str() == BATCH_CONTENT_TYPE)
+}
+
+/// Decodes a delivery into jobs (appended to `jobs`), dead-lettering what is
+/// malformed: a single command or a batch body that is not a batch whole, a batch element
+/// alone.
+async fn admit(ctx: &Context, delivery: Delivery, jobs: &mut Vec<Job>) -> Taken {
+    let start = jobs.len();
+    if is_batch(&delivery) {
+        admit_batch(ctx, delivery, jobs).await
+    } else {
+        let reply_to = reply_to(&delivery);
+        let decoded = decode_command(&delivery.data).and_then(|cmd| match &reply_to {
+            Some(_) => Ok(cmd),
+            None => Err(Malformed::NoReplyTo),
+        });
+        let (reply_to, span) = match decoded {
+            Ok(cmd) => {
+                let trace = header_string(&delivery.properties, TRACEPARENT_HEADER)
+                    .and_then(|value| TraceParent::parse(&value));
+                let span = command_span(ctx, &cmd, trace.as_ref());
+                jobs.push(Job {
+                    cmd,
+                    trace,
+                    span: span.clone(),
+                });
+                (reply_to, span)
+            }
+            Err(reason) => {
+                reject_whole(ctx, &delivery, &reason.to_string()).await;
+                (None, tracing::Span::none())
+            }
+        };
+        Taken {
+            delivery,
+            reply_to,
+            batch: false,
+            jobs: start..jobs.len(),
+            lost_dead_letter: false,
+            span,
+        }
+    }
+}
+
+/// [`admit`] for a command batch: every element is judged on its own.
+async fn admit_batch(ctx: &Context, delivery: Delivery, jobs: &mut Vec<Job>) -> Taken {
+    let start = jobs.len();
+    let span = tracing::info_span!(
+        "command_batch",
+        participant = %ctx.participant,
+        message_id = ?delivery.properties.message_id(),
+        elements = tracing::field::Empty,
+    );
+    let reply_to = reply_to(&delivery);
+    let elements = split_batch(&delivery.data).and_then(|elements| match &reply_to {
+        Some(_) => Ok(elements),
+        None => Err(Malformed::NoReplyTo.to_string()),
+    });
+    let elements = match elements {
+        Ok(elements) => elements,
+        Err(reason) => {
+            reject_whole(ctx, &delivery, &reason)
+                .instrument(span.clone())
+                .await;
+            return Taken {
+                delivery,
+                reply_to: None,
+                batch: true,
+                jobs: start..start,
+                lost_dead_letter: false,
+                span,
+            };
+        }
+    };
+    span.record("elements", elements.len());
+    let mut lost_dead_letter = false;
+    for element in &elements {
+        match decode_command(element.get().as_bytes()) {
+            Ok(cmd) => {
+                // A batch carries no per-command headers: the trace context is in the body.
+                let trace = cmd.traceparent.as_deref().and_then(TraceParent::parse);
+                let span = command_span(ctx, &cmd, trace.as_ref());
+                jobs.push(Job { cmd, trace, span });
+            }
+            Err(reason) => {
+                let reason = reason.to_string();
+                tracing::warn!(
+                    parent: &span,
+                    participant = %ctx.participant,
+                    %reason,
+                    "dead-lettering a malformed command of a batch"
+                );
+                Stats::bump(&ctx.stats.0.rejected);
+                if !dead_letter_element(ctx, element.get().as_bytes(), &reason).await {
+                    lost_dead_letter = true;
+                }
+            }
+        }
+    }
+    Taken {
         delivery,
-        cmd,
         reply_to,
-        trace,
+        batch: true,
+        jobs: start..jobs.len(),
+        lost_dead_letter,
         span,
-    })
+    }
+}
+
+/// Dead-letters a whole delivery, with a warning, and counts it.
+async fn reject_whole(ctx: &Context, delivery: &Delivery, reason: &str) {
+    tracing::warn!(
+        participant = %ctx.participant,
+        %reason,
+        message_id = ?delivery.properties.message_id(),
+        "dead-lettering a malformed command"
+    );
+    Stats::bump(&ctx.stats.0.rejected);
+    dead_letter(ctx, delivery, reason).await;
 }
 
 /// Handles deliveries taken together, from decoding to ack; never panics on bad input.
 ///
-/// The valid commands run in one batch (or alone), then every reply is published before any
-/// confirm is awaited, so that the broker confirms them together; each command is acked
-/// after its own reply's confirm. The handler slots are freed together at the end: freed one
-/// by one, they would be taken again one by one, and the next batches would be single commands.
+/// The valid commands of all the deliveries run through the barrier in transactions of at
+/// most `batch_size` commands each, one after the other (a command batch can bring many
+/// more). As soon as every command of a delivery has its outcome, its reply (or, for a
+/// command batch, its reply batch) is published; the confirms are awaited only once every
+/// reply is published, so that the broker confirms them together, and each delivery is
+/// acked after its own reply's confirm.
+///
+/// The deliveries hold one handler slot each, whatever the number of commands they carry:
+/// a command batch runs its commands one transaction at a time, so it needs no more of the
+/// database than a delivery of `batch_size` single commands. The slots are freed together at
+/// the end: freed one by one, they would be taken again one by one, and the next batches
+/// would be single commands.
 async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, _permits: OwnedSemaphorePermit) {
     let mut jobs = Vec::with_capacity(deliveries.len());
+    let mut taken = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
-        jobs.extend(job(&ctx, delivery).await);
+        taken.push(admit(&ctx, delivery, &mut jobs).await);
     }
-    let outcomes = outcomes(&ctx, &jobs).await;
-    let mut published = Vec::with_capacity(jobs.len());
-    for (job, outcome) in jobs.into_iter().zip(outcomes) {
-        let confirm = async {
-            tracing::debug!(status = outcome.status(), "command processed");
-            publish_reply(&ctx, &job, &job.cmd.reply(outcome)).await
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut chunks = jobs.chunks(ctx.batch_size);
+    let mut published = Vec::with_capacity(taken.len());
+    let mut next = 0;
+    loop {
+        // Jobs are in the order of their deliveries: those whose jobs all have their
+        // outcomes (or that have none) can be answered now.
+        while let Some(done) = taken.get(next).filter(|t| t.jobs.end <= outcomes.len()) {
+            if done.reply_to.is_some() {
+                let pending = publish(&ctx, done, &jobs, &mut outcomes).await;
+                published.push((next, pending));
+            }
+            next += 1;
         }
-        .instrument(job.span.clone())
-        .await;
-        published.push((job, confirm));
+        let Some(chunk) = chunks.next() else { break };
+        outcomes.extend(self::outcomes(&ctx, chunk).await.into_iter().map(Some));
     }
-    for (job, confirm) in published {
-        let span = job.span.clone();
-        settle(&ctx, job, confirm).instrument(span).await;
+    for (index, pending) in published {
+        let taken = &taken[index];
+        settle(&ctx, taken, pending)
+            .instrument(taken.span.clone())
+            .await;
     }
 }
 
-/// Acks the job's command once its reply is confirmed, or requeues it.
-async fn settle(ctx: &Context, job: Job, confirm: Result<PublisherConfirm, PublishError>) {
-    let confirmed = match confirm {
-        Ok(confirm) => match confirm.await {
-            Ok(confirmation) => confirmed(ctx, &job.reply_to, confirmation),
+/// A published reply (or reply batch) whose confirm is still to come; `None` when there is
+/// nothing to answer (every element of a batch was dead-lettered).
+type Pending = Result<Option<(PublisherConfirm, ShortString)>, PublishError>;
+
+/// Publishes what answers `taken`, whose jobs all have their outcomes (taken from
+/// `outcomes`, where each is read once).
+async fn publish(
+    ctx: &Context,
+    taken: &Taken,
+    jobs: &[Job],
+    outcomes: &mut [Option<Outcome>],
+) -> Pending {
+    let Some(reply_to) = &taken.reply_to else {
+        return Ok(None);
+    };
+    if taken.lost_dead_letter {
+        // It is requeued; its commands are answered from the barrier when it comes back.
+        return Err(PublishError::DeadLetter);
+    }
+    let range = taken.jobs.clone();
+    let mut replies = Vec::with_capacity(range.len());
+    let answered = outcomes[range.clone()].iter_mut().filter_map(Option::take);
+    for (job, outcome) in jobs[range].iter().zip(answered) {
+        job.span.in_scope(|| {
+            tracing::debug!(status = outcome.status(), "command processed");
+        });
+        replies.push(job.cmd.reply(outcome));
+    }
+    let confirm = match (taken.batch, &jobs[taken.jobs.clone()]) {
+        (_, []) => return Ok(None),
+        (false, [job]) => {
+            publish_reply(ctx, reply_to, job, &replies[0])
+                .instrument(job.span.clone())
+                .await?
+        }
+        _ => {
+            publish_reply_batch(ctx, reply_to, &replies)
+                .instrument(taken.span.clone())
+                .await?
+        }
+    };
+    Ok(Some((confirm, reply_to.clone())))
+}
+
+/// Acks a delivery once its reply is confirmed, or requeues it.
+async fn settle(ctx: &Context, taken: &Taken, pending: Pending) {
+    let confirmed = match pending {
+        Ok(Some((confirm, reply_to))) => match confirm.await {
+            Ok(confirmation) => confirmed(ctx, &reply_to, confirmation),
             Err(error) => Err(error.into()),
         },
+        Ok(None) => Ok(()),
         Err(error) => Err(error),
     };
+    let acker = &taken.delivery.acker;
     match confirmed {
         Ok(()) => {
-            Stats::bump(&ctx.stats.0.processed);
-            if let Err(error) = job.delivery.acker.ack(BasicAckOptions::default()).await {
+            ctx.stats
+                .0
+                .processed
+                .fetch_add(taken.jobs.len() as u64, Ordering::Relaxed);
+            if let Err(error) = acker.ack(BasicAckOptions::default()).await {
                 // The broker redelivers; the barrier answers with the stored reply.
                 tracing::warn!(%error, "could not ack a command");
             }
@@ -963,7 +1160,7 @@ async fn settle(ctx: &Context, job: Job, confirm: Result<PublisherConfirm, Publi
                 requeue: true,
                 ..BasicNackOptions::default()
             };
-            if let Err(error) = job.delivery.acker.nack(requeue).await {
+            if let Err(error) = acker.nack(requeue).await {
                 tracing::warn!(%error, "could not nack a command");
             }
             if !ctx.reply_channel.status().connected() {
@@ -988,21 +1185,7 @@ async fn dead_letter(ctx: &Context, delivery: &Delivery, reason: &str) {
         .clone()
         .with_delivery_mode(2)
         .with_headers(headers);
-    let published = async {
-        let confirmation = ctx
-            .reply_channel
-            .basic_publish(
-                ctx.dead_letter_exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &delivery.data,
-                properties,
-            )
-            .await?
-            .await?;
-        Ok::<_, lapin::Error>(confirmation.is_ack())
-    }
-    .await;
+    let published = republish(ctx, &delivery.data, properties).await;
     let result = match published {
         Ok(true) => delivery.acker.ack(BasicAckOptions::default()).await,
         Ok(false) | Err(_) => {
@@ -1021,6 +1204,52 @@ async fn dead_letter(ctx: &Context, delivery: &Delivery, reason: &str) {
     }
 }
 
+/// Dead-letters one malformed element of a command batch: republishes it alone, as a single
+/// message, to the dead-letter exchange with its reason. Returns whether the broker confirmed
+/// it (if not, the batch must come back so that the element is not lost).
+async fn dead_letter_element(ctx: &Context, element: &[u8], reason: &str) -> bool {
+    let mut headers = FieldTable::default();
+    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(
+        QUEUE_HEADER.into(),
+        AMQPValue::LongString(ctx.queue.as_str().into()),
+    );
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(CONTENT_TYPE.into())
+        .with_headers(headers);
+    match republish(ctx, element, properties).await {
+        Ok(true) => true,
+        published => {
+            tracing::warn!(
+                ?published,
+                "could not dead-letter an element of a batch; the batch will be requeued"
+            );
+            false
+        }
+    }
+}
+
+/// Publishes to the dead-letter exchange and awaits the confirm: whether the broker took it.
+async fn republish(
+    ctx: &Context,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<bool, lapin::Error> {
+    let confirmation = ctx
+        .reply_channel
+        .basic_publish(
+            ctx.dead_letter_exchange.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    Ok(confirmation.is_ack())
+}
+
 #[derive(Debug, thiserror::Error)]
 enum PublishError {
     #[error(transparent)]
@@ -1029,11 +1258,14 @@ enum PublishError {
     Nacked,
     #[error("could not encode the reply: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("a malformed element of the batch could not be dead-lettered")]
+    DeadLetter,
 }
 
 /// Publishes a job's reply; the confirm is awaited by [`settle`].
 async fn publish_reply(
     ctx: &Context,
+    reply_to: &ShortString,
     job: &Job,
     reply: &Reply,
 ) -> Result<PublisherConfirm, PublishError> {
@@ -1056,7 +1288,44 @@ async fn publish_reply(
         .reply_channel
         .basic_publish(
             "".into(),
-            job.reply_to.clone(),
+            reply_to.clone(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &payload,
+            properties,
+        )
+        .await?;
+    Ok(confirm)
+}
+
+/// Publishes the replies of a command batch's valid elements, in order, as one reply batch;
+/// the confirm is awaited by [`settle`].
+async fn publish_reply_batch(
+    ctx: &Context,
+    reply_to: &ShortString,
+    replies: &[Reply],
+) -> Result<PublisherConfirm, PublishError> {
+    let encoded = replies
+        .iter()
+        .map(serde_json::to_vec)
+        .collect::<Result<Vec<_>, _>>()?;
+    let payload = join_batch(encoded.iter().map(Vec::as_slice));
+    let count = replies.len();
+    let first = replies.first().map(Reply::message_id).unwrap_or_default();
+    let mut headers = FieldTable::default();
+    headers.insert(BATCH_HEADER.into(), AMQPValue::LongLongInt(count as i64));
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(BATCH_CONTENT_TYPE.into())
+        .with_message_id(format!("batch:{first}:{count}").into())
+        .with_headers(headers);
+    let confirm = ctx
+        .reply_channel
+        .basic_publish(
+            "".into(),
+            reply_to.clone(),
             BasicPublishOptions {
                 mandatory: true,
                 ..BasicPublishOptions::default()

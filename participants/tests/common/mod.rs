@@ -461,3 +461,44 @@ impl TestBroker {
         self.conn.close(200, "OK".into()).await.ok();
     }
 }
+
+/// The raw JSON of a command, as an element of a command batch.
+pub fn element(cmd: &Command) -> Vec<u8> {
+    serde_json::to_vec(cmd).expect("encode")
+}
+
+/// The properties of a command batch of `count` elements, as the orchestrator sends it.
+pub fn batch_properties(topology: &Topology, count: usize) -> BasicProperties {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        sagas_participant::protocol::BATCH_HEADER.into(),
+        lapin::types::AMQPValue::LongLongInt(count as i64),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(sagas_participant::protocol::BATCH_CONTENT_TYPE.into())
+        .with_message_id(format!("batch:{}:{count}", Uuid::new_v4()).into())
+        .with_reply_to(topology.replies_queue().into())
+        .with_headers(headers)
+}
+
+impl TestBroker {
+    /// Publishes a command batch of raw elements (valid or not) to a participant.
+    pub async fn send_batch(&self, participant: &str, elements: &[Vec<u8>]) {
+        let body = sagas_participant::protocol::join_batch(elements.iter().map(Vec::as_slice));
+        self.publish_raw(
+            &self.topology.commands_exchange(),
+            participant,
+            &body,
+            batch_properties(&self.topology, elements.len()),
+        )
+        .await;
+    }
+
+    /// Waits for the next message on the replies queue and decodes it as a reply batch.
+    pub async fn next_reply_batch(&self) -> (Vec<Reply>, BasicProperties) {
+        let message = self.next_message(&self.topology.replies_queue()).await;
+        let replies = serde_json::from_slice(&message.delivery.data).expect("decode reply batch");
+        (replies, message.delivery.properties.clone())
+    }
+}
