@@ -18,8 +18,8 @@
 //! Everything runs at READ COMMITTED: each statement after a wait on the key takes a new
 //! snapshot and so sees the row that the other transaction committed.
 //!
-//! Several commands can share one transaction and its commit ([`Batch`]), each in a savepoint
-//! of its own, with the outcomes they would have one after the other.
+//! Several commands can share one transaction and its commit ([`Batch`]), with the outcomes and
+//! rows they would have one after the other.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -161,10 +161,10 @@ enum Executed {
 
 /// The barrier and the handler for one command, on a connection inside a transaction.
 ///
-/// The caller owns the scope of the command: it commits what [`Executed::Keep`] says to keep,
-/// and on [`Executed::Discard`] or an error rolls back to where the command started (the
-/// transaction's start, or a savepoint taken before it). An error leaves the transaction in an
-/// unknown state (perhaps aborted).
+/// The caller owns the scope of the command: it commits what [`Executed::Keep`] says to keep;
+/// on [`Executed::Discard`] it rolls the transaction back, or, in a batch, undoes the command
+/// alone with [`discard`]. An error leaves the transaction in an unknown state (perhaps
+/// aborted): the caller must roll it back whole.
 async fn execute_in(
     conn: &mut PgConnection,
     cmd: &Command,
@@ -224,12 +224,12 @@ async fn execute_in(
 /// Several commands in one database transaction and one commit, each run through the barrier
 /// exactly as [`execute`] would run it alone.
 ///
-/// Each command runs in a savepoint of its own: what [`execute`] would roll back for it (a
-/// transient or database error of its handler, a business failure of an undo) is rolled back
-/// to that savepoint, its barrier row included, and the other commands are unaffected. A later
-/// command sees what the earlier ones wrote, so a duplicate in the same batch gets the stored
-/// reply, and a try followed by its cancel (or a cancel by its try) ends as it would in two
-/// transactions one after the other.
+/// What [`execute`] would roll back for a command (a transient or database error of its
+/// handler, a business failure of an undo) is undone for that command alone: its handler's
+/// writes are rolled back to the handler's savepoint and its barrier row is deleted, and the
+/// other commands are unaffected. A later command sees what the earlier ones wrote, so a
+/// duplicate in the same batch gets the stored reply, and a try followed by its cancel (or a
+/// cancel by its try) ends as it would in two transactions one after the other.
 ///
 /// An error (from [`Batch::execute`] or [`Batch::commit`]) is a failure of the transaction
 /// itself: the connection was lost, a statement failed outside a handler, a handler hit a
@@ -241,9 +241,11 @@ async fn execute_in(
 ///
 /// Every command holds its row locks until the batch commits, so handlers that update the
 /// same rows from many commands make the batches wait for each other (and may deadlock,
-/// which the fallback resolves). Each command takes up to two subtransactions; keep batches
-/// to at most 32 commands, since past 64 subtransactions in one transaction PostgreSQL's
-/// per-backend cache overflows and every snapshot in the database gets slower.
+/// which the fallback resolves). A discarded command's barrier row key, and the lock an undo
+/// takes on its forward row, are also held until the batch ends. Each command takes one
+/// subtransaction (its handler's savepoint), plus those its handler takes; keep batches to at
+/// most 32 commands, since past 64 subtransactions in one transaction PostgreSQL's per-backend
+/// cache overflows and every snapshot in the database gets slower.
 pub struct Batch {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
 }
@@ -272,18 +274,13 @@ impl Batch {
         cmd: &Command,
         handler: &dyn Handler,
     ) -> Result<(Batch, Outcome), BarrierError> {
-        sqlx::raw_sql("SAVEPOINT sagas_barrier_command")
-            .execute(&mut *self.tx)
-            .await?;
         let outcome = match execute_in(&mut self.tx, cmd, handler).await? {
             Executed::Keep(outcome) => outcome,
             Executed::Discard(HandlerError::Database(error)) if ends_the_batch(&error) => {
                 return Err(error.into());
             }
             Executed::Discard(error) => {
-                sqlx::raw_sql("ROLLBACK TO SAVEPOINT sagas_barrier_command")
-                    .execute(&mut *self.tx)
-                    .await?;
+                discard(&mut self.tx, cmd).await?;
                 error.to_outcome()
             }
         };
@@ -314,6 +311,32 @@ pub async fn execute_batch(
     }
     batch.commit().await?;
     Ok(outcomes)
+}
+
+/// Undoes what a command of a batch wrote, for [`Executed::Discard`], leaving the transaction
+/// as if the command had never run: what the handler wrote (and a statement error that aborted
+/// the transaction) is rolled back to the handler's savepoint, then the command's own barrier
+/// row, written before that savepoint, is deleted.
+///
+/// The own row is the only one to delete: [`execute_in`] discards only after running the
+/// handler, and an undo whose guard insert succeeded (the only other row a command inserts) is
+/// a null compensation and never runs its handler. The row lock taken on a forward row that was
+/// found (`locked_reply`) stays held until the batch ends, and so does the deleted row's key: a
+/// concurrent delivery of the same operation waits for the batch instead of for this command.
+async fn discard(conn: &mut PgConnection, cmd: &Command) -> Result<(), BarrierError> {
+    sqlx::raw_sql("ROLLBACK TO SAVEPOINT sagas_barrier_handler")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "DELETE FROM sagas_barrier \
+         WHERE transaction_id = $1 AND step = $2 AND operation = $3",
+    )
+    .bind(cmd.transaction_id)
+    .bind(&cmd.step)
+    .bind(cmd.operation.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Whether a handler's database error fails the whole batch rather than only its command.
