@@ -535,6 +535,8 @@ async fn a_duplicate_later_in_a_batch_gets_the_reply_of_the_earlier_command() {
         command(t[0], "reserve", Operation::Cancel, pay(10)),
         command(t[2], "slow", Operation::Compensate, json!({})),
         again(&accepted),
+        // The refused action's compensation: nothing took effect.
+        command(t[1], "credit", Operation::Compensate, pay(10)),
     ];
     let (outcomes, (_, accounts)) = batch_equals_sequential(&router, &[("a", 100)], &cmds).await;
     for (first, duplicate) in [(0, 5), (1, 6), (2, 7), (3, 8), (2, 11)] {
@@ -558,8 +560,13 @@ async fn a_duplicate_later_in_a_batch_gets_the_reply_of_the_earlier_command() {
             "succeeded",
             "succeeded",
             "succeeded",
-            "in_progress"
+            "in_progress",
+            "succeeded"
         ]
+    );
+    assert_eq!(
+        outcomes[12],
+        Outcome::succeeded(json!({ "null_compensation": true }))
     );
     assert_eq!(
         outcomes[10],
