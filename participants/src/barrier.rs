@@ -18,8 +18,8 @@
 //! Everything runs at READ COMMITTED: each statement after a wait on the key takes a new
 //! snapshot and so sees the row that the other transaction committed.
 //!
-//! Several commands can share one transaction and its commit ([`Batch`]), each in a savepoint
-//! of its own, with the outcomes they would have one after the other.
+//! Several commands can share one transaction and its commit ([`Batch`]), with the outcomes and
+//! rows they would have one after the other.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -137,8 +137,11 @@ pub async fn execute(
     handler: &dyn Handler,
 ) -> Result<Outcome, BarrierError> {
     let mut tx = pool.begin().await?;
-    match execute_in(&mut tx, cmd, handler).await? {
-        Executed::Keep(outcome) => {
+    match execute_in(&mut tx, cmd, handler, &[]).await? {
+        Executed::Keep { outcome, to_record } => {
+            if let Some(origin) = to_record {
+                record(&mut tx, cmd, origin, &outcome).await?;
+            }
             tx.commit().await?;
             Ok(outcome)
         }
@@ -153,7 +156,13 @@ pub async fn execute(
 enum Executed {
     /// Keep everything the command wrote (its barrier rows and the handler's writes); the
     /// outcome is final once the transaction commits.
-    Keep(Outcome),
+    Keep {
+        /// The command's outcome.
+        outcome: Outcome,
+        /// The origin to store with the outcome in the command's own row, which holds no reply
+        /// yet; `None` when the row already held it (a duplicate).
+        to_record: Option<Origin>,
+    },
     /// Undo everything the command wrote, its barrier row included, so that a redelivery runs
     /// the handler again; the reply is the error's outcome (`retry`, or `failed` for an undo).
     Discard(HandlerError),
@@ -161,18 +170,30 @@ enum Executed {
 
 /// The barrier and the handler for one command, on a connection inside a transaction.
 ///
-/// The caller owns the scope of the command: it commits what [`Executed::Keep`] says to keep,
-/// and on [`Executed::Discard`] or an error rolls back to where the command started (the
-/// transaction's start, or a savepoint taken before it). An error leaves the transaction in an
-/// unknown state (perhaps aborted).
+/// `pending` are the replies of the transaction's earlier commands not yet written to their rows
+/// (see [`Batch`]); they are read from there instead of from the rows.
+///
+/// The caller owns the scope of the command: it records the reply that [`Executed::Keep`] asks
+/// for (at once, or with the batch's before its commit) and commits what it says to keep;
+/// on [`Executed::Discard`] it rolls the transaction back, or, in a batch, undoes the command
+/// alone with [`discard`]. An error leaves the transaction in an unknown state (perhaps
+/// aborted): the caller must roll it back whole.
 async fn execute_in(
     conn: &mut PgConnection,
     cmd: &Command,
     handler: &dyn Handler,
+    pending: &[PendingReply],
 ) -> Result<Executed, BarrierError> {
     let op = cmd.operation;
     if !insert(conn, cmd, op, Origin::Handler, None).await? {
-        return Ok(Executed::Keep(stored_reply(conn, cmd, op).await?));
+        let outcome = match pending_reply(pending, cmd, op) {
+            Some(outcome) => outcome.clone(),
+            None => stored_reply(conn, cmd, op).await?,
+        };
+        return Ok(Executed::Keep {
+            outcome,
+            to_record: None,
+        });
     }
 
     if op.is_undo() {
@@ -180,21 +201,30 @@ async fn execute_in(
         let refusal = Outcome::failed(format!(
             "{forward} refused: it arrived after its {op} (anti-hanging)"
         ));
+        let took_effect = |reply: &Outcome| {
+            matches!(
+                reply,
+                Outcome::Succeeded { .. } | Outcome::InProgress { .. }
+            )
+        };
         // The forward row is locked so that a completion of a long-running forward operation
-        // (`complete_in`) and this undo happen one after the other.
+        // (`complete_in`) and this undo happen one after the other. A forward row written by
+        // this transaction needs no lock (no other transaction sees it) and may hold no reply
+        // yet: its reply is pending.
         let forward_took_effect =
             if insert(conn, cmd, forward, Origin::Guard, Some(&refusal)).await? {
                 false
             } else {
-                matches!(
-                    locked_reply(conn, cmd, forward).await?,
-                    Outcome::Succeeded { .. } | Outcome::InProgress { .. }
-                )
+                match pending_reply(pending, cmd, forward) {
+                    Some(reply) => took_effect(reply),
+                    None => took_effect(&locked_reply(conn, cmd, forward).await?),
+                }
             };
         if !forward_took_effect {
-            let outcome = Outcome::succeeded(json!({ "null_compensation": true }));
-            record(conn, cmd, Origin::NullCompensation, &outcome).await?;
-            return Ok(Executed::Keep(outcome));
+            return Ok(Executed::Keep {
+                outcome: Outcome::succeeded(json!({ "null_compensation": true })),
+                to_record: Some(Origin::NullCompensation),
+            });
         }
     }
 
@@ -217,19 +247,34 @@ async fn execute_in(
         }
         Err(error) => return Ok(Executed::Discard(error)),
     };
-    record(conn, cmd, Origin::Handler, &outcome).await?;
-    Ok(Executed::Keep(outcome))
+    Ok(Executed::Keep {
+        outcome,
+        to_record: Some(Origin::Handler),
+    })
 }
 
 /// Several commands in one database transaction and one commit, each run through the barrier
 /// exactly as [`execute`] would run it alone.
 ///
-/// Each command runs in a savepoint of its own: what [`execute`] would roll back for it (a
-/// transient or database error of its handler, a business failure of an undo) is rolled back
-/// to that savepoint, its barrier row included, and the other commands are unaffected. A later
-/// command sees what the earlier ones wrote, so a duplicate in the same batch gets the stored
-/// reply, and a try followed by its cancel (or a cancel by its try) ends as it would in two
-/// transactions one after the other.
+/// What [`execute`] would roll back for a command (a transient or database error of its
+/// handler, a business failure of an undo) is undone for that command alone: its handler's
+/// writes are rolled back to the handler's savepoint and its barrier row is deleted, and the
+/// other commands are unaffected. A later command sees what the earlier ones wrote, so a
+/// duplicate in the same batch gets the stored reply, and a try followed by its cancel (or a
+/// cancel by its try) ends as it would in two transactions one after the other.
+///
+/// The replies are written to the commands' barrier rows all at once, in one statement just
+/// before the commit; until then the batch keeps them in memory, and its later commands (a
+/// duplicate, an undo looking at its forward operation) read them from there. The rows end
+/// exactly as [`execute`] leaves them; only a handler reading `sagas_barrier` itself would see
+/// the rows of the batch's earlier commands without their replies.
+///
+/// Statements (round trips) for a forward operation whose handler makes one write: alone
+/// ([`execute`]), 6 — `BEGIN`, the barrier row's `INSERT`, `SAVEPOINT`, the handler's write,
+/// the reply's `UPDATE`, `COMMIT`. In a batch, 3 per command — `INSERT`, `SAVEPOINT`, the
+/// handler's write — and 3 per batch: `BEGIN`, the `UPDATE` of every reply, `COMMIT`. A
+/// discarded command costs 2 more (`ROLLBACK TO SAVEPOINT`, `DELETE` of its row), a duplicate
+/// 1 or 2 (`INSERT`, then `SELECT` of the stored reply unless it is the batch's own).
 ///
 /// An error (from [`Batch::execute`] or [`Batch::commit`]) is a failure of the transaction
 /// itself: the connection was lost, a statement failed outside a handler, a handler hit a
@@ -241,11 +286,39 @@ async fn execute_in(
 ///
 /// Every command holds its row locks until the batch commits, so handlers that update the
 /// same rows from many commands make the batches wait for each other (and may deadlock,
-/// which the fallback resolves). Each command takes up to two subtransactions; keep batches
-/// to at most 32 commands, since past 64 subtransactions in one transaction PostgreSQL's
-/// per-backend cache overflows and every snapshot in the database gets slower.
+/// which the fallback resolves). A discarded command's barrier row key, and the lock an undo
+/// takes on its forward row, are also held until the batch ends. Each command takes one
+/// subtransaction (its handler's savepoint), plus those its handler takes; keep batches to at
+/// most 32 commands, since past 64 subtransactions in one transaction PostgreSQL's per-backend
+/// cache overflows and every snapshot in the database gets slower.
 pub struct Batch {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The replies of the commands so far, written to their rows by [`Batch::commit`].
+    pending: Vec<PendingReply>,
+}
+
+/// The reply of a command of a [`Batch`], to be written to its row (which holds none yet)
+/// before the batch commits.
+struct PendingReply {
+    transaction_id: Uuid,
+    step: String,
+    operation: Operation,
+    origin: Origin,
+    outcome: Outcome,
+}
+
+/// The pending reply of `operation` for `cmd`'s transaction and step, if any.
+fn pending_reply<'p>(
+    pending: &'p [PendingReply],
+    cmd: &Command,
+    operation: Operation,
+) -> Option<&'p Outcome> {
+    pending
+        .iter()
+        .find(|p| {
+            p.transaction_id == cmd.transaction_id && p.operation == operation && p.step == cmd.step
+        })
+        .map(|p| &p.outcome)
 }
 
 impl std::fmt::Debug for Batch {
@@ -259,6 +332,7 @@ impl Batch {
     pub async fn begin(pool: &PgPool) -> Result<Batch, BarrierError> {
         Ok(Batch {
             tx: pool.begin().await?,
+            pending: Vec::new(),
         })
     }
 
@@ -272,26 +346,38 @@ impl Batch {
         cmd: &Command,
         handler: &dyn Handler,
     ) -> Result<(Batch, Outcome), BarrierError> {
-        sqlx::raw_sql("SAVEPOINT sagas_barrier_command")
-            .execute(&mut *self.tx)
-            .await?;
-        let outcome = match execute_in(&mut self.tx, cmd, handler).await? {
-            Executed::Keep(outcome) => outcome,
+        let outcome = match execute_in(&mut self.tx, cmd, handler, &self.pending).await? {
+            Executed::Keep {
+                outcome,
+                to_record: None,
+            } => outcome,
+            Executed::Keep {
+                outcome,
+                to_record: Some(origin),
+            } => {
+                self.pending.push(PendingReply {
+                    transaction_id: cmd.transaction_id,
+                    step: cmd.step.clone(),
+                    operation: cmd.operation,
+                    origin,
+                    outcome: outcome.clone(),
+                });
+                outcome
+            }
             Executed::Discard(HandlerError::Database(error)) if ends_the_batch(&error) => {
                 return Err(error.into());
             }
             Executed::Discard(error) => {
-                sqlx::raw_sql("ROLLBACK TO SAVEPOINT sagas_barrier_command")
-                    .execute(&mut *self.tx)
-                    .await?;
+                discard(&mut self.tx, cmd).await?;
                 error.to_outcome()
             }
         };
         Ok((self, outcome))
     }
 
-    /// Commits every command of the batch at once.
-    pub async fn commit(self) -> Result<(), BarrierError> {
+    /// Commits every command of the batch at once, after writing their replies to their rows.
+    pub async fn commit(mut self) -> Result<(), BarrierError> {
+        record_all(&mut self.tx, &self.pending).await?;
         self.tx.commit().await?;
         Ok(())
     }
@@ -314,6 +400,32 @@ pub async fn execute_batch(
     }
     batch.commit().await?;
     Ok(outcomes)
+}
+
+/// Undoes what a command of a batch wrote, for [`Executed::Discard`], leaving the transaction
+/// as if the command had never run: what the handler wrote (and a statement error that aborted
+/// the transaction) is rolled back to the handler's savepoint, then the command's own barrier
+/// row, written before that savepoint, is deleted.
+///
+/// The own row is the only one to delete: [`execute_in`] discards only after running the
+/// handler, and an undo whose guard insert succeeded (the only other row a command inserts) is
+/// a null compensation and never runs its handler. The row lock taken on a forward row that was
+/// found (`locked_reply`) stays held until the batch ends, and so does the deleted row's key: a
+/// concurrent delivery of the same operation waits for the batch instead of for this command.
+async fn discard(conn: &mut PgConnection, cmd: &Command) -> Result<(), BarrierError> {
+    sqlx::raw_sql("ROLLBACK TO SAVEPOINT sagas_barrier_handler")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "DELETE FROM sagas_barrier \
+         WHERE transaction_id = $1 AND step = $2 AND operation = $3",
+    )
+    .bind(cmd.transaction_id)
+    .bind(&cmd.step)
+    .bind(cmd.operation.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Whether a handler's database error fails the whole batch rather than only its command.
@@ -428,6 +540,33 @@ async fn insert(
     .execute(conn)
     .await?;
     Ok(result.rows_affected() == 1)
+}
+
+/// Stores the replies (and origins) of a batch's commands in their rows, in one statement.
+async fn record_all(conn: &mut PgConnection, pending: &[PendingReply]) -> Result<(), BarrierError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let transaction_ids: Vec<Uuid> = pending.iter().map(|p| p.transaction_id).collect();
+    let steps: Vec<&str> = pending.iter().map(|p| p.step.as_str()).collect();
+    let operations: Vec<&str> = pending.iter().map(|p| p.operation.as_str()).collect();
+    let origins: Vec<&str> = pending.iter().map(|p| p.origin.as_str()).collect();
+    let replies: Vec<Json<&Outcome>> = pending.iter().map(|p| Json(&p.outcome)).collect();
+    sqlx::query(
+        "UPDATE sagas_barrier AS b SET origin = v.origin, reply = v.reply \
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) \
+             AS v(transaction_id, step, operation, origin, reply) \
+         WHERE b.transaction_id = v.transaction_id AND b.step = v.step \
+         AND b.operation = v.operation",
+    )
+    .bind(transaction_ids)
+    .bind(steps)
+    .bind(operations)
+    .bind(origins)
+    .bind(replies)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Stores the reply (and origin) of `cmd`'s own row.

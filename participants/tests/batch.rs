@@ -341,3 +341,273 @@ async fn a_batch_waits_for_a_concurrent_duplicate_and_returns_its_reply() {
     assert_eq!(batched[1], alone);
     assert_eq!(db.account("a").await, (100, 10));
 }
+
+/// A handler for every operation that credits `a`, and then runs a failing statement when the
+/// payload has `"break": true`.
+struct BreaksOnDemand;
+
+#[async_trait]
+impl Handler for BreaksOnDemand {
+    async fn handle(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE id = 'a'")
+            .execute(&mut *tx)
+            .await?;
+        if cmd.payload["break"] == true {
+            sqlx::query("SELECT 1 / 0").execute(&mut *tx).await?;
+        }
+        Ok(json!({ "op": cmd.operation.as_str() }))
+    }
+}
+
+#[tokio::test]
+async fn a_transient_failure_of_an_undo_in_a_batch_leaves_no_row_of_its_own_and_the_forward_row_unchanged()
+ {
+    let (t1, t2) = (Uuid::new_v4(), Uuid::new_v4());
+    let flaky = json!({ "account": "a", "amount": 10, "fail_undo": "transient" });
+    let cmds = [
+        command(t1, "credit", Operation::Action, pay(10)),
+        command(t1, "credit", Operation::Compensate, flaky.clone()),
+        command(t2, "reserve", Operation::Try, pay(10)),
+        command(t2, "reserve", Operation::Cancel, flaky),
+    ];
+    let (outcomes, (barrier_rows, accounts)) =
+        batch_equals_sequential(&bank(), &[("a", 100)], &cmds).await;
+    let statuses: Vec<_> = outcomes.iter().map(Outcome::status).collect();
+    assert_eq!(statuses, ["succeeded", "retry", "succeeded", "retry"]);
+    assert_eq!(accounts, [("a".to_owned(), 100, 10)]);
+    let left: Vec<_> = barrier_rows
+        .iter()
+        .map(|r| (r.0, r.2.as_str(), r.3.as_str()))
+        .collect();
+    let mut expected = vec![(t1, "action", "handler"), (t2, "try", "handler")];
+    expected.sort();
+    let mut left = left;
+    left.sort();
+    assert_eq!(
+        left, expected,
+        "no undo row, and no guard over the forward rows"
+    );
+}
+
+#[tokio::test]
+async fn a_command_discarded_in_a_batch_runs_again_when_redelivered_later_in_the_same_batch() {
+    let (t1, t2, t3) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let flaky = json!({ "account": "a", "amount": 10, "fail": "transient" });
+    let flaky_undo = json!({ "account": "a", "amount": 10, "fail_undo": "transient" });
+    let cmds = [
+        // A forward operation discarded, then delivered again and run.
+        command(t1, "credit", Operation::Action, flaky),
+        command(t1, "credit", Operation::Action, pay(10)),
+        // An undo discarded, then delivered again and run.
+        command(t2, "reserve", Operation::Try, pay(10)),
+        command(t2, "reserve", Operation::Cancel, flaky_undo),
+        command(t2, "reserve", Operation::Cancel, pay(10)),
+        // A forward operation discarded, then its undo: nothing took effect.
+        command(
+            t3,
+            "reserve",
+            Operation::Try,
+            json!({ "account": "a", "amount": 10, "fail": "transient" }),
+        ),
+        command(t3, "reserve", Operation::Cancel, pay(10)),
+    ];
+    let (outcomes, (barrier_rows, accounts)) =
+        batch_equals_sequential(&bank(), &[("a", 100)], &cmds).await;
+    let statuses: Vec<_> = outcomes.iter().map(Outcome::status).collect();
+    assert_eq!(
+        statuses,
+        [
+            "retry",
+            "succeeded",
+            "succeeded",
+            "retry",
+            "succeeded",
+            "retry",
+            "succeeded"
+        ]
+    );
+    assert_eq!(
+        outcomes[6],
+        Outcome::succeeded(json!({ "null_compensation": true }))
+    );
+    assert_eq!(accounts, [("a".to_owned(), 110, 0)]);
+    let origins = |id: Uuid| -> Vec<(String, String)> {
+        let mut v: Vec<_> = barrier_rows
+            .iter()
+            .filter(|r| r.0 == id)
+            .map(|r| (r.2.clone(), r.3.clone()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(origins(t1), [("action".to_owned(), "handler".to_owned())]);
+    assert_eq!(
+        origins(t3),
+        [
+            ("cancel".to_owned(), "null_compensation".to_owned()),
+            ("try".to_owned(), "guard".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_statement_error_of_a_handler_in_a_batch_is_undone_and_the_later_commands_run_as_alone() {
+    let router = Router::new().route("step", BreaksOnDemand);
+    let (t1, t2) = (Uuid::new_v4(), Uuid::new_v4());
+    let broken = json!({ "break": true });
+    let cmds = [
+        // An undo's handler hits a statement error; the undo delivered again then runs.
+        command(t1, "step", Operation::Action, json!({})),
+        command(t1, "step", Operation::Compensate, broken.clone()),
+        command(t1, "step", Operation::Compensate, json!({})),
+        // A forward operation hits a statement error; its undo is then a null compensation,
+        // and the forward operation delivered again is refused.
+        command(t2, "step", Operation::Action, broken),
+        command(t2, "step", Operation::Compensate, json!({})),
+        command(t2, "step", Operation::Action, json!({})),
+    ];
+    let (outcomes, (barrier_rows, accounts)) =
+        batch_equals_sequential(&router, &[("a", 100)], &cmds).await;
+    let statuses: Vec<_> = outcomes.iter().map(Outcome::status).collect();
+    assert_eq!(
+        statuses,
+        [
+            "succeeded",
+            "retry",
+            "succeeded",
+            "retry",
+            "succeeded",
+            "failed"
+        ]
+    );
+    assert!(
+        matches!(&outcomes[1], Outcome::Retry { reason, .. } if reason.contains("division by zero")),
+        "{:?}",
+        outcomes[1]
+    );
+    assert_eq!(accounts, [("a".to_owned(), 102, 0)], "two handlers ran");
+    assert_eq!(barrier_rows.len(), 4);
+}
+
+/// A long-running operation: the forward operation writes and is accepted (`in_progress`),
+/// the undo writes and succeeds.
+struct Accepting;
+
+#[async_trait]
+impl Handler for Accepting {
+    async fn handle(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        let delta: i64 = if cmd.operation.is_forward() { 1 } else { -1 };
+        sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = 'a'")
+            .bind(delta)
+            .execute(&mut *tx)
+            .await?;
+        if cmd.operation.is_forward() {
+            return Err(HandlerError::in_progress(Some("queued".to_owned())));
+        }
+        Ok(json!({ "undone": true }))
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_later_in_a_batch_gets_the_reply_of_the_earlier_command() {
+    let router = bank().route("slow", Accepting);
+    let t: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let tried = command(t[0], "reserve", Operation::Try, pay(10));
+    let refused = command(
+        t[1],
+        "credit",
+        Operation::Action,
+        json!({ "account": "a", "amount": 10, "fail": "business_after_write" }),
+    );
+    let accepted = command(t[2], "slow", Operation::Action, json!({}));
+    let cancelled = command(t[3], "reserve", Operation::Cancel, pay(10));
+    let cmds = [
+        tried.clone(),
+        refused.clone(),
+        accepted.clone(),
+        cancelled.clone(),
+        command(Uuid::new_v4(), "credit", Operation::Action, pay(1)),
+        again(&tried),
+        again(&refused),
+        again(&accepted),
+        again(&cancelled),
+        // The try cancelled after its duplicates; the accepted action compensated.
+        command(t[0], "reserve", Operation::Cancel, pay(10)),
+        command(t[2], "slow", Operation::Compensate, json!({})),
+        again(&accepted),
+        // The refused action's compensation: nothing took effect.
+        command(t[1], "credit", Operation::Compensate, pay(10)),
+    ];
+    let (outcomes, (_, accounts)) = batch_equals_sequential(&router, &[("a", 100)], &cmds).await;
+    for (first, duplicate) in [(0, 5), (1, 6), (2, 7), (3, 8), (2, 11)] {
+        assert_eq!(
+            outcomes[first], outcomes[duplicate],
+            "{first} / {duplicate}"
+        );
+    }
+    let statuses: Vec<_> = outcomes.iter().map(Outcome::status).collect();
+    assert_eq!(
+        statuses,
+        [
+            "succeeded",
+            "failed",
+            "in_progress",
+            "succeeded",
+            "succeeded",
+            "succeeded",
+            "failed",
+            "in_progress",
+            "succeeded",
+            "succeeded",
+            "succeeded",
+            "in_progress",
+            "succeeded"
+        ]
+    );
+    assert_eq!(
+        outcomes[12],
+        Outcome::succeeded(json!({ "null_compensation": true }))
+    );
+    assert_eq!(
+        outcomes[10],
+        Outcome::succeeded(json!({ "undone": true })),
+        "the accepted action took effect: its compensation runs"
+    );
+    // +1 (credit) +1 -1 (slow): the try was cancelled, the refused credit rolled back.
+    assert_eq!(accounts, [("a".to_owned(), 101, 0)]);
+}
+
+#[tokio::test]
+async fn a_barrier_error_before_the_handler_runs_ends_the_batch_and_commits_nothing() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let router = bank();
+    let unusable = command(Uuid::new_v4(), "credit", Operation::Action, pay(10));
+    // A row without a reply, as if edited by hand.
+    sqlx::query(
+        "INSERT INTO sagas_barrier (transaction_id, step, operation, origin) \
+         VALUES ($1, 'credit', 'action', 'handler')",
+    )
+    .bind(unusable.transaction_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let fine = command(Uuid::new_v4(), "credit", Operation::Action, pay(10));
+    let result = barrier::execute_batch(&db.pool, &[fine.clone(), unusable.clone()], &router).await;
+    assert!(
+        matches!(result, Err(BarrierError::Inconsistent { .. })),
+        "{result:?}"
+    );
+    assert!(
+        barrier::records(&db.pool, fine.transaction_id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(db.account("a").await, (100, 0));
+    let alone = barrier::execute(&db.pool, &unusable, &router).await;
+    assert!(
+        matches!(alone, Err(BarrierError::Inconsistent { .. })),
+        "{alone:?}"
+    );
+}
