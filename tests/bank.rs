@@ -8,7 +8,7 @@ mod common;
 mod bank;
 
 use anyhow::Result;
-use common::{RawPeer, TestEnv, spawn_app, spawn_participant};
+use common::{RawPeer, TestEnv, spawn_app_with, spawn_participant};
 use sagas::orchestrator::Status;
 use sagas::orchestrator::machine::StepStatus;
 use sagas::participant::barrier::{self, Origin};
@@ -25,9 +25,18 @@ struct Bank {
 
 impl Bank {
     async fn start() -> Result<Bank> {
+        Bank::start_with(1).await
+    }
+
+    /// With at most `command_batch` commands per AMQP message.
+    async fn start_with(command_batch: usize) -> Result<Bank> {
         let env = TestEnv::new().await?;
         bank::seed(&env.bank, 3, 1_000).await?;
-        let app = spawn_app(&env, bank::registry()?).await?;
+        let amqp = sagas::orchestrator::transport::AmqpConfig {
+            command_batch,
+            ..env.amqp_config()
+        };
+        let app = spawn_app_with(&env, bank::registry()?, amqp).await?;
         let accounts = spawn_participant(
             &env,
             bank::PARTICIPANT,
@@ -102,6 +111,68 @@ async fn a_saga_whose_steps_all_succeed_completes_and_moves_the_money() -> Resul
     assert_eq!(b.balance("acct-1").await?, (750, 0, 0));
     assert_eq!(b.balance("acct-2").await?, (1_250, 0, 0));
     assert!(bank::audit(&b.env.bank).await?.holds());
+    b.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_whose_commands_travel_in_batches_end_as_they_would_one_by_one() -> Result<()> {
+    let b = Bank::start_with(8).await?;
+    bank::close(&b.env.bank, "acct-3").await?;
+    // Started together so that commands for the participant share messages: sagas and TCC
+    // transfers, a third of them towards a closed account (compensated / cancelled).
+    let plan: Vec<(usize, &str, &str)> = (0..48)
+        .map(|n| {
+            let definition = if n % 2 == 0 {
+                "transfer_saga"
+            } else {
+                "transfer_tcc"
+            };
+            let to = if n % 3 == 0 { "acct-3" } else { "acct-2" };
+            (n, definition, to)
+        })
+        .collect();
+    let ids = futures_util::future::try_join_all(
+        plan.iter()
+            .map(|(_, definition, to)| b.transfer(definition, "acct-1", to, 1)),
+    )
+    .await?;
+    let mut moved = 0;
+    for ((n, _, to), &id) in plan.into_iter().zip(&ids) {
+        let done = b.env.wait_terminal(id).await?;
+        let expected = if to == "acct-3" {
+            Status::Compensated
+        } else {
+            Status::Completed
+        };
+        assert_eq!(done.status, expected, "transfer {n} to {to}");
+        if expected == Status::Completed {
+            moved += 1;
+        }
+    }
+    assert_eq!(b.balance("acct-1").await?, (1_000 - moved, 0, 0));
+    assert_eq!(b.balance("acct-2").await?, (1_000 + moved, 0, 0));
+    assert_eq!(b.balance("acct-3").await?, (1_000, 0, 0));
+    assert!(bank::audit(&b.env.bank).await?.holds());
+    let dead = b
+        .app
+        .engine
+        .stats()
+        .dead_lettered
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dead, 0, "no reply was dead-lettered");
+    assert_eq!(
+        b.accounts.stats.rejected(),
+        0,
+        "no command was dead-lettered"
+    );
+    // Every command was answered: none waited for its timeout. (Retries may happen: every
+    // transfer debits acct-1, and a command that loses a deadlock over it answers `retry`.)
+    for id in &ids {
+        for e in b.app.engine.events(*id).await? {
+            assert_ne!(e.event.kind(), "timed_out", "{id}: {e:?}");
+        }
+    }
     b.stop().await;
     Ok(())
 }

@@ -201,9 +201,14 @@ pub fn engine_config() -> EngineConfig {
 }
 
 pub async fn spawn_app(env: &TestEnv, registry: Registry) -> Result<App> {
+    spawn_app_with(env, registry, env.amqp_config()).await
+}
+
+/// [`spawn_app`] with transport settings of its own (e.g. command batches).
+pub async fn spawn_app_with(env: &TestEnv, registry: Registry, amqp: AmqpConfig) -> Result<App> {
     let engine = Engine::new(
         Arc::new(env.store()),
-        Arc::new(AmqpTransport::new(env.amqp_config())),
+        Arc::new(AmqpTransport::new(amqp)),
         registry,
         Arc::new(SystemClock),
         engine_config(),
@@ -238,6 +243,7 @@ pub async fn spawn_app(env: &TestEnv, registry: Registry) -> Result<App> {
 
 /// A participant running in this process.
 pub struct Running {
+    pub stats: sagas::participant::runtime::Stats,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
     conn: Arc<Connection>,
@@ -265,6 +271,7 @@ pub async fn spawn_participant(
     let shutdown = CancellationToken::new();
     let participant = Participant::new(name, env.topology.clone(), env.bank.clone(), handler)
         .queue_options(queue_options());
+    let stats = participant.stats();
     let s = shutdown.clone();
     let c = conn.clone();
     let task = tokio::spawn(async move {
@@ -276,6 +283,7 @@ pub async fn spawn_participant(
         }
     });
     Ok(Running {
+        stats,
         shutdown,
         task,
         conn,
