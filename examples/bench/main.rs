@@ -109,6 +109,13 @@ pub struct Args {
     /// Database pool size of each participant (it runs up to 16 handlers at once).
     #[arg(long, default_value_t = 16)]
     pub participant_pool: u32,
+    /// Handler slots of each participant (`Participant::concurrency`; a slot holds one
+    /// message, or the several messages taken together).
+    #[arg(long, default_value_t = 16)]
+    pub participant_concurrency: usize,
+    /// Reply batches the orchestrator commits at once (`EngineConfig::reply_concurrency`).
+    #[arg(long, default_value_t = sagas::orchestrator::EngineConfig::default().reply_concurrency)]
+    pub reply_slots: usize,
     /// Interval of the completion poll (one `count(*)` of open instances), in milliseconds.
     #[arg(long, default_value_t = 10)]
     pub poll_ms: u64,
@@ -363,10 +370,12 @@ fn print_text(r: &WorkloadResult) {
         r.start_p99_ms
     );
     println!(
-        "  per saga     {:.2} AMQP messages ({:.2} commands + {:.2} replies), {:.2} DB transactions ({:.2} orchestrator + {:.2} participants), {:.0} WAL bytes ({:.2} full-page images), {:.2} WAL syncs",
+        "  per saga     {:.2} AMQP messages ({:.2} commands + {:.2} replies; through the broker {:.2} + {:.2} messages), {:.2} DB transactions ({:.2} orchestrator + {:.2} participants), {:.0} WAL bytes ({:.2} full-page images), {:.2} WAL syncs",
         r.messages_per_saga,
         r.commands_per_saga,
         r.replies_per_saga,
+        r.wire_commands_per_saga,
+        r.wire_replies_per_saga,
         r.db_xacts_per_saga,
         r.orchestrator_xacts_per_saga,
         r.participant_xacts_per_saga,

@@ -67,6 +67,10 @@ pub struct WorkloadResult {
     pub messages_per_saga: f64,
     pub commands_per_saga: f64,
     pub replies_per_saga: f64,
+    /// AMQP messages through the broker per saga (command messages published, reply messages
+    /// received): below the commands and replies when they travel in batches.
+    pub wire_commands_per_saga: f64,
+    pub wire_replies_per_saga: f64,
     /// Committed transactions per saga (`pg_stat_database.xact_commit` deltas, minus the
     /// benchmark's own completion polls).
     pub orchestrator_xacts_per_saga: f64,
@@ -273,7 +277,10 @@ async fn run_in(
             args.step_timeout_secs.map(Duration::from_secs),
         )?,
         Arc::new(SystemClock),
-        EngineConfig::default(),
+        EngineConfig {
+            reply_concurrency: args.reply_slots.max(1),
+            ..EngineConfig::default()
+        },
     );
     engine.declare().await?;
     let shutdown = CancellationToken::new();
@@ -316,6 +323,7 @@ async fn run_in(
         let participant =
             Participant::new(p.clone(), topology.clone(), pool.clone(), Arc::new(Effects))
                 .queue_options(queues.clone())
+                .concurrency(args.participant_concurrency)
                 .install_barrier(false);
         let s = part_shutdown.clone();
         let c2 = conn.clone();
@@ -585,6 +593,8 @@ async fn run_in(
         Ok(Err(e)) => eprintln!("warning: engine task: {e}"),
         Err(_) => eprintln!("warning: engine did not stop within 30 s"),
     }
+    let wire_commands = transport.wire().published.load(Ordering::Relaxed);
+    let wire_replies = transport.wire().received.load(Ordering::Relaxed);
     transport.close().await;
     orch_pool.close().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -799,6 +809,8 @@ async fn run_in(
         messages_per_saga,
         commands_per_saga: per(commands),
         replies_per_saga: per(replies),
+        wire_commands_per_saga: per(wire_commands as f64),
+        wire_replies_per_saga: per(wire_replies as f64),
         orchestrator_xacts_per_saga: per(xact_orch as f64),
         participant_xacts_per_saga: per(xact_part as f64),
         db_xacts_per_saga: db_xacts,

@@ -52,7 +52,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            reply_concurrency: 4,
+            reply_concurrency: 2,
             reply_batch: 64,
             prefetch: 256,
             timer_concurrency: 32,
@@ -170,7 +170,7 @@ async fn delete_loop(store: Arc<dyn SagaStore>, mut rx: mpsc::UnboundedReceiver<
 /// Starts are stored in batches of at most this many (one statement, one transaction)...
 pub const START_BATCH: usize = 64;
 /// ...with at most this many batches being stored at once.
-pub const START_SLOTS: usize = 4;
+pub const START_SLOTS: usize = 2;
 
 /// A start waiting to be stored, and where to send the result.
 struct Creation {

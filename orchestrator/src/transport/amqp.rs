@@ -1,7 +1,7 @@
 //! The AMQP (RabbitMQ) transport, on lapin.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,6 +48,17 @@ pub struct AmqpTransport {
     config: AmqpConfig,
     link: Mutex<Option<Arc<Link>>>,
     shutdown: CancellationToken,
+    wire: Arc<WireCounts>,
+}
+
+/// AMQP messages through the broker since the transport was made: with batches, fewer than
+/// the commands and replies they carry.
+#[derive(Debug, Default)]
+pub struct WireCounts {
+    /// Command messages published and confirmed (a batch counts once).
+    pub published: AtomicU64,
+    /// Reply messages delivered (a batch counts once).
+    pub received: AtomicU64,
 }
 
 fn broker(e: impl std::fmt::Display) -> TransportError {
@@ -61,7 +72,13 @@ impl AmqpTransport {
             config,
             link: Mutex::new(None),
             shutdown: Default::default(),
+            wire: Default::default(),
         }
+    }
+
+    /// Messages through the broker so far.
+    pub fn wire(&self) -> &WireCounts {
+        &self.wire
     }
 
     /// The topology.
@@ -282,6 +299,7 @@ impl Transport for AmqpTransport {
                     format!("no queue is bound for participant {}", group[0].participant),
                 ));
             }
+            self.wire.published.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -295,6 +313,7 @@ impl Transport for AmqpTransport {
         let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
         let config = self.config.clone();
         let shutdown = self.shutdown.clone();
+        let wire = self.wire.clone();
         // The first connection is made here so that a broken configuration fails loudly.
         let first = consume(&config, prefetch).await?;
         tokio::spawn(async move {
@@ -327,6 +346,7 @@ impl Transport for AmqpTransport {
                             break;
                         }
                     };
+                    wire.received.fetch_add(1, Ordering::Relaxed);
                     let mut closed = false;
                     for incoming in incoming(delivery, &dead).await {
                         if tx.send(incoming).await.is_err() {
