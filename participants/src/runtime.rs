@@ -51,8 +51,8 @@ use crate::amqp::{QueueOptions, declare_participant};
 use crate::barrier::{self, BarrierError, Batch};
 use crate::handler::Handler;
 use crate::protocol::{
-    BATCH_CONTENT_TYPE, BATCH_HEADER, CONTENT_TYPE, Command, Outcome, PROTOCOL_VERSION, Reply,
-    Topology, TraceParent, join_batch, split_batch,
+    BATCH_CONTENT_TYPE, BATCH_HEADER, CONTENT_TYPE, Command, MAX_BATCH, Outcome, PROTOCOL_VERSION,
+    Reply, Topology, TraceParent, join_batch, split_batch,
 };
 
 /// Default number of unacknowledged commands the broker may push to one participant process.
@@ -1046,10 +1046,11 @@ async fn reject_whole(ctx: &Context, delivery: &Delivery, reason: &str) {
 ///
 /// The valid commands of all the deliveries run through the barrier in transactions of at
 /// most `batch_size` commands each, one after the other (a command batch can bring many
-/// more). As soon as every command of a delivery has its outcome, its reply (or, for a
-/// command batch, its reply batch) is published; the confirms are awaited only once every
-/// reply is published, so that the broker confirms them together, and each delivery is
-/// acked after its own reply's confirm.
+/// more). As soon as every command of a delivery has its outcome, it is answered (see
+/// [`publish`]: replies to a sender of command batches travel in reply batches, several
+/// deliveries' replies in one message); the confirms are awaited only once every reply is
+/// published, so that the broker confirms them together, and each delivery is acked after
+/// the confirm of the message that answers it.
 ///
 /// The deliveries hold one handler slot each, whatever the number of commands they carry:
 /// a command batch runs its commands one transaction at a time, so it needs no more of the
@@ -1069,21 +1070,22 @@ async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, _permits: OwnedSema
     loop {
         // Jobs are in the order of their deliveries: those whose jobs all have their
         // outcomes (or that have none) can be answered now.
-        while let Some(done) = taken.get(next).filter(|t| t.jobs.end <= outcomes.len()) {
-            if done.reply_to.is_some() {
-                let pending = publish(&ctx, done, &jobs, &mut outcomes).await;
-                published.push((next, pending));
-            }
+        let ready = next;
+        while taken
+            .get(next)
+            .is_some_and(|t| t.jobs.end <= outcomes.len())
+        {
             next += 1;
+        }
+        if next > ready {
+            published.extend(publish(&ctx, &taken, ready..next, &jobs, &mut outcomes).await);
         }
         let Some(chunk) = chunks.next() else { break };
         outcomes.extend(self::outcomes(&ctx, chunk).await.into_iter().map(Some));
     }
-    for (index, pending) in published {
-        let taken = &taken[index];
-        settle(&ctx, taken, pending)
-            .instrument(taken.span.clone())
-            .await;
+    for (group, pending) in published {
+        let span = taken[group[0]].span.clone();
+        settle(&ctx, &taken, &group, pending).instrument(span).await;
     }
 }
 
@@ -1091,48 +1093,99 @@ async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, _permits: OwnedSema
 /// nothing to answer (every element of a batch was dead-lettered).
 type Pending = Result<Option<(PublisherConfirm, ShortString)>, PublishError>;
 
-/// Publishes what answers `taken`, whose jobs all have their outcomes (taken from
-/// `outcomes`, where each is read once).
+/// Publishes what answers the deliveries `ready` of `taken`, whose jobs all have their
+/// outcomes (taken from `outcomes`, where each is read once); returns each message published
+/// with the deliveries it answers.
+///
+/// Where a command batch came from a `reply_to`, the sender speaks batches: the replies of
+/// every delivery from that `reply_to` (batches and single commands alike) go in reply
+/// batches, up to [`MAX_BATCH`] replies each, a delivery's replies never split between two.
+/// A single command from a `reply_to` that sent no batch is answered alone, as always.
 async fn publish(
     ctx: &Context,
-    taken: &Taken,
+    taken: &[Taken],
+    ready: Range<usize>,
     jobs: &[Job],
     outcomes: &mut [Option<Outcome>],
-) -> Pending {
-    let Some(reply_to) = &taken.reply_to else {
-        return Ok(None);
-    };
-    if taken.lost_dead_letter {
-        // It is requeued; its commands are answered from the barrier when it comes back.
-        return Err(PublishError::DeadLetter);
-    }
-    let range = taken.jobs.clone();
-    let mut replies = Vec::with_capacity(range.len());
-    let answered = outcomes[range.clone()].iter_mut().filter_map(Option::take);
-    for (job, outcome) in jobs[range].iter().zip(answered) {
-        job.span.in_scope(|| {
-            tracing::debug!(status = outcome.status(), "command processed");
-        });
-        replies.push(job.cmd.reply(outcome));
-    }
-    let confirm = match (taken.batch, &jobs[taken.jobs.clone()]) {
-        (_, []) => return Ok(None),
-        (false, [job]) => {
-            publish_reply(ctx, reply_to, job, &replies[0])
+) -> Vec<(Vec<usize>, Pending)> {
+    let speaks_batches: Vec<&ShortString> = taken[ready.clone()]
+        .iter()
+        .filter(|t| t.batch)
+        .filter_map(|t| t.reply_to.as_ref())
+        .collect();
+    let mut out = Vec::new();
+    // Reply batches being filled: reply_to, the deliveries answered, the replies.
+    let mut filling: Vec<(ShortString, Vec<usize>, Vec<Reply>)> = Vec::new();
+    for index in ready {
+        let t = &taken[index];
+        let Some(reply_to) = &t.reply_to else {
+            continue;
+        };
+        if t.lost_dead_letter {
+            // It is requeued; its commands are answered from the barrier when it comes back.
+            out.push((vec![index], Err(PublishError::DeadLetter)));
+            continue;
+        }
+        let range = t.jobs.clone();
+        let mut replies = Vec::with_capacity(range.len());
+        let answered = outcomes[range.clone()].iter_mut().filter_map(Option::take);
+        for (job, outcome) in jobs[range.clone()].iter().zip(answered) {
+            job.span.in_scope(|| {
+                tracing::debug!(status = outcome.status(), "command processed");
+            });
+            replies.push(job.cmd.reply(outcome));
+        }
+        if replies.is_empty() {
+            out.push((vec![index], Ok(None)));
+            continue;
+        }
+        if !speaks_batches.contains(&reply_to) {
+            let job = &jobs[range.start];
+            let pending = publish_reply(ctx, reply_to, job, &replies[0])
                 .instrument(job.span.clone())
-                .await?
+                .await
+                .map(|confirm| Some((confirm, reply_to.clone())));
+            out.push((vec![index], pending));
+            continue;
         }
-        _ => {
-            publish_reply_batch(ctx, reply_to, &replies)
-                .instrument(taken.span.clone())
-                .await?
-        }
-    };
-    Ok(Some((confirm, reply_to.clone())))
+        let at = match filling.iter().position(|(r, ..)| r == reply_to) {
+            Some(at) if filling[at].2.len() + replies.len() <= MAX_BATCH => at,
+            found => {
+                if let Some(full) = found {
+                    let (reply_to, group, replies) = filling.swap_remove(full);
+                    out.push(publish_batch(ctx, taken, reply_to, group, &replies).await);
+                }
+                filling.push((reply_to.clone(), Vec::new(), Vec::new()));
+                filling.len() - 1
+            }
+        };
+        filling[at].1.push(index);
+        filling[at].2.extend(replies);
+    }
+    for (reply_to, group, replies) in filling {
+        out.push(publish_batch(ctx, taken, reply_to, group, &replies).await);
+    }
+    out
 }
 
-/// Acks a delivery once its reply is confirmed, or requeues it.
-async fn settle(ctx: &Context, taken: &Taken, pending: Pending) {
+/// Publishes one reply batch answering the deliveries `group`.
+async fn publish_batch(
+    ctx: &Context,
+    taken: &[Taken],
+    reply_to: ShortString,
+    group: Vec<usize>,
+    replies: &[Reply],
+) -> (Vec<usize>, Pending) {
+    let pending = publish_reply_batch(ctx, &reply_to, replies)
+        .instrument(taken[group[0]].span.clone())
+        .await
+        .map(|confirm| Some((confirm, reply_to)));
+    (group, pending)
+}
+
+/// Acks the deliveries `group` of `taken` once the message answering them is confirmed, or
+/// requeues them.
+async fn settle(ctx: &Context, taken: &[Taken], group: &[usize], pending: Pending) {
     let confirmed = match pending {
         Ok(Some((confirm, reply_to))) => match confirm.await {
             Ok(confirmation) => confirmed(ctx, &reply_to, confirmation),
@@ -1141,16 +1194,17 @@ async fn settle(ctx: &Context, taken: &Taken, pending: Pending) {
         Ok(None) => Ok(()),
         Err(error) => Err(error),
     };
-    let acker = &taken.delivery.acker;
     match confirmed {
         Ok(()) => {
-            ctx.stats
-                .0
-                .processed
-                .fetch_add(taken.jobs.len() as u64, Ordering::Relaxed);
-            if let Err(error) = acker.ack(BasicAckOptions::default()).await {
-                // The broker redelivers; the barrier answers with the stored reply.
-                tracing::warn!(%error, "could not ack a command");
+            for t in group.iter().map(|&i| &taken[i]) {
+                ctx.stats
+                    .0
+                    .processed
+                    .fetch_add(t.jobs.len() as u64, Ordering::Relaxed);
+                if let Err(error) = t.delivery.acker.ack(BasicAckOptions::default()).await {
+                    // The broker redelivers; the barrier answers with the stored reply.
+                    tracing::warn!(%error, "could not ack a command");
+                }
             }
         }
         Err(error) => {
@@ -1160,8 +1214,10 @@ async fn settle(ctx: &Context, taken: &Taken, pending: Pending) {
                 requeue: true,
                 ..BasicNackOptions::default()
             };
-            if let Err(error) = acker.nack(requeue).await {
-                tracing::warn!(%error, "could not nack a command");
+            for t in group.iter().map(|&i| &taken[i]) {
+                if let Err(error) = t.delivery.acker.nack(requeue).await {
+                    tracing::warn!(%error, "could not nack a command");
+                }
             }
             if !ctx.reply_channel.status().connected() {
                 ctx.reply_channel_lost.notify_one();
