@@ -543,6 +543,10 @@ async fn insert(
 }
 
 /// Stores the replies (and origins) of a batch's commands in their rows, in one statement.
+///
+/// `transaction_id = ANY($1)` lets the planner reach the rows through the primary key: joined
+/// only to the unnested arrays, whose length it cannot know, it scanned the whole table (and
+/// the table only grows).
 async fn record_all(conn: &mut PgConnection, pending: &[PendingReply]) -> Result<(), BarrierError> {
     if pending.is_empty() {
         return Ok(());
@@ -556,7 +560,8 @@ async fn record_all(conn: &mut PgConnection, pending: &[PendingReply]) -> Result
         "UPDATE sagas_barrier AS b SET origin = v.origin, reply = v.reply \
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) \
              AS v(transaction_id, step, operation, origin, reply) \
-         WHERE b.transaction_id = v.transaction_id AND b.step = v.step \
+         WHERE b.transaction_id = ANY($1) \
+         AND b.transaction_id = v.transaction_id AND b.step = v.step \
          AND b.operation = v.operation",
     )
     .bind(transaction_ids)
