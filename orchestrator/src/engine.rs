@@ -167,6 +167,47 @@ async fn delete_loop(store: Arc<dyn SagaStore>, mut rx: mpsc::UnboundedReceiver<
     }
 }
 
+/// Publishes committed outbox rows and hands the confirmed ones to the deleter.
+#[derive(Clone)]
+struct Publisher {
+    transport: Arc<dyn Transport>,
+    store: Arc<dyn SagaStore>,
+    /// The background deleter of published outbox rows (none outside a Tokio runtime: then
+    /// rows are deleted right after their confirm).
+    deleter: Option<mpsc::UnboundedSender<Deletion>>,
+}
+
+impl Publisher {
+    /// Publishes `outbox` and, once confirmed, deletes the rows: at once when `now` (the
+    /// relay), else through the background deleter. A failure leaves them for the relay, so it
+    /// is logged, not returned.
+    async fn publish(&self, outbox: Vec<OutboxMessage>, now: bool) {
+        if outbox.is_empty() {
+            return;
+        }
+        match self.transport.publish(&outbox).await {
+            Ok(()) => {
+                let ids: Vec<i64> = outbox.iter().map(|m| m.id).collect();
+                let ids = match (&self.deleter, now) {
+                    (Some(deleter), false) => match deleter.send(Deletion::Ids(ids)) {
+                        Ok(()) => return,
+                        Err(mpsc::error::SendError(Deletion::Ids(ids))) => ids,
+                        Err(_) => return,
+                    },
+                    _ => ids,
+                };
+                if let Err(e) = self.store.delete_outbox(&ids).await {
+                    tracing::warn!(error = %e, "published outbox rows not deleted; the relay will publish them again");
+                }
+            }
+            Err(e) => {
+                metrics::counter!(metric::PUBLISH_FAILURES).increment(1);
+                tracing::warn!(error = %e, rows = outbox.len(), "publish failed; the outbox relay will retry");
+            }
+        }
+    }
+}
+
 /// Starts are stored in batches of at most this many (one statement, one transaction)...
 pub const START_BATCH: usize = 64;
 /// ...with at most this many batches being stored at once.
@@ -183,9 +224,14 @@ struct Creation {
 /// [`SagaStore::create_batch`]. A lone start is stored at once; under load many share a
 /// commit. If the batch fails as a whole, each start is tried alone, so that each gets its own
 /// error.
+///
+/// The commands of the stored starts are then published together (one publish: a
+/// participant's first commands can share a message) before each caller is answered, with
+/// an empty outbox for it to publish.
 async fn create_loop(
     store: Arc<dyn SagaStore>,
     clock: Arc<dyn Clock>,
+    publisher: Publisher,
     mut rx: mpsc::UnboundedReceiver<Creation>,
 ) {
     let slots = Arc::new(Semaphore::new(START_SLOTS));
@@ -203,7 +249,7 @@ async fn create_loop(
                 Err(_) => break,
             }
         }
-        let (store, now) = (store.clone(), clock.now());
+        let (store, now, publisher) = (store.clone(), clock.now(), publisher.clone());
         tokio::spawn(async move {
             let (starts, senders): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|c| (c.start, c.done)).unzip();
@@ -218,10 +264,23 @@ async fn create_loop(
                     results
                 }
             };
+            // The slots bound the store transactions; the next batch may commit while this
+            // one publishes.
+            drop(slot);
+            let mut outbox = Vec::new();
+            let results: Vec<Result<Vec<OutboxMessage>, StoreError>> = results
+                .into_iter()
+                .map(|result| {
+                    result.map(|rows| {
+                        outbox.extend(rows);
+                        Vec::new()
+                    })
+                })
+                .collect();
+            publisher.publish(outbox, false).await;
             for ((start, done), result) in starts.into_iter().zip(senders).zip(results) {
                 let _ = done.send((start, result));
             }
-            drop(slot);
         });
     }
 }
@@ -336,9 +395,8 @@ pub struct Engine {
     finished: broadcast::Sender<Uuid>,
     /// Cancelled when `run` is told to stop, so that waiting requests end.
     stopping: CancellationToken,
-    /// The background deleter of published outbox rows (none outside a Tokio runtime: then
-    /// rows are deleted right after their confirm).
-    deleter: Option<mpsc::UnboundedSender<Deletion>>,
+    /// Publishes outbox rows; holds the background deleter of published rows.
+    publisher: Publisher,
     /// The background batcher of starts (none outside a Tokio runtime: then each start is
     /// stored alone).
     creator: Option<mpsc::UnboundedSender<Creation>>,
@@ -358,13 +416,23 @@ impl Engine {
             runtime.spawn(delete_loop(store.clone(), rx));
             tx
         });
+        let publisher = Publisher {
+            transport: transport.clone(),
+            store: store.clone(),
+            deleter,
+        };
         let creator = tokio::runtime::Handle::try_current().ok().map(|runtime| {
             let (tx, rx) = mpsc::unbounded_channel();
-            runtime.spawn(create_loop(store.clone(), clock.clone(), rx));
+            runtime.spawn(create_loop(
+                store.clone(),
+                clock.clone(),
+                publisher.clone(),
+                rx,
+            ));
             tx
         });
         Arc::new(Engine {
-            deleter,
+            publisher,
             creator,
             store,
             transport,
@@ -642,39 +710,16 @@ impl Engine {
         self.transport.ping().await
     }
 
-    /// Publishes committed outbox rows and, once confirmed, deletes them: at once when `now`
-    /// (the relay), else through the background deleter. A failure leaves them for the relay,
-    /// so it is logged, not returned.
+    /// Publishes committed outbox rows and, once confirmed, deletes them (see
+    /// [`Publisher::publish`]).
     async fn publish(&self, outbox: Vec<OutboxMessage>, now: bool) {
-        if outbox.is_empty() {
-            return;
-        }
-        match self.transport.publish(&outbox).await {
-            Ok(()) => {
-                let ids: Vec<i64> = outbox.iter().map(|m| m.id).collect();
-                let ids = match (&self.deleter, now) {
-                    (Some(deleter), false) => match deleter.send(Deletion::Ids(ids)) {
-                        Ok(()) => return,
-                        Err(mpsc::error::SendError(Deletion::Ids(ids))) => ids,
-                        Err(_) => return,
-                    },
-                    _ => ids,
-                };
-                if let Err(e) = self.store.delete_outbox(&ids).await {
-                    tracing::warn!(error = %e, "published outbox rows not deleted; the relay will publish them again");
-                }
-            }
-            Err(e) => {
-                metrics::counter!(metric::PUBLISH_FAILURES).increment(1);
-                tracing::warn!(error = %e, rows = outbox.len(), "publish failed; the outbox relay will retry");
-            }
-        }
+        self.publisher.publish(outbox, now).await;
     }
 
     /// Waits until the published outbox rows handed to the background deleter so far are
     /// deleted (or their delete failed). `run` does it when it stops.
     pub async fn flush_outbox_deletes(&self) {
-        if let Some(deleter) = &self.deleter {
+        if let Some(deleter) = &self.publisher.deleter {
             let (done, wait) = oneshot::channel();
             if deleter.send(Deletion::Flush(done)).is_ok() {
                 let _ = wait.await;
@@ -714,7 +759,9 @@ impl Engine {
     ) {
         let permits = Arc::new(Semaphore::new(self.config.reply_concurrency));
         let limit = self.config.reply_batch.max(1);
+        let mut in_flight = tokio::task::JoinSet::new();
         loop {
+            while in_flight.try_join_next().is_some() {}
             // A slot first: while every slot is busy, replies gather in the channel and the
             // next batch takes them all (up to the limit), so batches grow with the load.
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -732,20 +779,20 @@ impl Engine {
                 }
             }
             let engine = self.clone();
-            tokio::spawn(async move {
-                engine.on_replies(batch).await;
-                drop(permit);
+            in_flight.spawn(async move {
+                engine.on_replies(batch, permit).await;
             });
         }
         // Let batches in flight finish so their acks go out.
-        let _ = permits
-            .acquire_many(self.config.reply_concurrency as u32)
-            .await;
+        while in_flight.join_next().await.is_some() {}
     }
 
     /// Handles a batch of replies: one store transaction for all, then the commands they
     /// caused are published (pipelined), then each reply is settled.
-    async fn on_replies(&self, batch: Vec<Incoming>) {
+    ///
+    /// `slot` is held until the transaction ends: the slots bound the store transactions, and
+    /// while the batch's commands are published and its replies acked, the next batch commits.
+    async fn on_replies(&self, batch: Vec<Incoming>, slot: tokio::sync::OwnedSemaphorePermit) {
         let mut replies = Vec::with_capacity(batch.len());
         for incoming in batch {
             let reply: Reply = match serde_json::from_slice(&incoming.body) {
@@ -778,6 +825,7 @@ impl Engine {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, replies = replies.len(), "replies not committed; they will be redelivered");
+                // The slot stays taken meanwhile: backpressure while the database fails.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 for (_, incoming) in replies {
                     let _ = incoming.ack.requeue().await;
@@ -785,6 +833,7 @@ impl Engine {
                 return;
             }
         };
+        drop(slot);
         metrics::histogram!(metric::REPLY_BATCH).record(replies.len() as f64);
         let mut outbox = Vec::new();
         let mut settled = Vec::with_capacity(replies.len());

@@ -1054,10 +1054,10 @@ async fn reject_whole(ctx: &Context, delivery: &Delivery, reason: &str) {
 ///
 /// The deliveries hold one handler slot each, whatever the number of commands they carry:
 /// a command batch runs its commands one transaction at a time, so it needs no more of the
-/// database than a delivery of `batch_size` single commands. The slots are freed together at
-/// the end: freed one by one, they would be taken again one by one, and the next batches
-/// would be single commands.
-async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, _permits: OwnedSemaphorePermit) {
+/// database than a delivery of `batch_size` single commands. The slots are freed together
+/// once every reply is published (before the confirms): freed one by one, they would be taken
+/// again one by one, and the next batches would be single commands.
+async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, permits: OwnedSemaphorePermit) {
     let mut jobs = Vec::with_capacity(deliveries.len());
     let mut taken = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
@@ -1083,6 +1083,10 @@ async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, _permits: OwnedSema
         let Some(chunk) = chunks.next() else { break };
         outcomes.extend(self::outcomes(&ctx, chunk).await.into_iter().map(Some));
     }
+    // The handlers are done and every reply is on its way: the slots go (all together) while
+    // the confirms come, so that the next deliveries run meanwhile. The deliveries waiting for
+    // confirms stay bounded by the prefetch.
+    drop(permits);
     for (group, pending) in published {
         let span = taken[group[0]].span.clone();
         settle(&ctx, &taken, &group, pending).instrument(span).await;
