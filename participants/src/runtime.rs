@@ -1,6 +1,6 @@
 //! The AMQP consumer that serves one participant's queue.
 //!
-//! For each command: decode and validate it, run it through the [barrier](crate::barrier) and
+//! For each command: decode and validate it, run it through the [barrier] and
 //! the handler, publish the reply (with a publisher confirm) to the command's `reply_to`, and
 //! only then ack the command. A crash anywhere before the ack means a redelivery, which the
 //! barrier answers from its stored reply. Bad messages are dead-lettered with their reason in

@@ -1,5 +1,5 @@
 //! Unit tests for handlers, without a broker: feed commands to a handler through the real
-//! [barrier](crate::barrier) against a test database, then inspect the reply and the barrier
+//! [barrier] against a test database, then inspect the reply and the barrier
 //! rows (like apalis' `TestWorker`).
 //!
 //! The harness runs exactly what the runtime runs for a delivery ([`process_within`]): the
