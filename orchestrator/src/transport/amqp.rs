@@ -583,3 +583,69 @@ impl Ack for AmqpAck {
             .map_err(broker)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sagas_participant::protocol::Operation;
+    use uuid::Uuid;
+
+    fn message(id: i64, participant: &str) -> OutboxMessage {
+        OutboxMessage {
+            id,
+            participant: participant.into(),
+            command: Command {
+                protocol: 1,
+                transaction_id: Uuid::nil(),
+                definition: "d".into(),
+                step: format!("s{id}"),
+                operation: Operation::Action,
+                attempt: 1,
+                payload: serde_json::Value::Null,
+                output: None,
+                deadline: None,
+                traceparent: None,
+            },
+        }
+    }
+
+    fn ids(groups: &[Vec<&OutboxMessage>]) -> Vec<Vec<i64>> {
+        groups
+            .iter()
+            .map(|g| g.iter().map(|m| m.id).collect())
+            .collect()
+    }
+
+    #[test]
+    fn without_batches_every_command_travels_alone_in_order() {
+        let messages = [message(1, "a"), message(2, "b"), message(3, "a")];
+        for max in [0, 1] {
+            assert_eq!(
+                ids(&group_by_participant(&messages, max)),
+                [vec![1], vec![2], vec![3]]
+            );
+        }
+        assert!(group_by_participant(&[], 16).is_empty());
+    }
+
+    #[test]
+    fn commands_group_by_participant_in_order_and_a_full_group_starts_another() {
+        let messages = [
+            message(1, "a"),
+            message(2, "b"),
+            message(3, "a"),
+            message(4, "a"),
+            message(5, "b"),
+            message(6, "a"),
+            message(7, "c"),
+        ];
+        assert_eq!(
+            ids(&group_by_participant(&messages, 2)),
+            [vec![1, 3], vec![2, 5], vec![4, 6], vec![7]]
+        );
+        assert_eq!(
+            ids(&group_by_participant(&messages, 16)),
+            [vec![1, 3, 4, 6], vec![2, 5], vec![7]]
+        );
+    }
+}
