@@ -47,14 +47,24 @@ impl PgStore {
         for (start, idempotency) in starts {
             let inst = &start.instance;
             let id = inst.id;
-            instances.push(json!({
-                "i": id, "definition": inst.plan.name, "version": inst.plan.version,
-                "mode": inst.plan.mode.as_str(), "status": inst.status.as_str(), "seq": inst.seq,
-                "state": inst, "failure": inst.failure,
-                "key": idempotency.map(|i| &i.key), "request": idempotency.map(|i| &i.request),
-            }));
+            instances.push(NewRow {
+                i: id,
+                definition: &inst.plan.name,
+                version: inst.plan.version,
+                mode: inst.plan.mode.as_str(),
+                status: inst.status.as_str(),
+                seq: inst.seq,
+                state: inst,
+                failure: &inst.failure,
+                key: idempotency.map(|i| &i.key),
+                request: idempotency.map(|i| &i.request),
+            });
             for (n, event) in start.events.iter().enumerate() {
-                events.push(json!({"i": id, "s": n + 1, "b": event}));
+                events.push(EventRow {
+                    i: id,
+                    s: n as i64 + 1,
+                    b: event,
+                });
             }
             let super::PlannedEffects {
                 sends: cmds,
@@ -65,9 +75,12 @@ impl PgStore {
                 set.push(json!({"i": id, "k": key, "at": at, "t": timer}));
             }
             for (participant, command) in cmds {
-                sends.push(
-                    json!({"i": id, "p": participant, "m": command.message_id(), "b": command}),
-                );
+                sends.push(SendRow {
+                    i: id,
+                    p: participant,
+                    m: command.message_id(),
+                    b: command,
+                });
             }
         }
         let (created, ids, message_ids): (Vec<Uuid>, Vec<i64>, Vec<String>) = sqlx::query_as(
@@ -163,6 +176,62 @@ impl PgStore {
     }
 }
 
+/// The JSON rows the batch statements unpack (`jsonb_array_elements`), serialized straight
+/// from the borrowed values: no `serde_json::Value` tree is built for them.
+#[derive(serde::Serialize)]
+struct EventRow<'a> {
+    i: Uuid,
+    s: i64,
+    b: &'a Event,
+}
+
+#[derive(serde::Serialize)]
+struct SendRow<'a> {
+    i: Uuid,
+    p: &'a str,
+    m: String,
+    b: &'a Command,
+}
+
+#[derive(serde::Serialize)]
+struct SetTimerRow<'a> {
+    i: Uuid,
+    k: &'a str,
+    at: Time,
+    t: Timer,
+}
+
+#[derive(serde::Serialize)]
+struct DeleteTimerRow {
+    i: Uuid,
+    k: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    t: Option<Timer>,
+}
+
+#[derive(serde::Serialize)]
+struct NewRow<'a> {
+    i: Uuid,
+    definition: &'a str,
+    version: u32,
+    mode: &'static str,
+    status: &'static str,
+    seq: u64,
+    state: &'a Instance,
+    failure: &'a Option<String>,
+    key: Option<&'a String>,
+    request: Option<&'a serde_json::Value>,
+}
+
+#[derive(serde::Serialize)]
+struct ProjectionRow<'a> {
+    i: Uuid,
+    status: &'static str,
+    seq: u64,
+    state: &'a Instance,
+    failure: &'a Option<String>,
+}
+
 /// One input of [`PgStore::transact`].
 struct Item<'a> {
     /// The instance.
@@ -230,10 +299,11 @@ impl PgStore {
             })
             .collect();
 
-        let mut events = Vec::new();
-        let mut sends = Vec::new();
         let mut results: Vec<Result<Transition, StoreError>> = Vec::with_capacity(items.len());
+        // The instance of each result, for its event and command rows.
+        let mut of_result: Vec<Uuid> = Vec::with_capacity(items.len());
         for item in items {
+            of_result.push(item.id);
             let Some(p) = pending.get_mut(&item.id) else {
                 results.push(Err(StoreError::NotFound(item.id)));
                 continue;
@@ -248,18 +318,9 @@ impl PgStore {
             // A conditional delete of a fired timer is only exact against the stored row, so
             // it is taken for an instance's only input; the batch API never passes one.
             p.fired = if p.latest.is_none() { item.fired } else { None };
-            let first = transition.instance.seq as i64 - transition.events.len() as i64 + 1;
-            for (n, event) in transition.events.iter().enumerate() {
-                events.push(json!({"i": item.id, "s": first + n as i64, "b": event}));
-            }
             for effect in &transition.effects {
                 match effect {
-                    Effect::Send {
-                        participant,
-                        command,
-                    } => sends.push(
-                        json!({"i": item.id, "p": participant, "m": command.message_id(), "b": command}),
-                    ),
+                    Effect::Send { .. } => {}
                     Effect::SetTimer { at, timer } => {
                         p.timers.insert(timer.key(), Some((*at, *timer)));
                     }
@@ -273,28 +334,71 @@ impl PgStore {
             results.push(Ok(transition));
         }
 
+        let mut events = Vec::new();
+        let mut sends = Vec::new();
+        for (&id, result) in of_result.iter().zip(&results) {
+            let Ok(transition) = result else { continue };
+            let first = transition.instance.seq as i64 - transition.events.len() as i64 + 1;
+            for (n, event) in transition.events.iter().enumerate() {
+                events.push(EventRow {
+                    i: id,
+                    s: first + n as i64,
+                    b: event,
+                });
+            }
+            for effect in &transition.effects {
+                if let Effect::Send {
+                    participant,
+                    command,
+                } = effect
+                {
+                    sends.push(SendRow {
+                        i: id,
+                        p: participant,
+                        m: command.message_id(),
+                        b: command,
+                    });
+                }
+            }
+        }
         let mut instances = Vec::new();
         let mut set = Vec::new();
         let mut delete = Vec::new();
-        for (id, p) in &pending {
+        for (&id, p) in &pending {
             if p.changed {
                 let s = p.current(&results);
-                instances.push(json!({
-                    "i": id, "status": s.status.as_str(), "seq": s.seq, "state": s,
-                    "failure": s.failure,
-                }));
+                instances.push(ProjectionRow {
+                    i: id,
+                    status: s.status.as_str(),
+                    seq: s.seq,
+                    state: s,
+                    failure: &s.failure,
+                });
             }
             for (key, value) in &p.timers {
                 match value {
-                    Some((at, timer)) => set.push(json!({"i": id, "k": key, "at": at, "t": timer})),
-                    None => delete.push(json!({"i": id, "k": key})),
+                    Some((at, timer)) => set.push(SetTimerRow {
+                        i: id,
+                        k: key,
+                        at: *at,
+                        t: *timer,
+                    }),
+                    None => delete.push(DeleteTimerRow {
+                        i: id,
+                        k: key.clone(),
+                        t: None,
+                    }),
                 }
             }
             // The fired timer is deleted if it is still the one that fired, unless the
             // transitions set or delete its key themselves (one statement must not touch a row
             // twice).
             if let Some(fired) = p.fired.filter(|t| !p.timers.contains_key(&t.key())) {
-                delete.push(json!({"i": id, "k": fired.key(), "t": fired}));
+                delete.push(DeleteTimerRow {
+                    i: id,
+                    k: fired.key(),
+                    t: Some(fired),
+                });
             }
         }
 
