@@ -11,9 +11,9 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{BasicProperties, Channel, ExchangeKind};
 
-use crate::protocol::Topology;
+use crate::protocol::{BATCH_CONTENT_TYPE, BATCH_HEADER, Topology};
 
 /// How queues (and, with `expires`, exchanges) are declared; both sides must use the same.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,6 +64,21 @@ impl QueueOptions {
             ..ExchangeDeclareOptions::default()
         }
     }
+}
+
+/// The AMQP properties of a batch of `count` messages whose first has the message id
+/// `first_id` (docs/protocol.md, "Batches"); a command batch adds its `reply_to`.
+pub fn batch_properties(first_id: &str, count: usize) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        BATCH_HEADER.into(),
+        AMQPValue::LongLongInt(i64::try_from(count).unwrap_or(i64::MAX)),
+    );
+    BasicProperties::default()
+        .with_content_type(BATCH_CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_message_id(format!("batch:{first_id}:{count}").into())
+        .with_headers(headers)
 }
 
 /// Declares the fanout dead-letter exchange and the dead-letter queue bound to it.

@@ -47,12 +47,12 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::amqp::{QueueOptions, declare_participant};
+use crate::amqp::{QueueOptions, batch_properties, declare_participant};
 use crate::barrier::{self, BarrierError, Batch};
 use crate::handler::Handler;
 use crate::protocol::{
-    BATCH_CONTENT_TYPE, BATCH_HEADER, CONTENT_TYPE, Command, MAX_BATCH, Outcome, PROTOCOL_VERSION,
-    Reply, Topology, TraceParent, join_batch, split_batch,
+    BATCH_CONTENT_TYPE, CONTENT_TYPE, Command, MAX_BATCH, Outcome, PROTOCOL_VERSION, Reply,
+    Topology, TraceParent, join_batch, split_batch,
 };
 
 /// Default number of unacknowledged commands the broker may push to one participant process.
@@ -1344,6 +1344,17 @@ async fn publish_reply(
         );
         properties = properties.with_headers(headers);
     }
+    publish_to(ctx, reply_to, &payload, properties).await
+}
+
+/// Publishes a reply (or reply batch) to `reply_to` through the default exchange, `mandatory`
+/// so that a missing queue is reported; the confirm is awaited by [`settle`].
+async fn publish_to(
+    ctx: &Context,
+    reply_to: &ShortString,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> Result<PublisherConfirm, PublishError> {
     let confirm = ctx
         .reply_channel
         .basic_publish(
@@ -1353,15 +1364,14 @@ async fn publish_reply(
                 mandatory: true,
                 ..BasicPublishOptions::default()
             },
-            &payload,
+            payload,
             properties,
         )
         .await?;
     Ok(confirm)
 }
 
-/// Publishes the replies of a command batch's valid elements, in order, as one reply batch;
-/// the confirm is awaited by [`settle`].
+/// Publishes replies, in order, as one reply batch; the confirm is awaited by [`settle`].
 async fn publish_reply_batch(
     ctx: &Context,
     reply_to: &ShortString,
@@ -1372,29 +1382,14 @@ async fn publish_reply_batch(
         .map(serde_json::to_vec)
         .collect::<Result<Vec<_>, _>>()?;
     let payload = join_batch(encoded.iter().map(Vec::as_slice));
-    let count = replies.len();
     let first = replies.first().map(Reply::message_id).unwrap_or_default();
-    let mut headers = FieldTable::default();
-    headers.insert(BATCH_HEADER.into(), AMQPValue::LongLongInt(count as i64));
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(BATCH_CONTENT_TYPE.into())
-        .with_message_id(format!("batch:{first}:{count}").into())
-        .with_headers(headers);
-    let confirm = ctx
-        .reply_channel
-        .basic_publish(
-            "".into(),
-            reply_to.clone(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &payload,
-            properties,
-        )
-        .await?;
-    Ok(confirm)
+    publish_to(
+        ctx,
+        reply_to,
+        &payload,
+        batch_properties(&first, replies.len()),
+    )
+    .await
 }
 
 /// Whether a confirmation means the reply is delivered (or can never be).

@@ -5,49 +5,21 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{TestBroker, TestDb, again, amqp_url, bank, command, element};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use common::{Running, TestBroker, TestDb, again, bank, command, element, start_with, text_header};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, ShortString};
 use sagas_participant::protocol::{
     BATCH_CONTENT_TYPE, Command, Operation, Outcome, Reply, join_batch,
 };
-use sagas_participant::runtime::{Participant, RuntimeError, Stats};
+use sagas_participant::runtime::Participant;
 use serde_json::json;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 const BANK: &str = "bank";
 
 fn header(properties: &BasicProperties, name: &str) -> Option<AMQPValue> {
     properties.headers().as_ref()?.inner().get(name).cloned()
-}
-
-fn text_header(properties: &BasicProperties, name: &str) -> Option<String> {
-    match header(properties, name)? {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
-struct Running {
-    stats: Stats,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), RuntimeError>>,
-}
-
-impl Running {
-    async fn shutdown(self) {
-        self.stop.send(()).ok();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the runtime stops within 10 s")
-            .expect("the runtime task does not panic")
-            .expect("the runtime returns Ok on shutdown");
-    }
 }
 
 /// Starts the bank participant on a connection of its own, with transactions of at most
@@ -63,35 +35,7 @@ fn start(db: &TestDb, broker: &TestBroker, batch_size: usize) -> Running {
     .concurrency(4)
     .batch_size(batch_size)
     .queue_options(broker.options.clone());
-    let stats = participant.stats();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-        let result = participant
-            .run(&conn, async {
-                stopped.await.ok();
-            })
-            .await;
-        conn.close(200, "OK".into()).await.ok();
-        result
-    });
-    Running { stats, stop, task }
-}
-
-async fn ready_messages(broker: &TestBroker, queue: &str) -> u32 {
-    broker
-        .channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("passive queue.declare")
-        .message_count()
+    start_with(participant)
 }
 
 /// Steps and transactions mixed: successes, business failures, a null compensation and the
@@ -252,7 +196,9 @@ async fn a_batch_of_commands_gets_one_reply_batch_with_the_replies_they_get_one_
         Some(AMQPValue::LongLongInt(cmds.len() as i64))
     );
     assert_eq!(
-        ready_messages(&broker, &broker.topology.replies_queue()).await,
+        broker
+            .ready_messages(&broker.topology.replies_queue())
+            .await,
         0,
         "one message for the whole batch"
     );
@@ -340,7 +286,9 @@ async fn a_malformed_element_is_dead_lettered_alone_and_the_others_are_answered_
     );
     assert_eq!(props.delivery_mode(), &Some(2));
     assert_eq!(
-        ready_messages(&broker, &broker.topology.dead_letter_queue()).await,
+        broker
+            .ready_messages(&broker.topology.dead_letter_queue())
+            .await,
         0,
         "only the malformed element is dead-lettered"
     );
@@ -349,7 +297,7 @@ async fn a_malformed_element_is_dead_lettered_alone_and_the_others_are_answered_
 
     running.shutdown().await;
     assert_eq!(
-        ready_messages(&broker, &queue).await,
+        broker.ready_messages(&queue).await,
         0,
         "the batch was acked"
     );
@@ -403,12 +351,14 @@ async fn a_batch_whose_elements_are_all_malformed_is_acked_once_they_are_dead_le
 
     running.shutdown().await;
     assert_eq!(
-        ready_messages(&broker, &broker.topology.replies_queue()).await,
+        broker
+            .ready_messages(&broker.topology.replies_queue())
+            .await,
         0,
         "nothing answers a batch without valid commands"
     );
     assert_eq!(
-        ready_messages(&broker, &queue).await,
+        broker.ready_messages(&queue).await,
         0,
         "the batch was acked"
     );
@@ -575,7 +525,7 @@ async fn single_commands_and_a_batch_queued_together_are_each_answered_once() {
 
     running.shutdown().await;
     assert_eq!(
-        ready_messages(&broker, &queue).await,
+        broker.ready_messages(&queue).await,
         0,
         "every message was acked"
     );

@@ -9,14 +9,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{TestBroker, TestDb, amqp_url, bank, command, element};
-use lapin::{Connection, ConnectionProperties};
+use common::{TestBroker, TestDb, bank, command, element, start_with};
 use sagas_participant::protocol::{Command, Operation};
 use sagas_participant::runtime::Participant;
 use serde_json::json;
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
 const BANK: &str = "bank";
@@ -95,19 +92,7 @@ async fn each_command_of_a_batch_is_traced_in_its_own_span_with_the_traceparent_
         Arc::new(bank()),
     )
     .queue_options(broker.options.clone());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("connect");
-        let result = participant
-            .run(&conn, async {
-                stopped.await.ok();
-            })
-            .await;
-        conn.close(200, "OK".into()).await.ok();
-        result
-    });
+    let running = start_with(participant);
 
     let traced = |traceparent: Option<&str>| Command {
         traceparent: traceparent.map(str::to_owned),
@@ -162,11 +147,6 @@ async fn each_command_of_a_batch_is_traced_in_its_own_span_with_the_traceparent_
         Some("b7ad6b7169203331")
     );
 
-    stop.send(()).ok();
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("Ok");
+    running.shutdown().await;
     broker.teardown(&[BANK]).await;
 }

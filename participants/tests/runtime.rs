@@ -6,44 +6,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestBroker, TestDb, amqp_url, bank, command};
+use common::{Running, TestBroker, TestDb, amqp_url, bank, command, start_with, text_header};
+use lapin::BasicProperties;
 use lapin::options::BasicGetOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sagas_participant::amqp::{self, QueueOptions};
 use sagas_participant::barrier;
 use sagas_participant::protocol::{Command, Operation, Outcome, Reply, Topology};
 use sagas_participant::runtime::{Participant, RuntimeError, Stats};
 use serde_json::json;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 const BANK: &str = "bank";
-
-fn header(properties: &BasicProperties, name: &str) -> Option<String> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
-struct Running {
-    stats: Stats,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), RuntimeError>>,
-}
-
-impl Running {
-    async fn shutdown(self) {
-        self.stop.send(()).ok();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the runtime stops within 10 s")
-            .expect("the runtime task does not panic")
-            .expect("the runtime returns Ok on shutdown");
-    }
-}
 
 fn participant(db: &TestDb, topology: &Topology, options: &QueueOptions) -> Participant {
     Participant::new(BANK, topology.clone(), db.pool.clone(), Arc::new(bank()))
@@ -55,22 +30,6 @@ fn participant(db: &TestDb, topology: &Topology, options: &QueueOptions) -> Part
 /// Starts the bank participant on a connection of its own.
 fn start(db: &TestDb, topology: &Topology, options: &QueueOptions) -> Running {
     start_with(participant(db, topology, options))
-}
-
-fn start_with(participant: Participant) -> Running {
-    let stats = participant.stats();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-        let result = participant
-            .run(&conn, async {
-                stopped.await.ok();
-            })
-            .await;
-        conn.close(200, "OK".into()).await.ok();
-        result
-    });
-    Running { stats, stop, task }
 }
 
 #[tokio::test]
@@ -162,8 +121,8 @@ async fn a_malformed_message_is_dead_lettered_and_counted_and_the_runtime_keeps_
     let mut dead = Vec::new();
     for _ in 0..3 {
         let message = broker.next_message(&dead_letter_queue).await;
-        let reason = header(&message.delivery.properties, "x-sagas-reason");
-        let from = header(&message.delivery.properties, "x-sagas-queue");
+        let reason = text_header(&message.delivery.properties, "x-sagas-reason");
+        let from = text_header(&message.delivery.properties, "x-sagas-queue");
         assert_eq!(from.as_deref(), Some(queue.as_str()));
         dead.push((message.delivery.data.clone(), reason.expect("a reason")));
     }

@@ -7,24 +7,15 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{TestBroker, TestDb, amqp_url, bank, command};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use common::{TestBroker, TestDb, bank, command, start_with, text_header};
+use lapin::BasicProperties;
 use sagas_participant::protocol::Operation;
 use sagas_participant::runtime::Participant;
 use serde_json::json;
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
 const BANK: &str = "bank";
-
-fn header(properties: &BasicProperties, name: &str) -> Option<String> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
 
 mod trace_capture {
     //! A `tracing` layer that keeps the `traceparent` field of every `command` span.
@@ -79,19 +70,7 @@ async fn the_trace_context_of_a_command_is_recorded_in_its_span_and_repeated_on_
         Arc::new(bank()),
     )
     .queue_options(broker.options.clone());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("connect");
-        let result = participant
-            .run(&conn, async {
-                stopped.await.ok();
-            })
-            .await;
-        conn.close(200, "OK".into()).await.ok();
-        result
-    });
+    let running = start_with(participant);
 
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let cmd = command(
@@ -117,7 +96,10 @@ async fn the_trace_context_of_a_command_is_recorded_in_its_span_and_repeated_on_
         .await;
     let (reply, props) = broker.next_reply().await;
     assert_eq!(reply.outcome.status(), "succeeded");
-    assert_eq!(header(&props, "traceparent").as_deref(), Some(traceparent));
+    assert_eq!(
+        text_header(&props, "traceparent").as_deref(),
+        Some(traceparent)
+    );
     let fields = captured.0.lock().unwrap().clone();
     let field = |name: &str| {
         fields
@@ -136,11 +118,6 @@ async fn the_trace_context_of_a_command_is_recorded_in_its_span_and_repeated_on_
     );
     assert_eq!(field("parent_span_id").as_deref(), Some("00f067aa0ba902b7"));
 
-    stop.send(()).ok();
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops")
-        .expect("no panic")
-        .expect("Ok");
+    running.shutdown().await;
     broker.teardown(&[BANK]).await;
 }

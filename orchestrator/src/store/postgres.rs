@@ -4,7 +4,6 @@ use async_trait::async_trait;
 use chrono::Duration;
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::json;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::types::Json;
@@ -71,8 +70,13 @@ impl PgStore {
                 set: timers,
                 ..
             } = super::plan_effects(&start.effects);
-            for (key, at, timer) in timers {
-                set.push(json!({"i": id, "k": key, "at": at, "t": timer}));
+            for (key, at, t) in timers {
+                set.push(SetTimerRow {
+                    i: id,
+                    k: key,
+                    at,
+                    t,
+                });
             }
             for (participant, command) in cmds {
                 sends.push(SendRow {
@@ -194,9 +198,9 @@ struct SendRow<'a> {
 }
 
 #[derive(serde::Serialize)]
-struct SetTimerRow<'a> {
+struct SetTimerRow {
     i: Uuid,
-    k: &'a str,
+    k: String,
     at: Time,
     t: Timer,
 }
@@ -300,10 +304,7 @@ impl PgStore {
             .collect();
 
         let mut results: Vec<Result<Transition, StoreError>> = Vec::with_capacity(items.len());
-        // The instance of each result, for its event and command rows.
-        let mut of_result: Vec<Uuid> = Vec::with_capacity(items.len());
         for item in items {
-            of_result.push(item.id);
             let Some(p) = pending.get_mut(&item.id) else {
                 results.push(Err(StoreError::NotFound(item.id)));
                 continue;
@@ -336,8 +337,8 @@ impl PgStore {
 
         let mut events = Vec::new();
         let mut sends = Vec::new();
-        for (&id, result) in of_result.iter().zip(&results) {
-            let Ok(transition) = result else { continue };
+        for transition in results.iter().flatten() {
+            let id = transition.instance.id;
             let first = transition.instance.seq as i64 - transition.events.len() as i64 + 1;
             for (n, event) in transition.events.iter().enumerate() {
                 events.push(EventRow {
@@ -346,19 +347,13 @@ impl PgStore {
                     b: event,
                 });
             }
-            for effect in &transition.effects {
-                if let Effect::Send {
-                    participant,
-                    command,
-                } = effect
-                {
-                    sends.push(SendRow {
-                        i: id,
-                        p: participant,
-                        m: command.message_id(),
-                        b: command,
-                    });
-                }
+            for (participant, command) in transition.sends() {
+                sends.push(SendRow {
+                    i: id,
+                    p: participant,
+                    m: command.message_id(),
+                    b: command,
+                });
             }
         }
         let mut instances = Vec::new();
@@ -379,7 +374,7 @@ impl PgStore {
                 match value {
                     Some((at, timer)) => set.push(SetTimerRow {
                         i: id,
-                        k: key,
+                        k: key.clone(),
                         at: *at,
                         t: *timer,
                     }),

@@ -18,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Ack, Incoming, Transport, TransportError};
 use crate::store::OutboxMessage;
-use sagas_participant::amqp::{QueueOptions, declare_participant, declare_replies};
+use sagas_participant::amqp::{
+    QueueOptions, batch_properties, declare_participant, declare_replies,
+};
 use sagas_participant::protocol::{
-    BATCH_CONTENT_TYPE, BATCH_HEADER, CONTENT_TYPE, Command, Topology, join_batch, split_batch,
+    BATCH_CONTENT_TYPE, CONTENT_TYPE, Command, Topology, join_batch, split_batch,
 };
 
 /// Settings of the AMQP transport.
@@ -166,21 +168,6 @@ pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties 
         .with_headers(headers)
 }
 
-/// The AMQP properties of a batch of `count` commands whose first has `first_id`.
-pub fn batch_properties(first_id: &str, count: usize, reply_to: &str) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        BATCH_HEADER.into(),
-        AMQPValue::LongLongInt(i64::try_from(count).unwrap_or(i64::MAX)),
-    );
-    BasicProperties::default()
-        .with_content_type(BATCH_CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_message_id(format!("batch:{first_id}:{count}").into())
-        .with_reply_to(reply_to.into())
-        .with_headers(headers)
-}
-
 /// Splits `messages` into what goes in one AMQP message each: the commands for one participant,
 /// in their order, at most `max` together (`max` ≤ 1: each alone). Groups come in the order of
 /// their participants' first commands.
@@ -249,7 +236,8 @@ impl Transport for AmqpTransport {
                         .map_err(broker)?;
                     (
                         join_batch(encoded.iter().map(Vec::as_slice)),
-                        batch_properties(&many[0].command.message_id(), many.len(), &reply_to),
+                        batch_properties(&many[0].command.message_id(), many.len())
+                            .with_reply_to(reply_to.as_str().into()),
                     )
                 }
             };

@@ -12,9 +12,12 @@ use sagas_participant::amqp::{self, QueueOptions};
 use sagas_participant::barrier;
 use sagas_participant::handler::{HandlerError, Router, Saga, SagaHandler, Tcc, TccHandler};
 use sagas_participant::protocol::{Command, Operation, PROTOCOL_VERSION, Reply, Topology};
+use sagas_participant::runtime::{Participant, RuntimeError, Stats};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// The admin URL of the test PostgreSQL server.
@@ -305,6 +308,50 @@ impl SagaHandler for Bank {
     }
 }
 
+/// A participant runtime running in this process until [`Running::shutdown`].
+pub struct Running {
+    pub stats: Stats,
+    pub stop: oneshot::Sender<()>,
+    pub task: JoinHandle<Result<(), RuntimeError>>,
+}
+
+impl Running {
+    /// Stops the runtime and checks that it ended well within 10 s.
+    pub async fn shutdown(self) {
+        self.stop.send(()).ok();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the runtime stops within 10 s")
+            .expect("the runtime task does not panic")
+            .expect("the runtime returns Ok on shutdown");
+    }
+}
+
+/// Runs `participant` on a connection of its own.
+pub fn start_with(participant: Participant) -> Running {
+    let stats = participant.stats();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let result = participant
+            .run(&conn, async {
+                stopped.await.ok();
+            })
+            .await;
+        conn.close(200, "OK".into()).await.ok();
+        result
+    });
+    Running { stats, stop, task }
+}
+
+/// A long-string header of `properties`.
+pub fn text_header(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
 /// A broker connection and a topology of its own (queues expire if the test dies).
 pub struct TestBroker {
     pub conn: Connection,
@@ -395,23 +442,27 @@ impl TestBroker {
         panic!("no message on {queue} within 10 s");
     }
 
+    /// Messages ready in `queue` (not counting those delivered and unacked).
+    pub async fn ready_messages(&self, queue: &str) -> u32 {
+        use lapin::options::QueueDeclareOptions;
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("passive queue.declare")
+            .message_count()
+    }
+
     /// Waits up to 10 s until `queue` has no message ready (all delivered to consumers).
     pub async fn wait_delivered(&self, queue: &str) {
-        use lapin::options::QueueDeclareOptions;
         for _ in 0..500 {
-            let declared = self
-                .channel
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await
-                .expect("passive queue.declare");
-            if declared.message_count() == 0 {
+            if self.ready_messages(queue).await == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -469,17 +520,8 @@ pub fn element(cmd: &Command) -> Vec<u8> {
 
 /// The properties of a command batch of `count` elements, as the orchestrator sends it.
 pub fn batch_properties(topology: &Topology, count: usize) -> BasicProperties {
-    let mut headers = lapin::types::FieldTable::default();
-    headers.insert(
-        sagas_participant::protocol::BATCH_HEADER.into(),
-        lapin::types::AMQPValue::LongLongInt(count as i64),
-    );
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(sagas_participant::protocol::BATCH_CONTENT_TYPE.into())
-        .with_message_id(format!("batch:{}:{count}", Uuid::new_v4()).into())
+    amqp::batch_properties(&Uuid::new_v4().to_string(), count)
         .with_reply_to(topology.replies_queue().into())
-        .with_headers(headers)
 }
 
 impl TestBroker {
