@@ -546,7 +546,10 @@ async fn insert(
 ///
 /// `transaction_id = ANY($1)` lets the planner reach the rows through the primary key: joined
 /// only to the unnested arrays, whose length it cannot know, it scanned the whole table (and
-/// the table only grows).
+/// the table only grows). The statement is planned at every execution (not prepared): a
+/// prepared statement's generic plan is kept for the connection's life, and one made while
+/// the table was small (a new participant, or no ANALYZE since, as with autovacuum off) is a
+/// sequential scan that reads the whole table for every batch.
 async fn record_all(conn: &mut PgConnection, pending: &[PendingReply]) -> Result<(), BarrierError> {
     if pending.is_empty() {
         return Ok(());
@@ -564,6 +567,7 @@ async fn record_all(conn: &mut PgConnection, pending: &[PendingReply]) -> Result
          AND b.transaction_id = v.transaction_id AND b.step = v.step \
          AND b.operation = v.operation",
     )
+    .persistent(false)
     .bind(transaction_ids)
     .bind(steps)
     .bind(operations)
