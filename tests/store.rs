@@ -174,6 +174,18 @@ fn deadline(step: usize, attempt: u32) -> Timer {
     }
 }
 
+/// Every instance, newest first (up to 100).
+fn list_all() -> ListFilter {
+    ListFilter {
+        status: None,
+        definition: None,
+        after: None,
+        created_after: None,
+        created_before: None,
+        limit: 100,
+    }
+}
+
 /// Every timer due before `at`, claimed (and so leased for a day).
 async fn due_timers(store: &dyn SagaStore, at: Time) -> Result<Vec<(Uuid, Timer)>> {
     Ok(store.claim_due_timers(at, 1_000, Duration::days(1)).await?)
@@ -603,14 +615,7 @@ async fn listing_pages_newest_first_and_filters_by_status_and_definition(
     expected.sort_by(|a, b| b.cmp(a));
     let expected: Vec<Uuid> = expected.into_iter().map(|(_, id)| id).collect();
 
-    let all = ListFilter {
-        status: None,
-        definition: None,
-        after: None,
-        created_after: None,
-        created_before: None,
-        limit: 100,
-    };
+    let all = list_all();
     let ids = |page: &[sagas::orchestrator::store::StoredInstance]| {
         page.iter().map(|s| s.instance.id).collect::<Vec<_>>()
     };
@@ -891,4 +896,142 @@ async fn ping_answers(b: &Backend) -> Result<()> {
     let store = b.open().await?;
     store.ping().await?;
     Ok(())
+}
+
+/// PostgreSQL keeps plans apart from the projection (`sagas_plans`, migration 0004): rows
+/// name their plan, and rows written before keep it inside their state.
+mod plans {
+    use super::*;
+
+    /// Runs each named test on its own database, with a store and a pool for looking at the
+    /// rows.
+    macro_rules! plans_suite {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> Result<()> {
+                    let env = common::TestEnv::new().await?;
+                    let pool = PgPool::connect(&env.orch_url).await?;
+                    tests::$name(&PgStore::new(pool.clone()), &pool).await?;
+                    env.cleanup().await;
+                    Ok(())
+                }
+            )*
+        };
+    }
+
+    plans_suite!(
+        instances_of_one_plan_share_one_plan_row_and_read_back_whole,
+        an_instance_stored_with_its_plan_inside_advances_and_loses_the_copy,
+        a_row_whose_plan_is_missing_is_reported_corrupt,
+    );
+
+    mod tests {
+        use super::*;
+
+        async fn row(pool: &PgPool, id: Uuid) -> Result<(Option<Uuid>, bool)> {
+            Ok(
+                sqlx::query_as("SELECT plan_id, state ? 'plan' FROM sagas_instances WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(pool)
+                    .await?,
+            )
+        }
+
+        pub(super) async fn instances_of_one_plan_share_one_plan_row_and_read_back_whole(
+            store: &PgStore,
+            pool: &PgPool,
+        ) -> Result<()> {
+            let one = definition("one");
+            let at = now();
+            let starts: Vec<Transition> = (0..3).map(|_| start(&one, at)).collect();
+            store.create_batch(&starts, at).await?;
+            create(store, &one, at).await?;
+            let other = create(store, &definition("other"), at).await?;
+            let plans: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas_plans")
+                .fetch_one(pool)
+                .await?;
+            assert_eq!(plans, 2);
+            let (plan_id, inline) = row(pool, starts[0].instance.id).await?;
+            assert!(plan_id.is_some());
+            assert!(!inline, "the state does not repeat the plan");
+            assert_eq!(row(pool, starts[2].instance.id).await?.0, plan_id);
+            assert_ne!(row(pool, other).await?.0, plan_id);
+            let stored = store.get(starts[1].instance.id).await?.context("missing")?;
+            assert_eq!(stored.instance, starts[1].instance);
+            let listed = store.list(&list_all()).await?;
+            assert_eq!(listed.len(), 5);
+            assert!(listed.iter().all(|s| !s.instance.plan.steps.is_empty()));
+            Ok(())
+        }
+
+        pub(super) async fn an_instance_stored_with_its_plan_inside_advances_and_loses_the_copy(
+            store: &PgStore,
+            pool: &PgPool,
+        ) -> Result<()> {
+            let def = definition("old");
+            let at = now();
+            let t = start(&def, at);
+            let id = t.instance.id;
+            // A row as written before migration 0004: the whole instance as state, no plan_id.
+            sqlx::query(
+                "INSERT INTO sagas_instances
+                   (id, definition, version, mode, status, seq, state, failure, created_at, updated_at)
+                 VALUES ($1, 'old', 1, 'saga', $2, $3, $4, NULL, $5, $5)",
+            )
+            .bind(id)
+            .bind(t.instance.status.as_str())
+            .bind(t.instance.seq as i64)
+            .bind(sqlx::types::Json(&t.instance))
+            .bind(at)
+            .execute(pool)
+            .await?;
+            for (n, event) in t.events.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO sagas_events (instance_id, seq, kind, body, at) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(id)
+                .bind(n as i64 + 1)
+                .bind(event.kind())
+                .bind(sqlx::types::Json(event))
+                .bind(at)
+                .execute(pool)
+                .await?;
+            }
+            assert_eq!(row(pool, id).await?, (None, true));
+            assert_eq!(
+                store.get(id).await?.context("missing")?.instance,
+                t.instance
+            );
+
+            let input = Input::Reply(reply(id, "a", 1, Outcome::succeeded(json!("a"))));
+            let updated = feed(store, &def, id, input, None, at).await?;
+            let (plan_id, inline) = row(pool, id).await?;
+            assert!(plan_id.is_some() && !inline, "rewritten in the new shape");
+            let stored = assert_replays(store, id).await?;
+            assert_eq!(stored, updated.transition.instance);
+            assert_eq!(stored.plan, t.instance.plan);
+            Ok(())
+        }
+
+        pub(super) async fn a_row_whose_plan_is_missing_is_reported_corrupt(
+            store: &PgStore,
+            pool: &PgPool,
+        ) -> Result<()> {
+            let def = definition("lost");
+            let at = now();
+            let id = create(store, &def, at).await?;
+            let logged = store.events(id).await?.len();
+            sqlx::query("DELETE FROM sagas_plans").execute(pool).await?;
+            // A store that has not met the plan must read it, and cannot.
+            let fresh = PgStore::new(pool.clone());
+            let input = Input::Reply(reply(id, "a", 1, Outcome::succeeded(json!("a"))));
+            let err = feed(&fresh, &def, id, input, None, at)
+                .await
+                .expect_err("the plan is gone");
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+            assert_eq!(store.events(id).await?.len(), logged, "nothing written");
+            Ok(())
+        }
+    }
 }

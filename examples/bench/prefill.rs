@@ -82,10 +82,10 @@ const CLONE_ORCHESTRATOR: &str = "
 WITH m AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[]) AS m (dst, src, shift_us)
 ), i AS (
-    INSERT INTO sagas_instances (id, definition, version, mode, status, seq, state, failure,
-                                 created_at, updated_at, idempotency_key, request)
+    INSERT INTO sagas_instances (id, definition, version, mode, status, seq, state, plan_id,
+                                 failure, created_at, updated_at, idempotency_key, request)
     SELECT m.dst, s.definition, s.version, s.mode, s.status, s.seq,
-           replace(s.state::text, m.src::text, m.dst::text)::jsonb, s.failure,
+           replace(s.state::text, m.src::text, m.dst::text)::jsonb, s.plan_id, s.failure,
            s.created_at - m.shift_us * interval '1 microsecond',
            s.updated_at - m.shift_us * interval '1 microsecond',
            NULL, s.request

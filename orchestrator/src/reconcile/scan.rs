@@ -18,7 +18,7 @@ type InstanceRow = (Uuid, String, String, i64, String, Time, Time);
 
 /// Open instances created before the window: they are still owed an outcome.
 const OPEN_BEFORE: &str = "SELECT id, definition, status, seq, state::text, created_at, updated_at
-     FROM sagas_instances
+     FROM sagas_instance_states
      WHERE status NOT IN ('completed', 'compensated', 'resolved') AND created_at < LEAST($1, $6)
        AND ($2::text IS NULL OR definition = $2)
        AND (created_at, id) > ($3, $4)
@@ -26,7 +26,7 @@ const OPEN_BEFORE: &str = "SELECT id, definition, status, seq, state::text, crea
 
 /// Instances created in the window.
 const IN_WINDOW: &str = "SELECT id, definition, status, seq, state::text, created_at, updated_at
-     FROM sagas_instances
+     FROM sagas_instance_states
      WHERE created_at >= $1 AND created_at < $6
        AND ($2::text IS NULL OR definition = $2)
        AND (created_at, id) > ($3, $4)

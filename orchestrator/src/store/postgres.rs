@@ -2,7 +2,8 @@
 
 use async_trait::async_trait;
 use chrono::Duration;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
@@ -16,6 +17,9 @@ use super::{
 use crate::machine::{Effect, Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
+mod plans;
+use plans::{PlanRow, Plans, StateRef, StoredState};
+
 /// The orchestrator's migrations (`migrations/orchestrator`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
 
@@ -26,6 +30,8 @@ const OUTBOX_GRACE_MS: i64 = 5_000;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The plans this process has met (`sagas_plans`).
+    plans: Arc<Plans>,
 }
 
 impl PgStore {
@@ -43,6 +49,7 @@ impl PgStore {
         let mut events = Vec::new();
         let mut set = Vec::new();
         let mut sends = Vec::new();
+        let mut plan_rows = PlanRows::default();
         for (start, idempotency) in starts {
             let inst = &start.instance;
             let id = inst.id;
@@ -53,7 +60,8 @@ impl PgStore {
                 mode: inst.plan.mode.as_str(),
                 status: inst.status.as_str(),
                 seq: inst.seq,
-                state: inst,
+                state: StateRef::from(inst),
+                plan_id: plan_rows.id_of(&self.plans, inst),
                 failure: &inst.failure,
                 key: idempotency.map(|i| &i.key),
                 request: idempotency.map(|i| &i.request),
@@ -90,14 +98,18 @@ impl PgStore {
         let (created, ids, message_ids): (Vec<Uuid>, Vec<i64>, Vec<String>) = sqlx::query_as(
             "WITH ins AS (
                INSERT INTO sagas_instances
-                 (id, definition, version, mode, status, seq, state, failure, created_at, updated_at,
-                  idempotency_key, request)
+                 (id, definition, version, mode, status, seq, state, plan_id, failure, created_at,
+                  updated_at, idempotency_key, request)
                SELECT (r->>'i')::uuid, r->>'definition', (r->>'version')::int, r->>'mode',
-                      r->>'status', (r->>'seq')::bigint, r->'state', r->>'failure', $1, $1,
-                      r->>'key', nullif(r->'request', 'null'::jsonb)
+                      r->>'status', (r->>'seq')::bigint, r->'state', (r->>'plan_id')::uuid,
+                      r->>'failure', $1, $1, r->>'key', nullif(r->'request', 'null'::jsonb)
                FROM jsonb_array_elements($2) AS r
                ON CONFLICT DO NOTHING
                RETURNING id),
+             pl AS (
+               INSERT INTO sagas_plans (id, plan)
+               SELECT (r->>'i')::uuid, r->'plan' FROM jsonb_array_elements($7) AS r
+               ON CONFLICT (id) DO NOTHING),
              ev AS (
                INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
                SELECT ins.id, (e->>'s')::bigint, e->'b'->>'kind', (e->'b'->>'step')::int,
@@ -125,8 +137,10 @@ impl PgStore {
         .bind(Json(&set))
         .bind(Json(&sends))
         .bind(OUTBOX_GRACE_MS as f64)
+        .bind(Json(&plan_rows.rows))
         .fetch_one(&self.pool)
         .await?;
+        plan_rows.committed(&self.plans);
         let row_ids: HashMap<String, i64> = message_ids.into_iter().zip(ids).collect();
         let mut results = Vec::with_capacity(starts.len());
         for (start, idempotency) in starts {
@@ -166,7 +180,10 @@ impl PgStore {
 
     /// A store on `pool` (migrations must have run: see [`PgStore::migrate`]).
     pub fn new(pool: PgPool) -> PgStore {
-        PgStore { pool }
+        PgStore {
+            pool,
+            plans: Arc::default(),
+        }
     }
 
     /// Applies the orchestrator's migrations.
@@ -221,7 +238,8 @@ struct NewRow<'a> {
     mode: &'static str,
     status: &'static str,
     seq: u64,
-    state: &'a Instance,
+    state: StateRef<'a>,
+    plan_id: Uuid,
     failure: &'a Option<String>,
     key: Option<&'a String>,
     request: Option<&'a serde_json::Value>,
@@ -232,8 +250,36 @@ struct ProjectionRow<'a> {
     i: Uuid,
     status: &'static str,
     seq: u64,
-    state: &'a Instance,
+    state: StateRef<'a>,
+    plan_id: Uuid,
     failure: &'a Option<String>,
+}
+
+/// The plans a statement names and the rows it writes for those not known to be stored.
+#[derive(Default)]
+struct PlanRows {
+    ids: HashSet<Uuid>,
+    rows: Vec<PlanRow>,
+}
+
+impl PlanRows {
+    /// The id of `instance`'s plan, its row added if the plan may not be stored yet.
+    fn id_of(&mut self, plans: &Plans, instance: &Instance) -> Uuid {
+        let (id, row) = plans.id_of(&instance.plan);
+        if self.ids.insert(id)
+            && let Some(row) = row
+        {
+            self.rows.push(row);
+        }
+        id
+    }
+
+    /// Notes that the statement committed: its plans are stored.
+    fn committed(self, plans: &Plans) {
+        if !self.rows.is_empty() {
+            plans.stored(self.rows.into_iter().map(|r| r.i));
+        }
+    }
 }
 
 /// One input of [`PgStore::transact`].
@@ -270,6 +316,45 @@ impl Pending {
 }
 
 impl PgStore {
+    /// The instances of `rows`, each with its plan: its own (rows written before
+    /// `sagas_plans`), else the one its `plan_id` names, read from `sagas_plans` if this
+    /// process has not met it yet.
+    async fn with_plans(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        rows: Vec<(Uuid, Json<StoredState>, Option<Uuid>)>,
+    ) -> Result<Vec<(Uuid, Instance)>, StoreError> {
+        let missing: Vec<Uuid> = rows
+            .iter()
+            .filter(|(_, Json(state), _)| !state.has_plan())
+            .filter_map(|(_, _, plan_id)| *plan_id)
+            .filter(|plan_id| self.plans.get(plan_id).is_none())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if !missing.is_empty() {
+            let read: Vec<(Uuid, Json<crate::definition::Plan>)> =
+                sqlx::query_as("SELECT id, plan FROM sagas_plans WHERE id = ANY($1)")
+                    .bind(&missing)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            self.plans
+                .loaded(read.into_iter().map(|(id, Json(plan))| (id, plan)));
+        }
+        rows.into_iter()
+            .map(|(id, Json(state), plan_id)| {
+                let plan = plan_id.and_then(|p| self.plans.get(&p));
+                let instance = state.into_instance(plan.as_deref()).ok_or_else(|| {
+                    corrupt(
+                        "instance state",
+                        format!("{id}: plan {plan_id:?} not found"),
+                    )
+                })?;
+                Ok((id, instance))
+            })
+            .collect()
+    }
+
     /// Runs `items` in one transaction: locks their instances (in id order, so concurrent
     /// transactions cannot deadlock on them), lets each decision see the state the previous
     /// ones left (several inputs for one instance apply in order), and writes every
@@ -283,15 +368,16 @@ impl PgStore {
     ) -> Result<Vec<Result<Updated, StoreError>>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let ids: Vec<Uuid> = items.iter().map(|i| i.id).collect();
-        let rows: Vec<(Uuid, Json<Instance>)> = sqlx::query_as(
-            "SELECT id, state FROM sagas_instances WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        let rows: Vec<(Uuid, Json<StoredState>, Option<Uuid>)> = sqlx::query_as(
+            "SELECT id, state, plan_id FROM sagas_instances WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
+        let rows = self.with_plans(&mut tx, rows).await?;
         let mut pending: HashMap<Uuid, Pending> = rows
             .into_iter()
-            .map(|(id, Json(loaded))| {
+            .map(|(id, loaded)| {
                 let p = Pending {
                     loaded,
                     latest: None,
@@ -359,6 +445,7 @@ impl PgStore {
         let mut instances = Vec::new();
         let mut set = Vec::new();
         let mut delete = Vec::new();
+        let mut plan_rows = PlanRows::default();
         for (&id, p) in &pending {
             if p.changed {
                 let s = p.current(&results);
@@ -366,7 +453,8 @@ impl PgStore {
                     i: id,
                     status: s.status.as_str(),
                     seq: s.seq,
-                    state: s,
+                    state: StateRef::from(s),
+                    plan_id: plan_rows.id_of(&self.plans, s),
                     failure: &s.failure,
                 });
             }
@@ -412,9 +500,13 @@ impl PgStore {
                  inst AS (
                    UPDATE sagas_instances i
                    SET status = r->>'status', seq = (r->>'seq')::bigint, state = r->'state',
-                       failure = r->>'failure', updated_at = $1
+                       plan_id = (r->>'plan_id')::uuid, failure = r->>'failure', updated_at = $1
                    FROM jsonb_array_elements($3) AS r
                    WHERE i.id = ANY($8) AND i.id = (r->>'i')::uuid),
+                 pl AS (
+                   INSERT INTO sagas_plans (id, plan)
+                   SELECT (r->>'i')::uuid, r->'plan' FROM jsonb_array_elements($9) AS r
+                   ON CONFLICT (id) DO NOTHING),
                  tdel AS (
                    DELETE FROM sagas_timers t
                    USING jsonb_array_elements($4) AS r
@@ -443,11 +535,13 @@ impl PgStore {
             .bind(Json(&sends))
             .bind(OUTBOX_GRACE_MS as f64)
             .bind(&ids)
+            .bind(Json(&plan_rows.rows))
             .fetch_one(&mut *tx)
             .await?;
             row_ids.extend(message_ids.into_iter().zip(ids));
         }
         tx.commit().await?;
+        plan_rows.committed(&self.plans);
 
         Ok(results
             .into_iter()
@@ -564,7 +658,7 @@ impl SagaStore for PgStore {
 
     async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError> {
         let row: Option<(Json<Instance>, Time, Time)> = sqlx::query_as(
-            "SELECT state, created_at, updated_at FROM sagas_instances WHERE id = $1",
+            "SELECT state, created_at, updated_at FROM sagas_instance_states WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -598,7 +692,7 @@ impl SagaStore for PgStore {
         };
         // The row comparison walks the (created_at, id) index backwards from the cursor.
         let rows: Vec<(Json<Instance>, Time, Time)> = sqlx::query_as(
-            "SELECT state, created_at, updated_at FROM sagas_instances
+            "SELECT state, created_at, updated_at FROM sagas_instance_states
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::text IS NULL OR definition = $2)
                AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))

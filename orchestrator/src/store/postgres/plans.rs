@@ -1,0 +1,266 @@
+//! Plans stored once (`sagas_plans`), and the instance state as its row stores it: without
+//! the plan, which the row's `plan_id` names (migration `0004_plans.sql`).
+//!
+//! A plan is about half of an instance's state and the same for every instance of a version;
+//! written into every projection row it was rewritten, parsed and compressed by PostgreSQL
+//! with every transition, and serialized and parsed here.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::definition::Plan;
+use crate::machine::{Instance, Phase, Status, StepState, Time};
+
+/// The namespace of plan ids: a plan's id is the version 5 UUID of its JSON in it.
+const PLAN_NAMESPACE: Uuid = Uuid::from_u128(0x66177c7f_49e1_4cbc_8d6b_914891c5e4c3);
+
+/// The id of `plan`: the same for equal plans, in every process.
+pub(super) fn plan_id(plan: &Plan) -> Uuid {
+    let json = serde_json::to_vec(plan).expect("a plan serializes");
+    Uuid::new_v5(&PLAN_NAMESPACE, &json)
+}
+
+/// An instance's state as its row stores it: every field of [`Instance`] but the plan.
+#[derive(Serialize)]
+pub(super) struct StateRef<'a> {
+    id: Uuid,
+    input: &'a Value,
+    status: &'a Status,
+    phase: &'a Phase,
+    steps: &'a [StepState],
+    failure: &'a Option<String>,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deadline: &'a Option<Time>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: &'a Option<String>,
+}
+
+impl<'a> From<&'a Instance> for StateRef<'a> {
+    fn from(instance: &'a Instance) -> Self {
+        // Destructured field by field: a field added to `Instance` fails to compile here until
+        // it is stored too.
+        let Instance {
+            id,
+            plan: _,
+            input,
+            status,
+            phase,
+            steps,
+            failure,
+            seq,
+            deadline,
+            traceparent,
+        } = instance;
+        StateRef {
+            id: *id,
+            input,
+            status,
+            phase,
+            steps,
+            failure,
+            seq: *seq,
+            deadline,
+            traceparent,
+        }
+    }
+}
+
+/// A row's state as read: with the plan in it (rows written before `sagas_plans`) or without.
+#[derive(Deserialize)]
+pub(super) struct StoredState {
+    id: Uuid,
+    #[serde(default)]
+    plan: Option<Plan>,
+    input: Value,
+    status: Status,
+    phase: Phase,
+    steps: Vec<StepState>,
+    failure: Option<String>,
+    seq: u64,
+    #[serde(default)]
+    deadline: Option<Time>,
+    #[serde(default)]
+    traceparent: Option<String>,
+}
+
+impl StoredState {
+    /// Whether the row carries its plan itself.
+    pub(super) fn has_plan(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// The instance, with `plan` unless the row carried its own.
+    pub(super) fn into_instance(self, plan: Option<&Plan>) -> Option<Instance> {
+        let StoredState {
+            id,
+            plan: own,
+            input,
+            status,
+            phase,
+            steps,
+            failure,
+            seq,
+            deadline,
+            traceparent,
+        } = self;
+        let plan = own.or_else(|| plan.cloned())?;
+        Some(Instance {
+            id,
+            plan,
+            input,
+            status,
+            phase,
+            steps,
+            failure,
+            seq,
+            deadline,
+            traceparent,
+        })
+    }
+}
+
+/// A plan row to write.
+#[derive(Serialize)]
+pub(super) struct PlanRow {
+    pub(super) i: Uuid,
+    pub(super) plan: Arc<Plan>,
+}
+
+/// The plans this process has met, by id and by name and version, and which of them it knows
+/// to be stored (a statement that committed wrote or found their row).
+#[derive(Debug, Default)]
+pub(super) struct Plans {
+    inner: Mutex<Known>,
+}
+
+/// Plans (and their ids) by definition name and version.
+type ByName = HashMap<(String, u32), Vec<(Arc<Plan>, Uuid)>>;
+
+#[derive(Debug, Default)]
+struct Known {
+    by_id: HashMap<Uuid, Arc<Plan>>,
+    by_name: ByName,
+    stored: HashSet<Uuid>,
+}
+
+impl Known {
+    fn add(&mut self, id: Uuid, plan: Arc<Plan>) {
+        if self.by_id.insert(id, plan.clone()).is_none() {
+            self.by_name
+                .entry((plan.name.clone(), plan.version))
+                .or_default()
+                .push((plan, id));
+        }
+    }
+}
+
+impl Plans {
+    /// The id of `plan`, and its row if it may not be stored yet (the statement that names the
+    /// plan then writes it too, `ON CONFLICT DO NOTHING`). Equal plans are found by comparison,
+    /// so a plan is serialized and hashed once per process.
+    pub(super) fn id_of(&self, plan: &Plan) -> (Uuid, Option<PlanRow>) {
+        let mut known = self.inner.lock().expect("plans lock");
+        let found = known
+            .by_name
+            .get(&(plan.name.clone(), plan.version))
+            .and_then(|plans| plans.iter().find(|(p, _)| **p == *plan))
+            .map(|(p, id)| (p.clone(), *id));
+        let (plan, id) = match found {
+            Some(found) => found,
+            None => {
+                let id = plan_id(plan);
+                let plan = Arc::new(plan.clone());
+                known.add(id, plan.clone());
+                (plan, id)
+            }
+        };
+        let row = (!known.stored.contains(&id)).then_some(PlanRow { i: id, plan });
+        (id, row)
+    }
+
+    /// Notes that the plans `ids` are stored (their statement committed).
+    pub(super) fn stored(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let mut known = self.inner.lock().expect("plans lock");
+        known.stored.extend(ids);
+    }
+
+    /// The plan `id`, if this process knows it.
+    pub(super) fn get(&self, id: &Uuid) -> Option<Arc<Plan>> {
+        self.inner
+            .lock()
+            .expect("plans lock")
+            .by_id
+            .get(id)
+            .cloned()
+    }
+
+    /// Adds plans read from `sagas_plans` (so stored).
+    pub(super) fn loaded(&self, plans: impl IntoIterator<Item = (Uuid, Plan)>) {
+        let mut known = self.inner.lock().expect("plans lock");
+        for (id, plan) in plans {
+            known.add(id, Arc::new(plan));
+            known.stored.insert(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition::{Mode, RetryPolicy, StepPlan};
+
+    fn plan(timeout_ms: u64) -> Plan {
+        Plan {
+            name: "transfer".into(),
+            version: 1,
+            mode: Mode::Saga,
+            steps: vec![StepPlan {
+                name: "debit".into(),
+                participant: "bank".into(),
+                retry: RetryPolicy::FORWARD,
+                finish_retry: RetryPolicy::FORWARD,
+                timeout_ms,
+                in_progress_timeout_ms: 1_000,
+                after: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn equal_plans_have_one_id_and_different_plans_another() {
+        assert_eq!(plan_id(&plan(10)), plan_id(&plan(10)));
+        assert_ne!(plan_id(&plan(10)), plan_id(&plan(11)));
+    }
+
+    #[test]
+    fn a_plan_row_is_written_until_its_statement_committed() {
+        let plans = Plans::default();
+        let (id, row) = plans.id_of(&plan(10));
+        assert_eq!(id, plan_id(&plan(10)));
+        assert_eq!(row.map(|r| r.i), Some(id));
+        let (again, row) = plans.id_of(&plan(10));
+        assert_eq!(again, id);
+        assert!(row.is_some(), "not known to be stored yet");
+        plans.stored([id]);
+        assert!(plans.id_of(&plan(10)).1.is_none());
+        let (other, row) = plans.id_of(&plan(11));
+        assert_ne!(other, id);
+        assert!(row.is_some());
+        assert_eq!(plans.get(&id).as_deref(), Some(&plan(10)));
+    }
+
+    #[test]
+    fn plans_read_from_the_table_are_known_to_be_stored() {
+        let plans = Plans::default();
+        let id = plan_id(&plan(12));
+        plans.loaded([(id, plan(12))]);
+        let (got, row) = plans.id_of(&plan(12));
+        assert_eq!(got, id);
+        assert!(row.is_none());
+    }
+}
