@@ -544,12 +544,13 @@ async fn insert(
 
 /// Stores the replies (and origins) of a batch's commands in their rows, in one statement.
 ///
-/// `transaction_id = ANY($1)` lets the planner reach the rows through the primary key: joined
-/// only to the unnested arrays, whose length it cannot know, it scanned the whole table (and
-/// the table only grows). The statement is planned at every execution (not prepared): a
-/// prepared statement's generic plan is kept for the connection's life, and one made while
-/// the table was small (a new participant, or no ANALYZE since, as with autovacuum off) is a
-/// sequential scan that reads the whole table for every batch.
+/// An upsert, although every row exists (the command inserted it earlier in the transaction):
+/// `ON CONFLICT` finds each row through the primary key whatever the planner thinks of the
+/// table. An `UPDATE … FROM unnest(…)` is a join that the planner may make a sequential scan,
+/// and a prepared statement keeps the plan it made while the table was small (a new
+/// participant, no ANALYZE since) for the connection's life: that read the whole table for
+/// every batch (1,051 scans and 6.5 M rows in a 4,000-saga bench run), and planning it at
+/// every execution instead cost 0.18 ms a batch.
 async fn record_all(conn: &mut PgConnection, pending: &[PendingReply]) -> Result<(), BarrierError> {
     if pending.is_empty() {
         return Ok(());
@@ -560,14 +561,11 @@ async fn record_all(conn: &mut PgConnection, pending: &[PendingReply]) -> Result
     let origins: Vec<&str> = pending.iter().map(|p| p.origin.as_str()).collect();
     let replies: Vec<Json<&Outcome>> = pending.iter().map(|p| Json(&p.outcome)).collect();
     sqlx::query(
-        "UPDATE sagas_barrier AS b SET origin = v.origin, reply = v.reply \
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) \
-             AS v(transaction_id, step, operation, origin, reply) \
-         WHERE b.transaction_id = ANY($1) \
-         AND b.transaction_id = v.transaction_id AND b.step = v.step \
-         AND b.operation = v.operation",
+        "INSERT INTO sagas_barrier AS b (transaction_id, step, operation, origin, reply) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) \
+         ON CONFLICT (transaction_id, step, operation) \
+         DO UPDATE SET origin = EXCLUDED.origin, reply = EXCLUDED.reply",
     )
-    .persistent(false)
     .bind(transaction_ids)
     .bind(steps)
     .bind(operations)
