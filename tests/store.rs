@@ -957,6 +957,15 @@ mod plans {
             assert!(!inline, "the state does not repeat the plan");
             assert_eq!(row(pool, starts[2].instance.id).await?.0, plan_id);
             assert_ne!(row(pool, other).await?.0, plan_id);
+            // The started events name the plan rather than carry it.
+            let (named, carried): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE plan_id IS NOT NULL), count(*) FILTER (WHERE body ? 'plan')
+                 FROM sagas_events WHERE kind = 'started'",
+            )
+            .fetch_one(pool)
+            .await?;
+            assert_eq!((named, carried), (5, 0));
+            assert_replays(store, starts[0].instance.id).await?;
             let stored = store.get(starts[1].instance.id).await?.context("missing")?;
             assert_eq!(stored.instance, starts[1].instance);
             let listed = store.list(&list_all()).await?;

@@ -91,10 +91,10 @@ WITH m AS (
            NULL, s.request
     FROM m JOIN seed_instances s ON s.id = m.src
 )
-INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
+INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at, plan_id)
 SELECT m.dst, e.seq, e.kind, e.step, e.operation, e.attempt,
        replace(e.body::text, m.src::text, m.dst::text)::jsonb,
-       e.at - m.shift_us * interval '1 microsecond'
+       e.at - m.shift_us * interval '1 microsecond', e.plan_id
 FROM m JOIN seed_events e ON e.instance_id = m.src";
 
 const CLONE_PARTICIPANT: &str = "

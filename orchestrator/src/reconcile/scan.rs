@@ -39,7 +39,7 @@ const COUNT: &str = "SELECT
      + (SELECT count(*) FROM sagas_instances
          WHERE created_at >= $1 AND created_at < $3 AND ($2::text IS NULL OR definition = $2))";
 
-const EVENTS: &str = "SELECT instance_id, seq, body::text FROM sagas_events
+const EVENTS: &str = "SELECT instance_id, seq, body::text FROM sagas_event_bodies
      WHERE instance_id = ANY($1) ORDER BY instance_id, seq";
 
 fn db(e: sqlx::Error) -> ReconcileError {

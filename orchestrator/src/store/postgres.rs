@@ -18,7 +18,7 @@ use crate::machine::{Effect, Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
 mod plans;
-use plans::{PlanRow, Plans, StateRef, StoredState};
+use plans::{EventBody, PlanRow, Plans, StateRef, StoredState};
 
 /// The orchestrator's migrations (`migrations/orchestrator`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
@@ -61,17 +61,14 @@ impl PgStore {
                 status: inst.status.as_str(),
                 seq: inst.seq,
                 state: StateRef::from(inst),
-                plan_id: plan_rows.id_of(&self.plans, inst),
+                plan_id: plan_rows.id_of(&self.plans, &inst.plan),
                 failure: &inst.failure,
                 key: idempotency.map(|i| &i.key),
                 request: idempotency.map(|i| &i.request),
             });
             for (n, event) in start.events.iter().enumerate() {
-                events.push(EventRow {
-                    i: id,
-                    s: n as i64 + 1,
-                    b: event,
-                });
+                let seq = n as i64 + 1;
+                events.push(EventRow::new(id, seq, event, &self.plans, &mut plan_rows));
             }
             let super::PlannedEffects {
                 sends: cmds,
@@ -111,9 +108,11 @@ impl PgStore {
                SELECT (r->>'i')::uuid, r->'plan' FROM jsonb_array_elements($7) AS r
                ON CONFLICT (id) DO NOTHING),
              ev AS (
-               INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
+               INSERT INTO sagas_events
+                 (instance_id, seq, kind, step, operation, attempt, body, at, plan_id)
                SELECT ins.id, (e->>'s')::bigint, e->'b'->>'kind', (e->'b'->>'step')::int,
-                      e->'b'->>'operation', (e->'b'->>'attempt')::int, e->'b', $1
+                      e->'b'->>'operation', (e->'b'->>'attempt')::int, e->'b', $1,
+                      (e->>'plan_id')::uuid
                FROM jsonb_array_elements($3) AS e JOIN ins ON ins.id = (e->>'i')::uuid),
              tset AS (
                INSERT INTO sagas_timers (instance_id, key, due_at, timer)
@@ -203,7 +202,18 @@ impl PgStore {
 struct EventRow<'a> {
     i: Uuid,
     s: i64,
-    b: &'a Event,
+    b: EventBody<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan_id: Option<Uuid>,
+}
+
+impl<'a> EventRow<'a> {
+    /// The row of `event`, the `seq`th of instance `i`; a `started` event names its plan.
+    fn new(i: Uuid, s: i64, event: &'a Event, plans: &Plans, rows: &mut PlanRows) -> Self {
+        let (b, plan) = EventBody::of(event);
+        let plan_id = plan.map(|plan| rows.id_of(plans, plan));
+        EventRow { i, s, b, plan_id }
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -263,9 +273,9 @@ struct PlanRows {
 }
 
 impl PlanRows {
-    /// The id of `instance`'s plan, its row added if the plan may not be stored yet.
-    fn id_of(&mut self, plans: &Plans, instance: &Instance) -> Uuid {
-        let (id, row) = plans.id_of(&instance.plan);
+    /// The id of `plan`, its row added if the plan may not be stored yet.
+    fn id_of(&mut self, plans: &Plans, plan: &crate::definition::Plan) -> Uuid {
+        let (id, row) = plans.id_of(plan);
         if self.ids.insert(id)
             && let Some(row) = row
         {
@@ -423,15 +433,13 @@ impl PgStore {
 
         let mut events = Vec::new();
         let mut sends = Vec::new();
+        let mut plan_rows = PlanRows::default();
         for transition in results.iter().flatten() {
             let id = transition.instance.id;
             let first = transition.instance.seq as i64 - transition.events.len() as i64 + 1;
             for (n, event) in transition.events.iter().enumerate() {
-                events.push(EventRow {
-                    i: id,
-                    s: first + n as i64,
-                    b: event,
-                });
+                let seq = first + n as i64;
+                events.push(EventRow::new(id, seq, event, &self.plans, &mut plan_rows));
             }
             for (participant, command) in transition.sends() {
                 sends.push(SendRow {
@@ -445,7 +453,6 @@ impl PgStore {
         let mut instances = Vec::new();
         let mut set = Vec::new();
         let mut delete = Vec::new();
-        let mut plan_rows = PlanRows::default();
         for (&id, p) in &pending {
             if p.changed {
                 let s = p.current(&results);
@@ -454,7 +461,7 @@ impl PgStore {
                     status: s.status.as_str(),
                     seq: s.seq,
                     state: StateRef::from(s),
-                    plan_id: plan_rows.id_of(&self.plans, s),
+                    plan_id: plan_rows.id_of(&self.plans, &s.plan),
                     failure: &s.failure,
                 });
             }
@@ -493,9 +500,11 @@ impl PgStore {
             // rows, whose count it cannot know, it chose to scan the whole tables.
             let (ids, message_ids): (Vec<i64>, Vec<String>) = sqlx::query_as(
                 "WITH ev AS (
-                   INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
+                   INSERT INTO sagas_events
+                     (instance_id, seq, kind, step, operation, attempt, body, at, plan_id)
                    SELECT (e->>'i')::uuid, (e->>'s')::bigint, e->'b'->>'kind', (e->'b'->>'step')::int,
-                          e->'b'->>'operation', (e->'b'->>'attempt')::int, e->'b', $1
+                          e->'b'->>'operation', (e->'b'->>'attempt')::int, e->'b', $1,
+                          (e->>'plan_id')::uuid
                    FROM jsonb_array_elements($2) AS e),
                  inst AS (
                    UPDATE sagas_instances i
@@ -674,7 +683,7 @@ impl SagaStore for PgStore {
 
     async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, StoreError> {
         let rows: Vec<(i64, Time, Json<Event>)> = sqlx::query_as(
-            "SELECT seq, at, body FROM sagas_events WHERE instance_id = $1 ORDER BY seq",
+            "SELECT seq, at, body FROM sagas_event_bodies WHERE instance_id = $1 ORDER BY seq",
         )
         .bind(id)
         .fetch_all(&self.pool)

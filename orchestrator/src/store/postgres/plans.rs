@@ -13,7 +13,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::definition::Plan;
-use crate::machine::{Instance, Phase, Status, StepState, Time};
+use crate::machine::{Event, Instance, Phase, Status, StepState, Time};
 
 /// The namespace of plan ids: a plan's id is the version 5 UUID of its JSON in it.
 const PLAN_NAMESPACE: Uuid = Uuid::from_u128(0x66177c7f_49e1_4cbc_8d6b_914891c5e4c3);
@@ -66,6 +66,59 @@ impl<'a> From<&'a Instance> for StateRef<'a> {
             seq: *seq,
             deadline,
             traceparent,
+        }
+    }
+}
+
+/// An event as its row stores it: a `started` event without its plan (which the row's
+/// `plan_id` names), every other event whole.
+pub(super) enum EventBody<'a> {
+    Started(StartedRef<'a>),
+    Other(&'a Event),
+}
+
+/// [`Event::Started`] without the plan.
+#[derive(Serialize)]
+#[serde(tag = "kind", rename = "started")]
+pub(super) struct StartedRef<'a> {
+    id: &'a Uuid,
+    input: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deadline: &'a Option<Time>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: &'a Option<String>,
+}
+
+impl<'a> EventBody<'a> {
+    /// The body of `event`, and the plan it leaves out, if any.
+    pub(super) fn of(event: &'a Event) -> (EventBody<'a>, Option<&'a Plan>) {
+        match event {
+            // Destructured field by field, as in `StateRef`.
+            Event::Started {
+                id,
+                plan,
+                input,
+                deadline,
+                traceparent,
+            } => {
+                let body = StartedRef {
+                    id,
+                    input,
+                    deadline,
+                    traceparent,
+                };
+                (EventBody::Started(body), Some(plan))
+            }
+            other => (EventBody::Other(other), None),
+        }
+    }
+}
+
+impl Serialize for EventBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            EventBody::Started(started) => started.serialize(serializer),
+            EventBody::Other(event) => event.serialize(serializer),
         }
     }
 }
@@ -252,6 +305,35 @@ mod tests {
         assert_ne!(other, id);
         assert!(row.is_some());
         assert_eq!(plans.get(&id).as_deref(), Some(&plan(10)));
+    }
+
+    #[test]
+    fn a_started_event_is_stored_without_its_plan_and_reads_back_with_it() {
+        let started = Event::Started {
+            id: Uuid::now_v7(),
+            plan: plan(10),
+            input: serde_json::json!({"amount": 5}),
+            deadline: None,
+            traceparent: Some("00-abc-def-01".into()),
+        };
+        let (body, left_out) = EventBody::of(&started);
+        assert_eq!(left_out, Some(&plan(10)));
+        let mut stored = serde_json::to_value(&body).unwrap();
+        assert_eq!(stored["kind"], "started");
+        assert!(stored.get("plan").is_none());
+        // What the view sagas_event_bodies does: body || {"plan": plan}.
+        stored["plan"] = serde_json::to_value(plan(10)).unwrap();
+        assert_eq!(serde_json::from_value::<Event>(stored).unwrap(), started);
+
+        let other = Event::Finished {
+            status: Status::Completed,
+        };
+        let (body, left_out) = EventBody::of(&other);
+        assert!(left_out.is_none());
+        assert_eq!(
+            serde_json::to_value(&body).unwrap(),
+            serde_json::to_value(&other).unwrap()
+        );
     }
 
     #[test]
