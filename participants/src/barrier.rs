@@ -21,6 +21,8 @@
 //! Several commands can share one transaction and its commit ([`Batch`]), with the outcomes and
 //! rows they would have one after the other.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::types::Json;
@@ -137,7 +139,7 @@ pub async fn execute(
     handler: &dyn Handler,
 ) -> Result<Outcome, BarrierError> {
     let mut tx = pool.begin().await?;
-    match execute_in(&mut tx, cmd, handler, &[]).await? {
+    match execute_in(&mut tx, cmd, handler, &[], None).await? {
         Executed::Keep { outcome, to_record } => {
             if let Some(origin) = to_record {
                 record(&mut tx, cmd, origin, &outcome).await?;
@@ -183,9 +185,16 @@ async fn execute_in(
     cmd: &Command,
     handler: &dyn Handler,
     pending: &[PendingReply],
+    claimed: Option<bool>,
 ) -> Result<Executed, BarrierError> {
     let op = cmd.operation;
-    if !insert(conn, cmd, op, Origin::Handler, None).await? {
+    // `claimed`: the batch already inserted the command's row, or found it there
+    // (`Batch::begin_for`).
+    let inserted = match claimed {
+        Some(inserted) => inserted,
+        None => insert(conn, cmd, op, Origin::Handler, None).await?,
+    };
+    if !inserted {
         let outcome = match pending_reply(pending, cmd, op) {
             Some(outcome) => outcome.clone(),
             None => stored_reply(conn, cmd, op).await?,
@@ -272,7 +281,9 @@ async fn execute_in(
 /// Statements (round trips) for a forward operation whose handler makes one write: alone
 /// ([`execute`]), 6 — `BEGIN`, the barrier row's `INSERT`, `SAVEPOINT`, the handler's write,
 /// the reply's `UPDATE`, `COMMIT`. In a batch, 3 per command — `INSERT`, `SAVEPOINT`, the
-/// handler's write — and 3 per batch: `BEGIN`, the `UPDATE` of every reply, `COMMIT`. A
+/// handler's write — and 3 per batch: `BEGIN`, the upsert of every reply, `COMMIT`. A batch
+/// begun with [`Batch::begin_for`] whose commands belong to different transactions and are no
+/// undos inserts all their rows with one statement: 2 per command and 4 per batch. A
 /// discarded command costs 2 more (`ROLLBACK TO SAVEPOINT`, `DELETE` of its row), a duplicate
 /// 1 or 2 (`INSERT`, then `SELECT` of the stored reply unless it is the batch's own).
 ///
@@ -295,6 +306,9 @@ pub struct Batch {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     /// The replies of the commands so far, written to their rows by [`Batch::commit`].
     pending: Vec<PendingReply>,
+    /// The rows claimed up front by [`Batch::begin_for`], each with whether this batch
+    /// inserted it (false: it was there already); taken by the command's [`Batch::execute`].
+    claimed: HashMap<(Uuid, String, Operation), bool>,
 }
 
 /// The reply of a command of a [`Batch`], to be written to its row (which holds none yet)
@@ -333,7 +347,28 @@ impl Batch {
         Ok(Batch {
             tx: pool.begin().await?,
             pending: Vec::new(),
+            claimed: HashMap::new(),
         })
+    }
+
+    /// Begins the batch for `cmds`, the commands it will execute in this order. When they
+    /// belong to different transactions and none is an undo, their barrier rows are inserted
+    /// at once, in one statement (in key order, so that two batches claiming the same rows
+    /// wait for each other instead of deadlocking), instead of one `INSERT` per command; each
+    /// command then finds its row claimed, or there already (a duplicate). That is what the
+    /// commands would do one after the other: only commands of the same transaction read each
+    /// other's rows (an undo looks for its forward operation), and those keep the one-by-one
+    /// order. A command not in `cmds` runs as in a batch from [`Batch::begin`].
+    pub async fn begin_for<'c>(
+        pool: &PgPool,
+        cmds: impl IntoIterator<Item = &'c Command>,
+    ) -> Result<Batch, BarrierError> {
+        let cmds: Vec<&Command> = cmds.into_iter().collect();
+        let mut batch = Batch::begin(pool).await?;
+        if claimable(&cmds) {
+            batch.claimed = claim_all(&mut batch.tx, &cmds).await?;
+        }
+        Ok(batch)
     }
 
     /// Runs `cmd` through the barrier and `handler` in the batch; returns the batch, to go on
@@ -346,7 +381,10 @@ impl Batch {
         cmd: &Command,
         handler: &dyn Handler,
     ) -> Result<(Batch, Outcome), BarrierError> {
-        let outcome = match execute_in(&mut self.tx, cmd, handler, &self.pending).await? {
+        let claimed = self
+            .claimed
+            .remove(&(cmd.transaction_id, cmd.step.clone(), cmd.operation));
+        let outcome = match execute_in(&mut self.tx, cmd, handler, &self.pending, claimed).await? {
             Executed::Keep {
                 outcome,
                 to_record: None,
@@ -391,7 +429,7 @@ pub async fn execute_batch(
     cmds: &[Command],
     handler: &dyn Handler,
 ) -> Result<Vec<Outcome>, BarrierError> {
-    let mut batch = Batch::begin(pool).await?;
+    let mut batch = Batch::begin_for(pool, cmds).await?;
     let mut outcomes = Vec::with_capacity(cmds.len());
     for cmd in cmds {
         let (next, outcome) = batch.execute(cmd, handler).await?;
@@ -540,6 +578,50 @@ async fn insert(
     .execute(conn)
     .await?;
     Ok(result.rows_affected() == 1)
+}
+
+/// Whether [`Batch::begin_for`] may insert the rows of `cmds` up front: at least two
+/// commands, of different transactions, none of them an undo.
+fn claimable(cmds: &[&Command]) -> bool {
+    let mut transactions = HashSet::with_capacity(cmds.len());
+    cmds.len() >= 2
+        && cmds
+            .iter()
+            .all(|c| !c.operation.is_undo() && transactions.insert(c.transaction_id))
+}
+
+/// Inserts the rows of `cmds` (as their [`insert`]s would, one each) in one statement; for
+/// each, whether it was inserted (false: it existed, after waiting for a concurrent inserter
+/// to finish).
+async fn claim_all(
+    conn: &mut PgConnection,
+    cmds: &[&Command],
+) -> Result<HashMap<(Uuid, String, Operation), bool>, BarrierError> {
+    let mut keys: Vec<(Uuid, &str, Operation)> = cmds
+        .iter()
+        .map(|c| (c.transaction_id, c.step.as_str(), c.operation))
+        .collect();
+    keys.sort_by(|a, b| (a.0, a.1, a.2.as_str()).cmp(&(b.0, b.1, b.2.as_str())));
+    let inserted: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "INSERT INTO sagas_barrier (transaction_id, step, operation, origin) \
+         SELECT t, s, o, $4 FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(t, s, o) \
+         ON CONFLICT DO NOTHING \
+         RETURNING transaction_id, step, operation",
+    )
+    .bind(keys.iter().map(|k| k.0).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.2.as_str()).collect::<Vec<_>>())
+    .bind(Origin::Handler.as_str())
+    .fetch_all(conn)
+    .await?;
+    let inserted: HashSet<(Uuid, String, String)> = inserted.into_iter().collect();
+    Ok(keys
+        .into_iter()
+        .map(|(t, s, o)| {
+            let new = inserted.contains(&(t, s.to_owned(), o.as_str().to_owned()));
+            ((t, s.to_owned(), o), new)
+        })
+        .collect())
 }
 
 /// Stores the replies (and origins) of a batch's commands in their rows, in one statement.
@@ -722,6 +804,45 @@ mod tests {
             assert_eq!(Origin::parse(origin.as_str()), Some(origin));
         }
         assert_eq!(Origin::parse("other"), None);
+    }
+
+    fn cmd(transaction_id: Uuid, operation: Operation) -> Command {
+        Command {
+            protocol: 1,
+            transaction_id,
+            definition: "d".into(),
+            step: "s".into(),
+            operation,
+            attempt: 1,
+            payload: serde_json::Value::Null,
+            output: None,
+            deadline: None,
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn rows_are_claimed_together_only_for_forward_commands_of_different_transactions() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let claim = |cmds: &[Command]| claimable(&cmds.iter().collect::<Vec<_>>());
+        assert!(claim(&[cmd(a, Operation::Action), cmd(b, Operation::Try)]));
+        assert!(claim(&[
+            cmd(a, Operation::Confirm),
+            cmd(b, Operation::Action)
+        ]));
+        assert!(
+            !claim(&[cmd(a, Operation::Action)]),
+            "one command gains nothing"
+        );
+        assert!(!claim(&[
+            cmd(a, Operation::Try),
+            cmd(a, Operation::Confirm)
+        ]));
+        assert!(!claim(&[
+            cmd(a, Operation::Action),
+            cmd(b, Operation::Compensate)
+        ]));
+        assert!(!claim(&[cmd(a, Operation::Cancel), cmd(b, Operation::Try)]));
     }
 
     #[test]

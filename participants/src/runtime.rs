@@ -292,7 +292,8 @@ enum BatchFailure {
 /// the handler time limit. Any failure drops the batch, which rolls it back.
 async fn in_one_transaction(ctx: &Context, jobs: &[Job]) -> Result<Vec<Outcome>, BatchFailure> {
     let limit = ctx.handler_timeout;
-    let mut batch = within(limit, Batch::begin(&ctx.pool))
+    let cmds = jobs.iter().map(|job| &job.cmd);
+    let mut batch = within(limit, Batch::begin_for(&ctx.pool, cmds))
         .await
         .map_err(BatchFailure::TimedOut)??;
     let mut outcomes = Vec::with_capacity(jobs.len());

@@ -611,3 +611,82 @@ async fn a_barrier_error_before_the_handler_runs_ends_the_batch_and_commits_noth
         "{alone:?}"
     );
 }
+
+#[tokio::test]
+async fn a_batch_of_different_transactions_claims_its_rows_together_and_answers_as_one_by_one() {
+    let t: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    // Already answered before the batch: a try (its duplicate and its confirm come in the
+    // batch) and an action whose redelivery comes in the batch.
+    let tried = command(t[0], "reserve", Operation::Try, pay(10));
+    let credited = command(t[1], "credit", Operation::Action, pay(5));
+    let before = [tried.clone(), credited.clone()];
+    let cmds = [
+        command(t[0], "reserve", Operation::Confirm, pay(10)),
+        again(&credited),
+        command(t[2], "credit", Operation::Action, pay(1)),
+        // A transient failure: its claimed row is given back.
+        command(
+            t[3],
+            "credit",
+            Operation::Action,
+            json!({ "account": "a", "amount": 10, "fail": "transient" }),
+        ),
+        // A business failure after a write: stored, the write rolled back.
+        command(
+            t[4],
+            "reserve",
+            Operation::Try,
+            json!({ "account": "a", "amount": 10, "fail": "business_after_write" }),
+        ),
+        command(t[5], "reserve", Operation::Try, pay(20)),
+    ];
+    let router = bank();
+    let (batched, sequential) = (TestDb::new().await, TestDb::new().await);
+    for db in [&batched, &sequential] {
+        db.open("a", 100).await;
+        for cmd in &before {
+            barrier::execute(&db.pool, cmd, &router).await.unwrap();
+        }
+    }
+    let outcomes = barrier::execute_batch(&batched.pool, &cmds, &router)
+        .await
+        .expect("the batch commits");
+    let mut one_by_one = Vec::new();
+    for cmd in &cmds {
+        one_by_one.push(
+            barrier::execute(&sequential.pool, cmd, &router)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(outcomes, one_by_one);
+    let left = rows(&batched).await;
+    assert_eq!(left, rows(&sequential).await);
+    let statuses: Vec<_> = outcomes.iter().map(Outcome::status).collect();
+    assert_eq!(
+        statuses,
+        [
+            "succeeded",
+            "succeeded",
+            "succeeded",
+            "retry",
+            "failed",
+            "succeeded"
+        ]
+    );
+    // 100 - 10 (tried, then confirmed) + 5 (the redelivered credit counted once) + 1 - 20
+    // (tried, reserved).
+    assert_eq!(batched.account("a").await, (76, 20));
+    assert!(
+        left.0.iter().all(|r| r.0 != t[3]),
+        "no row for the transient failure"
+    );
+    // The transient failure runs when delivered again, in a batch of its own kind.
+    let retried = command(t[3], "credit", Operation::Action, pay(10));
+    let other = command(Uuid::new_v4(), "credit", Operation::Action, pay(1));
+    let outcomes = barrier::execute_batch(&batched.pool, &[retried, other], &router)
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0].status(), "succeeded");
+    assert_eq!(batched.account("a").await, (87, 20));
+}
