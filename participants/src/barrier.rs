@@ -381,9 +381,12 @@ impl Batch {
         cmd: &Command,
         handler: &dyn Handler,
     ) -> Result<(Batch, Outcome), BarrierError> {
-        let claimed = self
-            .claimed
-            .remove(&(cmd.transaction_id, cmd.step.clone(), cmd.operation));
+        let claimed = if self.claimed.is_empty() {
+            None
+        } else {
+            self.claimed
+                .remove(&(cmd.transaction_id, cmd.step.clone(), cmd.operation))
+        };
         let outcome = match execute_in(&mut self.tx, cmd, handler, &self.pending, claimed).await? {
             Executed::Keep {
                 outcome,
@@ -614,14 +617,16 @@ async fn claim_all(
     .bind(Origin::Handler.as_str())
     .fetch_all(conn)
     .await?;
-    let inserted: HashSet<(Uuid, String, String)> = inserted.into_iter().collect();
-    Ok(keys
+    let mut claimed: HashMap<(Uuid, String, Operation), bool> = keys
         .into_iter()
-        .map(|(t, s, o)| {
-            let new = inserted.contains(&(t, s.to_owned(), o.as_str().to_owned()));
-            ((t, s.to_owned(), o), new)
-        })
-        .collect())
+        .map(|(t, s, o)| ((t, s.to_owned(), o), false))
+        .collect();
+    for (t, s, o) in inserted {
+        if let Some(new) = Operation::parse(&o).and_then(|o| claimed.get_mut(&(t, s, o))) {
+            *new = true;
+        }
+    }
+    Ok(claimed)
 }
 
 /// Stores the replies (and origins) of a batch's commands in their rows, in one statement.

@@ -306,6 +306,8 @@ struct Item<'a> {
 struct Pending {
     /// The state as locked.
     loaded: Instance,
+    /// The id of its plan, if its row names it (an instance's plan never changes).
+    plan_id: Option<Uuid>,
     /// Where in the results its latest transition is (its state is the current one).
     latest: Option<usize>,
     /// Whether any transition appended events (the projection is then rewritten).
@@ -328,12 +330,12 @@ impl Pending {
 impl PgStore {
     /// The instances of `rows`, each with its plan: its own (rows written before
     /// `sagas_plans`), else the one its `plan_id` names, read from `sagas_plans` if this
-    /// process has not met it yet.
+    /// process has not met it yet; and the id of that plan, unless the row carried its own.
     async fn with_plans(
         &self,
         conn: &mut sqlx::PgConnection,
         rows: Vec<(Uuid, Json<StoredState>, Option<Uuid>)>,
-    ) -> Result<Vec<(Uuid, Instance)>, StoreError> {
+    ) -> Result<Vec<(Uuid, Instance, Option<Uuid>)>, StoreError> {
         let missing: Vec<Uuid> = rows
             .iter()
             .filter(|(_, Json(state), _)| !state.has_plan())
@@ -353,6 +355,7 @@ impl PgStore {
         }
         rows.into_iter()
             .map(|(id, Json(state), plan_id)| {
+                let plan_id = plan_id.filter(|_| !state.has_plan());
                 let plan = plan_id.and_then(|p| self.plans.get(&p));
                 let instance = state.into_instance(plan.as_deref()).ok_or_else(|| {
                     corrupt(
@@ -360,7 +363,7 @@ impl PgStore {
                         format!("{id}: plan {plan_id:?} not found"),
                     )
                 })?;
-                Ok((id, instance))
+                Ok((id, instance, plan_id))
             })
             .collect()
     }
@@ -387,9 +390,10 @@ impl PgStore {
         let rows = self.with_plans(&mut tx, rows).await?;
         let mut pending: HashMap<Uuid, Pending> = rows
             .into_iter()
-            .map(|(id, loaded)| {
+            .map(|(id, loaded, plan_id)| {
                 let p = Pending {
                     loaded,
+                    plan_id,
                     latest: None,
                     changed: false,
                     timers: BTreeMap::new(),
@@ -461,7 +465,12 @@ impl PgStore {
                     status: s.status.as_str(),
                     seq: s.seq,
                     state: StateRef::from(s),
-                    plan_id: plan_rows.id_of(&self.plans, &s.plan),
+                    // Known from the row, stored with it; a row that carried its plan names
+                    // it from now on.
+                    plan_id: match p.plan_id {
+                        Some(id) => id,
+                        None => plan_rows.id_of(&self.plans, &s.plan),
+                    },
                     failure: &s.failure,
                 });
             }

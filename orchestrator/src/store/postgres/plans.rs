@@ -191,8 +191,8 @@ pub(super) struct Plans {
     inner: Mutex<Known>,
 }
 
-/// Plans (and their ids) by definition name and version.
-type ByName = HashMap<(String, u32), Vec<(Arc<Plan>, Uuid)>>;
+/// Plans (and their ids) by definition name.
+type ByName = HashMap<String, Vec<(Arc<Plan>, Uuid)>>;
 
 #[derive(Debug, Default)]
 struct Known {
@@ -205,7 +205,7 @@ impl Known {
     fn add(&mut self, id: Uuid, plan: Arc<Plan>) {
         if self.by_id.insert(id, plan.clone()).is_none() {
             self.by_name
-                .entry((plan.name.clone(), plan.version))
+                .entry(plan.name.clone())
                 .or_default()
                 .push((plan, id));
         }
@@ -220,7 +220,7 @@ impl Plans {
         let mut known = self.inner.lock().expect("plans lock");
         let found = known
             .by_name
-            .get(&(plan.name.clone(), plan.version))
+            .get(&plan.name)
             .and_then(|plans| plans.iter().find(|(p, _)| **p == *plan))
             .map(|(p, id)| (p.clone(), *id));
         let (plan, id) = match found {
