@@ -29,6 +29,10 @@ use crate::ceilings::Ceilings;
 use crate::env::Urls;
 use crate::run::WorkloadResult;
 
+// As `sagad` (docs/performance.md, round 5).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
