@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,7 +42,7 @@ async fn rows(db: &TestDb) -> Rows {
 /// Runs `cmds` in one batch on a fresh database and one after the other on another; asserts
 /// that both give the same outcomes and leave the same rows, and returns them.
 async fn batch_equals_sequential(
-    router: &Router,
+    router: &dyn Handler,
     accounts: &[(&str, i64)],
     cmds: &[Command],
 ) -> (Vec<Outcome>, Rows) {
@@ -689,4 +690,107 @@ async fn a_batch_of_different_transactions_claims_its_rows_together_and_answers_
         .unwrap();
     assert_eq!(outcomes[0].status(), "succeeded");
     assert_eq!(batched.account("a").await, (87, 20));
+}
+
+/// A handler that counts how often it runs, around the test participant.
+struct Counting {
+    inner: Router,
+    calls: AtomicUsize,
+}
+
+impl Counting {
+    fn bank() -> Counting {
+        Counting {
+            inner: bank(),
+            calls: AtomicUsize::new(0),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Handler for Counting {
+    async fn handle(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.handle(cmd, tx).await
+    }
+}
+
+#[tokio::test]
+async fn a_batch_without_savepoints_stops_at_the_first_handler_that_fails_and_leaves_nothing() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let cmds = [
+        command(Uuid::new_v4(), "credit", Operation::Action, pay(10)),
+        command(
+            Uuid::new_v4(),
+            "credit",
+            Operation::Action,
+            json!({ "account": "a", "amount": 10, "fail": "business_after_write" }),
+        ),
+        command(Uuid::new_v4(), "credit", Operation::Action, pay(10)),
+    ];
+    let handler = Counting::bank();
+    let batch = barrier::Batch::begin_unguarded(&db.pool, &cmds)
+        .await
+        .unwrap();
+    let (batch, first) = batch.execute(&cmds[0], &handler).await.unwrap();
+    assert_eq!(first, Outcome::succeeded(json!({ "credited": 10 })));
+    let failed = batch.execute(&cmds[1], &handler).await;
+    assert!(matches!(failed, Err(BarrierError::Unguarded)), "{failed:?}");
+    drop(failed);
+    assert_eq!(handler.calls(), 2, "the batch ends at the failure");
+    assert_eq!(
+        rows(&db).await,
+        (Vec::new(), vec![("a".to_owned(), 100, 0)])
+    );
+}
+
+#[tokio::test]
+async fn a_batch_whose_handler_fails_without_savepoints_runs_again_with_them_and_ends_as_one_by_one()
+ {
+    let cmds = [
+        command(Uuid::new_v4(), "credit", Operation::Action, pay(10)),
+        command(Uuid::new_v4(), "reserve", Operation::Try, pay(20)),
+        command(
+            Uuid::new_v4(),
+            "reserve",
+            Operation::Try,
+            json!({ "account": "a", "amount": 10, "fail": "business_after_write" }),
+        ),
+        command(Uuid::new_v4(), "credit", Operation::Action, pay(5)),
+    ];
+    let handler = Counting::bank();
+    let (outcomes, (_, accounts)) = batch_equals_sequential(&handler, &[("a", 100)], &cmds).await;
+    let statuses: Vec<_> = outcomes.iter().map(Outcome::status).collect();
+    assert_eq!(statuses, ["succeeded", "succeeded", "failed", "succeeded"]);
+    assert_eq!(accounts, [("a".to_owned(), 95, 20)]);
+    // 3 runs without savepoints up to the failure, 4 with them, then 4 one by one.
+    assert_eq!(handler.calls(), 3 + 4 + 4);
+}
+
+#[tokio::test]
+async fn a_batch_whose_handlers_all_succeed_runs_each_once_without_savepoints() {
+    let fresh = command(Uuid::new_v4(), "credit", Operation::Action, pay(10));
+    let cmds = [
+        fresh.clone(),
+        command(Uuid::new_v4(), "reserve", Operation::Try, pay(20)),
+        again(&fresh),
+        command(Uuid::new_v4(), "credit", Operation::Action, pay(5)),
+    ];
+    let handler = Counting::bank();
+    let (outcomes, (barrier_rows, accounts)) =
+        batch_equals_sequential(&handler, &[("a", 100)], &cmds).await;
+    assert!(outcomes.iter().all(|o| o.status() == "succeeded"));
+    assert_eq!(
+        outcomes[0], outcomes[2],
+        "the duplicate gets the stored reply"
+    );
+    assert_eq!(accounts, [("a".to_owned(), 95, 20)]);
+    assert_eq!(barrier_rows.len(), 3);
+    // 3 in the batch (the duplicate runs no handler), then 3 one by one.
+    assert_eq!(handler.calls(), 3 + 3);
 }

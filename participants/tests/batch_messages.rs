@@ -205,6 +205,10 @@ async fn a_batch_of_commands_gets_one_reply_batch_with_the_replies_they_get_one_
     assert_eq!(running.stats.processed(), cmds.len() as u64);
     assert_eq!(running.stats.rejected(), 0);
     assert!(running.stats.batches() >= 3, "10 commands in chunks of 4");
+    assert!(
+        running.stats.batch_reruns() >= 1,
+        "the first chunk met a failure without savepoints and ran again with them"
+    );
 
     running.shutdown().await;
     broker.teardown(&[BANK]).await;
