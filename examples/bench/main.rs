@@ -423,6 +423,10 @@ fn print_text(r: &WorkloadResult) {
         r.outbox_left, r.timers_fired, r.relayed, r.dead_lettered
     );
     println!(
+        "  participants {} barrier batches, {} run again with savepoints, {} fell back to one by one",
+        r.participant_batches, r.participant_batch_reruns, r.participant_batch_fallbacks
+    );
+    println!(
         "  driver       {} completion polls, {:.2} ms round trip, {:.3} ms execution in PostgreSQL",
         r.completion_polls, r.completion_poll_ms, r.completion_poll_server_ms
     );

@@ -121,6 +121,13 @@ pub struct WorkloadResult {
     pub timers_fired: u64,
     pub relayed: u64,
     pub dead_lettered: u64,
+    /// Barrier transactions of the participants that committed several commands at once.
+    pub participant_batches: u64,
+    /// Of those, batches that went without savepoints, met a failing handler and ran again
+    /// with them (`Stats::batch_reruns`).
+    pub participant_batch_reruns: u64,
+    /// Batches rolled back whose commands then ran one by one (`Stats::batch_fallbacks`).
+    pub participant_batch_fallbacks: u64,
     pub completion_polls: u64,
     /// Mean round trip of one completion poll as the driver saw it (an upper bound of its
     /// cost in PostgreSQL).
@@ -166,6 +173,7 @@ impl Starter {
 struct RunningParticipant {
     conn: Arc<Connection>,
     pool: sqlx::PgPool,
+    stats: sagas::participant::Stats,
     task: tokio::task::JoinHandle<Result<(), sagas::participant::RuntimeError>>,
 }
 
@@ -325,6 +333,7 @@ async fn run_in(
                 .queue_options(queues.clone())
                 .concurrency(args.participant_concurrency)
                 .install_barrier(false);
+        let stats = participant.stats();
         let s = part_shutdown.clone();
         let c2 = conn.clone();
         let task = tokio::spawn(async move {
@@ -332,7 +341,12 @@ async fn run_in(
                 .run(&c2, async move { s.cancelled().await })
                 .await
         });
-        running.push(RunningParticipant { conn, pool, task });
+        running.push(RunningParticipant {
+            conn,
+            pool,
+            stats,
+            task,
+        });
     }
 
     // The history, before anything is counted.
@@ -576,6 +590,13 @@ async fn run_in(
     let timers_fired = stats.timers.load(Ordering::Relaxed);
     let relayed = stats.relayed.load(Ordering::Relaxed);
     let dead_lettered = stats.dead_lettered.load(Ordering::Relaxed);
+    let participant_count = |count: fn(&sagas::participant::Stats) -> u64| {
+        running.iter().map(|r| count(&r.stats)).sum()
+    };
+    let participant_batches: u64 = participant_count(sagas::participant::Stats::batches);
+    let participant_batch_reruns: u64 = participant_count(sagas::participant::Stats::batch_reruns);
+    let participant_batch_fallbacks: u64 =
+        participant_count(sagas::participant::Stats::batch_fallbacks);
     shutdown.cancel();
     for r in running {
         match tokio::time::timeout(Duration::from_secs(30), r.task).await {
@@ -855,6 +876,9 @@ async fn run_in(
         timers_fired,
         relayed,
         dead_lettered,
+        participant_batches,
+        participant_batch_reruns,
+        participant_batch_fallbacks,
         completion_polls: polls,
         completion_poll_server_ms: explained_micros.load(Ordering::Relaxed) as f64
             / 1000.0
