@@ -719,18 +719,19 @@ impl Handler for Counting {
     }
 }
 
+/// A command of a new transaction whose handler writes 10 and then fails for business reasons.
+fn fails_after_write(step: &str, operation: Operation) -> Command {
+    let payload = json!({ "account": "a", "amount": 10, "fail": "business_after_write" });
+    command(Uuid::new_v4(), step, operation, payload)
+}
+
 #[tokio::test]
 async fn a_batch_without_savepoints_stops_at_the_first_handler_that_fails_and_leaves_nothing() {
     let db = TestDb::new().await;
     db.open("a", 100).await;
     let cmds = [
         command(Uuid::new_v4(), "credit", Operation::Action, pay(10)),
-        command(
-            Uuid::new_v4(),
-            "credit",
-            Operation::Action,
-            json!({ "account": "a", "amount": 10, "fail": "business_after_write" }),
-        ),
+        fails_after_write("credit", Operation::Action),
         command(Uuid::new_v4(), "credit", Operation::Action, pay(10)),
     ];
     let handler = Counting::bank();
@@ -755,12 +756,7 @@ async fn a_batch_whose_handler_fails_without_savepoints_runs_again_with_them_and
     let cmds = [
         command(Uuid::new_v4(), "credit", Operation::Action, pay(10)),
         command(Uuid::new_v4(), "reserve", Operation::Try, pay(20)),
-        command(
-            Uuid::new_v4(),
-            "reserve",
-            Operation::Try,
-            json!({ "account": "a", "amount": 10, "fail": "business_after_write" }),
-        ),
+        fails_after_write("reserve", Operation::Try),
         command(Uuid::new_v4(), "credit", Operation::Action, pay(5)),
     ];
     let handler = Counting::bank();
