@@ -336,7 +336,7 @@ async fn outcomes(ctx: &Context, jobs: &[Job]) -> Vec<Outcome> {
     if jobs.len() > 1 {
         let unguarded = ctx.failures.unguarded(jobs.len());
         let mut result = in_one_transaction(ctx, jobs, unguarded).await;
-        if unguarded && matches!(result, Err(BatchFailure::Barrier(BarrierError::Unguarded))) {
+        if matches!(result, Err(BatchFailure::Barrier(BarrierError::Unguarded))) {
             Stats::bump(&ctx.stats.0.batch_reruns);
             result = in_one_transaction(ctx, jobs, false).await;
         }

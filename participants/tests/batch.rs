@@ -42,7 +42,7 @@ async fn rows(db: &TestDb) -> Rows {
 /// Runs `cmds` in one batch on a fresh database and one after the other on another; asserts
 /// that both give the same outcomes and leave the same rows, and returns them.
 async fn batch_equals_sequential(
-    router: &dyn Handler,
+    handler: &dyn Handler,
     accounts: &[(&str, i64)],
     cmds: &[Command],
 ) -> (Vec<Outcome>, Rows) {
@@ -51,13 +51,13 @@ async fn batch_equals_sequential(
         batched.open(id, *balance).await;
         sequential.open(id, *balance).await;
     }
-    let outcomes = barrier::execute_batch(&batched.pool, cmds, router)
+    let outcomes = barrier::execute_batch(&batched.pool, cmds, handler)
         .await
         .expect("the batch commits");
     let mut one_by_one = Vec::new();
     for cmd in cmds {
         one_by_one.push(
-            barrier::execute(&sequential.pool, cmd, router)
+            barrier::execute(&sequential.pool, cmd, handler)
                 .await
                 .unwrap(),
         );
