@@ -583,10 +583,23 @@ async fn tcc_confirms_carry_the_try_output_and_a_failed_confirm_is_stuck() -> Re
         assert_eq!(c.field("operation"), "confirm");
         assert_eq!(c.body["output"], json!({"hold": c.field("step")}));
     }
-    // credit confirms; debit refuses.
+    // credit confirms; debit refuses. Replies of different steps may be committed in either
+    // order (concurrent batches; one decided on a stale cached state is decided again), so
+    // credit's is in the log before debit's is sent.
     s.raw
         .reply(&confirms[0], json!({"status": "succeeded"}))
         .await?;
+    wait_event(&s.app, id, |e| {
+        matches!(
+            e.event,
+            Event::Replied {
+                step: 1,
+                operation: Operation::Confirm,
+                ..
+            }
+        )
+    })
+    .await?;
     s.raw
         .reply(
             &confirms[1],

@@ -14,7 +14,7 @@ use chrono::Duration;
 use sagas::orchestrator::clock::{Clock, SystemClock};
 use sagas::orchestrator::machine::{self, Input, Instance, Time, Timer, TimerKind, Transition};
 use sagas::orchestrator::store::{
-    Decide, ListFilter, PgStore, Position, SagaStore, SqliteStore, StoreError,
+    Decide, ListFilter, PgStore, Position, SagaStore, SqliteStore, StateCacheStats, StoreError,
 };
 use sagas::orchestrator::{Definition, Status};
 use sagas::participant::{Operation, Outcome, Reply};
@@ -160,7 +160,7 @@ async fn feed(
             id,
             fired,
             at,
-            Box::new(move |inst| Ok(machine::handle(inst, input, at, &def)?)),
+            Box::new(move |inst| Ok(machine::handle(inst, input.clone(), at, &def)?)),
         )
         .await
 }
@@ -748,7 +748,7 @@ async fn a_reopened_store_continues_a_transition_where_it_stopped(b: &Backend) -
 /// The machine's decision on `input`, as the engine makes it inside the store's transaction.
 fn decide(def: &Definition, input: Input, at: Time) -> Decide<'static> {
     let def = def.clone();
-    Box::new(move |inst| Ok(machine::handle(inst, input, at, &def)?))
+    Box::new(move |inst| Ok(machine::handle(inst, input.clone(), at, &def)?))
 }
 
 async fn a_batch_commits_every_good_input_and_answers_each_item_on_its_own(
@@ -1048,6 +1048,195 @@ mod plans {
                     .await?;
             assert_eq!(count, logged, "nothing written");
             assert!(store.events(id).await.is_err());
+            Ok(())
+        }
+    }
+}
+
+/// PostgreSQL decides a batch of replies on the states it last committed and writes it with one
+/// statement, guarded by each row's `seq`; a state moved on since is decided again on the
+/// stored one.
+mod state_cache {
+    use super::*;
+
+    /// Runs each named test on its own database, with a pool for more stores on it.
+    macro_rules! cache_suite {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> Result<()> {
+                    let env = common::TestEnv::new().await?;
+                    let pool = PgPool::connect(&env.orch_url).await?;
+                    tests::$name(&pool).await?;
+                    env.cleanup().await;
+                    Ok(())
+                }
+            )*
+        };
+    }
+
+    cache_suite!(
+        replies_to_instances_this_store_wrote_are_decided_on_its_cached_states,
+        a_state_another_store_moved_on_is_decided_again_on_the_stored_one,
+        a_decision_refused_on_a_cached_state_is_made_again_under_the_lock,
+    );
+
+    mod tests {
+        use super::*;
+
+        fn ok(id: Uuid, step: &str) -> Input {
+            Input::Reply(reply(id, step, 1, Outcome::succeeded(json!(step))))
+        }
+
+        fn stats(hits: u64, stale: u64, cached: usize) -> StateCacheStats {
+            StateCacheStats {
+                hits,
+                stale,
+                cached,
+            }
+        }
+
+        pub(super) async fn replies_to_instances_this_store_wrote_are_decided_on_its_cached_states(
+            pool: &PgPool,
+        ) -> Result<()> {
+            let store = PgStore::new(pool.clone());
+            let def = definition("d");
+            let at = now();
+            let starts: Vec<Transition> = (0..3).map(|_| start(&def, at)).collect();
+            store.create_batch(&starts, at).await?;
+            let [one, two, three] = [0, 1, 2].map(|i| starts[i].instance.id);
+            assert_eq!(store.state_cache(), stats(0, 0, 3));
+
+            let later = at + Duration::milliseconds(40);
+            let items: Vec<(Uuid, Decide<'static>)> = vec![
+                (two, decide(&def, ok(two, "a"), later)),
+                (one, decide(&def, ok(one, "a"), later)),
+                (three, decide(&def, ok(three, "a"), later)),
+                // A second input for `one` is decided on the state the first left.
+                (one, decide(&def, ok(one, "b"), later)),
+            ];
+            let results = store.update_batch(later, items).await?;
+            assert_eq!(results.len(), 4);
+            // Four decisions on cached states; `one` is finished and no longer cached.
+            assert_eq!(store.state_cache(), stats(4, 0, 2));
+            let updated: Vec<_> = results
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .context("every item commits")?;
+            for (u, id) in updated.iter().zip([two, one, three]) {
+                assert_eq!(u.transition.instance.id, id);
+                assert_eq!(u.outbox.len(), 1, "each sends step b");
+                assert_eq!(u.outbox[0].command.transaction_id, id);
+                assert_eq!(u.outbox[0].command.step, "b");
+            }
+            assert!(updated[3].outbox.is_empty());
+            assert_eq!(updated[3].transition.instance.status, Status::Completed);
+
+            // What was written is what the locking path writes: the log, the projection, the
+            // outbox rows and the timers.
+            assert_eq!(
+                assert_replays(&store, one).await?,
+                updated[3].transition.instance
+            );
+            assert_eq!(
+                assert_replays(&store, two).await?,
+                updated[0].transition.instance
+            );
+            assert_eq!(
+                assert_replays(&store, three).await?,
+                updated[2].transition.instance
+            );
+            assert_eq!(store.get(two).await?.context("stored")?.updated_at, later);
+            let mut due = due_timers(&store, later + Duration::days(1)).await?;
+            due.sort_by_key(|(id, _)| *id);
+            let mut expected = vec![(two, deadline(1, 1)), (three, deadline(1, 1))];
+            expected.sort_by_key(|(id, _)| *id);
+            assert_eq!(due, expected);
+            let rows = store
+                .claim_outbox(later + Duration::hours(1), 10, Duration::seconds(30))
+                .await?;
+            let mut sent: Vec<_> = updated.iter().flat_map(|u| u.outbox.clone()).collect();
+            sent.extend(rows.iter().filter(|r| r.command.step == "a").cloned());
+            sent.sort_by_key(|m| m.id);
+            assert_eq!(rows, sent);
+            Ok(())
+        }
+
+        pub(super) async fn a_state_another_store_moved_on_is_decided_again_on_the_stored_one(
+            pool: &PgPool,
+        ) -> Result<()> {
+            let store = PgStore::new(pool.clone());
+            let def = definition("d");
+            let at = now();
+            let (moved, kept) = (
+                create(&store, &def, at).await?,
+                create(&store, &def, at).await?,
+            );
+            // Another process takes `moved` on to step b; this store's cached state still
+            // runs step a.
+            let other = PgStore::new(pool.clone());
+            feed(&other, &def, moved, ok(moved, "a"), None, at).await?;
+
+            let later = at + Duration::milliseconds(40);
+            let items: Vec<(Uuid, Decide<'static>)> = vec![
+                // On the cached state this reply is a stray; on the stored one it finishes.
+                (moved, decide(&def, ok(moved, "b"), later)),
+                (kept, decide(&def, ok(kept, "a"), later)),
+            ];
+            let results = store.update_batch(later, items).await?;
+            assert_eq!(store.state_cache(), stats(1, 1, 1));
+            let finished = results[0].as_ref().expect("decided on the stored state");
+            assert_eq!(finished.transition.instance.status, Status::Completed);
+            let next = results[1].as_ref().expect("decided on the cached state");
+            assert_eq!(next.outbox[0].command.step, "b");
+
+            // Nothing of the stale decision was written: no stray reply in a gapless log.
+            let done = assert_replays(&store, moved).await?;
+            assert_eq!(done, finished.transition.instance);
+            let kinds: Vec<_> = store
+                .events(moved)
+                .await?
+                .iter()
+                .map(|e| e.event.kind())
+                .collect();
+            assert!(!kinds.contains(&"reply_ignored"), "{kinds:?}");
+            assert_eq!(
+                assert_replays(&store, kept).await?,
+                next.transition.instance
+            );
+
+            // The other store still holds `moved` at step b: a late duplicate of its reply is
+            // decided there as the finishing one, and again on the stored, finished state.
+            let late = decide(&def, ok(moved, "b"), later);
+            let results = other.update_batch(later, vec![(moved, late)]).await?;
+            let again = results.into_iter().next().context("one answer")??;
+            assert_eq!(other.state_cache(), stats(0, 1, 0));
+            let kinds: Vec<_> = again.transition.events.iter().map(|e| e.kind()).collect();
+            assert_eq!(kinds, ["reply_ignored"]);
+            assert!(again.outbox.is_empty());
+            assert_eq!(
+                assert_replays(&store, moved).await?.status,
+                Status::Completed
+            );
+            Ok(())
+        }
+
+        pub(super) async fn a_decision_refused_on_a_cached_state_is_made_again_under_the_lock(
+            pool: &PgPool,
+        ) -> Result<()> {
+            let store = PgStore::new(pool.clone());
+            let def = definition("d");
+            let at = now();
+            let id = create(&store, &def, at).await?;
+            let logged = store.events(id).await?.len();
+            let items: Vec<(Uuid, Decide<'static>)> = vec![(
+                id,
+                Box::new(|_| Err(StoreError::MissingDefinition("not here".into()))),
+            )];
+            let results = store.update_batch(at, items).await?;
+            assert!(matches!(results[0], Err(StoreError::MissingDefinition(_))));
+            assert_eq!(store.state_cache(), stats(0, 0, 1));
+            assert_eq!(store.events(id).await?.len(), logged);
             Ok(())
         }
     }

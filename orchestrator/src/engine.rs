@@ -662,12 +662,12 @@ impl Engine {
         let registry = self.registry.clone();
         Box::new(move |inst| {
             if let Some(def) = registry.get(&inst.plan.name, inst.plan.version) {
-                return Ok(machine::handle(inst, input, now, def)?);
+                return Ok(machine::handle(inst, input.clone(), now, def)?);
             }
             // Without the code, only transitions that compute no command may commit;
             // the others are left to a process that has the definition.
             let probe = MissingDefinition::default();
-            let t = machine::handle(inst, input, now, &probe)?;
+            let t = machine::handle(inst, input.clone(), now, &probe)?;
             if probe.was_asked() {
                 return Err(StoreError::MissingDefinition(format!(
                     "definition {} version {} is not registered in this process",

@@ -17,7 +17,7 @@ use sagas_participant::protocol::Command;
 pub mod postgres;
 pub mod sqlite;
 
-pub use postgres::PgStore;
+pub use postgres::{PgStore, StateCacheStats};
 pub use sqlite::SqliteStore;
 
 /// A client's idempotency key for a start request, with the request it came with.
@@ -134,8 +134,11 @@ pub struct Updated {
     pub outbox: Vec<OutboxMessage>,
 }
 
-/// Decides a transition from the current state, inside the store's transaction.
-pub type Decide<'a> = Box<dyn FnOnce(&Instance) -> Result<Transition, StoreError> + Send + 'a>;
+/// Decides a transition from the current state, inside the store's transaction. A pure
+/// function of the state: a store may call it more than once (the PostgreSQL store decides
+/// on the state it last committed and, if that turns out stale, again on the stored one), and
+/// commits only the transition of its last call.
+pub type Decide<'a> = Box<dyn Fn(&Instance) -> Result<Transition, StoreError> + Send + Sync + 'a>;
 
 /// Errors of a store.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +161,10 @@ pub enum StoreError {
     /// The database failed; retryable.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The transaction that carried this input failed, after others of its batch committed
+    /// in their own: nothing of this one was (it may be tried again).
+    #[error("not committed: {0}")]
+    Uncommitted(String),
 }
 
 /// Durable storage of instances.

@@ -18,7 +18,9 @@ use crate::machine::{Effect, Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
 mod plans;
+mod states;
 use plans::{EventBody, PlanRow, Plans, StateRef, StoredState};
+use states::{Known, States};
 
 /// The orchestrator's migrations (`migrations/orchestrator`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
@@ -32,6 +34,20 @@ pub struct PgStore {
     pool: PgPool,
     /// The plans this process has met (`sagas_plans`).
     plans: Arc<Plans>,
+    /// The states of open instances as this process last committed them.
+    states: Arc<States>,
+}
+
+/// How often reply batches could skip reading their states (see [`PgStore::state_cache`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StateCacheStats {
+    /// Inputs decided on a state this process had committed, written with one statement.
+    pub hits: u64,
+    /// Inputs whose cached state had moved on (another process or a concurrent batch wrote
+    /// it): decided again on the stored state, under its lock.
+    pub stale: u64,
+    /// States cached now.
+    pub cached: usize,
 }
 
 impl PgStore {
@@ -50,9 +66,12 @@ impl PgStore {
         let mut set = Vec::new();
         let mut sends = Vec::new();
         let mut plan_rows = PlanRows::default();
+        let mut plan_ids = Vec::with_capacity(starts.len());
         for (start, idempotency) in starts {
             let inst = &start.instance;
             let id = inst.id;
+            let plan_id = plan_rows.id_of(&self.plans, &inst.plan);
+            plan_ids.push(plan_id);
             instances.push(NewRow {
                 i: id,
                 definition: &inst.plan.name,
@@ -61,7 +80,7 @@ impl PgStore {
                 status: inst.status.as_str(),
                 seq: inst.seq,
                 state: StateRef::from(inst),
-                plan_id: plan_rows.id_of(&self.plans, &inst.plan),
+                plan_id,
                 failure: &inst.failure,
                 key: idempotency.map(|i| &i.key),
                 request: idempotency.map(|i| &i.request),
@@ -142,9 +161,10 @@ impl PgStore {
         plan_rows.committed(&self.plans);
         let row_ids: HashMap<String, i64> = message_ids.into_iter().zip(ids).collect();
         let mut results = Vec::with_capacity(starts.len());
-        for (start, idempotency) in starts {
+        for ((start, idempotency), plan_id) in starts.iter().zip(plan_ids) {
             let inst = &start.instance;
             if created.contains(&inst.id) {
+                self.states.committed(inst, plan_id);
                 results.push(outbox_rows(start, &row_ids).map(Created::New));
                 continue;
             }
@@ -182,6 +202,7 @@ impl PgStore {
         PgStore {
             pool,
             plans: Arc::default(),
+            states: Arc::default(),
         }
     }
 
@@ -193,6 +214,16 @@ impl PgStore {
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// How often reply batches were written on cached states.
+    pub fn state_cache(&self) -> StateCacheStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        StateCacheStats {
+            hits: self.states.hits.load(Relaxed),
+            stale: self.states.stale.load(Relaxed),
+            cached: self.states.len(),
+        }
     }
 }
 
@@ -260,6 +291,9 @@ struct ProjectionRow<'a> {
     i: Uuid,
     status: &'static str,
     seq: u64,
+    /// The `seq` the transition was decided on, when the row is written only if still at it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prev: Option<u64>,
     state: StateRef<'a>,
     plan_id: Uuid,
     failure: &'a Option<String>,
@@ -457,20 +491,26 @@ impl PgStore {
         let mut instances = Vec::new();
         let mut set = Vec::new();
         let mut delete = Vec::new();
+        let mut cache = Vec::new();
         for (&id, p) in &pending {
             if p.changed {
                 let s = p.current(&results);
+                // Known from the row, stored with it; a row that carried its plan names it
+                // from now on.
+                let plan_id = match p.plan_id {
+                    Some(id) => id,
+                    None => plan_rows.id_of(&self.plans, &s.plan),
+                };
+                if let Some(latest) = p.latest {
+                    cache.push((latest, plan_id));
+                }
                 instances.push(ProjectionRow {
                     i: id,
                     status: s.status.as_str(),
                     seq: s.seq,
+                    prev: None,
                     state: StateRef::from(s),
-                    // Known from the row, stored with it; a row that carried its plan names
-                    // it from now on.
-                    plan_id: match p.plan_id {
-                        Some(id) => id,
-                        None => plan_rows.id_of(&self.plans, &s.plan),
-                    },
+                    plan_id,
                     failure: &s.failure,
                 });
             }
@@ -560,6 +600,11 @@ impl PgStore {
         }
         tx.commit().await?;
         plan_rows.committed(&self.plans);
+        for (latest, plan_id) in cache {
+            if let Ok(t) = &results[latest] {
+                self.states.committed(&t.instance, plan_id);
+            }
+        }
 
         Ok(results
             .into_iter()
@@ -569,6 +614,198 @@ impl PgStore {
                 Ok(Updated { transition, outbox })
             })
             .collect())
+    }
+}
+
+impl PgStore {
+    /// Decides `items` on the states this process last committed ([`States`]) and writes
+    /// them with one statement, so one implicit transaction: no `BEGIN`, no locking read, no
+    /// `COMMIT`. The projection update writes only rows still at the `seq` a decision was made
+    /// on, and every other write joins the rows it updated: an item whose stored state moved
+    /// on writes nothing. Its rows come sorted by id and are found by a btree lookup on that
+    /// array, so locks are taken in id order as the locking path takes them; should a plan
+    /// ever cross another's order, PostgreSQL's deadlock check fails the statement, which
+    /// wrote nothing, and the batch takes the locking path.
+    ///
+    /// Several inputs for one instance apply in order, each decided on the state the previous
+    /// left. `None` when the batch must take the locking path as a whole: a state not cached,
+    /// or a decision that fails or appends no event on the cached state (that state may be
+    /// stale; the stored one has the last word). Otherwise one entry per item, `None` for an
+    /// item whose instance's cached state had moved on (it is forgotten).
+    async fn transact_known(
+        &self,
+        now: Time,
+        items: &[Item<'_>],
+    ) -> Result<Option<Vec<Option<Result<Updated, StoreError>>>>, StoreError> {
+        let mut ids: Vec<Uuid> = items.iter().map(|i| i.id).collect();
+        ids.sort();
+        ids.dedup();
+        let Some(known) = self.states.all(&ids) else {
+            return Ok(None);
+        };
+        // Per instance: the cached state, and where in `transitions` its latest one is;
+        // several inputs for one instance apply in order, each on the state the previous left.
+        let mut latest: HashMap<Uuid, (Known, Option<usize>)> = known
+            .into_iter()
+            .map(|k| (k.instance.id, (k, None)))
+            .collect();
+        let mut transitions: Vec<Transition> = Vec::with_capacity(items.len());
+        for item in items {
+            let Some((k, last)) = latest.get_mut(&item.id) else {
+                return Ok(None);
+            };
+            let current = last.map_or(&k.instance, |i| &transitions[i].instance);
+            match (item.decide)(current) {
+                Ok(t) if !t.events.is_empty() => {
+                    *last = Some(transitions.len());
+                    transitions.push(t);
+                }
+                _ => return Ok(None),
+            }
+        }
+
+        let mut events = Vec::new();
+        let mut sends = Vec::new();
+        let mut plan_rows = PlanRows::default();
+        // The final state of every timer key an instance's transitions touched.
+        let mut timers: BTreeMap<(Uuid, String), Option<(Time, Timer)>> = BTreeMap::new();
+        for t in &transitions {
+            let id = t.instance.id;
+            let first = t.instance.seq as i64 - t.events.len() as i64 + 1;
+            for (n, event) in t.events.iter().enumerate() {
+                let seq = first + n as i64;
+                events.push(EventRow::new(id, seq, event, &self.plans, &mut plan_rows));
+            }
+            for (participant, command) in t.sends() {
+                sends.push(SendRow {
+                    i: id,
+                    p: participant,
+                    m: command.message_id(),
+                    b: command,
+                });
+            }
+            for effect in &t.effects {
+                match effect {
+                    Effect::Send { .. } => {}
+                    Effect::SetTimer { at, timer } => {
+                        timers.insert((id, timer.key()), Some((*at, *timer)));
+                    }
+                    Effect::CancelTimer { key } => {
+                        timers.insert((id, key.clone()), None);
+                    }
+                }
+            }
+        }
+        let mut set = Vec::new();
+        let mut delete = Vec::new();
+        for ((i, k), value) in timers {
+            match value {
+                Some((at, t)) => set.push(SetTimerRow { i, k, at, t }),
+                None => delete.push(DeleteTimerRow { i, k, t: None }),
+            }
+        }
+        let mut instances = Vec::with_capacity(latest.len());
+        for (k, last) in latest.values() {
+            let Some(last) = *last else { continue };
+            let s = &transitions[last].instance;
+            instances.push(ProjectionRow {
+                i: s.id,
+                status: s.status.as_str(),
+                seq: s.seq,
+                prev: Some(k.instance.seq),
+                state: StateRef::from(s),
+                plan_id: k.plan_id,
+                failure: &s.failure,
+            });
+        }
+        // In id order, so that statements that share instances lock them in one order.
+        instances.sort_by_key(|r| r.i);
+
+        let (applied, row_ids, message_ids): (Vec<Uuid>, Vec<i64>, Vec<String>) =
+            sqlx::query_as(
+                "WITH inst AS (
+                   UPDATE sagas_instances i
+                   SET status = r->>'status', seq = (r->>'seq')::bigint, state = r->'state',
+                       plan_id = (r->>'plan_id')::uuid, failure = r->>'failure', updated_at = $1
+                   FROM jsonb_array_elements($3) AS r
+                   WHERE i.id = ANY($8) AND i.id = (r->>'i')::uuid
+                     AND i.seq = (r->>'prev')::bigint
+                   RETURNING i.id),
+                 ev AS (
+                   INSERT INTO sagas_events
+                     (instance_id, seq, kind, step, operation, attempt, body, at, plan_id)
+                   SELECT inst.id, (e->>'s')::bigint, e->'b'->>'kind', (e->'b'->>'step')::int,
+                          e->'b'->>'operation', (e->'b'->>'attempt')::int, e->'b', $1,
+                          (e->>'plan_id')::uuid
+                   FROM jsonb_array_elements($2) AS e JOIN inst ON inst.id = (e->>'i')::uuid),
+                 pl AS (
+                   INSERT INTO sagas_plans (id, plan)
+                   SELECT (r->>'i')::uuid, r->'plan' FROM jsonb_array_elements($9) AS r
+                   ON CONFLICT (id) DO NOTHING),
+                 tdel AS (
+                   DELETE FROM sagas_timers t
+                   USING jsonb_array_elements($4) AS r, inst
+                   WHERE t.instance_id = ANY($8) AND t.instance_id = inst.id
+                     AND t.instance_id = (r->>'i')::uuid AND t.key = r->>'k'),
+                 tset AS (
+                   INSERT INTO sagas_timers (instance_id, key, due_at, timer)
+                   SELECT inst.id, r->>'k', (r->>'at')::timestamptz, r->'t'
+                   FROM jsonb_array_elements($5) AS r JOIN inst ON inst.id = (r->>'i')::uuid
+                   ON CONFLICT (instance_id, key) DO UPDATE SET due_at = EXCLUDED.due_at, timer = EXCLUDED.timer),
+                 ob AS (
+                   INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
+                   SELECT inst.id, r.r->>'p', r.r->>'m', r.r->'b', $1, $1 + make_interval(secs => $7::float8 / 1000)
+                   FROM jsonb_array_elements($6) WITH ORDINALITY AS r(r, ord)
+                   JOIN inst ON inst.id = (r.r->>'i')::uuid
+                   ORDER BY r.ord
+                   RETURNING id, message_id)
+                 SELECT coalesce((SELECT array_agg(id) FROM inst), '{}') AS applied,
+                        coalesce((SELECT array_agg(id ORDER BY id) FROM ob), '{}') AS ids,
+                        coalesce((SELECT array_agg(message_id ORDER BY id) FROM ob), '{}') AS message_ids",
+            )
+            .bind(now)
+            .bind(Json(&events))
+            .bind(Json(&instances))
+            .bind(Json(&delete))
+            .bind(Json(&set))
+            .bind(Json(&sends))
+            .bind(OUTBOX_GRACE_MS as f64)
+            .bind(&ids)
+            .bind(Json(&plan_rows.rows))
+            .fetch_one(&self.pool)
+            .await?;
+        plan_rows.committed(&self.plans);
+        let row_ids: HashMap<String, i64> = message_ids.into_iter().zip(row_ids).collect();
+        let applied: HashSet<Uuid> = applied.into_iter().collect();
+        let hits = transitions
+            .iter()
+            .filter(|t| applied.contains(&t.instance.id))
+            .count();
+        States::bump(&self.states.hits, hits);
+        States::bump(&self.states.stale, transitions.len() - hits);
+        for (id, (k, last)) in &latest {
+            match last {
+                Some(last) if applied.contains(id) => self
+                    .states
+                    .committed(&transitions[*last].instance, k.plan_id),
+                _ => self.states.forget(*id),
+            }
+        }
+        Ok(Some(
+            transitions
+                .into_iter()
+                .map(|t| {
+                    if !applied.contains(&t.instance.id) {
+                        return None;
+                    }
+                    let outbox = outbox_rows(&t, &row_ids);
+                    Some(outbox.map(|outbox| Updated {
+                        transition: t,
+                        outbox,
+                    }))
+                })
+                .collect(),
+        ))
     }
 }
 
@@ -663,7 +900,7 @@ impl SagaStore for PgStore {
         now: Time,
         items: Vec<(Uuid, Decide<'_>)>,
     ) -> Result<Vec<Result<Updated, StoreError>>, StoreError> {
-        let items = items
+        let items: Vec<Item<'_>> = items
             .into_iter()
             .map(|(id, decide)| Item {
                 id,
@@ -671,7 +908,49 @@ impl SagaStore for PgStore {
                 decide,
             })
             .collect();
-        self.transact(now, items).await
+        let known = match self.transact_known(now, &items).await {
+            Ok(known) => known,
+            Err(e) => {
+                // Nothing was written; the locking path gives every item its own answer.
+                tracing::debug!(error = %e, "a batch on cached states failed; deciding on the stored states");
+                for item in &items {
+                    self.states.forget(item.id);
+                }
+                None
+            }
+        };
+        let Some(known) = known else {
+            return self.transact(now, items).await;
+        };
+        if known.iter().all(Option::is_some) {
+            return Ok(known.into_iter().flatten().collect());
+        }
+        // The items whose cached state had moved on, decided again on the stored state.
+        let again: Vec<Item<'_>> = items
+            .into_iter()
+            .zip(&known)
+            .filter(|(_, k)| k.is_none())
+            .map(|(item, _)| item)
+            .collect();
+        let n = again.len();
+        let mut redone: Vec<Result<Updated, StoreError>> = match self.transact(now, again).await {
+            Ok(redone) => redone,
+            // The others committed: each of these gets the failure as its own answer.
+            Err(e) => (0..n)
+                .map(|_| Err(StoreError::Uncommitted(e.to_string())))
+                .collect(),
+        };
+        redone.reverse();
+        Ok(known
+            .into_iter()
+            .map(|k| {
+                k.unwrap_or_else(|| {
+                    redone
+                        .pop()
+                        .unwrap_or_else(|| Err(corrupt("batch", "an item has no answer")))
+                })
+            })
+            .collect())
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError> {
