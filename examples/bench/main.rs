@@ -427,6 +427,10 @@ fn print_text(r: &WorkloadResult) {
         r.participant_batches, r.participant_batch_reruns, r.participant_batch_fallbacks
     );
     println!(
+        "  orchestrator {} replies decided on cached states (one statement), {} found them stale",
+        r.cached_replies, r.stale_replies
+    );
+    println!(
         "  driver       {} completion polls, {:.2} ms round trip, {:.3} ms execution in PostgreSQL",
         r.completion_polls, r.completion_poll_ms, r.completion_poll_server_ms
     );

@@ -128,6 +128,11 @@ pub struct WorkloadResult {
     pub participant_batch_reruns: u64,
     /// Batches rolled back whose commands then ran one by one (`Stats::batch_fallbacks`).
     pub participant_batch_fallbacks: u64,
+    /// Replies decided on a state the orchestrator had cached and written with one statement
+    /// (`PgStore::state_cache`).
+    pub cached_replies: u64,
+    /// Replies whose cached state had moved on, decided again under the lock.
+    pub stale_replies: u64,
     pub completion_polls: u64,
     /// Mean round trip of one completion poll as the driver saw it (an upper bound of its
     /// cost in PostgreSQL).
@@ -276,8 +281,9 @@ async fn run_in(
         queues: queues.clone(),
         command_batch: usize::from(args.command_batch),
     }));
+    let store = Arc::new(PgStore::new(orch_pool.clone()));
     let engine = Engine::new(
-        Arc::new(PgStore::new(orch_pool.clone())),
+        store.clone(),
         transport.clone(),
         participants::registry(
             workload,
@@ -597,6 +603,7 @@ async fn run_in(
     let participant_batch_reruns: u64 = participant_count(sagas::participant::Stats::batch_reruns);
     let participant_batch_fallbacks: u64 =
         participant_count(sagas::participant::Stats::batch_fallbacks);
+    let cache = store.state_cache();
     shutdown.cancel();
     for r in running {
         match tokio::time::timeout(Duration::from_secs(30), r.task).await {
@@ -879,6 +886,8 @@ async fn run_in(
         participant_batches,
         participant_batch_reruns,
         participant_batch_fallbacks,
+        cached_replies: cache.hits,
+        stale_replies: cache.stale,
         completion_polls: polls,
         completion_poll_server_ms: explained_micros.load(Ordering::Relaxed) as f64
             / 1000.0
