@@ -89,3 +89,83 @@ impl States {
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Definition;
+    use crate::machine::Status;
+    use serde_json::json;
+
+    fn instance() -> Instance {
+        let def = Definition::saga::<serde_json::Value>("d", 1)
+            .step("a", "p", |s| s.command(|_, _| json!({})))
+            .build()
+            .unwrap();
+        let plan = (**def.plan()).clone();
+        crate::machine::start(Uuid::now_v7(), plan, json!({}), chrono::Utc::now(), &def).instance
+    }
+
+    fn at(instance: &Instance, seq: u64, status: Status) -> Instance {
+        let mut i = instance.clone();
+        i.seq = seq;
+        i.status = status;
+        i
+    }
+
+    #[test]
+    fn states_are_given_only_when_every_one_asked_for_is_cached() {
+        let states = States::default();
+        let (one, two) = (instance(), instance());
+        let plan = Uuid::now_v7();
+        states.committed(&one, plan);
+        assert!(states.all(&[one.id, two.id]).is_none(), "two is not cached");
+        states.committed(&two, plan);
+        let known = states.all(&[two.id, one.id]).expect("both cached");
+        let ids: Vec<Uuid> = known.iter().map(|k| k.instance.id).collect();
+        assert_eq!(ids, [two.id, one.id]);
+        assert!(known.iter().all(|k| k.plan_id == plan));
+        states.forget(one.id);
+        assert!(states.all(&[one.id]).is_none());
+    }
+
+    #[test]
+    fn a_committed_state_replaces_only_an_older_one_and_a_finished_one_is_dropped() {
+        let states = States::default();
+        let one = instance();
+        let plan = Uuid::now_v7();
+        states.committed(&at(&one, 5, Status::Running), plan);
+        // A batch that committed earlier reports after a later one.
+        states.committed(&at(&one, 4, Status::Compensating), plan);
+        let kept = &states.all(&[one.id]).unwrap()[0];
+        assert_eq!(
+            (kept.instance.seq, kept.instance.status),
+            (5, Status::Running)
+        );
+        states.committed(&at(&one, 6, Status::Completed), plan);
+        assert_eq!(states.len(), 0);
+    }
+
+    #[test]
+    fn past_its_capacity_new_instances_are_not_kept_but_kept_ones_advance() {
+        let states = States::default();
+        let plan = Uuid::now_v7();
+        let first = instance();
+        states.committed(&first, plan);
+        for _ in 1..CAPACITY {
+            let mut other = first.clone();
+            other.id = Uuid::now_v7();
+            states.committed(&other, plan);
+        }
+        assert_eq!(states.len(), CAPACITY);
+        let late = instance();
+        states.committed(&late, plan);
+        assert!(states.all(&[late.id]).is_none());
+        assert_eq!(states.len(), CAPACITY);
+        states.committed(&at(&first, first.seq + 1, Status::Running), plan);
+        assert_eq!(
+            states.all(&[first.id]).unwrap()[0].instance.seq,
+            first.seq + 1
+        );
+    }
+}
