@@ -848,22 +848,19 @@ async fn a_batch_of_starts_stores_each_new_instance_and_refuses_an_existing_one(
     Ok(())
 }
 
-async fn concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_deadlock(
-    b: &Backend,
+/// Runs `rounds` batches at once, round `r` on `stores[r % len]`, each naming every one of `ids`
+/// in an order of its own with a stray reply (each appends exactly one `reply_ignored` event),
+/// and checks that every item committed.
+async fn stray_batches(
+    stores: &[Arc<dyn SagaStore>],
+    ids: &[Uuid],
+    def: &Definition,
+    rounds: u32,
 ) -> Result<()> {
-    // Two stores on one database, as two processes would have.
-    let stores = [b.open().await?, b.open().await?];
-    let def = definition("d");
-    let mut ids = Vec::new();
-    for _ in 0..6 {
-        ids.push(create(&*stores[0], &def, now()).await?);
-    }
-    let before = stores[0].events(ids[0]).await?.len();
     let mut tasks = Vec::new();
-    for round in 0..8u32 {
-        let (store, def) = (stores[round as usize % 2].clone(), def.clone());
-        // Every batch names every instance, in an order of its own.
-        let mut order = ids.clone();
+    for round in 0..rounds {
+        let (store, def) = (stores[round as usize % stores.len()].clone(), def.clone());
+        let mut order = ids.to_vec();
         order.rotate_left(round as usize % ids.len());
         if round % 2 == 1 {
             order.reverse();
@@ -872,7 +869,6 @@ async fn concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_dead
             let items: Vec<(Uuid, Decide<'static>)> = order
                 .iter()
                 .map(|&id| {
-                    // A stray reply: each appends exactly one `reply_ignored` event.
                     let stray = reply(id, "b", round + 1, Outcome::succeeded(json!(round)));
                     (id, decide(&def, Input::Reply(stray), now()))
                 })
@@ -885,6 +881,21 @@ async fn concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_dead
             result?;
         }
     }
+    Ok(())
+}
+
+async fn concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_deadlock(
+    b: &Backend,
+) -> Result<()> {
+    // Two stores on one database, as two processes would have.
+    let stores = [b.open().await?, b.open().await?];
+    let def = definition("d");
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(create(&*stores[0], &def, now()).await?);
+    }
+    let before = stores[0].events(ids[0]).await?.len();
+    stray_batches(&stores, &ids, &def, 8).await?;
     for id in ids {
         assert_eq!(stores[0].events(id).await?.len(), before + 8);
         assert_replays(&*stores[0], id).await?;
@@ -1079,6 +1090,7 @@ mod state_cache {
         replies_to_instances_this_store_wrote_are_decided_on_its_cached_states,
         a_state_another_store_moved_on_is_decided_again_on_the_stored_one,
         a_decision_refused_on_a_cached_state_is_made_again_under_the_lock,
+        concurrent_batches_on_cached_states_lock_in_one_order_and_lose_nothing,
     );
 
     mod tests {
@@ -1092,6 +1104,7 @@ mod state_cache {
             StateCacheStats {
                 hits,
                 stale,
+                failed: 0,
                 cached,
             }
         }
@@ -1218,6 +1231,32 @@ mod state_cache {
                 assert_replays(&store, moved).await?.status,
                 Status::Completed
             );
+            Ok(())
+        }
+
+        pub(super) async fn concurrent_batches_on_cached_states_lock_in_one_order_and_lose_nothing(
+            pool: &PgPool,
+        ) -> Result<()> {
+            let store = Arc::new(PgStore::new(pool.clone()));
+            let def = definition("d");
+            let at = now();
+            let starts: Vec<Transition> = (0..12).map(|_| start(&def, at)).collect();
+            store.create_batch(&starts, at).await?;
+            let ids: Vec<Uuid> = starts.iter().map(|t| t.instance.id).collect();
+            let before = store.events(ids[0]).await?.len();
+            let rounds = 24u32;
+            let shared: Arc<dyn SagaStore> = store.clone();
+            stray_batches(&[shared], &ids, &def, rounds).await?;
+            let cache = store.state_cache();
+            assert_eq!(
+                cache.failed, 0,
+                "no statement failed (a deadlock would): {cache:?}"
+            );
+            assert!(cache.hits > 0, "{cache:?}");
+            for id in ids {
+                assert_eq!(store.events(id).await?.len(), before + rounds as usize);
+                assert_replays(&*store, id).await?;
+            }
             Ok(())
         }
 

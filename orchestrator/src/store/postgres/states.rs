@@ -34,6 +34,8 @@ pub(super) struct States {
     pub hits: AtomicU64,
     /// Items whose cached state turned out stale (decided again under the lock).
     pub stale: AtomicU64,
+    /// Statements on cached states that failed.
+    pub failed: AtomicU64,
 }
 
 impl States {
