@@ -30,7 +30,10 @@ use sagas_participant::protocol::{PROTOCOL_VERSION, Reply};
 /// Tuning of the engine's loops.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Reply batches (store transactions) handled at the same time.
+    /// Reply batches (store transactions) handled at the same time. One by default: a batch
+    /// then always decides on the states the previous one committed (docs/performance.md,
+    /// round 6), and the next batch gathers the replies that came meanwhile; publishing and
+    /// acknowledging a batch's effects overlap the next batch's commit either way.
     pub reply_concurrency: usize,
     /// At most this many replies are committed in one store transaction. A batch takes the
     /// replies that are waiting when a slot frees up; it never waits for more.
@@ -52,7 +55,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            reply_concurrency: 2,
+            reply_concurrency: 1,
             reply_batch: 64,
             prefetch: 256,
             timer_concurrency: 32,
