@@ -477,20 +477,7 @@ impl PgStore {
         let mut sends = Vec::new();
         let mut plan_rows = PlanRows::default();
         for transition in results.iter().flatten() {
-            let id = transition.instance.id;
-            let first = transition.instance.seq as i64 - transition.events.len() as i64 + 1;
-            for (n, event) in transition.events.iter().enumerate() {
-                let seq = first + n as i64;
-                events.push(EventRow::new(id, seq, event, &self.plans, &mut plan_rows));
-            }
-            for (participant, command) in transition.sends() {
-                sends.push(SendRow {
-                    i: id,
-                    p: participant,
-                    m: command.message_id(),
-                    b: command,
-                });
-            }
+            self.log_rows(transition, &mut plan_rows, &mut events, &mut sends);
         }
         let mut instances = Vec::new();
         let mut set = Vec::new();
@@ -622,6 +609,30 @@ impl PgStore {
 }
 
 impl PgStore {
+    /// Appends the rows of `t`'s events (they end at its state's `seq`) and of its commands.
+    fn log_rows<'t>(
+        &self,
+        t: &'t Transition,
+        plan_rows: &mut PlanRows,
+        events: &mut Vec<EventRow<'t>>,
+        sends: &mut Vec<SendRow<'t>>,
+    ) {
+        let id = t.instance.id;
+        let first = t.instance.seq as i64 - t.events.len() as i64 + 1;
+        for (n, event) in t.events.iter().enumerate() {
+            let seq = first + n as i64;
+            events.push(EventRow::new(id, seq, event, &self.plans, plan_rows));
+        }
+        for (participant, command) in t.sends() {
+            sends.push(SendRow {
+                i: id,
+                p: participant,
+                m: command.message_id(),
+                b: command,
+            });
+        }
+    }
+
     /// Decides `items` on the states this process last committed ([`States`]) and writes
     /// them with one statement, so one implicit transaction: no `BEGIN`, no locking read, no
     /// `COMMIT`. The projection update writes only rows still at the `seq` a decision was made
@@ -676,19 +687,7 @@ impl PgStore {
         let mut timers: BTreeMap<(Uuid, String), Option<(Time, Timer)>> = BTreeMap::new();
         for t in &transitions {
             let id = t.instance.id;
-            let first = t.instance.seq as i64 - t.events.len() as i64 + 1;
-            for (n, event) in t.events.iter().enumerate() {
-                let seq = first + n as i64;
-                events.push(EventRow::new(id, seq, event, &self.plans, &mut plan_rows));
-            }
-            for (participant, command) in t.sends() {
-                sends.push(SendRow {
-                    i: id,
-                    p: participant,
-                    m: command.message_id(),
-                    b: command,
-                });
-            }
+            self.log_rows(t, &mut plan_rows, &mut events, &mut sends);
             for effect in &t.effects {
                 match effect {
                     Effect::Send { .. } => {}
