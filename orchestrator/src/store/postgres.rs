@@ -722,8 +722,6 @@ impl PgStore {
                 failure: &s.failure,
             });
         }
-        // In id order, so that statements that share instances lock them in one order.
-        instances.sort_by_key(|r| r.i);
 
         let (applied, row_ids, message_ids): (Vec<Uuid>, Vec<i64>, Vec<String>) =
             sqlx::query_as(
