@@ -688,16 +688,13 @@ impl PgStore {
         for t in &transitions {
             let id = t.instance.id;
             self.log_rows(t, &mut plan_rows, &mut events, &mut sends);
-            for effect in &t.effects {
-                match effect {
-                    Effect::Send { .. } => {}
-                    Effect::SetTimer { at, timer } => {
-                        timers.insert((id, timer.key()), Some((*at, *timer)));
-                    }
-                    Effect::CancelTimer { key } => {
-                        timers.insert((id, key.clone()), None);
-                    }
-                }
+            // A later transition's effect on a key replaces an earlier one's.
+            let planned = super::plan_effects(&t.effects);
+            for (key, at, timer) in planned.set {
+                timers.insert((id, key), Some((at, timer)));
+            }
+            for key in planned.cancel {
+                timers.insert((id, key), None);
             }
         }
         let mut set = Vec::new();
