@@ -4,20 +4,21 @@
 //! appends the transition's events, updates the projection, writes the outgoing commands to the
 //! outbox and sets or cancels timers, so a crash leaves either all of it or none.
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
 use chrono::Duration;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::machine::{Effect, Event, Instance, Rejected, Status, Time, Timer, Transition};
+use crate::machine::{Event, Instance, Rejected, Status, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
 pub mod postgres;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
+pub(crate) mod write_set;
 
 pub use postgres::{PgStore, StateCacheStats};
+#[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
 /// A client's idempotency key for a start request, with the request it came with.
@@ -258,45 +259,4 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Deletes published outbox rows.
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError>;
-}
-
-/// A transition's effects as a store writes them: the commands for the outbox, in order, and
-/// the final state of every timer key it touched (only the last effect on a key counts).
-pub(crate) struct PlannedEffects<'a> {
-    /// Commands to write to the outbox, with their participant.
-    pub sends: Vec<(&'a String, &'a Command)>,
-    /// Timers to set (upsert on the key).
-    pub set: Vec<(String, Time, Timer)>,
-    /// Timer keys to delete.
-    pub cancel: Vec<String>,
-}
-
-/// Sorts `effects` into what a store must write.
-pub(crate) fn plan_effects(effects: &[Effect]) -> PlannedEffects<'_> {
-    let mut sends = Vec::new();
-    // Only the last effect on each timer key matters.
-    let mut timers: BTreeMap<String, Option<(Time, Timer)>> = BTreeMap::new();
-    for effect in effects {
-        match effect {
-            Effect::Send {
-                participant,
-                command,
-            } => sends.push((participant, command)),
-            Effect::SetTimer { at, timer } => {
-                timers.insert(timer.key(), Some((*at, *timer)));
-            }
-            Effect::CancelTimer { key } => {
-                timers.insert(key.clone(), None);
-            }
-        }
-    }
-    let mut set = Vec::new();
-    let mut cancel = Vec::new();
-    for (key, value) in timers {
-        match value {
-            Some((at, timer)) => set.push((key, at, timer)),
-            None => cancel.push(key),
-        }
-    }
-    PlannedEffects { sends, set, cancel }
 }

@@ -38,11 +38,12 @@ use sqlx::sqlite::{
 };
 use uuid::Uuid;
 
+use super::write_set::WriteSet;
 use super::{
     Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
     StoredInstance, Updated,
 };
-use crate::machine::{Effect, Event, Instance, Time, Timer, Transition};
+use crate::machine::{Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
 /// The SQLite store's migrations (`migrations/sqlite`).
@@ -124,8 +125,7 @@ impl SqliteStore {
             }
             return Err(StoreError::Exists(inst.id));
         }
-        append_events(&mut tx, &id, 1, &start.events, now).await?;
-        let outbox = apply_effects(&mut tx, &id, &start.effects, now).await?;
+        let outbox = write(&mut tx, &WriteSet::of([start]), now).await?;
         tx.commit().await?;
         Ok(Created::New(outbox))
     }
@@ -215,25 +215,24 @@ fn stored((state, created_at, updated_at): InstanceRow) -> Result<StoredInstance
     })
 }
 
-/// Appends `events`, numbered from `first_seq`.
-async fn append_events(
+/// Writes `set`'s events, timers and outbox rows; the instance's row is the caller's (a new
+/// one is inserted, a changed one updated).
+async fn write(
     conn: &mut SqliteConnection,
-    id: &str,
-    first_seq: i64,
-    events: &[Event],
+    set: &WriteSet<'_>,
     now: Time,
-) -> Result<(), StoreError> {
-    for (i, event) in events.iter().enumerate() {
-        let body = serde_json::to_value(event).map_err(|e| corrupt("event", e))?;
+) -> Result<Vec<OutboxMessage>, StoreError> {
+    for e in &set.events {
+        let body = serde_json::to_value(e.event).map_err(|e| corrupt("event", e))?;
         // The same columns PostgreSQL extracts from the body, for queries by hand.
         let field = |k: &str| body.get(k).cloned().unwrap_or_default();
         sqlx::query(
             "INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
-        .bind(id)
-        .bind(first_seq + i as i64)
-        .bind(field("kind").as_str().unwrap_or_default().to_owned())
+        .bind(e.instance.to_string())
+        .bind(e.seq)
+        .bind(e.event.kind())
         .bind(field("step").as_i64())
         .bind(field("operation").as_str().map(str::to_owned))
         .bind(field("attempt").as_i64())
@@ -242,56 +241,69 @@ async fn append_events(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(())
-}
-
-/// Writes the transition's commands to the outbox and applies its timer effects.
-async fn apply_effects(
-    conn: &mut SqliteConnection,
-    id: &str,
-    effects: &[Effect],
-    now: Time,
-) -> Result<Vec<OutboxMessage>, StoreError> {
-    let super::PlannedEffects { sends, set, cancel } = super::plan_effects(effects);
-    let mut outbox = Vec::with_capacity(sends.len());
-    for (participant, command) in sends {
+    for t in &set.timers {
+        let id = t.instance.to_string();
+        match t.set {
+            Some((at, timer)) => {
+                sqlx::query(
+                    "INSERT INTO sagas_timers (instance_id, key, due_at, timer) VALUES (?, ?, ?, ?)
+                     ON CONFLICT (instance_id, key) DO UPDATE SET due_at = excluded.due_at, timer = excluded.timer",
+                )
+                .bind(id)
+                .bind(&t.key)
+                .bind(micros(at))
+                .bind(to_json("timer", &timer)?)
+                .execute(&mut *conn)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM sagas_timers WHERE instance_id = ? AND key = ?")
+                    .bind(id)
+                    .bind(&t.key)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+    }
+    for (instance, timer) in &set.fired {
+        let id = instance.to_string();
+        // Compared as values, not as JSON text: only the timer that fired is deleted.
+        let stored: Option<(String,)> =
+            sqlx::query_as("SELECT timer FROM sagas_timers WHERE instance_id = ? AND key = ?")
+                .bind(&id)
+                .bind(timer.key())
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some((text,)) = stored
+            && serde_json::from_str::<Timer>(&text).is_ok_and(|t| t == *timer)
+        {
+            sqlx::query("DELETE FROM sagas_timers WHERE instance_id = ? AND key = ?")
+                .bind(&id)
+                .bind(timer.key())
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    let mut outbox = Vec::with_capacity(set.sends.len());
+    for send in &set.sends {
         let (row_id,): (i64,) = sqlx::query_as(
             "INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
              VALUES (?, ?, ?, ?, ?, ?)
              RETURNING id",
         )
-        .bind(id)
-        .bind(participant)
-        .bind(command.message_id())
-        .bind(to_json("command", command)?)
+        .bind(send.instance.to_string())
+        .bind(send.participant)
+        .bind(send.command.message_id())
+        .bind(to_json("command", send.command)?)
         .bind(micros(now))
         .bind(micros(now) + OUTBOX_GRACE_MS * 1_000)
         .fetch_one(&mut *conn)
         .await?;
         outbox.push(OutboxMessage {
             id: row_id,
-            participant: participant.clone(),
-            command: command.clone(),
+            participant: send.participant.to_owned(),
+            command: send.command.clone(),
         });
-    }
-    for key in cancel {
-        sqlx::query("DELETE FROM sagas_timers WHERE instance_id = ? AND key = ?")
-            .bind(id)
-            .bind(key)
-            .execute(&mut *conn)
-            .await?;
-    }
-    for (key, at, timer) in set {
-        sqlx::query(
-            "INSERT INTO sagas_timers (instance_id, key, due_at, timer) VALUES (?, ?, ?, ?)
-             ON CONFLICT (instance_id, key) DO UPDATE SET due_at = excluded.due_at, timer = excluded.timer",
-        )
-        .bind(id)
-        .bind(key)
-        .bind(micros(at))
-        .bind(to_json("timer", &timer)?)
-        .execute(&mut *conn)
-        .await?;
     }
     Ok(outbox)
 }
@@ -334,30 +346,13 @@ impl SagaStore for SqliteStore {
             return Err(StoreError::NotFound(id));
         };
         let current: Instance = from_json("instance state", &state)?;
-        if let Some(timer) = fired {
-            // Compared as values, not as JSON text: only the timer that fired is deleted.
-            let stored: Option<(String,)> =
-                sqlx::query_as("SELECT timer FROM sagas_timers WHERE instance_id = ? AND key = ?")
-                    .bind(&key)
-                    .bind(timer.key())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some((text,)) = stored
-                && serde_json::from_str::<Timer>(&text).is_ok_and(|t| t == timer)
-            {
-                sqlx::query("DELETE FROM sagas_timers WHERE instance_id = ? AND key = ?")
-                    .bind(&key)
-                    .bind(timer.key())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
         let transition = decide(&current)?;
-        let inst = &transition.instance;
-        let mut outbox = Vec::new();
-        if !transition.events.is_empty() {
-            let first_seq = current.seq as i64 + 1;
-            append_events(&mut tx, &key, first_seq, &transition.events, now).await?;
+        let mut set = WriteSet::of([&transition]);
+        if let Some(timer) = fired {
+            set.fired(id, timer);
+        }
+        if let Some(changed) = set.states.first() {
+            let inst = changed.instance;
             sqlx::query(
                 "UPDATE sagas_instances SET status = ?, seq = ?, state = ?, failure = ?, updated_at = ?
                  WHERE id = ?",
@@ -371,9 +366,7 @@ impl SagaStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        if !transition.effects.is_empty() {
-            outbox = apply_effects(&mut tx, &key, &transition.effects, now).await?;
-        }
+        let outbox = write(&mut tx, &set, now).await?;
         tx.commit().await?;
         Ok(Updated { transition, outbox })
     }

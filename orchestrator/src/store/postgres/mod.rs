@@ -1,0 +1,321 @@
+//! The PostgreSQL store: the write path in `write`, every statement in `sql`, plans stored
+//! once in `plans`, the states of open instances this process committed in `states`.
+
+use async_trait::async_trait;
+use chrono::Duration;
+use std::sync::Arc;
+
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{
+    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
+    StoredInstance, Updated,
+};
+use crate::machine::{Event, Instance, Time, Timer, Transition};
+use sagas_participant::protocol::Command;
+
+mod plans;
+mod sql;
+mod states;
+mod write;
+use plans::Plans;
+use states::States;
+
+/// The orchestrator's migrations (`migrations/orchestrator`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
+
+/// A [`SagaStore`] on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// The plans this process has met (`sagas_plans`).
+    plans: Arc<Plans>,
+    /// The states of open instances as this process last committed them.
+    states: Arc<States>,
+}
+
+/// How often reply batches could skip reading their states (see [`PgStore::state_cache`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StateCacheStats {
+    /// Inputs decided on a state this process had committed, written with one statement.
+    pub hits: u64,
+    /// Inputs whose cached state had moved on (another process or a concurrent batch wrote
+    /// it): decided again on the stored state, under its lock.
+    pub stale: u64,
+    /// Statements on cached states that failed (nothing of them was written; their batches
+    /// took the locking path).
+    pub failed: u64,
+    /// States cached now.
+    pub cached: usize,
+}
+
+impl PgStore {
+    /// The instance of `definition` started with the idempotency key, if any.
+    async fn existing(
+        &self,
+        definition: &str,
+        idem: &Idempotency,
+    ) -> Result<Option<Created>, StoreError> {
+        let row: Option<(Uuid, Option<Json<serde_json::Value>>)> =
+            sqlx::query_as(sql::BY_IDEMPOTENCY_KEY)
+                .bind(definition)
+                .bind(&idem.key)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(id, request)| Created::Existing {
+            id,
+            same_request: request.map(|Json(r)| r) == Some(idem.request.clone()),
+        }))
+    }
+
+    /// A store on `pool` (migrations must have run: see [`PgStore::migrate`]).
+    pub fn new(pool: PgPool) -> PgStore {
+        PgStore {
+            pool,
+            plans: Arc::default(),
+            states: Arc::default(),
+        }
+    }
+
+    /// Applies the orchestrator's migrations.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// How often reply batches were written on cached states.
+    pub fn state_cache(&self) -> StateCacheStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        StateCacheStats {
+            hits: self.states.hits.load(Relaxed),
+            stale: self.states.stale.load(Relaxed),
+            failed: self.states.failed.load(Relaxed),
+            cached: self.states.len(),
+        }
+    }
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn decode_outbox(row: &PgRow) -> Result<OutboxMessage, StoreError> {
+    let Json(command): Json<Command> =
+        row.try_get("body").map_err(|e| corrupt("outbox body", e))?;
+    Ok(OutboxMessage {
+        id: row.try_get("id")?,
+        participant: row.try_get("participant")?,
+        command,
+    })
+}
+
+#[async_trait]
+impl SagaStore for PgStore {
+    async fn create(
+        &self,
+        start: &Transition,
+        now: Time,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let mut results = self.create_batch(std::slice::from_ref(start), now).await?;
+        results
+            .pop()
+            .unwrap_or(Err(StoreError::Exists(start.instance.id)))
+    }
+
+    async fn create_batch(
+        &self,
+        starts: &[Transition],
+        now: Time,
+    ) -> Result<Vec<Result<Vec<OutboxMessage>, StoreError>>, StoreError> {
+        let starts: Vec<_> = starts.iter().map(|t| (t, None)).collect();
+        Ok(self
+            .insert(&starts, now)
+            .await?
+            .into_iter()
+            .map(|created| created?.into_new())
+            .collect())
+    }
+
+    async fn create_idempotent(
+        &self,
+        start: &Transition,
+        now: Time,
+        idempotency: &Idempotency,
+    ) -> Result<Created, StoreError> {
+        self.insert(&[(start, Some(idempotency))], now)
+            .await?
+            .pop()
+            .unwrap_or(Err(StoreError::Exists(start.instance.id)))
+    }
+
+    async fn update(
+        &self,
+        id: Uuid,
+        fired: Option<Timer>,
+        now: Time,
+        decide: Decide<'_>,
+    ) -> Result<Updated, StoreError> {
+        self.transact(now, &[(id, decide)], fired)
+            .await?
+            .pop()
+            .unwrap_or(Err(StoreError::NotFound(id)))
+    }
+
+    async fn update_batch(
+        &self,
+        now: Time,
+        items: Vec<(Uuid, Decide<'_>)>,
+    ) -> Result<Vec<Result<Updated, StoreError>>, StoreError> {
+        let known = match self.transact_known(now, &items).await {
+            Ok(known) => known,
+            Err(e) => {
+                // Nothing was written; the locking path gives every item its own answer.
+                tracing::debug!(error = %e, "a batch on cached states failed; deciding on the stored states");
+                States::bump(&self.states.failed, 1);
+                for (id, _) in &items {
+                    self.states.forget(*id);
+                }
+                None
+            }
+        };
+        let Some(known) = known else {
+            return self.transact(now, &items, None).await;
+        };
+        if known.iter().all(Option::is_some) {
+            return Ok(known.into_iter().flatten().collect());
+        }
+        // The items whose cached state had moved on, decided again on the stored state.
+        let again: Vec<(Uuid, Decide<'_>)> = items
+            .into_iter()
+            .zip(&known)
+            .filter(|(_, k)| k.is_none())
+            .map(|(item, _)| item)
+            .collect();
+        let n = again.len();
+        let mut redone: Vec<Result<Updated, StoreError>> =
+            match self.transact(now, &again, None).await {
+                Ok(redone) => redone,
+                // The others committed: each of these gets the failure as its own answer.
+                Err(e) => (0..n)
+                    .map(|_| Err(StoreError::Uncommitted(e.to_string())))
+                    .collect(),
+            };
+        redone.reverse();
+        Ok(known
+            .into_iter()
+            .map(|k| {
+                k.unwrap_or_else(|| {
+                    redone
+                        .pop()
+                        .unwrap_or_else(|| Err(corrupt("batch", "an item has no answer")))
+                })
+            })
+            .collect())
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError> {
+        let row: Option<(Json<Instance>, Time, Time)> = sqlx::query_as(sql::GET)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(
+            row.map(|(Json(instance), created_at, updated_at)| StoredInstance {
+                instance,
+                created_at,
+                updated_at,
+            }),
+        )
+    }
+
+    async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, StoreError> {
+        let rows: Vec<(i64, Time, Json<Event>)> = sqlx::query_as(sql::EVENTS)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, at, Json(event))| LoggedEvent { seq, at, event })
+            .collect())
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredInstance>, StoreError> {
+        let (after_at, after_id) = match filter.after {
+            Some(p) => (Some(p.created_at), Some(p.id)),
+            None => (None, None),
+        };
+        let rows: Vec<(Json<Instance>, Time, Time)> = sqlx::query_as(sql::LIST)
+            .bind(filter.status.map(|s| s.as_str()))
+            .bind(filter.definition.as_deref())
+            .bind(after_at)
+            .bind(after_id)
+            .bind(i64::from(filter.limit))
+            .bind(filter.created_after)
+            .bind(filter.created_before)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(Json(instance), created_at, updated_at)| StoredInstance {
+                instance,
+                created_at,
+                updated_at,
+            })
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query(sql::PING).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn claim_due_timers(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<(Uuid, Timer)>, StoreError> {
+        let rows: Vec<(Uuid, Json<Timer>)> = sqlx::query_as(sql::CLAIM_TIMERS)
+            .bind(now)
+            .bind(limit)
+            .bind(now + lease)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|(id, Json(t))| (id, t)).collect())
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let rows = sqlx::query(sql::CLAIM_OUTBOX)
+            .bind(now)
+            .bind(limit)
+            .bind(now + lease)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out: Vec<OutboxMessage> =
+            rows.iter().map(decode_outbox).collect::<Result<_, _>>()?;
+        out.sort_by_key(|m| m.id);
+        Ok(out)
+    }
+
+    async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(sql::DELETE_OUTBOX)
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! Every statement of the PostgreSQL store, named.
+//!
+//! The write statements are one family (`write_statement!`): they differ only in how the
+//! instances' rows are written (inserted, updated under the transaction's locks, or updated
+//! only where still at the `seq` a decision was made on), and every other write joins the rows
+//! that statement wrote (`w`). Their parameters, the same in all three:
+//!
+//! | | |
+//! |---|---|
+//! | `$1` | now |
+//! | `$2` | events: `[{i, s, b, plan_id?}]` (instance, seq, body, the plan a `started` event names) |
+//! | `$3` | instance rows: `[{i, definition, version, mode, status, seq, prev, state, plan_id, failure, key?, request?}]` |
+//! | `$4` | timers to delete: `[{i, k, t?}]` (with `t`, only while the stored timer is `t`) |
+//! | `$5` | timers to set: `[{i, k, at, t}]` |
+//! | `$6` | outbox rows, in order: `[{i, p, m, b}]` (participant, message id, command) |
+//! | `$7` | the outbox grace period in milliseconds |
+//! | `$8` | the ids of the batch's instances |
+//! | `$9` | plans that may not be stored yet: `[{i, plan}]` |
+//!
+//! They return the instances written (`written`) and the outbox rows' ids with their message
+//! ids. `= ANY($8)` lets the planner reach the rows to update and delete through the primary
+//! keys: joined only to the JSON rows, whose count it cannot know, it chose to scan the whole
+//! tables.
+
+/// A write statement: `$target` defines `w`, the instances whose rows it writes, and writes
+/// their rows; the plans, events, timers and outbox rows follow, each joined to `w`, so an
+/// instance whose row is not written gets nothing else written either.
+macro_rules! write_statement {
+    ($target:literal) => {
+        concat!(
+            "WITH ",
+            $target,
+            ",
+             pl AS (
+               INSERT INTO sagas_plans (id, plan)
+               SELECT (r->>'i')::uuid, r->'plan' FROM jsonb_array_elements($9) AS r
+               ON CONFLICT (id) DO NOTHING),
+             ev AS (
+               INSERT INTO sagas_events
+                 (instance_id, seq, kind, step, operation, attempt, body, at, plan_id)
+               SELECT w.id, (e->>'s')::bigint, e->'b'->>'kind', (e->'b'->>'step')::int,
+                      e->'b'->>'operation', (e->'b'->>'attempt')::int, e->'b', $1,
+                      (e->>'plan_id')::uuid
+               FROM jsonb_array_elements($2) AS e JOIN w ON w.id = (e->>'i')::uuid),
+             tdel AS (
+               DELETE FROM sagas_timers t
+               USING jsonb_array_elements($4) AS r, w
+               WHERE t.instance_id = ANY($8) AND t.instance_id = w.id
+                 AND t.instance_id = (r->>'i')::uuid AND t.key = r->>'k'
+                 AND (NOT r ? 't' OR t.timer = r->'t')),
+             tset AS (
+               INSERT INTO sagas_timers (instance_id, key, due_at, timer)
+               SELECT w.id, r->>'k', (r->>'at')::timestamptz, r->'t'
+               FROM jsonb_array_elements($5) AS r JOIN w ON w.id = (r->>'i')::uuid
+               ON CONFLICT (instance_id, key) DO UPDATE SET due_at = EXCLUDED.due_at, timer = EXCLUDED.timer),
+             ob AS (
+               INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
+               SELECT w.id, r.r->>'p', r.r->>'m', r.r->'b', $1, $1 + make_interval(secs => $7::float8 / 1000)
+               FROM jsonb_array_elements($6) WITH ORDINALITY AS r(r, ord)
+               JOIN w ON w.id = (r.r->>'i')::uuid
+               ORDER BY r.ord
+               RETURNING id, message_id)
+             SELECT coalesce((SELECT array_agg(id) FROM w), '{}') AS written,
+                    coalesce((SELECT array_agg(id ORDER BY id) FROM ob), '{}') AS ids,
+                    coalesce((SELECT array_agg(message_id ORDER BY id) FROM ob), '{}') AS message_ids"
+        )
+    };
+}
+
+/// New instances: each row is inserted unless its id or its idempotency key is taken, and then
+/// nothing of that instance is written. A concurrent start with the same key waits on the
+/// unique index until the first commits.
+pub(super) const WRITE_NEW: &str = write_statement!(
+    "w AS (
+       INSERT INTO sagas_instances
+         (id, definition, version, mode, status, seq, state, plan_id, failure, created_at,
+          updated_at, idempotency_key, request)
+       SELECT (r->>'i')::uuid, r->>'definition', (r->>'version')::int, r->>'mode',
+              r->>'status', (r->>'seq')::bigint, r->'state', (r->>'plan_id')::uuid,
+              r->>'failure', $1, $1, r->>'key', nullif(r->'request', 'null'::jsonb)
+       FROM jsonb_array_elements($3) AS r
+       ON CONFLICT DO NOTHING
+       RETURNING id)"
+);
+
+/// Instances the transaction has locked (`LOCK_STATES`): every row of the batch is written
+/// (an instance whose state did not change may still have a fired timer to delete).
+pub(super) const WRITE_LOCKED: &str = write_statement!(
+    "inst AS (
+       UPDATE sagas_instances i
+       SET status = r->>'status', seq = (r->>'seq')::bigint, state = r->'state',
+           plan_id = (r->>'plan_id')::uuid, failure = r->>'failure', updated_at = $1
+       FROM jsonb_array_elements($3) AS r
+       WHERE i.id = ANY($8) AND i.id = (r->>'i')::uuid),
+     w AS (SELECT unnest($8::uuid[]) AS id)"
+);
+
+/// Instances decided on cached states, in one implicit transaction: the rows are locked first
+/// in id order (`lk`, as `LOCK_STATES` locks them: without it the update locked in its plan's
+/// order, and two batches sharing instances deadlocked now and then), and a row is written
+/// only while its `seq` is still the one its decision was made on (`prev`).
+pub(super) const WRITE_GUARDED: &str = write_statement!(
+    "lk AS (
+       SELECT id FROM sagas_instances WHERE id = ANY($8) ORDER BY id FOR UPDATE),
+     w AS (
+       UPDATE sagas_instances i
+       SET status = r->>'status', seq = (r->>'seq')::bigint, state = r->'state',
+           plan_id = (r->>'plan_id')::uuid, failure = r->>'failure', updated_at = $1
+       FROM jsonb_array_elements($3) AS r, lk
+       WHERE i.id = ANY($8) AND i.id = lk.id AND i.id = (r->>'i')::uuid
+         AND i.seq = (r->>'prev')::bigint
+       RETURNING i.id)"
+);
+
+/// Locks the batch's instances in id order (so concurrent transactions cannot deadlock on
+/// them) and reads their states.
+pub(super) const LOCK_STATES: &str =
+    "SELECT id, state, plan_id FROM sagas_instances WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+
+/// Plans by id.
+pub(super) const PLANS: &str = "SELECT id, plan FROM sagas_plans WHERE id = ANY($1)";
+
+/// The instance of a definition started with an idempotency key, and its request.
+pub(super) const BY_IDEMPOTENCY_KEY: &str = "SELECT id, request FROM sagas_instances
+     WHERE definition = $1 AND idempotency_key = $2";
+
+/// An instance's projection, with its plan.
+pub(super) const GET: &str =
+    "SELECT state, created_at, updated_at FROM sagas_instance_states WHERE id = $1";
+
+/// An instance's log, with the plan in its `started` event.
+pub(super) const EVENTS: &str =
+    "SELECT seq, at, body FROM sagas_event_bodies WHERE instance_id = $1 ORDER BY seq";
+
+/// Instances newest first, from a keyset position: the row comparison walks the
+/// `(created_at, id)` index backwards from the cursor.
+pub(super) const LIST: &str = "SELECT state, created_at, updated_at FROM sagas_instance_states
+     WHERE ($1::text IS NULL OR status = $1)
+       AND ($2::text IS NULL OR definition = $2)
+       AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+       AND ($6::timestamptz IS NULL OR created_at >= $6)
+       AND ($7::timestamptz IS NULL OR created_at < $7)
+     ORDER BY created_at DESC, id DESC
+     LIMIT $5";
+
+pub(super) const PING: &str = "SELECT 1";
+
+/// Leases up to `$2` timers due at `$1` until `$3`, skipping those another process holds.
+pub(super) const CLAIM_TIMERS: &str = "UPDATE sagas_timers t SET due_at = $3
+     FROM (SELECT instance_id, key FROM sagas_timers
+           WHERE due_at <= $1 ORDER BY due_at LIMIT $2
+           FOR UPDATE SKIP LOCKED) due
+     WHERE t.instance_id = due.instance_id AND t.key = due.key
+     RETURNING t.instance_id, t.timer";
+
+/// Leases up to `$2` outbox rows available at `$1` until `$3`, skipping those another process
+/// holds.
+pub(super) const CLAIM_OUTBOX: &str = "UPDATE sagas_outbox o SET available_at = $3
+     FROM (SELECT id FROM sagas_outbox WHERE available_at <= $1
+           ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) due
+     WHERE o.id = due.id
+     RETURNING o.id, o.participant, o.body";
+
+pub(super) const DELETE_OUTBOX: &str = "DELETE FROM sagas_outbox WHERE id = ANY($1)";
