@@ -1,7 +1,13 @@
 //! The sagas orchestrator: definitions, the pure state machine, the PostgreSQL log, the AMQP
 //! transport, the engine that drives them, and the HTTP API.
+//!
+//! Cargo features (all on by default): `cli` (the `sagactl` command line and its crates),
+//! `sqlite` (the embedded [`store::SqliteStore`]) and `mimalloc` (`sagad`'s allocator). With
+//! `default-features = false` the crate is the engine, the PostgreSQL store, the AMQP
+//! transport and the HTTP API.
 
 pub mod api;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
 pub mod config;

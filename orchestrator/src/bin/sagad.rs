@@ -10,6 +10,7 @@ use sagas_orchestrator::server;
 // The process allocates and frees many small buffers per message (JSON, SQL rows, AMQP
 // frames); with mimalloc the benchmark spends about a tenth less CPU in this process than with
 // the system allocator (docs/performance.md, round 5).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
