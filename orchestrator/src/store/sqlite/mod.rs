@@ -38,16 +38,18 @@ use sqlx::sqlite::{
 };
 use uuid::Uuid;
 
-use super::write_set::WriteSet;
-use super::{
+use crate::machine::{Instance, Time, Timer, Transition};
+use crate::store::write_set::WriteSet;
+use crate::store::{
     Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
     StoredInstance, Updated,
 };
-use crate::machine::{Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
 /// The SQLite store's migrations (`migrations/sqlite`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+mod sql;
 
 /// How long the writer of an outbox row has to publish it before the relay may (as in
 /// PostgreSQL).
@@ -80,37 +82,28 @@ impl SqliteStore {
             Some(i) => Some(to_json("idempotent request", &i.request)?),
             None => None,
         };
-        let inserted = sqlx::query(
-            "INSERT INTO sagas_instances
-               (id, definition, version, mode, status, seq, state, failure, created_at, updated_at,
-                idempotency_key, request)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&id)
-        .bind(&inst.plan.name)
-        .bind(i64::from(inst.plan.version))
-        .bind(inst.plan.mode.as_str())
-        .bind(inst.status.as_str())
-        .bind(inst.seq as i64)
-        .bind(to_json("instance state", inst)?)
-        .bind(&inst.failure)
-        .bind(micros(now))
-        .bind(micros(now))
-        .bind(idempotency.map(|i| &i.key))
-        .bind(&request)
-        .execute(&mut *tx)
-        .await?;
+        let inserted = sqlx::query(sql::INSERT_INSTANCE)
+            .bind(&id)
+            .bind(&inst.plan.name)
+            .bind(i64::from(inst.plan.version))
+            .bind(inst.plan.mode.as_str())
+            .bind(inst.status.as_str())
+            .bind(inst.seq as i64)
+            .bind(to_json("instance state", inst)?)
+            .bind(&inst.failure)
+            .bind(micros(now))
+            .bind(micros(now))
+            .bind(idempotency.map(|i| &i.key))
+            .bind(&request)
+            .execute(&mut *tx)
+            .await?;
         if inserted.rows_affected() == 0 {
             if let Some(idem) = idempotency {
-                let row: Option<(String, Option<String>)> = sqlx::query_as(
-                    "SELECT id, request FROM sagas_instances
-                     WHERE definition = ? AND idempotency_key = ?",
-                )
-                .bind(&inst.plan.name)
-                .bind(&idem.key)
-                .fetch_optional(&mut *tx)
-                .await?;
+                let row: Option<(String, Option<String>)> = sqlx::query_as(sql::BY_IDEMPOTENCY_KEY)
+                    .bind(&inst.plan.name)
+                    .bind(&idem.key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
                 if let Some((existing, stored)) = row {
                     let existing = existing.parse().map_err(|e| {
                         StoreError::Corrupt(format!("instance id {existing:?}: {e}"))
@@ -226,38 +219,32 @@ async fn write(
         let body = serde_json::to_value(e.event).map_err(|e| corrupt("event", e))?;
         // The same columns PostgreSQL extracts from the body, for queries by hand.
         let field = |k: &str| body.get(k).cloned().unwrap_or_default();
-        sqlx::query(
-            "INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(e.instance.to_string())
-        .bind(e.seq)
-        .bind(e.event.kind())
-        .bind(field("step").as_i64())
-        .bind(field("operation").as_str().map(str::to_owned))
-        .bind(field("attempt").as_i64())
-        .bind(body.to_string())
-        .bind(micros(now))
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(sql::INSERT_EVENT)
+            .bind(e.instance.to_string())
+            .bind(e.seq)
+            .bind(e.event.kind())
+            .bind(field("step").as_i64())
+            .bind(field("operation").as_str().map(str::to_owned))
+            .bind(field("attempt").as_i64())
+            .bind(body.to_string())
+            .bind(micros(now))
+            .execute(&mut *conn)
+            .await?;
     }
     for t in &set.timers {
         let id = t.instance.to_string();
         match t.set {
             Some((at, timer)) => {
-                sqlx::query(
-                    "INSERT INTO sagas_timers (instance_id, key, due_at, timer) VALUES (?, ?, ?, ?)
-                     ON CONFLICT (instance_id, key) DO UPDATE SET due_at = excluded.due_at, timer = excluded.timer",
-                )
-                .bind(id)
-                .bind(&t.key)
-                .bind(micros(at))
-                .bind(to_json("timer", &timer)?)
-                .execute(&mut *conn)
-                .await?;
+                sqlx::query(sql::SET_TIMER)
+                    .bind(id)
+                    .bind(&t.key)
+                    .bind(micros(at))
+                    .bind(to_json("timer", &timer)?)
+                    .execute(&mut *conn)
+                    .await?;
             }
             None => {
-                sqlx::query("DELETE FROM sagas_timers WHERE instance_id = ? AND key = ?")
+                sqlx::query(sql::DELETE_TIMER)
                     .bind(id)
                     .bind(&t.key)
                     .execute(&mut *conn)
@@ -268,16 +255,15 @@ async fn write(
     for (instance, timer) in &set.fired {
         let id = instance.to_string();
         // Compared as values, not as JSON text: only the timer that fired is deleted.
-        let stored: Option<(String,)> =
-            sqlx::query_as("SELECT timer FROM sagas_timers WHERE instance_id = ? AND key = ?")
-                .bind(&id)
-                .bind(timer.key())
-                .fetch_optional(&mut *conn)
-                .await?;
+        let stored: Option<(String,)> = sqlx::query_as(sql::TIMER)
+            .bind(&id)
+            .bind(timer.key())
+            .fetch_optional(&mut *conn)
+            .await?;
         if let Some((text,)) = stored
             && serde_json::from_str::<Timer>(&text).is_ok_and(|t| t == *timer)
         {
-            sqlx::query("DELETE FROM sagas_timers WHERE instance_id = ? AND key = ?")
+            sqlx::query(sql::DELETE_TIMER)
                 .bind(&id)
                 .bind(timer.key())
                 .execute(&mut *conn)
@@ -286,19 +272,15 @@ async fn write(
     }
     let mut outbox = Vec::with_capacity(set.sends.len());
     for send in &set.sends {
-        let (row_id,): (i64,) = sqlx::query_as(
-            "INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
-             VALUES (?, ?, ?, ?, ?, ?)
-             RETURNING id",
-        )
-        .bind(send.instance.to_string())
-        .bind(send.participant)
-        .bind(send.command.message_id())
-        .bind(to_json("command", send.command)?)
-        .bind(micros(now))
-        .bind(micros(now) + OUTBOX_GRACE_MS * 1_000)
-        .fetch_one(&mut *conn)
-        .await?;
+        let (row_id,): (i64,) = sqlx::query_as(sql::INSERT_OUTBOX)
+            .bind(send.instance.to_string())
+            .bind(send.participant)
+            .bind(send.command.message_id())
+            .bind(to_json("command", send.command)?)
+            .bind(micros(now))
+            .bind(micros(now) + OUTBOX_GRACE_MS * 1_000)
+            .fetch_one(&mut *conn)
+            .await?;
         outbox.push(OutboxMessage {
             id: row_id,
             participant: send.participant.to_owned(),
@@ -337,11 +319,10 @@ impl SagaStore for SqliteStore {
         let key = id.to_string();
         // The write lock, taken at BEGIN, is what `FOR UPDATE` is in PostgreSQL.
         let mut tx = self.begin_write().await?;
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT state FROM sagas_instances WHERE id = ?")
-                .bind(&key)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row: Option<(String,)> = sqlx::query_as(sql::STATE)
+            .bind(&key)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some((state,)) = row else {
             return Err(StoreError::NotFound(id));
         };
@@ -353,18 +334,15 @@ impl SagaStore for SqliteStore {
         }
         if let Some(changed) = set.states.first() {
             let inst = changed.instance;
-            sqlx::query(
-                "UPDATE sagas_instances SET status = ?, seq = ?, state = ?, failure = ?, updated_at = ?
-                 WHERE id = ?",
-            )
-            .bind(inst.status.as_str())
-            .bind(inst.seq as i64)
-            .bind(to_json("instance state", inst)?)
-            .bind(&inst.failure)
-            .bind(micros(now))
-            .bind(&key)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(sql::UPDATE_INSTANCE)
+                .bind(inst.status.as_str())
+                .bind(inst.seq as i64)
+                .bind(to_json("instance state", inst)?)
+                .bind(&inst.failure)
+                .bind(micros(now))
+                .bind(&key)
+                .execute(&mut *tx)
+                .await?;
         }
         let outbox = write(&mut tx, &set, now).await?;
         tx.commit().await?;
@@ -372,22 +350,18 @@ impl SagaStore for SqliteStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError> {
-        let row: Option<InstanceRow> = sqlx::query_as(
-            "SELECT state, created_at, updated_at FROM sagas_instances WHERE id = ?",
-        )
-        .bind(id.to_string())
-        .fetch_optional(&self.reader)
-        .await?;
+        let row: Option<InstanceRow> = sqlx::query_as(sql::GET)
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await?;
         row.map(stored).transpose()
     }
 
     async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, StoreError> {
-        let rows: Vec<(i64, i64, String)> = sqlx::query_as(
-            "SELECT seq, at, body FROM sagas_events WHERE instance_id = ? ORDER BY seq",
-        )
-        .bind(id.to_string())
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<(i64, i64, String)> = sqlx::query_as(sql::EVENTS)
+            .bind(id.to_string())
+            .fetch_all(&self.reader)
+            .await?;
         rows.into_iter()
             .map(|(seq, at, body)| {
                 Ok(LoggedEvent {
@@ -405,30 +379,21 @@ impl SagaStore for SqliteStore {
             None => (None, None),
         };
         // Lowercase hyphenated UUIDs sort as their bytes do, so the keyset order is PostgreSQL's.
-        let rows: Vec<InstanceRow> = sqlx::query_as(
-            "SELECT state, created_at, updated_at FROM sagas_instances
-             WHERE (?1 IS NULL OR status = ?1)
-               AND (?2 IS NULL OR definition = ?2)
-               AND (?3 IS NULL OR (created_at, id) < (?3, ?4))
-               AND (?6 IS NULL OR created_at >= ?6)
-               AND (?7 IS NULL OR created_at < ?7)
-             ORDER BY created_at DESC, id DESC
-             LIMIT ?5",
-        )
-        .bind(filter.status.map(|s| s.as_str()))
-        .bind(filter.definition.as_deref())
-        .bind(after_at)
-        .bind(after_id)
-        .bind(i64::from(filter.limit))
-        .bind(filter.created_after.map(micros))
-        .bind(filter.created_before.map(micros))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows: Vec<InstanceRow> = sqlx::query_as(sql::LIST)
+            .bind(filter.status.map(|s| s.as_str()))
+            .bind(filter.definition.as_deref())
+            .bind(after_at)
+            .bind(after_id)
+            .bind(i64::from(filter.limit))
+            .bind(filter.created_after.map(micros))
+            .bind(filter.created_before.map(micros))
+            .fetch_all(&self.reader)
+            .await?;
         rows.into_iter().map(stored).collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        sqlx::query(sql::PING).execute(&self.reader).await?;
         Ok(())
     }
 
@@ -439,18 +404,12 @@ impl SagaStore for SqliteStore {
         lease: Duration,
     ) -> Result<Vec<(Uuid, Timer)>, StoreError> {
         let mut tx = self.begin_write().await?;
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "UPDATE sagas_timers SET due_at = ?3
-             WHERE (instance_id, key) IN
-                   (SELECT instance_id, key FROM sagas_timers
-                    WHERE due_at <= ?1 ORDER BY due_at LIMIT ?2)
-             RETURNING instance_id, timer",
-        )
-        .bind(micros(now))
-        .bind(limit)
-        .bind(micros(now + lease))
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(sql::CLAIM_TIMERS)
+            .bind(micros(now))
+            .bind(limit)
+            .bind(micros(now + lease))
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
         rows.into_iter()
             .map(|(id, timer)| Ok((uuid(&id)?, from_json("timer", &timer)?)))
@@ -464,17 +423,12 @@ impl SagaStore for SqliteStore {
         lease: Duration,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
         let mut tx = self.begin_write().await?;
-        let rows: Vec<(i64, String, String)> = sqlx::query_as(
-            "UPDATE sagas_outbox SET available_at = ?3
-             WHERE id IN (SELECT id FROM sagas_outbox WHERE available_at <= ?1
-                          ORDER BY id LIMIT ?2)
-             RETURNING id, participant, body",
-        )
-        .bind(micros(now))
-        .bind(limit)
-        .bind(micros(now + lease))
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(sql::CLAIM_OUTBOX)
+            .bind(micros(now))
+            .bind(limit)
+            .bind(micros(now + lease))
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
         let mut out = rows
             .into_iter()
@@ -495,7 +449,7 @@ impl SagaStore for SqliteStore {
             return Ok(());
         }
         let mut tx = self.begin_write().await?;
-        sqlx::query("DELETE FROM sagas_outbox WHERE id IN (SELECT value FROM json_each(?))")
+        sqlx::query(sql::DELETE_OUTBOX)
             .bind(to_json("outbox ids", &ids)?)
             .execute(&mut *tx)
             .await?;

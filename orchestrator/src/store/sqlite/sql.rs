@@ -1,0 +1,78 @@
+//! Every statement of the SQLite store, named.
+
+/// A new instance, unless its id or its idempotency key is taken.
+pub(super) const INSERT_INSTANCE: &str = "INSERT INTO sagas_instances
+     (id, definition, version, mode, status, seq, state, failure, created_at, updated_at,
+     idempotency_key, request)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+     ON CONFLICT DO NOTHING";
+
+/// The instance of a definition started with an idempotency key, and its request.
+pub(super) const BY_IDEMPOTENCY_KEY: &str = "SELECT id, request FROM sagas_instances
+     WHERE definition = ? AND idempotency_key = ?";
+
+/// An instance's state (inside a write transaction: the file's write lock is the row lock).
+pub(super) const STATE: &str = "SELECT state FROM sagas_instances WHERE id = ?";
+
+/// An instance's projection after a transition.
+pub(super) const UPDATE_INSTANCE: &str =
+    "UPDATE sagas_instances SET status = ?, seq = ?, state = ?, failure = ?, updated_at = ?
+     WHERE id = ?";
+
+/// An event, with the columns PostgreSQL extracts from its body.
+pub(super) const INSERT_EVENT: &str =
+    "INSERT INTO sagas_events (instance_id, seq, kind, step, operation, attempt, body, at)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?)";
+
+/// Sets the timer of a key (upsert).
+pub(super) const SET_TIMER: &str =
+    "INSERT INTO sagas_timers (instance_id, key, due_at, timer) VALUES (?, ?, ?, ?)
+     ON CONFLICT (instance_id, key) DO UPDATE SET due_at = excluded.due_at, timer = excluded.timer";
+
+/// Deletes the timer of a key.
+pub(super) const DELETE_TIMER: &str = "DELETE FROM sagas_timers WHERE instance_id = ? AND key = ?";
+
+/// The timer stored under a key (compared as a value before a fired timer is deleted).
+pub(super) const TIMER: &str = "SELECT timer FROM sagas_timers WHERE instance_id = ? AND key = ?";
+
+/// An outbox row, available to the relay after the grace period.
+pub(super) const INSERT_OUTBOX: &str = "INSERT INTO sagas_outbox (instance_id, participant, message_id, body, created_at, available_at)
+     VALUES (?, ?, ?, ?, ?, ?)
+     RETURNING id";
+
+/// An instance's projection.
+pub(super) const GET: &str =
+    "SELECT state, created_at, updated_at FROM sagas_instances WHERE id = ?";
+
+/// An instance's log.
+pub(super) const EVENTS: &str =
+    "SELECT seq, at, body FROM sagas_events WHERE instance_id = ? ORDER BY seq";
+
+/// Instances newest first, from a keyset position.
+pub(super) const LIST: &str = "SELECT state, created_at, updated_at FROM sagas_instances
+     WHERE (?1 IS NULL OR status = ?1)
+     AND (?2 IS NULL OR definition = ?2)
+     AND (?3 IS NULL OR (created_at, id) < (?3, ?4))
+     AND (?6 IS NULL OR created_at >= ?6)
+     AND (?7 IS NULL OR created_at < ?7)
+     ORDER BY created_at DESC, id DESC
+     LIMIT ?5";
+
+pub(super) const PING: &str = "SELECT 1";
+
+/// Leases up to `?2` timers due at `?1` until `?3` (claimers are serialized by the write lock).
+pub(super) const CLAIM_TIMERS: &str = "UPDATE sagas_timers SET due_at = ?3
+     WHERE (instance_id, key) IN
+     (SELECT instance_id, key FROM sagas_timers
+     WHERE due_at <= ?1 ORDER BY due_at LIMIT ?2)
+     RETURNING instance_id, timer";
+
+/// Leases up to `?2` outbox rows available at `?1` until `?3`.
+pub(super) const CLAIM_OUTBOX: &str = "UPDATE sagas_outbox SET available_at = ?3
+     WHERE id IN (SELECT id FROM sagas_outbox WHERE available_at <= ?1
+     ORDER BY id LIMIT ?2)
+     RETURNING id, participant, body";
+
+/// Deletes published outbox rows (ids as a JSON array).
+pub(super) const DELETE_OUTBOX: &str =
+    "DELETE FROM sagas_outbox WHERE id IN (SELECT value FROM json_each(?))";
