@@ -1,8 +1,10 @@
 //! Unit tests of each transition. Every transition is also replayed from its log and compared.
 
+use super::retry::jitter_unit;
 use super::*;
-use crate::definition::StepPlan;
-use chrono::TimeZone;
+use crate::definition::{RetryPolicy, StepPlan};
+use chrono::{TimeZone, Utc};
+use sagas_participant::protocol::Outcome;
 use serde_json::json;
 
 pub(crate) fn plan(mode: Mode, steps: usize) -> Plan {

@@ -1,0 +1,400 @@
+//! The saga/TCC state machine: a pure function `(instance, input) -> (events, effects)`.
+//!
+//! No I/O, no clock, no randomness: the current time comes with every call, jitter is derived
+//! from the instance id, and the only code it runs is the definition's command functions for
+//! forward steps (through [`Commands`]). Every change of state is an [`Event`]; the new state
+//! is the fold of [`apply`] over the events, so replaying the log rebuilds the same state.
+//!
+//! This file holds the entry points ([`start`], [`handle`]) and the transition they build;
+//! the state is in `state`, the log in `event`, and the rules in `reply` (replies), `retry`
+//! (deadlines and retries), `saga` and `tcc` (how each mode moves on) and `operator`.
+
+use chrono::Duration;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::definition::{Definition, Mode, Outputs, Plan};
+use sagas_participant::protocol::{Command, Operation, PROTOCOL_VERSION, Reply};
+
+mod event;
+mod operator;
+mod reply;
+mod retry;
+mod saga;
+mod state;
+mod tcc;
+
+pub use event::{Event, apply, replay};
+use state::timer_key;
+pub use state::{
+    DEADLINE_KEY, Instance, Phase, Status, StepState, StepStatus, Time, Timer, TimerKind, Waiting,
+};
+
+/// An input to an existing instance.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A participant's reply.
+    Reply(Reply),
+    /// A timer came due.
+    Timer(Timer),
+    /// An operator asks to compensate a running instance now.
+    Abort {
+        /// Who asked.
+        actor: String,
+        /// Why.
+        reason: String,
+    },
+    /// An operator asks to retry stuck or backing-off operations now.
+    Retry {
+        /// Who asked.
+        actor: String,
+        /// Why.
+        reason: String,
+    },
+    /// An operator has handled a stuck instance by hand; it ends `resolved`.
+    Resolve {
+        /// Who.
+        actor: String,
+        /// What was done, and why.
+        reason: String,
+    },
+}
+
+/// Something the engine must do after committing a transition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Publish a command to a participant (through the outbox).
+    Send {
+        /// The participant (routing key).
+        participant: String,
+        /// The command.
+        command: Command,
+    },
+    /// Create or replace the timer with this key.
+    SetTimer {
+        /// When it comes due.
+        at: Time,
+        /// What it carries back.
+        timer: Timer,
+    },
+    /// Delete the timer with this key.
+    CancelTimer {
+        /// Timer key ([`Timer::key`]).
+        key: String,
+    },
+}
+
+/// The result of handling one input: the events to append and the effects to carry out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// The instance after the events.
+    pub instance: Instance,
+    /// New events, in order (the first has sequence number `instance.seq - events.len() + 1`).
+    pub events: Vec<Event>,
+    /// Effects, in order.
+    pub effects: Vec<Effect>,
+}
+
+impl Transition {
+    /// The commands it sends, in order, with their participant.
+    pub fn sends(&self) -> impl Iterator<Item = (&String, &Command)> {
+        self.effects.iter().filter_map(|e| match e {
+            Effect::Send {
+                participant,
+                command,
+            } => Some((participant, command)),
+            _ => None,
+        })
+    }
+}
+
+/// Why an operator input does not fit the instance.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(pub String);
+
+/// Computes forward commands; implemented by [`Definition`], faked in tests.
+pub trait Commands {
+    /// The command payload of step `step`.
+    fn command(&self, step: usize, input: &Value, outputs: &Outputs<'_>) -> Result<Value, String>;
+}
+
+impl Commands for Definition {
+    fn command(&self, step: usize, input: &Value, outputs: &Outputs<'_>) -> Result<Value, String> {
+        Definition::command(self, step, input, outputs)
+    }
+}
+
+/// Commands when the instance's definition is not registered in this process (say, a version
+/// no longer deployed): it computes nothing and remembers that it was asked, so the engine can
+/// leave the input to a process that has the definition instead of failing the step.
+#[derive(Debug, Default)]
+pub struct MissingDefinition {
+    asked: std::cell::Cell<bool>,
+}
+
+impl MissingDefinition {
+    /// True when the transition needed a forward command.
+    pub fn was_asked(&self) -> bool {
+        self.asked.get()
+    }
+}
+
+impl Commands for MissingDefinition {
+    fn command(&self, _: usize, _: &Value, _: &Outputs<'_>) -> Result<Value, String> {
+        self.asked.set(true);
+        Err("the definition is not registered in this process".to_owned())
+    }
+}
+
+/// Creates an instance and dispatches its first step(s).
+pub fn start(id: Uuid, plan: Plan, input: Value, now: Time, commands: &dyn Commands) -> Transition {
+    start_with(id, plan, input, Begin::default(), now, commands)
+}
+
+/// Options of [`start_with`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Begin {
+    /// If the forward phase has not finished by then, the instance is compensated.
+    pub deadline: Option<Time>,
+    /// The W3C trace context to pass on to participants.
+    pub traceparent: Option<String>,
+}
+
+/// Like [`start`], with a deadline and a trace context.
+pub fn start_with(
+    id: Uuid,
+    plan: Plan,
+    input: Value,
+    begin: Begin,
+    now: Time,
+    commands: &dyn Commands,
+) -> Transition {
+    let Begin {
+        deadline,
+        traceparent,
+    } = begin;
+    let forward = match plan.mode {
+        Mode::Saga => Operation::Action,
+        Mode::Tcc => Operation::Try,
+    };
+    let started = Event::Started {
+        id,
+        plan,
+        input,
+        deadline,
+        traceparent,
+    };
+    let instance = replay([&started]).expect("a log that begins with started");
+    let mut t = Draft {
+        inst: instance,
+        now,
+        commands,
+        events: vec![started],
+        effects: Vec::new(),
+    };
+    if let Some(at) = deadline {
+        t.effects.push(Effect::SetTimer {
+            at,
+            timer: Timer {
+                step: 0,
+                kind: TimerKind::Expiry,
+                operation: forward,
+                attempt: 0,
+            },
+        });
+    }
+    t.advance();
+    t.finish()
+}
+
+/// Handles one input; `Err` only for operator inputs that do not fit the instance's state.
+pub fn handle(
+    instance: &Instance,
+    input: Input,
+    now: Time,
+    commands: &dyn Commands,
+) -> Result<Transition, Rejected> {
+    let mut t = Draft {
+        inst: instance.clone(),
+        now,
+        commands,
+        events: Vec::new(),
+        effects: Vec::new(),
+    };
+    match input {
+        Input::Reply(reply) => t.on_reply(reply),
+        Input::Timer(timer) => t.on_timer(timer),
+        Input::Abort { actor, reason } => t.on_abort(actor, reason)?,
+        Input::Retry { actor, reason } => t.on_retry(actor, reason)?,
+        Input::Resolve { actor, reason } => t.on_resolve(actor, reason)?,
+    }
+    t.advance();
+    Ok(t.finish())
+}
+
+/// The transition being decided: every emitted event is applied at once, so decisions always
+/// read the state that the log will rebuild. The rules add to it in the files beside this one.
+struct Draft<'a> {
+    inst: Instance,
+    now: Time,
+    commands: &'a dyn Commands,
+    events: Vec<Event>,
+    effects: Vec<Effect>,
+}
+
+/// Whether [`Draft::advance`] looks again (the phase changed) or the instance waits for input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Again,
+    Wait,
+}
+
+impl Draft<'_> {
+    /// The transition decided; a finished instance no longer needs its deadline timer.
+    fn finish(mut self) -> Transition {
+        let finished = self
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Finished { .. }));
+        if finished && self.inst.deadline.is_some() {
+            self.effects.push(Effect::CancelTimer {
+                key: DEADLINE_KEY.to_owned(),
+            });
+        }
+        Transition {
+            instance: self.inst,
+            events: self.events,
+            effects: self.effects,
+        }
+    }
+
+    /// Logs `event` and applies it at once.
+    fn emit(&mut self, event: Event) {
+        apply(&mut self.inst, &event);
+        self.events.push(event);
+    }
+
+    /// Sends attempt `attempt` of `op` of step `i` and sets its reply deadline.
+    fn dispatch(&mut self, i: usize, op: Operation, attempt: u32) {
+        let plan = &self.inst.plan.steps[i];
+        let deadline = self.now + Duration::milliseconds(plan.timeout_ms as i64);
+        let participant = plan.participant.clone();
+        let step_name = plan.name.clone();
+        self.emit(Event::Dispatched {
+            step: i,
+            operation: op,
+            attempt,
+            deadline,
+        });
+        let s = &self.inst.steps[i];
+        let command = Command {
+            protocol: PROTOCOL_VERSION,
+            transaction_id: self.inst.id,
+            definition: self.inst.plan.name.clone(),
+            step: step_name,
+            operation: op,
+            attempt,
+            payload: s.payload.clone().unwrap_or(Value::Null),
+            output: if op.is_forward() {
+                None
+            } else {
+                s.output.clone()
+            },
+            deadline: Some(deadline),
+            traceparent: self.inst.traceparent.clone(),
+        };
+        self.effects.push(Effect::Send {
+            participant,
+            command,
+        });
+        self.effects.push(Effect::SetTimer {
+            at: deadline,
+            timer: Timer {
+                step: i,
+                kind: TimerKind::Deadline,
+                operation: op,
+                attempt,
+            },
+        });
+    }
+
+    /// Computes and logs the forward command of step `i`; false if it could not be computed.
+    fn prepare(&mut self, i: usize) -> bool {
+        let outputs: Vec<Option<Value>> =
+            self.inst.steps.iter().map(|s| s.output.clone()).collect();
+        let result = self.commands.command(
+            i,
+            &self.inst.input,
+            &Outputs::new(&self.inst.plan.steps, &outputs),
+        );
+        match result {
+            Ok(payload) => {
+                self.emit(Event::CommandPrepared { step: i, payload });
+                true
+            }
+            Err(error) => {
+                self.emit(Event::PreparationFailed { step: i, error });
+                false
+            }
+        }
+    }
+
+    /// Why the forward phase must end: the first step that failed or gave up.
+    fn failure_reason(&self) -> Option<String> {
+        self.inst.steps.iter().enumerate().find_map(|(i, s)| {
+            let name = &self.inst.plan.steps[i].name;
+            let err = s.last_error.as_deref().unwrap_or("no reason given");
+            match s.status {
+                StepStatus::Failed => Some(format!("step {name} failed: {err}")),
+                StepStatus::Unknown => Some(format!("step {name} gave up: {err}")),
+                _ => None,
+            }
+        })
+    }
+
+    /// Moves the instance on as far as it can go without new input.
+    fn advance(&mut self) {
+        loop {
+            let next = match self.inst.phase {
+                Phase::Done => Next::Wait,
+                Phase::Forward => {
+                    if let Some(reason) = self.failure_reason() {
+                        self.emit(Event::UndoStarted { reason });
+                        continue;
+                    }
+                    match self.inst.plan.mode {
+                        Mode::Saga => self.saga_forward(),
+                        Mode::Tcc => self.tcc_forward(),
+                    }
+                }
+                Phase::Confirming => self.tcc_confirm(),
+                Phase::Undoing => match self.inst.plan.mode {
+                    Mode::Saga => self.saga_compensate(),
+                    Mode::Tcc => self.tcc_cancel(),
+                },
+            };
+            if next == Next::Wait {
+                return;
+            }
+        }
+    }
+
+    /// Ends the undo phase once no step needs undoing or is being undone (`undoing`).
+    fn compensated_when_undone(&mut self, undoing: StepStatus) -> Next {
+        let busy = self
+            .inst
+            .steps
+            .iter()
+            .any(|s| s.status.needs_undo() || s.status == undoing);
+        if !busy {
+            self.emit(Event::Finished {
+                status: Status::Compensated,
+            });
+        }
+        Next::Wait
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,68 @@
+//! Saga rules: steps run forward as their dependencies succeed, and are compensated in the
+//! reverse of that order.
+
+use super::{Draft, Event, Next, Status, StepStatus};
+use sagas_participant::protocol::Operation;
+
+impl Draft<'_> {
+    /// Sends every pending step whose dependencies have all succeeded, after computing all of
+    /// their commands; completes the saga once nothing is pending or running.
+    pub(super) fn saga_forward(&mut self) -> Next {
+        let steps = &self.inst.steps;
+        let plan = &self.inst.plan;
+        let pending = |i: &usize| steps[*i].status == StepStatus::Pending;
+        let ready: Vec<usize> = (0..steps.len())
+            .filter(pending)
+            .filter(|&i| {
+                plan.deps(i)
+                    .iter()
+                    .all(|&d| steps[d].status == StepStatus::Succeeded)
+            })
+            .collect();
+        if ready.is_empty() {
+            let running = steps.iter().any(|s| s.status == StepStatus::Running);
+            if !running && !(0..steps.len()).any(|i| pending(&i)) {
+                self.emit(Event::Finished {
+                    status: Status::Completed,
+                });
+            }
+            return Next::Wait;
+        }
+        // Prepare every ready step before sending any, so that a command that cannot be
+        // computed sends nothing that needs undoing.
+        let mut all = true;
+        for &i in &ready {
+            all &= self.prepare(i);
+        }
+        if !all {
+            return Next::Again;
+        }
+        for i in ready {
+            self.dispatch(i, Operation::Action, 1);
+        }
+        Next::Wait
+    }
+
+    /// Compensates every step that may have run once every step that runs after it is
+    /// compensated, failed or never ran: the reverse of the dependency order (for a plain
+    /// list, last first; independent branches in parallel).
+    pub(super) fn saga_compensate(&mut self) -> Next {
+        let steps = &self.inst.steps;
+        let plan = &self.inst.plan;
+        let ready: Vec<usize> = (0..steps.len())
+            .filter(|&i| steps[i].status.needs_undo())
+            .filter(|&i| {
+                plan.dependents(i).iter().all(|&j| {
+                    matches!(
+                        steps[j].status,
+                        StepStatus::Pending | StepStatus::Failed | StepStatus::Compensated
+                    )
+                })
+            })
+            .collect();
+        for i in ready {
+            self.dispatch(i, Operation::Compensate, 1);
+        }
+        self.compensated_when_undone(StepStatus::Compensating)
+    }
+}

@@ -1,0 +1,280 @@
+//! The state of an instance and its steps, as the log's events build it, and the timers it keeps.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::definition::{Mode, Plan};
+use sagas_participant::protocol::Operation;
+
+/// A point in time (UTC).
+pub type Time = DateTime<Utc>;
+
+/// Status of an instance, as the API and `sagactl` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Forward steps (or TCC tries/confirms) are in progress.
+    Running,
+    /// A failure happened; compensations (or cancels) are in progress.
+    Compensating,
+    /// Every step succeeded (saga) or was confirmed (TCC).
+    Completed,
+    /// Every step that may have run was compensated (or cancelled).
+    Compensated,
+    /// A compensate/confirm/cancel exhausted its retry budget or was refused; needs an operator.
+    Stuck,
+    /// An operator handled a stuck instance by hand (terminal).
+    Resolved,
+}
+
+impl Status {
+    /// Every status, in a stable order.
+    pub const ALL: [Status; 6] = [
+        Status::Running,
+        Status::Compensating,
+        Status::Completed,
+        Status::Compensated,
+        Status::Stuck,
+        Status::Resolved,
+    ];
+
+    /// The database/API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Compensating => "compensating",
+            Status::Completed => "completed",
+            Status::Compensated => "compensated",
+            Status::Stuck => "stuck",
+            Status::Resolved => "resolved",
+        }
+    }
+
+    /// Parses a database/API name.
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// True when nothing more will happen to the instance.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Status::Completed | Status::Compensated | Status::Resolved
+        )
+    }
+}
+
+/// Where the instance is in its protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Actions (saga) or tries (TCC).
+    Forward,
+    /// TCC confirms.
+    Confirming,
+    /// Compensations (saga) or cancels (TCC).
+    Undoing,
+    /// Terminal.
+    Done,
+}
+
+/// Status of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Not dispatched.
+    Pending,
+    /// The forward operation is dispatched (awaiting a reply or a retry).
+    Running,
+    /// The forward operation succeeded.
+    Succeeded,
+    /// The forward operation failed for good and did not take effect.
+    Failed,
+    /// The forward operation gave up without a definite answer: it may have run.
+    Unknown,
+    /// Compensation dispatched.
+    Compensating,
+    /// Compensated.
+    Compensated,
+    /// Confirm dispatched.
+    Confirming,
+    /// Confirmed.
+    Confirmed,
+    /// Cancel dispatched.
+    Cancelling,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl StepStatus {
+    /// The database/API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "pending",
+            StepStatus::Running => "running",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::Unknown => "unknown",
+            StepStatus::Compensating => "compensating",
+            StepStatus::Compensated => "compensated",
+            StepStatus::Confirming => "confirming",
+            StepStatus::Confirmed => "confirmed",
+            StepStatus::Cancelling => "cancelling",
+            StepStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// The operation this status waits on, if any.
+    pub fn outstanding(self, mode: Mode) -> Option<Operation> {
+        match self {
+            StepStatus::Running => Some(match mode {
+                Mode::Saga => Operation::Action,
+                Mode::Tcc => Operation::Try,
+            }),
+            StepStatus::Compensating => Some(Operation::Compensate),
+            StepStatus::Confirming => Some(Operation::Confirm),
+            StepStatus::Cancelling => Some(Operation::Cancel),
+            _ => None,
+        }
+    }
+
+    /// True when the forward operation may have taken effect and is not undone or confirmed yet.
+    pub(super) fn needs_undo(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Running | StepStatus::Succeeded | StepStatus::Unknown
+        )
+    }
+}
+
+/// What a step is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "for", rename_all = "snake_case")]
+pub enum Waiting {
+    /// Nothing.
+    Nothing,
+    /// The reply to the current attempt, until `deadline`.
+    Reply {
+        /// When the attempt times out.
+        deadline: Time,
+    },
+    /// The next attempt, at `until`.
+    Backoff {
+        /// When the next attempt is sent.
+        until: Time,
+    },
+}
+
+/// State of one step of an instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    /// Status.
+    pub status: StepStatus,
+    /// Attempts made of the current operation.
+    pub attempt: u32,
+    /// Attempts that an operator retry has written off (the budget counts from here).
+    #[serde(default)]
+    pub budget_from: u32,
+    /// What the step waits for.
+    pub waiting: Waiting,
+    /// The forward command, logged before its first dispatch.
+    pub payload: Option<Value>,
+    /// The forward output.
+    pub output: Option<Value>,
+    /// The last error or failure reason.
+    pub last_error: Option<String>,
+    /// True when the step's compensate/confirm/cancel needs an operator.
+    #[serde(default)]
+    pub stuck: bool,
+    /// True when the participant answered the current attempt `in_progress`.
+    #[serde(default)]
+    pub in_progress: bool,
+}
+
+impl StepState {
+    pub(super) fn new() -> StepState {
+        StepState {
+            status: StepStatus::Pending,
+            attempt: 0,
+            budget_from: 0,
+            waiting: Waiting::Nothing,
+            payload: None,
+            output: None,
+            last_error: None,
+            stuck: false,
+            in_progress: false,
+        }
+    }
+}
+
+/// The state of one transaction: the projection stored next to its log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Transaction id.
+    pub id: Uuid,
+    /// The definition's plan as it was when the instance started.
+    pub plan: Plan,
+    /// The input.
+    pub input: Value,
+    /// Status.
+    pub status: Status,
+    /// Phase.
+    pub phase: Phase,
+    /// One entry per step of the plan.
+    pub steps: Vec<StepState>,
+    /// Why the instance is compensating or compensated.
+    pub failure: Option<String>,
+    /// Events applied so far (the sequence number of the last one).
+    pub seq: u64,
+    /// When a running instance is compensated if it has not finished its forward phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Time>,
+    /// The W3C trace context of the request that started it, passed on in every command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// A timer the machine asks the engine to keep: a reply deadline or a retry backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    /// Step index.
+    pub step: usize,
+    /// Deadline or backoff.
+    pub kind: TimerKind,
+    /// The operation it is about.
+    pub operation: Operation,
+    /// The attempt it is about (for a backoff: the attempt to send).
+    pub attempt: u32,
+}
+
+impl Timer {
+    /// The timer's key within its instance: one timer per step at a time.
+    pub fn key(&self) -> String {
+        match self.kind {
+            TimerKind::Expiry => DEADLINE_KEY.to_owned(),
+            _ => timer_key(self.step),
+        }
+    }
+}
+
+/// The key of the instance's deadline timer.
+pub const DEADLINE_KEY: &str = "deadline";
+
+/// The key of step `step`'s timer: its reply deadline or its backoff, one at a time.
+pub(super) fn timer_key(step: usize) -> String {
+    format!("step:{step}")
+}
+
+/// The kinds of timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimerKind {
+    /// The current attempt has waited long enough for its reply.
+    Deadline,
+    /// Time to send the next attempt.
+    Backoff,
+    /// The instance's deadline passed.
+    Expiry,
+}
