@@ -588,7 +588,7 @@ impl Engine {
                         .increment(1);
                 }
                 Event::OperatorAction { action, .. } => {
-                    metrics::counter!(metric::OPERATOR_ACTIONS, "action" => action.clone())
+                    metrics::counter!(metric::OPERATOR_ACTIONS, "action" => action.as_str())
                         .increment(1);
                 }
                 _ => {}

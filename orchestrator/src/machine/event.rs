@@ -136,8 +136,8 @@ pub enum Event {
     },
     /// An operator acted on the instance.
     OperatorAction {
-        /// `abort`, `retry` or `resolve`.
-        action: String,
+        /// What the operator did.
+        action: OperatorAction,
         /// Who.
         actor: String,
         /// Why.
@@ -214,6 +214,38 @@ impl Event {
             | Event::Extended { attempt, .. }
             | Event::RetryScheduled { attempt, .. } => Some(*attempt),
             _ => None,
+        }
+    }
+}
+
+/// What an operator did, as `operator_action` logs it and the metric
+/// `sagas_operator_actions_total` labels it: `abort`, `retry` or `resolve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorAction {
+    /// Compensate (or cancel) an instance still in its forward phase ([`super::Input::Abort`]).
+    Abort,
+    /// Send stuck or backing-off operations again now, stuck ones with a fresh budget
+    /// ([`super::Input::Retry`]).
+    Retry,
+    /// A stuck instance was put right by hand; it ends `resolved` ([`super::Input::Resolve`]).
+    Resolve,
+}
+
+impl OperatorAction {
+    /// Every action, in a stable order.
+    pub const ALL: [OperatorAction; 3] = [
+        OperatorAction::Abort,
+        OperatorAction::Retry,
+        OperatorAction::Resolve,
+    ];
+
+    /// The name in the log, the metric label and the HTTP route.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorAction::Abort => "abort",
+            OperatorAction::Retry => "retry",
+            OperatorAction::Resolve => "resolve",
         }
     }
 }
@@ -354,7 +386,7 @@ pub fn apply(inst: &mut Instance, event: &Event) {
         }
         Event::ReplyIgnored { .. } => {}
         Event::OperatorAction { action, .. } => {
-            if action == "retry" {
+            if *action == OperatorAction::Retry {
                 // The operator grants stuck steps a fresh retry budget.
                 for s in inst.steps.iter_mut().filter(|s| s.stuck) {
                     s.budget_from = s.attempt;

@@ -24,7 +24,7 @@ mod saga;
 mod state;
 mod tcc;
 
-pub use event::{Event, apply, replay};
+pub use event::{Event, OperatorAction, apply, replay};
 use state::timer_key;
 pub use state::{
     DEADLINE_KEY, Instance, Phase, Status, StepState, StepStatus, Time, Timer, TimerKind, Waiting,

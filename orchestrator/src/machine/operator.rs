@@ -3,7 +3,7 @@
 
 use sagas_participant::protocol::Operation;
 
-use super::{Draft, Effect, Event, Phase, Rejected, Status, Waiting, timer_key};
+use super::{Draft, Effect, Event, OperatorAction, Phase, Rejected, Status, Waiting, timer_key};
 
 impl Draft<'_> {
     pub(super) fn on_abort(&mut self, actor: String, reason: String) -> Result<(), Rejected> {
@@ -16,7 +16,7 @@ impl Draft<'_> {
         }
         let why = format!("aborted by {actor}: {reason}");
         self.emit(Event::OperatorAction {
-            action: "abort".to_owned(),
+            action: OperatorAction::Abort,
             actor,
             reason,
         });
@@ -41,7 +41,7 @@ impl Draft<'_> {
             )));
         }
         self.emit(Event::OperatorAction {
-            action: "retry".to_owned(),
+            action: OperatorAction::Retry,
             actor,
             reason,
         });
@@ -59,7 +59,7 @@ impl Draft<'_> {
             )));
         }
         self.emit(Event::OperatorAction {
-            action: "resolve".to_owned(),
+            action: OperatorAction::Resolve,
             actor,
             reason,
         });

@@ -726,4 +726,84 @@ fn jitter_is_deterministic_and_in_the_unit_interval() {
     assert!((0.0..1.0).contains(&a));
     assert_ne!(a, jitter_unit(id, 1, Action, 3));
 }
+/// An instance whose compensation of step 0 is stuck, with its log.
+fn stuck() -> Run {
+    let mut r = Run::start(Mode::Saga, 2);
+    r.ok(0, Action);
+    r.reply(1, Action, 1, Outcome::failed("no"));
+    r.fire(0);
+    r.fire(0);
+    r.fire(0);
+    assert_eq!(r.inst.status, Status::Stuck);
+    r
+}
+
+#[test]
+fn an_operator_retry_logged_before_the_action_enum_still_reads_and_replays() {
+    let mut r = stuck();
+    // The body as the store holds it: the log kept the action as a plain string.
+    let logged = r#"{"kind": "operator_action", "action": "retry", "actor": "ops", "reason": "participant fixed"}"#;
+    let event: Event = serde_json::from_str(logged).unwrap();
+    assert_eq!(
+        event,
+        Event::OperatorAction {
+            action: OperatorAction::Retry,
+            actor: "ops".into(),
+            reason: "participant fixed".into(),
+        }
+    );
+    // The whole log read back from JSON, with that body in it, rebuilds what the machine
+    // decides for the same retry: a fresh budget for the stuck step.
+    let mut log: Vec<Value> = r
+        .log
+        .iter()
+        .map(|e| serde_json::to_value(e).unwrap())
+        .collect();
+    log.push(serde_json::from_str(logged).unwrap());
+    let log: Vec<Event> = log
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    let replayed = replay(&log).unwrap();
+    assert_eq!(replayed.steps[0].budget_from, replayed.steps[0].attempt);
+    r.input(Input::Retry {
+        actor: "ops".into(),
+        reason: "participant fixed".into(),
+    })
+    .unwrap();
+    let decided = r
+        .log
+        .iter()
+        .find(|e| e.kind() == "operator_action")
+        .unwrap();
+    assert_eq!(decided, &event);
+    assert_eq!(replay(&r.log[..log.len()]).unwrap().steps, replayed.steps);
+}
+
+#[test]
+fn operator_actions_are_logged_with_the_same_json_as_before() {
+    for (action, name) in [
+        (OperatorAction::Abort, "abort"),
+        (OperatorAction::Retry, "retry"),
+        (OperatorAction::Resolve, "resolve"),
+    ] {
+        let event = Event::OperatorAction {
+            action,
+            actor: "ops".into(),
+            reason: "why".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&event).unwrap(),
+            json!({"kind": "operator_action", "action": name, "actor": "ops", "reason": "why"})
+        );
+        assert_eq!(action.as_str(), name);
+        assert_eq!(serde_json::to_value(action).unwrap(), json!(name));
+    }
+    assert_eq!(
+        OperatorAction::ALL.map(OperatorAction::as_str),
+        ["abort", "retry", "resolve"]
+    );
+    assert!(serde_json::from_value::<OperatorAction>(json!("undo")).is_err());
+}
+
 mod properties;
