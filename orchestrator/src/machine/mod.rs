@@ -194,15 +194,7 @@ pub fn start_with(
         effects: Vec::new(),
     };
     if let Some(at) = deadline {
-        t.effects.push(Effect::SetTimer {
-            at,
-            timer: Timer {
-                step: 0,
-                kind: TimerKind::Expiry,
-                operation: forward,
-                attempt: 0,
-            },
-        });
+        t.set_timer(at, TimerKind::Expiry, 0, forward, 0);
     }
     t.advance();
     t.finish()
@@ -308,15 +300,24 @@ impl Draft<'_> {
             participant,
             command,
         });
-        self.effects.push(Effect::SetTimer {
-            at: deadline,
-            timer: Timer {
-                step: i,
-                kind: TimerKind::Deadline,
-                operation: op,
-                attempt,
-            },
-        });
+        self.set_timer(deadline, TimerKind::Deadline, i, op, attempt);
+    }
+
+    /// Sets the timer of step `i` (of the instance, for [`TimerKind::Expiry`]) about `attempt`
+    /// of `op`, due `at`.
+    fn set_timer(&mut self, at: Time, kind: TimerKind, i: usize, op: Operation, attempt: u32) {
+        let timer = Timer {
+            step: i,
+            kind,
+            operation: op,
+            attempt,
+        };
+        self.effects.push(Effect::SetTimer { at, timer });
+    }
+
+    /// Deletes the timer of step `i`: nothing is awaited from it any more.
+    fn cancel_timer(&mut self, i: usize) {
+        self.effects.push(Effect::CancelTimer { key: timer_key(i) });
     }
 
     /// Computes and logs the forward command of step `i`; false if it could not be computed.

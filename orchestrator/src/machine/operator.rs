@@ -3,7 +3,7 @@
 
 use sagas_participant::protocol::Operation;
 
-use super::{Draft, Effect, Event, OperatorAction, Phase, Rejected, Status, Waiting, timer_key};
+use super::{Draft, Event, OperatorAction, Phase, Rejected, Status, Waiting};
 
 impl Draft<'_> {
     pub(super) fn on_abort(&mut self, actor: String, reason: String) -> Result<(), Rejected> {
@@ -67,7 +67,7 @@ impl Draft<'_> {
             status: Status::Resolved,
         });
         for i in 0..self.inst.steps.len() {
-            self.effects.push(Effect::CancelTimer { key: timer_key(i) });
+            self.cancel_timer(i);
         }
         Ok(())
     }

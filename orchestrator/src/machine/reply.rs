@@ -2,7 +2,7 @@
 
 use chrono::Duration;
 
-use super::{Draft, Effect, Event, Timer, TimerKind, Waiting, timer_key};
+use super::{Draft, Event, TimerKind, Waiting};
 use sagas_participant::protocol::{Outcome, Reply};
 
 impl Draft<'_> {
@@ -60,15 +60,7 @@ impl Draft<'_> {
                 attempt,
                 deadline,
             });
-            self.effects.push(Effect::SetTimer {
-                at: deadline,
-                timer: Timer {
-                    step: i,
-                    kind: TimerKind::Deadline,
-                    operation: op,
-                    attempt,
-                },
-            });
+            self.set_timer(deadline, TimerKind::Deadline, i, op, attempt);
             return;
         }
         if let Outcome::Retry {
@@ -102,7 +94,7 @@ impl Draft<'_> {
             attempt: reply.attempt,
             outcome: reply.outcome,
         });
-        self.effects.push(Effect::CancelTimer { key: timer_key(i) });
+        self.cancel_timer(i);
         if let Some(reason) = failed_reason
             && !reply.operation.is_forward()
         {

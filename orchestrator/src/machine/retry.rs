@@ -4,7 +4,7 @@
 use chrono::Duration;
 use uuid::Uuid;
 
-use super::{Draft, Effect, Event, Phase, Timer, TimerKind, Waiting, timer_key};
+use super::{Draft, Event, Phase, Timer, TimerKind, Waiting};
 use crate::definition::RetryPolicy;
 use sagas_participant::protocol::Operation;
 
@@ -80,15 +80,7 @@ impl Draft<'_> {
                 attempt,
                 at,
             });
-            self.effects.push(Effect::SetTimer {
-                at,
-                timer: Timer {
-                    step: i,
-                    kind: TimerKind::Backoff,
-                    operation: op,
-                    attempt,
-                },
-            });
+            self.set_timer(at, TimerKind::Backoff, i, op, attempt);
         } else if op.is_forward() {
             let reason = format!("{used} attempt(s) without a definite reply; last: {reason}");
             self.emit(Event::GaveUp {
@@ -96,7 +88,7 @@ impl Draft<'_> {
                 operation: op,
                 reason,
             });
-            self.effects.push(Effect::CancelTimer { key: timer_key(i) });
+            self.cancel_timer(i);
         } else {
             let reason = format!("{op} exhausted {used} attempt(s); last: {reason}");
             self.emit(Event::Stuck {
@@ -104,7 +96,7 @@ impl Draft<'_> {
                 operation: op,
                 reason,
             });
-            self.effects.push(Effect::CancelTimer { key: timer_key(i) });
+            self.cancel_timer(i);
         }
     }
 }
