@@ -82,7 +82,9 @@ pub struct Stats {
     pub relayed: AtomicU64,
 }
 
-/// Options of [`Engine::start_with`].
+/// The options of a start, as a caller asks for them ([`Engine::start_with`]; the API's start
+/// request). The engine turns them into the [`machine::StartOptions`] that the `started`
+/// event logs: the deadline becomes a time, and the idempotency key stays with the store.
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
     /// If the forward phase has not finished this long after the start, the instance is
@@ -95,9 +97,10 @@ pub struct StartOptions {
     pub traceparent: Option<String>,
 }
 
-/// What [`Engine::start_with`] did.
+/// What [`Engine::start_with`] did: the engine's answer to a start, which the API renders as
+/// [`crate::api::sagas::Started`].
 #[derive(Debug, Clone)]
-pub struct Start {
+pub struct Started {
     /// The instance (just started, or the one the idempotency key already named).
     pub instance: Instance,
     /// False when the idempotency key named an existing instance.
@@ -463,7 +466,8 @@ impl Engine {
         &self.store
     }
 
-    /// Starts an instance of the newest version of `definition`.
+    /// Starts an instance of the newest version of `definition`: [`Engine::start_with`]
+    /// without options, answering the instance.
     pub async fn start(&self, definition: &str, input: Value) -> Result<Instance, EngineError> {
         Ok(self
             .start_with(definition, input, StartOptions::default())
@@ -471,13 +475,14 @@ impl Engine {
             .instance)
     }
 
-    /// Starts an instance of the newest version of `definition` with `options`.
+    /// Starts an instance of the newest version of `definition` with `options` (or, when the
+    /// idempotency key names one started before, answers that one).
     pub async fn start_with(
         &self,
         definition: &str,
         input: Value,
         options: StartOptions,
-    ) -> Result<Start, EngineError> {
+    ) -> Result<Started, EngineError> {
         let def = self
             .registry
             .latest(definition)
@@ -507,11 +512,11 @@ impl Engine {
                 "deadline_ms": options.deadline.map(|d| d.as_millis() as u64),
             }),
         });
-        let begin = machine::Begin {
+        let logged = machine::StartOptions {
             deadline,
             traceparent: options.traceparent,
         };
-        let t = machine::start_with(id, (**def.plan()).clone(), input, begin, now, def);
+        let t = machine::start_with(id, (**def.plan()).clone(), input, logged, now, def);
         let (t, outbox) = match &idempotency {
             None => self.create(t, now).await?,
             Some(idem) => match self.store.create_idempotent(&t, now, idem).await? {
@@ -521,7 +526,7 @@ impl Engine {
                     same_request: true,
                 } => {
                     let stored = self.store.get(id).await?.ok_or(EngineError::NotFound(id))?;
-                    return Ok(Start {
+                    return Ok(Started {
                         instance: stored.instance,
                         created: false,
                     });
@@ -539,7 +544,7 @@ impl Engine {
         self.committed(&t);
         tracing::debug!(%id, definition, "started");
         self.publish(outbox, false).await;
-        Ok(Start {
+        Ok(Started {
             instance: t.instance,
             created: true,
         })

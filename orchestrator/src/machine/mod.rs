@@ -147,33 +147,35 @@ impl Commands for MissingDefinition {
     }
 }
 
-/// Creates an instance and dispatches its first step(s).
+/// Creates an instance and dispatches its first step(s): [`start_with`] without options.
 pub fn start(id: Uuid, plan: Plan, input: Value, now: Time, commands: &dyn Commands) -> Transition {
-    start_with(id, plan, input, Begin::default(), now, commands)
+    start_with(id, plan, input, StartOptions::default(), now, commands)
 }
 
-/// Options of [`start_with`].
+/// The options of a start, as the `started` event logs them. The engine takes them from a
+/// caller as [`crate::engine::StartOptions`]: it turns the deadline, relative there, into a
+/// time, and keeps the idempotency key to itself.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Begin {
+pub struct StartOptions {
     /// If the forward phase has not finished by then, the instance is compensated.
     pub deadline: Option<Time>,
     /// The W3C trace context to pass on to participants.
     pub traceparent: Option<String>,
 }
 
-/// Like [`start`], with a deadline and a trace context.
+/// Creates an instance with `options` and dispatches its first step(s).
 pub fn start_with(
     id: Uuid,
     plan: Plan,
     input: Value,
-    begin: Begin,
+    options: StartOptions,
     now: Time,
     commands: &dyn Commands,
 ) -> Transition {
-    let Begin {
+    let StartOptions {
         deadline,
         traceparent,
-    } = begin;
+    } = options;
     let forward = match plan.mode {
         Mode::Saga => Operation::Action,
         Mode::Tcc => Operation::Try,

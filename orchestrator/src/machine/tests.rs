@@ -647,7 +647,7 @@ fn every_command_carries_the_trace_context_the_instance_started_with() {
 
 fn with_deadline(mode: Mode, steps: usize) -> Run {
     let deadline = t0() + Duration::milliseconds(30_000);
-    let begin = Begin {
+    let options = StartOptions {
         deadline: Some(deadline),
         traceparent: Some(TRACE.to_owned()),
     };
@@ -655,7 +655,7 @@ fn with_deadline(mode: Mode, steps: usize) -> Run {
         Uuid::from_u128(11),
         plan(mode, steps),
         json!({}),
-        begin,
+        options,
         t0(),
         &Echo,
     );
