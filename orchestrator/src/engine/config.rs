@@ -1,0 +1,43 @@
+//! The engine's tuning: batch sizes, concurrency and the periods of its loops.
+
+use std::time::Duration;
+
+/// Tuning of the engine's loops.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Reply batches (store transactions) handled at the same time. One by default: a batch
+    /// then always decides on the states the previous one committed (docs/performance.md,
+    /// round 6), and the next batch gathers the replies that came meanwhile; publishing and
+    /// acknowledging a batch's effects overlap the next batch's commit either way.
+    pub reply_concurrency: usize,
+    /// At most this many replies are committed in one store transaction. A batch takes the
+    /// replies that are waiting when a slot frees up; it never waits for more.
+    pub reply_batch: usize,
+    /// Unacknowledged replies the broker may send ahead.
+    pub prefetch: u16,
+    /// Due timers handled at the same time.
+    pub timer_concurrency: usize,
+    /// How often due timers are looked for when none were due.
+    pub timer_poll: Duration,
+    /// Timers claimed at once.
+    pub timer_batch: i64,
+    /// How long a claimed timer is leased before another process may take it.
+    pub timer_lease: Duration,
+    /// How often the outbox relay looks for rows left unpublished.
+    pub relay_poll: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            reply_concurrency: 1,
+            reply_batch: 64,
+            prefetch: 256,
+            timer_concurrency: 32,
+            timer_poll: Duration::from_millis(100),
+            timer_batch: 128,
+            timer_lease: Duration::from_secs(10),
+            relay_poll: Duration::from_secs(1),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The engine: the imperative shell around the state machine.
+//!
+//! For every input (a start request, a reply, a due timer, an operator action) it locks the
+//! instance, lets the machine decide, commits events + projection + outbox + timers in one
+//! transaction, then publishes the outbox with publisher confirms and only then acknowledges
+//! what it consumed. A relay republishes outbox rows left behind by a crash.
+//!
+//! This file holds the engine and what it does for one caller (start, deliver, operate, read);
+//! `starts` batches starts, `replies` consumes replies, `timers` fires timers, `relay`
+//! republishes what was left, `publish` publishes and deletes outbox rows, `metric` counts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::definition::Registry;
+use crate::machine::{
+    self, Event, Input, Instance, MissingDefinition, Status, Time, Timer, Transition,
+};
+use crate::store::{Decide, ListFilter, LoggedEvent, SagaStore, StoreError, StoredInstance};
+use crate::transport::{Transport, TransportError};
+
+mod config;
+pub mod metric;
+mod publish;
+mod relay;
+mod replies;
+mod starts;
+mod timers;
+
+pub use config::EngineConfig;
+pub use metric::Stats;
+use publish::Publisher;
+pub use publish::{OUTBOX_DELETE_BATCH, OUTBOX_DELETE_INTERVAL};
+use starts::Creation;
+pub use starts::{START_BATCH, START_SLOTS, StartOptions, Started};
+
+/// How often [`Engine::wait_terminal`] reads the store while no notification came: another
+/// process may finish the instance, and this process hears only of its own transitions.
+pub const WAIT_POLL: Duration = Duration::from_secs(1);
+
+/// True when nothing more happens to an instance without an operator: a waiting request
+/// returns.
+fn settled(status: Status) -> bool {
+    status.is_terminal() || status == Status::Stuck
+}
+
+/// Errors the engine reports to its callers.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No definition registered under that name.
+    #[error("no definition named {0} is registered")]
+    UnknownDefinition(String),
+    /// The input does not fit the definition's input type.
+    #[error("input does not match definition {0}: {1}")]
+    InvalidInput(String, String),
+    /// No instance with that id.
+    #[error("instance {0} not found")]
+    NotFound(Uuid),
+    /// The instance needs a definition this process does not have; another process (or a
+    /// later deploy) must handle it.
+    #[error("{0}")]
+    MissingDefinition(String),
+    /// An operator action does not fit the instance's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(StoreError),
+    /// The broker failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => EngineError::NotFound(id),
+            StoreError::Rejected(r) => EngineError::Conflict(r.0),
+            StoreError::MissingDefinition(m) => EngineError::MissingDefinition(m),
+            other => EngineError::Store(other),
+        }
+    }
+}
+
+/// The engine. Cheap to share (`Arc`); any number of engines may share one database and broker.
+pub struct Engine {
+    store: Arc<dyn SagaStore>,
+    transport: Arc<dyn Transport>,
+    registry: Arc<Registry>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    stats: Stats,
+    /// Instances of this process that became terminal or stuck (for waiting requests).
+    finished: broadcast::Sender<Uuid>,
+    /// Cancelled when `run` is told to stop, so that waiting requests end.
+    stopping: CancellationToken,
+    /// Publishes outbox rows; holds the background deleter of published rows.
+    publisher: Publisher,
+    /// The background batcher of starts (none outside a Tokio runtime: then each start is
+    /// stored alone).
+    creator: Option<mpsc::UnboundedSender<Creation>>,
+}
+
+impl Engine {
+    /// An engine over the given parts.
+    pub fn new(
+        store: Arc<dyn SagaStore>,
+        transport: Arc<dyn Transport>,
+        registry: Registry,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+    ) -> Arc<Engine> {
+        let publisher = Publisher::new(transport.clone(), store.clone());
+        let creator = starts::batcher(store.clone(), clock.clone(), publisher.clone());
+        Arc::new(Engine {
+            publisher,
+            creator,
+            store,
+            transport,
+            registry: Arc::new(registry),
+            clock,
+            config,
+            stats: Stats::default(),
+            finished: broadcast::channel(1024).0,
+            stopping: CancellationToken::new(),
+        })
+    }
+
+    /// The registered definitions.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn SagaStore> {
+        &self.store
+    }
+    /// Records what a committed transition changed: metrics, and a notification for requests
+    /// waiting for the instance to finish.
+    fn committed(&self, t: &Transition) {
+        let definition = &t.instance.plan.name;
+        for event in &t.events {
+            match event {
+                Event::Finished { status } => {
+                    metrics::counter!(metric::FINISHED,
+                        "definition" => definition.clone(), "status" => status.as_str())
+                    .increment(1);
+                }
+                Event::Stuck { .. } => {
+                    metrics::counter!(metric::STUCK, "definition" => definition.clone())
+                        .increment(1);
+                }
+                Event::OperatorAction { action, .. } => {
+                    metrics::counter!(metric::OPERATOR_ACTIONS, "action" => action.as_str())
+                        .increment(1);
+                }
+                _ => {}
+            }
+        }
+        if settled(t.instance.status) && !t.events.is_empty() {
+            // Nobody waiting is the usual case.
+            let _ = self.finished.send(t.instance.id);
+        }
+    }
+
+    /// Waits until the instance is terminal or stuck (nothing more happens to it without an
+    /// operator), at most `wait` (less if the engine stops), and returns it as it then is;
+    /// `None` if there is no such instance.
+    ///
+    /// Transitions committed by this process wake the wait at once; those of other processes
+    /// are seen by reading the store every [`WAIT_POLL`].
+    pub async fn wait_terminal(
+        &self,
+        id: Uuid,
+        wait: Duration,
+    ) -> Result<Option<StoredInstance>, EngineError> {
+        // Subscribe before reading, so a transition committed in between is not missed.
+        let mut finished = self.finished.subscribe();
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let stored = self.store.get(id).await?;
+            match &stored {
+                Some(s) if !settled(s.instance.status) => {}
+                _ => return Ok(stored),
+            }
+            let poll = tokio::time::sleep(WAIT_POLL);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => return Ok(stored),
+                    _ = self.stopping.cancelled() => return Ok(stored),
+                    _ = &mut poll => break,
+                    n = finished.recv() => match n {
+                        Ok(done) if done == id => break,
+                        Ok(_) => {}
+                        // Missed notifications may include ours: read the store.
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            (&mut poll).await;
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    /// Feeds one input to an instance and carries out the result.
+    pub async fn deliver(
+        &self,
+        id: Uuid,
+        input: Input,
+        fired: Option<Timer>,
+    ) -> Result<Instance, EngineError> {
+        let now = self.clock.now();
+        let updated = self
+            .store
+            .update(id, fired, now, self.decider(input, now))
+            .await?;
+        self.committed(&updated.transition);
+        self.publish(updated.outbox, false).await;
+        Ok(updated.transition.instance)
+    }
+
+    /// The decision on an instance's current state for `input`, run inside the store's
+    /// transaction.
+    fn decider(&self, input: Input, now: Time) -> Decide<'static> {
+        let registry = self.registry.clone();
+        Box::new(move |inst| {
+            if let Some(def) = registry.get(&inst.plan.name, inst.plan.version) {
+                return Ok(machine::handle(inst, input.clone(), now, def)?);
+            }
+            // Without the code, only transitions that compute no command may commit;
+            // the others are left to a process that has the definition.
+            let probe = MissingDefinition::default();
+            let t = machine::handle(inst, input.clone(), now, &probe)?;
+            if probe.was_asked() {
+                return Err(StoreError::MissingDefinition(format!(
+                    "definition {} version {} is not registered in this process",
+                    inst.plan.name, inst.plan.version
+                )));
+            }
+            Ok(t)
+        })
+    }
+
+    /// The instance's projection.
+    pub async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, EngineError> {
+        Ok(self.store.get(id).await?)
+    }
+
+    /// The instance's log.
+    pub async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, EngineError> {
+        Ok(self.store.events(id).await?)
+    }
+
+    /// Carries out an operator action ([`Input::Abort`] or [`Input::Retry`]); an action that
+    /// does not fit the instance's state is a [`EngineError::Conflict`].
+    pub async fn operate(&self, id: Uuid, action: Input) -> Result<StoredInstance, EngineError> {
+        self.deliver(id, action, None).await?;
+        self.store.get(id).await?.ok_or(EngineError::NotFound(id))
+    }
+
+    /// Instances matching `filter`, newest first.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredInstance>, EngineError> {
+        Ok(self.store.list(filter).await?)
+    }
+
+    /// Whether the database answers.
+    pub async fn ping_store(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+
+    /// Whether the broker can be reached.
+    pub async fn ping_transport(&self) -> Result<(), TransportError> {
+        self.transport.ping().await
+    }
+
+    /// Declares the broker topology the registered definitions need (idempotent; `run` does it
+    /// too). Call it first to know that commands published from now on are routable.
+    pub async fn declare(&self) -> Result<(), EngineError> {
+        Ok(self
+            .transport
+            .declare(&self.registry.participants())
+            .await?)
+    }
+
+    /// Runs the reply consumer, the timer loop and the outbox relay until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
+        self.declare().await?;
+        let replies = self.transport.subscribe(self.config.prefetch).await?;
+        let consumer = tokio::spawn(self.clone().consume(replies, shutdown.clone()));
+        let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
+        let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone()));
+        shutdown.cancelled().await;
+        self.stopping.cancel();
+        for task in [consumer, timers, relay] {
+            let _ = task.await;
+        }
+        self.flush_outbox_deletes().await;
+        Ok(())
+    }
+}

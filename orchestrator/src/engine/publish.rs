@@ -1,0 +1,151 @@
+//! Publishing committed outbox rows, and deleting them in batches once the broker confirmed
+//! them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Engine, metric};
+use crate::store::{OutboxMessage, SagaStore};
+use crate::transport::Transport;
+
+/// Published outbox rows are deleted in batches: at most this often...
+pub const OUTBOX_DELETE_INTERVAL: Duration = Duration::from_millis(20);
+/// ...or as soon as this many ids are waiting.
+pub const OUTBOX_DELETE_BATCH: usize = 256;
+
+/// What the outbox deleter is told.
+enum Deletion {
+    /// Ids of rows whose publish the broker confirmed.
+    Ids(Vec<i64>),
+    /// Delete everything received so far, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Deletes confirmed outbox rows in batches, one `DELETE … WHERE id = ANY` per batch, off the
+/// path of the start and reply that published them. The first ids after a quiet period are
+/// deleted at once; under load the deletes run at most every [`OUTBOX_DELETE_INTERVAL`] (or
+/// every [`OUTBOX_DELETE_BATCH`] ids), so one transaction deletes many rows. A row whose
+/// delete is lost (crash, failed statement) is republished by the relay after its grace
+/// period: a duplicate command, which the participants' barrier absorbs.
+async fn delete_loop(store: Arc<dyn SagaStore>, mut rx: mpsc::UnboundedReceiver<Deletion>) {
+    let mut batch: Vec<i64> = Vec::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut last = tokio::time::Instant::now()
+        .checked_sub(OUTBOX_DELETE_INTERVAL)
+        .unwrap_or_else(tokio::time::Instant::now);
+    let mut open = true;
+    while open {
+        // Wait for work.
+        match rx.recv().await {
+            Some(Deletion::Ids(ids)) => batch.extend(ids),
+            Some(Deletion::Flush(done)) => waiting.push(done),
+            None => open = false,
+        }
+        // Collect until the interval since the last delete is over, the batch is full, or a
+        // flush is asked for.
+        let until = last + OUTBOX_DELETE_INTERVAL;
+        while open && waiting.is_empty() && batch.len() < OUTBOX_DELETE_BATCH {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(Deletion::Ids(ids)) => batch.extend(ids),
+                    Some(Deletion::Flush(done)) => waiting.push(done),
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        // Whatever else is already queued goes with it.
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Deletion::Ids(ids) => batch.extend(ids),
+                Deletion::Flush(done) => waiting.push(done),
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = store.delete_outbox(&batch).await {
+                tracing::warn!(error = %e, rows = batch.len(), "published outbox rows not deleted; the relay will publish them again");
+            }
+            batch.clear();
+            last = tokio::time::Instant::now();
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Publishes committed outbox rows and hands the confirmed ones to the deleter.
+#[derive(Clone)]
+pub(super) struct Publisher {
+    transport: Arc<dyn Transport>,
+    store: Arc<dyn SagaStore>,
+    /// The background deleter of published outbox rows (none outside a Tokio runtime: then
+    /// rows are deleted right after their confirm).
+    deleter: Option<mpsc::UnboundedSender<Deletion>>,
+}
+
+impl Publisher {
+    /// A publisher, with its background deleter when called inside a Tokio runtime.
+    pub(super) fn new(transport: Arc<dyn Transport>, store: Arc<dyn SagaStore>) -> Publisher {
+        let deleter = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            runtime.spawn(delete_loop(store.clone(), rx));
+            tx
+        });
+        Publisher {
+            transport,
+            store,
+            deleter,
+        }
+    }
+
+    /// Publishes `outbox` and, once confirmed, deletes the rows: at once when `now` (the
+    /// relay), else through the background deleter. A failure leaves them for the relay, so it
+    /// is logged, not returned.
+    pub(super) async fn publish(&self, outbox: Vec<OutboxMessage>, now: bool) {
+        if outbox.is_empty() {
+            return;
+        }
+        match self.transport.publish(&outbox).await {
+            Ok(()) => {
+                let ids: Vec<i64> = outbox.iter().map(|m| m.id).collect();
+                let ids = match (&self.deleter, now) {
+                    (Some(deleter), false) => match deleter.send(Deletion::Ids(ids)) {
+                        Ok(()) => return,
+                        Err(mpsc::error::SendError(Deletion::Ids(ids))) => ids,
+                        Err(_) => return,
+                    },
+                    _ => ids,
+                };
+                if let Err(e) = self.store.delete_outbox(&ids).await {
+                    tracing::warn!(error = %e, "published outbox rows not deleted; the relay will publish them again");
+                }
+            }
+            Err(e) => {
+                metrics::counter!(metric::PUBLISH_FAILURES).increment(1);
+                tracing::warn!(error = %e, rows = outbox.len(), "publish failed; the outbox relay will retry");
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Publishes committed outbox rows and, once confirmed, deletes them (see
+    /// [`Publisher::publish`]).
+    pub(super) async fn publish(&self, outbox: Vec<OutboxMessage>, now: bool) {
+        self.publisher.publish(outbox, now).await;
+    }
+
+    /// Waits until the published outbox rows handed to the background deleter so far are
+    /// deleted (or their delete failed). `run` does it when it stops.
+    pub async fn flush_outbox_deletes(&self) {
+        if let Some(deleter) = &self.publisher.deleter {
+            let (done, wait) = oneshot::channel();
+            if deleter.send(Deletion::Flush(done)).is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Starting instances: the options of a start, and the batcher that stores concurrent starts
+//! with one statement.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::publish::Publisher;
+use super::{Engine, EngineError, metric};
+use crate::clock::Clock;
+use crate::machine::{self, Instance, Time, Transition};
+use crate::store::{Created, Idempotency, OutboxMessage, SagaStore, StoreError};
+
+/// The options of a start, as a caller asks for them ([`Engine::start_with`]; the API's start
+/// request). The engine turns them into the [`machine::StartOptions`] that the `started`
+/// event logs: the deadline becomes a time, and the idempotency key stays with the store.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// If the forward phase has not finished this long after the start, the instance is
+    /// compensated (or cancelled).
+    pub deadline: Option<Duration>,
+    /// A client's key: a second start of the same definition with the same key returns the
+    /// first instance instead of starting another (a different request with it is a conflict).
+    pub idempotency_key: Option<String>,
+    /// The W3C trace context to pass on to participants with every command.
+    pub traceparent: Option<String>,
+}
+
+/// What [`Engine::start_with`] did: the engine's answer to a start, which the API renders as
+/// [`crate::api::sagas::Started`].
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The instance (just started, or the one the idempotency key already named).
+    pub instance: Instance,
+    /// False when the idempotency key named an existing instance.
+    pub created: bool,
+}
+
+/// Starts are stored in batches of at most this many (one statement, one transaction)...
+pub const START_BATCH: usize = 64;
+/// ...with at most this many batches being stored at once.
+pub const START_SLOTS: usize = 2;
+
+/// A start waiting to be stored, and where to send the result.
+pub(super) struct Creation {
+    start: Transition,
+    done: oneshot::Sender<(Transition, Result<Vec<OutboxMessage>, StoreError>)>,
+}
+
+/// The batcher of starts, spawned on the current Tokio runtime (none outside one: then each
+/// start is stored alone).
+pub(super) fn batcher(
+    store: Arc<dyn SagaStore>,
+    clock: Arc<dyn Clock>,
+    publisher: Publisher,
+) -> Option<mpsc::UnboundedSender<Creation>> {
+    tokio::runtime::Handle::try_current().ok().map(|runtime| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        runtime.spawn(create_loop(store, clock, publisher, rx));
+        tx
+    })
+}
+
+/// Stores starts in batches: when one of [`START_SLOTS`] is free it takes the starts that are
+/// waiting (at most [`START_BATCH`], never waiting for more) and stores them with one
+/// [`SagaStore::create_batch`]. A lone start is stored at once; under load many share a
+/// commit. If the batch fails as a whole, each start is tried alone, so that each gets its own
+/// error.
+///
+/// The commands of the stored starts are then published together (one publish: a
+/// participant's first commands can share a message) before each caller is answered, with
+/// an empty outbox for it to publish.
+async fn create_loop(
+    store: Arc<dyn SagaStore>,
+    clock: Arc<dyn Clock>,
+    publisher: Publisher,
+    mut rx: mpsc::UnboundedReceiver<Creation>,
+) {
+    let slots = Arc::new(Semaphore::new(START_SLOTS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let Some(first) = rx.recv().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < START_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let (store, now, publisher) = (store.clone(), clock.now(), publisher.clone());
+        tokio::spawn(async move {
+            let (starts, senders): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|c| (c.start, c.done)).unzip();
+            let results = match store.create_batch(&starts, now).await {
+                Ok(results) => results,
+                Err(e) => {
+                    tracing::debug!(error = %e, starts = starts.len(), "batched starts failed; storing them one by one");
+                    let mut results = Vec::with_capacity(starts.len());
+                    for start in &starts {
+                        results.push(store.create(start, now).await);
+                    }
+                    results
+                }
+            };
+            // The slots bound the store transactions; the next batch may commit while this
+            // one publishes.
+            drop(slot);
+            let mut outbox = Vec::new();
+            let results: Vec<Result<Vec<OutboxMessage>, StoreError>> = results
+                .into_iter()
+                .map(|result| {
+                    result.map(|rows| {
+                        outbox.extend(rows);
+                        Vec::new()
+                    })
+                })
+                .collect();
+            publisher.publish(outbox, false).await;
+            for ((start, done), result) in starts.into_iter().zip(senders).zip(results) {
+                let _ = done.send((start, result));
+            }
+        });
+    }
+}
+
+impl Engine {
+    /// Starts an instance of the newest version of `definition`: [`Engine::start_with`]
+    /// without options, answering the instance.
+    pub async fn start(&self, definition: &str, input: Value) -> Result<Instance, EngineError> {
+        Ok(self
+            .start_with(definition, input, StartOptions::default())
+            .await?
+            .instance)
+    }
+
+    /// Starts an instance of the newest version of `definition` with `options` (or, when the
+    /// idempotency key names one started before, answers that one).
+    pub async fn start_with(
+        &self,
+        definition: &str,
+        input: Value,
+        options: StartOptions,
+    ) -> Result<Started, EngineError> {
+        let def = self
+            .registry
+            .latest(definition)
+            .ok_or_else(|| EngineError::UnknownDefinition(definition.to_owned()))?;
+        def.validate_input(&input)
+            .map_err(|e| EngineError::InvalidInput(definition.to_owned(), e))?;
+        let now = self.clock.now();
+        let deadline = match options.deadline {
+            None => None,
+            Some(d) => Some(
+                chrono::Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .ok_or_else(|| {
+                        EngineError::InvalidInput(
+                            definition.to_owned(),
+                            "the deadline is too far away".to_owned(),
+                        )
+                    })?,
+            ),
+        };
+        let id = Uuid::now_v7();
+        let idempotency = options.idempotency_key.map(|key| Idempotency {
+            key,
+            request: serde_json::json!({
+                "input": input,
+                "deadline_ms": options.deadline.map(|d| d.as_millis() as u64),
+            }),
+        });
+        let logged = machine::StartOptions {
+            deadline,
+            traceparent: options.traceparent,
+        };
+        let t = machine::start_with(id, (**def.plan()).clone(), input, logged, now, def);
+        let (t, outbox) = match &idempotency {
+            None => self.create(t, now).await?,
+            Some(idem) => match self.store.create_idempotent(&t, now, idem).await? {
+                Created::New(outbox) => (t, outbox),
+                Created::Existing {
+                    id,
+                    same_request: true,
+                } => {
+                    let stored = self.store.get(id).await?.ok_or(EngineError::NotFound(id))?;
+                    return Ok(Started {
+                        instance: stored.instance,
+                        created: false,
+                    });
+                }
+                Created::Existing { id, .. } => {
+                    return Err(EngineError::Conflict(format!(
+                        "idempotency key {:?} was used for another request (transaction {id})",
+                        idem.key
+                    )));
+                }
+            },
+        };
+        self.stats.started.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric::STARTED, "definition" => definition.to_owned()).increment(1);
+        self.committed(&t);
+        tracing::debug!(%id, definition, "started");
+        self.publish(outbox, false).await;
+        Ok(Started {
+            instance: t.instance,
+            created: true,
+        })
+    }
+
+    /// Stores a start through the batcher (or alone without one).
+    async fn create(
+        &self,
+        start: Transition,
+        now: Time,
+    ) -> Result<(Transition, Vec<OutboxMessage>), StoreError> {
+        let start = match &self.creator {
+            Some(creator) => {
+                let (done, result) = oneshot::channel();
+                match creator.send(Creation { start, done }) {
+                    Ok(()) => {
+                        let (start, outbox) = result
+                            .await
+                            // The batcher is gone (the runtime is shutting down): whether the
+                            // start was stored is unknown, as after a lost connection.
+                            .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
+                        return Ok((start, outbox?));
+                    }
+                    Err(mpsc::error::SendError(creation)) => creation.start,
+                }
+            }
+            None => start,
+        };
+        let outbox = self.store.create(&start, now).await?;
+        Ok((start, outbox))
+    }
+}

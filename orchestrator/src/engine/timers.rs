@@ -1,0 +1,54 @@
+//! The timer loop: due timers claimed with a lease and fed to their instances.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{Engine, metric};
+use crate::machine::Input;
+
+impl Engine {
+    /// Claims due timers and feeds each to its instance, until `shutdown`.
+    pub(super) async fn timer_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let lease = chrono::Duration::from_std(self.config.timer_lease)
+            .unwrap_or(chrono::Duration::seconds(30));
+        while !shutdown.is_cancelled() {
+            let due = self
+                .store
+                .claim_due_timers(self.clock.now(), self.config.timer_batch, lease)
+                .await;
+            let full = match due {
+                Ok(due) => {
+                    let n = due.len();
+                    futures_util::stream::iter(due)
+                        .for_each_concurrent(self.config.timer_concurrency, |(id, timer)| {
+                            let engine = &self;
+                            async move {
+                                engine.stats.timers.fetch_add(1, Ordering::Relaxed);
+                                metrics::counter!(metric::TIMERS).increment(1);
+                                if let Err(e) =
+                                    engine.deliver(id, Input::Timer(timer), Some(timer)).await
+                                {
+                                    tracing::warn!(%id, error = %e, "timer not handled; it fires again after its lease");
+                                }
+                            }
+                        })
+                        .await;
+                    n as i64 >= self.config.timer_batch
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming due timers failed");
+                    false
+                }
+            };
+            if !full {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(self.config.timer_poll) => {}
+                }
+            }
+        }
+    }
+}
