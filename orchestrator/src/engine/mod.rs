@@ -228,7 +228,7 @@ impl Engine {
             .update(id, fired, now, self.decider(input, now))
             .await?;
         self.committed(&updated.transition);
-        self.publish(updated.outbox, false).await;
+        self.publish(updated.outbox).await;
         Ok(updated.transition.instance)
     }
 

@@ -101,41 +101,61 @@ impl Publisher {
         }
     }
 
-    /// Publishes `outbox` and, once confirmed, deletes the rows: at once when `now` (the
-    /// relay), else through the background deleter. A failure leaves them for the relay, so it
-    /// is logged, not returned.
-    pub(super) async fn publish(&self, outbox: Vec<OutboxMessage>, now: bool) {
-        if outbox.is_empty() {
+    /// Publishes `outbox` and hands the rows the broker confirmed to the background deleter
+    /// (deletes them itself when there is none). A failure leaves them for the relay, so it is
+    /// logged, not returned.
+    pub(super) async fn publish(&self, outbox: Vec<OutboxMessage>) {
+        let Some(ids) = self.send(&outbox).await else {
             return;
+        };
+        let ids = match &self.deleter {
+            Some(deleter) => match deleter.send(Deletion::Ids(ids)) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(Deletion::Ids(ids))) => ids,
+                Err(_) => return,
+            },
+            None => ids,
+        };
+        self.delete(&ids).await;
+    }
+
+    /// Publishes `outbox` and deletes the rows the broker confirmed before it returns, not
+    /// through the background deleter (the relay).
+    pub(super) async fn publish_and_delete(&self, outbox: Vec<OutboxMessage>) {
+        if let Some(ids) = self.send(&outbox).await {
+            self.delete(&ids).await;
         }
-        match self.transport.publish(&outbox).await {
-            Ok(()) => {
-                let ids: Vec<i64> = outbox.iter().map(|m| m.id).collect();
-                let ids = match (&self.deleter, now) {
-                    (Some(deleter), false) => match deleter.send(Deletion::Ids(ids)) {
-                        Ok(()) => return,
-                        Err(mpsc::error::SendError(Deletion::Ids(ids))) => ids,
-                        Err(_) => return,
-                    },
-                    _ => ids,
-                };
-                if let Err(e) = self.store.delete_outbox(&ids).await {
-                    tracing::warn!(error = %e, "published outbox rows not deleted; the relay will publish them again");
-                }
-            }
+    }
+
+    /// Publishes `outbox`; the ids of its rows once the broker confirmed them all, `None` when
+    /// there was nothing to publish or the publish failed.
+    async fn send(&self, outbox: &[OutboxMessage]) -> Option<Vec<i64>> {
+        if outbox.is_empty() {
+            return None;
+        }
+        match self.transport.publish(outbox).await {
+            Ok(()) => Some(outbox.iter().map(|m| m.id).collect()),
             Err(e) => {
                 metrics::counter!(metric::PUBLISH_FAILURES).increment(1);
                 tracing::warn!(error = %e, rows = outbox.len(), "publish failed; the outbox relay will retry");
+                None
             }
+        }
+    }
+
+    /// Deletes published rows; a failure is only logged: the relay publishes them again.
+    async fn delete(&self, ids: &[i64]) {
+        if let Err(e) = self.store.delete_outbox(ids).await {
+            tracing::warn!(error = %e, "published outbox rows not deleted; the relay will publish them again");
         }
     }
 }
 
 impl Engine {
-    /// Publishes committed outbox rows and, once confirmed, deletes them (see
-    /// [`Publisher::publish`]).
-    pub(super) async fn publish(&self, outbox: Vec<OutboxMessage>, now: bool) {
-        self.publisher.publish(outbox, now).await;
+    /// Publishes committed outbox rows; the background deleter deletes the confirmed ones
+    /// (see [`Publisher::publish`]).
+    pub(super) async fn publish(&self, outbox: Vec<OutboxMessage>) {
+        self.publisher.publish(outbox).await;
     }
 
     /// Waits until the published outbox rows handed to the background deleter so far are

@@ -16,7 +16,7 @@ impl Engine {
                 Ok(rows) if !rows.is_empty() => {
                     let n = rows.len() as u64;
                     tracing::info!(rows = n, "relaying unpublished outbox rows");
-                    self.publish(rows, true).await;
+                    self.publisher.publish_and_delete(rows).await;
                     self.stats.relayed.fetch_add(n, Ordering::Relaxed);
                     metrics::counter!(metric::RELAYED).increment(n);
                     if n == 256 {

@@ -112,7 +112,7 @@ impl Engine {
             };
             settled.push((id, incoming, result));
         }
-        self.publish(outbox, false).await;
+        self.publish(outbox).await;
         for (id, incoming, result) in settled {
             self.settle(id, incoming, result).await;
         }

@@ -123,7 +123,7 @@ async fn create_loop(
                     })
                 })
                 .collect();
-            publisher.publish(outbox, false).await;
+            publisher.publish(outbox).await;
             for ((start, done), result) in starts.into_iter().zip(senders).zip(results) {
                 let _ = done.send((start, result));
             }
@@ -209,7 +209,7 @@ impl Engine {
         metrics::counter!(metric::STARTED, "definition" => definition.to_owned()).increment(1);
         self.committed(&t);
         tracing::debug!(%id, definition, "started");
-        self.publish(outbox, false).await;
+        self.publish(outbox).await;
         Ok(Started {
             instance: t.instance,
             created: true,
