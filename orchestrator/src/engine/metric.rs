@@ -1,22 +1,10 @@
-//! Names of the metrics the engine records (Prometheus names once exported), and the
-//! counters it keeps.
+//! What the engine counts: the names of its metrics (Prometheus names once exported), and
+//! [`Stats`], through which it counts each event once for both the metric and its own
+//! counters.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Counters the engine keeps (exported as metrics).
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Instances started.
-    pub started: AtomicU64,
-    /// Replies committed.
-    pub replies: AtomicU64,
-    /// Replies dead-lettered (malformed, wrong protocol, unknown transaction).
-    pub dead_lettered: AtomicU64,
-    /// Timers fired.
-    pub timers: AtomicU64,
-    /// Outbox rows republished by the relay.
-    pub relayed: AtomicU64,
-}
+use crate::machine::Event;
 
 /// Counter, label `definition`: instances started.
 pub const STARTED: &str = "sagas_instances_started_total";
@@ -63,4 +51,86 @@ pub fn describe() {
         PUBLISH_FAILURES,
         "Publishes that failed; the relay retries them."
     );
+}
+
+/// What this engine counted. Each method counts one kind of event: it records the metric
+/// (in the process's recorder, which every engine of the process shares) and, for the events
+/// that have a field here, adds to that field, which counts this engine's events alone (tests
+/// and benchmarks read them).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Instances started ([`STARTED`]).
+    pub started: AtomicU64,
+    /// Replies committed ([`REPLIES`]).
+    pub replies: AtomicU64,
+    /// Replies dead-lettered: malformed, wrong protocol, unknown transaction
+    /// ([`DEAD_LETTERED`]).
+    pub dead_lettered: AtomicU64,
+    /// Timers fired ([`TIMERS`]).
+    pub timers: AtomicU64,
+    /// Outbox rows republished by the relay ([`RELAYED`]).
+    pub relayed: AtomicU64,
+}
+
+impl Stats {
+    /// An instance of `definition` was started.
+    pub(super) fn count_start(&self, definition: &str) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(STARTED, "definition" => definition.to_owned()).increment(1);
+    }
+
+    /// A reply was committed.
+    pub(super) fn count_reply(&self) {
+        self.replies.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(REPLIES).increment(1);
+    }
+
+    /// A store transaction committed `replies` replies.
+    pub(super) fn count_reply_batch(&self, replies: usize) {
+        metrics::histogram!(REPLY_BATCH).record(replies as f64);
+    }
+
+    /// A reply was dead-lettered.
+    pub(super) fn count_dead_letter(&self) {
+        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(DEAD_LETTERED).increment(1);
+    }
+
+    /// A timer fired.
+    pub(super) fn count_timer(&self) {
+        self.timers.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(TIMERS).increment(1);
+    }
+
+    /// The relay republished `rows` outbox rows.
+    pub(super) fn count_relayed(&self, rows: u64) {
+        self.relayed.fetch_add(rows, Ordering::Relaxed);
+        metrics::counter!(RELAYED).increment(rows);
+    }
+
+    /// A publish failed; its rows are left for the relay.
+    pub(super) fn count_publish_failure(&self) {
+        metrics::counter!(PUBLISH_FAILURES).increment(1);
+    }
+
+    /// The events of a committed transition of an instance of `definition`: instances
+    /// finished or stuck, operator actions.
+    pub(super) fn count_events(&self, definition: &str, events: &[Event]) {
+        for event in events {
+            match event {
+                Event::Finished { status } => {
+                    metrics::counter!(FINISHED,
+                        "definition" => definition.to_owned(), "status" => status.as_str())
+                    .increment(1);
+                }
+                Event::Stuck { .. } => {
+                    metrics::counter!(STUCK, "definition" => definition.to_owned()).increment(1);
+                }
+                Event::OperatorAction { action, .. } => {
+                    metrics::counter!(OPERATOR_ACTIONS, "action" => action.as_str()).increment(1);
+                }
+                _ => {}
+            }
+        }
+    }
 }

@@ -18,9 +18,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::definition::Registry;
-use crate::machine::{
-    self, Event, Input, Instance, MissingDefinition, Status, Time, Timer, Transition,
-};
+use crate::machine::{self, Input, Instance, MissingDefinition, Status, Time, Timer, Transition};
 use crate::store::{Decide, ListFilter, LoggedEvent, SagaStore, StoreError, StoredInstance};
 use crate::transport::{Transport, TransportError};
 
@@ -94,7 +92,7 @@ pub struct Engine {
     registry: Arc<Registry>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
-    stats: Stats,
+    stats: Arc<Stats>,
     /// Instances of this process that became terminal or stuck (for waiting requests).
     finished: broadcast::Sender<Uuid>,
     /// Cancelled when `run` is told to stop, so that waiting requests end.
@@ -115,7 +113,8 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Arc<Engine> {
-        let publisher = Publisher::new(transport.clone(), store.clone());
+        let stats = Arc::new(Stats::default());
+        let publisher = Publisher::new(transport.clone(), store.clone(), stats.clone());
         let creator = starts::batcher(store.clone(), clock.clone(), publisher.clone());
         Arc::new(Engine {
             publisher,
@@ -125,7 +124,7 @@ impl Engine {
             registry: Arc::new(registry),
             clock,
             config,
-            stats: Stats::default(),
+            stats,
             finished: broadcast::channel(1024).0,
             stopping: CancellationToken::new(),
         })
@@ -145,28 +144,11 @@ impl Engine {
     pub fn store(&self) -> &Arc<dyn SagaStore> {
         &self.store
     }
+
     /// Records what a committed transition changed: metrics, and a notification for requests
     /// waiting for the instance to finish.
     fn committed(&self, t: &Transition) {
-        let definition = &t.instance.plan.name;
-        for event in &t.events {
-            match event {
-                Event::Finished { status } => {
-                    metrics::counter!(metric::FINISHED,
-                        "definition" => definition.clone(), "status" => status.as_str())
-                    .increment(1);
-                }
-                Event::Stuck { .. } => {
-                    metrics::counter!(metric::STUCK, "definition" => definition.clone())
-                        .increment(1);
-                }
-                Event::OperatorAction { action, .. } => {
-                    metrics::counter!(metric::OPERATOR_ACTIONS, "action" => action.as_str())
-                        .increment(1);
-                }
-                _ => {}
-            }
-        }
+        self.stats.count_events(&t.instance.plan.name, &t.events);
         if settled(t.instance.status) && !t.events.is_empty() {
             // Nobody waiting is the usual case.
             let _ = self.finished.send(t.instance.id);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Engine, metric};
+use super::{Engine, Stats};
 use crate::store::{OutboxMessage, SagaStore};
 use crate::transport::Transport;
 
@@ -84,11 +84,17 @@ pub(super) struct Publisher {
     /// The background deleter of published outbox rows (none outside a Tokio runtime: then
     /// rows are deleted right after their confirm).
     deleter: Option<mpsc::UnboundedSender<Deletion>>,
+    /// The engine's counters (failed publishes).
+    stats: Arc<Stats>,
 }
 
 impl Publisher {
     /// A publisher, with its background deleter when called inside a Tokio runtime.
-    pub(super) fn new(transport: Arc<dyn Transport>, store: Arc<dyn SagaStore>) -> Publisher {
+    pub(super) fn new(
+        transport: Arc<dyn Transport>,
+        store: Arc<dyn SagaStore>,
+        stats: Arc<Stats>,
+    ) -> Publisher {
         let deleter = tokio::runtime::Handle::try_current().ok().map(|runtime| {
             let (tx, rx) = mpsc::unbounded_channel();
             runtime.spawn(delete_loop(store.clone(), rx));
@@ -98,6 +104,7 @@ impl Publisher {
             transport,
             store,
             deleter,
+            stats,
         }
     }
 
@@ -136,7 +143,7 @@ impl Publisher {
         match self.transport.publish(outbox).await {
             Ok(()) => Some(outbox.iter().map(|m| m.id).collect()),
             Err(e) => {
-                metrics::counter!(metric::PUBLISH_FAILURES).increment(1);
+                self.stats.count_publish_failure();
                 tracing::warn!(error = %e, rows = outbox.len(), "publish failed; the outbox relay will retry");
                 None
             }

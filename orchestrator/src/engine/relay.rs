@@ -1,11 +1,10 @@
 //! The outbox relay: republishes rows that no process published (a crash, a broker outage).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Engine, metric};
+use super::Engine;
 
 impl Engine {
     /// Claims outbox rows past their grace period and publishes them, until `shutdown`.
@@ -17,8 +16,7 @@ impl Engine {
                     let n = rows.len() as u64;
                     tracing::info!(rows = n, "relaying unpublished outbox rows");
                     self.publisher.publish_and_delete(rows).await;
-                    self.stats.relayed.fetch_add(n, Ordering::Relaxed);
-                    metrics::counter!(metric::RELAYED).increment(n);
+                    self.stats.count_relayed(n);
                     if n == 256 {
                         continue;
                     }

@@ -2,14 +2,13 @@
 //! reply acked, requeued or dead-lettered.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Engine, EngineError, metric};
+use super::{Engine, EngineError};
 use crate::machine::Input;
 use crate::transport::Incoming;
 use sagas_participant::protocol::{PROTOCOL_VERSION, Reply};
@@ -98,7 +97,7 @@ impl Engine {
             }
         };
         drop(slot);
-        metrics::histogram!(metric::REPLY_BATCH).record(replies.len() as f64);
+        self.stats.count_reply_batch(replies.len());
         let mut outbox = Vec::new();
         let mut settled = Vec::with_capacity(replies.len());
         for ((id, incoming), result) in replies.into_iter().zip(results) {
@@ -122,8 +121,7 @@ impl Engine {
     async fn settle(&self, id: Uuid, incoming: Incoming, result: Result<(), EngineError>) {
         match result {
             Ok(()) => {
-                self.stats.replies.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(metric::REPLIES).increment(1);
+                self.stats.count_reply();
                 if let Err(e) = incoming.ack.ack().await {
                     // The reply comes again and is then ignored as a duplicate.
                     tracing::warn!(error = %e, "ack of a committed reply failed");
@@ -153,8 +151,7 @@ impl Engine {
 
     async fn dead_letter(&self, incoming: Incoming, reason: &str) {
         tracing::warn!(reason, "reply dead-lettered");
-        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(metric::DEAD_LETTERED).increment(1);
+        self.stats.count_dead_letter();
         if let Err(e) = incoming.ack.reject(&incoming.body, reason).await {
             tracing::warn!(error = %e, "reject failed");
         }

@@ -2,7 +2,6 @@
 //! with one statement.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -10,7 +9,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::publish::Publisher;
-use super::{Engine, EngineError, metric};
+use super::{Engine, EngineError};
 use crate::clock::Clock;
 use crate::machine::{self, Instance, Time, Transition};
 use crate::store::{Created, Idempotency, OutboxMessage, SagaStore, StoreError};
@@ -205,8 +204,7 @@ impl Engine {
                 }
             },
         };
-        self.stats.started.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(metric::STARTED, "definition" => definition.to_owned()).increment(1);
+        self.stats.count_start(definition);
         self.committed(&t);
         tracing::debug!(%id, definition, "started");
         self.publish(outbox).await;

@@ -1,12 +1,11 @@
 //! The timer loop: due timers claimed with a lease and fed to their instances.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Engine, metric};
+use super::Engine;
 use crate::machine::Input;
 
 impl Engine {
@@ -26,8 +25,7 @@ impl Engine {
                         .for_each_concurrent(self.config.timer_concurrency, |(id, timer)| {
                             let engine = &self;
                             async move {
-                                engine.stats.timers.fetch_add(1, Ordering::Relaxed);
-                                metrics::counter!(metric::TIMERS).increment(1);
+                                engine.stats.count_timer();
                                 if let Err(e) =
                                     engine.deliver(id, Input::Timer(timer), Some(timer)).await
                                 {
