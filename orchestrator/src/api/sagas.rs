@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{IntoParams, IntoResponses, ToSchema};
 use uuid::Uuid;
 
 use super::auth::Caller;
@@ -489,6 +489,30 @@ fn reason(body: Result<Json<ActionRequest>, JsonRejection>) -> Result<String, Ap
     Ok(reason.to_owned())
 }
 
+/// The answers of `POST /v1/sagas/{id}/abort`, `/retry` and `/resolve` but their 409, which
+/// each describes itself: OpenAPI only, never built. A variant's doc is its description.
+#[derive(Debug, IntoResponses)]
+pub enum ActionResponses {
+    /// Done; the transaction as it now is
+    #[response(status = 200)]
+    Done(SagaView),
+    /// `invalid_body` (no reason), `malformed_body`, `malformed_id`
+    #[response(status = 400)]
+    Invalid(ErrorBody),
+    /// No valid token
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The token's role is `read`
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// `not_found`
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// `unavailable`
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
 /// Runs one operator action: the actor from the header, the reason from the body.
 async fn act(
     engine: &Engine,
@@ -517,13 +541,8 @@ async fn act(
     params(("id" = Uuid, Path, description = "The transaction id")),
     request_body(content = ActionRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "Done; the transaction as it now is", body = SagaView),
-        (status = 400, description = "`invalid_body` (no reason), `malformed_body`, `malformed_id`", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The token's role is `read`", body = ErrorBody),
-        (status = 404, description = "`not_found`", body = ErrorBody),
+        ActionResponses,
         (status = 409, description = "`conflict`: it is past its forward phase", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
     ),
     security(("bearer" = [])),
 )]
@@ -550,13 +569,8 @@ pub async fn abort(
     params(("id" = Uuid, Path, description = "The transaction id")),
     request_body(content = ActionRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "Done; the transaction as it now is", body = SagaView),
-        (status = 400, description = "`invalid_body` (no reason), `malformed_body`, `malformed_id`", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The token's role is `read`", body = ErrorBody),
-        (status = 404, description = "`not_found`", body = ErrorBody),
+        ActionResponses,
         (status = 409, description = "`conflict`: nothing is stuck or waiting to retry", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
     ),
     security(("bearer" = [])),
 )]
@@ -583,13 +597,8 @@ pub async fn retry(
     params(("id" = Uuid, Path, description = "The transaction id")),
     request_body(content = ActionRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "Done; the transaction as it now is", body = SagaView),
-        (status = 400, description = "`invalid_body` (no reason), `malformed_body`, `malformed_id`", body = ErrorBody),
-        (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 403, description = "The token's role is `read`", body = ErrorBody),
-        (status = 404, description = "`not_found`", body = ErrorBody),
+        ActionResponses,
         (status = 409, description = "`conflict`: it is not stuck", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
     ),
     security(("bearer" = [])),
 )]
