@@ -154,7 +154,7 @@ pub fn start(id: Uuid, plan: Plan, input: Value, now: Time, commands: &dyn Comma
 
 /// The options of a start, as the `started` event logs them. The engine takes them from a
 /// caller as [`crate::engine::StartOptions`]: it turns the deadline, relative there, into a
-/// time, and keeps the idempotency key to itself.
+/// time, and hands the idempotency key to the store instead.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StartOptions {
     /// If the forward phase has not finished by then, the instance is compensated.
@@ -240,7 +240,9 @@ struct Draft<'a> {
 /// Whether [`Draft::advance`] looks again (the phase changed) or the instance waits for input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
+    /// The phase changed: another rule may apply.
     Again,
+    /// Nothing more happens without input.
     Wait,
 }
 
