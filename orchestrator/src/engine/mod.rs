@@ -135,7 +135,8 @@ impl Engine {
         &self.registry
     }
 
-    /// The engine's counters.
+    /// What this engine counted (its own events; the metrics count every engine of the
+    /// process).
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
@@ -246,8 +247,9 @@ impl Engine {
         Ok(self.store.events(id).await?)
     }
 
-    /// Carries out an operator action ([`Input::Abort`] or [`Input::Retry`]); an action that
-    /// does not fit the instance's state is a [`EngineError::Conflict`].
+    /// Carries out an operator action ([`Input::Abort`], [`Input::Retry`] or
+    /// [`Input::Resolve`]); an action that does not fit the instance's state is a
+    /// [`EngineError::Conflict`].
     pub async fn operate(&self, id: Uuid, action: Input) -> Result<StoredInstance, EngineError> {
         self.deliver(id, action, None).await?;
         self.store.get(id).await?.ok_or(EngineError::NotFound(id))
