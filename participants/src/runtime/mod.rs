@@ -1,0 +1,382 @@
+//! The AMQP consumer that serves one participant's queue.
+//!
+//! For each command: decode and validate it, run it through the [barrier] and
+//! the handler, publish the reply (with a publisher confirm) to the command's `reply_to`, and
+//! only then ack the command. A crash anywhere before the ack means a redelivery, which the
+//! barrier answers from its stored reply. Bad messages are dead-lettered with their reason in
+//! the `x-sagas-reason` header, and counted.
+//!
+//! Commands that are already delivered when one is taken are taken with it (up to
+//! [`Participant::batch_size`]) and run in one database transaction, a
+//! [`barrier::Batch`]: one commit for all of them. Their replies are published together after
+//! the commit, and each command is acked once its own reply is confirmed. A batch whose
+//! transaction fails is rolled back and its commands run one by one, as if never batched.
+//!
+//! A message can also be a command batch (`content_type` [`BATCH_CONTENT_TYPE`], a JSON array
+//! of commands; docs/protocol.md, "Batches"). Each element is handled as if it had arrived
+//! alone: a malformed element is dead-lettered alone, the others go through the barrier with
+//! the other commands taken (in transactions of at most [`Participant::batch_size`]
+//! commands), and the message is answered with one reply batch, acked once that is confirmed.
+//! A body that is not a batch, or one without `reply_to`, is dead-lettered whole.
+//!
+//! [`Participant::run`] serves on a connection the caller owns and returns when it fails;
+//! [`Participant::run_forever`] owns its connection and reconnects (with backoff, redeclaring
+//! the queue) after broker restarts and network failures until its shutdown signal.
+//!
+//! [`BATCH_CONTENT_TYPE`]: crate::protocol::BATCH_CONTENT_TYPE
+
+mod admission;
+mod batching;
+mod completion;
+mod process;
+mod replies;
+mod session;
+mod stats;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::{Connection, ConnectionProperties};
+use sqlx::PgPool;
+
+use crate::amqp::QueueOptions;
+use crate::barrier::{self, BarrierError};
+use crate::handler::Handler;
+use crate::protocol::Topology;
+
+pub use admission::{Malformed, decode_command};
+pub use completion::{complete, send_reply};
+pub use process::{process, process_within};
+pub use stats::Stats;
+
+/// Default number of unacknowledged commands the broker may push to one participant process.
+pub const DEFAULT_PREFETCH: u16 = 32;
+
+/// Default number of commands in flight at once in one participant process.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
+/// Default number of commands run in one database transaction (see [`Participant::batch_size`]).
+pub const DEFAULT_BATCH_SIZE: usize = 16;
+
+/// The largest batch: each command takes up to two subtransactions, and past 64 in one
+/// transaction PostgreSQL's per-backend cache of them overflows (which slows down every
+/// snapshot in the database).
+pub const MAX_BATCH_SIZE: usize = 32;
+
+/// Default time that handlers in flight get to finish after the shutdown signal.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// AMQP header that carries why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-sagas-reason";
+
+/// AMQP header that names the queue a dead-lettered message was taken from.
+pub const QUEUE_HEADER: &str = "x-sagas-queue";
+
+/// AMQP header of the W3C trace context (`00-{trace id}-{parent id}-{flags}`).
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// Why [`Participant::run`] stopped other than by its shutdown signal.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Declaring, consuming or the connection failed.
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// Installing the barrier table failed.
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+    /// The broker cancelled the consumer (for example, the queue was deleted).
+    #[error("the broker ended the consumer of queue {0}")]
+    ConsumerEnded(String),
+    /// The channel used to publish replies closed; the caller should reconnect and run again.
+    #[error("the reply channel closed")]
+    ReplyChannelClosed,
+    /// The AMQP URL given to [`Participant::run_forever`] cannot be parsed.
+    #[error("invalid AMQP URL: {0}")]
+    InvalidUrl(String),
+    /// A reply sent with [`send_reply`] was not confirmed (nacked, or no queue took it).
+    #[error("the reply was not confirmed by the broker: {0}")]
+    NotConfirmed(String),
+}
+
+/// Completes on SIGTERM or Ctrl-C (SIGINT): the usual shutdown signal of a participant process.
+///
+/// ```no_run
+/// # async fn serve(participant: sagas_participant::Participant) {
+/// participant
+///     .run_forever("amqp://guest:guest@127.0.0.1:5672/%2f", sagas_participant::runtime::shutdown_signal())
+///     .await
+///     .expect("participant");
+/// # }
+/// ```
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; waiting for Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// One participant process: consumes its queue and answers commands through the barrier.
+pub struct Participant {
+    name: String,
+    topology: Topology,
+    pool: PgPool,
+    handler: Arc<dyn Handler>,
+    prefetch: u16,
+    concurrency: usize,
+    batch_size: usize,
+    queue_options: QueueOptions,
+    install_barrier: bool,
+    handler_timeout: Option<Duration>,
+    shutdown_timeout: Duration,
+    reconnect_backoff: (Duration, Duration),
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Participant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Participant")
+            .field("name", &self.name)
+            .field("topology", &self.topology)
+            .field("prefetch", &self.prefetch)
+            .field("concurrency", &self.concurrency)
+            .field("batch_size", &self.batch_size)
+            .field("queue_options", &self.queue_options)
+            .field("handler_timeout", &self.handler_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a session ended without an error.
+enum Ended {
+    /// The shutdown signal fired.
+    Shutdown,
+}
+
+impl Participant {
+    /// A participant named `name` (its routing key and queue suffix) with default settings.
+    pub fn new(
+        name: impl Into<String>,
+        topology: Topology,
+        pool: PgPool,
+        handler: Arc<dyn Handler>,
+    ) -> Participant {
+        Participant {
+            name: name.into(),
+            topology,
+            pool,
+            handler,
+            prefetch: DEFAULT_PREFETCH,
+            concurrency: DEFAULT_CONCURRENCY,
+            batch_size: DEFAULT_BATCH_SIZE,
+            queue_options: QueueOptions::default(),
+            install_barrier: true,
+            handler_timeout: None,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Sets the AMQP prefetch (unacked commands buffered by the broker for this process).
+    pub fn prefetch(mut self, prefetch: u16) -> Participant {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Sets how many commands may be in flight at once (at least 1), batched or not.
+    pub fn concurrency(mut self, concurrency: usize) -> Participant {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Sets how many commands may run in one database transaction (default 16, from 1, which
+    /// turns batching off, to [`MAX_BATCH_SIZE`]).
+    ///
+    /// When a command is taken, the ones already delivered are taken with it, as long as
+    /// handler slots ([`Participant::concurrency`]) are free; nothing waits for more to
+    /// arrive. They run through the barrier in one transaction ([`barrier::Batch`]), each in a
+    /// savepoint of its own, with the same outcome each would have alone, and commit at once.
+    /// If the transaction fails, it is rolled back and the commands run one by one. Commands
+    /// of a batch hold their row locks until it commits: for handlers that mostly update the
+    /// same few rows, or that take long, prefer small batches.
+    pub fn batch_size(mut self, batch_size: usize) -> Participant {
+        self.batch_size = batch_size.clamp(1, MAX_BATCH_SIZE);
+        self
+    }
+
+    /// Sets the queue declaration options; must match the orchestrator's.
+    pub fn queue_options(mut self, options: QueueOptions) -> Participant {
+        self.queue_options = options;
+        self
+    }
+
+    /// Whether [`Participant::run`] creates the barrier table first (default: yes).
+    pub fn install_barrier(mut self, install: bool) -> Participant {
+        self.install_barrier = install;
+        self
+    }
+
+    /// Limits how long one command may take in the barrier and handler (default: no limit).
+    ///
+    /// A command over the limit is abandoned, its database transaction rolled back, and
+    /// answered `retry`. Keep it below the step's timeout in the definition, so that the
+    /// orchestrator hears `retry` before it gives up on the attempt.
+    ///
+    /// In a batch, each command (and the batch's begin and commit) gets the limit for itself;
+    /// when it strikes, the whole batch is rolled back and its commands run one by one, each
+    /// with the limit again. A command's reply waits for its batch, so a batch of slow
+    /// commands can take up to `batch_size` times the limit: keep batches small if handlers
+    /// can take a large part of it. The reply batch of a command batch (one message of many
+    /// commands) waits for all of its commands, each with the limit.
+    pub fn handler_timeout(mut self, limit: Duration) -> Participant {
+        self.handler_timeout = Some(limit);
+        self
+    }
+
+    /// How long handlers in flight may still run after the shutdown signal (default 25 s);
+    /// the ones still running then are abandoned (rolled back, and their commands redelivered
+    /// by the broker to another process or after the restart).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Participant {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The delay before the first reconnection attempt of [`Participant::run_forever`] and
+    /// its upper bound (it doubles in between); defaults 100 ms and 5 s.
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Participant {
+        let initial = initial.max(Duration::from_millis(1));
+        self.reconnect_backoff = (initial, max.max(initial));
+        self
+    }
+
+    /// The participant's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A handle on the live counters; take it before calling [`Participant::run`].
+    pub fn stats(&self) -> Stats {
+        self.stats.clone()
+    }
+
+    /// Serves the participant's queue on `conn` until `shutdown` completes, then stops
+    /// consuming, waits for the commands in flight (up to [`Participant::shutdown_timeout`]),
+    /// and returns.
+    ///
+    /// It first creates the barrier table (unless [`Participant::install_barrier`] is off) and
+    /// declares its queue. Commands delivered but not yet started when shutting down are
+    /// requeued by the broker when the channel closes. It returns an error when the connection
+    /// or a channel fails; [`Participant::run_forever`] reconnects instead.
+    pub async fn run(
+        self,
+        conn: &Connection,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), RuntimeError> {
+        if self.install_barrier {
+            barrier::install(&self.pool).await?;
+        }
+        let mut shutdown = std::pin::pin!(shutdown);
+        let result = self.session(conn, shutdown.as_mut()).await;
+        tracing::info!(participant = %self.name, ok = result.is_ok(), "participant stopped");
+        result.map(|Ended::Shutdown| ())
+    }
+
+    /// Serves the participant's queue until `shutdown` completes, connecting to `amqp_url`
+    /// and reconnecting after every failure (broker restart, network loss, a deleted queue)
+    /// with exponential backoff, and redeclaring the queue each time.
+    ///
+    /// Nothing is lost across a reconnection: commands unacked when the connection dropped
+    /// are redelivered by the broker, and the barrier answers those that were already
+    /// handled with their stored reply. Database outages need no reconnection: commands are
+    /// answered `retry` meanwhile, and the pool reconnects on its own (creating the barrier
+    /// table at start-up is retried like a connection).
+    ///
+    /// Returns `Ok(())` once `shutdown` completes, and an error only for a URL that cannot be
+    /// parsed; every other failure is logged and retried.
+    pub async fn run_forever(
+        self,
+        amqp_url: &str,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), RuntimeError> {
+        amqp_url
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(RuntimeError::InvalidUrl)?;
+        let mut shutdown = std::pin::pin!(shutdown);
+        let (initial, max) = self.reconnect_backoff;
+        let mut backoff = initial;
+        let mut installed = !self.install_barrier;
+        let mut sessions = 0u64;
+        loop {
+            let attempt = async {
+                if !installed {
+                    barrier::install(&self.pool).await?;
+                    installed = true;
+                }
+                let conn = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+                Ok::<_, RuntimeError>(conn)
+            };
+            let conn = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break,
+                conn = attempt => conn,
+            };
+            let failure = match conn {
+                Ok(conn) => {
+                    if sessions > 0 {
+                        Stats::bump(&self.stats.0.reconnects);
+                    }
+                    sessions += 1;
+                    let started = tokio::time::Instant::now();
+                    let result = self.session(&conn, shutdown.as_mut()).await;
+                    if conn.status().connected() {
+                        let _ = conn.close(200, "OK".into()).await;
+                    }
+                    match result {
+                        Ok(Ended::Shutdown) => break,
+                        Err(error) => {
+                            // A session that served for a while resets the backoff.
+                            if started.elapsed() > max {
+                                backoff = initial;
+                            }
+                            error
+                        }
+                    }
+                }
+                Err(error) => error,
+            };
+            tracing::warn!(
+                participant = %self.name,
+                error = %failure,
+                retry_in_ms = backoff.as_millis() as u64,
+                "participant lost the broker or the database; reconnecting"
+            );
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(max);
+        }
+        tracing::info!(participant = %self.name, "participant stopped");
+        Ok(())
+    }
+}

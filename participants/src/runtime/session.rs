@@ -1,0 +1,242 @@
+//! One connection's worth of serving: declare, consume, take what is ready, serve it, drain.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use sqlx::PgPool;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::admission::admit;
+use super::batching::{FailureRate, outcomes};
+use super::replies::{publish, settle};
+use super::stats::Stats;
+use super::{Ended, Participant, RuntimeError};
+use crate::amqp::declare_participant;
+use crate::handler::Handler;
+
+impl Participant {
+    /// One connection's worth of serving: declare, consume, dispatch, drain.
+    pub(super) async fn session(
+        &self,
+        conn: &Connection,
+        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Ended, RuntimeError> {
+        let consume_channel = conn.create_channel().await?;
+        declare_participant(
+            &consume_channel,
+            &self.topology,
+            &self.name,
+            &self.queue_options,
+        )
+        .await?;
+        consume_channel
+            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .await?;
+        // Replies and dead letters share one confirm-mode channel.
+        let reply_channel = conn.create_channel().await?;
+        reply_channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+
+        let queue = self.topology.participant_queue(&self.name);
+        let tag = format!("{}.{}", self.name, uuid::Uuid::new_v4().simple());
+        let mut consumer = consume_channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!(participant = %self.name, %queue, "participant consuming");
+
+        let ctx = Arc::new(Context {
+            participant: self.name.clone(),
+            queue: queue.clone(),
+            dead_letter_exchange: self.topology.dead_letter_exchange(),
+            pool: self.pool.clone(),
+            handler: self.handler.clone(),
+            handler_timeout: self.handler_timeout,
+            batch_size: self.batch_size,
+            reply_channel: reply_channel.clone(),
+            stats: self.stats.clone(),
+            reply_channel_lost: Notify::new(),
+            failures: FailureRate::default(),
+        });
+        let semaphore = Arc::new(Semaphore::new(self.concurrency));
+        let mut in_flight = JoinSet::new();
+
+        let result = loop {
+            while in_flight.try_join_next().is_some() {}
+            // Take a handler slot before taking a delivery: commands beyond the slots stay
+            // with the broker (up to the prefetch), which is the backpressure.
+            let permit = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break Ok(Ended::Shutdown),
+                () = ctx.reply_channel_lost.notified() => break Err(RuntimeError::ReplyChannelClosed),
+                permit = semaphore.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break Ok(Ended::Shutdown),
+                },
+            };
+            let delivery = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break Ok(Ended::Shutdown),
+                () = ctx.reply_channel_lost.notified() => break Err(RuntimeError::ReplyChannelClosed),
+                delivery = consumer.next() => delivery,
+            };
+            match delivery {
+                Some(Ok(delivery)) => {
+                    let (mut taken, mut permits) = (vec![delivery], permit);
+                    let ended = take_ready(
+                        &mut consumer,
+                        &semaphore,
+                        (&mut taken, &mut permits),
+                        self.batch_size,
+                        &queue,
+                    );
+                    in_flight.spawn(serve(ctx.clone(), taken, permits));
+                    if let Some(error) = ended {
+                        break Err(error);
+                    }
+                }
+                Some(Err(error)) => break Err(RuntimeError::Amqp(error)),
+                None => break Err(RuntimeError::ConsumerEnded(queue.clone())),
+            }
+        };
+
+        if consume_channel.status().connected()
+            && let Err(error) = consume_channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await
+        {
+            tracing::warn!(%error, "could not cancel the consumer");
+        }
+        // Handlers in flight finish (and publish and ack) unless they outlast the deadline;
+        // abandoned ones roll back and their commands, unacked, return to the queue when the
+        // channel closes.
+        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                participant = %self.name,
+                abandoned = in_flight.len(),
+                "handlers still running at the shutdown deadline were abandoned; their commands will be redelivered"
+            );
+            in_flight.shutdown().await;
+        }
+        for channel in [&consume_channel, &reply_channel] {
+            if channel.status().connected() {
+                let _ = channel.close(200, "OK".into()).await;
+            }
+        }
+        result
+    }
+}
+
+/// Adds to `taken` the deliveries already there, without waiting for more, while a handler
+/// slot is free (merged into `permits`) and up to `max`; returns the error if the consumer
+/// ended meanwhile.
+fn take_ready(
+    consumer: &mut Consumer,
+    semaphore: &Arc<Semaphore>,
+    (taken, permits): (&mut Vec<Delivery>, &mut OwnedSemaphorePermit),
+    max: usize,
+    queue: &str,
+) -> Option<RuntimeError> {
+    while taken.len() < max {
+        let Ok(permit) = semaphore.clone().try_acquire_owned() else {
+            return None;
+        };
+        match consumer.next().now_or_never() {
+            None => return None,
+            Some(Some(Ok(delivery))) => {
+                taken.push(delivery);
+                permits.merge(permit);
+            }
+            Some(Some(Err(error))) => return Some(RuntimeError::Amqp(error)),
+            Some(None) => return Some(RuntimeError::ConsumerEnded(queue.to_owned())),
+        }
+    }
+    None
+}
+
+pub(super) struct Context {
+    pub(super) participant: String,
+    pub(super) queue: String,
+    pub(super) dead_letter_exchange: String,
+    pub(super) pool: PgPool,
+    pub(super) handler: Arc<dyn Handler>,
+    pub(super) handler_timeout: Option<Duration>,
+    /// The most commands run in one database transaction.
+    pub(super) batch_size: usize,
+    pub(super) reply_channel: Channel,
+    pub(super) stats: Stats,
+    pub(super) reply_channel_lost: Notify,
+    /// Recent batched commands' failures: whether the next batch takes savepoints.
+    pub(super) failures: FailureRate,
+}
+
+/// Handles deliveries taken together, from decoding to ack; never panics on bad input.
+///
+/// The valid commands of all the deliveries run through the barrier in transactions of at
+/// most `batch_size` commands each, one after the other (a command batch can bring many
+/// more). As soon as every command of a delivery has its outcome, it is answered (see
+/// [`publish`]: replies to a sender of command batches travel in reply batches, several
+/// deliveries' replies in one message); the confirms are awaited only once every reply is
+/// published, so that the broker confirms them together, and each delivery is acked after
+/// the confirm of the message that answers it.
+///
+/// The deliveries hold one handler slot each, whatever the number of commands they carry:
+/// a command batch runs its commands one transaction at a time, so it needs no more of the
+/// database than a delivery of `batch_size` single commands. The slots are freed together
+/// once every reply is published (before the confirms): freed one by one, they would be taken
+/// again one by one, and the next batches would be single commands.
+async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, permits: OwnedSemaphorePermit) {
+    let mut jobs = Vec::with_capacity(deliveries.len());
+    let mut taken = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        taken.push(admit(&ctx, delivery, &mut jobs).await);
+    }
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut chunks = jobs.chunks(ctx.batch_size);
+    let mut published = Vec::with_capacity(taken.len());
+    let mut next = 0;
+    loop {
+        // Jobs are in the order of their deliveries: those whose jobs all have their
+        // outcomes (or that have none) can be answered now.
+        let ready = next;
+        while taken
+            .get(next)
+            .is_some_and(|t| t.jobs.end <= outcomes.len())
+        {
+            next += 1;
+        }
+        if next > ready {
+            published.extend(publish(&ctx, &taken, ready..next, &jobs, &mut outcomes).await);
+        }
+        let Some(chunk) = chunks.next() else { break };
+        outcomes.extend(self::outcomes(&ctx, chunk).await.into_iter().map(Some));
+    }
+    // The handlers are done and every reply is on its way: the slots go (all together) while
+    // the confirms come, so that the next deliveries run meanwhile. The deliveries waiting for
+    // confirms stay bounded by the prefetch.
+    drop(permits);
+    for (group, pending) in published {
+        let span = taken[group[0]].span.clone();
+        settle(&ctx, &taken, &group, pending).instrument(span).await;
+    }
+}
