@@ -18,8 +18,7 @@ pub const CONTENT_TYPE: &str = "application/json";
 /// the body of a single message. See docs/protocol.md, "Batches".
 pub const BATCH_CONTENT_TYPE: &str = "application/vnd.sagas.batch+json";
 
-/// The AMQP header carrying the number of elements of a batch (signed 64-bit integer).
-pub const BATCH_HEADER: &str = "x-saga-batch";
+pub use crate::amqp::headers::BATCH_HEADER;
 
 /// The most elements a batch may carry; a receiver dead-letters a larger batch.
 pub const MAX_BATCH: usize = 256;

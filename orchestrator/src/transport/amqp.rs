@@ -18,12 +18,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Ack, Incoming, Transport, TransportError};
 use crate::store::OutboxMessage;
+pub use sagas_participant::amqp::command_properties;
+use sagas_participant::amqp::headers::{DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER};
 use sagas_participant::amqp::{
-    QueueOptions, batch_properties, declare_participant, declare_replies,
+    QueueOptions, batch_properties, declare_participant, declare_replies, is_batch,
 };
-use sagas_participant::protocol::{
-    BATCH_CONTENT_TYPE, CONTENT_TYPE, Command, Topology, join_batch, split_batch,
-};
+use sagas_participant::protocol::{Topology, join_batch, split_batch};
 
 /// Settings of the AMQP transport.
 #[derive(Debug, Clone)]
@@ -126,46 +126,6 @@ impl AmqpTransport {
             *guard = None;
         }
     }
-}
-
-/// The AMQP properties of a command.
-pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-saga-transaction".into(),
-        AMQPValue::LongString(command.transaction_id.to_string().into()),
-    );
-    headers.insert(
-        "x-saga-step".into(),
-        AMQPValue::LongString(command.step.clone().into()),
-    );
-    headers.insert(
-        "x-saga-operation".into(),
-        AMQPValue::LongString(command.operation.as_str().into()),
-    );
-    headers.insert(
-        "x-saga-attempt".into(),
-        AMQPValue::LongLongInt(i64::from(command.attempt)),
-    );
-    if let Some(trace) = &command.traceparent {
-        headers.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(trace.as_str().into()),
-        );
-    }
-    if let Some(deadline) = command.deadline {
-        headers.insert(
-            "x-saga-deadline".into(),
-            AMQPValue::LongString(deadline.to_rfc3339().into()),
-        );
-    }
-    BasicProperties::default()
-        .with_content_type(CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_message_id(command.message_id().into())
-        .with_correlation_id(command.transaction_id.to_string().into())
-        .with_reply_to(reply_to.into())
-        .with_headers(headers)
 }
 
 /// Splits `messages` into what goes in one AMQP message each: the commands for one participant,
@@ -393,7 +353,7 @@ async fn consume(
     Ok((conn, consumer, dead))
 }
 
-/// Where rejected replies go, with the reason in the `x-sagas-reason` header.
+/// Where rejected replies go, with the reason in the [`DEAD_LETTER_REASON_HEADER`].
 #[derive(Clone)]
 struct DeadLetters {
     channel: Channel,
@@ -404,16 +364,12 @@ struct DeadLetters {
 /// What the engine receives for a delivery: the reply itself, or each reply of a batch (see
 /// docs/protocol.md, "Batches"). A body declared a batch that is not one is dead-lettered here.
 async fn incoming(delivery: lapin::message::Delivery, dead: &DeadLetters) -> Vec<Incoming> {
-    let is_batch = delivery
-        .properties
-        .content_type()
-        .as_ref()
-        .is_some_and(|t| t.as_str() == BATCH_CONTENT_TYPE);
+    let batch = is_batch(&delivery.properties);
     let single = AmqpAck {
         acker: delivery.acker,
         dead: dead.clone(),
     };
-    if !is_batch {
+    if !batch {
         return vec![Incoming {
             body: delivery.data,
             ack: Box::new(single),
@@ -504,11 +460,11 @@ impl DeadLetters {
     async fn publish(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
         let mut headers = FieldTable::default();
         headers.insert(
-            "x-sagas-reason".into(),
+            DEAD_LETTER_REASON_HEADER.into(),
             AMQPValue::LongString(reason.into()),
         );
         headers.insert(
-            "x-sagas-queue".into(),
+            DEAD_LETTER_QUEUE_HEADER.into(),
             AMQPValue::LongString(self.queue.as_str().into()),
         );
         let confirm = self
@@ -575,7 +531,7 @@ impl Ack for AmqpAck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sagas_participant::protocol::Operation;
+    use sagas_participant::protocol::{Command, Operation};
     use uuid::Uuid;
 
     fn message(id: i64, participant: &str) -> OutboxMessage {

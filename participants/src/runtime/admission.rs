@@ -11,10 +11,10 @@ use tracing::Instrument;
 
 use super::session::Context;
 use super::stats::Stats;
-use super::{QUEUE_HEADER, REASON_HEADER, TRACEPARENT_HEADER};
-use crate::protocol::{
-    BATCH_CONTENT_TYPE, CONTENT_TYPE, Command, PROTOCOL_VERSION, TraceParent, split_batch,
-};
+use super::{QUEUE_HEADER, REASON_HEADER};
+use crate::amqp::headers::{TRACEPARENT_HEADER, header_str};
+use crate::amqp::is_batch;
+use crate::protocol::{CONTENT_TYPE, Command, PROTOCOL_VERSION, TraceParent, split_batch};
 
 /// Why a delivery was dead-lettered instead of being processed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,14 +45,6 @@ pub fn decode_command(body: &[u8]) -> Result<Command, Malformed> {
         return Err(Malformed::Version(version));
     }
     serde_json::from_value(value).map_err(|e| Malformed::Invalid(e.to_string()))
-}
-
-fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
 }
 
 /// A decoded command on its way to its reply. It does not own its delivery (a command batch
@@ -108,20 +100,12 @@ fn reply_to(delivery: &Delivery) -> Option<ShortString> {
         .filter(|r| !r.as_str().is_empty())
 }
 
-fn is_batch(delivery: &Delivery) -> bool {
-    delivery
-        .properties
-        .content_type()
-        .as_ref()
-        .is_some_and(|ct| ct.as_str() == BATCH_CONTENT_TYPE)
-}
-
 /// Decodes a delivery into jobs (appended to `jobs`), dead-lettering what is
 /// malformed: a single command or a batch body that is not a batch whole, a batch element
 /// alone.
 pub(super) async fn admit(ctx: &Context, delivery: Delivery, jobs: &mut Vec<Job>) -> Taken {
     let start = jobs.len();
-    if is_batch(&delivery) {
+    if is_batch(&delivery.properties) {
         admit_batch(ctx, delivery, jobs).await
     } else {
         let reply_to = reply_to(&delivery);
@@ -131,8 +115,8 @@ pub(super) async fn admit(ctx: &Context, delivery: Delivery, jobs: &mut Vec<Job>
         });
         let (reply_to, span) = match decoded {
             Ok(cmd) => {
-                let trace = header_string(&delivery.properties, TRACEPARENT_HEADER)
-                    .and_then(|value| TraceParent::parse(&value));
+                let trace = header_str(&delivery.properties, TRACEPARENT_HEADER)
+                    .and_then(TraceParent::parse);
                 let span = command_span(ctx, &cmd, trace.as_ref());
                 jobs.push(Job {
                     cmd,

@@ -1,12 +1,13 @@
 //! Answering after the command was acked: the final outcome of an `in_progress` operation.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Confirmation, Connection};
+use lapin::{Confirmation, Connection};
 use sqlx::PgPool;
 
 use super::RuntimeError;
+use crate::amqp::reply_properties;
 use crate::barrier::{self, BarrierError};
-use crate::protocol::{CONTENT_TYPE, Command, Outcome, Reply, Topology};
+use crate::protocol::{Command, Outcome, Reply, Topology};
 
 /// Publishes `reply` to the orchestrator's replies queue with a publisher confirm: the way to
 /// answer after the command itself was acknowledged (the final outcome of an `in_progress`
@@ -21,11 +22,7 @@ pub async fn send_reply(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let body = serde_json::to_vec(reply).map_err(|e| RuntimeError::NotConfirmed(e.to_string()))?;
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(CONTENT_TYPE.into())
-        .with_message_id(reply.message_id().into())
-        .with_correlation_id(reply.transaction_id.to_string().into());
+    let properties = reply_properties(reply, None);
     let confirmation = channel
         .basic_publish(
             "".into(),

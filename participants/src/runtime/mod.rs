@@ -67,14 +67,10 @@ pub const MAX_BATCH_SIZE: usize = 32;
 /// Default time that handlers in flight get to finish after the shutdown signal.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
 
-/// AMQP header that carries why a message was dead-lettered.
-pub const REASON_HEADER: &str = "x-sagas-reason";
-
-/// AMQP header that names the queue a dead-lettered message was taken from.
-pub const QUEUE_HEADER: &str = "x-sagas-queue";
-
-/// AMQP header of the W3C trace context (`00-{trace id}-{parent id}-{flags}`).
-pub const TRACEPARENT_HEADER: &str = "traceparent";
+pub use crate::amqp::headers::{
+    DEAD_LETTER_QUEUE_HEADER as QUEUE_HEADER, DEAD_LETTER_REASON_HEADER as REASON_HEADER,
+    TRACEPARENT_HEADER,
+};
 
 /// Why [`Participant::run`] stopped other than by its shutdown signal.
 #[derive(Debug, thiserror::Error)]

@@ -5,16 +5,15 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 use tracing::Instrument;
 
-use super::TRACEPARENT_HEADER;
 use super::admission::{Job, Taken};
 use super::session::Context;
 use super::stats::Stats;
-use crate::amqp::batch_properties;
-use crate::protocol::{CONTENT_TYPE, MAX_BATCH, Outcome, Reply, join_batch};
+use crate::amqp::{batch_properties, reply_properties};
+use crate::protocol::{MAX_BATCH, Outcome, Reply, join_batch};
 
 /// A published reply (or reply batch) whose confirm is still to come; `None` when there is
 /// nothing to answer (every element of a batch was dead-lettered).
@@ -173,20 +172,7 @@ async fn publish_reply(
     reply: &Reply,
 ) -> Result<PublisherConfirm, PublishError> {
     let payload = serde_json::to_vec(reply)?;
-    let mut properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(CONTENT_TYPE.into())
-        .with_message_id(reply.message_id().into())
-        .with_correlation_id(job.cmd.transaction_id.to_string().into());
-    if let Some(trace) = &job.trace {
-        // The reply belongs to the same trace; the orchestrator may continue it.
-        let mut headers = FieldTable::default();
-        headers.insert(
-            TRACEPARENT_HEADER.into(),
-            AMQPValue::LongString(trace.to_string().into()),
-        );
-        properties = properties.with_headers(headers);
-    }
+    let properties = reply_properties(reply, job.trace.as_ref());
     publish_to(ctx, reply_to, &payload, properties).await
 }
 

@@ -1,8 +1,8 @@
-//! AMQP topology shared by the orchestrator and the participants.
+//! The exchanges and queues of a topology, declared identically by both sides.
 //!
-//! Both sides declare what they use with these functions, so the arguments are always
-//! identical: RabbitMQ refuses a re-declaration with different arguments (PRECONDITION_FAILED,
-//! which also closes the channel). Every declaration is idempotent.
+//! RabbitMQ refuses a re-declaration with different arguments (PRECONDITION_FAILED, which also
+//! closes the channel), so the orchestrator and the participants declare what they use with
+//! these functions. Every declaration is idempotent.
 
 use std::time::Duration;
 
@@ -11,9 +11,9 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, ExchangeKind};
+use lapin::{Channel, ExchangeKind};
 
-use crate::protocol::{BATCH_CONTENT_TYPE, BATCH_HEADER, Topology};
+use crate::protocol::Topology;
 
 /// How queues (and, with `expires`, exchanges) are declared; both sides must use the same.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,21 +64,6 @@ impl QueueOptions {
             ..ExchangeDeclareOptions::default()
         }
     }
-}
-
-/// The AMQP properties of a batch of `count` messages whose first has the message id
-/// `first_id` (docs/protocol.md, "Batches"); a command batch adds its `reply_to`.
-pub fn batch_properties(first_id: &str, count: usize) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        BATCH_HEADER.into(),
-        AMQPValue::LongLongInt(i64::try_from(count).unwrap_or(i64::MAX)),
-    );
-    BasicProperties::default()
-        .with_content_type(BATCH_CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_message_id(format!("batch:{first_id}:{count}").into())
-        .with_headers(headers)
 }
 
 /// Declares the fanout dead-letter exchange and the dead-letter queue bound to it.

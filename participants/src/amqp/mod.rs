@@ -1,0 +1,16 @@
+//! The AMQP toolkit both sides use: the orchestrator's transport and the participant runtime.
+//!
+//! What is on the wire is written and read here only, so that the two sides cannot drift:
+//! the [`topology`] and its declarations, every [`headers`] name, the [`properties`] of a
+//! command and of a reply, and [`batch`] messages. Message bodies are [`crate::protocol`].
+
+pub mod batch;
+pub mod headers;
+pub mod properties;
+pub mod topology;
+
+pub use batch::{batch_properties, is_batch};
+pub use properties::{command_properties, reply_properties};
+pub use topology::{
+    QueueOptions, declare_dead_letter, declare_participant, declare_replies, delete_topology,
+};
