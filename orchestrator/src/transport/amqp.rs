@@ -9,9 +9,9 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions,
+    ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -19,9 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Ack, Incoming, Transport, TransportError};
 use crate::store::OutboxMessage;
 pub use sagas_participant::amqp::command_properties;
-use sagas_participant::amqp::headers::{DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER};
 use sagas_participant::amqp::{
-    QueueOptions, batch_properties, declare_participant, declare_replies, is_batch,
+    DeadLetters, QueueOptions, batch_properties, declare_participant, declare_replies, is_batch,
 };
 use sagas_participant::protocol::{Topology, join_batch, split_batch};
 
@@ -320,7 +319,7 @@ impl Transport for AmqpTransport {
 async fn consume(
     config: &AmqpConfig,
     prefetch: u16,
-) -> Result<(Connection, lapin::Consumer, DeadLetters), TransportError> {
+) -> Result<(Connection, lapin::Consumer, Arc<DeadLetters>), TransportError> {
     let conn = Connection::connect(&config.uri, ConnectionProperties::default())
         .await
         .map_err(broker)?;
@@ -345,29 +344,18 @@ async fn consume(
         )
         .await
         .map_err(broker)?;
-    let dead = DeadLetters {
-        channel: dead,
-        exchange: config.topology.dead_letter_exchange(),
-        queue: config.topology.replies_queue(),
-    };
-    Ok((conn, consumer, dead))
-}
-
-/// Where rejected replies go, with the reason in the [`DEAD_LETTER_REASON_HEADER`].
-#[derive(Clone)]
-struct DeadLetters {
-    channel: Channel,
-    exchange: String,
-    queue: String,
+    let dead = DeadLetters::new(dead, &config.topology, config.topology.replies_queue());
+    Ok((conn, consumer, Arc::new(dead)))
 }
 
 /// What the engine receives for a delivery: the reply itself, or each reply of a batch (see
 /// docs/protocol.md, "Batches"). A body declared a batch that is not one is dead-lettered here.
-async fn incoming(delivery: lapin::message::Delivery, dead: &DeadLetters) -> Vec<Incoming> {
+async fn incoming(delivery: lapin::message::Delivery, dead: &Arc<DeadLetters>) -> Vec<Incoming> {
     let batch = is_batch(&delivery.properties);
     let single = AmqpAck {
         acker: delivery.acker,
         dead: dead.clone(),
+        properties: delivery.properties,
     };
     if !batch {
         return vec![Incoming {
@@ -437,7 +425,7 @@ impl Ack for PartAck {
     async fn reject(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
         // Dead-lettered alone; if that fails the whole delivery comes back and it is tried
         // again (the delivery cannot be rejected for one reply only).
-        match self.0.single.dead.publish(body, reason).await {
+        match self.0.single.dead.publish_element(body, reason).await {
             Ok(()) => self.0.settle(false).await,
             Err(error) => {
                 tracing::warn!(%error, "could not dead-letter one reply of a batch");
@@ -451,46 +439,11 @@ impl Ack for PartAck {
     }
 }
 
+/// One delivery: its acker, and what a dead letter of it carries.
 struct AmqpAck {
     acker: lapin::Acker,
-    dead: DeadLetters,
-}
-
-impl DeadLetters {
-    async fn publish(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            DEAD_LETTER_REASON_HEADER.into(),
-            AMQPValue::LongString(reason.into()),
-        );
-        headers.insert(
-            DEAD_LETTER_QUEUE_HEADER.into(),
-            AMQPValue::LongString(self.queue.as_str().into()),
-        );
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
-            )
-            .await
-            .map_err(broker)?
-            .await
-            .map_err(broker)?;
-        if confirm.is_ack() {
-            Ok(())
-        } else {
-            Err(TransportError::NotConfirmed(
-                "dead letter".into(),
-                "nacked".into(),
-            ))
-        }
-    }
+    dead: Arc<DeadLetters>,
+    properties: BasicProperties,
 }
 
 #[async_trait]
@@ -504,16 +457,11 @@ impl Ack for AmqpAck {
     }
 
     async fn reject(&self, body: &[u8], reason: &str) -> Result<(), TransportError> {
-        match self.dead.publish(body, reason).await {
-            Ok(()) => self.ack().await,
-            // Without the reason, but dead-lettered all the same by the queue's own DLX.
-            Err(_) => self
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-                .map(drop)
-                .map_err(broker),
-        }
+        let properties = self.properties.clone();
+        self.dead
+            .reject(&self.acker, body, properties, reason)
+            .await
+            .map_err(broker)
     }
 
     async fn requeue(&self) -> Result<(), TransportError> {

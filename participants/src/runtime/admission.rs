@@ -3,18 +3,15 @@
 
 use std::ops::Range;
 
-use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicPublishOptions, BasicRejectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::ShortString;
 use tracing::Instrument;
 
 use super::session::Context;
 use super::stats::Stats;
-use super::{QUEUE_HEADER, REASON_HEADER};
 use crate::amqp::headers::{TRACEPARENT_HEADER, header_str};
 use crate::amqp::is_batch;
-use crate::protocol::{CONTENT_TYPE, Command, PROTOCOL_VERSION, TraceParent, split_batch};
+use crate::protocol::{Command, PROTOCOL_VERSION, TraceParent, split_batch};
 
 /// Why a delivery was dead-lettered instead of being processed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -190,7 +187,13 @@ async fn admit_batch(ctx: &Context, delivery: Delivery, jobs: &mut Vec<Job>) -> 
                     "dead-lettering a malformed command of a batch"
                 );
                 Stats::bump(&ctx.stats.0.rejected);
-                if !dead_letter_element(ctx, element.get().as_bytes(), &reason).await {
+                let element = element.get().as_bytes();
+                if let Err(error) = ctx.dead_letters.publish_element(element, &reason).await {
+                    // The batch must come back, so that the element is not lost.
+                    tracing::warn!(
+                        %error,
+                        "could not dead-letter an element of a batch; the batch will be requeued"
+                    );
                     lost_dead_letter = true;
                 }
             }
@@ -206,7 +209,7 @@ async fn admit_batch(ctx: &Context, delivery: Delivery, jobs: &mut Vec<Job>) -> 
     }
 }
 
-/// Dead-letters a whole delivery, with a warning, and counts it.
+/// Dead-letters a whole delivery, with a warning, counts it and settles it.
 async fn reject_whole(ctx: &Context, delivery: &Delivery, reason: &str) {
     tracing::warn!(
         participant = %ctx.participant,
@@ -215,87 +218,14 @@ async fn reject_whole(ctx: &Context, delivery: &Delivery, reason: &str) {
         "dead-lettering a malformed command"
     );
     Stats::bump(&ctx.stats.0.rejected);
-    dead_letter(ctx, delivery, reason).await;
-}
-
-/// Republishes a bad delivery to the dead-letter exchange with its reason, then acks it; if
-/// that fails, rejects it without requeue so that the queue's own dead-lettering keeps it
-/// (without the reason).
-async fn dead_letter(ctx: &Context, delivery: &Delivery, reason: &str) {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
-    headers.insert(
-        QUEUE_HEADER.into(),
-        AMQPValue::LongString(ctx.queue.as_str().into()),
-    );
-    let properties = delivery
-        .properties
-        .clone()
-        .with_delivery_mode(2)
-        .with_headers(headers);
-    let published = republish(ctx, &delivery.data, properties).await;
-    let result = match published {
-        Ok(true) => delivery.acker.ack(BasicAckOptions::default()).await,
-        Ok(false) | Err(_) => {
-            tracing::warn!(
-                ?published,
-                "could not republish a dead letter; rejecting it"
-            );
-            delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-        }
-    };
-    if let Err(error) = result {
+    let properties = delivery.properties.clone();
+    let settled = ctx
+        .dead_letters
+        .reject(&delivery.acker, &delivery.data, properties, reason)
+        .await;
+    if let Err(error) = settled {
         tracing::warn!(%error, "could not settle a malformed command");
     }
-}
-
-/// Dead-letters one malformed element of a command batch: republishes it alone, as a single
-/// message, to the dead-letter exchange with its reason. Returns whether the broker confirmed
-/// it (if not, the batch must come back so that the element is not lost).
-async fn dead_letter_element(ctx: &Context, element: &[u8], reason: &str) -> bool {
-    let mut headers = FieldTable::default();
-    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
-    headers.insert(
-        QUEUE_HEADER.into(),
-        AMQPValue::LongString(ctx.queue.as_str().into()),
-    );
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(CONTENT_TYPE.into())
-        .with_headers(headers);
-    match republish(ctx, element, properties).await {
-        Ok(true) => true,
-        published => {
-            tracing::warn!(
-                ?published,
-                "could not dead-letter an element of a batch; the batch will be requeued"
-            );
-            false
-        }
-    }
-}
-
-/// Publishes to the dead-letter exchange and awaits the confirm: whether the broker took it.
-async fn republish(
-    ctx: &Context,
-    body: &[u8],
-    properties: BasicProperties,
-) -> Result<bool, lapin::Error> {
-    let confirmation = ctx
-        .reply_channel
-        .basic_publish(
-            ctx.dead_letter_exchange.as_str().into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await?
-        .await?;
-    Ok(confirmation.is_ack())
 }
 
 #[cfg(test)]

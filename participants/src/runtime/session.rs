@@ -22,7 +22,7 @@ use super::batching::{FailureRate, outcomes};
 use super::replies::{publish, settle};
 use super::stats::Stats;
 use super::{Ended, Participant, RuntimeError};
-use crate::amqp::declare_participant;
+use crate::amqp::{DeadLetters, declare_participant};
 use crate::handler::Handler;
 
 impl Participant {
@@ -63,8 +63,7 @@ impl Participant {
 
         let ctx = Arc::new(Context {
             participant: self.name.clone(),
-            queue: queue.clone(),
-            dead_letter_exchange: self.topology.dead_letter_exchange(),
+            dead_letters: DeadLetters::new(reply_channel.clone(), &self.topology, queue.clone()),
             pool: self.pool.clone(),
             handler: self.handler.clone(),
             handler_timeout: self.handler_timeout,
@@ -176,8 +175,8 @@ fn take_ready(
 
 pub(super) struct Context {
     pub(super) participant: String,
-    pub(super) queue: String,
-    pub(super) dead_letter_exchange: String,
+    /// On the reply channel: replies and dead letters share one confirm-mode channel.
+    pub(super) dead_letters: DeadLetters,
     pub(super) pool: PgPool,
     pub(super) handler: Arc<dyn Handler>,
     pub(super) handler_timeout: Option<Duration>,
