@@ -1,8 +1,9 @@
 //! The AMQP (RabbitMQ) transport, on lapin.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -12,7 +13,7 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +21,8 @@ use super::{Ack, Incoming, Transport, TransportError};
 use crate::store::OutboxMessage;
 pub use sagas_participant::amqp::command_properties;
 use sagas_participant::amqp::{
-    DeadLetters, QueueOptions, batch_properties, declare_participant, declare_replies, is_batch,
+    Backoff, DeadLetters, QueueOptions, Sessions, batch_properties, connect, declare_participant,
+    declare_replies, is_batch, keep_serving,
 };
 use sagas_participant::protocol::{Topology, join_batch, split_batch};
 
@@ -103,9 +105,7 @@ impl AmqpTransport {
         {
             return Ok(link.clone());
         }
-        let connection = Connection::connect(&self.config.uri, ConnectionProperties::default())
-            .await
-            .map_err(broker)?;
+        let connection = connect(&self.config.uri).await.map_err(broker)?;
         let publisher = connection.create_channel().await.map_err(broker)?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -258,71 +258,38 @@ impl Transport for AmqpTransport {
 
     async fn subscribe(&self, prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError> {
         let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
-        let config = self.config.clone();
-        let shutdown = self.shutdown.clone();
-        let wire = self.wire.clone();
         // The first connection is made here so that a broken configuration fails loudly.
-        let first = consume(&config, prefetch).await?;
-        tokio::spawn(async move {
-            let mut consumer = Some(first);
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let (conn, mut stream, dead) = match consumer.take() {
-                    Some(c) => c,
-                    None => match consume(&config, prefetch).await {
-                        Ok(c) => {
-                            backoff = Duration::from_millis(100);
-                            c
-                        }
-                        Err(e) => {
-                            if shutdown.is_cancelled() || tx.is_closed() {
-                                return;
-                            }
-                            tracing::warn!(error = %e, "reply consumer cannot connect; retrying");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                            continue;
-                        }
-                    },
-                };
-                while let Some(delivery) = stream.next().await {
-                    let delivery = match delivery {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "reply consumer failed; reconnecting");
-                            break;
-                        }
-                    };
-                    wire.received.fetch_add(1, Ordering::Relaxed);
-                    let mut closed = false;
-                    for incoming in incoming(delivery, &dead).await {
-                        if tx.send(incoming).await.is_err() {
-                            closed = true;
-                            break;
-                        }
-                    }
-                    if closed {
-                        let _ = conn.close(200, "shutdown".into()).await;
-                        return;
-                    }
-                }
-                let _ = conn.close(200, "reconnecting".into()).await;
-                if shutdown.is_cancelled() || tx.is_closed() {
-                    return;
+        let first = consume(&self.config, prefetch).await?;
+        // Deliveries go on after `close` until the engine drops its receiver.
+        let stop = {
+            let (shutdown, tx) = (self.shutdown.clone(), tx.clone());
+            async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tx.closed() => {}
                 }
             }
+        };
+        let mut consumer = ReplyConsumer {
+            first: Some(first),
+            config: self.config.clone(),
+            prefetch,
+            tx,
+            wire: self.wire.clone(),
+        };
+        tokio::spawn(async move {
+            let stop = std::pin::pin!(stop);
+            keep_serving("reply consumer", Backoff::default(), stop, &mut consumer).await;
         });
         Ok(rx)
     }
 }
 
-async fn consume(
-    config: &AmqpConfig,
-    prefetch: u16,
-) -> Result<(Connection, lapin::Consumer, Arc<DeadLetters>), TransportError> {
-    let conn = Connection::connect(&config.uri, ConnectionProperties::default())
-        .await
-        .map_err(broker)?;
+/// A consuming connection: the connection, its consumer, and where its dead letters go.
+type Consumer = (Connection, lapin::Consumer, Arc<DeadLetters>);
+
+async fn consume(config: &AmqpConfig, prefetch: u16) -> Result<Consumer, TransportError> {
+    let conn = connect(&config.uri).await.map_err(broker)?;
     let ch = conn.create_channel().await.map_err(broker)?;
     declare_replies(&ch, &config.topology, &config.queues)
         .await
@@ -346,6 +313,61 @@ async fn consume(
         .map_err(broker)?;
     let dead = DeadLetters::new(dead, &config.topology, config.topology.replies_queue());
     Ok((conn, consumer, Arc::new(dead)))
+}
+
+/// The sessions of the reply consumer, each on a connection of its own.
+struct ReplyConsumer {
+    /// The connection `subscribe` made, for the first session.
+    first: Option<Consumer>,
+    config: AmqpConfig,
+    prefetch: u16,
+    tx: mpsc::Sender<Incoming>,
+    wire: Arc<WireCounts>,
+}
+
+impl<S: Future<Output = ()>> Sessions<S> for ReplyConsumer {
+    type Connection = Consumer;
+    type Error = TransportError;
+
+    async fn connect(&mut self) -> Result<Consumer, TransportError> {
+        match self.first.take() {
+            Some(consumer) => Ok(consumer),
+            None => consume(&self.config, self.prefetch).await,
+        }
+    }
+
+    /// Ends (`Ok`) only when the engine dropped its receiver.
+    async fn serve(&mut self, consumer: Consumer, _: Pin<&mut S>) -> Result<(), TransportError> {
+        let (conn, mut stream, dead) = consumer;
+        let result = forward(&mut stream, &dead, &self.tx, &self.wire).await;
+        let why = if result.is_ok() {
+            "shutdown"
+        } else {
+            "reconnecting"
+        };
+        let _ = conn.close(200, why.into()).await;
+        result
+    }
+}
+
+/// Hands the replies of `stream` to `tx` until the engine drops its receiver (`Ok`), or the
+/// consumer fails or is ended by the broker.
+async fn forward(
+    stream: &mut lapin::Consumer,
+    dead: &Arc<DeadLetters>,
+    tx: &mpsc::Sender<Incoming>,
+    wire: &WireCounts,
+) -> Result<(), TransportError> {
+    while let Some(delivery) = stream.next().await {
+        let delivery = delivery.map_err(broker)?;
+        wire.received.fetch_add(1, Ordering::Relaxed);
+        for incoming in incoming(delivery, dead).await {
+            if tx.send(incoming).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Err(broker("the broker ended the reply consumer"))
 }
 
 /// What the engine receives for a delivery: the reply itself, or each reply of a batch (see

@@ -2,16 +2,18 @@
 //!
 //! What is on the wire is written and read here only, so that the two sides cannot drift:
 //! the [`topology`] and its declarations, every [`headers`] name, the [`properties`] of a
-//! command and of a reply, [`batch`] messages and [`dead_letter`]s. Message bodies are
-//! [`crate::protocol`].
+//! command and of a reply, [`batch`] messages, [`dead_letter`]s, and the [`connection`]
+//! (connecting, and reconnecting with backoff). Message bodies are [`crate::protocol`].
 
 pub mod batch;
+pub mod connection;
 pub mod dead_letter;
 pub mod headers;
 pub mod properties;
 pub mod topology;
 
 pub use batch::{batch_properties, is_batch};
+pub use connection::{Backoff, Sessions, connect, keep_serving};
 pub use dead_letter::{DeadLetterError, DeadLetters};
 pub use properties::{command_properties, reply_properties};
 pub use topology::{

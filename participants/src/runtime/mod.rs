@@ -34,13 +34,14 @@ mod session;
 mod stats;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use sqlx::PgPool;
 
-use crate::amqp::QueueOptions;
+use crate::amqp::{self, Backoff, QueueOptions};
 use crate::barrier::{self, BarrierError};
 use crate::handler::Handler;
 use crate::protocol::Topology;
@@ -142,7 +143,7 @@ pub struct Participant {
     install_barrier: bool,
     handler_timeout: Option<Duration>,
     shutdown_timeout: Duration,
-    reconnect_backoff: (Duration, Duration),
+    reconnect_backoff: Backoff,
     stats: Stats,
 }
 
@@ -187,7 +188,7 @@ impl Participant {
             install_barrier: true,
             handler_timeout: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-            reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+            reconnect_backoff: Backoff::default(),
             stats: Stats::default(),
         }
     }
@@ -257,10 +258,10 @@ impl Participant {
     }
 
     /// The delay before the first reconnection attempt of [`Participant::run_forever`] and
-    /// its upper bound (it doubles in between); defaults 100 ms and 5 s.
+    /// its upper bound (it doubles in between); defaults 100 ms and 5 s. A session that
+    /// served longer than `max` starts the delays over.
     pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Participant {
-        let initial = initial.max(Duration::from_millis(1));
-        self.reconnect_backoff = (initial, max.max(initial));
+        self.reconnect_backoff = Backoff::new(initial, max);
         self
     }
 
@@ -316,63 +317,50 @@ impl Participant {
         amqp_url
             .parse::<lapin::uri::AMQPUri>()
             .map_err(RuntimeError::InvalidUrl)?;
-        let mut shutdown = std::pin::pin!(shutdown);
-        let (initial, max) = self.reconnect_backoff;
-        let mut backoff = initial;
-        let mut installed = !self.install_barrier;
-        let mut sessions = 0u64;
-        loop {
-            let attempt = async {
-                if !installed {
-                    barrier::install(&self.pool).await?;
-                    installed = true;
-                }
-                let conn = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
-                Ok::<_, RuntimeError>(conn)
-            };
-            let conn = tokio::select! {
-                biased;
-                () = shutdown.as_mut() => break,
-                conn = attempt => conn,
-            };
-            let failure = match conn {
-                Ok(conn) => {
-                    if sessions > 0 {
-                        Stats::bump(&self.stats.0.reconnects);
-                    }
-                    sessions += 1;
-                    let started = tokio::time::Instant::now();
-                    let result = self.session(&conn, shutdown.as_mut()).await;
-                    if conn.status().connected() {
-                        let _ = conn.close(200, "OK".into()).await;
-                    }
-                    match result {
-                        Ok(Ended::Shutdown) => break,
-                        Err(error) => {
-                            // A session that served for a while resets the backoff.
-                            if started.elapsed() > max {
-                                backoff = initial;
-                            }
-                            error
-                        }
-                    }
-                }
-                Err(error) => error,
-            };
-            tracing::warn!(
-                participant = %self.name,
-                error = %failure,
-                retry_in_ms = backoff.as_millis() as u64,
-                "participant lost the broker or the database; reconnecting"
-            );
-            tokio::select! {
-                biased;
-                () = shutdown.as_mut() => break,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(max);
-        }
+        let mut sessions = Forever {
+            participant: &self,
+            amqp_url,
+            installed: !self.install_barrier,
+            started: 0,
+        };
+        let shutdown = std::pin::pin!(shutdown);
+        amqp::keep_serving(&self.name, self.reconnect_backoff, shutdown, &mut sessions).await;
         tracing::info!(participant = %self.name, "participant stopped");
         Ok(())
+    }
+}
+
+/// The sessions of [`Participant::run_forever`], each on a connection of its own.
+struct Forever<'a> {
+    participant: &'a Participant,
+    amqp_url: &'a str,
+    /// Whether the barrier table is there (created, or not ours to create).
+    installed: bool,
+    /// Sessions started so far.
+    started: u64,
+}
+
+impl<S: Future<Output = ()>> amqp::Sessions<S> for Forever<'_> {
+    type Connection = Connection;
+    type Error = RuntimeError;
+
+    async fn connect(&mut self) -> Result<Connection, RuntimeError> {
+        if !self.installed {
+            barrier::install(&self.participant.pool).await?;
+            self.installed = true;
+        }
+        Ok(amqp::connect(self.amqp_url).await?)
+    }
+
+    async fn serve(&mut self, conn: Connection, shutdown: Pin<&mut S>) -> Result<(), RuntimeError> {
+        if self.started > 0 {
+            Stats::bump(&self.participant.stats.0.reconnects);
+        }
+        self.started += 1;
+        let result = self.participant.session(&conn, shutdown).await;
+        if conn.status().connected() {
+            let _ = conn.close(200, "OK".into()).await;
+        }
+        result.map(|Ended::Shutdown| ())
     }
 }
