@@ -8,7 +8,8 @@
 //! - [`barrier`]: exactly-once effects, null compensation and anti-hanging in the
 //!   participant's own PostgreSQL database;
 //! - [`runtime`]: the AMQP consumer that ties them together;
-//! - [`amqp`]: the AMQP toolkit both sides use: declarations, header names, properties;
+//! - [`amqp`]: the AMQP toolkit both sides use: declarations, header names, message
+//!   properties, dead letters, reconnection;
 //! - [`testing`]: a harness to unit-test handlers through the barrier, without a broker.
 //!
 //! docs/participant.md walks through a participant written from scratch.

@@ -1,4 +1,4 @@
-//! The AMQP (RabbitMQ) transport, on lapin.
+//! The AMQP (RabbitMQ) transport, on lapin and the AMQP toolkit of `sagas_participant::amqp`.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -59,7 +59,7 @@ pub(super) struct Taken {
     pub(super) reply_to: Option<ShortString>,
     /// Whether it is a command batch (answered with one reply batch) or a single command.
     pub(super) batch: bool,
-    /// Its jobs, a range of the jobs of [`serve`] (empty when no command was valid).
+    /// Its jobs, a range of the jobs of `serve` (empty when no command was valid).
     pub(super) jobs: Range<usize>,
     /// An element of the batch could not be dead-lettered: the message must not be acked,
     /// or that element would be lost.

@@ -64,7 +64,7 @@ async fn in_one_transaction(
 }
 
 /// The outcomes of the jobs' commands, in order: from one transaction when there are several
-/// and it commits; otherwise from each command alone, all at once, as [`process_within`] runs
+/// and it commits; otherwise from each command alone, all at once, as [`process_within`](super::process_within) runs
 /// it (a command that timed out, panicked or deadlocked in the batch then gets its own answer,
 /// and the others are not held back by it).
 ///

@@ -43,12 +43,12 @@ impl Stats {
         self.0.unroutable_replies.load(Ordering::Relaxed)
     }
 
-    /// Commands answered `retry` because they exceeded [`Participant::handler_timeout`].
+    /// Commands answered `retry` because they exceeded [`Participant::handler_timeout`](super::Participant::handler_timeout).
     pub fn timed_out(&self) -> u64 {
         self.0.timed_out.load(Ordering::Relaxed)
     }
 
-    /// Transactions that committed several commands at once (see [`Participant::batch_size`]).
+    /// Transactions that committed several commands at once (see [`Participant::batch_size`](super::Participant::batch_size)).
     pub fn batches(&self) -> u64 {
         self.0.batches.load(Ordering::Relaxed)
     }
@@ -60,12 +60,12 @@ impl Stats {
     }
 
     /// Batches that ran without savepoints, met a handler that did not succeed, and ran again
-    /// with them (see [`barrier::Batch::begin_unguarded`]).
+    /// with them (see [`barrier::Batch::begin_unguarded`](crate::barrier::Batch::begin_unguarded)).
     pub fn batch_reruns(&self) -> u64 {
         self.0.batch_reruns.load(Ordering::Relaxed)
     }
 
-    /// Sessions [`Participant::run_forever`] started after the first (reconnections).
+    /// Sessions [`Participant::run_forever`](super::Participant::run_forever) started after the first (reconnections).
     pub fn reconnects(&self) -> u64 {
         self.0.reconnects.load(Ordering::Relaxed)
     }
