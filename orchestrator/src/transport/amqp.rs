@@ -10,7 +10,6 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -21,8 +20,8 @@ use super::{Ack, Incoming, Transport, TransportError};
 use crate::store::OutboxMessage;
 pub use sagas_participant::amqp::command_properties;
 use sagas_participant::amqp::{
-    Backoff, DeadLetters, QueueOptions, Sessions, batch_properties, connect, declare_participant,
-    declare_replies, is_batch, keep_serving,
+    Backoff, DeadLetters, QueueOptions, Sessions, batch_properties, confirm_channel, connect,
+    declare_participant, declare_replies, is_batch, keep_serving,
 };
 use sagas_participant::protocol::{Topology, join_batch, split_batch};
 
@@ -106,11 +105,7 @@ impl AmqpTransport {
             return Ok(link.clone());
         }
         let connection = connect(&self.config.uri).await.map_err(broker)?;
-        let publisher = connection.create_channel().await.map_err(broker)?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(broker)?;
+        let publisher = confirm_channel(&connection).await.map_err(broker)?;
         let link = Arc::new(Link {
             connection: Arc::new(connection),
             publisher,
@@ -298,10 +293,7 @@ async fn consume(config: &AmqpConfig, prefetch: u16) -> Result<Consumer, Transpo
         .await
         .map_err(broker)?;
     // Dead letters are republished with their reason on a confirm-mode channel, then acked.
-    let dead = conn.create_channel().await.map_err(broker)?;
-    dead.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(broker)?;
+    let dead = confirm_channel(&conn).await.map_err(broker)?;
     let consumer = ch
         .basic_consume(
             config.topology.replies_queue().into(),

@@ -7,11 +7,22 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
 
 /// Connects to the broker at `uri` (`amqp://user:password@host:port/vhost`).
 pub async fn connect(uri: &str) -> Result<Connection, lapin::Error> {
     Connection::connect(uri, ConnectionProperties::default()).await
+}
+
+/// Opens a channel in publisher-confirm mode: every publish on it is confirmed (or not) by
+/// the broker.
+pub async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 /// The delays between reconnection attempts: from `initial`, doubling up to `max`, without

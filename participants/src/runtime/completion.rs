@@ -1,11 +1,11 @@
 //! Answering after the command was acked: the final outcome of an `in_progress` operation.
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{Confirmation, Connection};
 use sqlx::PgPool;
 
 use super::RuntimeError;
-use crate::amqp::reply_properties;
+use crate::amqp::{confirm_channel, reply_properties};
 use crate::barrier::{self, BarrierError};
 use crate::protocol::{Command, Outcome, Reply, Topology};
 
@@ -17,10 +17,7 @@ pub async fn send_reply(
     topology: &Topology,
     reply: &Reply,
 ) -> Result<(), RuntimeError> {
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let channel = confirm_channel(conn).await?;
     let body = serde_json::to_vec(reply).map_err(|e| RuntimeError::NotConfirmed(e.to_string()))?;
     let properties = reply_properties(reply, None);
     let confirmation = channel

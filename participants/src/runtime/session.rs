@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use sqlx::PgPool;
@@ -22,7 +20,7 @@ use super::batching::{FailureRate, outcomes};
 use super::replies::{publish, settle};
 use super::stats::Stats;
 use super::{Ended, Participant, RuntimeError};
-use crate::amqp::{DeadLetters, declare_participant};
+use crate::amqp::{DeadLetters, confirm_channel, declare_participant};
 use crate::handler::Handler;
 
 impl Participant {
@@ -44,10 +42,7 @@ impl Participant {
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
         // Replies and dead letters share one confirm-mode channel.
-        let reply_channel = conn.create_channel().await?;
-        reply_channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let reply_channel = confirm_channel(conn).await?;
 
         let queue = self.topology.participant_queue(&self.name);
         let tag = format!("{}.{}", self.name, uuid::Uuid::new_v4().simple());
