@@ -1,5 +1,4 @@
-//! Connecting to the broker, and staying connected: one session after another, with an
-//! exponential backoff between them.
+//! Connecting to the broker and staying connected: sessions, with a backoff between them.
 
 use std::fmt::Display;
 use std::future::Future;

@@ -1,5 +1,4 @@
-//! Admitting deliveries: decoding and validating commands, single or batched, and
-//! dead-lettering what is malformed.
+//! Admitting deliveries: decoding and validating commands, dead-lettering the malformed.
 
 use std::ops::Range;
 

@@ -1,5 +1,7 @@
-//! The outcomes of commands taken together: one barrier transaction for all of them when it
-//! commits (without savepoints while few fail), each alone otherwise.
+//! The outcomes of commands taken together: in one barrier transaction, or each alone.
+//!
+//! One transaction for all of them when it commits (without savepoints while few fail); each
+//! command alone when it does not.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,5 +1,4 @@
-//! Running one command through the barrier and its handler, never failing: panics, barrier
-//! errors and the time limit become `retry`.
+//! One command through the barrier and its handler, its failures turned into `retry`.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

@@ -1,5 +1,4 @@
-//! Publishing replies (single, or in reply batches) and settling the deliveries they answer
-//! once the broker confirms them.
+//! Publishing replies and reply batches, and settling what they answer once confirmed.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
