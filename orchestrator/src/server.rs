@@ -83,28 +83,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
+/// Resolves on SIGTERM or Ctrl-C (one implementation for both crates: the participant SDK's).
+pub use sagas_participant::runtime::shutdown_signal as wait_for_signal;
 
 /// Installs a `tracing` subscriber that reads `RUST_LOG` (default `info`).
 pub fn init_tracing() {
