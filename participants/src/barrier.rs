@@ -809,30 +809,21 @@ pub async fn complete_in(
     Ok(Completion::Completed)
 }
 
+/// The reply stored for `operation` of `cmd`'s transaction and step.
+const STORED_REPLY: &str = "SELECT reply FROM sagas_barrier \
+     WHERE transaction_id = $1 AND step = $2 AND operation = $3";
+
+/// [`STORED_REPLY`], locking the row until the transaction ends.
+const LOCKED_REPLY: &str = "SELECT reply FROM sagas_barrier \
+     WHERE transaction_id = $1 AND step = $2 AND operation = $3 FOR UPDATE";
+
 /// Like [`stored_reply`], locking the row until the transaction ends.
 async fn locked_reply(
     conn: &mut PgConnection,
     cmd: &Command,
     operation: Operation,
 ) -> Result<Outcome, BarrierError> {
-    let row: Option<(Option<Json<Outcome>>,)> = sqlx::query_as(
-        "SELECT reply FROM sagas_barrier \
-         WHERE transaction_id = $1 AND step = $2 AND operation = $3 FOR UPDATE",
-    )
-    .bind(cmd.transaction_id)
-    .bind(&cmd.step)
-    .bind(operation.as_str())
-    .fetch_optional(conn)
-    .await?;
-    match row {
-        Some((Some(Json(outcome)),)) => Ok(outcome),
-        _ => Err(BarrierError::Inconsistent {
-            transaction_id: cmd.transaction_id,
-            step: cmd.step.clone(),
-            operation,
-            detail: "no stored reply to complete".to_owned(),
-        }),
-    }
+    reply_by(LOCKED_REPLY, conn, cmd, operation).await
 }
 
 /// The committed reply of `operation` for `cmd`'s transaction and step.
@@ -841,15 +832,23 @@ async fn stored_reply(
     cmd: &Command,
     operation: Operation,
 ) -> Result<Outcome, BarrierError> {
-    let row: Option<(Option<Json<Outcome>>,)> = sqlx::query_as(
-        "SELECT reply FROM sagas_barrier \
-         WHERE transaction_id = $1 AND step = $2 AND operation = $3",
-    )
-    .bind(cmd.transaction_id)
-    .bind(&cmd.step)
-    .bind(operation.as_str())
-    .fetch_optional(conn)
-    .await?;
+    reply_by(STORED_REPLY, conn, cmd, operation).await
+}
+
+/// The reply `query` ([`STORED_REPLY`] or [`LOCKED_REPLY`]) reads; a row without one, or no
+/// row, is inconsistent: the caller knows that a reply was stored.
+async fn reply_by(
+    query: &'static str,
+    conn: &mut PgConnection,
+    cmd: &Command,
+    operation: Operation,
+) -> Result<Outcome, BarrierError> {
+    let row: Option<(Option<Json<Outcome>>,)> = sqlx::query_as(query)
+        .bind(cmd.transaction_id)
+        .bind(&cmd.step)
+        .bind(operation.as_str())
+        .fetch_optional(conn)
+        .await?;
     let inconsistent = |detail: &str| BarrierError::Inconsistent {
         transaction_id: cmd.transaction_id,
         step: cmd.step.clone(),
