@@ -1,8 +1,10 @@
-//! Test support: a database pair and an AMQP prefix of its own per test, an in-process
-//! orchestrator and accounts participant, and a raw AMQP peer that speaks the wire protocol.
-#![allow(dead_code)]
+//! The harness of the end-to-end tests: a database pair and an AMQP prefix of its own per test
+//! (from `sagas-test-support`, shared with the participant SDK's tests), an in-process
+//! orchestrator and participants, a raw AMQP peer and participant that speak the wire
+//! protocol, bounded waits, and the binaries the tests run.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,45 +16,19 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
+use sagas::orchestrator::api::ApiOptions;
 use sagas::orchestrator::clock::SystemClock;
 use sagas::orchestrator::machine::Instance;
 use sagas::orchestrator::store::{PgStore, SagaStore};
 use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
 use sagas::orchestrator::{Engine, EngineConfig, Registry};
-use sagas::participant::amqp::{QueueOptions, delete_topology};
 use sagas::participant::{Command, Handler, Participant, Reply, Topology};
+use sagas_test_support::{TestDatabase, delete_amqp, topology, unique_tag};
+pub use sagas_test_support::{amqp_url, queue_options};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// The admin database URL (`DATABASE_URL`, default: local PostgreSQL).
-pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// The broker URL (`AMQP_URL`, default: local RabbitMQ).
-pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let (server, _) = base.rsplit_once('/').expect("database URL with a path");
-    format!("{server}/{db}{query}")
-}
-
-/// Queue options for tests: leftovers of a crashed test expire.
-pub fn queue_options() -> QueueOptions {
-    QueueOptions {
-        quorum: false,
-        expires: Some(Duration::from_secs(600)),
-    }
-}
 
 /// Two fresh databases (orchestrator, accounts) and a unique AMQP prefix.
 pub struct TestEnv {
@@ -61,23 +37,7 @@ pub struct TestEnv {
     pub bank_url: String,
     pub bank: PgPool,
     pub topology: Topology,
-    dbs: Vec<String>,
-}
-
-async fn create_db(name: &str) -> Result<(String, PgPool)> {
-    let admin = PgPool::connect(&admin_url())
-        .await
-        .context("connecting to DATABASE_URL")?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-        .execute(&admin)
-        .await?;
-    admin.close().await;
-    let url = with_database(&admin_url(), name);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&url)
-        .await?;
-    Ok((url, pool))
+    dbs: Vec<TestDatabase>,
 }
 
 impl TestEnv {
@@ -89,52 +49,31 @@ impl TestEnv {
             )
             .with_test_writer()
             .try_init();
-        let tag = Uuid::new_v4().simple().to_string();
-        let orch_db = format!("sagas_t_{tag}_o");
-        let bank_db = format!("sagas_t_{tag}_b");
-        let (orch_url, orch) = create_db(&orch_db).await?;
-        let (bank_url, bank) = create_db(&bank_db).await?;
-        PgStore::new(orch.clone()).migrate().await?;
+        let tag = unique_tag();
+        let orch = TestDatabase::create(&format!("sagas_t_{tag}_o"), 8).await?;
+        let bank = TestDatabase::create(&format!("sagas_t_{tag}_b"), 8).await?;
+        PgStore::new(orch.pool.clone()).migrate().await?;
         Ok(TestEnv {
-            orch_url,
-            orch,
-            bank_url,
-            bank,
-            topology: Topology::new(format!("t-{tag}")),
-            dbs: vec![orch_db, bank_db],
+            orch_url: orch.url.clone(),
+            orch: orch.pool.clone(),
+            bank_url: bank.url.clone(),
+            bank: bank.pool.clone(),
+            topology: topology(&tag),
+            dbs: vec![orch, bank],
         })
     }
 
     /// Drops the databases and the AMQP topology.
     pub async fn cleanup(self) {
-        self.orch.close().await;
-        self.bank.close().await;
-        if let Ok(admin) = PgPool::connect(&admin_url()).await {
-            for db in &self.dbs {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"
-                )))
-                .execute(&admin)
-                .await;
-            }
+        for db in self.dbs {
+            db.remove().await;
         }
-        if let Ok(conn) = Connection::connect(&amqp_url(), Default::default()).await
-            && let Ok(ch) = conn.create_channel().await
-        {
-            let _ = delete_topology(
-                &ch,
-                &self.topology,
-                &["accounts", "silent", "orders", "inventory", "payment"],
-            )
-            .await;
-            let _ = ch
-                .queue_delete(
-                    format!("{}.test-replies", self.topology.prefix()).into(),
-                    QueueDeleteOptions::default(),
-                )
-                .await;
-            let _ = conn.close(200, "done".into()).await;
-        }
+        delete_amqp(
+            &self.topology,
+            &["accounts", "silent", "orders", "inventory", "payment"],
+            &[format!("{}.test-replies", self.topology.prefix())],
+        )
+        .await;
     }
 
     pub fn amqp_config(&self) -> AmqpConfig {
@@ -200,12 +139,32 @@ pub fn engine_config() -> EngineConfig {
     }
 }
 
+/// An orchestrator on the test's database and AMQP prefix, serving its HTTP API on a port of
+/// its own.
 pub async fn spawn_app(env: &TestEnv, registry: Registry) -> Result<App> {
     spawn_app_with(env, registry, env.amqp_config()).await
 }
 
 /// [`spawn_app`] with transport settings of its own (e.g. command batches).
 pub async fn spawn_app_with(env: &TestEnv, registry: Registry, amqp: AmqpConfig) -> Result<App> {
+    spawn(env, registry, amqp, ApiOptions::default()).await
+}
+
+/// [`spawn_app`] with HTTP API options of its own (tokens, body limit).
+pub async fn spawn_app_with_api(
+    env: &TestEnv,
+    registry: Registry,
+    options: ApiOptions,
+) -> Result<App> {
+    spawn(env, registry, env.amqp_config(), options).await
+}
+
+async fn spawn(
+    env: &TestEnv,
+    registry: Registry,
+    amqp: AmqpConfig,
+    options: ApiOptions,
+) -> Result<App> {
     let engine = Engine::new(
         Arc::new(env.store()),
         Arc::new(AmqpTransport::new(amqp)),
@@ -217,7 +176,7 @@ pub async fn spawn_app_with(env: &TestEnv, registry: Registry, amqp: AmqpConfig)
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let app = sagas::orchestrator::api::router(engine.clone());
+    let app = sagas::orchestrator::api::router_with(engine.clone(), options);
     let s = shutdown.clone();
     let http = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -641,4 +600,24 @@ pub async fn wait_event(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A binary of this workspace built next to this test binary: `target/debug/<name>` (`sagactl`)
+/// or `target/debug/examples/<name>`; `cargo build --all-targets` builds them all, as
+/// `scripts/test` does before the tests.
+pub fn built_binary(path: &str) -> Result<PathBuf> {
+    // target/debug/deps/e2e-<hash> -> target/debug
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("target dir")?;
+    let bin = dir.join(format!("{path}{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: build every target first (`cargo build --workspace --all-targets`, as \
+         scripts/test does)",
+        bin.display()
+    );
+    Ok(bin)
 }

@@ -2,14 +2,6 @@
 //! on a temporary SQLite file (a trip that completes, one that is compensated, one interrupted
 //! by a stop that finishes after a restart), its HTTP API, and the example binary itself.
 
-#[path = "../examples/quickstart/trip.rs"]
-#[allow(dead_code)]
-mod trip;
-
-#[path = "../examples/quickstart/embedded.rs"]
-#[allow(dead_code)]
-mod embedded;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -24,7 +16,9 @@ use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 use uuid::Uuid;
 
-use embedded::Embedded;
+use crate::examples::embedded::Embedded;
+use crate::examples::trip;
+use crate::helpers::built_binary;
 
 /// A directory of its own for each test, removed at the end.
 struct TempDir(PathBuf);
@@ -259,26 +253,10 @@ async fn the_http_api_runs_both_quickstart_trips() -> Result<()> {
     app.stop().await
 }
 
-fn example_binary() -> Result<PathBuf> {
-    // target/debug/deps/quickstart-<hash> -> target/debug/examples/quickstart
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("target dir")?;
-    let bin = dir.join("examples").join("quickstart");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: build the examples first (`cargo build --examples`; scripts/test does)",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quickstart_demo_runs_both_trips_and_exits_zero() -> Result<()> {
     let dir = TempDir::new()?;
-    let output = tokio::process::Command::new(example_binary()?)
+    let output = tokio::process::Command::new(built_binary("examples/quickstart")?)
         .arg("--demo")
         .arg("--db")
         .arg(dir.db())
@@ -317,7 +295,7 @@ struct Server {
 
 impl Server {
     async fn spawn(db: &Path, extra: &[&str]) -> Result<Server> {
-        let mut child = tokio::process::Command::new(example_binary()?)
+        let mut child = tokio::process::Command::new(built_binary("examples/quickstart")?)
             .args(["--port", "0", "--timeout-ms", "1000", "--db"])
             .arg(db)
             .args(extra)

@@ -2,17 +2,16 @@
 //! literals (no SDK types, no SDK declarations) against a running orchestrator. Each test
 //! checks what docs/protocol.md promises for one kind of reply.
 
-mod common;
-
 use std::time::Duration;
 
 use anyhow::Result;
-use common::{RawParticipant, Received, TestEnv, spawn_app, wait_event, wait_status};
 use lapin::types::AMQPValue;
 use sagas::orchestrator::machine::{Event, StepStatus};
 use sagas::orchestrator::{Definition, Registry, RetryPolicy, Status};
 use sagas::participant::Operation;
 use serde_json::{Value, json};
+
+use crate::helpers::{self, RawParticipant, Received, TestEnv, spawn_app, wait_event, wait_status};
 
 const RAW: &str = "raw";
 
@@ -53,7 +52,7 @@ fn tcc(steps: &[&'static str]) -> Definition {
 
 struct Setup {
     env: TestEnv,
-    app: common::App,
+    app: helpers::App,
     raw: RawParticipant,
 }
 
@@ -482,7 +481,7 @@ async fn a_reply_with_an_unknown_protocol_version_is_dead_lettered_with_its_reas
     let body = serde_json::to_vec(&future)?;
     s.raw.reply_raw(&first, &body).await?;
 
-    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await?;
+    let conn = lapin::Connection::connect(&helpers::amqp_url(), Default::default()).await?;
     let ch = conn.create_channel().await?;
     let mut dead = ch
         .basic_consume(

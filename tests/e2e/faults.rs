@@ -1,16 +1,10 @@
 //! Faults end to end: a participant that never answers, and an orchestrator killed mid-flight.
 
-mod common;
-
-#[path = "../examples/bank_transfer/bank.rs"]
-#[allow(dead_code)]
-mod bank;
-
 use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
@@ -25,7 +19,8 @@ use sqlx::PgConnection;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use common::{TestEnv, amqp_url, queue_options, spawn_app, spawn_participant};
+use crate::examples::bank;
+use crate::helpers::{self, TestEnv, amqp_url, queue_options, spawn_app, spawn_participant};
 
 struct Reserve;
 
@@ -163,33 +158,19 @@ async fn a_participant_that_never_replies_is_retried_per_policy_then_compensated
     Ok(())
 }
 
-fn example_binary() -> Result<std::path::PathBuf> {
-    // target/debug/deps/faults-<hash> -> target/debug/examples/bank_transfer
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("target dir")?;
-    let bin = dir.join("examples").join("bank_transfer");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: build the examples first (scripts/test runs `cargo build --all-targets`)",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 fn spawn_orchestrator(env: &TestEnv, port: u16) -> Result<Child> {
-    Ok(Process::new(example_binary()?)
-        .arg("orchestrator")
-        .env("DATABASE_URL", &env.orch_url)
-        .env("AMQP_URL", amqp_url())
-        .env("SAGAS_BIND", format!("127.0.0.1:{port}"))
-        .env("SAGAS_AMQP_PREFIX", env.topology.prefix())
-        .env("SAGAS_QUEUE_EXPIRES_MS", "600000")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()?)
+    Ok(
+        Process::new(helpers::built_binary("examples/bank_transfer")?)
+            .arg("orchestrator")
+            .env("DATABASE_URL", &env.orch_url)
+            .env("AMQP_URL", amqp_url())
+            .env("SAGAS_BIND", format!("127.0.0.1:{port}"))
+            .env("SAGAS_AMQP_PREFIX", env.topology.prefix())
+            .env("SAGAS_QUEUE_EXPIRES_MS", "600000")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()?,
+    )
 }
 
 async fn wait_healthy(http: &reqwest::Client, base: &str) -> Result<()> {
@@ -420,7 +401,7 @@ async fn a_long_running_step_answered_in_progress_completes_when_the_participant
     let seen = Arc::new(Mutex::new(Vec::new()));
     let accounts = spawn_participant(&env, "accounts", Arc::new(LongJob(seen.clone()))).await?;
     let id = app.engine.start("long_saga", json!({})).await?.id;
-    common::wait_event(&app, id, |e| e.event.kind() == "extended").await?;
+    helpers::wait_event(&app, id, |e| e.event.kind() == "extended").await?;
     // Longer than the step's 2 s timeout: the in_progress answer holds off any resend.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let cmd = {

@@ -1,14 +1,7 @@
 //! End to end over real PostgreSQL and RabbitMQ: the bank transfer definitions through the HTTP
 //! API, the orchestrator engine and the accounts participant.
 
-mod common;
-
-#[path = "../examples/bank_transfer/bank.rs"]
-#[allow(dead_code)]
-mod bank;
-
 use anyhow::Result;
-use common::{RawPeer, TestEnv, spawn_app_with, spawn_participant};
 use sagas::orchestrator::Status;
 use sagas::orchestrator::machine::StepStatus;
 use sagas::participant::barrier::{self, Origin};
@@ -16,10 +9,13 @@ use sagas::participant::{Command, Operation, Outcome};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::examples::bank;
+use crate::helpers::{self, RawPeer, TestEnv, spawn_app_with, spawn_participant};
+
 struct Bank {
     env: TestEnv,
-    app: common::App,
-    accounts: common::Running,
+    app: helpers::App,
+    accounts: helpers::Running,
     http: reqwest::Client,
 }
 
@@ -365,7 +361,7 @@ async fn malformed_and_stray_replies_are_dead_lettered_with_a_reason_and_the_eng
     use std::sync::atomic::Ordering;
 
     let b = Bank::start().await?;
-    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default()).await?;
+    let conn = lapin::Connection::connect(&helpers::amqp_url(), Default::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let stray = Command {

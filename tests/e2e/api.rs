@@ -2,12 +2,6 @@
 //! a keyset cursor, the registered definitions, readiness, bearer tokens, `?wait`, deadlines,
 //! the OpenAPI document, metrics, request ids and body limits.
 
-mod common;
-
-#[path = "../examples/bank_transfer/bank.rs"]
-#[allow(dead_code)]
-mod bank;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,10 +19,13 @@ use sagas::orchestrator::{Definition, Engine, Registry, Status};
 use sagas::participant::amqp::declare_participant;
 use sagas::participant::{Command, Operation, Outcome};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use common::{TestEnv, amqp_url, engine_config, queue_options, spawn_app};
-use tokio_util::sync::CancellationToken;
+use crate::examples::bank;
+use crate::helpers::{
+    self, TestEnv, amqp_url, engine_config, queue_options, spawn_app, spawn_app_with_api,
+};
 
 /// The participant of the test definitions (cleaned up with the test's topology).
 const PARTICIPANT: &str = "silent";
@@ -105,66 +102,9 @@ async fn scripted_participant(env: &TestEnv) -> Result<(Connection, tokio::task:
     Ok((conn, task))
 }
 
-/// An orchestrator (engine + HTTP API with the given options) running in this process.
-struct Served {
-    engine: Arc<Engine>,
-    addr: std::net::SocketAddr,
-    shutdown: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Served {
-    async fn spawn(env: &TestEnv, registry: Registry, options: ApiOptions) -> Result<Served> {
-        let engine = Engine::new(
-            Arc::new(env.store()),
-            Arc::new(AmqpTransport::new(env.amqp_config())),
-            registry,
-            Arc::new(SystemClock),
-            engine_config(),
-        );
-        engine.declare().await?;
-        let shutdown = CancellationToken::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let app = sagas::orchestrator::api::router_with(engine.clone(), options);
-        let s = shutdown.clone();
-        let http = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { s.cancelled().await })
-                .await;
-        });
-        let runner = {
-            let engine = engine.clone();
-            let s = shutdown.clone();
-            tokio::spawn(async move {
-                if let Err(e) = engine.run(s).await {
-                    panic!("engine failed: {e}");
-                }
-            })
-        };
-        Ok(Served {
-            engine,
-            addr,
-            shutdown,
-            tasks: vec![http, runner],
-        })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
-    }
-}
-
 struct Api {
     env: TestEnv,
-    app: Served,
+    app: helpers::App,
     participant: (Connection, tokio::task::JoinHandle<()>),
     http: reqwest::Client,
     /// Sent as `Authorization: Bearer` by `post` and `get`.
@@ -189,7 +129,7 @@ impl Api {
         for name in names {
             registry = registry.with(one_step(name)?)?;
         }
-        let app = Served::spawn(&env, registry, options).await?;
+        let app = spawn_app_with_api(&env, registry, options).await?;
         Ok(Api {
             env,
             app,
@@ -1035,7 +975,7 @@ async fn every_route_of_the_router_is_in_the_openapi_document_and_nothing_else_i
     use reqwest::Method;
 
     let env = TestEnv::new().await?;
-    let app = Served::spawn(&env, Registry::new(), ApiOptions::default()).await?;
+    let app = spawn_app(&env, Registry::new()).await?;
     let http = reqwest::Client::new();
     let call = |method: Method, path: String| {
         let req = http
@@ -1177,7 +1117,7 @@ async fn metrics_count_started_and_finished_instances_by_definition_and_status()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_is_echoed_or_assigned() -> Result<()> {
     let env = TestEnv::new().await?;
-    let app = Served::spawn(&env, Registry::new(), ApiOptions::default()).await?;
+    let app = spawn_app(&env, Registry::new()).await?;
     let http = reqwest::Client::new();
     let res = http
         .get(app.url("/v1/definitions"))

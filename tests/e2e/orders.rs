@@ -1,26 +1,22 @@
 //! The order saga end to end: parallel steps, compensation of a declined or hanging payment,
 //! and no overselling under concurrent orders for the last units.
 
-mod common;
-
-#[path = "../examples/order_saga/shop.rs"]
-#[allow(dead_code)]
-mod shop;
-
 use std::sync::Arc;
 
 use anyhow::Result;
-use common::{TestEnv, spawn_app, spawn_participant};
 use sagas::orchestrator::Status;
 use sagas::orchestrator::machine::StepStatus;
 use sagas::participant::Operation;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::examples::shop;
+use crate::helpers::{self, TestEnv, spawn_app, spawn_participant};
+
 struct Shop {
     env: TestEnv,
-    app: common::App,
-    participants: Vec<common::Running>,
+    app: helpers::App,
+    participants: Vec<helpers::Running>,
 }
 
 impl Shop {

@@ -2,12 +2,9 @@
 //! RabbitMQ: commands for one participant published as one message, reply batches handed to
 //! the engine reply by reply and settled as one message.
 
-mod common;
-
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use common::{TestEnv, amqp_url};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -19,6 +16,8 @@ use sagas::participant::{Command, Operation};
 use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
+
+use crate::helpers::{TestEnv, amqp_url};
 
 fn command(step: &str) -> Command {
     Command {

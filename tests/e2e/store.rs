@@ -4,8 +4,6 @@
 //! rows and timers, claims under concurrency, keyset listing, and a restart that reopens the
 //! same database and carries on.
 
-mod common;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,15 +20,17 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::helpers;
+
 /// Where a test's store lives.
 enum Backend {
-    Postgres(common::TestEnv),
+    Postgres(helpers::TestEnv),
     Sqlite(PathBuf),
 }
 
 impl Backend {
     async fn postgres() -> Result<Backend> {
-        Ok(Backend::Postgres(common::TestEnv::new().await?))
+        Ok(Backend::Postgres(helpers::TestEnv::new().await?))
     }
 
     async fn sqlite() -> Result<Backend> {
@@ -921,7 +921,7 @@ mod plans {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() -> Result<()> {
-                    let env = common::TestEnv::new().await?;
+                    let env = helpers::TestEnv::new().await?;
                     let pool = PgPool::connect(&env.orch_url).await?;
                     tests::$name(&PgStore::new(pool.clone()), &pool).await?;
                     env.cleanup().await;
@@ -1076,7 +1076,7 @@ mod state_cache {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() -> Result<()> {
-                    let env = common::TestEnv::new().await?;
+                    let env = helpers::TestEnv::new().await?;
                     let pool = PgPool::connect(&env.orch_url).await?;
                     tests::$name(&pool).await?;
                     env.cleanup().await;

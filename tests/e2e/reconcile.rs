@@ -3,18 +3,11 @@
 //! finds a barrier that disagrees with the log, real runs with injected faults are reported
 //! where they happened, and the report's outputs are snapshotted.
 
-mod common;
-
-#[path = "../examples/bank_transfer/bank.rs"]
-#[allow(dead_code)]
-mod bank;
-
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::{Command as Process, Output};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use chrono::{DateTime, TimeZone, Utc};
 use sagas::orchestrator::cli::output;
 use sagas::orchestrator::machine::{
@@ -28,7 +21,8 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use common::{TestEnv, spawn_app, spawn_participant};
+use crate::examples::bank;
+use crate::helpers::{self, TestEnv, spawn_app, spawn_participant};
 
 type Time = DateTime<Utc>;
 
@@ -473,25 +467,8 @@ async fn the_report_table_json_and_csv_match_their_snapshots() -> Result<()> {
     Ok(())
 }
 
-/// `target/debug/sagactl`, built by `cargo build --all-targets` (as `scripts/test` does).
-fn sagactl() -> Result<PathBuf> {
-    // target/debug/deps/reconcile-<hash> -> target/debug/sagactl
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("target dir")?;
-    let bin = dir.join(format!("sagactl{}", std::env::consts::EXE_SUFFIX));
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build --bin sagactl`, or scripts/test)",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 fn run_sagactl(args: &[&str]) -> Result<Output> {
-    Ok(Process::new(sagactl()?)
+    Ok(Process::new(helpers::built_binary("sagactl")?)
         .args(args)
         .env_remove("DATABASE_URL")
         .env_remove("SAGAS_URL")
@@ -895,7 +872,7 @@ async fn real_runs_with_injected_faults_are_reported_where_they_happened() -> Re
     // Fault 1: a compensation that the participant refuses. The second step is denied, and
     // undoing the first one fails, so the instance is stuck.
     let stuck = app.engine.start("fragile", json!({})).await?.id;
-    common::wait_status(&env, stuck, Status::Stuck).await?;
+    helpers::wait_status(&env, stuck, Status::Stuck).await?;
 
     // Fault 2: the accounts participant is down and the orchestrator stops too, so the
     // debit's reply deadline passes with nothing logged.

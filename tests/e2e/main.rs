@@ -1,0 +1,16 @@
+//! The end-to-end tests, against a real PostgreSQL and RabbitMQ (and the quickstart's SQLite):
+//! one test binary, one module per subject, and one harness (`helpers`). Every test has
+//! databases and an AMQP prefix of its own, so they run in parallel in this process.
+
+mod examples;
+mod helpers;
+
+mod api;
+mod bank;
+mod batches;
+mod conformance;
+mod faults;
+mod orders;
+mod quickstart;
+mod reconcile;
+mod store;
