@@ -1,12 +1,9 @@
 //! The AMQP runtime against a real RabbitMQ and PostgreSQL.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Running, TestBroker, TestDb, amqp_url, bank, command, start_with, text_header};
 use lapin::BasicProperties;
 use lapin::options::BasicGetOptions;
 use lapin::types::ShortString;
@@ -14,11 +11,14 @@ use sagas_participant::amqp::{self, QueueOptions};
 use sagas_participant::barrier;
 use sagas_participant::protocol::{Command, Operation, Outcome, Reply, Topology};
 use sagas_participant::runtime::{Participant, RuntimeError, Stats};
+use sagas_test_support::unique_topology;
 use serde_json::json;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-const BANK: &str = "bank";
+use crate::helpers::{
+    self, BANK, Running, TestBroker, TestDb, amqp_url, bank, command, start_with, text_header,
+};
 
 fn participant(db: &TestDb, topology: &Topology, options: &QueueOptions) -> Participant {
     Participant::new(BANK, topology.clone(), db.pool.clone(), Arc::new(bank()))
@@ -229,7 +229,7 @@ async fn declarations_from_both_sides_are_identical_and_idempotent() {
             expires: Some(Duration::from_secs(60)),
         },
     ] {
-        let topology = Topology::new(format!("t-{}", Uuid::new_v4()));
+        let topology = unique_topology();
         let channel = broker.conn.create_channel().await.unwrap();
         for _ in 0..2 {
             amqp::declare_participant(&channel, &topology, BANK, &options)
@@ -315,7 +315,7 @@ async fn a_handler_over_its_time_limit_is_rolled_back_and_answered_retry() {
     assert_eq!(db.account("a").await, (100, 0));
 
     // The next attempt, fast this time, runs afresh.
-    let mut fast = common::again(&slow);
+    let mut fast = helpers::again(&slow);
     fast.payload = json!({ "account": "a", "amount": 10 });
     broker.send(BANK, &fast).await;
     assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
@@ -424,7 +424,7 @@ async fn run_forever_redeclares_its_queue_after_the_broker_cancels_its_consumer(
 #[tokio::test]
 async fn run_forever_rejects_an_unparsable_url_at_once() {
     let db = TestDb::new().await;
-    let topology = Topology::new(format!("t-{}", Uuid::new_v4()));
+    let topology = unique_topology();
     let result = participant(&db, &topology, &QueueOptions::default())
         .run_forever("not a url", std::future::pending())
         .await;
@@ -459,7 +459,7 @@ async fn killed_database_connections_cost_a_retry_and_nothing_else() {
     assert_eq!(reply.outcome.status(), "retry", "{reply:?}");
 
     // The orchestrator's next attempt (and a fresh command) go through.
-    let mut next = common::again(&in_flight);
+    let mut next = helpers::again(&in_flight);
     next.payload = json!({ "account": "a", "amount": 10 });
     broker.send(BANK, &next).await;
     assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
@@ -498,7 +498,7 @@ async fn participants_taking_commands_in_batches_apply_each_exactly_once_under_c
         broker.send(BANK, cmd).await;
         sent += 1;
         if i % 3 == 0 {
-            broker.send(BANK, &common::again(cmd)).await;
+            broker.send(BANK, &helpers::again(cmd)).await;
             sent += 1;
         }
     }
@@ -518,7 +518,7 @@ async fn participants_taking_commands_in_batches_apply_each_exactly_once_under_c
         match reply.outcome {
             Outcome::Retry { .. } => {
                 retried += 1;
-                broker.send(BANK, &common::again(&cmds[&id])).await;
+                broker.send(BANK, &helpers::again(&cmds[&id])).await;
                 sent += 1;
             }
             outcome => {

@@ -2,21 +2,18 @@
 //! PostgreSQL: one reply batch per command batch, malformed elements dead-lettered alone,
 //! bodies that are not batches dead-lettered whole, and the barrier behind every element.
 
-mod common;
-
-use std::sync::Arc;
-
-use common::{Running, TestBroker, TestDb, again, bank, command, element, start_with, text_header};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, ShortString};
 use sagas_participant::protocol::{
     BATCH_CONTENT_TYPE, Command, Operation, Outcome, Reply, join_batch,
 };
-use sagas_participant::runtime::Participant;
 use serde_json::json;
 use uuid::Uuid;
 
-const BANK: &str = "bank";
+use crate::helpers::{
+    self, BANK, Running, TestBroker, TestDb, again, bank_participant, command, element, start_with,
+    text_header,
+};
 
 fn header(properties: &BasicProperties, name: &str) -> Option<AMQPValue> {
     properties.headers().as_ref()?.inner().get(name).cloned()
@@ -25,16 +22,10 @@ fn header(properties: &BasicProperties, name: &str) -> Option<AMQPValue> {
 /// Starts the bank participant on a connection of its own, with transactions of at most
 /// `batch_size` commands.
 fn start(db: &TestDb, broker: &TestBroker, batch_size: usize) -> Running {
-    let participant = Participant::new(
-        BANK,
-        broker.topology.clone(),
-        db.pool.clone(),
-        Arc::new(bank()),
-    )
-    .prefetch(8)
-    .concurrency(4)
-    .batch_size(batch_size)
-    .queue_options(broker.options.clone());
+    let participant = bank_participant(db, broker)
+        .prefetch(8)
+        .concurrency(4)
+        .batch_size(batch_size);
     start_with(participant)
 }
 
@@ -384,7 +375,7 @@ async fn bodies_that_are_not_batches_and_batches_without_reply_to_are_dead_lette
         Operation::Try,
         json!({ "account": "a", "amount": 10 }),
     );
-    let props = || common::batch_properties(&broker.topology, 1);
+    let props = || helpers::batch_properties(&broker.topology, 1);
     let not_an_array = serde_json::to_vec(&cmd).unwrap();
     let valid = join_batch([element(&cmd).as_slice()]);
     broker.publish_raw("", &queue, &not_an_array, props()).await;

@@ -1,8 +1,11 @@
-//! Test helpers: a fresh PostgreSQL database and a fresh AMQP topology per test, and a small
-//! bank participant (TCC step `reserve`, saga step `credit`) over an `accounts` table.
-#![allow(dead_code)]
+//! Test helpers of the participant SDK's tests: a database of its own with the barrier and an
+//! `accounts` table, a broker topology of its own, a small bank participant (TCC step
+//! `reserve`, saga step `credit`) over `accounts`, and the capture of the SDK's spans. Where the
+//! services are, and the unique names, come from `sagas-test-support`, shared with the
+//! end-to-end tests.
 
-use std::str::FromStr;
+pub mod traces;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,48 +16,29 @@ use sagas_participant::barrier;
 use sagas_participant::handler::{HandlerError, Router, Saga, SagaHandler, Tcc, TccHandler};
 use sagas_participant::protocol::{Command, Operation, PROTOCOL_VERSION, Reply, Topology};
 use sagas_participant::runtime::{Participant, RuntimeError, Stats};
+pub use sagas_test_support::amqp_url;
+use sagas_test_support::{TestDatabase, queue_options, unique_tag, unique_topology};
 use serde_json::{Value, json};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-/// The admin URL of the test PostgreSQL server.
-pub fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// The URL of the test RabbitMQ broker.
-pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
 /// A database of its own, with the barrier installed and an `accounts` table; dropped on drop.
 pub struct TestDb {
     pub pool: PgPool,
-    name: String,
+    db: TestDatabase,
 }
 
 impl TestDb {
     /// Creates the database; `max_connections` bounds the pool.
     pub async fn with_connections(max_connections: u32) -> TestDb {
-        let name = format!("sagas_t_{}", Uuid::new_v4().simple());
-        let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL");
-        let mut conn = PgConnection::connect_with(&admin)
-            .await
-            .expect("connect to the admin database");
-        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
+        // Before any span of the SDK: see `traces`.
+        traces::install();
+        let db = TestDatabase::create(&format!("sagas_t_{}", unique_tag()), max_connections)
             .await
             .expect("create the test database");
-        conn.close().await.ok();
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .connect_with(admin.database(&name))
-            .await
-            .expect("connect to the test database");
+        let pool = db.pool.clone();
         barrier::install(&pool).await.expect("install the barrier");
         sqlx::raw_sql(
             "CREATE TABLE accounts (id text PRIMARY KEY, balance bigint NOT NULL, \
@@ -63,7 +47,7 @@ impl TestDb {
         .execute(&pool)
         .await
         .expect("create accounts");
-        TestDb { pool, name }
+        TestDb { pool, db }
     }
 
     /// Creates the database with a pool of 10 connections.
@@ -84,15 +68,12 @@ impl TestDb {
     /// Terminates every server connection to this database (as a PostgreSQL restart would);
     /// returns how many there were.
     pub async fn kill_connections(&self) -> u64 {
-        let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL");
-        let mut conn = PgConnection::connect_with(&admin)
-            .await
-            .expect("connect to the admin database");
+        let mut conn = admin().await;
         let killed: Vec<(bool,)> = sqlx::query_as(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE datname = $1 AND pid <> pg_backend_pid()",
         )
-        .bind(&self.name)
+        .bind(&self.db.name)
         .fetch_all(&mut conn)
         .await
         .expect("terminate backends");
@@ -103,10 +84,7 @@ impl TestDb {
     /// Waits up to 10 s until a connection to this database is idle inside a transaction: a
     /// handler has written and is now sleeping (the bank's `sleep_ms`).
     pub async fn wait_handler_in_transaction(&self) {
-        let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL");
-        let mut conn = PgConnection::connect_with(&admin)
-            .await
-            .expect("connect to the admin database");
+        let mut conn = admin().await;
         for _ in 0..500 {
             // The bank handler's last statement before its sleep; `barrier::install` at
             // start-up is idle in a transaction too, between its statements.
@@ -114,7 +92,7 @@ impl TestDb {
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
                  AND state = 'idle in transaction' AND query LIKE 'UPDATE accounts%'",
             )
-            .bind(&self.name)
+            .bind(&self.db.name)
             .fetch_one(&mut conn)
             .await
             .expect("read pg_stat_activity");
@@ -137,31 +115,10 @@ impl TestDb {
     }
 }
 
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        // Runs on a thread of its own so that it also works while a failed test unwinds.
-        let name = self.name.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let admin = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL");
-                let mut conn = PgConnection::connect_with(&admin).await?;
-                sqlx::raw_sql(AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut conn)
-                .await?;
-                conn.close().await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database {}", self.name);
-        }
-    }
+async fn admin() -> PgConnection {
+    sagas_test_support::admin()
+        .await
+        .expect("connect to the admin database")
 }
 
 /// A command for step `step` of transaction `id`.
@@ -187,6 +144,9 @@ pub fn again(cmd: &Command) -> Command {
         ..cmd.clone()
     }
 }
+
+/// The name of the bank participant in the tests that run it.
+pub const BANK: &str = "bank";
 
 /// The test participant: `reserve` (TCC) and `credit` (saga) over `accounts`.
 ///
@@ -327,6 +287,17 @@ impl Running {
     }
 }
 
+/// The bank participant ([`BANK`]) on `db`, with `broker`'s topology and queue options.
+pub fn bank_participant(db: &TestDb, broker: &TestBroker) -> Participant {
+    Participant::new(
+        BANK,
+        broker.topology.clone(),
+        db.pool.clone(),
+        std::sync::Arc::new(bank()),
+    )
+    .queue_options(broker.options.clone())
+}
+
 /// Runs `participant` on a connection of its own.
 pub fn start_with(participant: Participant) -> Running {
     let stats = participant.stats();
@@ -363,15 +334,13 @@ pub struct TestBroker {
 impl TestBroker {
     /// Connects, and declares the replies queue and the dead-letter part.
     pub async fn new() -> TestBroker {
+        traces::install();
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .expect("connect to RabbitMQ");
         let channel = conn.create_channel().await.expect("channel");
-        let topology = Topology::new(format!("t-{}", Uuid::new_v4()));
-        let options = QueueOptions {
-            quorum: false,
-            expires: Some(Duration::from_secs(60)),
-        };
+        let topology = unique_topology();
+        let options = queue_options();
         amqp::declare_replies(&channel, &topology, &options)
             .await
             .expect("declare replies");
@@ -457,17 +426,6 @@ impl TestBroker {
             .await
             .expect("passive queue.declare")
             .message_count()
-    }
-
-    /// Waits up to 10 s until `queue` has no message ready (all delivered to consumers).
-    pub async fn wait_delivered(&self, queue: &str) {
-        for _ in 0..500 {
-            if self.ready_messages(queue).await == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("{queue} still has ready messages after 10 s");
     }
 
     /// Waits up to 10 s until `queue` exists and has a consumer (so it is bound, too).

@@ -1,16 +1,15 @@
 //! The barrier against a real PostgreSQL: duplicates, null compensation, anti-hanging, races,
 //! failures and cleanup.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TestDb, again, bank, command};
 use sagas_participant::barrier::{self, BarrierError, Origin};
 use sagas_participant::protocol::{Operation, Outcome};
 use sagas_participant::runtime::process;
 use serde_json::json;
 use uuid::Uuid;
+
+use crate::helpers::{TestDb, again, bank, command};
 
 fn null_compensation() -> Outcome {
     Outcome::succeeded(json!({ "null_compensation": true }))

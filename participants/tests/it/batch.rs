@@ -3,13 +3,10 @@
 //! confined to it, and failures of the transaction reported so that the caller runs the
 //! commands alone.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{TestDb, again, bank, command};
 use sagas_participant::barrier::{self, BarrierError};
 use sagas_participant::handler::{Handler, HandlerError, Router};
 use sagas_participant::protocol::{Command, Operation, Outcome};
@@ -17,6 +14,8 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use sqlx::types::Json;
 use uuid::Uuid;
+
+use crate::helpers::{TestDb, again, bank, command};
 
 /// Barrier rows (without their insertion time) and accounts: what a run leaves behind.
 type Rows = (

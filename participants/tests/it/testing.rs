@@ -1,14 +1,13 @@
 //! The handler test harness, used the way a participant team would use it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestDb, bank};
 use sagas_participant::barrier::Origin;
 use sagas_participant::testing::{TestHarness, command};
 use sagas_participant::{Operation, Outcome};
 use serde_json::json;
+
+use crate::helpers::{TestDb, bank};
 
 #[tokio::test]
 async fn the_harness_runs_a_try_through_the_barrier_and_answers_duplicates_from_it() {

@@ -4,24 +4,22 @@
 //! stage of scripts/test): stopping the broker breaks every other test using it. The broker
 //! is started again even when the test fails (a drop guard).
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command as Process;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestDb, amqp_url, bank, command};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use sagas_participant::amqp::{self, QueueOptions};
 use sagas_participant::protocol::{Command, Operation, Outcome, Reply, Topology};
 use sagas_participant::runtime::Participant;
+use sagas_test_support::{queue_options, unique_topology};
 use serde_json::json;
 use uuid::Uuid;
 
-const BANK: &str = "bank";
+use crate::helpers::{self, BANK, TestDb, amqp_url, bank, command};
 
 fn rabbitmqctl(args: &[&str]) -> bool {
     let status = Process::new("timeout")
@@ -155,11 +153,8 @@ impl Peer {
 async fn a_participant_survives_a_broker_restart_and_applies_every_command_exactly_once() {
     let db = TestDb::new().await;
     db.open("a", 1_000).await;
-    let topology = Topology::new(format!("t-{}", Uuid::new_v4()));
-    let options = QueueOptions {
-        quorum: false,
-        expires: Some(Duration::from_secs(600)),
-    };
+    let topology = unique_topology();
+    let options = queue_options();
     let peer = Peer::connect(&topology, &options).await;
     amqp::declare_participant(&peer.channel, &topology, BANK, &options)
         .await
@@ -231,7 +226,7 @@ async fn a_participant_survives_a_broker_restart_and_applies_every_command_exact
             tokio::time::sleep(Duration::from_secs(2)).await;
             for cmd in &commands {
                 if !answers.contains_key(&cmd.transaction_id) {
-                    peer.send(&common::again(cmd)).await;
+                    peer.send(&helpers::again(cmd)).await;
                 }
             }
             resent = true;

@@ -1,16 +1,15 @@
 //! Long-running operations through the barrier: a handler answers `in_progress`, the work is
 //! completed later, and an undo that comes first makes the completion refuse to apply.
 
-mod common;
-
 use async_trait::async_trait;
-use common::{TestDb, again, command};
 use sagas_participant::barrier::{self, Completion, Origin};
 use sagas_participant::handler::{Handler, HandlerError};
 use sagas_participant::protocol::{Command, Operation, Outcome};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
+
+use crate::helpers::{TestDb, again, command};
 
 /// Starts a job (a row) and answers `in_progress`; its undo cancels the job.
 struct Jobs;
