@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     self, BANK, Running, TestBroker, TestDb, again, bank_participant, command, element, start_with,
-    text_header,
+    text_header, wait_processed,
 };
 
 fn header(properties: &BasicProperties, name: &str) -> Option<AMQPValue> {
@@ -193,6 +193,7 @@ async fn a_batch_of_commands_gets_one_reply_batch_with_the_replies_they_get_one_
         0,
         "one message for the whole batch"
     );
+    wait_processed(&running.stats, cmds.len() as u64).await;
     assert_eq!(running.stats.processed(), cmds.len() as u64);
     assert_eq!(running.stats.rejected(), 0);
     assert!(running.stats.batches() >= 3, "10 commands in chunks of 4");
@@ -288,6 +289,7 @@ async fn a_malformed_element_is_dead_lettered_alone_and_the_others_are_answered_
         "only the malformed element is dead-lettered"
     );
     assert_eq!(running.stats.rejected(), 1);
+    wait_processed(&running.stats, 3).await;
     assert_eq!(running.stats.processed(), 3);
 
     running.shutdown().await;
@@ -447,6 +449,7 @@ async fn the_same_batch_delivered_twice_gets_the_same_replies_and_takes_effect_o
     assert_eq!(second_props.message_id(), first_props.message_id());
     assert_eq!(accounts(&db).await, after_first);
     assert_eq!(after_first, [(70, 0), (30, 20), (0, 0)]);
+    wait_processed(&running.stats, 2 * elements.len() as u64).await;
     assert_eq!(running.stats.processed(), 2 * elements.len() as u64);
 
     running.shutdown().await;
@@ -516,6 +519,7 @@ async fn single_commands_and_a_batch_queued_together_are_each_answered_once() {
         ]
     );
     assert_eq!(db.account("a").await, (1000 - 1 + 10, 1));
+    wait_processed(&running.stats, 7).await;
     assert_eq!(running.stats.processed(), 7);
 
     running.shutdown().await;

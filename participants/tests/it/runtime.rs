@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     self, BANK, Running, TestBroker, TestDb, amqp_url, bank, command, start_with, text_header,
+    wait_processed,
 };
 
 fn participant(db: &TestDb, topology: &Topology, options: &QueueOptions) -> Participant {
@@ -72,6 +73,7 @@ async fn a_command_published_to_the_participant_queue_gets_its_reply_on_the_repl
     let (again, _) = broker.next_reply().await;
     assert_eq!(again, reply);
     assert_eq!(db.account("a").await, (90, 10));
+    wait_processed(&running.stats, 2).await;
     assert_eq!(running.stats.processed(), 2);
 
     running.shutdown().await;

@@ -298,6 +298,18 @@ pub fn bank_participant(db: &TestDb, broker: &TestBroker) -> Participant {
     .queue_options(broker.options.clone())
 }
 
+/// Waits up to 10 s until `stats` counts `n` processed commands (or more), for a test that
+/// has read every reply: the runtime counts a command once the broker has confirmed its reply,
+/// which can be after the reply was delivered. The caller asserts the count.
+pub async fn wait_processed(stats: &Stats, n: u64) {
+    for _ in 0..500 {
+        if stats.processed() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs `participant` on a connection of its own.
 pub fn start_with(participant: Participant) -> Running {
     let stats = participant.stats();
