@@ -440,31 +440,19 @@ pub fn describe_difference(replayed: &Instance, projected: &Instance) -> Option<
                 p.status.as_str()
             ));
         } else {
-            let mut fields = Vec::new();
-            if r.attempt != p.attempt {
-                fields.push("attempt");
-            }
-            if r.budget_from != p.budget_from {
-                fields.push("budget");
-            }
-            if r.waiting != p.waiting {
-                fields.push("waiting");
-            }
-            if r.payload != p.payload {
-                fields.push("payload");
-            }
-            if r.output != p.output {
-                fields.push("output");
-            }
-            if r.last_error != p.last_error {
-                fields.push("last error");
-            }
-            if r.stuck != p.stuck {
-                fields.push("stuck flag");
-            }
-            if r.in_progress != p.in_progress {
-                fields.push("in-progress flag");
-            }
+            let fields: Vec<&str> = [
+                ("attempt", r.attempt != p.attempt),
+                ("budget", r.budget_from != p.budget_from),
+                ("waiting", r.waiting != p.waiting),
+                ("payload", r.payload != p.payload),
+                ("output", r.output != p.output),
+                ("last error", r.last_error != p.last_error),
+                ("stuck flag", r.stuck != p.stuck),
+                ("in-progress flag", r.in_progress != p.in_progress),
+            ]
+            .into_iter()
+            .filter_map(|(field, differs)| differs.then_some(field))
+            .collect();
             diffs.push(format!("step {name}: {} differ", fields.join(", ")));
         }
     }

@@ -170,6 +170,30 @@ impl SqliteStore {
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
+
+    /// Runs a claim (`claim`: up to `?2` rows available at `?1`, leased until `?3`) in a write
+    /// transaction of its own: claimers are serialized by the write lock, as `SKIP LOCKED`
+    /// keeps them apart in PostgreSQL.
+    async fn claim<R>(
+        &self,
+        claim: &'static str,
+        now: Time,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query_as(claim)
+            .bind(micros(now))
+            .bind(limit)
+            .bind(micros(now + lease))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -403,14 +427,7 @@ impl SagaStore for SqliteStore {
         limit: i64,
         lease: Duration,
     ) -> Result<Vec<(Uuid, Timer)>, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let rows: Vec<(String, String)> = sqlx::query_as(sql::CLAIM_TIMERS)
-            .bind(micros(now))
-            .bind(limit)
-            .bind(micros(now + lease))
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        let rows: Vec<(String, String)> = self.claim(sql::CLAIM_TIMERS, now, limit, lease).await?;
         rows.into_iter()
             .map(|(id, timer)| Ok((uuid(&id)?, from_json("timer", &timer)?)))
             .collect()
@@ -422,14 +439,8 @@ impl SagaStore for SqliteStore {
         limit: i64,
         lease: Duration,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let rows: Vec<(i64, String, String)> = sqlx::query_as(sql::CLAIM_OUTBOX)
-            .bind(micros(now))
-            .bind(limit)
-            .bind(micros(now + lease))
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        let rows: Vec<(i64, String, String)> =
+            self.claim(sql::CLAIM_OUTBOX, now, limit, lease).await?;
         let mut out = rows
             .into_iter()
             .map(|(id, participant, body)| {
