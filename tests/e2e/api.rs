@@ -6,26 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::Connection;
 use sagas::orchestrator::api::ApiOptions;
 use sagas::orchestrator::clock::SystemClock;
 use sagas::orchestrator::config::{ApiToken, Config, Role};
 use sagas::orchestrator::machine::StepStatus;
 use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
 use sagas::orchestrator::{Definition, Engine, Registry, Status};
-use sagas::participant::amqp::declare_participant;
-use sagas::participant::{Command, Operation, Outcome};
+use sagas::participant::{Operation, Outcome};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::examples::bank;
-use crate::helpers::{
-    self, TestEnv, amqp_url, engine_config, queue_options, spawn_app, spawn_app_with_api,
-};
+use crate::helpers::{self, TestEnv, amqp_url, engine_config, spawn_app, spawn_app_with_api};
 
 /// The participant of the test definitions (cleaned up with the test's topology).
 const PARTICIPANT: &str = "silent";
@@ -54,52 +48,22 @@ fn one_step(name: &str) -> Result<Definition> {
 /// `"answer": true` (otherwise the saga stays running), asks for the first attempt to be
 /// retried in ten minutes when it says `"busy": true`, and answers every compensation.
 async fn scripted_participant(env: &TestEnv) -> Result<(Connection, tokio::task::JoinHandle<()>)> {
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
-    let ch = conn.create_channel().await?;
-    declare_participant(&ch, &env.topology, PARTICIPANT, &queue_options()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            env.topology.participant_queue(PARTICIPANT).into(),
-            "scripted".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let task = tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            let cmd: Command = serde_json::from_slice(&d.data).unwrap();
-            let action = cmd.operation == Operation::Action;
-            let outcome = if action && cmd.payload["busy"] == true && cmd.attempt == 1 {
-                Some(Outcome::Retry {
-                    reason: "busy".into(),
-                    retry_after_ms: Some(600_000),
-                })
-            } else if !action && cmd.payload["stuck"] == true {
-                Some(Outcome::failed("cannot undo this"))
-            } else if !action || cmd.payload["answer"] == true {
-                Some(Outcome::succeeded(json!({"held": true})))
-            } else {
-                None
-            };
-            if let Some(outcome) = outcome {
-                let reply = cmd.reply(outcome);
-                let reply_to = d.properties.reply_to().clone().unwrap();
-                ch.basic_publish(
-                    "".into(),
-                    reply_to,
-                    BasicPublishOptions::default(),
-                    &serde_json::to_vec(&reply).unwrap(),
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-            }
-            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+    helpers::scripted_participant(env, PARTICIPANT, |cmd| {
+        let action = cmd.operation == Operation::Action;
+        if action && cmd.payload["busy"] == true && cmd.attempt == 1 {
+            Some(Outcome::Retry {
+                reason: "busy".into(),
+                retry_after_ms: Some(600_000),
+            })
+        } else if !action && cmd.payload["stuck"] == true {
+            Some(Outcome::failed("cannot undo this"))
+        } else if !action || cmd.payload["answer"] == true {
+            Some(Outcome::succeeded(json!({"held": true})))
+        } else {
+            None
         }
-    });
-    Ok((conn, task))
+    })
+    .await
 }
 
 struct Api {

@@ -6,13 +6,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::Connection;
 use sagas::orchestrator::machine::StepStatus;
 use sagas::orchestrator::{Definition, Registry, RetryPolicy, Status};
-use sagas::participant::amqp::declare_participant;
 use sagas::participant::{Command, HandlerError, Operation, Outcome, Router, Saga, SagaHandler};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
@@ -20,7 +16,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::examples::bank;
-use crate::helpers::{self, TestEnv, amqp_url, queue_options, spawn_app, spawn_participant};
+use crate::helpers::{self, TestEnv, amqp_url, spawn_app, spawn_participant};
 
 struct Reserve;
 
@@ -53,42 +49,13 @@ struct Nothing {}
 /// answers compensations.
 async fn silent_participant(
     env: &TestEnv,
-    seen: Arc<Mutex<Vec<(Operation, u32)>>>,
+    seen: Arc<std::sync::Mutex<Vec<(Operation, u32)>>>,
 ) -> Result<(Connection, tokio::task::JoinHandle<()>)> {
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
-    let ch = conn.create_channel().await?;
-    declare_participant(&ch, &env.topology, "silent", &queue_options()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            env.topology.participant_queue("silent").into(),
-            "silent".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let task = tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            let cmd: Command = serde_json::from_slice(&d.data).unwrap();
-            seen.lock().await.push((cmd.operation, cmd.attempt));
-            if cmd.operation == Operation::Compensate {
-                let reply = cmd.reply(Outcome::succeeded(Value::Null));
-                let reply_to = d.properties.reply_to().clone().unwrap();
-                ch.basic_publish(
-                    "".into(),
-                    reply_to,
-                    BasicPublishOptions::default(),
-                    &serde_json::to_vec(&reply).unwrap(),
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-            }
-            d.acker.ack(BasicAckOptions::default()).await.unwrap();
-        }
-    });
-    Ok((conn, task))
+    helpers::scripted_participant(env, "silent", move |cmd| {
+        seen.lock().unwrap().push((cmd.operation, cmd.attempt));
+        (cmd.operation == Operation::Compensate).then(|| Outcome::succeeded(Value::Null))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +76,7 @@ async fn a_participant_that_never_replies_is_retried_per_policy_then_compensated
                 .timeout(Duration::from_millis(300))
         })
         .build()?;
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (silent_conn, silent) = silent_participant(&env, seen.clone()).await?;
     let app = spawn_app(&env, Registry::new().with(def)?).await?;
     let accounts = spawn_participant(
@@ -132,7 +99,7 @@ async fn a_participant_that_never_replies_is_retried_per_policy_then_compensated
     );
     let actions: Vec<u32> = seen
         .lock()
-        .await
+        .unwrap()
         .iter()
         .filter(|(op, _)| *op == Operation::Action)
         .map(|(_, a)| *a)

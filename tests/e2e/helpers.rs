@@ -249,6 +249,50 @@ pub async fn spawn_participant(
     })
 }
 
+/// A participant `name` on the raw protocol whose answers are scripted: each command is
+/// decoded, `answer` decides its outcome (`None`: no reply at all), the reply is published to
+/// the command's `reply_to` with a confirm, and the command is acked.
+pub async fn scripted_participant(
+    env: &TestEnv,
+    name: &str,
+    answer: impl Fn(&Command) -> Option<sagas::participant::Outcome> + Send + 'static,
+) -> Result<(Connection, JoinHandle<()>)> {
+    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    sagas::participant::amqp::declare_participant(&ch, &env.topology, name, &queue_options())
+        .await?;
+    let mut consumer = ch
+        .basic_consume(
+            env.topology.participant_queue(name).into(),
+            format!("scripted-{name}").into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let task = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let cmd: Command = serde_json::from_slice(&d.data).unwrap();
+            if let Some(outcome) = answer(&cmd) {
+                let reply = cmd.reply(outcome);
+                let reply_to = d.properties.reply_to().clone().unwrap();
+                ch.basic_publish(
+                    "".into(),
+                    reply_to,
+                    BasicPublishOptions::default(),
+                    &serde_json::to_vec(&reply).unwrap(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            }
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    });
+    Ok((conn, task))
+}
+
 /// Speaks the wire protocol with plain AMQP: publishes commands to a participant's queue and
 /// reads the replies from a queue of its own.
 pub struct RawPeer {
