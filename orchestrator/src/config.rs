@@ -32,6 +32,9 @@ pub struct Config {
     pub api_tokens: Vec<ApiToken>,
     /// Largest accepted request body in bytes (`SAGAS_BODY_LIMIT`, default 1 MiB).
     pub body_limit: usize,
+    /// Finished instances are deleted this long after they finished (`SAGAS_RETENTION`, e.g.
+    /// `30d`; unset or `0`: kept for ever).
+    pub retention: Option<std::time::Duration>,
     /// Values of the environment that could not be used; [`Config::check`] refuses to start.
     pub invalid: Vec<String>,
 }
@@ -166,6 +169,21 @@ pub fn is_loopback(bind: &str) -> bool {
         })
 }
 
+/// Parses `SAGAS_RETENTION`: a duration such as `30d`, `12h` or `90days 12h` (`0`: none).
+pub fn parse_retention(raw: &str) -> Result<Option<std::time::Duration>, String> {
+    let raw = raw.trim();
+    if raw == "0" {
+        return Ok(None);
+    }
+    match humantime::parse_duration(raw) {
+        Ok(d) if d.is_zero() => Ok(None),
+        Ok(d) => Ok(Some(d)),
+        Err(e) => Err(format!(
+            "SAGAS_RETENTION={raw:?} is not a duration such as 30d or 12h ({e})"
+        )),
+    }
+}
+
 /// Parses `SAGAS_AMQP_COMMAND_BATCH`: the most commands per AMQP message, 1 to [`MAX_BATCH`].
 pub fn parse_command_batch(raw: &str) -> Result<usize, String> {
     match raw.trim().parse::<usize>() {
@@ -208,6 +226,13 @@ impl Config {
             }),
             Err(_) => 1,
         };
+        let retention = match std::env::var("SAGAS_RETENTION") {
+            Ok(raw) => parse_retention(&raw).unwrap_or_else(|e| {
+                invalid.push(e);
+                None
+            }),
+            Err(_) => None,
+        };
         Config {
             database_url: var("DATABASE_URL", DEFAULT_DATABASE_URL),
             amqp_url: var("AMQP_URL", DEFAULT_AMQP_URL),
@@ -221,6 +246,7 @@ impl Config {
                 .and_then(|v| v.parse().ok()),
             api_tokens,
             body_limit,
+            retention,
             invalid,
         }
     }
@@ -282,7 +308,22 @@ mod tests {
             queue_expires_ms: None,
             api_tokens: parse_api_tokens(tokens).unwrap(),
             body_limit: DEFAULT_BODY_LIMIT,
+            retention: None,
             invalid: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_retention_is_a_duration_with_a_unit_and_zero_keeps_everything() {
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(parse_retention("30d"), Ok(Some(30 * day)));
+        assert_eq!(parse_retention(" 12h "), Ok(Some(day / 2)));
+        assert_eq!(parse_retention("1day 12h"), Ok(Some(day + day / 2)));
+        assert_eq!(parse_retention("0"), Ok(None));
+        assert_eq!(parse_retention("0s"), Ok(None));
+        for bad in ["30", "thirty days", "-1d", ""] {
+            let err = parse_retention(bad).unwrap_err();
+            assert!(err.contains("SAGAS_RETENTION"), "{bad}: {err}");
         }
     }
 

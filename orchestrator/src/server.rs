@@ -36,7 +36,10 @@ pub async fn engine(config: &Config, registry: Registry) -> anyhow::Result<Arc<E
         Arc::new(transport),
         registry,
         Arc::new(SystemClock),
-        EngineConfig::default(),
+        EngineConfig {
+            retention: config.retention,
+            ..EngineConfig::default()
+        },
     ))
 }
 

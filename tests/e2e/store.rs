@@ -12,7 +12,8 @@ use chrono::Duration;
 use sagas::orchestrator::clock::{Clock, SystemClock};
 use sagas::orchestrator::machine::{self, Input, Instance, Time, Timer, TimerKind, Transition};
 use sagas::orchestrator::store::{
-    Decide, ListFilter, PgStore, Position, SagaStore, SqliteStore, StateCacheStats, StoreError,
+    Decide, ListFilter, PgStore, Position, Pruned, SagaStore, SqliteStore, StateCacheStats,
+    StoreError,
 };
 use sagas::orchestrator::{Definition, Status};
 use sagas::participant::{Operation, Outcome, Reply};
@@ -109,6 +110,8 @@ store_suite!(
     a_batch_commits_every_good_input_and_answers_each_item_on_its_own,
     a_batch_of_starts_stores_each_new_instance_and_refuses_an_existing_one,
     concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_deadlock,
+    finished_instances_older_than_the_horizon_are_pruned_with_their_log_and_open_ones_stay,
+    a_prune_deletes_at_most_its_batch_oldest_finished_first,
 );
 
 fn definition(name: &str) -> Definition {
@@ -903,6 +906,78 @@ async fn concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_dead
     Ok(())
 }
 
+/// Runs an instance of `def` to `completed` (both steps answered), finishing at `at`.
+async fn complete(
+    store: &dyn SagaStore,
+    def: &Definition,
+    started: Time,
+    at: Time,
+) -> Result<Uuid> {
+    let id = create(store, def, started).await?;
+    for step in ["a", "b"] {
+        let input = Input::Reply(reply(id, step, 1, Outcome::succeeded(json!(step))));
+        feed(store, def, id, input, None, at).await?;
+    }
+    assert_eq!(
+        store.get(id).await?.context("instance")?.instance.status,
+        Status::Completed
+    );
+    Ok(id)
+}
+
+async fn finished_instances_older_than_the_horizon_are_pruned_with_their_log_and_open_ones_stay(
+    b: &Backend,
+) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let t0 = now();
+    let old = complete(&*store, &def, t0, t0 + Duration::seconds(1)).await?;
+    let recent = complete(&*store, &def, t0, t0 + Duration::seconds(10)).await?;
+    // Open since long ago: never pruned, whatever its age; its timer and outbox row stay.
+    let open = create(&*store, &def, t0).await?;
+    let horizon = t0 + Duration::seconds(5);
+
+    assert_eq!(store.prune(horizon, 100).await?, Pruned::Deleted(1));
+    assert!(store.get(old).await?.is_none());
+    assert!(store.events(old).await?.is_empty(), "the log goes with it");
+    assert_replays(&*store, recent).await?;
+    assert_replays(&*store, open).await?;
+    let timers = due_timers(&*store, t0 + Duration::days(1)).await?;
+    assert_eq!(timers, vec![(open, deadline(0, 1))]);
+    assert_eq!(
+        store.prune(horizon, 100).await?,
+        Pruned::Deleted(0),
+        "nothing more is due"
+    );
+    let listed: Vec<Uuid> = store
+        .list(&list_all())
+        .await?
+        .iter()
+        .map(|s| s.instance.id)
+        .collect();
+    assert!(!listed.contains(&old) && listed.contains(&recent) && listed.contains(&open));
+    Ok(())
+}
+
+async fn a_prune_deletes_at_most_its_batch_oldest_finished_first(b: &Backend) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let t0 = now();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(complete(&*store, &def, t0, t0 + Duration::seconds(i)).await?);
+    }
+    let horizon = t0 + Duration::minutes(1);
+    assert_eq!(store.prune(horizon, 2).await?, Pruned::Deleted(2));
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(store.get(*id).await?.is_some(), i >= 2, "instance {i}");
+    }
+    assert_eq!(store.prune(horizon, 2).await?, Pruned::Deleted(2));
+    assert_eq!(store.prune(horizon, 2).await?, Pruned::Deleted(1));
+    assert!(store.list(&list_all()).await?.is_empty());
+    Ok(())
+}
+
 async fn ping_answers(b: &Backend) -> Result<()> {
     let store = b.open().await?;
     store.ping().await?;
@@ -1278,5 +1353,120 @@ mod state_cache {
             assert_eq!(store.events(id).await?.len(), logged);
             Ok(())
         }
+    }
+}
+
+/// Retention on PostgreSQL beyond the common suite: one process prunes at a time, the horizon
+/// it records, and the export of what it deletes.
+mod retention {
+    use super::*;
+    use sagas::orchestrator::store::postgres::PRUNE_LOCK_KEY;
+
+    async fn store() -> Result<(helpers::TestEnv, PgStore)> {
+        let env = helpers::TestEnv::new().await?;
+        let store = PgStore::new(PgPool::connect(&env.orch_url).await?);
+        Ok((env, store))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prune_while_another_process_prunes_deletes_nothing_and_says_so() -> Result<()> {
+        let (env, store) = store().await?;
+        let def = definition("d");
+        let t0 = now();
+        let id = complete(&store, &def, t0, t0).await?;
+        // Another process in the middle of a prune holds the lock.
+        let mut other = env.orch.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PRUNE_LOCK_KEY)
+            .execute(&mut *other)
+            .await?;
+        let horizon = t0 + Duration::minutes(1);
+        assert_eq!(store.prune(horizon, 10).await?, Pruned::Busy);
+        assert!(store.get(id).await?.is_some());
+        other.rollback().await?;
+        assert_eq!(store.prune(horizon, 10).await?, Pruned::Deleted(1));
+        env.cleanup().await;
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prune_records_its_horizon_and_keeps_the_newest() -> Result<()> {
+        let (env, store) = store().await?;
+        let def = definition("d");
+        let t0 = now();
+        let horizon = || async {
+            let row: Option<(Time,)> = sqlx::query_as("SELECT pruned_before FROM sagas_retention")
+                .fetch_optional(&env.orch)
+                .await?;
+            Ok::<_, anyhow::Error>(row.map(|(t,)| t))
+        };
+        assert_eq!(store.prune(t0, 10).await?, Pruned::Deleted(0));
+        assert_eq!(horizon().await?, None, "nothing deleted, no horizon");
+        complete(&store, &def, t0, t0).await?;
+        complete(&store, &def, t0, t0 + Duration::hours(1)).await?;
+        let late = t0 + Duration::hours(2);
+        assert_eq!(store.prune(late, 10).await?, Pruned::Deleted(2));
+        assert_eq!(horizon().await?, Some(late));
+        complete(&store, &def, t0, t0).await?;
+        assert_eq!(
+            store.prune(t0 + Duration::hours(1), 10).await?,
+            Pruned::Deleted(1)
+        );
+        assert_eq!(
+            horizon().await?,
+            Some(late),
+            "an earlier horizon does not replace it"
+        );
+        env.cleanup().await;
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_exported_prune_hands_over_each_instance_with_its_log_before_deleting_it()
+    -> Result<()> {
+        let (env, store) = store().await?;
+        let def = definition("d");
+        let t0 = now();
+        let first = complete(&store, &def, t0, t0).await?;
+        let second = complete(&store, &def, t0, t0 + Duration::seconds(1)).await?;
+        let logs = [store.events(first).await?, store.events(second).await?];
+        let mut lines: Vec<String> = Vec::new();
+        let mut export = |line: &str| {
+            lines.push(line.to_owned());
+            Ok(())
+        };
+        let horizon = t0 + Duration::minutes(1);
+        let pruned = store
+            .prune_exporting(horizon, 10, Some(&mut export))
+            .await?;
+        assert_eq!(pruned, Pruned::Deleted(2));
+        assert_eq!(lines.len(), 2);
+        for ((line, id), log) in lines.iter().zip([first, second]).zip(&logs) {
+            let doc: serde_json::Value = serde_json::from_str(line)?;
+            assert_eq!(doc["id"], json!(id), "oldest finished first");
+            assert_eq!(doc["status"], "completed");
+            assert_eq!(doc["definition"], "d");
+            let state: Instance = serde_json::from_value(doc["state"].clone())?;
+            assert_eq!(state.id, id);
+            let events = doc["events"].as_array().context("events")?;
+            assert_eq!(events.len(), log.len());
+            for (e, logged) in events.iter().zip(log) {
+                assert_eq!(e["seq"], json!(logged.seq));
+                let event: machine::Event = serde_json::from_value(e.clone())?;
+                assert_eq!(event, logged.event);
+            }
+        }
+
+        // An export that fails deletes nothing.
+        let kept = complete(&store, &def, t0, t0).await?;
+        let mut failing = |_: &str| Err(std::io::Error::other("disk full"));
+        let err = store
+            .prune_exporting(horizon, 10, Some(&mut failing))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Export(_)), "{err}");
+        assert!(store.get(kept).await?.is_some());
+        env.cleanup().await;
+        Ok(())
     }
 }

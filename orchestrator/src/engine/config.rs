@@ -25,6 +25,16 @@ pub struct EngineConfig {
     pub timer_lease: Duration,
     /// How often the outbox relay looks for rows left unpublished.
     pub relay_poll: Duration,
+    /// Finished instances (completed, compensated, resolved) are deleted, with their events,
+    /// timers and outbox rows, this long after they finished; `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// Instances deleted per transaction by the retention loop.
+    pub retention_batch: u32,
+    /// How often the retention loop looks for instances to delete when none were due.
+    pub retention_poll: Duration,
+    /// The pause between two full batches of the retention loop (a backlog is deleted batch by
+    /// batch, never in one long transaction).
+    pub retention_pause: Duration,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +48,10 @@ impl Default for EngineConfig {
             timer_batch: 128,
             timer_lease: Duration::from_secs(10),
             relay_poll: Duration::from_secs(1),
+            retention: None,
+            retention_batch: 500,
+            retention_poll: Duration::from_secs(60),
+            retention_pause: Duration::from_millis(100),
         }
     }
 }

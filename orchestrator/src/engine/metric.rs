@@ -27,6 +27,8 @@ pub const TIMERS: &str = "sagas_timers_fired_total";
 pub const RELAYED: &str = "sagas_outbox_relayed_total";
 /// Counter: publishes that failed (rows left for the relay).
 pub const PUBLISH_FAILURES: &str = "sagas_publish_failures_total";
+/// Counter: finished instances deleted by the retention loop.
+pub const PRUNED: &str = "sagas_instances_pruned_total";
 
 /// Registers the descriptions of the engine's metrics with the installed recorder.
 pub fn describe() {
@@ -51,6 +53,7 @@ pub fn describe() {
         PUBLISH_FAILURES,
         "Publishes that failed; the relay retries them."
     );
+    describe_counter!(PRUNED, "Finished instances deleted by the retention loop.");
 }
 
 /// What this engine counted. Each method counts one kind of event: it records the metric
@@ -70,6 +73,8 @@ pub struct Stats {
     pub timers: AtomicU64,
     /// Outbox rows republished by the relay ([`RELAYED`]).
     pub relayed: AtomicU64,
+    /// Finished instances deleted by the retention loop ([`PRUNED`]).
+    pub pruned: AtomicU64,
 }
 
 impl Stats {
@@ -106,6 +111,12 @@ impl Stats {
     pub(super) fn count_relayed(&self, rows: u64) {
         self.relayed.fetch_add(rows, Ordering::Relaxed);
         metrics::counter!(RELAYED).increment(rows);
+    }
+
+    /// The retention loop deleted `instances` finished instances.
+    pub(super) fn count_pruned(&self, instances: u64) {
+        self.pruned.fetch_add(instances, Ordering::Relaxed);
+        metrics::counter!(PRUNED).increment(instances);
     }
 
     /// A publish failed; its rows are left for the relay.

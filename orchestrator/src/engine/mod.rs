@@ -27,6 +27,7 @@ pub mod metric;
 mod publish;
 mod relay;
 mod replies;
+mod retention;
 mod starts;
 mod timers;
 
@@ -279,16 +280,18 @@ impl Engine {
             .await?)
     }
 
-    /// Runs the reply consumer, the timer loop and the outbox relay until `shutdown`.
+    /// Runs the reply consumer, the timer loop, the outbox relay and the retention loop until
+    /// `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
         self.declare().await?;
         let replies = self.transport.subscribe(self.config.prefetch).await?;
         let consumer = tokio::spawn(self.clone().consume(replies, shutdown.clone()));
         let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
         let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone()));
+        let retention = tokio::spawn(self.clone().retention_loop(shutdown.clone()));
         shutdown.cancelled().await;
         self.stopping.cancel();
-        for task in [consumer, timers, relay] {
+        for task in [consumer, timers, relay, retention] {
             let _ = task.await;
         }
         self.flush_outbox_deletes().await;

@@ -166,6 +166,18 @@ pub enum StoreError {
     /// in their own: nothing of this one was (it may be tried again).
     #[error("not committed: {0}")]
     Uncommitted(String),
+    /// Writing what a prune deletes failed: nothing was deleted.
+    #[error("export failed: {0}")]
+    Export(String),
+}
+
+/// What one [`SagaStore::prune`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pruned {
+    /// Another process is pruning now: this one deleted nothing and may try later.
+    Busy,
+    /// This many instances were deleted (fewer than the limit: none more was due).
+    Deleted(u64),
 }
 
 /// Durable storage of instances.
@@ -259,4 +271,9 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Deletes published outbox rows.
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError>;
+
+    /// Deletes, in one transaction, up to `limit` instances that finished (completed,
+    /// compensated or resolved) before `finished_before`, oldest first, with their events,
+    /// timers and outbox rows. One process prunes at a time: the others get [`Pruned::Busy`].
+    async fn prune(&self, finished_before: Time, limit: u32) -> Result<Pruned, StoreError>;
 }

@@ -11,17 +11,19 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
-    StoredInstance, Updated,
+    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pruned, SagaStore,
+    StoreError, StoredInstance, Updated,
 };
 use crate::machine::{Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
 mod plans;
+mod retention;
 mod sql;
 mod states;
 mod write;
 use plans::Plans;
+pub use retention::{Export, PRUNE_LOCK_KEY};
 use states::States;
 
 /// The orchestrator's migrations (`migrations/orchestrator`).
@@ -306,6 +308,10 @@ impl SagaStore for PgStore {
             rows.iter().map(decode_outbox).collect::<Result<_, _>>()?;
         out.sort_by_key(|m| m.id);
         Ok(out)
+    }
+
+    async fn prune(&self, finished_before: Time, limit: u32) -> Result<Pruned, StoreError> {
+        self.prune_exporting(finished_before, limit, None).await
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

@@ -162,3 +162,41 @@ pub(super) const CLAIM_OUTBOX: &str = "UPDATE sagas_outbox o SET available_at = 
      RETURNING o.id, o.participant, o.body";
 
 pub(super) const DELETE_OUTBOX: &str = "DELETE FROM sagas_outbox WHERE id = ANY($1)";
+
+/// Takes the prune lock (`$1`) for the transaction if no other process holds it.
+pub(super) const PRUNE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
+
+/// Up to `$2` instances that finished before `$1`, oldest first (index
+/// `sagas_instances_finished`), locked; rows another transaction holds are skipped.
+pub(super) const DUE_FOR_PRUNING: &str = "SELECT id FROM sagas_instances
+     WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at < $1
+     ORDER BY updated_at LIMIT $2
+     FOR UPDATE SKIP LOCKED";
+
+/// How many instances finished before `$1`.
+pub(super) const COUNT_PRUNABLE: &str = "SELECT count(*) FROM sagas_instances
+     WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at < $1";
+
+/// The instances `$1` as JSON documents, oldest finished first: the row with its whole state
+/// (`sagas_instance_states`) and `events`, its log (each event with `seq` and `logged_at`, as
+/// the API shows it).
+pub(super) const EXPORT: &str = "SELECT (to_jsonb(i) || jsonb_build_object('events', coalesce(
+         (SELECT jsonb_agg(jsonb_build_object('seq', e.seq, 'logged_at', e.at) || e.body
+                           ORDER BY e.seq)
+          FROM sagas_event_bodies e WHERE e.instance_id = i.id), '[]'::jsonb)))::text
+     FROM sagas_instance_states i WHERE i.id = ANY($1)
+     ORDER BY i.updated_at, i.id";
+
+/// Deletes the instances `$1` with their events, timers and outbox rows, and moves the prune
+/// horizon to `$2` if that is newer.
+pub(super) const PRUNE: &str = "WITH ev AS (
+       DELETE FROM sagas_events WHERE instance_id = ANY($1)),
+     tm AS (
+       DELETE FROM sagas_timers WHERE instance_id = ANY($1)),
+     ob AS (
+       DELETE FROM sagas_outbox WHERE instance_id = ANY($1)),
+     hz AS (
+       INSERT INTO sagas_retention (pruned_before) VALUES ($2)
+       ON CONFLICT (singleton) DO UPDATE
+       SET pruned_before = greatest(sagas_retention.pruned_before, EXCLUDED.pruned_before))
+     DELETE FROM sagas_instances WHERE id = ANY($1)";

@@ -41,8 +41,8 @@ use uuid::Uuid;
 use crate::machine::{Instance, Time, Timer, Transition};
 use crate::store::write_set::WriteSet;
 use crate::store::{
-    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, SagaStore, StoreError,
-    StoredInstance, Updated,
+    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pruned, SagaStore,
+    StoreError, StoredInstance, Updated,
 };
 use sagas_participant::protocol::Command;
 
@@ -453,6 +453,31 @@ impl SagaStore for SqliteStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         out.sort_by_key(|m| m.id);
         Ok(out)
+    }
+
+    async fn prune(&self, finished_before: Time, limit: u32) -> Result<Pruned, StoreError> {
+        // The write lock is the prune lock: one writer at a time.
+        let mut tx = self.begin_write().await?;
+        let ids: Vec<(String,)> = sqlx::query_as(sql::DUE_FOR_PRUNING)
+            .bind(micros(finished_before))
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Pruned::Deleted(0));
+        }
+        let ids: Vec<String> = ids.into_iter().map(|(id,)| id).collect();
+        let ids = to_json("instance ids", &ids)?;
+        for statement in [sql::PRUNE_EVENTS, sql::PRUNE_TIMERS, sql::PRUNE_OUTBOX] {
+            sqlx::query(statement).bind(&ids).execute(&mut *tx).await?;
+        }
+        let deleted = sqlx::query(sql::PRUNE_INSTANCES)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(Pruned::Deleted(deleted))
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

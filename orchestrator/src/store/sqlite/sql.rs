@@ -76,3 +76,24 @@ pub(super) const CLAIM_OUTBOX: &str = "UPDATE sagas_outbox SET available_at = ?3
 /// Deletes published outbox rows (ids as a JSON array).
 pub(super) const DELETE_OUTBOX: &str =
     "DELETE FROM sagas_outbox WHERE id IN (SELECT value FROM json_each(?))";
+
+/// Up to `?2` instances that finished before `?1`, oldest first.
+pub(super) const DUE_FOR_PRUNING: &str = "SELECT id FROM sagas_instances
+     WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at < ?1
+     ORDER BY updated_at LIMIT ?2";
+
+/// Deletes the events of the instances `?` (ids as a JSON array).
+pub(super) const PRUNE_EVENTS: &str =
+    "DELETE FROM sagas_events WHERE instance_id IN (SELECT value FROM json_each(?))";
+
+/// Deletes the timers of the instances `?`.
+pub(super) const PRUNE_TIMERS: &str =
+    "DELETE FROM sagas_timers WHERE instance_id IN (SELECT value FROM json_each(?))";
+
+/// Deletes the outbox rows of the instances `?`.
+pub(super) const PRUNE_OUTBOX: &str =
+    "DELETE FROM sagas_outbox WHERE instance_id IN (SELECT value FROM json_each(?))";
+
+/// Deletes the instances `?`.
+pub(super) const PRUNE_INSTANCES: &str =
+    "DELETE FROM sagas_instances WHERE id IN (SELECT value FROM json_each(?))";
