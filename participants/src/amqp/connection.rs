@@ -1,17 +1,123 @@
-//! Connecting to the broker and staying connected: sessions, with a backoff between them.
+//! Connecting to the broker (over TLS with `amqps://`) and staying connected: sessions, with a
+//! backoff between them.
 
 use std::fmt::Display;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder};
 
-/// Connects to the broker at `uri` (`amqp://user:password@host:port/vhost`).
+/// Connects to the broker at `uri`: `amqp://user:password@host:port/vhost`, or
+/// `amqps://…` for TLS.
+///
+/// Over TLS the broker's certificate is always verified, against the system's roots and the
+/// CA certificates (PEM) of the file the query parameter `cacertfile` names; `certfile` and
+/// `keyfile` (PEM, together) give a client certificate. These are RabbitMQ's own URI
+/// parameters. The files are read at every connection, so renewed certificates take effect
+/// at the next reconnection.
 pub async fn connect(uri: &str) -> Result<Connection, lapin::Error> {
-    Connection::connect(uri, ConnectionProperties::default()).await
+    let tls = tls_config(uri).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let custom_ca = tls.cert_chain.is_some();
+    DefaultConnectionBuilder::new()?
+        .with_uri_str(uri.to_owned())
+        .with_properties(ConnectionProperties::default())
+        .with_tls_config(tls)
+        .connect()
+        .await
+        .map_err(|e| explain_tls_failure(uri, custom_ca, e))
+}
+
+/// Checks `uri` as [`connect`] reads it, without connecting: that it parses, and that the
+/// TLS files it names can be read and hold what they should. For a process to refuse to
+/// start with a broken broker URL rather than retry it.
+pub fn check_url(uri: &str) -> Result<(), String> {
+    uri.parse::<AMQPUri>()?;
+    tls_config(uri).map(drop)
+}
+
+/// The TLS settings named by the query of `uri` (none for a URL that does not parse: connecting
+/// reports that).
+fn tls_config(uri: &str) -> Result<OwnedTLSConfig, String> {
+    let Ok(url) = url::Url::parse(uri) else {
+        return Ok(OwnedTLSConfig::default());
+    };
+    let param = |name: &str| {
+        url.query_pairs()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+    };
+    let (ca, cert, key) = (param("cacertfile"), param("certfile"), param("keyfile"));
+    if let Some(verify) = param("verify")
+        && verify != "verify_peer"
+    {
+        return Err(format!(
+            "verify={verify} is not supported: the broker's certificate is always verified"
+        ));
+    }
+    let tls_params = ca.is_some() || cert.is_some() || key.is_some();
+    if tls_params && url.scheme() != "amqps" {
+        return Err("cacertfile, certfile and keyfile need an amqps:// URL".to_owned());
+    }
+    let cert_chain = ca
+        .map(|path| read_pem("cacertfile", &path, "CERTIFICATE"))
+        .transpose()?;
+    let identity = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read_pem("certfile", &cert, "CERTIFICATE")?.into_bytes(),
+            key: read_pem("keyfile", &key, "PRIVATE KEY")?.into_bytes(),
+        }),
+        _ => return Err("certfile and keyfile go together".to_owned()),
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
+/// The PEM file at `path`, which must hold at least one block whose label ends with `label`
+/// (`CERTIFICATE`; `PRIVATE KEY` also matches `RSA PRIVATE KEY` and `EC PRIVATE KEY`).
+fn read_pem(param: &str, path: &str, label: &str) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{param}={path} cannot be read: {e}"))?;
+    let holds = text.lines().any(|line| {
+        line.strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+            .is_some_and(|found| found.ends_with(label))
+    });
+    if !holds {
+        return Err(format!("{param}={path} holds no PEM {label}"));
+    }
+    Ok(text)
+}
+
+/// Says that a failure to connect over TLS is about TLS, to which broker and trusting what,
+/// without the URL's password.
+fn explain_tls_failure(uri: &str, custom_ca: bool, error: lapin::Error) -> lapin::Error {
+    let (Ok(parsed), lapin::ErrorKind::IOError(cause)) = (uri.parse::<AMQPUri>(), error.kind())
+    else {
+        return error;
+    };
+    if parsed.scheme != AMQPScheme::AMQPS {
+        return error;
+    }
+    let trusted = if custom_ca {
+        "the system's roots and cacertfile"
+    } else {
+        "the system's roots only (no cacertfile)"
+    };
+    let (host, port) = (&parsed.authority.host, parsed.authority.port);
+    io::Error::new(
+        cause.kind(),
+        format!("TLS connection to the broker at {host}:{port}, trusting {trusted}: {cause}"),
+    )
+    .into()
 }
 
 /// Opens a channel in publisher-confirm mode: every publish on it is confirmed (or not) by
@@ -165,6 +271,91 @@ pub async fn keep_serving<S, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file of its own holding `text`, removed with the directory when the test ends.
+    fn file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    const KEY: &str = "-----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n";
+
+    #[test]
+    fn an_amqps_url_names_its_ca_and_client_certificate_in_rabbitmqs_query_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = (
+            file(&dir, "ca.pem", CERT),
+            file(&dir, "client.pem", CERT),
+            file(&dir, "client.key", KEY),
+        );
+        let url = format!(
+            "amqps://u:p@broker:5671/%2f?cacertfile={ca}&certfile={cert}&keyfile={key}&verify=verify_peer"
+        );
+        let tls = tls_config(&url).unwrap();
+        assert_eq!(tls.cert_chain.as_deref(), Some(CERT));
+        assert_eq!(
+            tls.identity,
+            Some(OwnedIdentity::PKCS8 {
+                pem: CERT.into(),
+                key: KEY.into()
+            })
+        );
+        assert_eq!(check_url(&url), Ok(()));
+        let plain = tls_config("amqps://u:p@broker/%2f").unwrap();
+        assert_eq!(plain, OwnedTLSConfig::default(), "the system's roots only");
+        assert_eq!(
+            tls_config("amqp://u:p@broker/%2f").unwrap(),
+            OwnedTLSConfig::default()
+        );
+    }
+
+    #[test]
+    fn tls_parameters_that_cannot_be_used_are_refused_with_the_parameter_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, empty) = (
+            file(&dir, "client.pem", CERT),
+            file(&dir, "client.key", KEY),
+            file(&dir, "empty.pem", "nothing here\n"),
+        );
+        let missing = dir.path().join("missing.pem");
+        let missing = missing.to_str().unwrap();
+        let refused = |url: String, expected: &str| {
+            let err = check_url(&url).unwrap_err();
+            assert!(err.contains(expected), "{url}: {err}");
+            assert!(!err.contains("secret"), "{err}");
+        };
+        refused(
+            format!("amqps://u:secret@b/%2f?cacertfile={missing}"),
+            &format!("cacertfile={missing} cannot be read"),
+        );
+        refused(
+            format!("amqps://u:secret@b/%2f?cacertfile={empty}"),
+            "holds no PEM CERTIFICATE",
+        );
+        refused(
+            format!("amqps://u:secret@b/%2f?certfile={cert}&keyfile={cert}"),
+            "keyfile=",
+        );
+        refused(
+            format!("amqps://u:secret@b/%2f?certfile={cert}"),
+            "certfile and keyfile go together",
+        );
+        refused(
+            format!("amqps://u:secret@b/%2f?keyfile={key}"),
+            "certfile and keyfile go together",
+        );
+        refused(
+            format!("amqp://u:secret@b/%2f?cacertfile={cert}"),
+            "need an amqps:// URL",
+        );
+        refused(
+            "amqps://u:secret@b/%2f?verify=verify_none".to_owned(),
+            "always verified",
+        );
+        assert!(check_url("no url at all").is_err());
+    }
 
     fn millis(delays: impl Iterator<Item = Duration>, n: usize) -> Vec<u128> {
         delays.take(n).map(|d| d.as_millis()).collect()

@@ -88,7 +88,8 @@ pub enum RuntimeError {
     /// The channel used to publish replies closed; the caller should reconnect and run again.
     #[error("the reply channel closed")]
     ReplyChannelClosed,
-    /// The AMQP URL given to [`Participant::run_forever`] cannot be parsed.
+    /// The AMQP URL given to [`Participant::run_forever`] cannot be parsed, or the TLS files
+    /// it names cannot be read.
     #[error("invalid AMQP URL: {0}")]
     InvalidUrl(String),
     /// A reply sent with [`send_reply`] was not confirmed (nacked, or no queue took it).
@@ -308,15 +309,14 @@ impl Participant {
     /// table at start-up is retried like a connection).
     ///
     /// Returns `Ok(())` once `shutdown` completes, and an error only for a URL that cannot be
-    /// parsed; every other failure is logged and retried.
+    /// parsed or whose TLS files cannot be read ([`amqp::connect`]); every other failure is
+    /// logged and retried.
     pub async fn run_forever(
         self,
         amqp_url: &str,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), RuntimeError> {
-        amqp_url
-            .parse::<lapin::uri::AMQPUri>()
-            .map_err(RuntimeError::InvalidUrl)?;
+        amqp::check_url(amqp_url).map_err(RuntimeError::InvalidUrl)?;
         let mut sessions = Forever {
             participant: &self,
             amqp_url,
