@@ -14,3 +14,4 @@ mod orders;
 mod quickstart;
 mod reconcile;
 mod store;
+mod tls;

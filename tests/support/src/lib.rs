@@ -1,10 +1,13 @@
 //! Test support shared by the end-to-end tests (`tests/e2e`) and the participant SDK's
 //! integration tests (`participants/tests/it`): where PostgreSQL and RabbitMQ are, a database
 //! of its own per test, and AMQP names of its own per test, so that tests run in parallel, in
-//! one process or several, against one server and one broker.
+//! one process or several, against one server and one broker. [`tls`] adds certificates made
+//! on the spot, a PostgreSQL of a test's own with TLS, and a TLS proxy in front of the broker.
 //!
 //! It depends on the participant SDK (for its AMQP names and declarations) and not on the
 //! orchestrator, so that the SDK's tests do not build the orchestrator.
+
+pub mod tls;
 
 use std::str::FromStr;
 use std::time::Duration;
