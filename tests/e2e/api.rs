@@ -1270,3 +1270,26 @@ async fn a_repeated_start_with_the_same_idempotency_key_returns_the_first_transa
     api.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_accepted_in_any_case() -> Result<()> {
+    let api = Api::start_with(&["api_saga"], Api::with_tokens()).await?;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let res = api
+            .http
+            .get(api.app.url("/v1/sagas"))
+            .header("authorization", format!("{scheme} {READ_TOKEN}"))
+            .send()
+            .await?;
+        assert_eq!(res.status(), 200, "{scheme}");
+    }
+    let res = api
+        .http
+        .get(api.app.url("/v1/sagas"))
+        .header("authorization", format!("Basic {READ_TOKEN}"))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 401);
+    api.stop().await;
+    Ok(())
+}

@@ -66,12 +66,7 @@ impl Auth {
                 "an Authorization: Bearer <token> header is required",
             ));
         };
-        let presented = value
-            .as_bytes()
-            .strip_prefix(b"Bearer ")
-            .or_else(|| value.as_bytes().strip_prefix(b"bearer "))
-            .map(|t| t.trim_ascii())
-            .filter(|t| !t.is_empty());
+        let presented = bearer_token(value.as_bytes());
         let Some(presented) = presented else {
             return Err(unauthorized(
                 "Bearer",
@@ -89,6 +84,16 @@ impl Auth {
             )),
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// (RFC 9110, section 11.1) and may be followed by more than one space.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    Some(rest.trim_ascii()).filter(|t| !t.is_empty())
 }
 
 fn unauthorized(challenge: &'static str, message: &str) -> ApiError {
@@ -129,4 +134,26 @@ pub async fn guard(State(guard): State<Guard>, mut request: Request, next: Next)
     }
     request.extensions_mut().insert(caller);
     next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case_and_the_token_is_what_follows() {
+        for value in ["Bearer tok", "bearer tok", "BEARER tok", "bEaReR   tok "] {
+            assert_eq!(bearer_token(value.as_bytes()), Some(&b"tok"[..]), "{value}");
+        }
+        for value in [
+            "Bearer",
+            "Bearer ",
+            "Basic tok",
+            "Bearertok",
+            "Token tok",
+            "",
+        ] {
+            assert_eq!(bearer_token(value.as_bytes()), None, "{value}");
+        }
+    }
 }
