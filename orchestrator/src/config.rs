@@ -281,6 +281,115 @@ impl Config {
     }
 }
 
+// --- HTTP server limits (SAGAS_HTTP_*) -----------------------------------------------------------
+
+/// The default time a client has to send a request's headers, and the longest a kept-alive
+/// connection may stay idle (10 s).
+pub const DEFAULT_HTTP_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The default time a client has to send a whole request body once its headers are in (30 s).
+pub const DEFAULT_HTTP_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The default most HTTP connections served at once (512).
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 512;
+/// The longest accepted HTTP timeout (1 hour).
+pub const MAX_HTTP_TIMEOUT_MS: u64 = 3_600_000;
+
+/// How the HTTP server bounds what clients may hold: read timeouts and a connection cap
+/// (`SAGAS_HTTP_HEADER_TIMEOUT_MS`, `SAGAS_HTTP_BODY_TIMEOUT_MS`, `SAGAS_HTTP_MAX_CONNECTIONS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Time to send a request's headers; also the longest idle time between two requests of a
+    /// kept-alive connection. The connection is closed when it runs out.
+    pub header_timeout: std::time::Duration,
+    /// Time to send a whole request body once the handler reads it; 408 and the connection
+    /// closed when it runs out.
+    pub body_timeout: std::time::Duration,
+    /// Most connections served at once; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
+            max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Parses an HTTP timeout variable (`name`): whole milliseconds, 1 to [`MAX_HTTP_TIMEOUT_MS`].
+pub fn parse_http_timeout(name: &str, raw: &str) -> Result<std::time::Duration, String> {
+    match raw.trim().parse::<u64>() {
+        Ok(n) if (1..=MAX_HTTP_TIMEOUT_MS).contains(&n) => Ok(std::time::Duration::from_millis(n)),
+        _ => Err(format!(
+            "{name}={raw:?} is not a number of milliseconds from 1 to {MAX_HTTP_TIMEOUT_MS}"
+        )),
+    }
+}
+
+/// Parses `SAGAS_HTTP_MAX_CONNECTIONS`: 1 to 1,000,000 connections.
+pub fn parse_http_max_connections(raw: &str) -> Result<usize, String> {
+    match raw.trim().parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "SAGAS_HTTP_MAX_CONNECTIONS={raw:?} is not a number from 1 to 1000000"
+        )),
+    }
+}
+
+impl HttpLimits {
+    /// Reads the limits from the environment (defaults for unset variables); an unusable value
+    /// is an error naming its variable.
+    pub fn from_env() -> Result<HttpLimits, String> {
+        let mut invalid = Vec::new();
+        let mut limits = HttpLimits::default();
+        if let Ok(raw) = std::env::var("SAGAS_HTTP_HEADER_TIMEOUT_MS") {
+            match parse_http_timeout("SAGAS_HTTP_HEADER_TIMEOUT_MS", &raw) {
+                Ok(d) => limits.header_timeout = d,
+                Err(e) => invalid.push(e),
+            }
+        }
+        if let Ok(raw) = std::env::var("SAGAS_HTTP_BODY_TIMEOUT_MS") {
+            match parse_http_timeout("SAGAS_HTTP_BODY_TIMEOUT_MS", &raw) {
+                Ok(d) => limits.body_timeout = d,
+                Err(e) => invalid.push(e),
+            }
+        }
+        if let Ok(raw) = std::env::var("SAGAS_HTTP_MAX_CONNECTIONS") {
+            match parse_http_max_connections(&raw) {
+                Ok(n) => limits.max_connections = n,
+                Err(e) => invalid.push(e),
+            }
+        }
+        if invalid.is_empty() {
+            Ok(limits)
+        } else {
+            Err(invalid.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod http_limits_tests {
+    use super::*;
+
+    #[test]
+    fn http_timeouts_and_the_connection_cap_refuse_values_out_of_range_naming_the_variable() {
+        let t = |raw: &str| parse_http_timeout("SAGAS_HTTP_BODY_TIMEOUT_MS", raw);
+        assert_eq!(t("1"), Ok(std::time::Duration::from_millis(1)));
+        assert_eq!(t(" 2500 "), Ok(std::time::Duration::from_millis(2500)));
+        for bad in ["0", "-1", "1.5", "10s", "", "3600001"] {
+            let err = t(bad).unwrap_err();
+            assert!(err.contains("SAGAS_HTTP_BODY_TIMEOUT_MS"), "{bad}: {err}");
+        }
+        assert_eq!(parse_http_max_connections("64"), Ok(64));
+        for bad in ["0", "-3", "many", "1000001"] {
+            let err = parse_http_max_connections(bad).unwrap_err();
+            assert!(err.contains("SAGAS_HTTP_MAX_CONNECTIONS"), "{bad}: {err}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

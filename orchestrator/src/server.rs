@@ -3,11 +3,17 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SystemClock;
-use crate::config::Config;
+use crate::config::{Config, HttpLimits};
 use crate::definition::Registry;
 use crate::engine::{Engine, EngineConfig};
 use crate::store::PgStore;
@@ -54,6 +60,7 @@ pub async fn serve(
     config
         .check()
         .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+    let limits = HttpLimits::from_env().map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
     let _ = crate::api::metrics::handle();
     let engine = engine(&config, registry).await?;
     let shutdown = shutdown.unwrap_or_else(|| {
@@ -75,15 +82,105 @@ pub async fn serve(
         tracing::info!(%addr, tokens = config.api_tokens.len(), "HTTP API listening");
     }
     let runner = tokio::spawn(engine.clone().run(shutdown.clone()));
-    let app = crate::api::router_with(engine, crate::api::ApiOptions::from_config(&config));
-    let s = shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { s.cancelled().await })
-        .await
-        .context("HTTP server")?;
+    let options = crate::api::ApiOptions {
+        body_timeout: limits.body_timeout,
+        ..crate::api::ApiOptions::from_config(&config)
+    };
+    let app = crate::api::router_with(engine, options);
+    serve_http(listener, app, limits, shutdown.clone()).await;
     shutdown.cancel();
     runner.await.context("engine task")??;
     Ok(())
+}
+
+/// Serves `app` on `listener` within `limits` until `shutdown`, then stops accepting and
+/// returns once the requests in flight are answered.
+///
+/// HTTP/1.1 by hyper: a connection has `limits.header_timeout` to send each request's headers
+/// (and may stay idle that long between requests) before it is closed; at most
+/// `limits.max_connections` are served at once, and further ones wait in the listen backlog
+/// until one closes. Body timeouts and sizes are the router's ([`crate::api::body`]).
+pub async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    let mut full = false;
+    loop {
+        // A slot first, so that a connection over the cap is not even accepted.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                full = false;
+                slot
+            }
+            Err(_) => {
+                if !full {
+                    full = true;
+                    tracing::warn!(
+                        max = limits.max_connections,
+                        "HTTP connections at their cap (SAGAS_HTTP_MAX_CONNECTIONS); new ones wait"
+                    );
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            // Reap finished connections while waiting.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            _ = shutdown.cancelled() => break,
+        };
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                _ = stop.cancelled() => {
+                    // Answers the request in flight, if any, then closes.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                // Timeouts, resets, malformed requests: the client's doing.
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// After a failed `accept`: a connection that failed before it was taken costs nothing, but
+/// running out of descriptors would turn the loop into a busy one, so it pauses.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accepting an HTTP connection failed; retrying in 1 s");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 }
 
 /// Resolves on SIGTERM or Ctrl-C (one implementation for both crates: the participant SDK's).

@@ -1,15 +1,16 @@
 //! The HTTP API end to end over real PostgreSQL and RabbitMQ: abort and retry, listing with
 //! a keyset cursor, the registered definitions, readiness, bearer tokens, `?wait`, deadlines,
-//! the OpenAPI document, metrics, request ids and body limits.
+//! the OpenAPI document, metrics, request ids, body limits, input that cannot be stored, and
+//! the HTTP server's limits (read timeouts, the connection cap) seen from raw TCP clients.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lapin::Connection;
 use sagas::orchestrator::api::ApiOptions;
 use sagas::orchestrator::clock::SystemClock;
-use sagas::orchestrator::config::{ApiToken, Config, Role};
+use sagas::orchestrator::config::{ApiToken, Config, HttpLimits, Role};
 use sagas::orchestrator::machine::StepStatus;
 use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
 use sagas::orchestrator::{Definition, Engine, Registry, Status};
@@ -19,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::examples::bank;
-use crate::helpers::{self, TestEnv, amqp_url, engine_config, spawn_app, spawn_app_with_api};
+use crate::helpers::{
+    self, TestEnv, amqp_url, engine_config, spawn_app, spawn_app_with_api, spawn_app_with_limits,
+};
 
 /// The participant of the test definitions (cleaned up with the test's topology).
 const PARTICIPANT: &str = "silent";
@@ -1271,6 +1274,233 @@ async fn a_repeated_start_with_the_same_idempotency_key_returns_the_first_transa
     Ok(())
 }
 
+// --- Input that cannot be stored -----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_anywhere_in_a_body_is_refused_400_naming_where_and_nothing_is_stored()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let app = spawn_app(&env, bank::registry()?).await?;
+    let http = reqwest::Client::new();
+    let post = |path: String, body: Value| {
+        let req = http.post(app.url(&path)).json(&body);
+        async move {
+            let res = req.send().await?;
+            anyhow::Ok((res.status().as_u16(), res.json::<Value>().await?))
+        }
+    };
+    // Found by a fuzzer: PostgreSQL cannot store a NUL in text or jsonb, and this was a 503.
+    for (body, at) in [
+        (
+            json!({"input": {"from": "acct-1\u{0}", "to": "acct-2", "amount": 1}}),
+            "input.from",
+        ),
+        (
+            json!({"input": {"from": "a", "to": "b", "amount": 1, "memo": {"lines": ["ok", "x\u{0}"]}}}),
+            "input.memo.lines[1]",
+        ),
+        (
+            json!({"input": {"fr\u{0}om": "acct-1", "to": "acct-2", "amount": 1}}),
+            "input.fr\\u0000om",
+        ),
+        (
+            json!({"input": {"from": "acct-1", "to": "acct-2", "amount": 1}, "idempotency_key": "k\u{0}"}),
+            "idempotency_key",
+        ),
+    ] {
+        let (status, answer) = post("/v1/sagas/transfer_saga".into(), body.clone()).await?;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"], "invalid_body", "{answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(
+            message.contains("NUL") && message.ends_with(at),
+            "{message}"
+        );
+    }
+    // Nor can JSON text carry half of a UTF-16 surrogate pair.
+    let res = http
+        .post(app.url("/v1/sagas/transfer_saga"))
+        .header("content-type", "application/json")
+        .body(r#"{"input": {"from": "\ud800", "to": "acct-2", "amount": 1}}"#)
+        .send()
+        .await?;
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.json::<Value>().await?["error"], "malformed_body");
+    // No participant answers: the transfer stays in its forward phase, so abort would fit.
+    let (status, started) = post(
+        "/v1/sagas/transfer_saga".into(),
+        json!({"input": {"from": "acct-1", "to": "acct-2", "amount": 1}}),
+    )
+    .await?;
+    assert_eq!(status, 202, "{started}");
+    let id = started["id"].as_str().unwrap().to_owned();
+    for action in ["abort", "retry", "resolve"] {
+        let (status, answer) = post(
+            format!("/v1/sagas/{id}/{action}"),
+            json!({"reason": "customer\u{0} asked"}),
+        )
+        .await?;
+        assert_eq!(status, 400, "{action}: {answer}");
+        assert_eq!(answer["error"], "invalid_body");
+        assert!(answer["message"].as_str().unwrap().ends_with("reason"));
+    }
+    let id: Uuid = id.parse()?;
+    let events = app.engine.events(id).await?;
+    assert!(events.iter().all(|e| e.event.kind() != "operator_action"));
+    let page: Value = http.get(app.url("/v1/sagas")).send().await?.json().await?;
+    assert_eq!(ids(&page), [id], "only the clean start was stored");
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_parameters_the_store_cannot_take_are_refused_400_naming_the_parameter() -> Result<()>
+{
+    let api = Api::start().await?;
+    // Found by a fuzzer, both answered 503: a NUL in a parameter, and a cursor that decodes to
+    // 210,900 years before 1970, before PostgreSQL's earliest timestamp.
+    let forged = "2d3231303930303030303030303030303030307c30303030303030302d303030302d303030302d303030302d303030303030303030303030";
+    for (query, named) in [
+        ("definition=a%00b".to_owned(), "definition"),
+        ("definition=a%20b".to_owned(), "definition"),
+        (format!("cursor={forged}"), "cursor"),
+        // A cursor spelled otherwise than the server wrote it: upper-case hex.
+        (format!("cursor={}", forged.to_uppercase()), "cursor"),
+        ("status=".to_owned(), "status"),
+        ("limit=".to_owned(), "limit"),
+        ("limit=%2B5".to_owned(), "limit"),
+        ("created_after=".to_owned(), "created_after"),
+        (
+            "created_before=2026-01-01T00:00:00Z%00".to_owned(),
+            "created_before",
+        ),
+    ] {
+        let (status, body) = api.get(&format!("/v1/sagas?{query}")).await?;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"], "invalid_query", "{query}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(named),
+            "{query}: {body}"
+        );
+    }
+    let (status, _) = api
+        .get("/v1/sagas/00000000-0000-0000-0000-000000000000?wait=")
+        .await?;
+    assert_eq!(status, 400);
+    // A cursor the server wrote still pages.
+    api.completed("api_saga").await?;
+    api.completed("api_saga").await?;
+    let (_, first) = api.get("/v1/sagas?limit=1").await?;
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let (status, second) = api
+        .get(&format!("/v1/sagas?limit=1&cursor={cursor}"))
+        .await?;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(ids(&second).len(), 1);
+    assert_ne!(ids(&second), ids(&first));
+    api.stop().await;
+    Ok(())
+}
+
+// --- The served OpenAPI document -----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_document_describes_what_the_server_answers_with_and_without_tokens()
+-> Result<()> {
+    // Without tokens: no operation asks for one or answers 401/403.
+    let api = Api::start_with(&["api_saga"], ApiOptions::default()).await?;
+    let doc: Value = api
+        .http
+        .get(api.app.url("/openapi.json"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let operations = || {
+        doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+    };
+    assert!(operations().count() >= 12);
+    for operation in operations() {
+        assert!(operation.get("security").is_none(), "{operation}");
+        let responses = operation["responses"].as_object().unwrap();
+        assert!(!responses.contains_key("401") && !responses.contains_key("403"));
+    }
+    let schemas = &doc["components"]["schemas"];
+    // Events carry `logged_at`, as the server sends them.
+    let id = api.completed("api_saga").await?;
+    let (_, events) = api.get(&format!("/v1/sagas/{id}/events")).await?;
+    // The fixed fields are one part of an allOf, the kind's own fields the other.
+    let required: Vec<&Value> = schemas["EventView"]["allOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|part| part["required"].as_array())
+        .flatten()
+        .collect();
+    assert!(required.contains(&&json!("logged_at")), "{required:?}");
+    for event in events.as_array().unwrap() {
+        for field in &required {
+            assert!(
+                event.get(field.as_str().unwrap()).is_some(),
+                "{field} missing: {event}"
+            );
+        }
+    }
+    // A `?wait` answer is a SagaView, which has fields that `Started` does not admit: it
+    // matches one branch of StartAnswer only.
+    assert_eq!(schemas["Started"]["additionalProperties"], false);
+    // `reason` is a required string; abort, retry and resolve document their 415.
+    assert!(
+        schemas["ActionRequest"]["required"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("reason"))
+    );
+    assert_eq!(
+        schemas["ActionRequest"]["properties"]["reason"]["type"],
+        "string"
+    );
+    for action in ["abort", "retry", "resolve"] {
+        let responses = &doc["paths"][format!("/v1/sagas/{{id}}/{action}")]["post"]["responses"];
+        for status in ["408", "413", "415"] {
+            assert!(responses.get(status).is_some(), "{action} {status}");
+        }
+        let res = api
+            .http
+            .post(api.app.url(&format!("/v1/sagas/{id}/{action}")))
+            .send()
+            .await?;
+        assert_eq!(res.status(), 415);
+        assert_eq!(
+            res.json::<Value>().await?["error"],
+            "unsupported_media_type"
+        );
+    }
+    api.stop().await;
+
+    // With tokens: the document as generated, every guarded operation asking for one.
+    let api = Api::start_with(&["api_saga"], Api::with_tokens()).await?;
+    let doc: Value = api
+        .http
+        .get(api.app.url("/openapi.json"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        doc,
+        serde_json::to_value(sagas::orchestrator::api::openapi())?
+    );
+    assert!(doc["paths"]["/v1/sagas"]["get"]["security"].is_array());
+    api.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bearer_scheme_is_accepted_in_any_case() -> Result<()> {
     let api = Api::start_with(&["api_saga"], Api::with_tokens()).await?;
@@ -1291,5 +1521,201 @@ async fn the_bearer_scheme_is_accepted_in_any_case() -> Result<()> {
         .await?;
     assert_eq!(res.status(), 401);
     api.stop().await;
+    Ok(())
+}
+
+// --- HTTP server limits, from raw TCP clients ----------------------------------------------------
+
+/// Limits with short read timeouts, so that a test sees them run out.
+fn short_timeouts() -> HttpLimits {
+    HttpLimits {
+        header_timeout: Duration::from_millis(500),
+        body_timeout: Duration::from_millis(500),
+        ..HttpLimits::default()
+    }
+}
+
+/// How long a test waits for the server to close a connection: far beyond any limit it sets.
+const GENEROUS: Duration = Duration::from_secs(15);
+
+/// A TCP connection to `app` on which `head` has been written.
+async fn raw(app: &helpers::App, head: &str) -> Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await?;
+    stream.write_all(head.as_bytes()).await?;
+    Ok(stream)
+}
+
+/// Everything the server sends until it closes the connection (a reset counts as closing),
+/// or an error if it is still open after [`GENEROUS`].
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let closed = tokio::time::timeout(GENEROUS, read).await;
+    let got = String::from_utf8_lossy(&got).into_owned();
+    closed.map_err(|_| {
+        anyhow::anyhow!("the connection was still open after {GENEROUS:?}; read: {got:?}")
+    })?;
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_headers_and_idle_kept_alive_connections_are_closed_after_the_header_timeout()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let app = spawn_app_with_limits(
+        &env,
+        Registry::new(),
+        ApiOptions::default(),
+        short_timeouts(),
+    )
+    .await?;
+    // Headers that never end.
+    let mut stream = raw(&app, "GET /healthz HTTP/1.1\r\nHost: sagas\r\nX-Slow: 1").await?;
+    assert_eq!(until_closed(&mut stream).await?, "");
+    // A request answered, then nothing: the kept-alive connection is closed too.
+    let mut stream = raw(&app, "GET /healthz HTTP/1.1\r\nHost: sagas\r\n\r\n").await?;
+    let answered = until_closed(&mut stream).await?;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_shorter_than_its_length_or_too_slow_is_answered_408_and_the_connection_closed()
+-> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::new().await?;
+    let app = spawn_app_with_limits(
+        &env,
+        Registry::new().with(one_step("api_saga")?)?,
+        ApiOptions::default(),
+        short_timeouts(),
+    )
+    .await?;
+    let post = |path: &str, length: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: sagas\r\nContent-Type: application/json\r\n\
+             Content-Length: {length}\r\n\r\n"
+        )
+    };
+    // Ten bytes of a hundred, then silence.
+    for path in [
+        "/v1/sagas/api_saga",
+        &format!("/v1/sagas/{}/abort", Uuid::now_v7()),
+    ] {
+        let mut stream = raw(&app, &post(path, 100)).await?;
+        stream.write_all(br#"{"input": "#).await?;
+        let answer = until_closed(&mut stream).await.context(path.to_owned())?;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    // A byte at a time, never pausing for as long as the timeout: the timeout is for the whole
+    // body. The server may close while bytes are still coming (a reset): closed either way.
+    let mut stream = raw(&app, &post("/v1/sagas/api_saga", 100_000)).await?;
+    let drip = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        for _ in 0..100_000 {
+            tick.tick().await;
+            if stream.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(GENEROUS, drip)
+        .await
+        .map_err(|_| anyhow::anyhow!("the server still read a slow body after {GENEROUS:?}"))?;
+    let answer = until_closed(&mut stream).await.context("drip")?;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    let page: Value = reqwest::get(app.url("/v1/sagas")).await?.json().await?;
+    assert!(ids(&page).is_empty(), "nothing started: {page}");
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_body_over_the_limit_is_refused_413_before_any_of_it_is_sent() -> Result<()> {
+    let env = TestEnv::new().await?;
+    // The default body timeout (30 s) is longer than the wait: only an answer that does not
+    // wait for the body arrives in time.
+    let app = spawn_app_with_limits(
+        &env,
+        Registry::new().with(one_step("api_saga")?)?,
+        ApiOptions::default(),
+        HttpLimits::default(),
+    )
+    .await?;
+    for path in ["/v1/sagas/api_saga", "/nowhere"] {
+        let mut stream = raw(
+            &app,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: sagas\r\nContent-Type: application/json\r\n\
+                 Content-Length: 5000000000\r\n\r\n"
+            ),
+        )
+        .await?;
+        let answer = until_closed(&mut stream).await?;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+        assert!(answer.contains("body_too_large"), "{answer}");
+    }
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_wait_until_one_closes() -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let env = TestEnv::new().await?;
+    let limits = HttpLimits {
+        max_connections: 2,
+        header_timeout: Duration::from_secs(60),
+        ..HttpLimits::default()
+    };
+    let app = spawn_app_with_limits(&env, Registry::new(), ApiOptions::default(), limits).await?;
+    let request = "GET /healthz HTTP/1.1\r\nHost: sagas\r\n\r\n";
+    // Two connections served once each and kept alive: both slots are taken.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = raw(&app, request).await?;
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(GENEROUS, stream.read(&mut buf)).await??;
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(stream);
+    }
+    // A third is not served while they are held...
+    let mut third = raw(&app, request).await?;
+    let mut buf = [0u8; 1024];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await;
+    assert!(early.is_err(), "served over the cap: {early:?}");
+    // ...and is once one of them closes.
+    drop(held.pop());
+    let n = tokio::time::timeout(GENEROUS, third.read(&mut buf)).await??;
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    drop(held);
+    app.stop().await;
+    env.cleanup().await;
     Ok(())
 }

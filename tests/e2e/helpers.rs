@@ -18,6 +18,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use sagas::orchestrator::api::ApiOptions;
 use sagas::orchestrator::clock::SystemClock;
+use sagas::orchestrator::config::HttpLimits;
 use sagas::orchestrator::machine::Instance;
 use sagas::orchestrator::store::{PgStore, SagaStore};
 use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
@@ -147,7 +148,14 @@ pub async fn spawn_app(env: &TestEnv, registry: Registry) -> Result<App> {
 
 /// [`spawn_app`] with transport settings of its own (e.g. command batches).
 pub async fn spawn_app_with(env: &TestEnv, registry: Registry, amqp: AmqpConfig) -> Result<App> {
-    spawn(env, registry, amqp, ApiOptions::default()).await
+    spawn(
+        env,
+        registry,
+        amqp,
+        ApiOptions::default(),
+        HttpLimits::default(),
+    )
+    .await
 }
 
 /// [`spawn_app`] with HTTP API options of its own (tokens, body limit).
@@ -156,7 +164,29 @@ pub async fn spawn_app_with_api(
     registry: Registry,
     options: ApiOptions,
 ) -> Result<App> {
-    spawn(env, registry, env.amqp_config(), options).await
+    spawn(
+        env,
+        registry,
+        env.amqp_config(),
+        options,
+        HttpLimits::default(),
+    )
+    .await
+}
+
+/// [`spawn_app_with_api`] served within HTTP limits of its own (timeouts, connection cap), the
+/// body timeout of `limits` replacing that of `options`, as `server::serve` does.
+pub async fn spawn_app_with_limits(
+    env: &TestEnv,
+    registry: Registry,
+    options: ApiOptions,
+    limits: HttpLimits,
+) -> Result<App> {
+    let options = ApiOptions {
+        body_timeout: limits.body_timeout,
+        ..options
+    };
+    spawn(env, registry, env.amqp_config(), options, limits).await
 }
 
 async fn spawn(
@@ -164,6 +194,7 @@ async fn spawn(
     registry: Registry,
     amqp: AmqpConfig,
     options: ApiOptions,
+    limits: HttpLimits,
 ) -> Result<App> {
     let engine = Engine::new(
         Arc::new(env.store()),
@@ -177,12 +208,13 @@ async fn spawn(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let app = sagas::orchestrator::api::router_with(engine.clone(), options);
-    let s = shutdown.clone();
-    let http = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { s.cancelled().await })
-            .await;
-    });
+    // Served as `sagad` serves it, limits included.
+    let http = tokio::spawn(sagas::orchestrator::server::serve_http(
+        listener,
+        app,
+        limits,
+        shutdown.clone(),
+    ));
     let runner = {
         let engine = engine.clone();
         let s = shutdown.clone();

@@ -3,22 +3,23 @@
 //! Routes are registered through utoipa-axum's `OpenApiRouter`, so the OpenAPI document
 //! (`GET /openapi.json`) is generated from the same handlers the router serves.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Extension};
 use axum::http::header::CONTENT_TYPE;
-use axum::middleware;
 use axum::response::IntoResponse;
+use axum::{Router, middleware};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::config::{ApiToken, Config, DEFAULT_BODY_LIMIT, Role};
+use crate::config::{ApiToken, Config, DEFAULT_BODY_LIMIT, DEFAULT_HTTP_BODY_TIMEOUT, Role};
 use crate::engine::Engine;
 
 pub mod auth;
+pub mod body;
 pub mod definitions;
 pub mod error;
 pub mod health;
@@ -40,6 +41,8 @@ pub struct ApiOptions {
     pub tokens: Vec<ApiToken>,
     /// Largest accepted request body in bytes.
     pub body_limit: usize,
+    /// Time to send a whole request body once a handler reads it (408 after).
+    pub body_timeout: Duration,
 }
 
 impl Default for ApiOptions {
@@ -47,16 +50,19 @@ impl Default for ApiOptions {
         ApiOptions {
             tokens: Vec::new(),
             body_limit: BODY_LIMIT,
+            body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
         }
     }
 }
 
 impl ApiOptions {
-    /// The options a process configuration asks for.
+    /// The options a process configuration asks for (the body timeout is an
+    /// [`crate::config::HttpLimits`] setting: the default here).
     pub fn from_config(config: &Config) -> ApiOptions {
         ApiOptions {
             tokens: config.api_tokens.clone(),
             body_limit: config.body_limit,
+            ..ApiOptions::default()
         }
     }
 }
@@ -98,6 +104,10 @@ impl Modify for BearerScheme {
     }
 }
 
+/// The document a server serves, as JSON text.
+#[derive(Debug, Clone)]
+struct Served(Arc<str>);
+
 /// `GET /openapi.json`: this API's OpenAPI document.
 #[utoipa::path(
     get,
@@ -106,14 +116,8 @@ impl Modify for BearerScheme {
     operation_id = "openapi",
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)),
 )]
-async fn openapi_json() -> impl IntoResponse {
-    static JSON: OnceLock<String> = OnceLock::new();
-    let json = JSON.get_or_init(|| {
-        openapi()
-            .to_pretty_json()
-            .expect("the OpenAPI document serializes")
-    });
-    ([(CONTENT_TYPE, "application/json")], json.as_str())
+async fn openapi_json(Extension(Served(json)): Extension<Served>) -> impl IntoResponse {
+    ([(CONTENT_TYPE, "application/json")], json.to_string())
 }
 
 /// Every route with its OpenAPI description, the guarded ones behind their role.
@@ -150,9 +154,38 @@ fn routes(auth: Arc<Auth>) -> OpenApiRouter<Arc<Engine>> {
         .merge(open)
 }
 
-/// The OpenAPI document of the API, generated from the handlers.
+/// The OpenAPI document of the API, generated from the handlers (as served with tokens).
 pub fn openapi() -> utoipa::openapi::OpenApi {
     routes(Arc::new(Auth::default())).into_openapi()
+}
+
+/// The OpenAPI document a server with `options` serves. Without tokens no operation asks for
+/// one, and none answers 401 or 403.
+pub fn openapi_for(options: &ApiOptions) -> serde_json::Value {
+    let mut doc = serde_json::to_value(openapi()).expect("the OpenAPI document serializes");
+    if options.tokens.is_empty() {
+        let operations = doc["paths"]
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|paths| paths.values_mut())
+            .filter_map(|item| item.as_object_mut())
+            .flat_map(|item| item.values_mut())
+            .filter_map(|operation| operation.as_object_mut());
+        for operation in operations {
+            operation.remove("security");
+            if let Some(responses) = operation
+                .get_mut("responses")
+                .and_then(|r| r.as_object_mut())
+            {
+                responses.remove("401");
+                responses.remove("403");
+            }
+        }
+        if let Some(components) = doc["components"].as_object_mut() {
+            components.remove("securitySchemes");
+        }
+    }
+    doc
 }
 
 /// The HTTP application over `engine`, unauthenticated, with the default body limit (for
@@ -165,11 +198,19 @@ pub fn router(engine: Arc<Engine>) -> Router {
 pub fn router_with(engine: Arc<Engine>, options: ApiOptions) -> Router {
     // Installs the process's recorder before anything is counted.
     let _ = metrics::handle();
+    let served = serde_json::to_string_pretty(&openapi_for(&options))
+        .expect("the OpenAPI document serializes");
+    let limits = body::BodyLimits {
+        limit: options.body_limit,
+        timeout: options.body_timeout,
+    };
     let (router, _) = routes(Arc::new(Auth::new(options.tokens))).split_for_parts();
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(Extension(Served(served.into())))
         .layer(DefaultBodyLimit::max(options.body_limit))
+        .layer(middleware::from_fn_with_state(limits, body::limit_body))
         .layer(middleware::from_fn(observe::observe))
         .with_state(engine)
 }

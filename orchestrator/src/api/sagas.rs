@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +16,7 @@ use utoipa::{IntoParams, IntoResponses, ToSchema};
 use uuid::Uuid;
 
 use super::auth::Caller;
+use super::body::JsonBody;
 use super::{ApiError, ErrorBody};
 use crate::engine::{Engine, StartOptions};
 use crate::machine::{Input, Instance, Status};
@@ -61,17 +62,21 @@ pub struct StartRequest {
     /// Seconds from now until which the forward phase may run; a transaction still moving
     /// forward then is compensated (or cancelled). 1 to 2592000 (30 days).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub deadline_s: Option<i64>,
     /// A key of the client's choosing (1 to 200 visible ASCII characters): a retry of the same
     /// request with the same key returns the first transaction (200) instead of starting
     /// another; the key with a different request is a conflict (409). The `Idempotency-Key`
     /// header works too.
     #[serde(default)]
+    #[schema(pattern = "^[!-~]{1,200}$")]
     pub idempotency_key: Option<String>,
 }
 
 /// Answer to a start request.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+// Closed, so that a `SagaView` never also matches this branch of `StartAnswer`.
+#[serde(deny_unknown_fields)]
 pub struct Started {
     /// The new transaction's id.
     pub id: Uuid,
@@ -98,18 +103,26 @@ pub enum StartAnswer {
 pub struct WaitQuery {
     /// Hold the answer until the transaction is completed, compensated, resolved or stuck,
     /// at most this many seconds (0 to 60).
-    #[param(value_type = Option<u64>, maximum = 60)]
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 60)]
     pub wait: Option<String>,
+}
+
+/// A query value of decimal digits only (no sign, no spaces), as a number.
+fn whole_number(raw: &str) -> Option<u64> {
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    raw.parse().ok()
 }
 
 impl WaitQuery {
     /// The wait asked for, if any; 400 naming `wait` when it does not fit.
     pub fn duration(&self) -> Result<Option<Duration>, ApiError> {
         match self.wait.as_deref() {
-            None | Some("") => Ok(None),
-            Some(w) => match w.parse::<u64>() {
-                Ok(0) => Ok(None),
-                Ok(n) if n <= MAX_WAIT_S => Ok(Some(Duration::from_secs(n))),
+            None => Ok(None),
+            Some(w) => match whole_number(w) {
+                Some(0) => Ok(None),
+                Some(n) if n <= MAX_WAIT_S => Ok(Some(Duration::from_secs(n))),
                 _ => Err(ApiError::invalid_query(format!(
                     "wait {w:?} must be a whole number of seconds from 0 to {MAX_WAIT_S}"
                 ))),
@@ -285,10 +298,11 @@ fn deadline(request: &StartRequest) -> Result<Option<Duration>, ApiError> {
         (status = 200, description = "With `wait`: the transaction, terminal; or a repeated start with the same idempotency key and request: the first transaction's id and status (or view, with `wait`)", body = StartAnswer),
         (status = 202, description = "Started: its id and status without `wait`; with `wait`, the transaction as it is when the wait ended (still running, or stuck)", body = StartAnswer),
         (status = 409, description = "`conflict`: the idempotency key was used for another request", body = ErrorBody),
-        (status = 400, description = "`invalid_input`, `malformed_body`, `invalid_body` or `invalid_query`", body = ErrorBody),
+        (status = 400, description = "`invalid_input`, `malformed_body`, `invalid_body` (including text with a NUL character) or `invalid_query`", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "The token's role is `read`", body = ErrorBody),
         (status = 404, description = "`unknown_definition`", body = ErrorBody),
+        (status = 408, description = "`request_timeout`: the body did not arrive in time", body = ErrorBody),
         (status = 413, description = "`body_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 503, description = "`unavailable`", body = ErrorBody),
@@ -300,7 +314,7 @@ pub async fn start(
     Path(definition): Path<String>,
     query: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
-    body: Result<Json<StartRequest>, JsonRejection>,
+    body: Result<JsonBody<StartRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
     // An unknown definition is a 404 whatever the body says.
     if engine.registry().latest(&definition).is_none() {
@@ -308,7 +322,7 @@ pub async fn start(
     }
     let Query(query) = query?;
     let wait = query.duration()?;
-    let Json(request) = body?;
+    let JsonBody(request) = body?;
     let options = StartOptions {
         deadline: deadline(&request)?,
         idempotency_key: idempotency_key(&request, &headers)?,
@@ -398,8 +412,9 @@ pub async fn get(
 pub struct EventView {
     /// Position in the log, from 1.
     pub seq: i64,
-    /// When it was appended.
-    pub at: chrono::DateTime<chrono::Utc>,
+    /// When it was appended (a `retry_scheduled` event's own `at` is the time of the next
+    /// attempt).
+    pub logged_at: chrono::DateTime<chrono::Utc>,
     /// `started`, `command_prepared`, `dispatched`, `replied`, `timed_out`, `retry_scheduled`,
     /// `gave_up`, `undo_started`, `confirm_started`, `stuck`, `operator_action`, `finished`, …
     pub kind: String,
@@ -441,7 +456,16 @@ pub async fn events(
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
-    /// Why the operator acts; recorded in the log. Required and non-empty.
+    /// Why the operator acts; recorded in the log (without surrounding white space). 1 to
+    /// 1000 characters, at least one of them not white space, and no NUL (`\u0000`).
+    // An Option, so that a missing reason gets the message below rather than serde's.
+    #[schema(
+        value_type = String,
+        required = true,
+        min_length = 1,
+        max_length = 1000,
+        pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"
+    )]
     pub reason: Option<String>,
 }
 
@@ -472,11 +496,16 @@ fn actor(caller: &Caller, headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(name.to_owned())
 }
 
-fn reason(body: Result<Json<ActionRequest>, JsonRejection>) -> Result<String, ApiError> {
-    let Json(request) = body?;
+/// White space as the document's pattern counts it (`\s` of JSON Schema's ECMA-262 regular
+/// expressions): Unicode's but U+0085, and U+FEFF.
+fn blank(c: char) -> bool {
+    (c.is_whitespace() && c != '\u{85}') || c == '\u{feff}'
+}
+
+fn reason(body: Result<JsonBody<ActionRequest>, ApiError>) -> Result<String, ApiError> {
+    let JsonBody(request) = body?;
     let reason = request.reason.unwrap_or_default();
-    let reason = reason.trim();
-    if reason.is_empty() {
+    if reason.chars().all(blank) {
         return Err(ApiError::invalid_body(
             "\"reason\" is required: say why, it is recorded in the transaction's log",
         ));
@@ -486,7 +515,7 @@ fn reason(body: Result<Json<ActionRequest>, JsonRejection>) -> Result<String, Ap
             "\"reason\" must have at most {MAX_TEXT} characters"
         )));
     }
-    Ok(reason.to_owned())
+    Ok(reason.trim_matches(blank).to_owned())
 }
 
 /// The answers of `POST /v1/sagas/{id}/abort`, `/retry` and `/resolve` but their 409, which
@@ -496,7 +525,8 @@ pub enum ActionResponses {
     /// Done; the transaction as it now is
     #[response(status = 200)]
     Done(SagaView),
-    /// `invalid_body` (no reason), `malformed_body`, `malformed_id`
+    /// `invalid_body` (no reason, or text with a NUL character), `malformed_body`,
+    /// `malformed_id`
     #[response(status = 400)]
     Invalid(ErrorBody),
     /// No valid token
@@ -508,6 +538,15 @@ pub enum ActionResponses {
     /// `not_found`
     #[response(status = 404)]
     NotFound(ErrorBody),
+    /// `request_timeout`: the body did not arrive in time
+    #[response(status = 408)]
+    Timeout(ErrorBody),
+    /// `body_too_large`
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// `unsupported_media_type`: the body is not `application/json`
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
     /// `unavailable`
     #[response(status = 503)]
     Unavailable(ErrorBody),
@@ -519,7 +558,7 @@ async fn act(
     id: Result<Path<String>, PathRejection>,
     caller: &Caller,
     headers: &HeaderMap,
-    body: Result<Json<ActionRequest>, JsonRejection>,
+    body: Result<JsonBody<ActionRequest>, ApiError>,
     input: fn(String, String) -> Input,
 ) -> Result<Json<SagaView>, ApiError> {
     let id = parse_id(id)?;
@@ -551,7 +590,7 @@ pub async fn abort(
     id: Result<Path<String>, PathRejection>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    body: Result<Json<ActionRequest>, JsonRejection>,
+    body: Result<JsonBody<ActionRequest>, ApiError>,
 ) -> Result<Json<SagaView>, ApiError> {
     act(&engine, id, &caller, &headers, body, |actor, reason| {
         Input::Abort { actor, reason }
@@ -579,7 +618,7 @@ pub async fn retry(
     id: Result<Path<String>, PathRejection>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    body: Result<Json<ActionRequest>, JsonRejection>,
+    body: Result<JsonBody<ActionRequest>, ApiError>,
 ) -> Result<Json<SagaView>, ApiError> {
     act(&engine, id, &caller, &headers, body, |actor, reason| {
         Input::Retry { actor, reason }
@@ -607,7 +646,7 @@ pub async fn resolve(
     id: Result<Path<String>, PathRejection>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    body: Result<Json<ActionRequest>, JsonRejection>,
+    body: Result<JsonBody<ActionRequest>, ApiError>,
 ) -> Result<Json<SagaView>, ApiError> {
     act(&engine, id, &caller, &headers, body, |actor, reason| {
         Input::Resolve { actor, reason }
@@ -623,12 +662,14 @@ pub struct ListQuery {
     /// Only this status.
     #[param(schema_with = status_schema)]
     pub status: Option<String>,
-    /// Only this definition.
+    /// Only this definition (a definition name: 1 to 100 of `A-Za-z0-9_.-`).
+    #[param(pattern = "^[A-Za-z0-9_.-]{1,100}$")]
     pub definition: Option<String>,
     /// Page size, 1 to 500 (default 50).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (described in its schema, [`cursor_schema`]).
+    #[param(schema_with = cursor_schema)]
     pub cursor: Option<String>,
     /// Only transactions created at or after this time (RFC 3339).
     #[param(value_type = Option<String>, format = DateTime)]
@@ -647,7 +688,7 @@ pub struct SagaPage {
     pub next_cursor: Option<String>,
 }
 
-/// The opaque cursor of a position: hex of `<created_at µs>|<id>`.
+/// The opaque cursor of a position: lowercase hex of `<created_at µs since 1970>|<id>`.
 pub fn encode_cursor(p: Position) -> String {
     format!("{}|{}", p.created_at.timestamp_micros(), p.id)
         .bytes()
@@ -655,7 +696,28 @@ pub fn encode_cursor(p: Position) -> String {
         .collect()
 }
 
-/// The position a cursor from [`encode_cursor`] stands for.
+/// Every cursor [`decode_cursor`] accepts, as the OpenAPI document states it: the hex of a
+/// number of microseconds without leading zeros (at most 16 digits), `|` and a hyphenated
+/// lowercase UUID.
+pub const CURSOR_PATTERN: &str = "^(30|3[1-9](3[0-9]){0,15})7c(3[0-9]|6[1-6]){8}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){4}2d(3[0-9]|6[1-6]){12}$";
+
+fn cursor_schema() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Type(Type::String))
+        .pattern(Some(CURSOR_PATTERN))
+        .description(Some(
+            "`next_cursor` of the previous page, as it came (opaque)",
+        ))
+        .into()
+}
+
+/// Largest creation time a cursor may carry, in µs since 1970: 16 digits, late in 2286. A
+/// cursor names a time at which an instance was created, so it is never before 1970 nor past
+/// this, and the store's timestamp types hold every time in between.
+const MAX_CURSOR_MICROS: i64 = 9_999_999_999_999_999;
+
+/// The position a cursor from [`encode_cursor`] stands for; `None` for anything that
+/// [`encode_cursor`] cannot have written (another spelling of the same position included).
 pub fn decode_cursor(cursor: &str) -> Option<Position> {
     if !cursor.len().is_multiple_of(2) || cursor.len() > 200 {
         return None;
@@ -666,25 +728,38 @@ pub fn decode_cursor(cursor: &str) -> Option<Position> {
         .collect::<Option<Vec<u8>>>()?;
     let text = String::from_utf8(bytes).ok()?;
     let (micros, id) = text.split_once('|')?;
-    Some(Position {
-        created_at: chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+    let micros: i64 = micros.parse().ok()?;
+    if !(0..=MAX_CURSOR_MICROS).contains(&micros) {
+        return None;
+    }
+    let position = Position {
+        created_at: chrono::DateTime::from_timestamp_micros(micros)?,
         id: id.parse().ok()?,
-    })
+    };
+    (encode_cursor(position) == cursor).then_some(position)
+}
+
+/// Whether `name` can be a definition's name (1 to 100 of `A-Za-z0-9_.-`, as
+/// [`crate::definition::Definition`]'s builder requires).
+fn definition_name(name: &str) -> bool {
+    (1..=100).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
     let status = match q.status.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
             let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
             ApiError::invalid_query(format!("status {s:?} is not one of {}", all.join(", ")))
         })?),
     };
     let limit = match q.limit.as_deref() {
-        None | Some("") => DEFAULT_LIMIT,
-        Some(l) => l
-            .parse::<u32>()
-            .ok()
+        None => DEFAULT_LIMIT,
+        Some(l) => whole_number(l)
+            .and_then(|n| u32::try_from(n).ok())
             .filter(|n| (1..=MAX_LIMIT).contains(n))
             .ok_or_else(|| {
                 ApiError::invalid_query(format!(
@@ -693,7 +768,7 @@ fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
             })?,
     };
     let after = match q.cursor.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(c) => Some(decode_cursor(c).ok_or_else(|| {
             ApiError::invalid_query(
                 "cursor is not one this API returned (pass next_cursor as it came)",
@@ -702,7 +777,7 @@ fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
     };
     let time = |name: &str, v: Option<&str>| -> Result<Option<crate::machine::Time>, ApiError> {
         match v {
-            None | Some("") => Ok(None),
+            None => Ok(None),
             Some(t) => chrono::DateTime::parse_from_rfc3339(t)
                 .map(|t| Some(t.with_timezone(&chrono::Utc)))
                 .map_err(|_| {
@@ -712,9 +787,18 @@ fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
                 }),
         }
     };
+    let definition = match q.definition {
+        None => None,
+        Some(d) if definition_name(&d) => Some(d),
+        Some(d) => {
+            return Err(ApiError::invalid_query(format!(
+                "definition {d:?} is not a definition name (1 to 100 of A-Za-z0-9_.-)"
+            )));
+        }
+    };
     Ok(ListFilter {
         status,
-        definition: q.definition.filter(|d| !d.is_empty()),
+        definition,
         after,
         created_after: time("created_after", q.created_after.as_deref())?,
         created_before: time("created_before", q.created_before.as_deref())?,
@@ -776,23 +860,90 @@ mod tests {
         }
     }
 
+    /// The hex of `text`, as a cursor spells it.
+    fn hex(text: &str) -> String {
+        text.bytes().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn a_cursor_out_of_the_stores_time_range_or_spelled_otherwise_is_refused() {
+        let id = "00000000-0000-0000-0000-000000000000";
+        // From issue 17: 210 thousand years before 1970, past what PostgreSQL stores.
+        let forged = "2d3231303930303030303030303030303030307c30303030303030302d303030302d303030302d303030302d303030303030303030303030";
+        assert_eq!(decode_cursor(forged), None);
+        for text in [
+            format!("-1|{id}"),
+            format!("{}|{id}", MAX_CURSOR_MICROS + 1),
+            format!("{}|{id}", i64::MAX),
+            format!("0012|{id}"),
+            format!("+12|{id}"),
+            format!("12|{}", id.to_uppercase().replace('0', "A")),
+            format!("12|{}", id.replace('-', "")),
+        ] {
+            assert_eq!(decode_cursor(&hex(&text)), None, "{text}");
+        }
+        assert_eq!(
+            decode_cursor(&hex(&text_of(0, id))).map(|p| p.id),
+            Some(Uuid::nil())
+        );
+        let last = decode_cursor(&hex(&text_of(MAX_CURSOR_MICROS, id))).unwrap();
+        assert_eq!(last.created_at.timestamp_micros(), MAX_CURSOR_MICROS);
+    }
+
+    fn text_of(micros: i64, id: &str) -> String {
+        format!("{micros}|{id}")
+    }
+
     #[test]
     fn bad_list_parameters_are_refused_with_a_message_naming_them() {
-        let q = |status: &str, limit: &str, cursor: &str| ListQuery {
-            status: Some(status.into()),
+        let q = |status: Option<&str>, limit: Option<&str>, cursor: Option<&str>| ListQuery {
+            status: status.map(Into::into),
             definition: None,
-            limit: Some(limit.into()),
-            cursor: Some(cursor.into()),
+            limit: limit.map(Into::into),
+            cursor: cursor.map(Into::into),
             created_after: None,
             created_before: None,
         };
         let msg = |r: Result<ListFilter, ApiError>| format!("{:?}", r.unwrap_err());
-        assert!(msg(list_filter(q("done", "", ""))).contains("status"));
-        assert!(msg(list_filter(q("", "0", ""))).contains("limit"));
-        assert!(msg(list_filter(q("", "501", ""))).contains("limit"));
-        assert!(msg(list_filter(q("", "x", ""))).contains("limit"));
-        assert!(msg(list_filter(q("", "", "nope"))).contains("cursor"));
-        let ok = list_filter(q("stuck", "", "")).unwrap();
+        assert!(msg(list_filter(q(Some("done"), None, None))).contains("status"));
+        assert!(msg(list_filter(q(Some(""), None, None))).contains("status"));
+        for limit in ["0", "501", "x", "", "+5", " 5", "99999999999"] {
+            assert!(msg(list_filter(q(None, Some(limit), None))).contains("limit"));
+        }
+        assert!(msg(list_filter(q(None, None, Some("nope")))).contains("cursor"));
+        assert!(msg(list_filter(q(None, None, Some("")))).contains("cursor"));
+        let ok = list_filter(q(Some("stuck"), None, None)).unwrap();
         assert_eq!((ok.status, ok.limit), (Some(Status::Stuck), DEFAULT_LIMIT));
+        let definition = |d: &str| {
+            list_filter(ListQuery {
+                definition: Some(d.into()),
+                ..ListQuery::default()
+            })
+        };
+        assert_eq!(
+            definition("transfer_saga").unwrap().definition.as_deref(),
+            Some("transfer_saga")
+        );
+        for bad in ["a\0b", "", "a b", &"x".repeat(101)] {
+            assert!(msg(definition(bad)).contains("definition"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_reason_needs_a_character_that_is_not_white_space_and_is_stored_trimmed() {
+        let reason_of = |r: &str| {
+            reason(Ok(JsonBody(ActionRequest {
+                reason: Some(r.into()),
+            })))
+        };
+        assert_eq!(reason_of("  refunded \n").unwrap(), "refunded");
+        // Not white space to ECMA-262, which the document's pattern follows.
+        assert_eq!(reason_of("\u{85}").unwrap(), "\u{85}");
+        assert_eq!(reason_of("\u{1e}").unwrap(), "\u{1e}");
+        for blank in ["", " ", "\t\n", "\u{feff}", "\u{3000}\u{a0}"] {
+            assert!(reason_of(blank).is_err(), "{blank:?}");
+        }
+        assert!(reason_of(&"x".repeat(1001)).is_err());
+        assert!(reason_of(&format!(" {}", "x".repeat(999))).is_ok());
     }
 }
