@@ -1469,4 +1469,61 @@ mod retention {
         env.cleanup().await;
         Ok(())
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_engine_prunes_what_finished_longer_ago_than_its_retention_and_keeps_the_rest()
+    -> Result<()> {
+        use sagas::orchestrator::clock::SystemClock;
+        use sagas::orchestrator::transport::AmqpTransport;
+        use sagas::orchestrator::{Engine, EngineConfig, Registry};
+        use std::sync::atomic::Ordering;
+        use tokio_util::sync::CancellationToken;
+
+        let env = helpers::TestEnv::new().await?;
+        let store = env.store();
+        let def = definition("d");
+        let t0 = now();
+        let mut finished = Vec::new();
+        for _ in 0..5 {
+            finished.push(complete(&store, &def, t0, t0).await?);
+        }
+        let open = create(&store, &def, t0).await?;
+        let engine = Engine::new(
+            Arc::new(env.store()),
+            Arc::new(AmqpTransport::new(env.amqp_config())),
+            Registry::new().with(def)?,
+            Arc::new(SystemClock),
+            EngineConfig {
+                retention: Some(std::time::Duration::from_millis(1)),
+                // Two per batch: the backlog takes several batches.
+                retention_batch: 2,
+                retention_poll: std::time::Duration::from_millis(50),
+                retention_pause: std::time::Duration::from_millis(10),
+                ..helpers::engine_config()
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(engine.clone().run(shutdown.clone()));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while engine.stats().pruned.load(Ordering::Relaxed) < 5 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pruned only {} of 5 in 30 s",
+                engine.stats().pruned.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        running.await??;
+        for id in finished {
+            assert!(store.get(id).await?.is_none());
+        }
+        assert!(
+            store.get(open).await?.is_some(),
+            "an open instance is never pruned"
+        );
+        assert_eq!(engine.stats().pruned.load(Ordering::Relaxed), 5);
+        env.cleanup().await;
+        Ok(())
+    }
 }
