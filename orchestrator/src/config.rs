@@ -1,6 +1,8 @@
 //! Process configuration from the environment.
 
 use std::fmt;
+
+use chrono::Duration;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
 use sagas_participant::amqp::QueueOptions;
@@ -169,19 +171,47 @@ pub fn is_loopback(bind: &str) -> bool {
         })
 }
 
-/// Parses `SAGAS_RETENTION`: a duration such as `30d`, `12h` or `90days 12h` (`0`: none).
+/// Parses `SAGAS_RETENTION`: a duration such as `30d`, `12h` or `1d12h` (`0`: none).
 pub fn parse_retention(raw: &str) -> Result<Option<std::time::Duration>, String> {
-    let raw = raw.trim();
-    if raw == "0" {
+    if raw.trim() == "0" {
         return Ok(None);
     }
-    match humantime::parse_duration(raw) {
-        Ok(d) if d.is_zero() => Ok(None),
-        Ok(d) => Ok(Some(d)),
-        Err(e) => Err(format!(
-            "SAGAS_RETENTION={raw:?} is not a duration such as 30d or 12h ({e})"
-        )),
+    let retention = parse_duration(raw).map_err(|e| format!("SAGAS_RETENTION: {e}"))?;
+    Ok(retention.to_std().ok().filter(|d| !d.is_zero()))
+}
+
+/// Parses `90s`, `15m`, `1h30m`, `7d`, `2w`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (examples: 60s, 15m, 1h30m, 7d)");
+    let mut total = Duration::zero();
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
     }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: i64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let part = match &rest[..unit_len] {
+            "ms" => Duration::try_milliseconds(n),
+            "s" => Duration::try_seconds(n),
+            "m" => Duration::try_minutes(n),
+            "h" => Duration::try_hours(n),
+            "d" => Duration::try_days(n),
+            "w" => Duration::try_weeks(n),
+            _ => None,
+        }
+        .ok_or_else(bad)?;
+        total = total.checked_add(&part).ok_or_else(bad)?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
 }
 
 /// Parses `SAGAS_AMQP_COMMAND_BATCH`: the most commands per AMQP message, 1 to [`MAX_BATCH`].
@@ -427,10 +457,10 @@ mod tests {
         let day = std::time::Duration::from_secs(86_400);
         assert_eq!(parse_retention("30d"), Ok(Some(30 * day)));
         assert_eq!(parse_retention(" 12h "), Ok(Some(day / 2)));
-        assert_eq!(parse_retention("1day 12h"), Ok(Some(day + day / 2)));
+        assert_eq!(parse_retention("1d12h"), Ok(Some(day + day / 2)));
         assert_eq!(parse_retention("0"), Ok(None));
         assert_eq!(parse_retention("0s"), Ok(None));
-        for bad in ["30", "thirty days", "-1d", ""] {
+        for bad in ["30", "thirty days", "-1d", "", "1.5d"] {
             let err = parse_retention(bad).unwrap_err();
             assert!(err.contains("SAGAS_RETENTION"), "{bad}: {err}");
         }

@@ -241,39 +241,8 @@ impl When {
     }
 }
 
-/// Parses `90s`, `15m`, `1h30m`, `7d`, `2w`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration (examples: 60s, 15m, 1h30m, 7d)");
-    let mut total = Duration::zero();
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: i64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let part = match &rest[..unit_len] {
-            "ms" => Duration::try_milliseconds(n),
-            "s" => Duration::try_seconds(n),
-            "m" => Duration::try_minutes(n),
-            "h" => Duration::try_hours(n),
-            "d" => Duration::try_days(n),
-            "w" => Duration::try_weeks(n),
-            _ => None,
-        }
-        .ok_or_else(bad)?;
-        total = total.checked_add(&part).ok_or_else(bad)?;
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
-}
+/// Parses `90s`, `15m`, `1h30m`, `7d`, `2w`, `500ms` (as `SAGAS_RETENTION`).
+pub use crate::config::parse_duration;
 
 /// Parses an RFC 3339 time or a date (midnight UTC).
 pub fn parse_time(s: &str) -> Result<Time, String> {
