@@ -678,6 +678,17 @@ pub async fn wait_event(
     }
 }
 
+/// Runs the built `sagactl` with `args` and none of its environment variables (every test
+/// names its database and server on the command line), and waits for it.
+pub fn run_sagactl(args: &[&str]) -> Result<std::process::Output> {
+    Ok(std::process::Command::new(built_binary("sagactl")?)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("SAGAS_URL")
+        .env_remove("SAGAS_TOKEN")
+        .output()?)
+}
+
 /// A binary of this workspace built next to this test binary: `target/debug/<name>` (`sagactl`)
 /// or `target/debug/examples/<name>`; `cargo build --all-targets` builds them all, as
 /// `scripts/test` does before the tests.

@@ -4,7 +4,7 @@
 //! where they happened, and the report's outputs are snapshotted.
 
 use std::collections::BTreeSet;
-use std::process::{Command as Process, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -22,7 +22,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::examples::bank;
-use crate::helpers::{self, TestEnv, spawn_app, spawn_participant};
+use crate::helpers::{self, TestEnv, run_sagactl, spawn_app, spawn_participant};
 
 type Time = DateTime<Utc>;
 
@@ -465,15 +465,6 @@ async fn the_report_table_json_and_csv_match_their_snapshots() -> Result<()> {
     insta::assert_snapshot!("report_csv", output::report_csv(&report));
     env.cleanup().await;
     Ok(())
-}
-
-fn run_sagactl(args: &[&str]) -> Result<Output> {
-    Ok(Process::new(helpers::built_binary("sagactl")?)
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("SAGAS_URL")
-        .env_remove("SAGAS_TOKEN")
-        .output()?)
 }
 
 fn code(o: &Output) -> i32 {

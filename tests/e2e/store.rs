@@ -1431,8 +1431,8 @@ mod retention {
         let second = complete(&store, &def, t0, t0 + Duration::seconds(1)).await?;
         let logs = [store.events(first).await?, store.events(second).await?];
         let mut lines: Vec<String> = Vec::new();
-        let mut export = |line: &str| {
-            lines.push(line.to_owned());
+        let mut export = |batch: &[String]| {
+            lines.extend_from_slice(batch);
             Ok(())
         };
         let horizon = t0 + Duration::minutes(1);
@@ -1459,7 +1459,7 @@ mod retention {
 
         // An export that fails deletes nothing.
         let kept = complete(&store, &def, t0, t0).await?;
-        let mut failing = |_: &str| Err(std::io::Error::other("disk full"));
+        let mut failing = |_: &[String]| Err(std::io::Error::other("disk full"));
         let err = store
             .prune_exporting(horizon, 10, Some(&mut failing))
             .await
@@ -1523,6 +1523,90 @@ mod retention {
             "an open instance is never pruned"
         );
         assert_eq!(engine.stats().pruned.load(Ordering::Relaxed), 5);
+        env.cleanup().await;
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sagactl_prune_counts_on_a_dry_run_and_exports_what_it_deletes() -> Result<()> {
+        let (env, store) = store().await?;
+        let def = definition("d");
+        let t0 = now();
+        let mut finished = Vec::new();
+        for _ in 0..3 {
+            finished.push(complete(&store, &def, t0, t0).await?);
+        }
+        let open = create(&store, &def, t0).await?;
+        let dir = std::env::temp_dir().join(format!("sagas-prune-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let export = dir.join("pruned.jsonl");
+        let export_arg = export.to_str().context("a UTF-8 path")?;
+
+        let out = helpers::run_sagactl(&[
+            "prune",
+            "--database-url",
+            &env.orch_url,
+            "--older-than",
+            "0s",
+            "--dry-run",
+        ])?;
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.starts_with("3 finished transaction(s)"), "{said}");
+        assert!(
+            store.get(finished[0]).await?.is_some(),
+            "a dry run deletes nothing"
+        );
+
+        // Two per batch: the export is appended batch by batch.
+        let out = helpers::run_sagactl(&[
+            "prune",
+            "--database-url",
+            &env.orch_url,
+            "--older-than",
+            "0s",
+            "--batch",
+            "2",
+            "--export",
+            export_arg,
+            "--no-progress",
+        ])?;
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.starts_with("deleted 3 transaction(s)"), "{said}");
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&export)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        let exported: Vec<Uuid> = lines
+            .iter()
+            .map(|l| serde_json::from_value(l["id"].clone()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(exported.len(), 3);
+        for id in &finished {
+            assert!(exported.contains(id));
+            assert!(store.get(*id).await?.is_none());
+        }
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["events"].as_array().is_some_and(|e| !e.is_empty()))
+        );
+        assert!(store.get(open).await?.is_some());
+
+        // --dry-run and --export together are refused before anything is read.
+        let out = helpers::run_sagactl(&[
+            "prune",
+            "--database-url",
+            &env.orch_url,
+            "--older-than",
+            "0s",
+            "--dry-run",
+            "--export",
+            export_arg,
+        ])?;
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let _ = std::fs::remove_dir_all(&dir);
         env.cleanup().await;
         Ok(())
     }

@@ -82,6 +82,17 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Delete finished transactions older than a duration, with their logs, timers and outbox
+    /// rows (as SAGAS_RETENTION does in every sagad), optionally exporting them first.
+    ///
+    /// Only completed, compensated and resolved transactions that finished before then are
+    /// deleted, in batches (one transaction each); open ones never are. With --export, each
+    /// batch is appended to FILE as JSON Lines (one transaction with its state and log per line)
+    /// and synced to disk before its delete commits. Exit 0 when done, 2 if it could not run.
+    #[command(after_help = "Examples:
+  sagactl prune --older-than 30d --dry-run
+  sagactl prune --older-than 90d --export /backup/sagas-2026-12.jsonl")]
+    Prune(PruneArgs),
     /// Apply the orchestrator's database migrations.
     #[command(after_help = "Example:
   DATABASE_URL=postgres://postgres@127.0.0.1/sagas sagactl migrate")]
@@ -97,6 +108,29 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `prune`.
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    /// The orchestrator database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Delete what finished longer ago than this (`30d`, `12h`, `1d12h`).
+    #[arg(long, value_parser = parse_duration)]
+    pub older_than: Duration,
+    /// Only count what would be deleted.
+    #[arg(long, conflicts_with = "export")]
+    pub dry_run: bool,
+    /// Append what is deleted to this file first, as JSON Lines.
+    #[arg(long, value_name = "FILE")]
+    pub export: Option<std::path::PathBuf>,
+    /// Transactions deleted per database transaction.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch: u32,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// Where the HTTP API is and who is asking.

@@ -9,7 +9,9 @@ use clap::CommandFactory;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
-use super::args::{ActionArgs, ApiArgs, Cli, Format, ListArgs, ReconcileArgs, ReportFormat};
+use super::args::{
+    ActionArgs, ApiArgs, Cli, Format, ListArgs, PruneArgs, ReconcileArgs, ReportFormat,
+};
 use super::client::{Client, ClientError};
 use super::output;
 use super::{EXIT_FINDINGS, EXIT_OK};
@@ -60,19 +62,10 @@ pub async fn reconcile_options(args: &ReconcileArgs) -> anyhow::Result<Options> 
 pub async fn reconcile(args: ReconcileArgs) -> anyhow::Result<u8> {
     let pool = connect(&args.database_url, "orchestrator").await?;
     let options = reconcile_options(&args).await?;
-    let bar = if std::io::stderr().is_terminal() && !args.no_progress {
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} reconciling [{bar:30}] {pos}/{len} instances, {per_sec}, eta {eta}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = progress_bar(
+        "{spinner} reconciling [{bar:30}] {pos}/{len} instances, {per_sec}, eta {eta}",
+        args.no_progress,
+    );
     let report = reconcile::run(&pool, &options, |p| {
         bar.set_length(p.total);
         bar.set_position(p.done);
@@ -202,6 +195,100 @@ pub async fn definitions(api: ApiArgs, format: Format) -> anyhow::Result<u8> {
         Format::Json => print(&output::json(&defs))?,
         Format::Table => print(&output::definitions(&defs))?,
     }
+    Ok(EXIT_OK)
+}
+
+/// A progress bar on stderr when it is a terminal and not turned off.
+fn progress_bar(template: &str, hidden: bool) -> ProgressBar {
+    if hidden || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// `sagactl prune`.
+pub async fn prune(args: PruneArgs) -> anyhow::Result<u8> {
+    let pool = connect(&args.database_url, "orchestrator").await?;
+    let store = crate::store::PgStore::new(pool);
+    let before = chrono::Utc::now() - args.older_than;
+    let due = store.count_prunable(before).await?;
+    if args.dry_run {
+        print(&format!(
+            "{due} finished transaction(s) finished before {} would be deleted\n",
+            before.to_rfc3339()
+        ))?;
+        return Ok(EXIT_OK);
+    }
+    let mut file = match &args.export {
+        None => None,
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {} to export to", path.display()))?,
+        ),
+    };
+    // Each batch is on disk before its delete commits.
+    let mut write = |batch: &[String]| -> std::io::Result<()> {
+        if let Some(file) = file.as_mut() {
+            let mut lines = String::new();
+            for document in batch {
+                lines.push_str(document);
+                lines.push('\n');
+            }
+            file.write_all(lines.as_bytes())?;
+            file.sync_data()?;
+        }
+        Ok(())
+    };
+    let bar = progress_bar(
+        "{spinner} pruning [{bar:30}] {pos}/{len} transactions, {per_sec}, eta {eta}",
+        args.no_progress,
+    );
+    bar.set_length(due);
+    let mut deleted = 0u64;
+    let mut waited = false;
+    loop {
+        match store
+            .prune_exporting(before, args.batch, Some(&mut write))
+            .await
+        {
+            Ok(crate::store::Pruned::Deleted(n)) => {
+                deleted += n;
+                bar.set_position(deleted.min(due));
+                if n < u64::from(args.batch) {
+                    break;
+                }
+            }
+            Ok(crate::store::Pruned::Busy) => {
+                if !waited {
+                    bar.suspend(|| eprintln!("sagactl: another process is pruning; waiting"));
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                bar.finish_and_clear();
+                return Err(e).context(format!("pruning (after deleting {deleted})"));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let exported = match &args.export {
+        Some(path) => format!(", exported to {}", path.display()),
+        None => String::new(),
+    };
+    print(&format!(
+        "deleted {deleted} transaction(s) finished before {}{exported}\n",
+        before.to_rfc3339()
+    ))?;
     Ok(EXIT_OK)
 }
 

@@ -28,6 +28,7 @@ pub async fn main() -> u8 {
         Command::Abort(a) => commands::act("abort", a).await,
         Command::Resolve(a) => commands::act("resolve", a).await,
         Command::Definitions { api, format } => commands::definitions(api, format).await,
+        Command::Prune(a) => commands::prune(a).await,
         Command::Migrate { database_url } => commands::migrate(&database_url).await,
         Command::Completions { shell } => commands::completions(shell),
     };

@@ -12,9 +12,9 @@ use crate::store::{Pruned, StoreError};
 /// their next turn. Any constant would do: this one is `sagas.re` in ASCII.
 pub const PRUNE_LOCK_KEY: i64 = 0x7361_6761_732e_7265;
 
-/// Where [`PgStore::prune_exporting`] hands each instance before deleting it: one JSON
-/// document, written in full (or an error) before the call returns.
-pub type Export<'a> = dyn FnMut(&str) -> std::io::Result<()> + Send + 'a;
+/// Where [`PgStore::prune_exporting`] hands each batch before deleting it: one JSON document
+/// per instance, to be written durably (or an error) before the call returns.
+pub type Export<'a> = dyn FnMut(&[String]) -> std::io::Result<()> + Send + 'a;
 
 impl PgStore {
     /// Deletes, in one transaction, up to `limit` instances that finished (completed,
@@ -22,10 +22,10 @@ impl PgStore {
     /// and outbox rows, and records `finished_before` as the prune horizon (`sagas_retention`)
     /// if it is newer. [`Pruned::Busy`] when another process is pruning (nothing deleted).
     ///
-    /// With `export`, each instance is first handed to it as one JSON document (its row
-    /// with its whole state, and `events`: its log), in the order of deletion; the delete
-    /// commits only once `export` has returned `Ok` for all of them, so an exported instance
-    /// may be exported again (the commit failed) but a deleted one was always exported.
+    /// With `export`, the batch is first handed to it, one JSON document per instance (its row
+    /// with its whole state, and `events`: its log), oldest finished first; the delete commits
+    /// only once `export` has returned `Ok`, so an exported instance may be exported again (the
+    /// commit failed) but a deleted one was always exported.
     pub async fn prune_exporting(
         &self,
         finished_before: Time,
@@ -50,13 +50,11 @@ impl PgStore {
             return Ok(Pruned::Deleted(0));
         }
         if let Some(export) = export.as_mut() {
-            let documents: Vec<(String,)> = sqlx::query_as(sql::EXPORT)
+            let documents: Vec<String> = sqlx::query_scalar(sql::EXPORT)
                 .bind(&ids)
                 .fetch_all(&mut *tx)
                 .await?;
-            for (document,) in &documents {
-                export(document).map_err(|e| StoreError::Export(e.to_string()))?;
-            }
+            export(&documents).map_err(|e| StoreError::Export(e.to_string()))?;
         }
         let deleted = sqlx::query(sql::PRUNE)
             .bind(&ids)
