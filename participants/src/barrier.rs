@@ -32,8 +32,12 @@ use uuid::Uuid;
 use crate::handler::{Handler, HandlerError};
 use crate::protocol::{Command, Operation, Outcome};
 
-/// The barrier schema; idempotent, run by [`install`].
-pub const SCHEMA: &str = include_str!("../../migrations/participant/0001_barrier.sql");
+/// The barrier schema (the barrier table and its cleanup horizon); idempotent, run by
+/// [`install`].
+pub const SCHEMA: &str = concat!(
+    include_str!("../../migrations/participant/0001_barrier.sql"),
+    include_str!("../../migrations/participant/0002_barrier_retention.sql"),
+);
 
 /// Errors of the barrier itself (not of the handler); the runtime replies `retry` for them.
 #[derive(Debug, thiserror::Error)]
@@ -555,8 +559,11 @@ fn ends_the_batch(error: &sqlx::Error) -> bool {
     }
 }
 
-/// Deletes the barrier rows of transactions whose every row is older than `older_than`;
-/// returns the number of rows deleted.
+/// Deletes the barrier rows of transactions whose every row is older than `older_than`, in
+/// batches (one statement each, so it never holds many locks for long); returns the number of
+/// rows deleted. When it deleted any, it records its cutoff as the cleanup horizon
+/// (`sagas_barrier_retention`), which `sagactl reconcile` reads: transactions created before it
+/// are not compared with their (possibly deleted) rows.
 ///
 /// The retention must exceed the longest time a transaction can stay open (its steps'
 /// timeouts and retries, and the time an operator may take to resolve a stuck instance):
@@ -572,22 +579,75 @@ pub async fn cleanup(pool: &PgPool, older_than: chrono::Duration) -> Result<u64,
         return Err(BarrierError::NegativeRetention);
     }
     let seconds = older_than.num_milliseconds() as f64 / 1000.0;
-    let result = sqlx::query(
-        "DELETE FROM sagas_barrier WHERE transaction_id IN ( \
-             SELECT transaction_id FROM sagas_barrier GROUP BY transaction_id \
-             HAVING max(created_at) < now() - make_interval(secs => $1)) \
-         AND transaction_id NOT IN ( \
-             SELECT t.transaction_id FROM sagas_barrier t \
-             WHERE t.operation = 'try' AND t.reply->>'status' = 'succeeded' \
-             AND NOT EXISTS (SELECT 1 FROM sagas_barrier u \
-                 WHERE u.transaction_id = t.transaction_id AND u.step = t.step \
-                 AND u.operation IN ('confirm', 'cancel')))",
-    )
-    .bind(seconds)
-    .execute(pool)
-    .await?;
-    Ok(result.rows_affected())
+    let (cutoff,): (DateTime<Utc>,) = sqlx::query_as(CLEANUP_CUTOFF)
+        .bind(seconds)
+        .fetch_one(pool)
+        .await?;
+    let mut deleted = 0;
+    let mut from = (DateTime::<Utc>::UNIX_EPOCH, Uuid::nil());
+    loop {
+        let (n, last_at, last_id): (i64, Option<DateTime<Utc>>, Option<Uuid>) =
+            sqlx::query_as(CLEANUP_BATCH)
+                .bind(cutoff)
+                .bind(from.0)
+                .bind(from.1)
+                .bind(CLEANUP_BATCH_ROWS)
+                .fetch_one(pool)
+                .await?;
+        deleted += u64::try_from(n).unwrap_or(0);
+        match (last_at, last_id) {
+            (Some(at), Some(id)) => from = (at, id),
+            _ => break,
+        }
+    }
+    if deleted > 0 {
+        sqlx::query(CLEANUP_HORIZON)
+            .bind(cutoff)
+            .execute(pool)
+            .await?;
+    }
+    Ok(deleted)
 }
+
+/// Rows older than this are candidates: `now()` (the database's clock) minus `$1` seconds.
+const CLEANUP_CUTOFF: &str = "SELECT now() - make_interval(secs => $1)";
+
+/// Rows a cleanup batch looks at, oldest first (index `sagas_barrier_created_at`).
+const CLEANUP_BATCH_ROWS: i64 = 1_000;
+
+/// One batch of [`cleanup`]: the transactions of the next `$4` rows older than `$1` after the
+/// position (`$2`, `$3`), deleted whole unless one of their rows is newer than `$1` or they
+/// have a succeeded `try` with neither `confirm` nor `cancel`. Returns how many rows it deleted
+/// and the position it reached (none once no row is left to look at). Deletes do not move the
+/// keyset: a kept transaction is passed over, not looked at again by the same cleanup.
+const CLEANUP_BATCH: &str = "WITH seen AS (
+       SELECT transaction_id, created_at FROM sagas_barrier
+       WHERE created_at < $1 AND (created_at, transaction_id) > ($2, $3)
+       ORDER BY created_at, transaction_id LIMIT $4),
+     last AS (
+       SELECT created_at, transaction_id FROM seen
+       ORDER BY created_at DESC, transaction_id DESC LIMIT 1),
+     doomed AS (
+       SELECT DISTINCT s.transaction_id FROM seen s
+       WHERE NOT EXISTS (SELECT 1 FROM sagas_barrier n
+                         WHERE n.transaction_id = s.transaction_id AND n.created_at >= $1)
+         AND NOT EXISTS (SELECT 1 FROM sagas_barrier t
+                         WHERE t.transaction_id = s.transaction_id AND t.operation = 'try'
+                           AND t.reply->>'status' = 'succeeded'
+                           AND NOT EXISTS (SELECT 1 FROM sagas_barrier u
+                                           WHERE u.transaction_id = t.transaction_id
+                                             AND u.step = t.step
+                                             AND u.operation IN ('confirm', 'cancel')))),
+     del AS (
+       DELETE FROM sagas_barrier b USING doomed d
+       WHERE b.transaction_id = d.transaction_id RETURNING 1)
+     SELECT (SELECT count(*) FROM del), (SELECT created_at FROM last),
+            (SELECT transaction_id FROM last)";
+
+/// Records a cleanup's cutoff as the horizon if it is newer (`sagas_barrier_retention`).
+const CLEANUP_HORIZON: &str = "INSERT INTO sagas_barrier_retention (pruned_before) VALUES ($1)
+     ON CONFLICT (singleton) DO UPDATE
+     SET pruned_before = greatest(sagas_barrier_retention.pruned_before, EXCLUDED.pruned_before)";
 
 /// The barrier rows of one transaction, ordered by step and operation.
 pub async fn records(

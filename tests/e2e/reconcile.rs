@@ -899,3 +899,96 @@ async fn real_runs_with_injected_faults_are_reported_where_they_happened() -> Re
     env.cleanup().await;
     Ok(())
 }
+
+/// Reconciles the orchestrator and the accounts participant of `env`.
+async fn reconcile_with_accounts(env: &TestEnv) -> Result<Report> {
+    let mut options = Options::new(Utc::now());
+    options.participants.push(ParticipantDb {
+        name: bank::PARTICIPANT.into(),
+        pool: env.bank.clone(),
+    });
+    Ok(reconcile::run(&env.orch, &options, |_| {}).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_retention_deleted_on_either_side_is_not_reported_and_what_it_could_not_have_is()
+-> Result<()> {
+    use sagas::orchestrator::store::{Pruned, SagaStore};
+
+    let env = TestEnv::new().await?;
+    bank::seed(&env.bank, 3, 1_000).await?;
+    let app = spawn_app(&env, bank::registry()?).await?;
+    let accounts = spawn_participant(
+        &env,
+        bank::PARTICIPANT,
+        bank::shared_handler(Default::default()),
+    )
+    .await?;
+    let mut ids = Vec::new();
+    for (definition, amount) in [
+        ("transfer_tcc", 100),
+        ("transfer_saga", 50),
+        ("transfer_tcc", 5_000),
+        ("transfer_saga", 5_000),
+        ("transfer_tcc", 25),
+        ("transfer_saga", 10),
+    ] {
+        let input = json!({"from": "acct-1", "to": "acct-2", "amount": amount});
+        ids.push(app.engine.start(definition, input).await?.id);
+    }
+    for id in &ids {
+        env.wait_terminal(*id).await?;
+    }
+    accounts.stop().await;
+    app.stop().await;
+    // Barrier rows become evidence of unknown transactions once older than a minute.
+    sqlx::query("UPDATE sagas_barrier SET created_at = created_at - interval '1 hour'")
+        .execute(&env.bank)
+        .await?;
+
+    // The orchestrator prunes three: their barrier rows stay, and are not orphans.
+    let store = env.store();
+    let horizon = Utc::now();
+    assert_eq!(store.prune(horizon, 3).await?, Pruned::Deleted(3));
+    let report = reconcile_with_accounts(&env).await?;
+    assert!(report.is_consistent(), "{report:#?}");
+    assert_eq!(report.summary.instances, 3);
+
+    // A transaction created after the horizon cannot have been pruned: its rows are reported.
+    let stray = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO sagas_barrier (transaction_id, step, operation, origin, created_at)
+         VALUES ($1, 'debit', 'try', 'handler', now() - interval '1 hour')",
+    )
+    .bind(stray)
+    .execute(&env.bank)
+    .await?;
+    let report = reconcile_with_accounts(&env).await?;
+    let found: Vec<Option<Uuid>> = report.findings.iter().map(|f| f.instance).collect();
+    assert_eq!(found, [Some(stray)], "{report:#?}");
+    sqlx::query("DELETE FROM sagas_barrier WHERE transaction_id = $1")
+        .bind(stray)
+        .execute(&env.bank)
+        .await?;
+
+    // The participant cleans up everything: the instances it served before its horizon are not
+    // compared with rows it no longer has ...
+    let deleted = sagas::participant::barrier::cleanup(&env.bank, chrono::Duration::zero()).await?;
+    assert!(deleted > 0);
+    let report = reconcile_with_accounts(&env).await?;
+    assert!(report.is_consistent(), "{report:#?}");
+    // ... and without its horizon they would be.
+    sqlx::query("DELETE FROM sagas_barrier_retention")
+        .execute(&env.bank)
+        .await?;
+    let report = reconcile_with_accounts(&env).await?;
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.kind == FindingKind::BarrierMismatch),
+        "{report:#?}"
+    );
+    env.cleanup().await;
+    Ok(())
+}

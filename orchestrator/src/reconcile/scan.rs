@@ -42,6 +42,33 @@ const COUNT: &str = "SELECT
 const EVENTS: &str = "SELECT instance_id, seq, body::text FROM sagas_event_bodies
      WHERE instance_id = ANY($1) ORDER BY instance_id, seq";
 
+/// The orchestrator's prune horizon (migration 0007): instances created before it may have
+/// been deleted by retention.
+const PRUNED_BEFORE: &str = "SELECT pruned_before FROM sagas_retention";
+
+/// A participant's barrier cleanup horizon: transactions created before it may have lost their
+/// barrier rows. The table is absent where the participant never cleaned up (or runs another
+/// runtime).
+const BARRIER_PRUNED_BEFORE: &str = "SELECT pruned_before FROM sagas_barrier_retention";
+
+/// The `pruned_before` time `query` reads from `pool`, if there is one: `None` also when the
+/// table does not exist (PostgreSQL's `undefined_table`).
+async fn horizon(
+    conn: impl sqlx::PgExecutor<'_>,
+    query: &'static str,
+) -> Result<Option<Time>, sqlx::Error> {
+    match sqlx::query_scalar(query).fetch_optional(conn).await {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(None),
+        other => other,
+    }
+}
+
+/// When a UUIDv7 transaction id was created (`None` for other versions).
+fn created(id: Uuid) -> Option<Time> {
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    Time::from_timestamp(i64::try_from(secs).ok()?, nanos)
+}
+
 fn db(e: sqlx::Error) -> ReconcileError {
     ReconcileError::Database(e)
 }
@@ -105,6 +132,18 @@ pub async fn run(
         findings: Vec::new(),
     };
     let limits = Limits::from(options);
+    // What retention may have deleted on either side is not evidence of anything.
+    let pruned_before = horizon(&mut *tx, PRUNED_BEFORE).await.map_err(db)?;
+    let mut barrier_pruned_before = HashMap::new();
+    for p in &options.participants {
+        let h = horizon(&p.pool, BARRIER_PRUNED_BEFORE)
+            .await
+            .map_err(|source| ReconcileError::Participant {
+                name: p.name.clone(),
+                source,
+            })?;
+        barrier_pruned_before.insert(p.name.clone(), h);
+    }
 
     let passes: &[&'static str] = if options.since.is_some() {
         &[OPEN_BEFORE, IN_WINDOW]
@@ -127,7 +166,15 @@ pub async fn run(
             let Some(last) = rows.last() else { break };
             after = (last.5, last.0);
             let full = rows.len() as u32 >= options.batch_size.max(1);
-            check_batch(&mut tx, options, limits, rows, &mut report).await?;
+            check_batch(
+                &mut tx,
+                options,
+                limits,
+                &barrier_pruned_before,
+                rows,
+                &mut report,
+            )
+            .await?;
             progress_state.done = report.summary.instances;
             progress(progress_state);
             if !full {
@@ -140,17 +187,33 @@ pub async fn run(
     if options.definition.is_none() {
         check_orphan_events(&mut tx, options, &mut report).await?;
         for p in &options.participants {
-            check_unknown_transactions(&mut tx, options, snapshot_at, p, &mut report).await?;
+            check_unknown_transactions(
+                &mut tx,
+                options,
+                snapshot_at,
+                pruned_before,
+                p,
+                &mut report,
+            )
+            .await?;
         }
     }
     tx.rollback().await.map_err(db)?;
     Ok(report.finish())
 }
 
+/// A terminal instance to cross-check: its replayed state, the operations its log
+/// dispatched, when it was created.
+type ToCross = (Instance, HashSet<(usize, Operation)>, Time);
+
+/// Checks a batch of instances; `barrier_pruned_before` gives, per participant, the time before
+/// which its barrier cleanup may have deleted rows (instances created before it are not
+/// cross-checked against it).
 async fn check_batch(
     tx: &mut PgConnection,
     options: &Options,
     limits: Limits,
+    barrier_pruned_before: &HashMap<String, Option<Time>>,
     rows: Vec<InstanceRow>,
     report: &mut Report,
 ) -> Result<(), ReconcileError> {
@@ -168,7 +231,7 @@ async fn check_batch(
     report.summary.events += logs.values().map(|l| l.len() as u64).sum::<u64>();
 
     // Terminal instances with steps on a participant under cross-check.
-    let mut to_cross: Vec<(Instance, HashSet<(usize, Operation)>)> = Vec::new();
+    let mut to_cross: Vec<ToCross> = Vec::new();
     for (id, definition, status, seq, state, created_at, updated_at) in rows {
         let row = StoredRow {
             id,
@@ -195,18 +258,20 @@ async fn check_batch(
                 .iter()
                 .any(|p| truth.plan.steps.iter().any(|s| s.participant == p.name))
         {
-            to_cross.push((truth, checked.dispatched));
+            to_cross.push((truth, checked.dispatched, row.created_at));
         }
     }
     if to_cross.is_empty() {
         return Ok(());
     }
     for p in &options.participants {
-        let ids: Vec<Uuid> = to_cross
+        let cleaned_before = barrier_pruned_before.get(&p.name).copied().flatten();
+        let checked: Vec<&ToCross> = to_cross
             .iter()
-            .filter(|(t, _)| t.plan.steps.iter().any(|s| s.participant == p.name))
-            .map(|(t, _)| t.id)
+            .filter(|(t, _, _)| t.plan.steps.iter().any(|s| s.participant == p.name))
+            .filter(|(_, _, created_at)| cleaned_before.is_none_or(|h| *created_at >= h))
             .collect();
+        let ids: Vec<Uuid> = checked.iter().map(|(t, _, _)| t.id).collect();
         if ids.is_empty() {
             continue;
         }
@@ -221,7 +286,7 @@ async fn check_batch(
         for r in rows {
             by_tx.entry(r.transaction_id).or_default().push(r);
         }
-        for (truth, dispatched) in &to_cross {
+        for (truth, dispatched, _) in checked {
             let rows = by_tx.get(&truth.id).map_or(&[][..], Vec::as_slice);
             report
                 .findings
@@ -330,10 +395,13 @@ async fn check_orphan_events(
 /// Barrier rows of transactions the orchestrator has no record of. Only transactions whose
 /// newest barrier row is older than the scan's snapshot (minus a minute for clock skew between
 /// the two databases) are considered: a newer one may belong to an instance started since.
+/// Nor those created (by their UUIDv7 id) before the orchestrator's prune horizon: retention
+/// may have deleted them.
 async fn check_unknown_transactions(
     tx: &mut PgConnection,
     options: &Options,
     snapshot_at: Time,
+    pruned_before: Option<Time>,
     p: &super::ParticipantDb,
     report: &mut Report,
 ) -> Result<(), ReconcileError> {
@@ -367,8 +435,10 @@ async fn check_unknown_transactions(
                     .await
                     .map_err(db)?;
             let known: HashSet<Uuid> = known.into_iter().map(|(id,)| id).collect();
+            let pruned =
+                |id: Uuid| pruned_before.is_some_and(|h| created(id).is_some_and(|at| at < h));
             for (id, what) in chunk.drain(..) {
-                if !known.contains(&id) {
+                if !known.contains(&id) && !pruned(id) {
                     report.findings.push(Finding {
                         kind: FindingKind::BarrierMismatch,
                         instance: Some(id),

@@ -30,6 +30,7 @@ mod batching;
 mod completion;
 mod process;
 mod replies;
+mod retention;
 mod session;
 mod stats;
 
@@ -49,6 +50,7 @@ use crate::protocol::Topology;
 pub use admission::{Malformed, decode_command};
 pub use completion::{complete, send_reply};
 pub use process::{process, process_within};
+pub use retention::{BARRIER_CLEANUP_EVERY, DEFAULT_BARRIER_RETENTION};
 pub use stats::Stats;
 
 /// Default number of unacknowledged commands the broker may push to one participant process.
@@ -144,6 +146,8 @@ pub struct Participant {
     install_barrier: bool,
     handler_timeout: Option<Duration>,
     shutdown_timeout: Duration,
+    barrier_retention: Option<Duration>,
+    barrier_cleanup_every: Duration,
     reconnect_backoff: Backoff,
     stats: Stats,
 }
@@ -189,6 +193,8 @@ impl Participant {
             install_barrier: true,
             handler_timeout: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            barrier_retention: Some(DEFAULT_BARRIER_RETENTION),
+            barrier_cleanup_every: BARRIER_CLEANUP_EVERY,
             reconnect_backoff: Backoff::default(),
             stats: Stats::default(),
         }
@@ -250,6 +256,38 @@ impl Participant {
         self
     }
 
+    /// How long barrier rows are kept: the running participant deletes, every hour, the rows
+    /// of transactions whose rows are all older than this ([`barrier::cleanup`], which also
+    /// records the horizon `sagactl reconcile` reads). Default 30 days; `None` keeps them all
+    /// (clean up yourself then). Keep it longer than any transaction stays open, and at least
+    /// as long as the orchestrator's `SAGAS_RETENTION`, so that a transaction's log goes before
+    /// its barrier rows (docs/operations.md, "Retention").
+    pub fn barrier_retention(mut self, retention: Option<Duration>) -> Participant {
+        self.barrier_retention = retention;
+        self
+    }
+
+    /// How often the running participant cleans its barrier up (default hourly; at least a
+    /// second), the first time one period after it starts.
+    pub fn barrier_cleanup_every(mut self, every: Duration) -> Participant {
+        self.barrier_cleanup_every = every.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Runs `work`, with the barrier cleanup alongside while a retention is set.
+    async fn with_barrier_cleanup<T>(&self, work: impl Future<Output = T>) -> T {
+        let Some(retention) = self.barrier_retention else {
+            return work.await;
+        };
+        let every = self.barrier_cleanup_every;
+        let cleanup = retention::cleanup_loop(&self.name, &self.pool, retention, every);
+        tokio::select! {
+            biased;
+            done = work => done,
+            never = cleanup => match never {},
+        }
+    }
+
     /// How long handlers in flight may still run after the shutdown signal (default 25 s);
     /// the ones still running then are abandoned (rolled back, and their commands redelivered
     /// by the broker to another process or after the restart).
@@ -293,7 +331,9 @@ impl Participant {
             barrier::install(&self.pool).await?;
         }
         let mut shutdown = std::pin::pin!(shutdown);
-        let result = self.session(conn, shutdown.as_mut()).await;
+        let result = self
+            .with_barrier_cleanup(self.session(conn, shutdown.as_mut()))
+            .await;
         tracing::info!(participant = %self.name, ok = result.is_ok(), "participant stopped");
         result.map(|Ended::Shutdown| ())
     }
@@ -324,7 +364,13 @@ impl Participant {
             started: 0,
         };
         let shutdown = std::pin::pin!(shutdown);
-        amqp::keep_serving(&self.name, self.reconnect_backoff, shutdown, &mut sessions).await;
+        self.with_barrier_cleanup(amqp::keep_serving(
+            &self.name,
+            self.reconnect_backoff,
+            shutdown,
+            &mut sessions,
+        ))
+        .await;
         tracing::info!(participant = %self.name, "participant stopped");
         Ok(())
     }

@@ -476,6 +476,63 @@ async fn cleanup_removes_old_rows_of_finished_transactions_only() {
 }
 
 #[tokio::test]
+async fn cleanup_goes_through_a_backlog_in_batches_and_records_its_horizon() {
+    let db = TestDb::new().await;
+    // 2,500 old transactions, more than two batches of rows, with 50 kept ones (a newer row)
+    // among them, and no horizon yet.
+    sqlx::query(
+        "INSERT INTO sagas_barrier (transaction_id, step, operation, origin, reply, created_at)
+         SELECT t.id, 'reserve', op, 'handler', '{\"status\": \"succeeded\"}',
+                now() - interval '10 days' + t.n * interval '1 second'
+         FROM (SELECT n, gen_random_uuid() AS id FROM generate_series(1, 2500) AS n) AS t,
+              unnest(ARRAY['action', 'compensate']) AS op",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO sagas_barrier (transaction_id, step, operation, origin, created_at)
+         SELECT transaction_id, 'notify', 'action', 'handler', now() FROM sagas_barrier
+         WHERE operation = 'action' ORDER BY created_at LIMIT 50 OFFSET 1000",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let horizon = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+            "SELECT pruned_before FROM sagas_barrier_retention",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(horizon().await, None);
+
+    let before = chrono::Utc::now() - chrono::Duration::days(1);
+    let deleted = barrier::cleanup(&db.pool, chrono::Duration::days(1))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2 * 2450);
+    let (left,): (i64,) =
+        sqlx::query_as("SELECT count(DISTINCT transaction_id) FROM sagas_barrier")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 50, "the transactions with a newer row are kept whole");
+    let recorded = horizon().await.expect("a horizon once rows were deleted");
+    assert!(
+        (recorded - before).num_seconds().abs() < 60,
+        "{recorded} is the cutoff, now minus the retention"
+    );
+    // Nothing more to delete: the horizon stays.
+    let deleted = barrier::cleanup(&db.pool, chrono::Duration::days(3))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 0);
+    assert_eq!(horizon().await, Some(recorded));
+}
+
+#[tokio::test]
 async fn cleanup_keeps_a_tcc_try_awaiting_its_confirm_or_cancel_however_old() {
     let db = TestDb::new().await;
     db.open("a", 100).await;

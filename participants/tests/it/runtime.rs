@@ -613,3 +613,38 @@ async fn a_command_over_the_time_limit_in_a_batch_is_answered_retry_and_the_othe
     running.shutdown().await;
     broker.teardown(&[BANK]).await;
 }
+
+#[tokio::test]
+async fn a_running_participant_deletes_its_old_barrier_rows_on_its_schedule() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    // One old transaction (every row older than the retention), one recent.
+    let (old, recent) = (Uuid::new_v4(), Uuid::new_v4());
+    sqlx::query(
+        "INSERT INTO sagas_barrier (transaction_id, step, operation, origin, reply, created_at)
+         VALUES ($1, 'reserve', 'action', 'handler', '{\"status\": \"succeeded\"}',
+                 now() - interval '2 days'),
+                ($2, 'reserve', 'action', 'handler', '{\"status\": \"succeeded\"}', now())",
+    )
+    .bind(old)
+    .bind(recent)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let running = start_with(
+        helpers::bank_participant(&db, &broker)
+            .barrier_retention(Some(Duration::from_secs(24 * 3600)))
+            .barrier_cleanup_every(Duration::from_secs(1)),
+    );
+    let mut gone = false;
+    for _ in 0..300 {
+        if barrier::records(&db.pool, old).await.unwrap().is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the old transaction's rows are deleted within 15 s");
+    assert_eq!(barrier::records(&db.pool, recent).await.unwrap().len(), 1);
+    running.shutdown().await;
+}
