@@ -133,6 +133,11 @@ pub struct Args {
     /// of finished sagas (clones of real ones), then VACUUM ANALYZE and CHECKPOINT.
     #[arg(long, default_value_t = 0)]
     pub prefill_events: u64,
+    /// Run the orchestrator with this retention (`SAGAS_RETENTION`), looking every second for
+    /// finished sagas to delete: with --prefill-events, the history older than this is pruned
+    /// while the workload runs. Keep it longer than the run, or the run's own sagas go too.
+    #[arg(long)]
+    pub retention_secs: Option<u64>,
     /// Start calls in flight at most (HTTP requests or `Engine::start` calls); the in-flight
     /// limit still applies [default: the concurrency, at most 512].
     #[arg(long = "start-calls")]
@@ -422,6 +427,12 @@ fn print_text(r: &WorkloadResult) {
         "  checks       lost 0, duplicated 0, inconsistent 0; outbox left {}, timers fired {}, relayed {}, dead-lettered {}",
         r.outbox_left, r.timers_fired, r.relayed, r.dead_lettered
     );
+    if r.pruned > 0 {
+        println!(
+            "  retention    {} finished sagas of the history pruned during the timed part",
+            r.pruned
+        );
+    }
     println!(
         "  participants {} barrier batches, {} run again with savepoints, {} fell back to one by one",
         r.participant_batches, r.participant_batch_reruns, r.participant_batch_fallbacks

@@ -121,6 +121,8 @@ pub struct WorkloadResult {
     pub timers_fired: u64,
     pub relayed: u64,
     pub dead_lettered: u64,
+    /// Finished sagas the retention loop deleted during the timed part (`--retention-secs`).
+    pub pruned: u64,
     /// Barrier transactions of the participants that committed several commands at once.
     pub participant_batches: u64,
     /// Of those, batches that went without savepoints, met a failing handler and ran again
@@ -293,6 +295,8 @@ async fn run_in(
         Arc::new(SystemClock),
         EngineConfig {
             reply_concurrency: args.reply_slots.max(1),
+            retention: args.retention_secs.map(Duration::from_secs),
+            retention_poll: Duration::from_secs(1),
             ..EngineConfig::default()
         },
     );
@@ -371,6 +375,7 @@ async fn run_in(
     sys::reset_peak_rss();
     let idle_rss = sys::rss_mib();
     let cpu_0 = CpuSnapshot::take();
+    let pruned_0 = engine.stats().pruned.load(Ordering::Relaxed);
 
     // Completion: one connection counts the open instances through the partial index on
     // open statuses; instances never get polled one by one.
@@ -596,6 +601,7 @@ async fn run_in(
     let timers_fired = stats.timers.load(Ordering::Relaxed);
     let relayed = stats.relayed.load(Ordering::Relaxed);
     let dead_lettered = stats.dead_lettered.load(Ordering::Relaxed);
+    let pruned = stats.pruned.load(Ordering::Relaxed) - pruned_0;
     let participant_count = |count: fn(&sagas::participant::Stats) -> u64| {
         running.iter().map(|r| count(&r.stats)).sum()
     };
@@ -883,6 +889,7 @@ async fn run_in(
         timers_fired,
         relayed,
         dead_lettered,
+        pruned,
         participant_batches,
         participant_batch_reruns,
         participant_batch_fallbacks,
