@@ -10,12 +10,15 @@
 //! - [`runtime`]: the AMQP consumer that ties them together;
 //! - [`amqp`]: the AMQP toolkit both sides use: declarations, header names, message
 //!   properties, dead letters, reconnection;
+//! - [`config`]: a strict reader of the environment, and a participant process's
+//!   configuration from it;
 //! - [`testing`]: a harness to unit-test handlers through the barrier, without a broker.
 //!
 //! docs/participant.md walks through a participant written from scratch.
 
 pub mod amqp;
 pub mod barrier;
+pub mod config;
 pub mod handler;
 pub mod protocol;
 pub mod runtime;
