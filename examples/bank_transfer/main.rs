@@ -18,7 +18,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sagas::orchestrator::config::{Config, DEFAULT_DATABASE_URL};
 use sagas::orchestrator::server;
-use sagas::participant::Participant;
+use sagas::participant::config::ParticipantConfig;
 use sqlx::PgPool;
 
 #[derive(Parser)]
@@ -36,7 +36,8 @@ enum Cmd {
     /// Runs the orchestrator (engine + HTTP API) with `transfer_tcc` and `transfer_saga`.
     /// Env: DATABASE_URL, AMQP_URL, SAGAS_BIND (default 127.0.0.1:8080), SAGAS_AMQP_PREFIX.
     Orchestrator,
-    /// Runs the accounts participant. Env: ACCOUNTS_DATABASE_URL, AMQP_URL, SAGAS_AMQP_PREFIX.
+    /// Runs the accounts participant. Env: ACCOUNTS_DATABASE_URL, AMQP_URL, SAGAS_AMQP_PREFIX and
+    /// the other participant variables (docs/operations.md).
     Accounts {
         /// Pause inside every handler, in milliseconds (to watch transfers in flight).
         #[arg(long, default_value_t = 0)]
@@ -73,21 +74,25 @@ async fn accounts_pool() -> anyhow::Result<PgPool> {
 async fn main() -> anyhow::Result<()> {
     server::init_tracing();
     match Args::parse().command {
-        Cmd::Orchestrator => server::serve(Config::from_env(), bank::registry()?, None).await?,
+        Cmd::Orchestrator => {
+            let config = Config::from_env().unwrap_or_else(|e| e.exit());
+            server::serve(config, bank::registry()?, None).await?
+        }
         Cmd::Accounts { delay_ms } => {
-            let config = Config::from_env();
-            let pool = accounts_pool().await?;
-            bank::install(&pool).await?;
-            let conn = lapin::Connection::connect(&config.amqp_url, Default::default())
+            let config = ParticipantConfig::from_env_with_database_var(
+                bank::PARTICIPANT,
+                "ACCOUNTS_DATABASE_URL",
+            )
+            .unwrap_or_else(|e| e.exit());
+            let pool = config.pool()?;
+            bank::install(&pool)
                 .await
-                .context("connecting to the broker (AMQP_URL)")?;
+                .context("creating the accounts tables (ACCOUNTS_DATABASE_URL)")?;
             let handler = bank::shared_handler(bank::Accounts {
                 delay: Duration::from_millis(delay_ms),
             });
-            tracing::info!("accounts participant running");
-            Participant::new(bank::PARTICIPANT, config.topology(), pool, handler)
-                .queue_options(config.queue_options())
-                .run(&conn, server::wait_for_signal())
+            config
+                .serve(pool, handler, server::wait_for_signal())
                 .await?;
         }
         Cmd::Seed { accounts, balance } => {

@@ -22,7 +22,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sagas::orchestrator::config::{Config, DEFAULT_DATABASE_URL};
 use sagas::orchestrator::server;
-use sagas::participant::{Handler, Participant};
+use sagas::participant::Handler;
+use sagas::participant::config::ParticipantConfig;
 use sqlx::PgPool;
 
 #[derive(Parser)]
@@ -37,7 +38,8 @@ enum Cmd {
     /// Runs the orchestrator (engine + HTTP API) with the `order` definition.
     /// Env: DATABASE_URL, AMQP_URL, SAGAS_BIND (default 127.0.0.1:8080), SAGAS_AMQP_PREFIX.
     Orchestrator,
-    /// Runs the orders participant (env ORDERS_DATABASE_URL).
+    /// Runs the orders participant (env ORDERS_DATABASE_URL, AMQP_URL and the other participant
+    /// variables of docs/operations.md; the same for the two below).
     Orders,
     /// Runs the inventory participant (env INVENTORY_DATABASE_URL).
     Inventory,
@@ -65,16 +67,14 @@ async fn pool(var: &str) -> anyhow::Result<PgPool> {
 }
 
 async fn participant(name: &str, var: &str, handler: Arc<dyn Handler>) -> anyhow::Result<()> {
-    let config = Config::from_env();
-    let pool = pool(var).await?;
-    shop::install(&pool).await?;
-    let conn = lapin::Connection::connect(&config.amqp_url, Default::default())
+    let config =
+        ParticipantConfig::from_env_with_database_var(name, var).unwrap_or_else(|e| e.exit());
+    let pool = config.pool()?;
+    shop::install(&pool)
         .await
-        .context("connecting to the broker (AMQP_URL)")?;
-    tracing::info!(participant = name, "running");
-    Participant::new(name, config.topology(), pool, handler)
-        .queue_options(config.queue_options())
-        .run(&conn, server::wait_for_signal())
+        .with_context(|| format!("creating the shop's tables ({var})"))?;
+    config
+        .serve(pool, handler, server::wait_for_signal())
         .await?;
     Ok(())
 }
@@ -83,7 +83,10 @@ async fn participant(name: &str, var: &str, handler: Arc<dyn Handler>) -> anyhow
 async fn main() -> anyhow::Result<()> {
     server::init_tracing();
     match Args::parse().command {
-        Cmd::Orchestrator => server::serve(Config::from_env(), shop::registry()?, None).await?,
+        Cmd::Orchestrator => {
+            let config = Config::from_env().unwrap_or_else(|e| e.exit());
+            server::serve(config, shop::registry()?, None).await?
+        }
         Cmd::Orders => {
             participant(
                 shop::ORDERS,

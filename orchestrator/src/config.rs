@@ -1,15 +1,19 @@
-//! Process configuration from the environment.
+//! Process configuration from the environment, read strictly: every variable that is set must
+//! be usable, or the process refuses to start naming it (docs/operations.md, "Configuration").
+//! The reader is the participant SDK's ([`sagas_participant::config::Env`]), so both kinds of
+//! process accept the same forms.
 
 use std::fmt;
-
-use chrono::Duration;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
 use sagas_participant::amqp::QueueOptions;
+pub use sagas_participant::config::BrokerSettings;
+use sagas_participant::config::MAX_DB_POOL;
+pub use sagas_participant::config::{ConfigError, EXIT_CONFIG, Env, VarError, parse_duration};
 use sagas_participant::protocol::{MAX_BATCH, Topology};
 
 /// What a `sagad`-style process needs to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// PostgreSQL URL of the orchestrator's database (`DATABASE_URL`).
     pub database_url: String,
@@ -29,22 +33,45 @@ pub struct Config {
     pub command_batch: usize,
     /// Queues vanish after this long unused (`SAGAS_QUEUE_EXPIRES_MS`); for tests and demos only.
     pub queue_expires_ms: Option<u64>,
-    /// Bearer tokens of the HTTP API (`SAGAS_API_TOKENS`); empty: the API is unauthenticated and
-    /// may only listen on loopback.
+    /// Bearer tokens of the HTTP API (`SAGAS_API_TOKENS` or the file `SAGAS_API_TOKENS_FILE`
+    /// names); empty: the API is unauthenticated and may only listen on loopback.
     pub api_tokens: Vec<ApiToken>,
     /// Largest accepted request body in bytes (`SAGAS_BODY_LIMIT`, default 1 MiB).
     pub body_limit: usize,
     /// Finished instances are deleted this long after they finished (`SAGAS_RETENTION`, e.g.
     /// `30d`; unset or `0`: kept for ever).
     pub retention: Option<std::time::Duration>,
-    /// Values of the environment that could not be used; [`Config::check`] refuses to start.
-    pub invalid: Vec<String>,
+    /// Read timeouts and connection cap of the HTTP server (`SAGAS_HTTP_*`).
+    pub http: HttpLimits,
 }
 
-/// The default database URL (local PostgreSQL, trust auth).
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-/// The default broker URL (local RabbitMQ).
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+impl fmt::Debug for Config {
+    // The URLs may hold passwords: they never reach a log line (the tokens redact themselves).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &"<redacted>")
+            .field("amqp_url", &"<redacted>")
+            .field("bind", &self.bind)
+            .field("amqp_prefix", &self.amqp_prefix)
+            .field("quorum_queues", &self.quorum_queues)
+            .field("db_pool", &self.db_pool)
+            .field("command_batch", &self.command_batch)
+            .field("queue_expires_ms", &self.queue_expires_ms)
+            .field("api_tokens", &self.api_tokens)
+            .field("body_limit", &self.body_limit)
+            .field("retention", &self.retention)
+            .field("http", &self.http)
+            .finish()
+    }
+}
+
+pub use sagas_participant::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL};
+/// The default HTTP listen address.
+pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
+/// The default number of database connections (`SAGAS_DB_POOL`).
+pub const DEFAULT_DB_POOL: u32 = 16;
+/// The largest accepted request body limit (1 GiB).
+pub const MAX_BODY_LIMIT: usize = 1 << 30;
 /// The default request body limit (1 MiB).
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// Shortest accepted API token: shorter ones are guessable.
@@ -102,30 +129,48 @@ impl fmt::Debug for ApiToken {
 /// record as their actor. A token containing `:` needs the three-part form. Errors never
 /// quote a token.
 pub fn parse_api_tokens(raw: &str) -> Result<Vec<ApiToken>, String> {
+    parse_token_entries(
+        raw.split(',')
+            .enumerate()
+            .map(|(i, entry)| (format!("entry {}", i + 1), entry)),
+    )
+}
+
+/// Parses the contents of `SAGAS_API_TOKENS_FILE`: the entries of [`parse_api_tokens`], one
+/// per line or comma-separated; blank lines and lines starting with `#` are ignored. Errors
+/// name the line, never a token.
+pub fn parse_api_tokens_file(text: &str) -> Result<Vec<ApiToken>, String> {
+    parse_token_entries(
+        text.lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim_start().starts_with('#'))
+            .flat_map(|(i, line)| {
+                line.split(',')
+                    .map(move |entry| (format!("line {}", i + 1), entry))
+            }),
+    )
+}
+
+/// Parses token entries, each with where it was (for errors).
+fn parse_token_entries<'a>(
+    entries: impl Iterator<Item = (String, &'a str)>,
+) -> Result<Vec<ApiToken>, String> {
     let mut tokens: Vec<ApiToken> = Vec::new();
-    for (i, entry) in raw.split(',').map(str::trim).enumerate() {
+    for (at, entry) in entries {
+        let entry = entry.trim();
         if entry.is_empty() {
             continue;
         }
-        let n = i + 1;
         let parts: Vec<&str> = entry.splitn(3, ':').collect();
         let (role, name, token) = match parts.as_slice() {
             [role, token] => (*role, *role, *token),
             [role, name, token] => (*role, *name, *token),
-            _ => {
-                return Err(format!(
-                    "SAGAS_API_TOKENS entry {n} is not role:token or role:name:token"
-                ));
-            }
+            _ => return Err(format!("{at} is not role:token or role:name:token")),
         };
         let role = match role {
             "read" => Role::Read,
             "operate" => Role::Operate,
-            _ => {
-                return Err(format!(
-                    "SAGAS_API_TOKENS entry {n}: role must be read or operate"
-                ));
-            }
+            _ => return Err(format!("{at}: the role must be read or operate")),
         };
         if name.is_empty()
             || name.len() > 100
@@ -134,18 +179,16 @@ pub fn parse_api_tokens(raw: &str) -> Result<Vec<ApiToken>, String> {
                 .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
         {
             return Err(format!(
-                "SAGAS_API_TOKENS entry {n}: the name must be 1 to 100 letters, digits or ._-@"
+                "{at}: the name must be 1 to 100 letters, digits or ._-@"
             ));
         }
         if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(format!(
-                "SAGAS_API_TOKENS entry {n}: the token must be at least {MIN_TOKEN_LEN} visible ASCII characters"
+                "{at}: the token must be at least {MIN_TOKEN_LEN} visible ASCII characters"
             ));
         }
         if tokens.iter().any(|t| t.token == token) {
-            return Err(format!(
-                "SAGAS_API_TOKENS entry {n} repeats the token of an earlier entry"
-            ));
+            return Err(format!("{at} repeats the token of an earlier entry"));
         }
         tokens.push(ApiToken {
             role,
@@ -154,6 +197,46 @@ pub fn parse_api_tokens(raw: &str) -> Result<Vec<ApiToken>, String> {
         });
     }
     Ok(tokens)
+}
+
+/// Reads the API tokens from `SAGAS_API_TOKENS` or from the file `SAGAS_API_TOKENS_FILE`
+/// names (not both).
+fn read_api_tokens(env: &mut Env) -> Vec<ApiToken> {
+    let inline = env.raw("SAGAS_API_TOKENS");
+    let file = env.raw("SAGAS_API_TOKENS_FILE");
+    let parsed = match (inline, file) {
+        (None, None) => return Vec::new(),
+        (Some(_), Some(_)) => Err((
+            "SAGAS_API_TOKENS_FILE",
+            "is set together with SAGAS_API_TOKENS: set one of them".to_owned(),
+        )),
+        (Some(raw), None) => parse_api_tokens(&raw).map_err(|e| ("SAGAS_API_TOKENS", e)),
+        (None, Some(path)) => {
+            let path = path.trim();
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("{path} cannot be read: {e}"))
+                .and_then(|text| parse_api_tokens_file(&text).map_err(|e| format!("{path}: {e}")))
+                .map_err(|e| ("SAGAS_API_TOKENS_FILE", e))
+        }
+    };
+    parsed.unwrap_or_else(|(var, problem)| {
+        env.invalid(var, problem);
+        Vec::new()
+    })
+}
+
+/// Checks `SAGAS_BIND`: `host:port` (`[v6]:port` for IPv6 addresses).
+fn check_bind(raw: &str) -> Result<String, String> {
+    let bad =
+        || format!("{raw:?} is not host:port (examples: 127.0.0.1:8080, [::1]:8080, 0.0.0.0:80)");
+    if raw.parse::<SocketAddr>().is_ok() {
+        return Ok(raw.to_owned());
+    }
+    let (host, port) = raw.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains(':') || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(raw.to_owned())
 }
 
 /// Whether every address `bind` resolves to is a loopback address.
@@ -171,143 +254,95 @@ pub fn is_loopback(bind: &str) -> bool {
         })
 }
 
-/// Parses `SAGAS_RETENTION`: a duration such as `30d`, `12h` or `1d12h` (`0`: none).
-pub fn parse_retention(raw: &str) -> Result<Option<std::time::Duration>, String> {
-    if raw.trim() == "0" {
-        return Ok(None);
-    }
-    let retention = parse_duration(raw).map_err(|e| format!("SAGAS_RETENTION: {e}"))?;
-    Ok(retention.to_std().ok().filter(|d| !d.is_zero()))
-}
-
-/// Parses `90s`, `15m`, `1h30m`, `7d`, `2w`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration (examples: 60s, 15m, 1h30m, 7d)");
-    let mut total = Duration::zero();
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: i64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let part = match &rest[..unit_len] {
-            "ms" => Duration::try_milliseconds(n),
-            "s" => Duration::try_seconds(n),
-            "m" => Duration::try_minutes(n),
-            "h" => Duration::try_hours(n),
-            "d" => Duration::try_days(n),
-            "w" => Duration::try_weeks(n),
-            _ => None,
-        }
-        .ok_or_else(bad)?;
-        total = total.checked_add(&part).ok_or_else(bad)?;
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
-}
-
-/// Parses `SAGAS_AMQP_COMMAND_BATCH`: the most commands per AMQP message, 1 to [`MAX_BATCH`].
-pub fn parse_command_batch(raw: &str) -> Result<usize, String> {
-    match raw.trim().parse::<usize>() {
-        Ok(n) if (1..=MAX_BATCH).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "SAGAS_AMQP_COMMAND_BATCH={raw:?} is not a number from 1 to {MAX_BATCH}"
-        )),
+impl Default for Config {
+    /// Every variable unset: loopback defaults.
+    fn default() -> Config {
+        let mut env = Env::from_map(std::iter::empty::<(String, String)>());
+        Config::read(&mut env)
     }
 }
 
 impl Config {
-    /// Reads the configuration from the environment, with loopback defaults. Unusable values
-    /// are kept in [`Config::invalid`] for [`Config::check`] to report.
-    pub fn from_env() -> Config {
-        let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
-        let mut invalid = Vec::new();
-        let api_tokens = match std::env::var("SAGAS_API_TOKENS") {
-            Ok(raw) => parse_api_tokens(&raw).unwrap_or_else(|e| {
-                invalid.push(e);
-                Vec::new()
-            }),
-            Err(_) => Vec::new(),
-        };
-        let body_limit = match std::env::var("SAGAS_BODY_LIMIT") {
-            Ok(raw) => match raw.trim().parse::<usize>() {
-                Ok(n) if n > 0 => n,
-                _ => {
-                    invalid.push(format!(
-                        "SAGAS_BODY_LIMIT={raw:?} is not a positive number of bytes"
-                    ));
-                    DEFAULT_BODY_LIMIT
-                }
-            },
-            Err(_) => DEFAULT_BODY_LIMIT,
-        };
-        let command_batch = match std::env::var("SAGAS_AMQP_COMMAND_BATCH") {
-            Ok(raw) => parse_command_batch(&raw).unwrap_or_else(|e| {
-                invalid.push(e);
-                1
-            }),
-            Err(_) => 1,
-        };
-        let retention = match std::env::var("SAGAS_RETENTION") {
-            Ok(raw) => parse_retention(&raw).unwrap_or_else(|e| {
-                invalid.push(e);
-                None
-            }),
-            Err(_) => None,
-        };
-        Config {
-            database_url: var("DATABASE_URL", DEFAULT_DATABASE_URL),
-            amqp_url: var("AMQP_URL", DEFAULT_AMQP_URL),
-            bind: var("SAGAS_BIND", "127.0.0.1:8080"),
-            amqp_prefix: var("SAGAS_AMQP_PREFIX", "sagas"),
-            quorum_queues: matches!(var("SAGAS_QUORUM_QUEUES", "0").as_str(), "1" | "true"),
-            db_pool: var("SAGAS_DB_POOL", "16").parse().unwrap_or(16),
+    /// Reads the configuration from the environment. Every unusable variable is an error, all
+    /// of them at once; so is an unauthenticated API on an address other hosts can reach.
+    ///
+    /// A binary's `main` can stop with exit code 2 and the list:
+    /// `Config::from_env().unwrap_or_else(|e| e.exit())`.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let mut env = Env::from_process();
+        let config = Config::read(&mut env);
+        env.finish_with(config)
+    }
+
+    /// Reads the configuration from `env`, its errors recorded there.
+    pub fn read(env: &mut Env) -> Config {
+        let database_url = env.postgres_url("DATABASE_URL", DEFAULT_DATABASE_URL);
+        let broker = BrokerSettings::read(env);
+        let bind = env.parse("SAGAS_BIND", DEFAULT_BIND.to_owned(), check_bind);
+        let db_pool = env.number("SAGAS_DB_POOL", DEFAULT_DB_POOL, 1..=MAX_DB_POOL);
+        let command_batch = env.number("SAGAS_AMQP_COMMAND_BATCH", 1, 1..=MAX_BATCH);
+        let api_tokens = read_api_tokens(env);
+        let body_limit = env.number("SAGAS_BODY_LIMIT", DEFAULT_BODY_LIMIT, 1..=MAX_BODY_LIMIT);
+        let retention = env.duration_or_off("SAGAS_RETENTION", None);
+        let http = HttpLimits::read(env);
+        let config = Config {
+            database_url,
+            amqp_url: broker.amqp_url,
+            bind,
+            amqp_prefix: broker.amqp_prefix,
+            quorum_queues: broker.quorum_queues,
+            db_pool,
             command_batch,
-            queue_expires_ms: std::env::var("SAGAS_QUEUE_EXPIRES_MS")
-                .ok()
-                .and_then(|v| v.parse().ok()),
+            queue_expires_ms: broker.queue_expires_ms,
             api_tokens,
             body_limit,
             retention,
-            invalid,
+            http,
+        };
+        if let Err(problem) = config.check_exposure() {
+            env.invalid("SAGAS_BIND", problem);
         }
+        config
     }
 
-    /// Refuses a configuration the server must not start with: unusable values, or an
-    /// unauthenticated API on an address other hosts can reach.
+    /// Refuses a configuration the server must not start with: an unauthenticated API on an
+    /// address other hosts can reach. ([`Config::from_env`] checks this too; this is for
+    /// configurations built in code.)
     pub fn check(&self) -> Result<(), String> {
-        if !self.invalid.is_empty() {
-            return Err(self.invalid.join("; "));
-        }
+        self.check_exposure()
+            .map_err(|problem| format!("SAGAS_BIND: {problem}"))
+    }
+
+    fn check_exposure(&self) -> Result<(), String> {
         if self.api_tokens.is_empty() && !is_loopback(&self.bind) {
             return Err(format!(
-                "SAGAS_BIND={} is not a loopback address and SAGAS_API_TOKENS is empty: \
-                 set tokens (role:token or role:name:token) before exposing the API",
+                "{} is not a loopback address and no API token is set (SAGAS_API_TOKENS or \
+                 SAGAS_API_TOKENS_FILE): set tokens (role:token or role:name:token) before \
+                 exposing the API",
                 self.bind
             ));
         }
         Ok(())
     }
 
+    /// The broker settings, as a participant reads them.
+    pub fn broker(&self) -> BrokerSettings {
+        BrokerSettings {
+            amqp_url: self.amqp_url.clone(),
+            amqp_prefix: self.amqp_prefix.clone(),
+            quorum_queues: self.quorum_queues,
+            queue_expires_ms: self.queue_expires_ms,
+        }
+    }
+
     /// The AMQP topology.
     pub fn topology(&self) -> Topology {
-        Topology::new(self.amqp_prefix.clone())
+        self.broker().topology()
     }
 
     /// Queue declaration options.
     pub fn queue_options(&self) -> QueueOptions {
-        QueueOptions {
-            quorum: self.quorum_queues,
-            expires: self.queue_expires_ms.map(std::time::Duration::from_millis),
-        }
+        self.broker().queue_options()
     }
 }
 
@@ -322,6 +357,8 @@ pub const DEFAULT_HTTP_BODY_TIMEOUT: std::time::Duration = std::time::Duration::
 pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 512;
 /// The longest accepted HTTP timeout (1 hour).
 pub const MAX_HTTP_TIMEOUT_MS: u64 = 3_600_000;
+/// The most HTTP connections one may allow (`SAGAS_HTTP_MAX_CONNECTIONS`).
+pub const MAX_HTTP_CONNECTIONS: usize = 1_000_000;
 
 /// How the HTTP server bounds what clients may hold: read timeouts and a connection cap
 /// (`SAGAS_HTTP_HEADER_TIMEOUT_MS`, `SAGAS_HTTP_BODY_TIMEOUT_MS`, `SAGAS_HTTP_MAX_CONNECTIONS`).
@@ -347,75 +384,33 @@ impl Default for HttpLimits {
     }
 }
 
-/// Parses an HTTP timeout variable (`name`): whole milliseconds, 1 to [`MAX_HTTP_TIMEOUT_MS`].
-pub fn parse_http_timeout(name: &str, raw: &str) -> Result<std::time::Duration, String> {
-    match raw.trim().parse::<u64>() {
-        Ok(n) if (1..=MAX_HTTP_TIMEOUT_MS).contains(&n) => Ok(std::time::Duration::from_millis(n)),
-        _ => Err(format!(
-            "{name}={raw:?} is not a number of milliseconds from 1 to {MAX_HTTP_TIMEOUT_MS}"
-        )),
-    }
-}
-
-/// Parses `SAGAS_HTTP_MAX_CONNECTIONS`: 1 to 1,000,000 connections.
-pub fn parse_http_max_connections(raw: &str) -> Result<usize, String> {
-    match raw.trim().parse::<usize>() {
-        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "SAGAS_HTTP_MAX_CONNECTIONS={raw:?} is not a number from 1 to 1000000"
-        )),
-    }
-}
-
 impl HttpLimits {
-    /// Reads the limits from the environment (defaults for unset variables); an unusable value
-    /// is an error naming its variable.
-    pub fn from_env() -> Result<HttpLimits, String> {
-        let mut invalid = Vec::new();
-        let mut limits = HttpLimits::default();
-        if let Ok(raw) = std::env::var("SAGAS_HTTP_HEADER_TIMEOUT_MS") {
-            match parse_http_timeout("SAGAS_HTTP_HEADER_TIMEOUT_MS", &raw) {
-                Ok(d) => limits.header_timeout = d,
-                Err(e) => invalid.push(e),
-            }
-        }
-        if let Ok(raw) = std::env::var("SAGAS_HTTP_BODY_TIMEOUT_MS") {
-            match parse_http_timeout("SAGAS_HTTP_BODY_TIMEOUT_MS", &raw) {
-                Ok(d) => limits.body_timeout = d,
-                Err(e) => invalid.push(e),
-            }
-        }
-        if let Ok(raw) = std::env::var("SAGAS_HTTP_MAX_CONNECTIONS") {
-            match parse_http_max_connections(&raw) {
-                Ok(n) => limits.max_connections = n,
-                Err(e) => invalid.push(e),
-            }
-        }
-        if invalid.is_empty() {
-            Ok(limits)
-        } else {
-            Err(invalid.join("; "))
-        }
+    /// Reads the limits from the environment (defaults for unset variables); every unusable
+    /// value is an error naming its variable.
+    pub fn from_env() -> Result<HttpLimits, ConfigError> {
+        let mut env = Env::from_process();
+        let limits = HttpLimits::read(&mut env);
+        env.finish_with(limits)
     }
-}
 
-#[cfg(test)]
-mod http_limits_tests {
-    use super::*;
-
-    #[test]
-    fn http_timeouts_and_the_connection_cap_refuse_values_out_of_range_naming_the_variable() {
-        let t = |raw: &str| parse_http_timeout("SAGAS_HTTP_BODY_TIMEOUT_MS", raw);
-        assert_eq!(t("1"), Ok(std::time::Duration::from_millis(1)));
-        assert_eq!(t(" 2500 "), Ok(std::time::Duration::from_millis(2500)));
-        for bad in ["0", "-1", "1.5", "10s", "", "3600001"] {
-            let err = t(bad).unwrap_err();
-            assert!(err.contains("SAGAS_HTTP_BODY_TIMEOUT_MS"), "{bad}: {err}");
-        }
-        assert_eq!(parse_http_max_connections("64"), Ok(64));
-        for bad in ["0", "-3", "many", "1000001"] {
-            let err = parse_http_max_connections(bad).unwrap_err();
-            assert!(err.contains("SAGAS_HTTP_MAX_CONNECTIONS"), "{bad}: {err}");
+    /// Reads the limits from `env`, its errors recorded there.
+    pub fn read(env: &mut Env) -> HttpLimits {
+        let timeout = |env: &mut Env, name: &str, default: std::time::Duration| {
+            let default_ms = u64::try_from(default.as_millis()).unwrap_or(MAX_HTTP_TIMEOUT_MS);
+            std::time::Duration::from_millis(env.number(name, default_ms, 1..=MAX_HTTP_TIMEOUT_MS))
+        };
+        HttpLimits {
+            header_timeout: timeout(
+                env,
+                "SAGAS_HTTP_HEADER_TIMEOUT_MS",
+                DEFAULT_HTTP_HEADER_TIMEOUT,
+            ),
+            body_timeout: timeout(env, "SAGAS_HTTP_BODY_TIMEOUT_MS", DEFAULT_HTTP_BODY_TIMEOUT),
+            max_connections: env.number(
+                "SAGAS_HTTP_MAX_CONNECTIONS",
+                DEFAULT_HTTP_MAX_CONNECTIONS,
+                1..=MAX_HTTP_CONNECTIONS,
+            ),
         }
     }
 }
@@ -424,59 +419,143 @@ mod http_limits_tests {
 mod tests {
     use super::*;
 
-    #[test]
-    fn command_batches_are_between_one_and_the_protocol_limit() {
-        assert_eq!(parse_command_batch("1"), Ok(1));
-        assert_eq!(parse_command_batch(" 16 "), Ok(16));
-        assert_eq!(parse_command_batch(&MAX_BATCH.to_string()), Ok(MAX_BATCH));
-        for bad in ["0", "-1", "many", "", &(MAX_BATCH + 1).to_string()] {
-            let err = parse_command_batch(bad).unwrap_err();
-            assert!(err.contains("SAGAS_AMQP_COMMAND_BATCH"), "{bad}: {err}");
-        }
+    fn read(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut env = Env::from_map(vars.iter().copied());
+        let config = Config::read(&mut env);
+        env.finish_with(config)
     }
 
-    fn config(bind: &str, tokens: &str) -> Config {
-        Config {
-            database_url: DEFAULT_DATABASE_URL.into(),
-            amqp_url: DEFAULT_AMQP_URL.into(),
-            bind: bind.into(),
-            amqp_prefix: "sagas".into(),
-            quorum_queues: false,
-            db_pool: 1,
-            command_batch: 1,
-            queue_expires_ms: None,
-            api_tokens: parse_api_tokens(tokens).unwrap(),
-            body_limit: DEFAULT_BODY_LIMIT,
-            retention: None,
-            invalid: Vec::new(),
+    const TOKEN: &str = "read:0123456789abcdef";
+
+    #[test]
+    fn with_nothing_set_the_configuration_is_the_loopback_defaults() {
+        let c = read(&[]).unwrap();
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(c.bind, DEFAULT_BIND);
+        assert_eq!(c.topology(), Topology::new("sagas"));
+        assert_eq!(c.queue_options(), QueueOptions::default());
+        assert_eq!(
+            (c.db_pool, c.command_batch, c.body_limit),
+            (16, 1, DEFAULT_BODY_LIMIT)
+        );
+        assert_eq!(c.retention, None);
+        assert_eq!(c.http, HttpLimits::default());
+        assert!(c.api_tokens.is_empty());
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let c = read(&[
+            ("DATABASE_URL", "postgres://o@db:5432/orch"),
+            ("AMQP_URL", "amqp://u:p@mq:5672/v"),
+            ("SAGAS_BIND", "0.0.0.0:9000"),
+            ("SAGAS_AMQP_PREFIX", "t-x"),
+            ("SAGAS_QUORUM_QUEUES", "TRUE"),
+            ("SAGAS_DB_POOL", "4"),
+            ("SAGAS_AMQP_COMMAND_BATCH", "16"),
+            ("SAGAS_QUEUE_EXPIRES_MS", "600000"),
+            ("SAGAS_API_TOKENS", TOKEN),
+            ("SAGAS_BODY_LIMIT", "2048"),
+            ("SAGAS_RETENTION", "1d12h"),
+            ("SAGAS_HTTP_HEADER_TIMEOUT_MS", "2500"),
+            ("SAGAS_HTTP_BODY_TIMEOUT_MS", "1"),
+            ("SAGAS_HTTP_MAX_CONNECTIONS", "64"),
+        ])
+        .unwrap();
+        assert_eq!(c.bind, "0.0.0.0:9000");
+        assert!(c.quorum_queues);
+        assert_eq!(c.queue_expires_ms, Some(600_000));
+        assert_eq!((c.db_pool, c.command_batch, c.body_limit), (4, 16, 2048));
+        assert_eq!(c.retention, Some(std::time::Duration::from_secs(36 * 3600)));
+        assert_eq!(
+            c.http.header_timeout,
+            std::time::Duration::from_millis(2500)
+        );
+        assert_eq!(c.http.max_connections, 64);
+        assert_eq!(c.api_tokens.len(), 1);
+        assert!(!format!("{c:?}").contains("u:p@"));
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn every_malformed_variable_is_reported_at_once_by_name() {
+        let bad = [
+            ("DATABASE_URL", "postgres//nowhere"),
+            ("AMQP_URL", "amqp://h:notaport"),
+            ("SAGAS_BIND", "8080"),
+            ("SAGAS_AMQP_PREFIX", "a b"),
+            ("SAGAS_QUORUM_QUEUES", "2"),
+            ("SAGAS_DB_POOL", "sixteen"),
+            ("SAGAS_AMQP_COMMAND_BATCH", "257"),
+            ("SAGAS_QUEUE_EXPIRES_MS", "-5"),
+            ("SAGAS_API_TOKENS", "admin:ssssssssssssssss"),
+            ("SAGAS_BODY_LIMIT", "0"),
+            ("SAGAS_RETENTION", "30"),
+            ("SAGAS_HTTP_HEADER_TIMEOUT_MS", "10s"),
+            ("SAGAS_HTTP_BODY_TIMEOUT_MS", "3600001"),
+            ("SAGAS_HTTP_MAX_CONNECTIONS", "0"),
+        ];
+        let err = read(&bad).unwrap_err();
+        for (var, _) in bad {
+            assert!(err.names(var), "{var} missing from {err}");
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains("SAGAS_DB_POOL: \"sixteen\" is not a whole number from 1 to"),
+            "{text}"
+        );
+        assert!(!text.contains("ssssssss"), "{text}");
+    }
+
+    #[test]
+    fn command_batches_are_between_one_and_the_protocol_limit() {
+        let batch = |raw: &str| read(&[("SAGAS_AMQP_COMMAND_BATCH", raw)]).map(|c| c.command_batch);
+        assert_eq!(batch(" 16 "), Ok(16));
+        assert_eq!(batch(&MAX_BATCH.to_string()), Ok(MAX_BATCH));
+        for bad in ["0", "-1", "many", &(MAX_BATCH + 1).to_string()] {
+            assert!(
+                batch(bad).unwrap_err().names("SAGAS_AMQP_COMMAND_BATCH"),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn a_retention_is_a_duration_with_a_unit_and_zero_keeps_everything() {
+        let retention = |raw: &str| read(&[("SAGAS_RETENTION", raw)]).map(|c| c.retention);
         let day = std::time::Duration::from_secs(86_400);
-        assert_eq!(parse_retention("30d"), Ok(Some(30 * day)));
-        assert_eq!(parse_retention(" 12h "), Ok(Some(day / 2)));
-        assert_eq!(parse_retention("1d12h"), Ok(Some(day + day / 2)));
-        assert_eq!(parse_retention("0"), Ok(None));
-        assert_eq!(parse_retention("0s"), Ok(None));
-        for bad in ["30", "thirty days", "-1d", "", "1.5d"] {
-            let err = parse_retention(bad).unwrap_err();
-            assert!(err.contains("SAGAS_RETENTION"), "{bad}: {err}");
+        assert_eq!(retention("30d"), Ok(Some(30 * day)));
+        assert_eq!(retention(" 12h "), Ok(Some(day / 2)));
+        assert_eq!(retention("0"), Ok(None));
+        assert_eq!(retention("0s"), Ok(None));
+        for bad in ["30", "thirty days", "-1d", "1.5d"] {
+            assert!(
+                retention(bad).unwrap_err().names("SAGAS_RETENTION"),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn without_tokens_only_loopback_addresses_may_be_bound() {
         for bind in ["127.0.0.1:8080", "[::1]:8080", "localhost:0", "127.1.2.3:1"] {
-            assert!(config(bind, "").check().is_ok(), "{bind}");
+            assert!(read(&[("SAGAS_BIND", bind)]).is_ok(), "{bind}");
         }
-        for bind in ["0.0.0.0:8080", "[::]:8080", "10.1.2.3:80", "nonsense"] {
-            let err = config(bind, "").check().unwrap_err();
-            assert!(err.contains("SAGAS_API_TOKENS"), "{bind}: {err}");
+        for bind in ["0.0.0.0:8080", "[::]:8080", "10.1.2.3:80"] {
+            let err = read(&[("SAGAS_BIND", bind)]).unwrap_err();
+            assert!(err.names("SAGAS_BIND"), "{bind}: {err}");
+            assert!(
+                err.to_string().contains("SAGAS_API_TOKENS"),
+                "{bind}: {err}"
+            );
+            let built = Config {
+                bind: bind.to_owned(),
+                ..Config::default()
+            };
+            assert!(built.check().unwrap_err().contains("SAGAS_BIND"), "{bind}");
         }
-        let with_tokens = config("0.0.0.0:8080", "read:0123456789abcdef");
-        assert!(with_tokens.check().is_ok());
+        assert!(read(&[("SAGAS_BIND", "0.0.0.0:8080"), ("SAGAS_API_TOKENS", TOKEN)]).is_ok());
     }
 
     #[test]
@@ -512,9 +591,78 @@ mod tests {
         ] {
             let err = parse_api_tokens(bad).unwrap_err();
             assert!(!err.contains("ssssssss"), "{err}");
+            let err = read(&[("SAGAS_API_TOKENS", bad)]).unwrap_err();
+            assert!(err.names("SAGAS_API_TOKENS"), "{err}");
+            assert!(!err.to_string().contains("ssssssss"), "{err}");
         }
         assert!(Role::Operate.allows(Role::Read));
         assert!(!Role::Read.allows(Role::Operate));
         assert!(!format!("{:?}", tokens[0]).contains("rrrr"));
+    }
+
+    /// A file of its own in the temporary directory, removed when dropped.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(text: &str) -> TempFile {
+            let path = std::env::temp_dir().join(format!(
+                "sagas-tokens-{}-{}",
+                std::process::id(),
+                uuid::Uuid::new_v4().simple()
+            ));
+            std::fs::write(&path, text).unwrap();
+            TempFile(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_tokens_file_holds_entries_per_line_or_comma_separated_with_comments() {
+        let file = TempFile::new(
+            "# operators\n\noperate:alice:aaaaaaaaaaaaaaaa\n  # readers\nread:rrrrrrrrrrrrrrrr, read:bob:bbbbbbbbbbbbbbbb\n",
+        );
+        let c = read(&[("SAGAS_API_TOKENS_FILE", file.path())]).unwrap();
+        let names: Vec<&str> = c.api_tokens.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["alice", "read", "bob"]);
+        assert_eq!(c.api_tokens[0].role, Role::Operate);
+    }
+
+    #[test]
+    fn a_bad_tokens_file_is_refused_naming_the_line_or_the_path_but_never_a_token() {
+        let file = TempFile::new("read:rrrrrrrrrrrrrrrr\n\nadmin:ssssssssssssssss\n");
+        let err = read(&[("SAGAS_API_TOKENS_FILE", file.path())]).unwrap_err();
+        assert!(err.names("SAGAS_API_TOKENS_FILE"), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("line 3") && text.contains(file.path()),
+            "{text}"
+        );
+        assert!(
+            !text.contains("ssssssss") && !text.contains("rrrrrrrr"),
+            "{text}"
+        );
+
+        let missing = format!("{}-missing", file.path());
+        let err = read(&[("SAGAS_API_TOKENS_FILE", missing.as_str())]).unwrap_err();
+        assert!(err.names("SAGAS_API_TOKENS_FILE"), "{err}");
+        assert!(err.to_string().contains(&missing), "{err}");
+
+        let good = TempFile::new("read:rrrrrrrrrrrrrrrr\n");
+        let err = read(&[
+            ("SAGAS_API_TOKENS_FILE", good.path()),
+            ("SAGAS_API_TOKENS", "read:tttttttttttttttt"),
+        ])
+        .unwrap_err();
+        assert!(err.names("SAGAS_API_TOKENS_FILE"), "{err}");
+        assert!(!err.to_string().contains("tttttttt"), "{err}");
     }
 }

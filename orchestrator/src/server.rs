@@ -49,8 +49,8 @@ pub async fn engine(config: &Config, registry: Registry) -> anyhow::Result<Arc<E
     ))
 }
 
-/// Runs the engine and the HTTP API on `config.bind` until `shutdown` (or SIGTERM/Ctrl-C when
-/// `shutdown` is `None`).
+/// Runs the engine and the HTTP API on `config.bind`, within `config.http`, until `shutdown`
+/// (or SIGTERM/Ctrl-C when `shutdown` is `None`).
 pub async fn serve(
     config: Config,
     registry: Registry,
@@ -60,7 +60,7 @@ pub async fn serve(
     config
         .check()
         .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
-    let limits = HttpLimits::from_env().map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+    let limits = config.http;
     let _ = crate::api::metrics::handle();
     let engine = engine(&config, registry).await?;
     let shutdown = shutdown.unwrap_or_else(|| {

@@ -784,7 +784,7 @@ async fn serve_refuses_an_unauthenticated_api_on_a_non_loopback_address_before_c
         // Nothing listens there: the check must come first.
         database_url: "postgres://nobody@127.0.0.1:1/none".into(),
         api_tokens: Vec::new(),
-        ..Config::from_env()
+        ..Config::default()
     };
     let err = tokio::time::timeout(
         Duration::from_secs(5),
@@ -1169,8 +1169,7 @@ async fn shutdown_finishes_a_request_in_flight_and_stops_the_engine() -> Result<
         amqp_prefix: env.topology.prefix().to_owned(),
         queue_expires_ms: Some(600_000),
         api_tokens: Vec::new(),
-        invalid: Vec::new(),
-        ..Config::from_env()
+        ..Config::default()
     };
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(sagas::orchestrator::server::serve(
