@@ -8,6 +8,7 @@ mod helpers;
 mod api;
 mod bank;
 mod batches;
+mod config;
 mod conformance;
 mod faults;
 mod orders;
