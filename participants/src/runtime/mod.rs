@@ -21,7 +21,9 @@
 //!
 //! [`Participant::run`] serves on a connection the caller owns and returns when it fails;
 //! [`Participant::run_forever`] owns its connection and reconnects (with backoff, redeclaring
-//! the queue) after broker restarts and network failures until its shutdown signal.
+//! the queue) after broker restarts and network failures until its shutdown signal. With
+//! either, a command that cannot reach the database waits for it, unanswered and unacked, and
+//! runs again once it is back.
 //!
 //! [`BATCH_CONTENT_TYPE`]: crate::protocol::BATCH_CONTENT_TYPE
 
