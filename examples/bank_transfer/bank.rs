@@ -87,6 +87,12 @@ fn leg_of(cmd: &Command) -> Result<Leg, HandlerError> {
         .map_err(|e| HandlerError::business(format!("malformed command payload: {e}")))
 }
 
+/// The account row a command updates: its lock key, so that batches of commands lock accounts
+/// in one order and never deadlock (`Handler::lock_key`).
+fn account_of(cmd: &Command) -> Option<String> {
+    leg_of(cmd).ok().map(|leg| leg.account)
+}
+
 /// Runs `sql` on one account row and fails for good if no row matched, with `why`.
 async fn change(
     tx: &mut PgConnection,
@@ -168,6 +174,9 @@ impl SagaHandler for SagaDebit {
     ) -> Result<Value, HandlerError> {
         self.0.apply(tx, cmd, REFUND, "no such account").await
     }
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        account_of(cmd)
+    }
 }
 
 #[async_trait]
@@ -184,6 +193,9 @@ impl SagaHandler for SagaCredit {
     ) -> Result<Value, HandlerError> {
         self.0.apply(tx, cmd, TAKE_BACK, "no such account").await
     }
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        account_of(cmd)
+    }
 }
 
 #[async_trait]
@@ -199,6 +211,9 @@ impl TccHandler for TccDebit {
     async fn cancel(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
         self.0.apply(tx, cmd, UNFREEZE, "no such account").await
     }
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        account_of(cmd)
+    }
 }
 
 #[async_trait]
@@ -213,6 +228,9 @@ impl TccHandler for TccCredit {
     }
     async fn cancel(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
         self.0.apply(tx, cmd, FORGET, "no such account").await
+    }
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        account_of(cmd)
     }
 }
 

@@ -243,6 +243,12 @@ async fn move_stock(
 struct ReserveStock;
 struct CommitStock;
 
+/// The stock row a command moves units of: its lock key, so that batches of commands lock
+/// SKUs in one order and never deadlock (`Handler::lock_key`).
+fn sku_of(cmd: &Command) -> Option<String> {
+    payload::<Stock>(cmd).ok().map(|stock| stock.sku)
+}
+
 #[async_trait]
 impl SagaHandler for ReserveStock {
     async fn action(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
@@ -254,6 +260,9 @@ impl SagaHandler for ReserveStock {
         tx: &mut PgConnection,
     ) -> Result<Value, HandlerError> {
         move_stock(tx, &payload(cmd)?, "reserved", "available").await
+    }
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        sku_of(cmd)
     }
 }
 
@@ -268,6 +277,9 @@ impl SagaHandler for CommitStock {
         tx: &mut PgConnection,
     ) -> Result<Value, HandlerError> {
         move_stock(tx, &payload(cmd)?, "sold", "reserved").await
+    }
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        sku_of(cmd)
     }
 }
 

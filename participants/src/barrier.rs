@@ -71,6 +71,33 @@ pub enum BarrierError {
     Unguarded,
 }
 
+impl BarrierError {
+    /// Whether the database could not be reached or its connection was lost (the server shut
+    /// down or restarted, the network failed, no connection could be had in time): nothing
+    /// of the command was committed (or, if the answer to the commit was lost, all of it
+    /// was), and running it again once the database is back is the way on. The runtime waits
+    /// for the database then, instead of answering `retry`.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, BarrierError::Database(error) if connection_lost(error))
+    }
+}
+
+/// Whether `error` says that the database is unreachable or the connection was lost.
+fn connection_lost(error: &sqlx::Error) -> bool {
+    match error {
+        // The server shutting down or not ready (57P01-57P03), too many connections (53300),
+        // connection exceptions (08…).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            matches!(&*code, "57P01" | "57P02" | "57P03" | "53300") || code.starts_with("08")
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
 /// Why a barrier row exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Origin {
@@ -136,7 +163,9 @@ pub async fn install(pool: &PgPool) -> Result<(), BarrierError> {
 ///
 /// Returns the outcome to reply with: the handler's (`failed` for [`HandlerError::Business`],
 /// `retry` for transient and database errors), or the stored one for a duplicate, a null
-/// compensation or a refused late forward operation.
+/// compensation or a refused late forward operation. When the database cannot be reached or
+/// the connection is lost, also under the handler, it returns the error
+/// ([`BarrierError::is_unavailable`]): run the command again once the database is back.
 ///
 /// A business failure of a forward operation is stored (its writes are rolled back through a
 /// savepoint) so that redeliveries get the same answer. A business failure of `confirm`,
@@ -147,7 +176,16 @@ pub async fn execute(
     cmd: &Command,
     handler: &dyn Handler,
 ) -> Result<Outcome, BarrierError> {
-    let mut tx = pool.begin().await?;
+    execute_on(&mut *pool.acquire().await?, cmd, handler).await
+}
+
+/// [`execute`] in a transaction on `conn`.
+pub(crate) async fn execute_on(
+    conn: &mut PgConnection,
+    cmd: &Command,
+    handler: &dyn Handler,
+) -> Result<Outcome, BarrierError> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
     match execute_in(&mut tx, cmd, handler, &[], None, true).await? {
         Executed::Keep { outcome, to_record } => {
             if let Some(origin) = to_record {
@@ -155,6 +193,10 @@ pub async fn execute(
             }
             tx.commit().await?;
             Ok(outcome)
+        }
+        // The connection is gone: the command was not run, whatever its handler says.
+        Executed::Discard(HandlerError::Database(error)) if connection_lost(&error) => {
+            Err(error.into())
         }
         Executed::Discard(error) => {
             tx.rollback().await?;
@@ -302,8 +344,8 @@ async fn execute_in(
 /// ([`execute`]), 6 — `BEGIN`, the barrier row's `INSERT`, `SAVEPOINT`, the handler's write,
 /// the reply's `UPDATE`, `COMMIT`. In a batch, 3 per command — `INSERT`, `SAVEPOINT`, the
 /// handler's write — and 3 per batch: `BEGIN`, the upsert of every reply, `COMMIT`. A batch
-/// begun with [`Batch::begin_for`] whose commands belong to different transactions and are no
-/// undos inserts all their rows with one statement: 2 per command and 4 per batch. A
+/// begun with [`Batch::begin_for`] inserts its commands' rows with one statement: 2 per
+/// command and 4 per batch. A
 /// discarded command costs 2 more (`ROLLBACK TO SAVEPOINT`, `DELETE` of its row), a duplicate
 /// 1 or 2 (`INSERT`, then `SELECT` of the stored reply unless it is the batch's own).
 ///
@@ -321,8 +363,10 @@ async fn execute_in(
 /// stored replies.
 ///
 /// Every command holds its row locks until the batch commits, so handlers that update the
-/// same rows from many commands make the batches wait for each other (and may deadlock,
-/// which the fallback resolves). A discarded command's barrier row key, and the lock an undo
+/// same rows from many commands make the batches wait for each other. Batches whose commands
+/// run in [`lock_order`] (the runtime's, and [`execute_batch`]'s) take those rows in one order
+/// and do not deadlock over them; other deadlocks (handlers that lock several shared rows, or
+/// rows they give no key for) are resolved by the fallback. A discarded command's barrier row key, and the lock an undo
 /// takes on its forward row, are also held until the batch ends. Each command takes one
 /// subtransaction (its handler's savepoint), plus those its handler takes; keep batches to at
 /// most 32 commands, since past 64 subtransactions in one transaction PostgreSQL's per-backend
@@ -379,22 +423,24 @@ impl Batch {
         })
     }
 
-    /// Begins the batch for `cmds`, the commands it will execute in this order. When they
-    /// belong to different transactions and none is an undo, their barrier rows are inserted
+    /// Begins the batch for `cmds`, the commands it will execute in this order (run them in
+    /// [`lock_order`] to keep batches from deadlocking). Their barrier rows are inserted first,
     /// at once, in one statement (in key order, so that two batches claiming the same rows
-    /// wait for each other instead of deadlocking), instead of one `INSERT` per command; each
-    /// command then finds its row claimed, or there already (a duplicate). That is what the
-    /// commands would do one after the other: only commands of the same transaction read each
-    /// other's rows (an undo looks for its forward operation), and those keep the one-by-one
-    /// order. A command not in `cmds` runs as in a batch from [`Batch::begin`].
+    /// wait for each other before either takes a handler's row), instead of one `INSERT` per
+    /// command; each command then finds its row claimed, or there already (a duplicate). That
+    /// is what the commands would do one after the other, with one exception kept to the
+    /// one-by-one order: the row of a forward operation whose undo is in the batch too (the
+    /// undo looks for it, and must not find it claimed but not run). A command not in `cmds`
+    /// runs as in a batch from [`Batch::begin`].
     pub async fn begin_for<'c>(
         pool: &PgPool,
         cmds: impl IntoIterator<Item = &'c Command>,
     ) -> Result<Batch, BarrierError> {
         let cmds: Vec<&Command> = cmds.into_iter().collect();
         let mut batch = Batch::begin(pool).await?;
-        if claimable(&cmds) {
-            batch.claimed = claim_all(&mut batch.tx, &cmds).await?;
+        let claims = to_claim(&cmds);
+        if !claims.is_empty() {
+            batch.claimed = claim_all(&mut batch.tx, &claims).await?;
         }
         Ok(batch)
     }
@@ -476,9 +522,9 @@ impl Batch {
     }
 }
 
-/// Runs `cmds` in one [`Batch`] and returns their outcomes in order; on an error nothing was
-/// committed (or, if the commit's answer was lost, everything was): run the commands one by
-/// one with [`execute`].
+/// Runs `cmds` in one [`Batch`], in [`lock_order`], and returns their outcomes in the order of
+/// `cmds`; on an error nothing was committed (or, if the commit's answer was lost, everything
+/// was): run the commands one by one with [`execute`].
 ///
 /// The batch first runs without savepoints ([`Batch::begin_unguarded`]); if a handler does not
 /// succeed, it is rolled back and run again with them.
@@ -487,18 +533,43 @@ pub async fn execute_batch(
     cmds: &[Command],
     handler: &dyn Handler,
 ) -> Result<Vec<Outcome>, BarrierError> {
-    match run_batch(Batch::begin_unguarded(pool, cmds).await?, cmds, handler).await {
+    let order = handler_lock_order(handler, cmds);
+    let ordered: Vec<&Command> = order.iter().map(|&i| &cmds[i]).collect();
+    let run = |batch| run_batch(batch, &ordered, handler);
+    let outcomes = match run(Batch::begin_unguarded(pool, ordered.iter().copied()).await?).await {
         Err(BarrierError::Unguarded) => {
-            run_batch(Batch::begin_for(pool, cmds).await?, cmds, handler).await
+            run(Batch::begin_for(pool, ordered.iter().copied()).await?).await
         }
         done => done,
+    }?;
+    Ok(in_given_order(&order, outcomes))
+}
+
+/// [`lock_order`] for `cmds`, with the keys `handler` gives them.
+pub(crate) fn handler_lock_order<'c>(
+    handler: &dyn Handler,
+    cmds: impl IntoIterator<Item = &'c Command>,
+) -> Vec<usize> {
+    let cmds: Vec<&Command> = cmds.into_iter().collect();
+    let keys: Vec<Option<String>> = cmds.iter().map(|cmd| handler.lock_key(cmd)).collect();
+    let keyed: Vec<(Option<&str>, &Command)> =
+        keys.iter().map(Option::as_deref).zip(cmds).collect();
+    lock_order(&keyed)
+}
+
+/// The results of items run in `order` (indexes into the items), back in the items' order.
+pub(crate) fn in_given_order<T>(order: &[usize], results: Vec<T>) -> Vec<T> {
+    let mut slots: Vec<Option<T>> = std::iter::repeat_with(|| None).take(order.len()).collect();
+    for (&i, result) in order.iter().zip(results) {
+        slots[i] = Some(result);
     }
+    slots.into_iter().flatten().collect()
 }
 
 /// Runs `cmds` in `batch` and commits it.
 async fn run_batch(
     mut batch: Batch,
-    cmds: &[Command],
+    cmds: &[&Command],
     handler: &dyn Handler,
 ) -> Result<Vec<Outcome>, BarrierError> {
     let mut outcomes = Vec::with_capacity(cmds.len());
@@ -546,16 +617,14 @@ async fn discard(conn: &mut PgConnection, cmd: &Command) -> Result<(), BarrierEr
 /// broken protocol leaves nothing to roll back to.
 fn ends_the_batch(error: &sqlx::Error) -> bool {
     match error {
-        // Deadlock, serialization failure, the server shutting down, connection exceptions.
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            matches!(&*code, "40P01" | "40001" | "57P01" | "57P02" | "57P03")
-                || code.starts_with("08")
-        }),
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => true,
-        _ => false,
+        // Deadlock, serialization failure.
+        sqlx::Error::Database(db)
+            if db.code().is_some_and(|c| matches!(&*c, "40P01" | "40001")) =>
+        {
+            true
+        }
+        sqlx::Error::Protocol(_) => true,
+        other => connection_lost(other),
     }
 }
 
@@ -707,14 +776,56 @@ async fn insert(
     Ok(result.rows_affected() == 1)
 }
 
-/// Whether [`Batch::begin_for`] may insert the rows of `cmds` up front: at least two
-/// commands, of different transactions, none of them an undo.
-fn claimable(cmds: &[&Command]) -> bool {
-    let mut transactions = HashSet::with_capacity(cmds.len());
-    cmds.len() >= 2
-        && cmds
-            .iter()
-            .all(|c| !c.operation.is_undo() && transactions.insert(c.transaction_id))
+/// The commands of `cmds` whose rows [`Batch::begin_for`] inserts up front: all of them, but
+/// the forward operations whose undo is in `cmds` too (and none for a single command, which
+/// gains nothing).
+fn to_claim<'c>(cmds: &[&'c Command]) -> Vec<&'c Command> {
+    if cmds.len() < 2 {
+        return Vec::new();
+    }
+    let undone: HashSet<(Uuid, &str)> = cmds
+        .iter()
+        .filter(|c| c.operation.is_undo())
+        .map(|c| (c.transaction_id, c.step.as_str()))
+        .collect();
+    cmds.iter()
+        .filter(|c| {
+            !(c.operation.is_forward() && undone.contains(&(c.transaction_id, c.step.as_str())))
+        })
+        .copied()
+        .collect()
+}
+
+/// The order in which to run commands taken together in one transaction (indexes into
+/// `keyed`, each command with its handler's [`Handler::lock_key`]), so that concurrent batches
+/// take their rows in one order and do not deadlock: the commands without a lock key first,
+/// in their given order, then the others by lock key and barrier key (transaction id, step),
+/// the commands of one transaction's step together, in their given order, and under the key
+/// of the first of them (an undo must still follow its forward operation, a late forward
+/// operation its undo).
+///
+/// Batches that run in this order take the rows their handlers lock (one shared row per
+/// command, or several in key order with the smallest as the key) in increasing key order,
+/// after their barrier rows ([`Batch::begin_for`]); a lone command takes its barrier row, then
+/// its handler's rows. Since every transaction then takes its locks in one global order, none
+/// waits for another that waits for it.
+pub fn lock_order(keyed: &[(Option<&str>, &Command)]) -> Vec<usize> {
+    let mut groups: HashMap<(Uuid, &str), Option<&str>> = HashMap::with_capacity(keyed.len());
+    for (key, cmd) in keyed {
+        groups
+            .entry((cmd.transaction_id, cmd.step.as_str()))
+            .or_insert(*key);
+    }
+    let sort_key = |i: usize| {
+        let cmd = keyed[i].1;
+        let group = (cmd.transaction_id, cmd.step.as_str());
+        let key = groups[&group];
+        // Without a key, the command locks no shared row: it keeps its place.
+        (key, key.map(|_| group), i)
+    };
+    let mut order: Vec<usize> = (0..keyed.len()).collect();
+    order.sort_by_cached_key(|&i| sort_key(i));
+    order
 }
 
 /// Inserts the rows of `cmds` (as their [`insert`]s would, one each) in one statement; for
@@ -729,6 +840,7 @@ async fn claim_all(
         .map(|c| (c.transaction_id, c.step.as_str(), c.operation))
         .collect();
     keys.sort_by(|a, b| (a.0, a.1, a.2.as_str()).cmp(&(b.0, b.1, b.2.as_str())));
+    keys.dedup();
     let inserted: Vec<(Uuid, String, String)> = sqlx::query_as(
         "INSERT INTO sagas_barrier (transaction_id, step, operation, origin) \
          SELECT t, s, o, $4 FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(t, s, o) \
@@ -949,28 +1061,115 @@ mod tests {
         }
     }
 
+    fn step(transaction_id: Uuid, step: &str, operation: Operation) -> Command {
+        Command {
+            step: step.to_owned(),
+            ..cmd(transaction_id, operation)
+        }
+    }
+
     #[test]
-    fn rows_are_claimed_together_only_for_forward_commands_of_different_transactions() {
+    fn rows_are_claimed_up_front_except_a_forward_operation_whose_undo_is_in_the_batch() {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let claim = |cmds: &[Command]| claimable(&cmds.iter().collect::<Vec<_>>());
-        assert!(claim(&[cmd(a, Operation::Action), cmd(b, Operation::Try)]));
-        assert!(claim(&[
-            cmd(a, Operation::Confirm),
-            cmd(b, Operation::Action)
-        ]));
+        let claimed = |cmds: &[Command]| {
+            let all: Vec<&Command> = cmds.iter().collect();
+            to_claim(&all)
+                .into_iter()
+                .map(|c| (c.transaction_id, c.operation))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            claimed(&[cmd(a, Operation::Action), cmd(b, Operation::Try)]),
+            [(a, Operation::Action), (b, Operation::Try)]
+        );
         assert!(
-            !claim(&[cmd(a, Operation::Action)]),
+            claimed(&[cmd(a, Operation::Action)]).is_empty(),
             "one command gains nothing"
         );
-        assert!(!claim(&[
+        assert_eq!(
+            claimed(&[cmd(a, Operation::Try), cmd(a, Operation::Confirm)]),
+            [(a, Operation::Try), (a, Operation::Confirm)]
+        );
+        assert_eq!(
+            claimed(&[cmd(a, Operation::Action), cmd(b, Operation::Compensate)]),
+            [(a, Operation::Action), (b, Operation::Compensate)],
+            "an undo's own row is claimed"
+        );
+        assert_eq!(
+            claimed(&[
+                cmd(a, Operation::Cancel),
+                cmd(a, Operation::Try),
+                cmd(b, Operation::Try)
+            ]),
+            [(a, Operation::Cancel), (b, Operation::Try)],
+            "the try its cancel looks for is not"
+        );
+        let other_step = [cmd(a, Operation::Cancel), step(a, "t", Operation::Try)];
+        assert_eq!(claimed(&other_step).len(), 2, "another step's try is");
+    }
+
+    #[test]
+    fn batches_run_their_keyless_commands_first_then_the_others_by_lock_key_and_barrier_key() {
+        let ids: Vec<Uuid> = {
+            let mut ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+            ids.sort();
+            ids
+        };
+        let cmds: Vec<Command> = ids.iter().map(|&id| cmd(id, Operation::Try)).collect();
+        let keyed = [
+            (Some("b"), &cmds[0]),
+            (Some("a"), &cmds[1]),
+            (None, &cmds[3]),
+            (Some("b"), &cmds[2]),
+            (None, &cmds[2]),
+        ];
+        // `cmds[2]` twice (a duplicate): both under the first one's key, in their order.
+        assert_eq!(lock_order(&keyed), [2, 1, 0, 3, 4]);
+        let reversed: Vec<_> = keyed[..4].iter().rev().copied().collect();
+        let ordered = |keyed: &[(Option<&str>, &Command)]| {
+            lock_order(keyed)
+                .into_iter()
+                .map(|i| keyed[i].1.transaction_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ordered(&keyed[..4]),
+            ordered(&reversed),
+            "the same commands in any order run in one order"
+        );
+        assert_eq!(
+            lock_order(&[(None, &cmds[1]), (None, &cmds[0])]),
+            [0, 1],
+            "commands without a key keep their order"
+        );
+        assert!(lock_order(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_commands_of_one_step_of_a_transaction_keep_their_order_under_the_first_ones_key() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let (cancel, late_try, other) = (
+            cmd(a, Operation::Cancel),
             cmd(a, Operation::Try),
-            cmd(a, Operation::Confirm)
-        ]));
-        assert!(!claim(&[
-            cmd(a, Operation::Action),
-            cmd(b, Operation::Compensate)
-        ]));
-        assert!(!claim(&[cmd(a, Operation::Cancel), cmd(b, Operation::Try)]));
+            cmd(b, Operation::Try),
+        );
+        let (debit, credit) = (
+            step(a, "debit", Operation::Try),
+            step(a, "credit", Operation::Try),
+        );
+        // A cancel keyed "z" then its late try keyed "a": the try stays after its cancel.
+        let keyed = [
+            (Some("z"), &cancel),
+            (Some("m"), &other),
+            (Some("a"), &late_try),
+            (Some("x"), &debit),
+            (Some("b"), &credit),
+        ];
+        let order = lock_order(&keyed);
+        let position = |i: usize| order.iter().position(|&o| o == i).unwrap();
+        assert!(position(0) < position(2), "{order:?}");
+        assert_eq!(position(2), position(0) + 1, "together: {order:?}");
+        assert_eq!(order, [4, 1, 3, 0, 2], "other steps go by their own keys");
     }
 
     #[test]

@@ -73,12 +73,32 @@ impl HandlerError {
 pub trait Handler: Send + Sync + 'static {
     /// Applies `cmd` through `tx` (the barrier's transaction) and returns the step output.
     async fn handle(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError>;
+
+    /// The key of the row that `cmd` locks and that other commands may lock too (an account
+    /// id, a SKU), or `None` (the default) when its rows are its own.
+    ///
+    /// Commands taken together run in one transaction (see
+    /// [`Participant::batch_size`](crate::runtime::Participant::batch_size)) and keep their
+    /// row locks until it commits. Two batches that lock the same rows in different orders
+    /// deadlock: PostgreSQL rolls one back, and its commands run again one by one. So the
+    /// runtime runs the commands of a batch in the order of their lock keys (see
+    /// [`barrier::lock_order`](crate::barrier::lock_order)), and every batch then takes the rows of its
+    /// handlers in the same order. A command that locks several shared rows should lock them
+    /// in key order itself and give the smallest key; a deadlock between such commands is
+    /// still possible, and resolved as above.
+    fn lock_key(&self, _cmd: &Command) -> Option<String> {
+        None
+    }
 }
 
 #[async_trait]
 impl<H: Handler + ?Sized> Handler for Arc<H> {
     async fn handle(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError> {
         (**self).handle(cmd, tx).await
+    }
+
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        (**self).lock_key(cmd)
     }
 }
 
@@ -90,6 +110,11 @@ pub trait SagaHandler: Send + Sync + 'static {
     /// Undoes a successful `action` (`cmd.output` holds its output).
     async fn compensate(&self, cmd: &Command, tx: &mut PgConnection)
     -> Result<Value, HandlerError>;
+
+    /// The key of the shared row the command locks, if any: see [`Handler::lock_key`].
+    fn lock_key(&self, _cmd: &Command) -> Option<String> {
+        None
+    }
 }
 
 /// One TCC step: `try_` reserves, `confirm` commits the reservation, `cancel` releases it.
@@ -101,6 +126,11 @@ pub trait TccHandler: Send + Sync + 'static {
     async fn confirm(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError>;
     /// Releases a successful `try_`.
     async fn cancel(&self, cmd: &Command, tx: &mut PgConnection) -> Result<Value, HandlerError>;
+
+    /// The key of the shared row the command locks, if any: see [`Handler::lock_key`].
+    fn lock_key(&self, _cmd: &Command) -> Option<String> {
+        None
+    }
 }
 
 /// Adapts a [`SagaHandler`] into a [`Handler`]; TCC operations are business failures.
@@ -115,6 +145,10 @@ impl<H: SagaHandler> Handler for Saga<H> {
             Operation::Compensate => self.0.compensate(cmd, tx).await,
             op => Err(unsupported(cmd, op, "a saga")),
         }
+    }
+
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        self.0.lock_key(cmd)
     }
 }
 
@@ -131,6 +165,10 @@ impl<H: TccHandler> Handler for Tcc<H> {
             Operation::Cancel => self.0.cancel(cmd, tx).await,
             op => Err(unsupported(cmd, op, "a TCC")),
         }
+    }
+
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        self.0.lock_key(cmd)
     }
 }
 
@@ -202,6 +240,10 @@ impl Handler for Router {
                 cmd.step, cmd.definition
             ))),
         }
+    }
+
+    fn lock_key(&self, cmd: &Command) -> Option<String> {
+        self.find(cmd).and_then(|handler| handler.lock_key(cmd))
     }
 }
 

@@ -166,7 +166,7 @@ impl Backoff {
     }
 
     /// The delays, first to last (they never end).
-    fn delays(&self) -> ExponentialBackoff {
+    pub(crate) fn delays(&self) -> ExponentialBackoff {
         ExponentialBuilder::new()
             .with_min_delay(self.initial)
             .with_max_delay(self.max)
@@ -177,10 +177,13 @@ impl Backoff {
 }
 
 /// The waits of one [`keep_serving`]: the next delay of its backoff after each failure,
-/// started over after a session that served longer than the maximum.
+/// started over after a session that served longer than the maximum. The failures from one
+/// start over to the next are one outage.
 struct Waits {
     backoff: Backoff,
     delays: ExponentialBackoff,
+    /// Whether the last failure belongs to an outage that is still going on.
+    in_outage: bool,
 }
 
 impl Waits {
@@ -188,16 +191,20 @@ impl Waits {
         Waits {
             backoff,
             delays: backoff.delays(),
+            in_outage: false,
         }
     }
 
-    /// The wait after a failure; `served` is how long the session served (zero when the
-    /// connection failed).
-    fn after(&mut self, served: Duration) -> Duration {
+    /// The wait after a failure, and whether the failure starts an outage; `served` is how
+    /// long the session served (zero when the connection failed).
+    fn after(&mut self, served: Duration) -> (Duration, bool) {
         if served > self.backoff.max {
             self.delays = self.backoff.delays();
+            self.in_outage = false;
         }
-        self.delays.next().unwrap_or(self.backoff.max)
+        let starts = !self.in_outage;
+        self.in_outage = true;
+        (self.delays.next().unwrap_or(self.backoff.max), starts)
     }
 }
 
@@ -226,7 +233,8 @@ pub trait Sessions<S> {
 /// that served longer than [`Backoff::max`] first starts the delays over, so that a broker
 /// that fails now and then is reconnected to after the shortest delay, and one that keeps
 /// failing is not hammered. `shutdown` also ends a connection attempt or a wait. `name` says whose
-/// sessions these are, in the logs.
+/// sessions these are, in the logs: a warning when an outage starts (its first failure), the
+/// failures after it at debug level, until a session serves longer than the maximum.
 pub async fn keep_serving<S, T>(
     name: &str,
     backoff: Backoff,
@@ -253,13 +261,19 @@ pub async fn keep_serving<S, T>(
             }
             Err(failure) => (failure, Duration::ZERO),
         };
-        let wait = waits.after(served);
-        tracing::warn!(
-            %name,
-            error = %failure,
-            retry_in_ms = wait.as_millis() as u64,
-            "lost the broker (or could not reach it); reconnecting"
-        );
+        let (wait, starts) = waits.after(served);
+        let retry_in_ms = wait.as_millis() as u64;
+        if starts {
+            tracing::warn!(
+                %name,
+                error = %failure,
+                retry_in_ms,
+                "cannot serve (broker or database unreachable, or the connection lost); \
+                 retrying with backoff until it works"
+            );
+        } else {
+            tracing::debug!(%name, error = %failure, retry_in_ms, "still cannot serve; retrying");
+        }
         tokio::select! {
             biased;
             () = shutdown.as_mut() => return,
@@ -373,6 +387,23 @@ mod tests {
     }
 
     #[test]
+    fn an_outage_is_its_failures_until_a_session_serves_longer_than_the_maximum() {
+        let mut waits = Waits::new(Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        ));
+        let mut starts = |served_ms| waits.after(Duration::from_millis(served_ms)).1;
+        assert!(starts(5_000), "the first failure starts an outage");
+        assert!(!starts(0), "a refused reconnection is the same outage");
+        assert!(!starts(900), "and so is a short session");
+        assert!(
+            starts(1_001),
+            "a failure after a long session starts another"
+        );
+        assert!(!starts(0));
+    }
+
+    #[test]
     fn reconnection_delays_never_end() {
         let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
         assert_eq!(backoff.delays().take(10_000).count(), 10_000);
@@ -393,7 +424,7 @@ mod tests {
             Duration::from_millis(100),
             Duration::from_secs(1),
         ));
-        let mut after = |served_ms| waits.after(Duration::from_millis(served_ms)).as_millis();
+        let mut after = |served_ms| waits.after(Duration::from_millis(served_ms)).0.as_millis();
         assert_eq!(after(0), 100, "a refused connection");
         assert_eq!(after(0), 200);
         assert_eq!(

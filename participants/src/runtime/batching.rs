@@ -11,10 +11,11 @@ use futures_util::FutureExt;
 use tracing::Instrument;
 
 use super::admission::Job;
-use super::process::{guarded, panic_message, within};
+use super::outage::run_alone;
+use super::process::{panic_message, within};
 use super::session::Context;
 use super::stats::Stats;
-use crate::barrier::{BarrierError, Batch};
+use crate::barrier::{BarrierError, Batch, handler_lock_order, in_given_order};
 use crate::protocol::Outcome;
 
 /// Why a batch's transaction was abandoned (and its commands run one by one).
@@ -28,12 +29,19 @@ enum BatchFailure {
     Panicked(String),
 }
 
+impl BatchFailure {
+    /// Whether the database could not be reached (or the connection was lost).
+    fn is_unavailable(&self) -> bool {
+        matches!(self, BatchFailure::Barrier(error) if error.is_unavailable())
+    }
+}
+
 /// Runs the jobs' commands in one [`Batch`], without a savepoint per handler when `unguarded`
 /// ([`Batch::begin_unguarded`]): each command, and the begin and the commit, within the handler
 /// time limit. Any failure drops the batch, which rolls it back.
 async fn in_one_transaction(
     ctx: &Context,
-    jobs: &[Job],
+    jobs: &[&Job],
     unguarded: bool,
 ) -> Result<Vec<Outcome>, BatchFailure> {
     let limit = ctx.handler_timeout;
@@ -66,48 +74,50 @@ async fn in_one_transaction(
 }
 
 /// The outcomes of the jobs' commands, in order: from one transaction when there are several
-/// and it commits; otherwise from each command alone, all at once, as [`process_within`](super::process_within) runs
-/// it (a command that timed out, panicked or deadlocked in the batch then gets its own answer,
-/// and the others are not held back by it).
+/// and it commits (run in [`lock_order`](crate::barrier::lock_order), so that concurrent
+/// batches do not deadlock over the rows their handlers share); otherwise from each command
+/// alone, all at once, as [`run_alone`] runs it (a command that timed out, panicked or
+/// deadlocked in the batch then gets its own answer, and the others are not held back by it;
+/// while the database cannot be reached, they wait for it).
 ///
 /// While few recent commands failed, a batch first runs without savepoints; if one of its
 /// handlers does not succeed, it runs again with them.
 pub(super) async fn outcomes(ctx: &Context, jobs: &[Job]) -> Vec<Outcome> {
     if jobs.len() > 1 {
+        let order = handler_lock_order(&*ctx.handler, jobs.iter().map(|job| &job.cmd));
+        let ordered: Vec<&Job> = order.iter().map(|&i| &jobs[i]).collect();
         let unguarded = ctx.failures.unguarded(jobs.len());
-        let mut result = in_one_transaction(ctx, jobs, unguarded).await;
+        let mut result = in_one_transaction(ctx, &ordered, unguarded).await;
         if matches!(result, Err(BatchFailure::Barrier(BarrierError::Unguarded))) {
             Stats::bump(&ctx.stats.0.batch_reruns);
-            result = in_one_transaction(ctx, jobs, false).await;
+            result = in_one_transaction(ctx, &ordered, false).await;
         }
         match result {
             Ok(outcomes) => {
                 Stats::bump(&ctx.stats.0.batches);
                 ctx.failures.observe(&outcomes);
-                return outcomes;
+                // Back in the order of the jobs, whatever the order they ran in.
+                return in_given_order(&order, outcomes);
             }
             Err(failure) => {
                 Stats::bump(&ctx.stats.0.batch_fallbacks);
-                tracing::warn!(
-                    participant = %ctx.participant,
-                    commands = jobs.len(),
-                    %failure,
-                    "batch rolled back; running its commands one by one"
-                );
+                if failure.is_unavailable() {
+                    // Logged once per outage, by the commands that wait for the database.
+                    tracing::debug!(%failure, "batch rolled back: the database is unreachable");
+                } else {
+                    tracing::warn!(
+                        participant = %ctx.participant,
+                        commands = jobs.len(),
+                        %failure,
+                        "batch rolled back; running its commands one by one"
+                    );
+                }
             }
         }
     }
-    let alone = jobs.iter().map(|job| {
-        async {
-            let (outcome, timed_out) =
-                guarded(&ctx.pool, &*ctx.handler, &job.cmd, ctx.handler_timeout).await;
-            if timed_out {
-                Stats::bump(&ctx.stats.0.timed_out);
-            }
-            outcome
-        }
-        .instrument(job.span.clone())
-    });
+    let alone = jobs
+        .iter()
+        .map(|job| run_alone(ctx, &job.cmd).instrument(job.span.clone()));
     futures_util::future::join_all(alone).await
 }
 

@@ -21,13 +21,16 @@
 //!
 //! [`Participant::run`] serves on a connection the caller owns and returns when it fails;
 //! [`Participant::run_forever`] owns its connection and reconnects (with backoff, redeclaring
-//! the queue) after broker restarts and network failures until its shutdown signal.
+//! the queue) after broker restarts and network failures until its shutdown signal. With
+//! either, a command that cannot reach the database waits for it, unanswered and unacked, and
+//! runs again once it is back.
 //!
 //! [`BATCH_CONTENT_TYPE`]: crate::protocol::BATCH_CONTENT_TYPE
 
 mod admission;
 mod batching;
 mod completion;
+mod outage;
 mod process;
 mod replies;
 mod retention;
@@ -150,6 +153,7 @@ pub struct Participant {
     barrier_cleanup_every: Duration,
     reconnect_backoff: Backoff,
     stats: Stats,
+    database: Arc<outage::DatabaseOutage>,
 }
 
 impl std::fmt::Debug for Participant {
@@ -197,6 +201,7 @@ impl Participant {
             barrier_cleanup_every: BARRIER_CLEANUP_EVERY,
             reconnect_backoff: Backoff::default(),
             stats: Stats::default(),
+            database: Arc::default(),
         }
     }
 
@@ -298,7 +303,8 @@ impl Participant {
 
     /// The delay before the first reconnection attempt of [`Participant::run_forever`] and
     /// its upper bound (it doubles in between); defaults 100 ms and 5 s. A session that
-    /// served longer than `max` starts the delays over.
+    /// served longer than `max` starts the delays over. A command that finds the database
+    /// unreachable runs again after the same delays.
     pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Participant {
         self.reconnect_backoff = Backoff::new(initial, max);
         self
@@ -344,13 +350,16 @@ impl Participant {
     ///
     /// Nothing is lost across a reconnection: commands unacked when the connection dropped
     /// are redelivered by the broker, and the barrier answers those that were already
-    /// handled with their stored reply. Database outages need no reconnection: commands are
-    /// answered `retry` meanwhile, and the pool reconnects on its own (creating the barrier
-    /// table at start-up is retried like a connection).
+    /// handled with their stored reply. While the database cannot be reached (a PostgreSQL
+    /// restart, a network cut), commands wait for it, unanswered and unacked, and run again
+    /// with the same backoff until it is back (the pool reconnects on its own); a command
+    /// whose connection is lost under its handler waits too. They hold their handler slots
+    /// meanwhile, so the participant takes no more commands than it holds: the rest stay in
+    /// the queue. Creating the barrier table at start-up is retried like a connection.
     ///
-    /// Returns `Ok(())` once `shutdown` completes, and an error only for a URL that cannot be
-    /// parsed or whose TLS files cannot be read ([`amqp::connect`]); every other failure is
-    /// logged and retried.
+    /// Every failure is logged as a warning once when an outage starts (and at debug level
+    /// afterwards). Returns `Ok(())` once `shutdown` completes, and an error only for a URL
+    /// that cannot be parsed or whose TLS files cannot be read ([`amqp::connect`]).
     pub async fn run_forever(
         self,
         amqp_url: &str,
@@ -376,6 +385,10 @@ impl Participant {
     }
 }
 
+/// How long [`Participant::run_forever`] waits for a connection to the broker before it tries
+/// again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The sessions of [`Participant::run_forever`], each on a connection of its own.
 struct Forever<'a> {
     participant: &'a Participant,
@@ -395,7 +408,17 @@ impl<S: Future<Output = ()>> amqp::Sessions<S> for Forever<'_> {
             barrier::install(&self.participant.pool).await?;
             self.installed = true;
         }
-        Ok(amqp::connect(self.amqp_url).await?)
+        // A broker that takes the connection and never answers must not hold it forever.
+        match tokio::time::timeout(CONNECT_TIMEOUT, amqp::connect(self.amqp_url)).await {
+            Ok(connected) => Ok(connected?),
+            Err(_) => Err(RuntimeError::Amqp(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()),
+                )
+                .into(),
+            )),
+        }
     }
 
     async fn serve(&mut self, conn: Connection, shutdown: Pin<&mut S>) -> Result<(), RuntimeError> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use sqlx::PgPool;
 
-use crate::barrier;
+use crate::barrier::{self, BarrierError};
 use crate::handler::Handler;
 use crate::protocol::{Command, Outcome};
 
@@ -31,14 +31,58 @@ pub async fn process_within(
     guarded(pool, handler, cmd, limit).await.0
 }
 
-/// The outcome, and whether the time limit struck.
+/// The outcome, and whether the time limit struck; a database that cannot be reached is
+/// answered `retry` too.
 pub(super) async fn guarded(
     pool: &PgPool,
     handler: &dyn Handler,
     cmd: &Command,
     limit: Option<Duration>,
 ) -> (Outcome, bool) {
-    let run = AssertUnwindSafe(barrier::execute(pool, cmd, handler)).catch_unwind();
+    match attempt(pool, handler, cmd, limit).await {
+        Attempt::Answered { outcome, timed_out } => (outcome, timed_out),
+        Attempt::Unavailable(error) => {
+            tracing::warn!(%error, "database unreachable; replying retry");
+            (Outcome::retry(error.to_string()), false)
+        }
+    }
+}
+
+/// What one run of a command through the barrier came to.
+pub(super) enum Attempt {
+    /// The outcome to answer with; `timed_out` when it is `retry` because the time limit
+    /// struck.
+    Answered { outcome: Outcome, timed_out: bool },
+    /// The database could not be reached, or the connection was lost on the way
+    /// ([`BarrierError::is_unavailable`]): nothing is to be answered; run it again later.
+    Unavailable(BarrierError),
+}
+
+/// Runs `cmd` through the barrier and `handler` once: barrier errors and handler panics become
+/// `retry` outcomes (nothing was committed in either case), but for a database that cannot be
+/// reached. The time limit starts once a connection is had: waiting for one is waiting for
+/// the database, not the handler being slow.
+pub(super) async fn attempt(
+    pool: &PgPool,
+    handler: &dyn Handler,
+    cmd: &Command,
+    limit: Option<Duration>,
+) -> Attempt {
+    let mut conn = match pool.acquire().await {
+        Ok(conn) => conn,
+        Err(error) => {
+            let error = BarrierError::from(error);
+            if error.is_unavailable() {
+                return Attempt::Unavailable(error);
+            }
+            tracing::warn!(%error, "no database connection; replying retry");
+            return Attempt::Answered {
+                outcome: Outcome::retry(error.to_string()),
+                timed_out: false,
+            };
+        }
+    };
+    let run = AssertUnwindSafe(barrier::execute_on(&mut conn, cmd, handler)).catch_unwind();
     let result = match within(limit, run).await {
         Ok(result) => result,
         Err(limit) => {
@@ -48,11 +92,15 @@ pub(super) async fn guarded(
                 "handler exceeded its time limit; rolled back, replying retry"
             );
             let reason = format!("handler exceeded its time limit of {limit_ms} ms");
-            return (Outcome::retry(reason), true);
+            return Attempt::Answered {
+                outcome: Outcome::retry(reason),
+                timed_out: true,
+            };
         }
     };
     let outcome = match result {
         Ok(Ok(outcome)) => outcome,
+        Ok(Err(error)) if error.is_unavailable() => return Attempt::Unavailable(error),
         Ok(Err(error)) => {
             tracing::warn!(%error, "barrier failed; replying retry");
             Outcome::retry(error.to_string())
@@ -63,7 +111,10 @@ pub(super) async fn guarded(
             Outcome::retry(format!("handler panicked: {message}"))
         }
     };
-    (outcome, false)
+    Attempt::Answered {
+        outcome,
+        timed_out: false,
+    }
 }
 
 /// Awaits `work`, for at most `limit` if there is one; `Err(limit)` when it strikes (and

@@ -17,10 +17,11 @@ use tracing::Instrument;
 
 use super::admission::admit;
 use super::batching::{FailureRate, outcomes};
+use super::outage::DatabaseOutage;
 use super::replies::{publish, settle};
 use super::stats::Stats;
 use super::{Ended, Participant, RuntimeError};
-use crate::amqp::{DeadLetters, confirm_channel, declare_participant};
+use crate::amqp::{Backoff, DeadLetters, confirm_channel, declare_participant};
 use crate::handler::Handler;
 
 impl Participant {
@@ -67,6 +68,8 @@ impl Participant {
             stats: self.stats.clone(),
             reply_channel_lost: Notify::new(),
             failures: FailureRate::default(),
+            backoff: self.reconnect_backoff,
+            database: self.database.clone(),
         });
         let semaphore = Arc::new(Semaphore::new(self.concurrency));
         let mut in_flight = JoinSet::new();
@@ -119,12 +122,25 @@ impl Participant {
         }
         // Handlers in flight finish (and publish and ack) unless they outlast the deadline;
         // abandoned ones roll back and their commands, unacked, return to the queue when the
-        // channel closes.
-        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+        // channel closes. On a lost connection nothing they do can be published or acked:
+        // they are abandoned at once, and their commands come again on the next connection.
+        let deadline = if conn.status().connected() {
+            self.shutdown_timeout
+        } else {
+            Duration::ZERO
+        };
+        let drained = tokio::time::timeout(deadline, async {
             while in_flight.join_next().await.is_some() {}
         })
         .await;
-        if drained.is_err() {
+        if drained.is_err() && deadline.is_zero() {
+            tracing::debug!(
+                participant = %self.name,
+                abandoned = in_flight.len(),
+                "the connection is lost: handlers in flight abandoned"
+            );
+            in_flight.shutdown().await;
+        } else if drained.is_err() {
             tracing::warn!(
                 participant = %self.name,
                 abandoned = in_flight.len(),
@@ -182,6 +198,10 @@ pub(super) struct Context {
     pub(super) reply_channel_lost: Notify,
     /// Recent batched commands' failures: whether the next batch takes savepoints.
     pub(super) failures: FailureRate,
+    /// The delays between a command's runs while the database cannot be reached.
+    pub(super) backoff: Backoff,
+    /// Whether the database is known to be unreachable.
+    pub(super) database: Arc<DatabaseOutage>,
 }
 
 /// Handles deliveries taken together, from decoding to ack; never panics on bad input.

@@ -14,6 +14,7 @@ pub(super) struct Counters {
     pub(super) batches: AtomicU64,
     pub(super) batch_fallbacks: AtomicU64,
     pub(super) batch_reruns: AtomicU64,
+    pub(super) database_waits: AtomicU64,
 }
 
 /// Live counters of a running participant; cheap to clone.
@@ -63,6 +64,12 @@ impl Stats {
     /// with them (see [`barrier::Batch::begin_unguarded`](crate::barrier::Batch::begin_unguarded)).
     pub fn batch_reruns(&self) -> u64 {
         self.0.batch_reruns.load(Ordering::Relaxed)
+    }
+
+    /// Times a command found the database unreachable (or lost its connection) and waited to
+    /// run again, unanswered (see [`Participant::run_forever`](super::Participant::run_forever)).
+    pub fn database_waits(&self) -> u64 {
+        self.0.database_waits.load(Ordering::Relaxed)
     }
 
     /// Sessions [`Participant::run_forever`](super::Participant::run_forever) started after the first (reconnections).

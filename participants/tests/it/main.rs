@@ -10,11 +10,13 @@ mod helpers;
 
 mod barrier;
 mod batch;
+mod batch_locks;
 mod batch_messages;
 mod batch_trace;
 #[cfg(feature = "broker-restart-tests")]
 mod broker_restart;
 mod in_progress;
+mod outage;
 mod runtime;
 mod testing;
 mod trace;

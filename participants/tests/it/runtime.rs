@@ -13,12 +13,11 @@ use sagas_participant::protocol::{Command, Operation, Outcome, Reply, Topology};
 use sagas_participant::runtime::{Participant, RuntimeError, Stats};
 use sagas_test_support::unique_topology;
 use serde_json::json;
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::helpers::{
-    self, BANK, Running, TestBroker, TestDb, amqp_url, bank, command, start_with, text_header,
-    wait_processed,
+    self, BANK, Running, TestBroker, TestDb, amqp_url, bank, command, eventually, start_forever,
+    start_with, text_header, wait_processed,
 };
 
 fn participant(db: &TestDb, topology: &Topology, options: &QueueOptions) -> Participant {
@@ -248,31 +247,6 @@ async fn declarations_from_both_sides_are_identical_and_idempotent() {
     broker.teardown(&[]).await;
 }
 
-/// Starts the participant with [`Participant::run_forever`].
-fn start_forever(participant: Participant) -> Running {
-    let stats = participant.stats();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        participant
-            .run_forever(&amqp_url(), async {
-                stopped.await.ok();
-            })
-            .await
-    });
-    Running { stats, stop, task }
-}
-
-/// Polls `condition` every 20 ms for up to 10 s.
-async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..500 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("not within 10 s: {what}");
-}
-
 #[tokio::test]
 async fn a_handler_over_its_time_limit_is_rolled_back_and_answered_retry() {
     let db = TestDb::new().await;
@@ -384,6 +358,7 @@ async fn run_forever_redeclares_its_queue_after_the_broker_cancels_its_consumer(
     let running = start_forever(
         participant(&db, &broker.topology, &broker.options)
             .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(200)),
+        amqp_url(),
     );
     let first = command(
         Uuid::new_v4(),
@@ -437,10 +412,11 @@ async fn run_forever_rejects_an_unparsable_url_at_once() {
 }
 
 /// Database connections killed under a running participant (a stand-in for a PostgreSQL
-/// restart, which would disturb every other test on the server): commands in flight are
-/// answered `retry`, later ones succeed on fresh connections, and nothing applies twice.
+/// restart, which would disturb every other test on the server): the command in flight is run
+/// again on a fresh connection and answered once, with its outcome, not `retry`; later ones
+/// succeed too, and nothing applies twice.
 #[tokio::test]
-async fn killed_database_connections_cost_a_retry_and_nothing_else() {
+async fn killed_database_connections_cost_a_rerun_and_nothing_else() {
     let db = TestDb::new().await;
     db.open("a", 100).await;
     let broker = TestBroker::new().await;
@@ -458,17 +434,23 @@ async fn killed_database_connections_cost_a_retry_and_nothing_else() {
     let killed = db.kill_connections().await;
     assert!(killed >= 1, "the handler's connection was killed");
     let (reply, _) = broker.next_reply().await;
-    assert_eq!(reply.outcome.status(), "retry", "{reply:?}");
+    assert_eq!(reply.outcome.status(), "succeeded", "{reply:?}");
+    assert!(running.stats.database_waits() >= 1);
 
-    // The orchestrator's next attempt (and a fresh command) go through.
-    let mut next = helpers::again(&in_flight);
-    next.payload = json!({ "account": "a", "amount": 10 });
+    // The orchestrator's next attempt gets the stored reply, also on fresh connections.
+    let next = helpers::again(&in_flight);
     broker.send(BANK, &next).await;
     assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
     db.kill_connections().await;
     broker.send(BANK, &next).await;
     assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
     assert_eq!(db.account("a").await, (90, 10), "applied once");
+    assert_eq!(
+        broker
+            .ready_messages(&broker.topology.replies_queue())
+            .await,
+        0
+    );
 
     running.shutdown().await;
     broker.teardown(&[BANK]).await;

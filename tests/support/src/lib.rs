@@ -7,6 +7,7 @@
 //! It depends on the participant SDK (for its AMQP names and declarations) and not on the
 //! orchestrator, so that the SDK's tests do not build the orchestrator.
 
+pub mod proxy;
 pub mod tls;
 
 use std::str::FromStr;

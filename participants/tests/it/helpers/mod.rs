@@ -55,6 +55,11 @@ impl TestDb {
         TestDb::with_connections(10).await
     }
 
+    /// Its URL.
+    pub fn url(&self) -> &str {
+        &self.db.url
+    }
+
     /// Opens an account.
     pub async fn open(&self, id: &str, balance: i64) {
         sqlx::query("INSERT INTO accounts (id, balance) VALUES ($1, $2)")
@@ -325,6 +330,31 @@ pub fn start_with(participant: Participant) -> Running {
         result
     });
     Running { stats, stop, task }
+}
+
+/// Runs `participant` with [`Participant::run_forever`] on the broker at `amqp_url`.
+pub fn start_forever(participant: Participant, amqp_url: String) -> Running {
+    let stats = participant.stats();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        participant
+            .run_forever(&amqp_url, async {
+                stopped.await.ok();
+            })
+            .await
+    });
+    Running { stats, stop, task }
+}
+
+/// Polls `condition` every 20 ms for up to 10 s.
+pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 10 s: {what}");
 }
 
 /// A long-string header of `properties`.
