@@ -35,8 +35,8 @@ use crate::protocol::{Command, Operation, Outcome};
 /// The barrier schema (the barrier table and its cleanup horizon); idempotent, run by
 /// [`install`].
 pub const SCHEMA: &str = concat!(
-    include_str!("../../migrations/participant/0001_barrier.sql"),
-    include_str!("../../migrations/participant/0002_barrier_retention.sql"),
+    include_str!("../migrations/0001_barrier.sql"),
+    include_str!("../migrations/0002_barrier_retention.sql"),
 );
 
 /// Errors of the barrier itself (not of the handler); the runtime replies `retry` for them.

@@ -26,8 +26,8 @@ use plans::Plans;
 pub use retention::{Export, PRUNE_LOCK_KEY};
 use states::States;
 
-/// The orchestrator's migrations (`migrations/orchestrator`).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/orchestrator");
+/// The orchestrator's migrations (`migrations/postgres` in this crate).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// A [`SagaStore`] on PostgreSQL.
 #[derive(Debug, Clone)]

@@ -46,8 +46,8 @@ use crate::store::{
 };
 use sagas_participant::protocol::Command;
 
-/// The SQLite store's migrations (`migrations/sqlite`).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+/// The SQLite store's migrations (`migrations/sqlite` in this crate).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 mod sql;
 
