@@ -12,11 +12,13 @@ use uuid::Uuid;
 use crate::machine::{Event, Instance, Rejected, Status, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
+pub mod memory;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub(crate) mod write_set;
 
+pub use memory::MemoryStore;
 pub use postgres::{PgStore, StateCacheStats};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;

@@ -1,0 +1,360 @@
+//! A [`SagaStore`] in memory: the same contract as the PostgreSQL store, for tests and the
+//! deterministic simulation (orchestrator/tests/sim.rs).
+//!
+//! One mutex is the database: each call is one transaction that either writes all of its
+//! [`WriteSet`] or nothing. The write set is the one every store computes
+//! ([`WriteSet::of`]); this store only says where its rows go. Outbox rows get the same grace
+//! period as in the SQL stores before the relay may take them, and claims lease rows until
+//! `now + lease`. Nothing survives the process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::Duration;
+use uuid::Uuid;
+
+use super::write_set::{WriteSet, decide_in_order};
+use super::{
+    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Position, Pruned,
+    SagaStore, StoreError, StoredInstance, Updated,
+};
+use crate::machine::{Instance, Status, Time, Timer, Transition};
+
+/// How long a new outbox row is left to the process that wrote it before the relay may publish
+/// it (as in the SQL stores).
+pub const OUTBOX_GRACE: Duration = Duration::seconds(5);
+
+#[derive(Debug, Clone)]
+struct Row {
+    stored: StoredInstance,
+    idempotency: Option<Idempotency>,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    instances: BTreeMap<Uuid, Row>,
+    events: BTreeMap<Uuid, Vec<LoggedEvent>>,
+    /// By (instance, key): (due, timer).
+    timers: BTreeMap<(Uuid, String), (Time, Timer)>,
+    /// By row id: (available at, row).
+    outbox: BTreeMap<i64, (Time, OutboxMessage)>,
+    last_outbox_id: i64,
+}
+
+impl Tables {
+    /// Writes `set` (decided at `now`); the caller has checked it applies. Returns the outbox
+    /// rows written.
+    fn write(&mut self, set: &WriteSet<'_>, now: Time) -> Result<Vec<OutboxMessage>, StoreError> {
+        for s in &set.states {
+            let id = s.instance.id;
+            let stored_seq = self.instances.get(&id).map_or(0, |r| r.stored.instance.seq);
+            if stored_seq != s.decided_on {
+                return Err(StoreError::Corrupt(format!(
+                    "instance {id} is at seq {stored_seq}, the transition was decided on {}",
+                    s.decided_on
+                )));
+            }
+        }
+        for e in &set.events {
+            let log = self.events.entry(e.instance).or_default();
+            if e.seq != log.len() as i64 + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "event {} of instance {} after {} events",
+                    e.seq,
+                    e.instance,
+                    log.len()
+                )));
+            }
+            log.push(LoggedEvent {
+                seq: e.seq,
+                at: now,
+                event: e.event.clone(),
+            });
+        }
+        for s in &set.states {
+            let row = self.instances.entry(s.instance.id).or_insert_with(|| Row {
+                stored: StoredInstance {
+                    instance: s.instance.clone(),
+                    created_at: now,
+                    updated_at: now,
+                },
+                idempotency: None,
+            });
+            row.stored.instance = s.instance.clone();
+            row.stored.updated_at = now;
+        }
+        for t in &set.timers {
+            let key = (t.instance, t.key.clone());
+            match t.set {
+                Some(due) => {
+                    self.timers.insert(key, due);
+                }
+                None => {
+                    self.timers.remove(&key);
+                }
+            }
+        }
+        for (instance, timer) in &set.fired {
+            let key = (*instance, timer.key());
+            if self.timers.get(&key).is_some_and(|(_, t)| t == timer) {
+                self.timers.remove(&key);
+            }
+        }
+        let mut outbox = Vec::with_capacity(set.sends.len());
+        for send in &set.sends {
+            self.last_outbox_id += 1;
+            let row = OutboxMessage {
+                id: self.last_outbox_id,
+                participant: send.participant.to_owned(),
+                command: send.command.clone(),
+            };
+            self.outbox
+                .insert(row.id, (now + OUTBOX_GRACE, row.clone()));
+            outbox.push(row);
+        }
+        Ok(outbox)
+    }
+
+    fn insert(
+        &mut self,
+        start: &Transition,
+        now: Time,
+        idempotency: Option<&Idempotency>,
+    ) -> Result<Created, StoreError> {
+        let name = &start.instance.plan.name;
+        if let Some(idem) = idempotency
+            && let Some(existing) = self.instances.values().find(|r| {
+                r.stored.instance.plan.name == *name
+                    && r.idempotency.as_ref().is_some_and(|i| i.key == idem.key)
+            })
+        {
+            return Ok(Created::Existing {
+                id: existing.stored.instance.id,
+                same_request: existing
+                    .idempotency
+                    .as_ref()
+                    .is_some_and(|i| i.request == idem.request),
+            });
+        }
+        if self.instances.contains_key(&start.instance.id) {
+            return Err(StoreError::Exists(start.instance.id));
+        }
+        let outbox = self.write(&WriteSet::of([start]), now)?;
+        if let Some(row) = self.instances.get_mut(&start.instance.id) {
+            row.idempotency = idempotency.cloned();
+        }
+        Ok(Created::New(outbox))
+    }
+}
+
+/// A [`SagaStore`] in memory (see the module documentation).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    tables: Mutex<Tables>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every instance, in id order.
+    pub fn instances(&self) -> Vec<StoredInstance> {
+        self.lock()
+            .instances
+            .values()
+            .map(|r| r.stored.clone())
+            .collect()
+    }
+
+    /// The timers, as (instance, due, timer), in key order.
+    pub fn timers(&self) -> Vec<(Uuid, Time, Timer)> {
+        self.lock()
+            .timers
+            .iter()
+            .map(|((id, _), (due, t))| (*id, *due, *t))
+            .collect()
+    }
+
+    /// The outbox rows not deleted yet, in id order.
+    pub fn outbox(&self) -> Vec<OutboxMessage> {
+        self.lock()
+            .outbox
+            .values()
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+}
+
+/// Whether an instance has finished for good (what retention may delete).
+fn finished(status: Status) -> bool {
+    matches!(
+        status,
+        Status::Completed | Status::Compensated | Status::Resolved
+    )
+}
+
+#[async_trait]
+impl SagaStore for MemoryStore {
+    async fn create(
+        &self,
+        start: &Transition,
+        now: Time,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        self.lock().insert(start, now, None)?.into_new()
+    }
+
+    async fn create_idempotent(
+        &self,
+        start: &Transition,
+        now: Time,
+        idempotency: &Idempotency,
+    ) -> Result<Created, StoreError> {
+        self.lock().insert(start, now, Some(idempotency))
+    }
+
+    async fn update(
+        &self,
+        id: Uuid,
+        fired: Option<Timer>,
+        now: Time,
+        decide: Decide<'_>,
+    ) -> Result<Updated, StoreError> {
+        let mut tables = self.lock();
+        let current: HashMap<Uuid, Instance> = tables
+            .instances
+            .get(&id)
+            .map(|r| (id, r.stored.instance.clone()))
+            .into_iter()
+            .collect();
+        let transition = decide_in_order(&current, [(id, &decide)])
+            .pop()
+            .unwrap_or(Err(StoreError::NotFound(id)))?;
+        let mut set = WriteSet::of([&transition]);
+        if let Some(timer) = fired {
+            set.fired(id, timer);
+        }
+        let outbox = tables.write(&set, now)?;
+        Ok(Updated { transition, outbox })
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError> {
+        Ok(self.lock().instances.get(&id).map(|r| r.stored.clone()))
+    }
+
+    async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, StoreError> {
+        Ok(self.lock().events.get(&id).cloned().unwrap_or_default())
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredInstance>, StoreError> {
+        let tables = self.lock();
+        let mut found: Vec<StoredInstance> = tables
+            .instances
+            .values()
+            .map(|r| &r.stored)
+            .filter(|s| filter.status.is_none_or(|st| s.instance.status == st))
+            .filter(|s| {
+                filter
+                    .definition
+                    .as_ref()
+                    .is_none_or(|d| s.instance.plan.name == *d)
+            })
+            .filter(|s| {
+                filter.after.is_none_or(|a| {
+                    let p = Position::of(s);
+                    (p.created_at, p.id) < (a.created_at, a.id)
+                })
+            })
+            .filter(|s| filter.created_after.is_none_or(|t| s.created_at >= t))
+            .filter(|s| filter.created_before.is_none_or(|t| s.created_at < t))
+            .cloned()
+            .collect();
+        found.sort_by_key(|s| std::cmp::Reverse((s.created_at, s.instance.id)));
+        found.truncate(filter.limit as usize);
+        Ok(found)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn claim_due_timers(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<(Uuid, Timer)>, StoreError> {
+        let mut tables = self.lock();
+        let mut due: Vec<(Time, (Uuid, String))> = tables
+            .timers
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(k, (at, _))| (*at, k.clone()))
+            .collect();
+        due.sort();
+        due.truncate(limit.max(0) as usize);
+        let mut claimed = Vec::with_capacity(due.len());
+        for (_, key) in due {
+            if let Some(entry) = tables.timers.get_mut(&key) {
+                entry.0 = now + lease;
+                claimed.push((key.0, entry.1));
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let mut tables = self.lock();
+        let mut claimed = Vec::new();
+        for (available, row) in tables.outbox.values_mut() {
+            if claimed.len() >= limit.max(0) as usize {
+                break;
+            }
+            if *available <= now {
+                *available = now + lease;
+                claimed.push(row.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let mut tables = self.lock();
+        for id in ids {
+            tables.outbox.remove(id);
+        }
+        Ok(())
+    }
+
+    async fn prune(&self, finished_before: Time, limit: u32) -> Result<Pruned, StoreError> {
+        let mut tables = self.lock();
+        let mut doomed: Vec<(Time, Uuid)> = tables
+            .instances
+            .values()
+            .filter(|r| finished(r.stored.instance.status) && r.stored.updated_at < finished_before)
+            .map(|r| (r.stored.updated_at, r.stored.instance.id))
+            .collect();
+        doomed.sort();
+        doomed.truncate(limit as usize);
+        for (_, id) in &doomed {
+            tables.instances.remove(id);
+            tables.events.remove(id);
+            tables.timers.retain(|(i, _), _| i != id);
+            tables
+                .outbox
+                .retain(|_, (_, m)| m.command.transaction_id != *id);
+        }
+        Ok(Pruned::Deleted(doomed.len() as u64))
+    }
+}
