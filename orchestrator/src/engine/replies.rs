@@ -50,6 +50,16 @@ impl Engine {
         while in_flight.join_next().await.is_some() {}
     }
 
+    /// Handles one batch of received replies as the consumer does. Public for the
+    /// deterministic simulation, which takes replies off its broker itself.
+    #[doc(hidden)]
+    pub async fn handle_replies(&self, batch: Vec<Incoming>) {
+        let Ok(slot) = Arc::new(Semaphore::new(1)).try_acquire_owned() else {
+            return;
+        };
+        self.on_replies(batch, slot).await;
+    }
+
     /// Handles a batch of replies: one store transaction for all, then the commands they
     /// caused are published (pipelined), then each reply is settled.
     ///

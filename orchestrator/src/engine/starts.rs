@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use uuid::Uuid;
 
 use super::publish::Publisher;
 use super::{Engine, EngineError};
@@ -169,7 +168,7 @@ impl Engine {
                     })?,
             ),
         };
-        let id = Uuid::now_v7();
+        let id = self.clock.new_id();
         let idempotency = options.idempotency_key.map(|key| Idempotency {
             key,
             request: serde_json::json!({
