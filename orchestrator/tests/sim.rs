@@ -1,0 +1,1138 @@
+//! Deterministic simulation of the orchestrator under faults.
+//!
+//! The real engine (`Engine`, the state machine, `WriteSet`, the publisher and the relay) runs
+//! over an in-memory store ([`MemoryStore`], the same contract as PostgreSQL) and a simulated
+//! broker, with participants that keep a ledger of their effects behind a barrier with the SDK
+//! barrier's rules. A seed decides everything: which step runs next, which message is delivered
+//! (reordering, duplicates, delays), where the orchestrator crashes, where a store call or a
+//! publish fails, when a participant crashes inside its barrier transaction, how far the clock
+//! moves, and when an operator acts.
+//!
+//! Why not free-running loops: tokio's `select!` picks branches with a runtime RNG that is only
+//! seedable under `--cfg tokio_unstable`, and spawned loops interleave as the scheduler likes.
+//! So the simulation does not run the engine's loops; its seeded scheduler calls the bodies
+//! those loops run (`handle_replies`, `fire_due_timers`, `relay_outbox`, `start_with`,
+//! `operate`) one at a time, each in `block_on` of a current-thread runtime with a paused
+//! clock. The engine is built outside the runtime, so it has no background start batcher
+//! and no background outbox deleter (it stores starts one by one and deletes published rows
+//! right after their confirm): nothing runs that the scheduler did not choose. Time is
+//! virtual: the engine's `Clock` reads the simulation's time, and tokio's paused clock is
+//! moved along with it (for the engine's own short sleeps before a requeue).
+//!
+//! A crash is a fault at an await point: the store or transport call fails (before its effect,
+//! or after it: the write committed, the message reached the broker) and the process is dead
+//! from then on; every later call of that engine fails without effect, its unacknowledged
+//! replies go back to the queue, and a new engine is built from the same store (restart).
+//!
+//! `cargo test` runs a few hundred seeds; `SAGAS_SIM_SEEDS=N` runs N; `SAGAS_SIM_SEED=n`
+//! runs one and prints its trace. A failing seed prints itself and the end of its trace.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::TimeZone;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use sagas_orchestrator::clock::Clock;
+use sagas_orchestrator::engine::StartOptions;
+use sagas_orchestrator::machine::{self, Event, Input, Time, Timer, Transition};
+use sagas_orchestrator::store::{
+    Created, Decide, Idempotency, ListFilter, LoggedEvent, MemoryStore, OutboxMessage, Pruned,
+    SagaStore, StoreError, StoredInstance, Updated,
+};
+use sagas_orchestrator::transport::{Ack, Incoming, Transport, TransportError};
+use sagas_orchestrator::{Definition, Engine, EngineConfig, Mode, Registry, Status};
+use sagas_participant::protocol::{Command, Operation, Outcome, Reply};
+
+// ---------------------------------------------------------------------------------------------
+// Randomness
+
+/// SplitMix64: small, fast, and the same everywhere.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+
+    /// True with probability `per_mille`/1000.
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The world: broker, participants, time, faults
+
+/// How often each fault happens in a run, per mille (drawn from the seed).
+#[derive(Debug, Clone, Copy)]
+struct Faults {
+    /// The orchestrator dies before a store/transport call takes effect.
+    crash_before: u64,
+    /// The orchestrator dies after a store/transport call took effect, before it hears so.
+    crash_after: u64,
+    /// A store call or a publish fails (the process lives).
+    fail: u64,
+    /// A publish reaches the broker but is not confirmed (the process lives).
+    unconfirmed: u64,
+    /// A delivered message stays in the queue (delivered again later).
+    duplicate: u64,
+    /// A participant dies inside its barrier transaction.
+    participant_crash: u64,
+    /// A forward operation fails for business reasons.
+    business_failure: u64,
+    /// A participant answers `retry`.
+    transient: u64,
+}
+
+impl Faults {
+    fn draw(rng: &mut Rng) -> Faults {
+        // Some seeds are calm, some are storms.
+        let scale = [0, 1, 3, 6][rng.below(4) as usize];
+        Faults {
+            crash_before: scale * rng.below(12),
+            crash_after: scale * rng.below(12),
+            fail: scale * rng.below(25),
+            unconfirmed: scale * rng.below(25),
+            duplicate: rng.below(200),
+            participant_crash: scale * rng.below(30),
+            business_failure: rng.below(250),
+            transient: rng.below(150),
+        }
+    }
+}
+
+/// What one participant did to one step of one transaction.
+#[derive(Debug, Clone, Default)]
+struct Effects {
+    /// Forward effects (action, try) applied.
+    applied: u32,
+    /// Undo effects (compensate, cancel) applied.
+    undone: u32,
+    /// Confirms applied.
+    confirmed: u32,
+    /// Undos answered as null compensations.
+    null_undos: u32,
+    /// When the (last) undo was applied, in the world's order of events.
+    undone_at: Option<u64>,
+}
+
+struct World {
+    rng: Rng,
+    faults: Faults,
+    faults_on: bool,
+    now: Time,
+    /// The live engine's generation; a crashed one waits for its restart.
+    generation: u64,
+    crashed: bool,
+    trace: Vec<String>,
+    /// Commands in participants' queues.
+    commands: Vec<Command>,
+    /// Replies in the orchestrator's queue.
+    replies: Vec<Vec<u8>>,
+    /// Replies delivered to the orchestrator and not settled: tag → (generation, body).
+    unacked: BTreeMap<u64, (u64, Vec<u8>)>,
+    next_tag: u64,
+    dead_letters: Vec<String>,
+    /// The participants' barrier: the stored reply of every (transaction, step, operation)
+    /// (only looked up, never iterated: its order does not matter).
+    barrier: HashMap<(Uuid, String, Operation), Outcome>,
+    ledger: BTreeMap<(Uuid, String), Effects>,
+    order: u64,
+    /// Instance numbers for the trace (ids differ from run to run, the numbers do not).
+    names: BTreeMap<Uuid, usize>,
+    /// Instance ids minted so far.
+    ids: u64,
+}
+
+impl World {
+    fn log(&mut self, line: String) {
+        self.trace.push(line);
+    }
+
+    /// An index below `len`, chosen by the seed.
+    fn pick(&mut self, len: usize) -> usize {
+        self.rng.below(len as u64) as usize
+    }
+
+    /// Whether a delivered message stays queued too (it comes again).
+    fn duplicate(&mut self) -> bool {
+        let p = self.faults.duplicate;
+        self.faults_on && self.rng.chance(p)
+    }
+
+    fn name(&self, id: Uuid) -> String {
+        self.names
+            .get(&id)
+            .map_or_else(|| "#?".to_owned(), |n| format!("#{n}"))
+    }
+
+    fn describe(&self, c: &Command) -> String {
+        format!(
+            "{} {} {} attempt {}",
+            self.name(c.transaction_id),
+            c.step,
+            c.operation,
+            c.attempt
+        )
+    }
+
+    /// A fault at an await point of generation `generation`: `Err` if the process is dead or
+    /// dies or fails here; `Ok(true)` if it dies right after the call takes effect.
+    fn point(&mut self, generation: u64, at: &str, can_fail: bool) -> Result<bool, String> {
+        if generation != self.generation || self.crashed {
+            return Err("the process is dead".into());
+        }
+        if !self.faults_on {
+            return Ok(false);
+        }
+        let f = self.faults;
+        if self.rng.chance(f.crash_before) {
+            self.crashed = true;
+            self.log(format!("CRASH before {at}"));
+            return Err(format!("crashed before {at}"));
+        }
+        if can_fail && self.rng.chance(f.fail) {
+            self.log(format!("FAIL {at}"));
+            return Err(format!("{at} failed"));
+        }
+        Ok(self.rng.chance(f.crash_after))
+    }
+
+    /// The other half of [`World::point`]: the call took effect; the process dies now if the
+    /// point said so.
+    fn after(&mut self, at: &str, dies: bool) -> Result<(), String> {
+        if dies {
+            self.crashed = true;
+            self.log(format!("CRASH after {at}"));
+            return Err(format!("crashed after {at}"));
+        }
+        Ok(())
+    }
+
+    /// A participant handles `cmd` through its barrier; `None` if it died inside the barrier
+    /// transaction (nothing of it is kept, no reply, the command stays queued).
+    fn participate(&mut self, cmd: &Command) -> Option<Outcome> {
+        if self.faults_on && self.rng.chance(self.faults.participant_crash) {
+            let d = self.describe(cmd);
+            self.log(format!("participant CRASH handling {d}"));
+            return None;
+        }
+        let op = cmd.operation;
+        let key = (cmd.transaction_id, cmd.step.clone(), op);
+        let ledger_key = (cmd.transaction_id, cmd.step.clone());
+        // Duplicate: the stored reply, the handler does not run.
+        if let Some(stored) = self.barrier.get(&key) {
+            return Some(stored.clone());
+        }
+        if op.is_undo() {
+            let forward = (cmd.transaction_id, cmd.step.clone(), op.forward());
+            let took_effect = match self.barrier.get(&forward) {
+                Some(reply) => matches!(
+                    reply,
+                    Outcome::Succeeded { .. } | Outcome::InProgress { .. }
+                ),
+                None => {
+                    // The guard row: a late forward operation is refused (anti-hanging).
+                    self.barrier.insert(
+                        forward,
+                        Outcome::failed(format!(
+                            "{} refused: it arrived after its {op} (anti-hanging)",
+                            op.forward()
+                        )),
+                    );
+                    false
+                }
+            };
+            if !took_effect {
+                let outcome = Outcome::succeeded(json!({ "null_compensation": true }));
+                self.barrier.insert(key, outcome.clone());
+                self.ledger.entry(ledger_key).or_default().null_undos += 1;
+                return Some(outcome);
+            }
+        }
+        // The handler.
+        let f = self.faults;
+        let outcome = if op.is_forward() && self.rng.chance(f.business_failure) {
+            Outcome::failed("business rule says no")
+        } else if self.rng.chance(f.transient) {
+            Outcome::retry("try again")
+        } else {
+            Outcome::succeeded(json!({ "step": cmd.step }))
+        };
+        match &outcome {
+            Outcome::Succeeded { .. } => {
+                self.order += 1;
+                let order = self.order;
+                let e = self.ledger.entry(ledger_key).or_default();
+                match op {
+                    Operation::Action | Operation::Try => e.applied += 1,
+                    Operation::Confirm => e.confirmed += 1,
+                    Operation::Compensate | Operation::Cancel => {
+                        e.undone += 1;
+                        e.undone_at = Some(order);
+                    }
+                }
+                self.barrier.insert(key, outcome.clone());
+            }
+            // A business failure of a forward operation is kept (its writes rolled back).
+            Outcome::Failed { .. } if op.is_forward() => {
+                self.barrier.insert(key, outcome.clone());
+            }
+            // Anything else rolls the whole barrier transaction back.
+            _ => {}
+        }
+        Some(outcome)
+    }
+}
+
+type Shared = Arc<Mutex<World>>;
+
+fn lock(world: &Shared) -> MutexGuard<'_, World> {
+    world.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn store_error(reason: String) -> StoreError {
+    StoreError::Uncommitted(reason)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine's parts, with faults
+
+struct SimClock(Shared);
+
+impl Clock for SimClock {
+    fn now(&self) -> Time {
+        lock(&self.0).now
+    }
+
+    /// Ids from a counter: the machine derives retry jitter from them, so random ids would
+    /// make runs differ.
+    fn new_id(&self) -> Uuid {
+        let mut w = lock(&self.0);
+        w.ids += 1;
+        Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | u128::from(w.ids))
+    }
+}
+
+/// The store of one engine generation: the shared [`MemoryStore`] behind fault points.
+struct FaultyStore {
+    inner: Arc<MemoryStore>,
+    world: Shared,
+    generation: u64,
+}
+
+impl FaultyStore {
+    fn enter(&self, at: &str, can_fail: bool) -> Result<bool, StoreError> {
+        lock(&self.world)
+            .point(self.generation, at, can_fail)
+            .map_err(store_error)
+    }
+
+    fn leave<T>(&self, at: &str, dies: bool, result: T) -> Result<T, StoreError> {
+        lock(&self.world).after(at, dies).map_err(store_error)?;
+        Ok(result)
+    }
+}
+
+#[async_trait]
+impl SagaStore for FaultyStore {
+    async fn create(
+        &self,
+        start: &Transition,
+        now: Time,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let dies = self.enter("store.create", true)?;
+        let r = self.inner.create(start, now).await;
+        self.leave("store.create", dies, r)?
+    }
+
+    async fn create_idempotent(
+        &self,
+        start: &Transition,
+        now: Time,
+        idempotency: &Idempotency,
+    ) -> Result<Created, StoreError> {
+        let dies = self.enter("store.create_idempotent", true)?;
+        let r = self.inner.create_idempotent(start, now, idempotency).await;
+        self.leave("store.create_idempotent", dies, r)?
+    }
+
+    async fn update(
+        &self,
+        id: Uuid,
+        fired: Option<Timer>,
+        now: Time,
+        decide: Decide<'_>,
+    ) -> Result<Updated, StoreError> {
+        let dies = self.enter("store.update", true)?;
+        let r = self.inner.update(id, fired, now, decide).await;
+        self.leave("store.update", dies, r)?
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError> {
+        self.enter("store.get", false)?;
+        self.inner.get(id).await
+    }
+
+    async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, StoreError> {
+        self.enter("store.events", false)?;
+        self.inner.events(id).await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<StoredInstance>, StoreError> {
+        self.enter("store.list", false)?;
+        self.inner.list(filter).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.enter("store.ping", false)?;
+        Ok(())
+    }
+
+    async fn claim_due_timers(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: chrono::Duration,
+    ) -> Result<Vec<(Uuid, Timer)>, StoreError> {
+        let dies = self.enter("store.claim_due_timers", true)?;
+        let r = self.inner.claim_due_timers(now, limit, lease).await;
+        self.leave("store.claim_due_timers", dies, r)?
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: Time,
+        limit: i64,
+        lease: chrono::Duration,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let dies = self.enter("store.claim_outbox", true)?;
+        let r = self.inner.claim_outbox(now, limit, lease).await;
+        self.leave("store.claim_outbox", dies, r)?
+    }
+
+    async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let dies = self.enter("store.delete_outbox", true)?;
+        let r = self.inner.delete_outbox(ids).await;
+        self.leave("store.delete_outbox", dies, r)?
+    }
+
+    async fn prune(&self, finished_before: Time, limit: u32) -> Result<Pruned, StoreError> {
+        let dies = self.enter("store.prune", true)?;
+        let r = self.inner.prune(finished_before, limit).await;
+        self.leave("store.prune", dies, r)?
+    }
+}
+
+/// The broker as one engine generation sees it.
+struct SimTransport {
+    world: Shared,
+    generation: u64,
+}
+
+#[async_trait]
+impl Transport for SimTransport {
+    async fn declare(&self, _participants: &[String]) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), TransportError> {
+        let mut w = lock(&self.world);
+        // Dropped before the broker took it (crash or failure): nothing is queued.
+        let dies = w
+            .point(self.generation, "publish", true)
+            .map_err(TransportError::Broker)?;
+        for m in messages {
+            let d = w.describe(&m.command);
+            w.log(format!("publish {d}"));
+            w.commands.push(m.command.clone());
+        }
+        // Queued, but the confirm never comes back.
+        w.after("publish (before its confirm)", dies)
+            .map_err(TransportError::Broker)?;
+        let unconfirmed = w.faults.unconfirmed;
+        if w.faults_on && w.rng.chance(unconfirmed) {
+            w.log("publish not confirmed".into());
+            return Err(TransportError::NotConfirmed(
+                "batch".into(),
+                "simulated nack".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, _prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError> {
+        Err(TransportError::Broker(
+            "the simulation delivers replies itself".into(),
+        ))
+    }
+
+    async fn ping(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+}
+
+struct SimAck {
+    world: Shared,
+    generation: u64,
+    tag: u64,
+}
+
+#[async_trait]
+impl Ack for SimAck {
+    async fn ack(&self) -> Result<(), TransportError> {
+        let mut w = lock(&self.world);
+        let dies = w
+            .point(self.generation, "ack", false)
+            .map_err(TransportError::Broker)?;
+        w.unacked.remove(&self.tag);
+        w.after("ack", dies).map_err(TransportError::Broker)
+    }
+
+    async fn reject(&self, _body: &[u8], reason: &str) -> Result<(), TransportError> {
+        let mut w = lock(&self.world);
+        w.point(self.generation, "reject", false)
+            .map_err(TransportError::Broker)?;
+        if w.unacked.remove(&self.tag).is_some() {
+            w.log(format!("dead letter: {reason}"));
+            w.dead_letters.push(reason.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn requeue(&self) -> Result<(), TransportError> {
+        let mut w = lock(&self.world);
+        w.point(self.generation, "requeue", false)
+            .map_err(TransportError::Broker)?;
+        if let Some((_, body)) = w.unacked.remove(&self.tag) {
+            w.replies.push(body);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Definitions
+
+/// A saga with parallel branches: a, then b and c in parallel, then d after both.
+fn order_saga() -> Definition {
+    Definition::saga::<Value>("order", 1)
+        .step("a", "p1", |s| s.command(|_, _| json!({})))
+        .step("b", "p2", |s| s.command(|_, _| json!({})).after(["a"]))
+        .step("c", "p3", |s| s.command(|_, _| json!({})).after(["a"]))
+        .step("d", "p1", |s| s.command(|_, _| json!({})).after(["b", "c"]))
+        .build()
+        .expect("a valid saga")
+}
+
+/// A TCC transaction over two participants.
+fn transfer_tcc() -> Definition {
+    Definition::tcc::<Value>("transfer", 1)
+        .step("debit", "p2", |s| s.command(|_, _| json!({})))
+        .step("credit", "p3", |s| s.command(|_, _| json!({})))
+        .build()
+        .expect("a valid TCC definition")
+}
+
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.register(order_saga()).expect("registered");
+    r.register(transfer_tcc()).expect("registered");
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// The simulation
+
+/// A start a client asks for; it retries with its idempotency key until it is answered.
+struct Start {
+    definition: &'static str,
+    key: String,
+    accepted: Option<Uuid>,
+}
+
+struct Sim {
+    world: Shared,
+    store: Arc<MemoryStore>,
+    engine: Arc<Engine>,
+    runtime: tokio::runtime::Runtime,
+    starts: Vec<Start>,
+    /// Starts asked for so far (the others wait their turn).
+    asked: usize,
+}
+
+/// Steps of the faulty phase; then the world calms down and everything must settle.
+const STEPS: usize = 500;
+/// Rounds the calm phase may take before the run counts as not settling.
+const SETTLE_ROUNDS: usize = 20_000;
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = Rng(seed);
+        let faults = Faults::draw(&mut rng);
+        let n_starts = 2 + rng.below(7) as usize;
+        let starts = (0..n_starts)
+            .map(|i| Start {
+                definition: if rng.chance(300) { "transfer" } else { "order" },
+                key: format!("start-{i}"),
+                accepted: None,
+            })
+            .collect();
+        let now = chrono::Utc
+            .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+            .single()
+            .expect("a valid time");
+        let world = Arc::new(Mutex::new(World {
+            rng,
+            faults,
+            faults_on: true,
+            now,
+            generation: 0,
+            crashed: false,
+            trace: vec![format!("seed {seed}: {faults:?}")],
+            commands: Vec::new(),
+            replies: Vec::new(),
+            unacked: BTreeMap::new(),
+            next_tag: 0,
+            dead_letters: Vec::new(),
+            barrier: HashMap::new(),
+            ledger: BTreeMap::new(),
+            order: 0,
+            names: BTreeMap::new(),
+            ids: 0,
+        }));
+        let store = Arc::new(MemoryStore::new());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        let engine = Sim::engine(&world, &store, 0);
+        Sim {
+            world,
+            store,
+            engine,
+            runtime,
+            starts,
+            asked: 0,
+        }
+    }
+
+    /// An engine of generation `generation`, built outside the runtime: no background tasks.
+    fn engine(world: &Shared, store: &Arc<MemoryStore>, generation: u64) -> Arc<Engine> {
+        let config = EngineConfig {
+            timer_concurrency: 1,
+            ..EngineConfig::default()
+        };
+        Engine::new(
+            Arc::new(FaultyStore {
+                inner: store.clone(),
+                world: world.clone(),
+                generation,
+            }),
+            Arc::new(SimTransport {
+                world: world.clone(),
+                generation,
+            }),
+            registry(),
+            Arc::new(SimClock(world.clone())),
+            config,
+        )
+    }
+
+    fn w(&self) -> MutexGuard<'_, World> {
+        lock(&self.world)
+    }
+
+    /// Builds a new engine from the store; the broker gives the dead one's unacknowledged
+    /// replies back to the queue.
+    fn restart(&mut self) {
+        let generation = {
+            let mut w = self.w();
+            w.generation += 1;
+            w.crashed = false;
+            let unacked = std::mem::take(&mut w.unacked);
+            w.replies
+                .extend(unacked.into_values().map(|(_, body)| body));
+            let g = w.generation;
+            w.log(format!("RESTART as generation {g}"));
+            g
+        };
+        self.engine = Sim::engine(&self.world, &self.store, generation);
+    }
+
+    fn advance(&mut self, by: Duration) {
+        {
+            let mut w = self.w();
+            w.now += chrono::Duration::from_std(by).expect("a small duration");
+        }
+        self.runtime.block_on(async {
+            tokio::time::advance(by).await;
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    /// A client asks for (or retries) a start.
+    fn start(&mut self, i: usize) {
+        let (definition, key) = (self.starts[i].definition, self.starts[i].key.clone());
+        let options = StartOptions {
+            idempotency_key: Some(key.clone()),
+            ..StartOptions::default()
+        };
+        let engine = self.engine.clone();
+        let result =
+            self.runtime
+                .block_on(engine.start_with(definition, json!({ "key": key }), options));
+        let world = self.world.clone();
+        let mut w = lock(&world);
+        match result {
+            Ok(started) => {
+                let id = started.instance.id;
+                if let Some(seen) = self.starts[i].accepted
+                    && seen != id
+                {
+                    w.log(format!("start {i} answered {id} after {seen}"));
+                }
+                self.starts[i].accepted = Some(id);
+                w.names.insert(id, i);
+                w.log(format!(
+                    "start #{i} {definition} accepted (created: {})",
+                    started.created
+                ));
+            }
+            Err(e) => w.log(format!("start #{i} {definition} failed: {e}")),
+        }
+    }
+
+    /// The broker delivers one queued command (chosen by the seed) to its participant.
+    fn deliver_command(&mut self) {
+        let mut w = self.w();
+        if w.commands.is_empty() {
+            return;
+        }
+        let len = w.commands.len();
+        let at = w.pick(len);
+        let duplicate = w.duplicate();
+        let cmd = if duplicate {
+            w.commands[at].clone()
+        } else {
+            w.commands.remove(at)
+        };
+        let d = w.describe(&cmd);
+        let Some(outcome) = w.participate(&cmd) else {
+            if !duplicate {
+                // Not acknowledged: the broker delivers it again.
+                w.commands.push(cmd);
+            }
+            return;
+        };
+        w.log(format!(
+            "deliver {d}{} -> {}",
+            if duplicate { " (dup)" } else { "" },
+            outcome.status()
+        ));
+        let body = serde_json::to_vec(&cmd.reply(outcome)).expect("a reply serializes");
+        w.replies.push(body);
+    }
+
+    /// The broker delivers a batch of queued replies (chosen by the seed) to the engine.
+    fn deliver_replies(&mut self) {
+        let (batch, generation) = {
+            let mut w = self.w();
+            if w.replies.is_empty() {
+                return;
+            }
+            let len = w.replies.len().min(4);
+            let n = 1 + w.pick(len);
+            let generation = w.generation;
+            let mut batch = Vec::with_capacity(n);
+            for _ in 0..n {
+                let len = w.replies.len();
+                let at = w.pick(len);
+                let duplicate = w.duplicate();
+                let body = if duplicate {
+                    w.replies[at].clone()
+                } else {
+                    w.replies.remove(at)
+                };
+                w.next_tag += 1;
+                let tag = w.next_tag;
+                w.unacked.insert(tag, (generation, body.clone()));
+                if let Ok(r) = serde_json::from_slice::<Reply>(&body) {
+                    let line = format!(
+                        "reply {} {} {} attempt {} {}{}",
+                        w.name(r.transaction_id),
+                        r.step,
+                        r.operation,
+                        r.attempt,
+                        r.outcome.status(),
+                        if duplicate { " (dup)" } else { "" }
+                    );
+                    w.log(line);
+                }
+                batch.push((tag, body));
+            }
+            (batch, generation)
+        };
+        let incoming = batch
+            .into_iter()
+            .map(|(tag, body)| Incoming {
+                body,
+                ack: Box::new(SimAck {
+                    world: self.world.clone(),
+                    generation,
+                    tag,
+                }),
+            })
+            .collect();
+        let engine = self.engine.clone();
+        self.runtime.block_on(engine.handle_replies(incoming));
+    }
+
+    fn fire_timers(&mut self) {
+        self.w().log("timers".into());
+        let engine = self.engine.clone();
+        self.runtime.block_on(engine.fire_due_timers());
+    }
+
+    fn relay(&mut self) {
+        let engine = self.engine.clone();
+        let n = self.runtime.block_on(engine.relay_outbox());
+        if n > 0 {
+            self.w().log(format!("relay claimed {n}"));
+        }
+    }
+
+    /// An operator aborts a running instance or retries a stuck one, racing with replies.
+    fn operate(&mut self) {
+        let accepted: Vec<Uuid> = self.starts.iter().filter_map(|s| s.accepted).collect();
+        if accepted.is_empty() {
+            return;
+        }
+        let id = {
+            let mut w = self.w();
+            accepted[w.rng.below(accepted.len() as u64) as usize]
+        };
+        let Some(stored) = self
+            .store
+            .instances()
+            .into_iter()
+            .find(|s| s.instance.id == id)
+        else {
+            return;
+        };
+        let action = match stored.instance.status {
+            Status::Running => Input::Abort {
+                actor: "sim".into(),
+                reason: "operator abort".into(),
+            },
+            Status::Stuck => Input::Retry {
+                actor: "sim".into(),
+                reason: "operator retry".into(),
+            },
+            _ => return,
+        };
+        let engine = self.engine.clone();
+        let result = self.runtime.block_on(engine.operate(id, action.clone()));
+        let mut w = self.w();
+        let name = w.name(id);
+        let what = match action {
+            Input::Abort { .. } => "abort",
+            _ => "retry",
+        };
+        w.log(format!(
+            "operator {what} {name}: {}",
+            match result {
+                Ok(s) => s.instance.status.as_str().to_owned(),
+                Err(e) => e.to_string(),
+            }
+        ));
+    }
+
+    /// One step of the faulty phase, chosen by the seed.
+    fn step(&mut self) {
+        let (crashed, choice, restart_now) = {
+            let mut w = self.w();
+            (w.crashed, w.rng.below(100), w.rng.chance(400))
+        };
+        if crashed && restart_now {
+            self.restart();
+            return;
+        }
+        match choice {
+            // The participants and the clock go on while the orchestrator is down.
+            0..=24 => self.deliver_command(),
+            25..=29 => {
+                let ms = self.w().rng.below(500);
+                self.advance(Duration::from_millis(ms));
+            }
+            30 => {
+                let s = 5 + self.w().rng.below(60);
+                self.w().log(format!("clock jumps {s} s"));
+                self.advance(Duration::from_secs(s));
+            }
+            _ if crashed => {}
+            31..=40 => {
+                let pending = self
+                    .starts
+                    .iter()
+                    .position(|s| s.accepted.is_none())
+                    .filter(|&i| i < self.asked);
+                match pending {
+                    Some(i) => self.start(i),
+                    None if self.asked < self.starts.len() => {
+                        self.asked += 1;
+                        self.start(self.asked - 1);
+                    }
+                    None => self.deliver_replies(),
+                }
+            }
+            41..=70 => self.deliver_replies(),
+            71..=82 => self.fire_timers(),
+            83..=92 => self.relay(),
+            93..=94 => self.operate(),
+            _ => {
+                let ms = self.w().rng.below(2_000);
+                self.advance(Duration::from_millis(ms));
+            }
+        }
+    }
+
+    /// No more faults: the world runs until every instance settled and nothing is in flight,
+    /// moving the clock to the next due timer or outbox row when nothing else is to do.
+    fn settle(&mut self) -> Result<(), String> {
+        self.w().faults_on = false;
+        self.w().log("CALM".into());
+        if self.w().crashed {
+            self.restart();
+        }
+        for _ in 0..SETTLE_ROUNDS {
+            if let Some(i) = self.starts.iter().position(|s| s.accepted.is_none()) {
+                self.asked = self.asked.max(i + 1);
+                self.start(i);
+                continue;
+            }
+            let (commands, replies, unacked) = {
+                let w = self.w();
+                (
+                    !w.commands.is_empty(),
+                    !w.replies.is_empty(),
+                    !w.unacked.is_empty(),
+                )
+            };
+            if commands {
+                self.deliver_command();
+                continue;
+            }
+            if replies {
+                self.deliver_replies();
+                continue;
+            }
+            self.fire_timers();
+            self.relay();
+            let busy = {
+                let w = self.w();
+                !w.commands.is_empty() || !w.replies.is_empty()
+            };
+            if busy {
+                continue;
+            }
+            let now = self.w().now;
+            let next_timer = self.store.timers().into_iter().map(|(_, due, _)| due).min();
+            let outbox = !self.store.outbox().is_empty();
+            let wait = match (next_timer, outbox, unacked) {
+                (Some(due), _, _) if due > now => (due - now).to_std().unwrap_or_default(),
+                (Some(_), _, _) => Duration::from_millis(1),
+                (None, true, _) | (None, _, true) => Duration::from_secs(1),
+                (None, false, false) => return Ok(()),
+            };
+            self.advance(wait);
+        }
+        Err(format!("nothing settled after {SETTLE_ROUNDS} calm rounds"))
+    }
+
+    /// The invariants of a finished run.
+    fn check(&self) -> Result<(), String> {
+        let w = self.w();
+        if !w.dead_letters.is_empty() {
+            return Err(format!("replies were dead-lettered: {:?}", w.dead_letters));
+        }
+        let stored = self.store.instances();
+        for (i, s) in self.starts.iter().enumerate() {
+            let id = s.accepted.ok_or(format!("start #{i} was never answered"))?;
+            if !stored.iter().any(|st| st.instance.id == id) {
+                return Err(format!("accepted start #{i} is not in the store"));
+            }
+        }
+        if stored.len() != self.starts.len() {
+            return Err(format!(
+                "{} instances for {} starts",
+                stored.len(),
+                self.starts.len()
+            ));
+        }
+        if !self.store.outbox().is_empty() {
+            return Err("outbox rows were left".into());
+        }
+        for s in &stored {
+            let inst = &s.instance;
+            let name = w.name(inst.id);
+            let events = self
+                .runtime
+                .block_on(self.store.events(inst.id))
+                .map_err(|e| e.to_string())?;
+            let logged: Vec<&Event> = events.iter().map(|e| &e.event).collect();
+            let replayed = machine::replay(logged.iter().copied());
+            if replayed.as_ref() != Some(inst) {
+                return Err(format!(
+                    "{name}: replaying the log does not give the projection"
+                ));
+            }
+            match inst.status {
+                Status::Completed | Status::Compensated | Status::Resolved => {}
+                Status::Stuck => {
+                    if !logged
+                        .iter()
+                        .any(|e| matches!(e, Event::Stuck { reason, .. } if !reason.is_empty()))
+                    {
+                        return Err(format!("{name} is stuck without a reason"));
+                    }
+                }
+                other => return Err(format!("{name} ended {}", other.as_str())),
+            }
+            let plan = &inst.plan;
+            let effects = |step: &str| {
+                w.ledger
+                    .get(&(inst.id, step.to_owned()))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            for (i, sp) in plan.steps.iter().enumerate() {
+                let e = effects(&sp.name);
+                let at = format!("{name} ({}) step {}: {e:?}", inst.status.as_str(), sp.name);
+                if e.applied > 1 || e.undone > 1 || e.confirmed > 1 {
+                    return Err(format!("{at}: an effect was applied twice"));
+                }
+                if e.undone > e.applied {
+                    return Err(format!("{at}: undone without having run"));
+                }
+                if e.confirmed > 0 && e.undone > 0 {
+                    return Err(format!("{at}: both confirmed and cancelled"));
+                }
+                match (inst.status, plan.mode) {
+                    (Status::Completed, Mode::Saga) if e.applied != 1 || e.undone != 0 => {
+                        return Err(format!("{at}: completed, yet not applied exactly once"));
+                    }
+                    (Status::Completed, Mode::Tcc) if e.applied != 1 || e.confirmed != 1 => {
+                        return Err(format!("{at}: completed, yet not tried and confirmed once"));
+                    }
+                    (Status::Compensated, _) if e.undone != e.applied || e.confirmed != 0 => {
+                        return Err(format!(
+                            "{at}: compensated, yet not undone exactly as applied"
+                        ));
+                    }
+                    _ => {}
+                }
+                // Saga compensation follows the reverse of the dependency order (TCC steps are
+                // independent: their cancels may run in any order).
+                let deps = if plan.mode == Mode::Saga {
+                    plan.deps(i)
+                } else {
+                    Vec::new()
+                };
+                for d in deps {
+                    let dep = effects(&plan.steps[d].name);
+                    if let (Some(mine), Some(theirs)) = (e.undone_at, dep.undone_at)
+                        && mine > theirs
+                    {
+                        return Err(format!(
+                            "{at}: undone after its dependency {}",
+                            plan.steps[d].name
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed; its trace, and what went wrong if anything did.
+fn run(seed: u64) -> (Vec<String>, Result<(), String>) {
+    let mut sim = Sim::new(seed);
+    for _ in 0..STEPS {
+        sim.step();
+    }
+    let result = sim.settle().and_then(|()| sim.check());
+    let trace = std::mem::take(&mut sim.w().trace);
+    (trace, result)
+}
+
+fn run_or_report(seed: u64, print_trace: bool) -> Result<(), String> {
+    let (trace, result) = run(seed);
+    if print_trace {
+        for line in &trace {
+            eprintln!("{line}");
+        }
+    }
+    result.map_err(|e| {
+        let tail = trace.len().saturating_sub(80);
+        format!(
+            "seed {seed} failed: {e}\nreproduce: SAGAS_SIM_SEED={seed} cargo test -p sagas-orchestrator --test sim\nlast trace lines:\n{}",
+            trace[tail..].join("\n")
+        )
+    })
+}
+
+fn env(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn the_engine_keeps_its_promises_under_seeded_faults() {
+    if let Some(seed) = env("SAGAS_SIM_SEED") {
+        if let Err(e) = run_or_report(seed, true) {
+            panic!("{e}");
+        }
+        return;
+    }
+    let seeds = env("SAGAS_SIM_SEEDS").unwrap_or(300);
+    let failures: Vec<String> = (0..seeds)
+        .filter_map(|seed| run_or_report(seed, false).err())
+        .collect();
+    for f in &failures {
+        eprintln!("{}", f.lines().next().unwrap_or_default());
+    }
+    if let Some(first) = failures.first() {
+        panic!(
+            "{} of {seeds} seeds failed; the first:\n{first}",
+            failures.len()
+        );
+    }
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [7, 42, 1234] {
+        let (first, _) = run(seed);
+        let (second, _) = run(seed);
+        assert_eq!(first, second, "seed {seed} ran differently twice");
+    }
+}
