@@ -45,7 +45,7 @@ use sagas_orchestrator::store::{
     SagaStore, StoreError, StoredInstance, Updated,
 };
 use sagas_orchestrator::transport::{Ack, Incoming, Transport, TransportError};
-use sagas_orchestrator::{Definition, Engine, EngineConfig, Mode, Registry, Status};
+use sagas_orchestrator::{Definition, Engine, EngineConfig, Mode, Registry, RetryPolicy, Status};
 use sagas_participant::protocol::{Command, Operation, Outcome, Reply};
 
 // ---------------------------------------------------------------------------------------------
@@ -97,6 +97,15 @@ struct Faults {
     business_failure: u64,
     /// A participant answers `retry`.
     transient: u64,
+    /// Participant p3 answers `retry` to undos (compensate, cancel), so instances get stuck.
+    stubborn: u64,
+    /// A timer claim runs on a clock up to 10 s ahead (another process's, skewed).
+    early_timer: u64,
+    /// A timer claim also returns the timers of the claim before (fired twice: a lease that
+    /// ran out while its process was slow).
+    double_timer: u64,
+    /// A client asks again for a start it was answered.
+    duplicate_start: u64,
 }
 
 impl Faults {
@@ -112,6 +121,10 @@ impl Faults {
             participant_crash: scale * rng.below(30),
             business_failure: rng.below(250),
             transient: rng.below(150),
+            stubborn: [0, 0, 500, 900][rng.below(4) as usize],
+            early_timer: scale * rng.below(50),
+            double_timer: scale * rng.below(50),
+            duplicate_start: rng.below(300),
         }
     }
 }
@@ -157,6 +170,10 @@ struct World {
     names: BTreeMap<Uuid, usize>,
     /// Instance ids minted so far.
     ids: u64,
+    /// The timers the last claim returned.
+    last_timers: Vec<(Uuid, Timer)>,
+    /// Broken promises seen while running (checked at the end).
+    violations: Vec<String>,
 }
 
 impl World {
@@ -269,8 +286,14 @@ impl World {
         let f = self.faults;
         let outcome = if op.is_forward() && self.rng.chance(f.business_failure) {
             Outcome::failed("business rule says no")
-        } else if self.rng.chance(f.transient) {
+        } else if self.faults_on && self.rng.chance(f.transient) {
             Outcome::retry("try again")
+        } else if self.faults_on
+            && op.is_undo()
+            && STUBBORN_STEPS.contains(&cmd.step.as_str())
+            && self.rng.chance(f.stubborn)
+        {
+            Outcome::retry("not now")
         } else {
             Outcome::succeeded(json!({ "step": cmd.step }))
         };
@@ -411,7 +434,32 @@ impl SagaStore for FaultyStore {
         lease: chrono::Duration,
     ) -> Result<Vec<(Uuid, Timer)>, StoreError> {
         let dies = self.enter("store.claim_due_timers", true)?;
-        let r = self.inner.claim_due_timers(now, limit, lease).await;
+        let (skew, again) = {
+            let mut w = lock(&self.world);
+            let f = w.faults;
+            let early = w.faults_on && w.rng.chance(f.early_timer);
+            let skew = if early { w.rng.below(10_000) as i64 } else { 0 };
+            let twice = w.faults_on && w.rng.chance(f.double_timer);
+            if early {
+                w.log(format!("timers claimed {skew} ms early"));
+            }
+            let again = if twice {
+                w.log("timers of the last claim fire again".into());
+                w.last_timers.clone()
+            } else {
+                Vec::new()
+            };
+            (chrono::Duration::milliseconds(skew), again)
+        };
+        let r = self
+            .inner
+            .claim_due_timers(now + skew, limit, lease)
+            .await
+            .map(|mut due| {
+                lock(&self.world).last_timers = due.clone();
+                due.extend(again);
+                due
+            });
         self.leave("store.claim_due_timers", dies, r)?
     }
 
@@ -529,12 +577,24 @@ impl Ack for SimAck {
 // ---------------------------------------------------------------------------------------------
 // Definitions
 
+/// The steps served by the participant that may refuse undos for a while (p3).
+const STUBBORN_STEPS: [&str; 2] = ["c", "credit"];
+
+/// Few attempts for undos and confirms, so that instances do get stuck.
+fn finish_retry() -> RetryPolicy {
+    RetryPolicy::exponential(4, Duration::from_millis(200), Duration::from_secs(2))
+}
+
 /// A saga with parallel branches: a, then b and c in parallel, then d after both.
 fn order_saga() -> Definition {
     Definition::saga::<Value>("order", 1)
         .step("a", "p1", |s| s.command(|_, _| json!({})))
         .step("b", "p2", |s| s.command(|_, _| json!({})).after(["a"]))
-        .step("c", "p3", |s| s.command(|_, _| json!({})).after(["a"]))
+        .step("c", "p3", |s| {
+            s.command(|_, _| json!({}))
+                .after(["a"])
+                .finish_retry(finish_retry())
+        })
         .step("d", "p1", |s| s.command(|_, _| json!({})).after(["b", "c"]))
         .build()
         .expect("a valid saga")
@@ -544,7 +604,9 @@ fn order_saga() -> Definition {
 fn transfer_tcc() -> Definition {
     Definition::tcc::<Value>("transfer", 1)
         .step("debit", "p2", |s| s.command(|_, _| json!({})))
-        .step("credit", "p3", |s| s.command(|_, _| json!({})))
+        .step("credit", "p3", |s| {
+            s.command(|_, _| json!({})).finish_retry(finish_retry())
+        })
         .build()
         .expect("a valid TCC definition")
 }
@@ -563,7 +625,11 @@ fn registry() -> Registry {
 struct Start {
     definition: &'static str,
     key: String,
+    /// The instance's deadline, if it has one.
+    deadline: Option<Duration>,
     accepted: Option<Uuid>,
+    /// Whether an answer said the instance was created.
+    created: bool,
 }
 
 struct Sim {
@@ -585,12 +651,17 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
         let faults = Faults::draw(&mut rng);
-        let n_starts = 2 + rng.below(7) as usize;
+        let n_starts = 2 + rng.below(11) as usize;
         let starts = (0..n_starts)
             .map(|i| Start {
                 definition: if rng.chance(300) { "transfer" } else { "order" },
                 key: format!("start-{i}"),
+                // Some instances must finish their forward phase within a deadline.
+                deadline: rng
+                    .chance(200)
+                    .then(|| Duration::from_millis(1_000 + rng.below(30_000))),
                 accepted: None,
+                created: false,
             })
             .collect();
         let now = chrono::Utc
@@ -615,6 +686,8 @@ impl Sim {
             order: 0,
             names: BTreeMap::new(),
             ids: 0,
+            last_timers: Vec::new(),
+            violations: Vec::new(),
         }));
         let store = Arc::new(MemoryStore::new());
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -694,6 +767,7 @@ impl Sim {
         let (definition, key) = (self.starts[i].definition, self.starts[i].key.clone());
         let options = StartOptions {
             idempotency_key: Some(key.clone()),
+            deadline: self.starts[i].deadline,
             ..StartOptions::default()
         };
         let engine = self.engine.clone();
@@ -708,9 +782,14 @@ impl Sim {
                 if let Some(seen) = self.starts[i].accepted
                     && seen != id
                 {
-                    w.log(format!("start {i} answered {id} after {seen}"));
+                    w.violations
+                        .push(format!("start #{i} answered {id} after {seen}"));
                 }
                 self.starts[i].accepted = Some(id);
+                if started.created && self.starts[i].created {
+                    w.violations.push(format!("start #{i} created twice"));
+                }
+                self.starts[i].created |= started.created;
                 w.names.insert(id, i);
                 w.log(format!(
                     "start #{i} {definition} accepted (created: {})",
@@ -743,8 +822,25 @@ impl Sim {
             }
             return;
         };
+        let participant_crash = w.faults.participant_crash;
+        if w.faults_on && w.rng.chance(participant_crash) {
+            // Committed, but the participant died before it sent the reply and acked the
+            // command: the redelivery is answered from the barrier.
+            w.log(format!("participant CRASH after committing {d}"));
+            if !duplicate {
+                w.commands.push(cmd);
+            }
+            return;
+        }
+        let note = match &outcome {
+            Outcome::Succeeded { output } if output.get("null_compensation").is_some() => {
+                " (null compensation)"
+            }
+            Outcome::Failed { reason } if reason.contains("anti-hanging") => " (anti-hanging)",
+            _ => "",
+        };
         w.log(format!(
-            "deliver {d}{} -> {}",
+            "deliver {d}{} -> {}{note}",
             if duplicate { " (dup)" } else { "" },
             outcome.status()
         ));
@@ -843,6 +939,10 @@ impl Sim {
                 actor: "sim".into(),
                 reason: "operator abort".into(),
             },
+            Status::Stuck if self.w().rng.chance(200) => Input::Resolve {
+                actor: "sim".into(),
+                reason: "operator fixed it by hand".into(),
+            },
             Status::Stuck => Input::Retry {
                 actor: "sim".into(),
                 reason: "operator retry".into(),
@@ -855,6 +955,7 @@ impl Sim {
         let name = w.name(id);
         let what = match action {
             Input::Abort { .. } => "abort",
+            Input::Resolve { .. } => "resolve",
             _ => "retry",
         };
         w.log(format!(
@@ -889,6 +990,15 @@ impl Sim {
                 self.advance(Duration::from_secs(s));
             }
             _ if crashed => {}
+            31..=40
+                if self.asked > 0 && {
+                    let p = self.w().faults.duplicate_start;
+                    self.w().rng.chance(p)
+                } =>
+            {
+                let i = self.w().pick(self.asked);
+                self.start(i);
+            }
             31..=40 => {
                 let pending = self
                     .starts
@@ -923,6 +1033,8 @@ impl Sim {
         if self.w().crashed {
             self.restart();
         }
+        // Stuck instances are retried by the operator a few times: without faults they finish.
+        let mut operator_rounds = 3;
         for _ in 0..SETTLE_ROUNDS {
             if let Some(i) = self.starts.iter().position(|s| s.accepted.is_none()) {
                 self.asked = self.asked.max(i + 1);
@@ -961,7 +1073,31 @@ impl Sim {
                 (Some(due), _, _) if due > now => (due - now).to_std().unwrap_or_default(),
                 (Some(_), _, _) => Duration::from_millis(1),
                 (None, true, _) | (None, _, true) => Duration::from_secs(1),
-                (None, false, false) => return Ok(()),
+                (None, false, false) => {
+                    let stuck: Vec<Uuid> = self
+                        .store
+                        .instances()
+                        .into_iter()
+                        .filter(|s| s.instance.status == Status::Stuck)
+                        .map(|s| s.instance.id)
+                        .collect();
+                    if stuck.is_empty() || operator_rounds == 0 {
+                        return Ok(());
+                    }
+                    operator_rounds -= 1;
+                    for id in stuck {
+                        let engine = self.engine.clone();
+                        let retry = Input::Retry {
+                            actor: "sim".into(),
+                            reason: "calm: retry what is stuck".into(),
+                        };
+                        let result = self.runtime.block_on(engine.operate(id, retry));
+                        let mut w = self.w();
+                        let name = w.name(id);
+                        w.log(format!("operator retry {name}: {}", result.is_ok()));
+                    }
+                    continue;
+                }
             };
             self.advance(wait);
         }
@@ -971,6 +1107,9 @@ impl Sim {
     /// The invariants of a finished run.
     fn check(&self) -> Result<(), String> {
         let w = self.w();
+        if let Some(v) = w.violations.first() {
+            return Err(v.clone());
+        }
         if !w.dead_letters.is_empty() {
             return Err(format!("replies were dead-lettered: {:?}", w.dead_letters));
         }
@@ -1081,6 +1220,11 @@ fn run(seed: u64) -> (Vec<String>, Result<(), String>) {
         sim.step();
     }
     let result = sim.settle().and_then(|()| sim.check());
+    for s in sim.store.instances() {
+        let mut w = sim.w();
+        let name = w.name(s.instance.id);
+        w.log(format!("END {name} {}", s.instance.status.as_str()));
+    }
     let trace = std::mem::take(&mut sim.w().trace);
     (trace, result)
 }
@@ -1092,13 +1236,43 @@ fn run_or_report(seed: u64, print_trace: bool) -> Result<(), String> {
             eprintln!("{line}");
         }
     }
-    result.map_err(|e| {
-        let tail = trace.len().saturating_sub(80);
-        format!(
-            "seed {seed} failed: {e}\nreproduce: SAGAS_SIM_SEED={seed} cargo test -p sagas-orchestrator --test sim\nlast trace lines:\n{}",
-            trace[tail..].join("\n")
-        )
-    })
+    result.map_err(|e| report(seed, &trace, &e))
+}
+
+/// What a failing seed prints: itself, how to run it again, and the end of its trace.
+fn report(seed: u64, trace: &[String], error: &str) -> String {
+    let tail = trace.len().saturating_sub(80);
+    format!(
+        "seed {seed} failed: {error}\nreproduce: SAGAS_SIM_SEED={seed} cargo test -p sagas-orchestrator --test sim\nlast trace lines:\n{}",
+        trace[tail..].join("\n")
+    )
+}
+
+/// The kind of a trace line, for the summary of many seeds: faults, outcomes and endings
+/// without instance names and attempts.
+fn kind(line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["CRASH", ..] | ["FAIL", ..] | ["RESTART", ..] => {
+            words.iter().take(3).copied().collect::<Vec<_>>().join(" ")
+        }
+        ["deliver", ..] => match line.split_once("-> ") {
+            Some((_, outcome)) => format!("participant answered {outcome}"),
+            None => "deliver".into(),
+        },
+        ["END", _, status] => format!("instance ended {status}"),
+        ["operator", what, ..] => format!("operator {what}"),
+        ["start", _, _, "accepted", created] => format!("start accepted {created}"),
+        ["start", _, _, "failed:", ..] => "start failed".into(),
+        ["timers", "claimed", ..] => "timers claimed early".into(),
+        ["timers", "of", ..] => "timers fired twice".into(),
+        ["participant", "CRASH", "after", ..] => "participant crashed after its commit".into(),
+        ["participant", "CRASH", ..] => "participant crashed in its barrier".into(),
+        ["publish", "not", ..] => "publish not confirmed".into(),
+        ["clock", "jumps", ..] => "clock jumped".into(),
+        ["relay", ..] => "relay republished".into(),
+        _ => words.first().copied().unwrap_or_default().to_owned(),
+    }
 }
 
 fn env(name: &str) -> Option<u64> {
@@ -1113,10 +1287,24 @@ fn the_engine_keeps_its_promises_under_seeded_faults() {
         }
         return;
     }
-    let seeds = env("SAGAS_SIM_SEEDS").unwrap_or(300);
-    let failures: Vec<String> = (0..seeds)
-        .filter_map(|seed| run_or_report(seed, false).err())
-        .collect();
+    let seeds = env("SAGAS_SIM_SEEDS").unwrap_or(500);
+    let mut failures = Vec::new();
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    for seed in 0..seeds {
+        let (trace, result) = run(seed);
+        for line in &trace {
+            *seen.entry(kind(line)).or_default() += 1;
+        }
+        if let Err(e) = result {
+            failures.push(report(seed, &trace, &e));
+        }
+    }
+    if std::env::var_os("SAGAS_SIM_SEEDS").is_some() {
+        eprintln!("what {seeds} seeds did:");
+        for (what, n) in &seen {
+            eprintln!("{n:>9}  {what}");
+        }
+    }
     for f in &failures {
         eprintln!("{}", f.lines().next().unwrap_or_default());
     }
