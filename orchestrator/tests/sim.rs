@@ -106,6 +106,8 @@ struct Faults {
     double_timer: u64,
     /// A client asks again for a start it was answered.
     duplicate_start: u64,
+    /// Several rounds of the engine run at once, interleaving at their await points.
+    interleave: u64,
 }
 
 impl Faults {
@@ -125,6 +127,7 @@ impl Faults {
             early_timer: scale * rng.below(50),
             double_timer: scale * rng.below(50),
             duplicate_start: rng.below(300),
+            interleave: [0, 200, 500][rng.below(3) as usize],
         }
     }
 }
@@ -174,6 +177,8 @@ struct World {
     last_timers: Vec<(Uuid, Timer)>,
     /// Broken promises seen while running (checked at the end).
     violations: Vec<String>,
+    /// Whether rounds run at once now (their calls yield first).
+    interleave: bool,
 }
 
 impl World {
@@ -325,6 +330,21 @@ impl World {
 
 type Shared = Arc<Mutex<World>>;
 
+/// One of the engine's rounds, ready to run.
+type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// An await point of a round that runs at once with others: it yields a number of times
+/// chosen by the seed, so that the others get ahead of it (or not).
+async fn gate(world: &Shared) {
+    let n = {
+        let mut w = lock(world);
+        if w.interleave { w.rng.below(3) } else { 0 }
+    };
+    for _ in 0..n {
+        tokio::task::yield_now().await;
+    }
+}
+
 fn lock(world: &Shared) -> MutexGuard<'_, World> {
     world.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -379,6 +399,7 @@ impl SagaStore for FaultyStore {
         start: &Transition,
         now: Time,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
+        gate(&self.world).await;
         let dies = self.enter("store.create", true)?;
         let r = self.inner.create(start, now).await;
         self.leave("store.create", dies, r)?
@@ -390,6 +411,7 @@ impl SagaStore for FaultyStore {
         now: Time,
         idempotency: &Idempotency,
     ) -> Result<Created, StoreError> {
+        gate(&self.world).await;
         let dies = self.enter("store.create_idempotent", true)?;
         let r = self.inner.create_idempotent(start, now, idempotency).await;
         self.leave("store.create_idempotent", dies, r)?
@@ -402,12 +424,14 @@ impl SagaStore for FaultyStore {
         now: Time,
         decide: Decide<'_>,
     ) -> Result<Updated, StoreError> {
+        gate(&self.world).await;
         let dies = self.enter("store.update", true)?;
         let r = self.inner.update(id, fired, now, decide).await;
         self.leave("store.update", dies, r)?
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<StoredInstance>, StoreError> {
+        gate(&self.world).await;
         self.enter("store.get", false)?;
         self.inner.get(id).await
     }
@@ -433,6 +457,7 @@ impl SagaStore for FaultyStore {
         limit: i64,
         lease: chrono::Duration,
     ) -> Result<Vec<(Uuid, Timer)>, StoreError> {
+        gate(&self.world).await;
         let dies = self.enter("store.claim_due_timers", true)?;
         let (skew, again) = {
             let mut w = lock(&self.world);
@@ -469,18 +494,21 @@ impl SagaStore for FaultyStore {
         limit: i64,
         lease: chrono::Duration,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
+        gate(&self.world).await;
         let dies = self.enter("store.claim_outbox", true)?;
         let r = self.inner.claim_outbox(now, limit, lease).await;
         self.leave("store.claim_outbox", dies, r)?
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
+        gate(&self.world).await;
         let dies = self.enter("store.delete_outbox", true)?;
         let r = self.inner.delete_outbox(ids).await;
         self.leave("store.delete_outbox", dies, r)?
     }
 
     async fn prune(&self, finished_before: Time, limit: u32) -> Result<Pruned, StoreError> {
+        gate(&self.world).await;
         let dies = self.enter("store.prune", true)?;
         let r = self.inner.prune(finished_before, limit).await;
         self.leave("store.prune", dies, r)?
@@ -500,6 +528,7 @@ impl Transport for SimTransport {
     }
 
     async fn publish(&self, messages: &[OutboxMessage]) -> Result<(), TransportError> {
+        gate(&self.world).await;
         let mut w = lock(&self.world);
         // Dropped before the broker took it (crash or failure): nothing is queued.
         let dies = w
@@ -544,6 +573,7 @@ struct SimAck {
 #[async_trait]
 impl Ack for SimAck {
     async fn ack(&self) -> Result<(), TransportError> {
+        gate(&self.world).await;
         let mut w = lock(&self.world);
         let dies = w
             .point(self.generation, "ack", false)
@@ -688,6 +718,7 @@ impl Sim {
             ids: 0,
             last_timers: Vec::new(),
             violations: Vec::new(),
+            interleave: false,
         }));
         let store = Arc::new(MemoryStore::new());
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -849,11 +880,12 @@ impl Sim {
     }
 
     /// The broker delivers a batch of queued replies (chosen by the seed) to the engine.
-    fn deliver_replies(&mut self) {
+    /// The broker delivers a batch of queued replies (chosen by the seed) to the engine.
+    fn replies_job(&mut self) -> Option<Job> {
         let (batch, generation) = {
             let mut w = self.w();
             if w.replies.is_empty() {
-                return;
+                return None;
             }
             let len = w.replies.len().min(4);
             let n = 1 + w.pick(len);
@@ -899,41 +931,92 @@ impl Sim {
             })
             .collect();
         let engine = self.engine.clone();
-        self.runtime.block_on(engine.handle_replies(incoming));
+        Some(Box::pin(
+            async move { engine.handle_replies(incoming).await },
+        ))
     }
 
-    fn fire_timers(&mut self) {
-        self.w().log("timers".into());
-        let engine = self.engine.clone();
-        self.runtime.block_on(engine.fire_due_timers());
-    }
-
-    fn relay(&mut self) {
-        let engine = self.engine.clone();
-        let n = self.runtime.block_on(engine.relay_outbox());
-        if n > 0 {
-            self.w().log(format!("relay claimed {n}"));
+    fn deliver_replies(&mut self) {
+        if let Some(job) = self.replies_job() {
+            self.runtime.block_on(job);
         }
     }
 
-    /// An operator aborts a running instance or retries a stuck one, racing with replies.
+    /// A round of the timer loop.
+    fn timers_job(&mut self) -> Job {
+        self.w().log("timers".into());
+        let engine = self.engine.clone();
+        Box::pin(async move {
+            engine.fire_due_timers().await;
+        })
+    }
+
+    fn fire_timers(&mut self) {
+        let job = self.timers_job();
+        self.runtime.block_on(job);
+    }
+
+    /// A round of the outbox relay.
+    fn relay_job(&mut self) -> Job {
+        let (engine, world) = (self.engine.clone(), self.world.clone());
+        Box::pin(async move {
+            let n = engine.relay_outbox().await;
+            if n > 0 {
+                lock(&world).log(format!("relay claimed {n}"));
+            }
+        })
+    }
+
+    fn relay(&mut self) {
+        let job = self.relay_job();
+        self.runtime.block_on(job);
+    }
+
+    /// Runs two or three of the engine's rounds at once, as its loops run in a process: they
+    /// interleave at their await points (each store or broker call first yields a number of
+    /// times chosen by the seed; the rounds are polled in a fixed order, so the interleaving
+    /// is the seed's).
+    fn concurrently(&mut self) {
+        let n = 2 + self.w().pick(2);
+        let mut jobs: Vec<Job> = Vec::new();
+        for _ in 0..n {
+            let which = self.w().pick(4);
+            let job = match which {
+                0 => self.replies_job(),
+                1 => Some(self.timers_job()),
+                2 => Some(self.relay_job()),
+                _ => self.operate_job(),
+            };
+            jobs.extend(job);
+        }
+        self.w().log(format!("{} rounds at once", jobs.len()));
+        self.w().interleave = true;
+        self.runtime.block_on(futures_util::future::join_all(jobs));
+        self.w().interleave = false;
+    }
+
     fn operate(&mut self) {
+        if let Some(job) = self.operate_job() {
+            self.runtime.block_on(job);
+        }
+    }
+
+    /// An operator aborts a running instance or retries (or resolves) a stuck one, racing
+    /// with replies.
+    fn operate_job(&mut self) -> Option<Job> {
         let accepted: Vec<Uuid> = self.starts.iter().filter_map(|s| s.accepted).collect();
         if accepted.is_empty() {
-            return;
+            return None;
         }
         let id = {
             let mut w = self.w();
             accepted[w.rng.below(accepted.len() as u64) as usize]
         };
-        let Some(stored) = self
+        let stored = self
             .store
             .instances()
             .into_iter()
-            .find(|s| s.instance.id == id)
-        else {
-            return;
-        };
+            .find(|s| s.instance.id == id)?;
         let action = match stored.instance.status {
             Status::Running => Input::Abort {
                 actor: "sim".into(),
@@ -947,24 +1030,26 @@ impl Sim {
                 actor: "sim".into(),
                 reason: "operator retry".into(),
             },
-            _ => return,
+            _ => return None,
         };
-        let engine = self.engine.clone();
-        let result = self.runtime.block_on(engine.operate(id, action.clone()));
-        let mut w = self.w();
-        let name = w.name(id);
-        let what = match action {
-            Input::Abort { .. } => "abort",
-            Input::Resolve { .. } => "resolve",
-            _ => "retry",
-        };
-        w.log(format!(
-            "operator {what} {name}: {}",
-            match result {
-                Ok(s) => s.instance.status.as_str().to_owned(),
-                Err(e) => e.to_string(),
-            }
-        ));
+        let (engine, world) = (self.engine.clone(), self.world.clone());
+        Some(Box::pin(async move {
+            let what = match action {
+                Input::Abort { .. } => "abort",
+                Input::Resolve { .. } => "resolve",
+                _ => "retry",
+            };
+            let result = engine.operate(id, action).await;
+            let mut w = lock(&world);
+            let name = w.name(id);
+            w.log(format!(
+                "operator {what} {name}: {}",
+                match result {
+                    Ok(s) => s.instance.status.as_str().to_owned(),
+                    Err(e) => e.to_string(),
+                }
+            ));
+        }))
     }
 
     /// One step of the faulty phase, chosen by the seed.
@@ -1013,6 +1098,14 @@ impl Sim {
                     }
                     None => self.deliver_replies(),
                 }
+            }
+            41..=70
+                if {
+                    let p = self.w().faults.interleave;
+                    self.w().rng.chance(p)
+                } =>
+            {
+                self.concurrently()
             }
             41..=70 => self.deliver_replies(),
             71..=82 => self.fire_timers(),
@@ -1271,6 +1364,7 @@ fn kind(line: &str) -> String {
         ["publish", "not", ..] => "publish not confirmed".into(),
         ["clock", "jumps", ..] => "clock jumped".into(),
         ["relay", ..] => "relay republished".into(),
+        [_, "rounds", "at", "once"] => "rounds run at once".into(),
         _ => words.first().copied().unwrap_or_default().to_owned(),
     }
 }
