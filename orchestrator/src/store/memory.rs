@@ -358,3 +358,168 @@ impl SagaStore for MemoryStore {
         Ok(Pruned::Deleted(doomed.len() as u64))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Definition;
+    use crate::machine::{self, Input};
+    use chrono::{TimeZone, Utc};
+    use sagas_participant::protocol::{Operation, Outcome, Reply};
+    use serde_json::json;
+
+    fn definition() -> Definition {
+        Definition::saga::<serde_json::Value>("d", 1)
+            .step("a", "p", |s| s.command(|_, _| json!({})))
+            .step("b", "q", |s| s.command(|_, _| json!({})))
+            .build()
+            .unwrap()
+    }
+
+    fn at(seconds: i64) -> Time {
+        Utc.timestamp_opt(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    fn decide(def: &Definition, input: Input, now: Time) -> Decide<'_> {
+        Box::new(move |i: &Instance| Ok(machine::handle(i, input.clone(), now, def)?))
+    }
+
+    fn succeeded(id: Uuid, step: &str) -> Input {
+        Input::Reply(Reply {
+            protocol: 1,
+            transaction_id: id,
+            step: step.into(),
+            operation: Operation::Action,
+            attempt: 1,
+            outcome: Outcome::succeeded(json!(null)),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_start_and_an_update_write_log_projection_timers_and_outbox_together() {
+        let (store, def) = (MemoryStore::new(), definition());
+        let id = Uuid::now_v7();
+        let start = machine::start(id, (**def.plan()).clone(), json!({}), at(0), &def);
+        let outbox = store.create(&start, at(0)).await.unwrap();
+        assert_eq!(outbox.len(), 1);
+        assert!(matches!(
+            store.create(&start, at(0)).await,
+            Err(StoreError::Exists(e)) if e == id
+        ));
+        let updated = store
+            .update(id, None, at(1), decide(&def, succeeded(id, "a"), at(1)))
+            .await
+            .unwrap();
+        assert_eq!(updated.outbox[0].participant, "q");
+        let stored = store.get(id).await.unwrap().unwrap();
+        assert_eq!(stored.instance, updated.transition.instance);
+        assert_eq!((stored.created_at, stored.updated_at), (at(0), at(1)));
+        let events = store.events(id).await.unwrap();
+        let replayed = machine::replay(events.iter().map(|e| &e.event));
+        assert_eq!(replayed.as_ref(), Some(&stored.instance));
+        assert_eq!(
+            store.timers().len(),
+            1,
+            "step a's deadline went, step b's came"
+        );
+        assert_eq!(store.outbox().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn claims_lease_what_is_due_and_outbox_rows_wait_their_grace_period() {
+        let (store, def) = (MemoryStore::new(), definition());
+        let id = Uuid::now_v7();
+        let start = machine::start(id, (**def.plan()).clone(), json!({}), at(0), &def);
+        store.create(&start, at(0)).await.unwrap();
+        let lease = Duration::seconds(30);
+        assert!(
+            store
+                .claim_outbox(at(1), 10, lease)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.claim_outbox(at(5), 10, lease).await.unwrap().len(), 1);
+        assert!(
+            store
+                .claim_outbox(at(6), 10, lease)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store
+                .claim_due_timers(at(1), 10, lease)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let due = store.claim_due_timers(at(10), 10, lease).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert!(
+            store
+                .claim_due_timers(at(11), 10, lease)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.claim_due_timers(at(40), 10, lease).await.unwrap(),
+            due
+        );
+        let ids: Vec<i64> = store.outbox().iter().map(|m| m.id).collect();
+        store.delete_outbox(&ids).await.unwrap();
+        assert!(store.outbox().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_names_the_first_instance_and_whether_the_request_matches() {
+        let (store, def) = (MemoryStore::new(), definition());
+        let key = |request| Idempotency {
+            key: "k".into(),
+            request,
+        };
+        let first = machine::start(
+            Uuid::now_v7(),
+            (**def.plan()).clone(),
+            json!({}),
+            at(0),
+            &def,
+        );
+        let second = machine::start(
+            Uuid::now_v7(),
+            (**def.plan()).clone(),
+            json!({}),
+            at(0),
+            &def,
+        );
+        let created = store
+            .create_idempotent(&first, at(0), &key(json!(1)))
+            .await
+            .unwrap();
+        assert!(matches!(created, Created::New(_)));
+        let again = store
+            .create_idempotent(&second, at(1), &key(json!(1)))
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            Created::Existing {
+                id: first.instance.id,
+                same_request: true
+            }
+        );
+        let other = store
+            .create_idempotent(&second, at(1), &key(json!(2)))
+            .await
+            .unwrap();
+        assert!(matches!(
+            other,
+            Created::Existing {
+                same_request: false,
+                ..
+            }
+        ));
+        assert_eq!(store.instances().len(), 1);
+    }
+}
