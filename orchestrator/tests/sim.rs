@@ -181,6 +181,22 @@ struct World {
     interleave: bool,
 }
 
+impl Effects {
+    /// Whether a participant's barrier kept its promises for the step so far.
+    fn at_most_once(&self) -> Result<(), &'static str> {
+        if self.applied > 1 || self.undone > 1 || self.confirmed > 1 {
+            return Err("an effect was applied twice");
+        }
+        if self.undone > self.applied {
+            return Err("undone without having run");
+        }
+        if self.confirmed > 0 && self.undone > 0 {
+            return Err("both confirmed and cancelled");
+        }
+        Ok(())
+    }
+}
+
 impl World {
     fn log(&mut self, line: String) {
         self.trace.push(line);
@@ -674,6 +690,8 @@ struct Sim {
 
 /// Steps of the faulty phase; then the world calms down and everything must settle.
 const STEPS: usize = 500;
+/// The invariants that hold at any moment are checked after every this many steps.
+const CHECK_EVERY: usize = 10;
 /// Rounds the calm phase may take before the run counts as not settling.
 const SETTLE_ROUNDS: usize = 20_000;
 
@@ -1197,6 +1215,30 @@ impl Sim {
         Err(format!("nothing settled after {SETTLE_ROUNDS} calm rounds"))
     }
 
+    /// What must hold at any moment, faults or not: no effect twice, no undo of what never
+    /// ran, every projection its log's replay.
+    fn check_along(&self) -> Result<(), String> {
+        let w = self.w();
+        for ((id, step), e) in &w.ledger {
+            let name = w.name(*id);
+            e.at_most_once()
+                .map_err(|broken| format!("{name} step {step}: {e:?}: {broken}"))?;
+        }
+        for s in self.store.instances() {
+            let events = self
+                .runtime
+                .block_on(self.store.events(s.instance.id))
+                .map_err(|e| e.to_string())?;
+            if machine::replay(events.iter().map(|e| &e.event)).as_ref() != Some(&s.instance) {
+                let name = w.name(s.instance.id);
+                return Err(format!(
+                    "{name}: replaying the log does not give the projection"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The invariants of a finished run.
     fn check(&self) -> Result<(), String> {
         let w = self.w();
@@ -1230,13 +1272,8 @@ impl Sim {
                 .runtime
                 .block_on(self.store.events(inst.id))
                 .map_err(|e| e.to_string())?;
+            // (Replay against the projection: `check_along`, which runs before.)
             let logged: Vec<&Event> = events.iter().map(|e| &e.event).collect();
-            let replayed = machine::replay(logged.iter().copied());
-            if replayed.as_ref() != Some(inst) {
-                return Err(format!(
-                    "{name}: replaying the log does not give the projection"
-                ));
-            }
             match inst.status {
                 Status::Completed | Status::Compensated | Status::Resolved => {}
                 Status::Stuck => {
@@ -1259,15 +1296,8 @@ impl Sim {
             for (i, sp) in plan.steps.iter().enumerate() {
                 let e = effects(&sp.name);
                 let at = format!("{name} ({}) step {}: {e:?}", inst.status.as_str(), sp.name);
-                if e.applied > 1 || e.undone > 1 || e.confirmed > 1 {
-                    return Err(format!("{at}: an effect was applied twice"));
-                }
-                if e.undone > e.applied {
-                    return Err(format!("{at}: undone without having run"));
-                }
-                if e.confirmed > 0 && e.undone > 0 {
-                    return Err(format!("{at}: both confirmed and cancelled"));
-                }
+                e.at_most_once()
+                    .map_err(|broken| format!("{at}: {broken}"))?;
                 match (inst.status, plan.mode) {
                     (Status::Completed, Mode::Saga) if e.applied != 1 || e.undone != 0 => {
                         return Err(format!("{at}: completed, yet not applied exactly once"));
@@ -1309,10 +1339,20 @@ impl Sim {
 /// Runs one seed; its trace, and what went wrong if anything did.
 fn run(seed: u64) -> (Vec<String>, Result<(), String>) {
     let mut sim = Sim::new(seed);
-    for _ in 0..STEPS {
+    let mut result = Ok(());
+    for n in 0..STEPS {
         sim.step();
+        if n % CHECK_EVERY == 0
+            && let Err(e) = sim.check_along()
+        {
+            result = Err(format!("after step {n}: {e}"));
+            break;
+        }
     }
-    let result = sim.settle().and_then(|()| sim.check());
+    let result = result
+        .and_then(|()| sim.settle())
+        .and_then(|()| sim.check_along())
+        .and_then(|()| sim.check());
     for s in sim.store.instances() {
         let mut w = sim.w();
         let name = w.name(s.instance.id);
