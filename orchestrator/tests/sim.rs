@@ -108,6 +108,8 @@ struct Faults {
     duplicate_start: u64,
     /// Several rounds of the engine run at once, interleaving at their await points.
     interleave: u64,
+    /// A participant accepts a forward operation (`in_progress`) and finishes it later.
+    accept: u64,
     /// The engine's `timer_concurrency` (not a fault, a setting the seed picks).
     timer_concurrency: usize,
     /// The engine's `timer_batch`.
@@ -132,6 +134,7 @@ impl Faults {
             double_timer: scale * rng.below(50),
             duplicate_start: rng.below(300),
             interleave: [0, 200, 500][rng.below(3) as usize],
+            accept: [0, 50, 200][rng.below(3) as usize],
             timer_concurrency: 1 + rng.below(4) as usize,
             timer_batch: [2, 8, 128][rng.below(3) as usize],
         }
@@ -183,6 +186,8 @@ struct World {
     last_timers: Vec<(Uuid, Timer)>,
     /// Broken promises seen while running (checked at the end).
     violations: Vec<String>,
+    /// Forward operations the participants accepted (`in_progress`) and have not finished.
+    accepted: Vec<Command>,
     /// Whether rounds run at once now (their calls yield first).
     interleave: bool,
 }
@@ -204,6 +209,50 @@ impl Effects {
 }
 
 impl World {
+    /// A participant finishes one piece of accepted work (chosen by the seed) as the SDK's
+    /// `barrier::complete_in` does, and replies with its final outcome.
+    fn complete(&mut self) {
+        if self.accepted.is_empty() {
+            return;
+        }
+        let at = self.pick(self.accepted.len());
+        let cmd = self.accepted.remove(at);
+        let d = self.describe(&cmd);
+        if self.faults_on && self.rng.chance(self.faults.participant_crash) {
+            self.log(format!("participant CRASH completing {d}"));
+            self.accepted.push(cmd);
+            return;
+        }
+        let undo = match cmd.operation {
+            Operation::Action => Operation::Compensate,
+            _ => Operation::Cancel,
+        };
+        let (tx, step) = (cmd.transaction_id, cmd.step.clone());
+        if self.barrier.contains_key(&(tx, step.clone(), undo)) {
+            // Undone first: the completion rolls back.
+            self.log(format!("complete {d}: undone first"));
+            return;
+        }
+        let key = (tx, step.clone(), cmd.operation);
+        if !matches!(self.barrier.get(&key), Some(Outcome::InProgress { .. })) {
+            self.log(format!("complete {d}: final already"));
+            return;
+        }
+        let outcome = if self.rng.chance(self.faults.business_failure) {
+            // The work failed: the completion releases what the acceptance wrote.
+            if let Some(e) = self.ledger.get_mut(&(tx, step)) {
+                e.applied -= 1;
+            }
+            Outcome::failed("the accepted work failed")
+        } else {
+            Outcome::succeeded(json!({ "completed": true }))
+        };
+        self.barrier.insert(key, outcome.clone());
+        self.log(format!("complete {d} -> {}", outcome.status()));
+        let body = serde_json::to_vec(&cmd.reply(outcome)).expect("a reply serializes");
+        self.replies.push(body);
+    }
+
     fn log(&mut self, line: String) {
         self.trace.push(line);
     }
@@ -315,6 +364,8 @@ impl World {
             Outcome::failed("business rule says no")
         } else if self.faults_on && self.rng.chance(f.transient) {
             Outcome::retry("try again")
+        } else if op.is_forward() && self.rng.chance(f.accept) {
+            Outcome::in_progress()
         } else if self.faults_on
             && op.is_undo()
             && STUBBORN_STEPS.contains(&cmd.step.as_str())
@@ -342,6 +393,12 @@ impl World {
             // A business failure of a forward operation is kept (its writes rolled back).
             Outcome::Failed { .. } if op.is_forward() => {
                 self.barrier.insert(key, outcome.clone());
+            }
+            // Accepted work: its writes stay (the effect), its final outcome comes later.
+            Outcome::InProgress { .. } => {
+                self.ledger.entry(ledger_key).or_default().applied += 1;
+                self.barrier.insert(key, outcome.clone());
+                self.accepted.push(cmd.clone());
             }
             // Anything else rolls the whole barrier transaction back.
             _ => {}
@@ -637,10 +694,17 @@ fn finish_retry() -> RetryPolicy {
     RetryPolicy::exponential(4, Duration::from_millis(200), Duration::from_secs(2))
 }
 
+/// How long some steps' accepted work may take before the attempt times out (the others
+/// keep the default hour).
+const ACCEPTED_FOR: Duration = Duration::from_secs(15);
+
 /// A saga with parallel branches: a, then b and c in parallel, then d after both.
 fn order_saga() -> Definition {
     Definition::saga::<Value>("order", 1)
-        .step("a", "p1", |s| s.command(|_, _| json!({})))
+        .step("a", "p1", |s| {
+            s.command(|_, _| json!({}))
+                .in_progress_timeout(ACCEPTED_FOR)
+        })
         .step("b", "p2", |s| s.command(|_, _| json!({})).after(["a"]))
         .step("c", "p3", |s| {
             s.command(|_, _| json!({}))
@@ -655,7 +719,10 @@ fn order_saga() -> Definition {
 /// A TCC transaction over two participants.
 fn transfer_tcc() -> Definition {
     Definition::tcc::<Value>("transfer", 1)
-        .step("debit", "p2", |s| s.command(|_, _| json!({})))
+        .step("debit", "p2", |s| {
+            s.command(|_, _| json!({}))
+                .in_progress_timeout(ACCEPTED_FOR)
+        })
         .step("credit", "p3", |s| {
             s.command(|_, _| json!({})).finish_retry(finish_retry())
         })
@@ -742,6 +809,7 @@ impl Sim {
             ids: 0,
             last_timers: Vec::new(),
             violations: Vec::new(),
+            accepted: Vec::new(),
             interleave: false,
         }));
         let store = Arc::new(MemoryStore::new());
@@ -1096,7 +1164,8 @@ impl Sim {
         }
         match choice {
             // The participants and the clock go on while the orchestrator is down.
-            0..=24 => self.deliver_command(),
+            0..=21 => self.deliver_command(),
+            22..=24 => self.w().complete(),
             25..=29 => {
                 let ms = self.w().rng.below(500);
                 self.advance(Duration::from_millis(ms));
@@ -1176,6 +1245,10 @@ impl Sim {
             };
             if commands {
                 self.deliver_command();
+                continue;
+            }
+            if !self.w().accepted.is_empty() {
+                self.w().complete();
                 continue;
             }
             if replies {
@@ -1418,6 +1491,10 @@ fn kind(line: &str) -> String {
         ["publish", "not", ..] => "publish not confirmed".into(),
         ["clock", "jumps", ..] => "clock jumped".into(),
         ["relay", ..] => "relay republished".into(),
+        ["complete", ..] => match line.split_once(": ").or(line.split_once("-> ")) {
+            Some((_, how)) => format!("accepted work completed: {how}"),
+            None => "accepted work completed".into(),
+        },
         [_, "rounds", "at", "once"] => "rounds run at once".into(),
         _ => words.first().copied().unwrap_or_default().to_owned(),
     }
