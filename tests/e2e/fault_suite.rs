@@ -114,6 +114,9 @@ struct Planned {
     amount: i64,
     /// To the closed account: must end compensated (cancelled, for TCC).
     fails: bool,
+    /// Sent to both orchestrators at once, as by a client that gave up on its first attempt
+    /// too early: both answers must name one transaction.
+    raced: bool,
 }
 
 fn plan_transfers(rng: &mut Rng, n: usize) -> Vec<Planned> {
@@ -139,6 +142,7 @@ fn plan_transfers(rng: &mut Rng, n: usize) -> Vec<Planned> {
                 to: format!("acct-{to}"),
                 amount: 1 + rng.below(1_000) as i64,
                 fails,
+                raced: rng.below(10) == 0,
             }
         })
         .collect()
@@ -463,7 +467,28 @@ async fn run_client(
     for i in 0..transfers.len() {
         tick.tick().await;
         let (http, bases, transfers) = (http.clone(), bases.clone(), transfers.clone());
-        tasks.spawn(async move { (i, start(&http, &bases, i % 2, &transfers[i]).await) });
+        tasks.spawn(async move {
+            let t = &transfers[i];
+            if !t.raced {
+                return (i, start(&http, &bases, i % 2, t).await);
+            }
+            let (a, b) = tokio::join!(start(&http, &bases, 0, t), start(&http, &bases, 1, t));
+            let raced = match (a, b) {
+                (Ok(a), Ok(b)) if a.id == b.id => Ok(Started {
+                    id: a.id,
+                    retries: a.retries + b.retries,
+                    repeated: a.repeated || b.repeated,
+                }),
+                (Ok(a), Ok(b)) => Err(anyhow::anyhow!(
+                    "key {}: raced starts answered two transactions, {} and {}",
+                    t.key,
+                    a.id,
+                    b.id
+                )),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            (i, raced)
+        });
     }
     let mut started: Vec<Option<Started>> = (0..transfers.len()).map(|_| None).collect();
     while let Some(done) = tasks.join_next().await {
@@ -689,10 +714,12 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
     let retries: u32 = started.iter().map(|s| s.retries).sum();
     let retried = started.iter().filter(|s| s.retries > 0).count();
     let repeated = started.iter().filter(|s| s.repeated).count();
+    let raced = transfers.iter().filter(|t| t.raced).count();
     println!(
         "fault suite passed: seed {}; {} transfers ({completed} completed, {compensated} \
          compensated); {retries} starts sent again to the other orchestrator ({retried} \
-         transfers, {repeated} answered as repeats of a start already committed); faults \
+         transfers); {raced} transfers started on both orchestrators at once; {repeated} starts \
+         answered as repeats of one already committed; faults \
          {by_kind:?}; last transaction settled {settle:.2} s after the last fault ended, \
          {:.2} s after the last start was answered; {:.1} s in all",
         settings.seed,
