@@ -585,7 +585,7 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
     let mut last_fault = chrono::Utc::now();
     for (n, fault) in faults.iter().enumerate() {
         tokio::time::sleep_until(client_started + spacing * (n as u32 + 1)).await;
-        // Down for 0.2 to 1.5 s.
+        // Down for 0.2 to 1.5 s (PostgreSQL: as long as its restart takes).
         let down = Duration::from_millis(200 + rng.below(1_300));
         let at = wall.elapsed();
         match *fault {
@@ -605,7 +605,7 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
         }
         last_fault = chrono::Utc::now();
         println!(
-            "fault {}/{} at {:.1} s: {fault:?}, down {down:?}, back after {:.1} s",
+            "fault {}/{} at {:.1} s: {fault:?}, back after {:.1} s",
             n + 1,
             faults.len(),
             at.as_secs_f64(),
