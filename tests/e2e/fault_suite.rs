@@ -243,10 +243,13 @@ impl Cluster {
         Ok(())
     }
 
+    /// Each handler pauses 100 ms, so that faults find transactions in flight. (The replicas
+    /// run batches of commands on few accounts, in one database transaction each: 200 ms at 15
+    /// starts a second was more than they could take, and transfers timed out.)
     fn spawn_accounts(&mut self, i: usize) -> Result<()> {
         let child = self
             .command(&format!("accounts-{i}.log"))?
-            .args(["accounts", "--delay-ms", "20"])
+            .args(["accounts", "--delay-ms", "100"])
             .env("ACCOUNTS_DATABASE_URL", &self.bank_url)
             .spawn()?;
         self.accounts[i] = Some(child);
@@ -587,6 +590,11 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
         tokio::time::sleep_until(client_started + spacing * (n as u32 + 1)).await;
         // Down for 0.2 to 1.5 s (PostgreSQL: as long as its restart takes).
         let down = Duration::from_millis(200 + rng.below(1_300));
+        let (open,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM sagas_instances WHERE status IN ('running', 'compensating')",
+        )
+        .fetch_one(&env.orch)
+        .await?;
         let at = wall.elapsed();
         match *fault {
             Fault::KillOrchestrator(i) => {
@@ -605,7 +613,7 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
         }
         last_fault = chrono::Utc::now();
         println!(
-            "fault {}/{} at {:.1} s: {fault:?}, back after {:.1} s",
+            "fault {}/{} at {:.1} s, {open} transactions open: {fault:?}, back after {:.1} s",
             n + 1,
             faults.len(),
             at.as_secs_f64(),
@@ -730,7 +738,11 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
 
     drop(cluster);
     let logs = std::env::temp_dir().join(format!("sagas-faults-{}", env.topology.prefix()));
-    let _ = std::fs::remove_dir_all(logs);
+    if std::env::var("SAGAS_FAULTS_KEEP_LOGS").as_deref() == Ok("1") {
+        println!("process logs kept in {}", logs.display());
+    } else {
+        let _ = std::fs::remove_dir_all(logs);
+    }
     env.cleanup().await;
     Ok(())
 }
