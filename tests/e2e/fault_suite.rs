@@ -501,6 +501,48 @@ async fn run_client(
     Ok(started.into_iter().map(Option::unwrap).collect())
 }
 
+/// The log of transaction `id`, one event a line, for a failure's message.
+async fn history(env: &TestEnv, id: Uuid) -> String {
+    let events: Vec<(
+        i64,
+        String,
+        Option<i32>,
+        Option<String>,
+        Option<i32>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as(
+        "SELECT seq, kind, step, operation, attempt, at FROM sagas_events
+             WHERE instance_id = $1 ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&env.orch)
+    .await
+    .unwrap_or_default();
+    let mut out = format!("transaction {id}:");
+    for (seq, kind, step, operation, attempt, at) in events {
+        out += &format!(
+            "\n  {seq:>3} {} {kind} step {step:?} {} attempt {attempt:?}",
+            at.format("%H:%M:%S%.3f"),
+            operation.unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// The logs of the first few transactions `sql` selects (their ids).
+async fn histories(env: &TestEnv, sql: &'static str) -> String {
+    let ids: Vec<(Uuid,)> = sqlx::query_as(sql)
+        .fetch_all(&env.orch)
+        .await
+        .unwrap_or_default();
+    let mut out = String::new();
+    for (id,) in ids.into_iter().take(3) {
+        out += &history(env, id).await;
+        out += "\n";
+    }
+    out
+}
+
 /// Waits (bounded) until no transaction is running or compensating; fails at once on a stuck
 /// one, and if a process exits by itself meanwhile.
 async fn wait_settled(env: &TestEnv, cluster: &mut Cluster) -> Result<()> {
@@ -511,20 +553,31 @@ async fn wait_settled(env: &TestEnv, cluster: &mut Cluster) -> Result<()> {
                 .fetch_all(&env.orch)
                 .await?;
         let counts: BTreeMap<String, i64> = counts.into_iter().collect();
-        anyhow::ensure!(
-            !counts.contains_key("stuck"),
-            "stuck transactions: {counts:?}"
-        );
+        if counts.contains_key("stuck") {
+            let logs = histories(
+                env,
+                "SELECT id FROM sagas_instances WHERE status = 'stuck' ORDER BY created_at",
+            )
+            .await;
+            anyhow::bail!("stuck transactions: {counts:?}\n{logs}");
+        }
         let open = counts.get("running").copied().unwrap_or(0)
             + counts.get("compensating").copied().unwrap_or(0);
         if open == 0 {
             return Ok(());
         }
         cluster.check_alive()?;
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "still open {SETTLE_DEADLINE:?} after the last fault: {counts:?}"
-        );
+        if Instant::now() > deadline {
+            let logs = histories(
+                env,
+                "SELECT id FROM sagas_instances WHERE status IN ('running', 'compensating')
+                 ORDER BY created_at",
+            )
+            .await;
+            anyhow::bail!(
+                "still open {SETTLE_DEADLINE:?} after the last fault: {counts:?}\n{logs}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -658,7 +711,21 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
         assert_eq!(*id, s.id, "key {}: answered id vs stored", t.key);
         assert_eq!(definition, t.definition, "key {}", t.key);
         let want = if t.fails { "compensated" } else { "completed" };
-        assert_eq!(status, want, "transaction {id} ({t:?})");
+        if status != want {
+            let mut logs = String::new();
+            for (t, s) in transfers.iter().zip(&started) {
+                let status = &by_key[&t.key][0].2;
+                if *status != if t.fails { "compensated" } else { "completed" } {
+                    logs += &format!("{t:?} ended {status}; ");
+                    logs += &history(&env, s.id).await;
+                    logs += "\n";
+                    if logs.len() > 6_000 {
+                        break;
+                    }
+                }
+            }
+            panic!("transaction {id} ({t:?}) ended {status}, not {want}\n{logs}");
+        }
         if t.fails {
             compensated += 1;
         } else {
