@@ -825,14 +825,18 @@ async fn transfers_started_while_orchestrators_and_participants_are_killed_each_
 
 /// Restarts the local RabbitMQ and PostgreSQL: only in the serial last stage of scripts/test.
 ///
-/// Ignored for now: in one run of four, after a RabbitMQ restart (3 s down, the first fault of
-/// that run) no transaction completed for about 30 s on either orchestrator, although the
-/// broker, both orchestrators and both participant replicas were up and reconnected; the open
-/// transactions grew at the rate of the starts (3, 31, 61, … 237), and once things moved again
-/// transfers that should have completed had exhausted their attempts and were compensated.
+/// Ignored for now: in one run of four, good transfers ended compensated. The processes'
+/// logs show why: the broker refused connections for 29 s (03:21:55 to 03:22:24; `start_app`
+/// and `await_startup` took that long on a loaded machine, with a PostgreSQL restart in the
+/// middle), not the 3 s the test meant, and the bank's steps give up after 5 attempts of 5 s
+/// (about 30 s): the orchestrators kept counting attempts whose commands they could not even
+/// publish. Nothing was lost or applied twice; the outcome followed the retry policy. Two
+/// ways out, neither built yet: attempts that could not be published are not counted (the
+/// circuit breaker of the workflow-features issue), or the variant measures the outage and
+/// expects compensation for transfers whose budget it outlasted.
 /// Run it by hand with `--ignored` and `SAGAS_FAULTS_RESTART_SERVICES=1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "after a RabbitMQ restart, transactions sometimes stall for ~30 s and good transfers end compensated"]
+#[ignore = "a broker outage longer than a step's retry budget compensates good transfers; see the comment"]
 async fn transfers_survive_broker_and_database_restarts_as_well_as_killed_processes() -> Result<()>
 {
     if std::env::var("SAGAS_FAULTS_RESTART_SERVICES").as_deref() != Ok("1") {
