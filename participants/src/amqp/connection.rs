@@ -21,16 +21,39 @@ use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder}
 /// `keyfile` (PEM, together) give a client certificate. These are RabbitMQ's own URI
 /// parameters. The files are read at every connection, so renewed certificates take effect
 /// at the next reconnection.
+///
+/// A broker that takes the TCP connection and never completes the handshake (one still
+/// starting, or a black hole in between) is given up on after [`CONNECT_TIMEOUT`], with an
+/// error of kind `TimedOut`: every caller (the orchestrator's publishing link, which others
+/// wait for, the reply consumer, participants) then retries with its backoff instead of
+/// waiting for ever.
 pub async fn connect(uri: &str) -> Result<Connection, lapin::Error> {
+    connect_within(uri, CONNECT_TIMEOUT).await
+}
+
+/// How long [`connect`] waits for TCP, TLS and the AMQP handshake together: RabbitMQ's own
+/// `handshake_timeout` is 10 s.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`connect`] with a limit of `limit`.
+pub async fn connect_within(uri: &str, limit: Duration) -> Result<Connection, lapin::Error> {
     let tls = tls_config(uri).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let custom_ca = tls.cert_chain.is_some();
-    DefaultConnectionBuilder::new()?
+    let builder = DefaultConnectionBuilder::new()?
         .with_uri_str(uri.to_owned())
         .with_properties(ConnectionProperties::default())
-        .with_tls_config(tls)
-        .connect()
-        .await
-        .map_err(|e| explain_tls_failure(uri, custom_ca, e))
+        .with_tls_config(tls);
+    match tokio::time::timeout(limit, builder.connect()).await {
+        Ok(connected) => connected.map_err(|e| explain_tls_failure(uri, custom_ca, e)),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the broker did not complete the connection within {} ms",
+                limit.as_millis()
+            ),
+        )
+        .into()),
+    }
 }
 
 /// Checks `uri` as [`connect`] reads it, without connecting: that it parses, and that the
@@ -285,6 +308,31 @@ pub async fn keep_serving<S, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_broker_that_takes_the_connection_and_never_answers_is_given_up_on() {
+        // Accepts TCP connections and holds them without a byte of AMQP.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+        let error = connect_within(&uri, Duration::from_millis(300))
+            .await
+            .expect_err("a silent broker cannot connect");
+        match error.kind() {
+            lapin::ErrorKind::IOError(cause) => {
+                assert_eq!(cause.kind(), io::ErrorKind::TimedOut, "{error}");
+                assert!(cause.to_string().contains("within 300 ms"), "{error}");
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        held.abort();
+    }
 
     /// A file of its own holding `text`, removed with the directory when the test ends.
     fn file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {

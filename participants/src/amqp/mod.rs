@@ -13,7 +13,10 @@ pub mod properties;
 pub mod topology;
 
 pub use batch::{batch_properties, is_batch};
-pub use connection::{Backoff, Sessions, check_url, confirm_channel, connect, keep_serving};
+pub use connection::{
+    Backoff, CONNECT_TIMEOUT, Sessions, check_url, confirm_channel, connect, connect_within,
+    keep_serving,
+};
 pub use dead_letter::{DeadLetterError, DeadLetters};
 pub use properties::{command_properties, reply_properties};
 pub use topology::{

@@ -385,10 +385,6 @@ impl Participant {
     }
 }
 
-/// How long [`Participant::run_forever`] waits for a connection to the broker before it tries
-/// again.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The sessions of [`Participant::run_forever`], each on a connection of its own.
 struct Forever<'a> {
     participant: &'a Participant,
@@ -408,17 +404,8 @@ impl<S: Future<Output = ()>> amqp::Sessions<S> for Forever<'_> {
             barrier::install(&self.participant.pool).await?;
             self.installed = true;
         }
-        // A broker that takes the connection and never answers must not hold it forever.
-        match tokio::time::timeout(CONNECT_TIMEOUT, amqp::connect(self.amqp_url)).await {
-            Ok(connected) => Ok(connected?),
-            Err(_) => Err(RuntimeError::Amqp(
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()),
-                )
-                .into(),
-            )),
-        }
+        // A broker that takes the connection and never answers is given up on by connect.
+        Ok(amqp::connect(self.amqp_url).await?)
     }
 
     async fn serve(&mut self, conn: Connection, shutdown: Pin<&mut S>) -> Result<(), RuntimeError> {
