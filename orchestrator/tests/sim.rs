@@ -47,33 +47,7 @@ use sagas_orchestrator::store::{
 use sagas_orchestrator::transport::{Ack, Incoming, Transport, TransportError};
 use sagas_orchestrator::{Definition, Engine, EngineConfig, Mode, Registry, RetryPolicy, Status};
 use sagas_participant::protocol::{Command, Operation, Outcome, Reply};
-
-// ---------------------------------------------------------------------------------------------
-// Randomness
-
-/// SplitMix64: small, fast, and the same everywhere.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number below `n` (0 when `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-
-    /// True with probability `per_mille`/1000.
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
+use sagas_test_support::rng::Rng;
 
 // ---------------------------------------------------------------------------------------------
 // The world: broker, participants, time, faults

@@ -8,6 +8,7 @@
 //! orchestrator, so that the SDK's tests do not build the orchestrator.
 
 pub mod proxy;
+pub mod rng;
 pub mod tls;
 
 use std::str::FromStr;
