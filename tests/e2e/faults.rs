@@ -381,6 +381,7 @@ async fn a_long_running_step_answered_in_progress_completes_when_the_participant
         &env.bank,
         &conn,
         &env.topology,
+        &accounts.announcement,
         &cmd,
         Outcome::succeeded(json!({"result": "ready"})),
     )

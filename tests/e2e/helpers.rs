@@ -235,6 +235,8 @@ async fn spawn(
 /// A participant running in this process.
 pub struct Running {
     pub stats: sagas::participant::runtime::Stats,
+    /// What its replies announce (for replies sent on its behalf, as `runtime::complete` does).
+    pub announcement: sagas::participant::amqp::Announcement,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
     conn: Arc<Connection>,
@@ -263,6 +265,7 @@ pub async fn spawn_participant(
     let participant = Participant::new(name, env.topology.clone(), env.bank.clone(), handler)
         .queue_options(queue_options());
     let stats = participant.stats();
+    let announcement = participant.announcement();
     let s = shutdown.clone();
     let c = conn.clone();
     let task = tokio::spawn(async move {
@@ -275,6 +278,7 @@ pub async fn spawn_participant(
     });
     Ok(Running {
         stats,
+        announcement,
         shutdown,
         task,
         conn,

@@ -1,7 +1,7 @@
 //! Every AMQP header name on the wire, and reading header values back.
 //!
-//! Two prefixes are on the wire: `x-saga-` for what a command (or a batch) carries, and
-//! `x-sagas-` (with an s) for what a dead letter carries. The drift is old; it stays, since
+//! Two prefixes are on the wire: `x-saga-` for what a command, a batch or a reply carries,
+//! and `x-sagas-` (with an s) for what a dead letter carries. The drift is old; it stays, since
 //! the names are part of protocol version 1 (docs/protocol.md) and receivers in other
 //! languages match them byte for byte.
 
@@ -25,6 +25,14 @@ pub const DEADLINE_HEADER: &str = "x-saga-deadline";
 
 /// Header of a batch message: the number of its elements (signed 64-bit integer).
 pub const BATCH_HEADER: &str = "x-saga-batch";
+
+/// Reply header: the name of the participant that sent the reply (long string); part of its
+/// [announcement](super::Announcement).
+pub const PARTICIPANT_HEADER: &str = "x-saga-participant";
+
+/// Reply header: the most elements of a command batch the sender accepts (signed 64-bit
+/// integer; 0 or absent: none); part of its [announcement](super::Announcement).
+pub const ACCEPTS_BATCH_HEADER: &str = "x-saga-accepts-batch";
 
 /// Header of the W3C trace context (`00-{trace id}-{parent id}-{flags}`), on a command and on
 /// its reply.

@@ -2,9 +2,11 @@
 //!
 //! What is on the wire is written and read here only, so that the two sides cannot drift:
 //! the [`topology`] and its declarations, every [`headers`] name, the [`properties`] of a
-//! command and of a reply, [`batch`] messages, [`dead_letter`]s, and the [`connection`]
+//! command and of a reply, a participant's [`announcement`] on its replies, [`batch`]
+//! messages, [`dead_letter`]s, and the [`connection`]
 //! (connecting, and reconnecting with backoff). Message bodies are [`crate::protocol`].
 
+pub mod announcement;
 pub mod batch;
 pub mod connection;
 pub mod dead_letter;
@@ -12,6 +14,7 @@ pub mod headers;
 pub mod properties;
 pub mod topology;
 
+pub use announcement::Announcement;
 pub use batch::{batch_properties, is_batch};
 pub use connection::{
     Backoff, CONNECT_TIMEOUT, Sessions, check_url, confirm_channel, connect, connect_within,

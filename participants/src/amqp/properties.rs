@@ -1,10 +1,12 @@
 //! The AMQP properties of a single command and of a single reply (docs/protocol.md).
 //!
-//! A batch's are [`super::batch_properties`]; a dead letter's, [`super::DeadLetters`].
+//! A batch's are [`super::batch_properties`] (a reply batch adds the sender's
+//! [`super::Announcement`]); a dead letter's, [`super::DeadLetters`].
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
+use super::Announcement;
 use super::headers::{
     ATTEMPT_HEADER, DEADLINE_HEADER, OPERATION_HEADER, STEP_HEADER, TRACEPARENT_HEADER,
     TRANSACTION_HEADER,
@@ -53,25 +55,28 @@ pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties 
 }
 
 /// The AMQP properties of a reply: persistent JSON, its message id, the transaction as
-/// correlation id, and the command's trace context when it had one (the reply belongs to the
-/// same trace; the orchestrator may continue it).
-pub fn reply_properties(reply: &Reply, trace: Option<&TraceParent>) -> BasicProperties {
-    let properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type(CONTENT_TYPE.into())
-        .with_message_id(reply.message_id().into())
-        .with_correlation_id(reply.transaction_id.to_string().into());
-    match trace {
-        None => properties,
-        Some(trace) => {
-            let mut headers = FieldTable::default();
-            headers.insert(
-                TRACEPARENT_HEADER.into(),
-                AMQPValue::LongString(trace.to_string().into()),
-            );
-            properties.with_headers(headers)
-        }
+/// correlation id, the sender's announcement, and the command's trace context when it had one
+/// (the reply belongs to the same trace; the orchestrator may continue it).
+pub fn reply_properties(
+    reply: &Reply,
+    trace: Option<&TraceParent>,
+    from: &Announcement,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(trace) = trace {
+        headers.insert(
+            TRACEPARENT_HEADER.into(),
+            AMQPValue::LongString(trace.to_string().into()),
+        );
     }
+    from.stamp(
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(CONTENT_TYPE.into())
+            .with_message_id(reply.message_id().into())
+            .with_correlation_id(reply.transaction_id.to_string().into())
+            .with_headers(headers),
+    )
 }
 
 #[cfg(test)]
@@ -157,12 +162,14 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_repeats_its_commands_trace_context_and_has_no_headers_without_one() {
+    fn a_reply_repeats_its_commands_trace_context_and_always_announces_its_sender() {
         let cmd = command();
         let reply = cmd.reply(Outcome::succeeded(serde_json::Value::Null));
         let trace = TraceParent::parse(TRACE).unwrap();
-        let traced = reply_properties(&reply, Some(&trace));
+        let from = Announcement::new("accounts", 256);
+        let traced = reply_properties(&reply, Some(&trace), &from);
         assert_eq!(header_str(&traced, TRACEPARENT_HEADER), Some(TRACE));
+        assert_eq!(Announcement::read(&traced), Some(from.clone()));
         assert_eq!(
             traced
                 .message_id()
@@ -170,8 +177,13 @@ mod tests {
                 .map(|id| id.as_str().to_owned()),
             Some(reply.message_id())
         );
-        let untraced = reply_properties(&reply, None);
-        assert_eq!(untraced.headers(), &None);
+        let untraced = reply_properties(&reply, None, &from);
+        assert_eq!(header_str(&untraced, TRACEPARENT_HEADER), None);
+        assert_eq!(Announcement::read(&untraced), Some(from));
+        assert_eq!(
+            untraced.headers().as_ref().map(|h| h.inner().len()),
+            Some(2)
+        );
         assert_eq!(untraced.delivery_mode(), &Some(2));
     }
 }

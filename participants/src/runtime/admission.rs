@@ -102,6 +102,7 @@ fn reply_to(delivery: &Delivery) -> Option<ShortString> {
 pub(super) async fn admit(ctx: &Context, delivery: Delivery, jobs: &mut Vec<Job>) -> Taken {
     let start = jobs.len();
     if is_batch(&delivery.properties) {
+        Stats::bump(&ctx.stats.0.command_batches);
         admit_batch(ctx, delivery, jobs).await
     } else {
         let reply_to = reply_to(&delivery);

@@ -5,21 +5,24 @@ use lapin::{Confirmation, Connection};
 use sqlx::PgPool;
 
 use super::RuntimeError;
-use crate::amqp::{confirm_channel, reply_properties};
+use crate::amqp::{Announcement, confirm_channel, reply_properties};
 use crate::barrier::{self, BarrierError};
 use crate::protocol::{Command, Outcome, Reply, Topology};
 
 /// Publishes `reply` to the orchestrator's replies queue with a publisher confirm: the way to
 /// answer after the command itself was acknowledged (the final outcome of an `in_progress`
-/// operation).
+/// operation). It carries `from`, the participant's [`Participant::announcement`](super::Participant::announcement), as
+/// every reply of the runtime does: a reply without it would make the orchestrator send that
+/// participant single commands only, for a while (docs/protocol.md, "Batches").
 pub async fn send_reply(
     conn: &Connection,
     topology: &Topology,
+    from: &Announcement,
     reply: &Reply,
 ) -> Result<(), RuntimeError> {
     let channel = confirm_channel(conn).await?;
     let body = serde_json::to_vec(reply).map_err(|e| RuntimeError::NotConfirmed(e.to_string()))?;
-    let properties = reply_properties(reply, None);
+    let properties = reply_properties(reply, None, from);
     let confirmation = channel
         .basic_publish(
             "".into(),
@@ -45,7 +48,7 @@ pub async fn send_reply(
 }
 
 /// Finishes a long-running operation that answered `in_progress`: records `outcome` in the
-/// barrier and sends the reply. When the business writes that finish the work must commit with
+/// barrier and sends the reply, announcing `from` (see [`send_reply`]). When the business writes that finish the work must commit with
 /// the barrier, use [`barrier::complete_in`] in your transaction and then [`send_reply`].
 ///
 /// Returns [`barrier::Completion::Undone`] (and sends nothing) when the step was compensated
@@ -54,6 +57,7 @@ pub async fn complete(
     pool: &PgPool,
     conn: &Connection,
     topology: &Topology,
+    from: &Announcement,
     cmd: &Command,
     outcome: Outcome,
 ) -> Result<barrier::Completion, RuntimeError> {
@@ -68,6 +72,6 @@ pub async fn complete(
         barrier::Completion::AlreadyFinal(stored) => cmd.reply(stored.clone()),
     };
     tx.commit().await.map_err(BarrierError::from)?;
-    send_reply(conn, topology, &reply).await?;
+    send_reply(conn, topology, from, &reply).await?;
     Ok(done)
 }

@@ -19,6 +19,11 @@
 //! commands), and the message is answered with one reply batch, acked once that is confirmed.
 //! A body that is not a batch, or one without `reply_to`, is dead-lettered whole.
 //!
+//! Every reply (and reply batch) the runtime publishes carries the participant's
+//! [`Announcement`](amqp::Announcement): its name and the most elements of a command batch it
+//! accepts ([`Participant::accept_command_batches`]). The orchestrator sends command batches
+//! only to participants that announce them.
+//!
 //! [`Participant::run`] serves on a connection the caller owns and returns when it fails;
 //! [`Participant::run_forever`] owns its connection and reconnects (with backoff, redeclaring
 //! the queue) after broker restarts and network failures until its shutdown signal. With
@@ -48,7 +53,7 @@ use sqlx::PgPool;
 use crate::amqp::{self, Backoff, QueueOptions};
 use crate::barrier::{self, BarrierError};
 use crate::handler::Handler;
-use crate::protocol::Topology;
+use crate::protocol::{MAX_BATCH, Topology};
 
 pub use admission::{Malformed, decode_command};
 pub use completion::{complete, send_reply};
@@ -145,6 +150,7 @@ pub struct Participant {
     prefetch: u16,
     concurrency: usize,
     batch_size: usize,
+    accepts_batch: usize,
     queue_options: QueueOptions,
     install_barrier: bool,
     handler_timeout: Option<Duration>,
@@ -164,6 +170,7 @@ impl std::fmt::Debug for Participant {
             .field("prefetch", &self.prefetch)
             .field("concurrency", &self.concurrency)
             .field("batch_size", &self.batch_size)
+            .field("accepts_batch", &self.accepts_batch)
             .field("queue_options", &self.queue_options)
             .field("handler_timeout", &self.handler_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -193,6 +200,7 @@ impl Participant {
             prefetch: DEFAULT_PREFETCH,
             concurrency: DEFAULT_CONCURRENCY,
             batch_size: DEFAULT_BATCH_SIZE,
+            accepts_batch: MAX_BATCH,
             queue_options: QueueOptions::default(),
             install_barrier: true,
             handler_timeout: None,
@@ -230,6 +238,26 @@ impl Participant {
     pub fn batch_size(mut self, batch_size: usize) -> Participant {
         self.batch_size = batch_size.clamp(1, MAX_BATCH_SIZE);
         self
+    }
+
+    /// Sets the most elements of a command batch (one message of many commands; docs/protocol.md,
+    /// "Batches") that the participant announces it accepts, on every reply it publishes
+    /// (default and most: the protocol's limit, [`MAX_BATCH`]; 0 announces none).
+    ///
+    /// The orchestrator sends command batches only to participants that announce them, and
+    /// none larger than announced. Whatever it announces, the runtime handles every command
+    /// batch it receives (up to [`MAX_BATCH`] elements), in transactions of at most
+    /// [`Participant::batch_size`] commands, holding one handler slot: a large batch waits for
+    /// all of its commands before its replies go, so lower it to bound that wait.
+    pub fn accept_command_batches(mut self, max: usize) -> Participant {
+        self.accepts_batch = max.min(MAX_BATCH);
+        self
+    }
+
+    /// What every reply of this participant announces: its name and
+    /// [`Participant::accept_command_batches`]. Pass it to [`send_reply`] and [`complete`].
+    pub fn announcement(&self) -> amqp::Announcement {
+        amqp::Announcement::new(self.name.clone(), self.accepts_batch)
     }
 
     /// Sets the queue declaration options; must match the orchestrator's.

@@ -171,7 +171,7 @@ async fn publish_reply(
     reply: &Reply,
 ) -> Result<PublisherConfirm, PublishError> {
     let payload = serde_json::to_vec(reply)?;
-    let properties = reply_properties(reply, job.trace.as_ref());
+    let properties = reply_properties(reply, job.trace.as_ref(), &ctx.announcement);
     publish_to(ctx, reply_to, &payload, properties).await
 }
 
@@ -211,13 +211,10 @@ async fn publish_reply_batch(
         .collect::<Result<Vec<_>, _>>()?;
     let payload = join_batch(encoded.iter().map(Vec::as_slice));
     let first = replies.first().map(Reply::message_id).unwrap_or_default();
-    publish_to(
-        ctx,
-        reply_to,
-        &payload,
-        batch_properties(&first, replies.len()),
-    )
-    .await
+    let properties = ctx
+        .announcement
+        .stamp(batch_properties(&first, replies.len()));
+    publish_to(ctx, reply_to, &payload, properties).await
 }
 
 /// Whether a confirmation means the reply is delivered (or can never be).

@@ -21,7 +21,7 @@ use super::outage::DatabaseOutage;
 use super::replies::{publish, settle};
 use super::stats::Stats;
 use super::{Ended, Participant, RuntimeError};
-use crate::amqp::{Backoff, DeadLetters, confirm_channel, declare_participant};
+use crate::amqp::{Announcement, Backoff, DeadLetters, confirm_channel, declare_participant};
 use crate::handler::Handler;
 
 impl Participant {
@@ -64,6 +64,7 @@ impl Participant {
             handler: self.handler.clone(),
             handler_timeout: self.handler_timeout,
             batch_size: self.batch_size,
+            announcement: self.announcement(),
             reply_channel: reply_channel.clone(),
             stats: self.stats.clone(),
             reply_channel_lost: Notify::new(),
@@ -193,6 +194,8 @@ pub(super) struct Context {
     pub(super) handler_timeout: Option<Duration>,
     /// The most commands run in one database transaction.
     pub(super) batch_size: usize,
+    /// What every reply announces.
+    pub(super) announcement: Announcement,
     pub(super) reply_channel: Channel,
     pub(super) stats: Stats,
     pub(super) reply_channel_lost: Notify,

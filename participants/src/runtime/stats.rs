@@ -12,6 +12,7 @@ pub(super) struct Counters {
     pub(super) timed_out: AtomicU64,
     pub(super) reconnects: AtomicU64,
     pub(super) batches: AtomicU64,
+    pub(super) command_batches: AtomicU64,
     pub(super) batch_fallbacks: AtomicU64,
     pub(super) batch_reruns: AtomicU64,
     pub(super) database_waits: AtomicU64,
@@ -52,6 +53,12 @@ impl Stats {
     /// Transactions that committed several commands at once (see [`Participant::batch_size`](super::Participant::batch_size)).
     pub fn batches(&self) -> u64 {
         self.0.batches.load(Ordering::Relaxed)
+    }
+
+    /// Command batches received: messages of several commands (docs/protocol.md, "Batches"),
+    /// each counting once however many commands it carries, malformed ones included.
+    pub fn command_batches(&self) -> u64 {
+        self.0.command_batches.load(Ordering::Relaxed)
     }
 
     /// Batches rolled back whose commands then ran one by one (a lost connection, a deadlock,
