@@ -281,7 +281,7 @@ async fn run_in(
         uri: urls.amqp.clone(),
         topology: topology.clone(),
         queues: queues.clone(),
-        command_batch: usize::from(args.command_batch),
+        command_batch: usize::from(args.command_batch).into(),
     }));
     let store = Arc::new(PgStore::new(orch_pool.clone()));
     let engine = Engine::new(

@@ -12,6 +12,8 @@ use sagas_participant::config::MAX_DB_POOL;
 pub use sagas_participant::config::{ConfigError, EXIT_CONFIG, Env, VarError, parse_duration};
 use sagas_participant::protocol::{MAX_BATCH, Topology};
 
+use crate::transport::CommandBatch;
+
 /// What a `sagad`-style process needs to run.
 #[derive(Clone)]
 pub struct Config {
@@ -27,10 +29,10 @@ pub struct Config {
     pub quorum_queues: bool,
     /// Database connections (`SAGAS_DB_POOL`, default 16).
     pub db_pool: u32,
-    /// Most commands carried by one AMQP message (`SAGAS_AMQP_COMMAND_BATCH`, default 1: every
-    /// command alone). Above 1, only once every participant accepts batches
-    /// (docs/protocol.md, "Batches").
-    pub command_batch: usize,
+    /// Whether commands for one participant share AMQP messages (`SAGAS_AMQP_COMMAND_BATCH`):
+    /// unset, batches of up to 16 to the participants that announce them; `1`, never; `N`,
+    /// batches of up to N to every participant (docs/protocol.md, "Batches").
+    pub command_batch: CommandBatch,
     /// Queues vanish after this long unused (`SAGAS_QUEUE_EXPIRES_MS`); for tests and demos only.
     pub queue_expires_ms: Option<u64>,
     /// Bearer tokens of the HTTP API (`SAGAS_API_TOKENS` or the file `SAGAS_API_TOKENS_FILE`
@@ -280,7 +282,9 @@ impl Config {
         let broker = BrokerSettings::read(env);
         let bind = env.parse("SAGAS_BIND", DEFAULT_BIND.to_owned(), check_bind);
         let db_pool = env.number("SAGAS_DB_POOL", DEFAULT_DB_POOL, 1..=MAX_DB_POOL);
-        let command_batch = env.number("SAGAS_AMQP_COMMAND_BATCH", 1, 1..=MAX_BATCH);
+        let command_batch = env
+            .optional_number("SAGAS_AMQP_COMMAND_BATCH", 1..=MAX_BATCH)
+            .map_or_else(CommandBatch::default, CommandBatch::from);
         let api_tokens = read_api_tokens(env);
         let body_limit = env.number("SAGAS_BODY_LIMIT", DEFAULT_BODY_LIMIT, 1..=MAX_BODY_LIMIT);
         let retention = env.duration_or_off("SAGAS_RETENTION", None);
@@ -437,7 +441,7 @@ mod tests {
         assert_eq!(c.queue_options(), QueueOptions::default());
         assert_eq!(
             (c.db_pool, c.command_batch, c.body_limit),
-            (16, 1, DEFAULT_BODY_LIMIT)
+            (16, CommandBatch::default(), DEFAULT_BODY_LIMIT)
         );
         assert_eq!(c.retention, None);
         assert_eq!(c.http, HttpLimits::default());
@@ -466,7 +470,10 @@ mod tests {
         assert_eq!(c.bind, "0.0.0.0:9000");
         assert!(c.quorum_queues);
         assert_eq!(c.queue_expires_ms, Some(600_000));
-        assert_eq!((c.db_pool, c.command_batch, c.body_limit), (4, 16, 2048));
+        assert_eq!(
+            (c.db_pool, c.command_batch, c.body_limit),
+            (4, CommandBatch::Forced(16), 2048)
+        );
         assert_eq!(c.retention, Some(std::time::Duration::from_secs(36 * 3600)));
         assert_eq!(
             c.http.header_timeout,
@@ -509,11 +516,16 @@ mod tests {
     }
 
     #[test]
-    fn command_batches_are_between_one_and_the_protocol_limit() {
+    fn command_batches_are_automatic_unless_set_off_with_one_or_forced_up_to_the_protocol_limit() {
         let batch = |raw: &str| read(&[("SAGAS_AMQP_COMMAND_BATCH", raw)]).map(|c| c.command_batch);
-        assert_eq!(batch(" 16 "), Ok(16));
-        assert_eq!(batch(&MAX_BATCH.to_string()), Ok(MAX_BATCH));
-        for bad in ["0", "-1", "many", &(MAX_BATCH + 1).to_string()] {
+        assert_eq!(batch(""), Ok(CommandBatch::Auto(16)), "blank is unset");
+        assert_eq!(batch("1"), Ok(CommandBatch::Off));
+        assert_eq!(batch(" 16 "), Ok(CommandBatch::Forced(16)));
+        assert_eq!(
+            batch(&MAX_BATCH.to_string()),
+            Ok(CommandBatch::Forced(MAX_BATCH))
+        );
+        for bad in ["0", "-1", "many", "auto", &(MAX_BATCH + 1).to_string()] {
             assert!(
                 batch(bad).unwrap_err().names("SAGAS_AMQP_COMMAND_BATCH"),
                 "{bad}"

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use sagas::orchestrator::Status;
 use sagas::orchestrator::machine::StepStatus;
+use sagas::orchestrator::transport::CommandBatch;
 use sagas::participant::barrier::{self, Origin};
 use sagas::participant::{Command, Operation, Outcome};
 use serde_json::{Value, json};
@@ -21,11 +22,11 @@ struct Bank {
 
 impl Bank {
     async fn start() -> Result<Bank> {
-        Bank::start_with(1).await
+        Bank::start_with(CommandBatch::default()).await
     }
 
-    /// With at most `command_batch` commands per AMQP message.
-    async fn start_with(command_batch: usize) -> Result<Bank> {
+    /// With command batches as `command_batch` says.
+    async fn start_with(command_batch: CommandBatch) -> Result<Bank> {
         let env = TestEnv::new().await?;
         bank::seed(&env.bank, 3, 1_000).await?;
         let amqp = sagas::orchestrator::transport::AmqpConfig {
@@ -113,7 +114,7 @@ async fn a_saga_whose_steps_all_succeed_completes_and_moves_the_money() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_whose_commands_travel_in_batches_end_as_they_would_one_by_one() -> Result<()> {
-    let b = Bank::start_with(8).await?;
+    let b = Bank::start_with(CommandBatch::Forced(8)).await?;
     bank::close(&b.env.bank, "acct-3").await?;
     // Started together so that commands for the participant share messages: sagas and TCC
     // transfers, a third of them towards a closed account (compensated / cancelled).

@@ -10,7 +10,7 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use sagas::orchestrator::store::OutboxMessage;
-use sagas::orchestrator::transport::{AmqpTransport, Incoming, Transport};
+use sagas::orchestrator::transport::{AmqpTransport, CommandBatch, Incoming, Transport};
 use sagas::participant::protocol::{BATCH_CONTENT_TYPE, BATCH_HEADER, join_batch};
 use sagas::participant::{Command, Operation};
 use serde_json::json;
@@ -141,7 +141,7 @@ async fn ready(ch: &lapin::Channel, queue: &str) -> Result<u32> {
 async fn commands_for_one_participant_travel_together_up_to_the_batch_limit() -> Result<()> {
     let env = TestEnv::new().await?;
     let transport = AmqpTransport::new(sagas::orchestrator::transport::AmqpConfig {
-        command_batch: 2,
+        command_batch: CommandBatch::Forced(2),
         ..env.amqp_config()
     });
     transport

@@ -21,7 +21,7 @@ use sagas::orchestrator::clock::SystemClock;
 use sagas::orchestrator::config::HttpLimits;
 use sagas::orchestrator::machine::Instance;
 use sagas::orchestrator::store::{PgStore, SagaStore};
-use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
+use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport, CommandBatch};
 use sagas::orchestrator::{Engine, EngineConfig, Registry};
 use sagas::participant::{Command, Handler, Participant, Reply, Topology};
 use sagas_test_support::{TestDatabase, delete_amqp, topology, unique_tag};
@@ -82,7 +82,7 @@ impl TestEnv {
             uri: amqp_url(),
             topology: self.topology.clone(),
             queues: queue_options(),
-            command_batch: 1,
+            command_batch: CommandBatch::default(),
         }
     }
 

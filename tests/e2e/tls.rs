@@ -85,7 +85,7 @@ fn amqp_config(uri: String, topology: &Topology) -> AmqpConfig {
         uri,
         topology: topology.clone(),
         queues: queue_options(),
-        command_batch: 1,
+        command_batch: Default::default(),
     }
 }
 

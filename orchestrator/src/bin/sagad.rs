@@ -31,7 +31,8 @@ Environment (docs/operations.md, \"Configuration\", has every variable, its defa
   SAGAS_QUORUM_QUEUES          quorum queues, yes/no [no]
   SAGAS_QUEUE_EXPIRES_MS       queue expiry, tests and demos only [unset]
   SAGAS_DB_POOL                database connections, 1 to 1000 [16]
-  SAGAS_AMQP_COMMAND_BATCH     commands per AMQP message, 1 to 256 [1]
+  SAGAS_AMQP_COMMAND_BATCH     commands per AMQP message: unset, up to 16 to participants
+                               that announce batches; 1, never; 2 to 256, forced [unset]
   SAGAS_BODY_LIMIT             largest request body in bytes [1048576]
   SAGAS_RETENTION              delete finished transactions after, e.g. 30d; 0 = never [0]
   SAGAS_HTTP_HEADER_TIMEOUT_MS, SAGAS_HTTP_BODY_TIMEOUT_MS, SAGAS_HTTP_MAX_CONNECTIONS

@@ -16,12 +16,13 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::batches::{Batching, CommandBatch};
 use super::{Ack, Incoming, Transport, TransportError};
 use crate::store::OutboxMessage;
 pub use sagas_participant::amqp::command_properties;
 use sagas_participant::amqp::{
-    Backoff, DeadLetters, QueueOptions, Sessions, batch_properties, confirm_channel, connect,
-    declare_participant, declare_replies, is_batch, keep_serving,
+    Announcement, Backoff, DeadLetters, QueueOptions, Sessions, batch_properties, confirm_channel,
+    connect, declare_participant, declare_replies, is_batch, keep_serving,
 };
 use sagas_participant::protocol::{Topology, join_batch, split_batch};
 
@@ -34,9 +35,9 @@ pub struct AmqpConfig {
     pub topology: Topology,
     /// Queue arguments (quorum queues, expiry in tests).
     pub queues: QueueOptions,
-    /// Most commands in one message: above 1, the commands of one publish for one participant
-    /// go in batches of up to this many (docs/protocol.md, "Batches"); 1 sends each alone.
-    pub command_batch: usize,
+    /// Whether the commands of one publish for one participant share messages
+    /// (docs/protocol.md, "Batches"): by default only for participants that announce it.
+    pub command_batch: CommandBatch,
 }
 
 struct Link {
@@ -51,6 +52,7 @@ pub struct AmqpTransport {
     link: Mutex<Option<Arc<Link>>>,
     shutdown: CancellationToken,
     wire: Arc<WireCounts>,
+    batching: Arc<Batching>,
 }
 
 /// AMQP messages through the broker since the transport was made: with batches, fewer than
@@ -70,11 +72,13 @@ fn broker(e: impl std::fmt::Display) -> TransportError {
 impl AmqpTransport {
     /// A transport with `config`; it connects lazily and reconnects after failures.
     pub fn new(config: AmqpConfig) -> AmqpTransport {
+        let batching = Arc::new(Batching::new(config.command_batch));
         AmqpTransport {
             config,
             link: Mutex::new(None),
             shutdown: Default::default(),
             wire: Default::default(),
+            batching,
         }
     }
 
@@ -122,32 +126,6 @@ impl AmqpTransport {
     }
 }
 
-/// Splits `messages` into what goes in one AMQP message each: the commands for one participant,
-/// in their order, at most `max` together (`max` ≤ 1: each alone). Groups come in the order of
-/// their participants' first commands.
-pub fn group_by_participant(messages: &[OutboxMessage], max: usize) -> Vec<Vec<&OutboxMessage>> {
-    if max <= 1 {
-        return messages.iter().map(|m| vec![m]).collect();
-    }
-    let mut groups: Vec<Vec<&OutboxMessage>> = Vec::new();
-    // The group being filled for each participant (index into `groups`).
-    let mut open: Vec<(&str, usize)> = Vec::new();
-    for m in messages {
-        match open.iter_mut().find(|(p, _)| *p == m.participant) {
-            Some((_, at)) if groups[*at].len() < max => groups[*at].push(m),
-            Some((_, at)) => {
-                *at = groups.len();
-                groups.push(vec![m]);
-            }
-            None => {
-                open.push((&m.participant, groups.len()));
-                groups.push(vec![m]);
-            }
-        }
-    }
-    groups
-}
-
 #[async_trait]
 impl Transport for AmqpTransport {
     async fn declare(&self, participants: &[String]) -> Result<(), TransportError> {
@@ -174,7 +152,7 @@ impl Transport for AmqpTransport {
         let t = &self.config.topology;
         let exchange = t.commands_exchange();
         let reply_to = t.replies_queue();
-        let groups = group_by_participant(messages, self.config.command_batch);
+        let groups = self.batching.group(messages);
         let mut confirms = Vec::with_capacity(groups.len());
         for group in &groups {
             let (body, properties) = match group.as_slice() {
@@ -271,6 +249,7 @@ impl Transport for AmqpTransport {
             prefetch,
             tx,
             wire: self.wire.clone(),
+            batching: self.batching.clone(),
         };
         tokio::spawn(async move {
             let stop = std::pin::pin!(stop);
@@ -315,6 +294,7 @@ struct ReplyConsumer {
     prefetch: u16,
     tx: mpsc::Sender<Incoming>,
     wire: Arc<WireCounts>,
+    batching: Arc<Batching>,
 }
 
 impl<S: Future<Output = ()>> Sessions<S> for ReplyConsumer {
@@ -331,7 +311,7 @@ impl<S: Future<Output = ()>> Sessions<S> for ReplyConsumer {
     /// Ends (`Ok`) only when the engine dropped its receiver.
     async fn serve(&mut self, consumer: Consumer, _: Pin<&mut S>) -> Result<(), TransportError> {
         let (conn, mut stream, dead) = consumer;
-        let result = forward(&mut stream, &dead, &self.tx, &self.wire).await;
+        let result = forward(&mut stream, &dead, &self.tx, &self.wire, &self.batching).await;
         let why = if result.is_ok() {
             "shutdown"
         } else {
@@ -349,11 +329,12 @@ async fn forward(
     dead: &Arc<DeadLetters>,
     tx: &mpsc::Sender<Incoming>,
     wire: &WireCounts,
+    batching: &Batching,
 ) -> Result<(), TransportError> {
     while let Some(delivery) = stream.next().await {
         let delivery = delivery.map_err(broker)?;
         wire.received.fetch_add(1, Ordering::Relaxed);
-        for incoming in incoming(delivery, dead).await {
+        for incoming in incoming(delivery, dead, batching).await {
             if tx.send(incoming).await.is_err() {
                 return Ok(());
             }
@@ -364,14 +345,21 @@ async fn forward(
 
 /// What the engine receives for a delivery: the reply itself, or each reply of a batch (see
 /// docs/protocol.md, "Batches"). A body declared a batch that is not one is dead-lettered here.
-async fn incoming(delivery: lapin::message::Delivery, dead: &Arc<DeadLetters>) -> Vec<Incoming> {
+/// What the replies announce is taken in on the way.
+async fn incoming(
+    delivery: lapin::message::Delivery,
+    dead: &Arc<DeadLetters>,
+    batching: &Batching,
+) -> Vec<Incoming> {
     let batch = is_batch(&delivery.properties);
+    let from = Announcement::read(&delivery.properties);
     let single = AmqpAck {
         acker: delivery.acker,
         dead: dead.clone(),
         properties: delivery.properties,
     };
     if !batch {
+        batching.received(from, [delivery.data.as_slice()]);
         return vec![Incoming {
             body: delivery.data,
             ack: Box::new(single),
@@ -379,6 +367,7 @@ async fn incoming(delivery: lapin::message::Delivery, dead: &Arc<DeadLetters>) -
     }
     match split_batch(&delivery.data) {
         Ok(elements) => {
+            batching.received(from, elements.iter().map(|e| e.get().as_bytes()));
             let shared = Arc::new(BatchAck {
                 single,
                 remaining: AtomicUsize::new(elements.len()),
@@ -487,71 +476,5 @@ impl Ack for AmqpAck {
             .await
             .map(drop)
             .map_err(broker)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sagas_participant::protocol::{Command, Operation};
-    use uuid::Uuid;
-
-    fn message(id: i64, participant: &str) -> OutboxMessage {
-        OutboxMessage {
-            id,
-            participant: participant.into(),
-            command: Command {
-                protocol: 1,
-                transaction_id: Uuid::nil(),
-                definition: "d".into(),
-                step: format!("s{id}"),
-                operation: Operation::Action,
-                attempt: 1,
-                payload: serde_json::Value::Null,
-                output: None,
-                deadline: None,
-                traceparent: None,
-            },
-        }
-    }
-
-    fn ids(groups: &[Vec<&OutboxMessage>]) -> Vec<Vec<i64>> {
-        groups
-            .iter()
-            .map(|g| g.iter().map(|m| m.id).collect())
-            .collect()
-    }
-
-    #[test]
-    fn without_batches_every_command_travels_alone_in_order() {
-        let messages = [message(1, "a"), message(2, "b"), message(3, "a")];
-        for max in [0, 1] {
-            assert_eq!(
-                ids(&group_by_participant(&messages, max)),
-                [vec![1], vec![2], vec![3]]
-            );
-        }
-        assert!(group_by_participant(&[], 16).is_empty());
-    }
-
-    #[test]
-    fn commands_group_by_participant_in_order_and_a_full_group_starts_another() {
-        let messages = [
-            message(1, "a"),
-            message(2, "b"),
-            message(3, "a"),
-            message(4, "a"),
-            message(5, "b"),
-            message(6, "a"),
-            message(7, "c"),
-        ];
-        assert_eq!(
-            ids(&group_by_participant(&messages, 2)),
-            [vec![1, 3], vec![2, 5], vec![4, 6], vec![7]]
-        );
-        assert_eq!(
-            ids(&group_by_participant(&messages, 16)),
-            [vec![1, 3, 4, 6], vec![2, 5], vec![7]]
-        );
     }
 }

@@ -9,9 +9,11 @@ use tokio::sync::mpsc;
 use crate::store::OutboxMessage;
 
 pub mod amqp;
+pub mod batches;
 pub mod memory;
 
 pub use amqp::{AmqpConfig, AmqpTransport};
+pub use batches::CommandBatch;
 pub use memory::MemoryTransport;
 
 /// Errors of a transport; all of them are retryable.
