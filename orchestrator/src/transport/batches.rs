@@ -19,11 +19,11 @@ use crate::store::OutboxMessage;
 /// throughput within the noise (docs/performance.md, round 5, "Command batch size").
 pub const DEFAULT_COMMAND_BATCH: usize = 16;
 
-/// How long a reply without the announcement keeps its participant on single commands: longer
-/// than one of several replicas behind a queue goes without replying while the queue is busy
-/// enough to batch (seconds: the broker hands each consumer its share in turn), and than a
-/// rolling deployment takes to replace them; short enough that batches come back soon after the
-/// last replica that does not announce them is gone.
+/// How long a reply without the announcement keeps its participant on single commands: far
+/// longer than one of several replicas behind a queue goes without replying while the queue is
+/// busy enough to batch (seconds: the broker hands each consumer its share in turn), and short
+/// enough that batches come back soon after the last replica that does not announce them is
+/// gone (docs/protocol.md, "Batches").
 pub const QUIET: Duration = Duration::from_secs(10 * 60);
 
 /// Whether the commands for one participant share messages (`SAGAS_AMQP_COMMAND_BATCH`).
@@ -89,27 +89,28 @@ const ANONYMOUS_KEPT: usize = 1024;
 
 impl Announcements {
     /// Takes in a reply received at `now` that carried the announcement `from`.
-    pub fn announced(&mut self, now: Instant, from: &Announcement) {
-        let heard = self
-            .participants
-            .entry(from.participant.clone())
-            .or_default();
-        if from.accepts_batch == 0 {
+    pub fn announced(&mut self, now: Instant, from: Announcement) {
+        let Announcement {
+            participant,
+            accepts_batch,
+        } = from;
+        // Runs for every reply: the name is copied only the first time.
+        let heard = match self.participants.get_mut(&participant) {
+            Some(heard) => heard,
+            None => self.participants.entry(participant.clone()).or_default(),
+        };
+        if accepts_batch == 0 {
             heard.refused = Some(now);
             return;
         }
-        let smaller_lately = heard.limit.is_some_and(|(limit, since)| {
-            limit < from.accepts_batch && now.saturating_duration_since(since) < QUIET
-        });
         if heard.limit.is_none() {
-            tracing::info!(
-                participant = %from.participant,
-                accepts = from.accepts_batch,
-                "participant announces command batches"
-            );
+            tracing::info!(%participant, accepts_batch, "participant announces command batches");
         }
+        let smaller_lately = heard.limit.is_some_and(|(limit, since)| {
+            limit < accepts_batch && now.saturating_duration_since(since) < QUIET
+        });
         if !smaller_lately {
-            heard.limit = Some((from.accepts_batch, now));
+            heard.limit = Some((accepts_batch, now));
         }
     }
 
@@ -130,6 +131,7 @@ impl Announcements {
 
     /// Takes in that commands of `step` go to `participant`.
     pub fn sends(&mut self, participant: &str, step: &str) {
+        // Runs for every command: names are copied only the first time.
         let heard = match self.participants.get_mut(participant) {
             Some(heard) => heard,
             None => self.participants.entry(participant.to_owned()).or_default(),
@@ -207,7 +209,7 @@ impl Batching {
         }
         let now = Instant::now();
         match from {
-            Some(from) => self.heard().announced(now, &from),
+            Some(from) => self.heard().announced(now, from),
             None => {
                 let steps: Vec<String> = bodies.into_iter().filter_map(step_of).collect();
                 let mut heard = self.heard();
@@ -352,9 +354,9 @@ mod tests {
         heard.sends("a", "debit");
         assert_eq!(heard.limit(t0, "a", 16), 1, "nothing heard yet");
         assert_eq!(heard.limit(t0, "unknown", 16), 1);
-        heard.announced(t0, &accepts("a", 256));
+        heard.announced(t0, accepts("a", 256));
         assert_eq!(heard.limit(t0, "a", 16), 16, "the orchestrator's limit");
-        heard.announced(t0, &accepts("b", 4));
+        heard.announced(t0, accepts("b", 4));
         assert_eq!(heard.limit(t0, "b", 16), 4, "the participant's limit");
         assert_eq!(heard.limit(t0 + 60 * MINUTE, "a", 16), 16, "it lasts");
     }
@@ -363,10 +365,10 @@ mod tests {
     fn a_reply_that_announces_no_batches_stops_them_until_it_is_quiet_for_ten_minutes() {
         let t0 = Instant::now();
         let mut heard = Announcements::default();
-        heard.announced(t0, &accepts("a", 256));
-        heard.announced(t0 + MINUTE, &accepts("a", 0));
+        heard.announced(t0, accepts("a", 256));
+        heard.announced(t0 + MINUTE, accepts("a", 0));
         assert_eq!(heard.limit(t0 + MINUTE, "a", 16), 1);
-        heard.announced(t0 + 2 * MINUTE, &accepts("a", 256));
+        heard.announced(t0 + 2 * MINUTE, accepts("a", 256));
         assert_eq!(
             heard.limit(t0 + 2 * MINUTE, "a", 16),
             1,
@@ -381,7 +383,7 @@ mod tests {
         let t0 = Instant::now();
         let mut heard = Announcements::default();
         for p in ["a", "b", "c"] {
-            heard.announced(t0, &accepts(p, 32));
+            heard.announced(t0, accepts(p, 32));
         }
         heard.sends("a", "debit");
         heard.sends("b", "debit");
@@ -397,7 +399,7 @@ mod tests {
         assert_eq!(heard.limit(t0 + 11 * MINUTE, "a", 16), 16);
         // Announcing does not lift it: the anonymous replies may come from another replica.
         heard.anonymous(t0 + 12 * MINUTE, "ship");
-        heard.announced(t0 + 12 * MINUTE, &accepts("c", 32));
+        heard.announced(t0 + 12 * MINUTE, accepts("c", 32));
         assert_eq!(heard.limit(t0 + 12 * MINUTE, "c", 16), 1);
     }
 
@@ -405,17 +407,17 @@ mod tests {
     fn replicas_announcing_different_limits_get_the_smallest_of_the_last_ten_minutes() {
         let t0 = Instant::now();
         let mut heard = Announcements::default();
-        heard.announced(t0, &accepts("a", 4));
-        heard.announced(t0 + MINUTE, &accepts("a", 64));
+        heard.announced(t0, accepts("a", 4));
+        heard.announced(t0 + MINUTE, accepts("a", 64));
         assert_eq!(heard.limit(t0 + MINUTE, "a", 16), 4);
-        heard.announced(t0 + 5 * MINUTE, &accepts("a", 4));
-        heard.announced(t0 + 14 * MINUTE, &accepts("a", 64));
+        heard.announced(t0 + 5 * MINUTE, accepts("a", 4));
+        heard.announced(t0 + 14 * MINUTE, accepts("a", 64));
         assert_eq!(
             heard.limit(t0 + 14 * MINUTE, "a", 16),
             4,
             "4 was heard since"
         );
-        heard.announced(t0 + 16 * MINUTE, &accepts("a", 64));
+        heard.announced(t0 + 16 * MINUTE, accepts("a", 64));
         assert_eq!(heard.limit(t0 + 16 * MINUTE, "a", 16), 16);
     }
 
