@@ -1,23 +1,33 @@
 //! Batches on the wire (docs/protocol.md, "Batches"), on the orchestrator's side, against a real
-//! RabbitMQ: commands for one participant published as one message, reply batches handed to
-//! the engine reply by reply and settled as one message.
+//! RabbitMQ: commands for one participant published as one message (by default only to
+//! participants whose replies announce batches), reply batches handed to the engine reply by
+//! reply and settled as one message.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use sagas::orchestrator::store::OutboxMessage;
 use sagas::orchestrator::transport::{AmqpTransport, CommandBatch, Incoming, Transport};
+use sagas::orchestrator::{Definition, Registry, Status};
 use sagas::participant::protocol::{BATCH_CONTENT_TYPE, BATCH_HEADER, join_batch};
-use sagas::participant::{Command, Operation};
-use serde_json::json;
+use sagas::participant::{Command, Handler, HandlerError, Operation};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, amqp_url};
+use crate::helpers::{
+    self, RawParticipant, Received, TestEnv, amqp_url, spawn_app, spawn_participant,
+    spawn_participant_with,
+};
 
 fn command(step: &str) -> Command {
     Command {
@@ -94,9 +104,21 @@ fn content_type(p: &BasicProperties) -> String {
 
 /// Publishes a raw message to the replies queue, as a participant would.
 async fn publish_reply(env: &TestEnv, body: &[u8], batch: bool) -> Result<()> {
+    publish_reply_with(env, body, batch, FieldTable::default()).await
+}
+
+/// [`publish_reply`] with `headers`.
+async fn publish_reply_with(
+    env: &TestEnv,
+    body: &[u8],
+    batch: bool,
+    headers: FieldTable,
+) -> Result<()> {
     let conn = Connection::connect(&amqp_url(), Default::default()).await?;
     let ch = conn.create_channel().await?;
-    let properties = BasicProperties::default().with_delivery_mode(2);
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
     let properties = if batch {
         properties.with_content_type(BATCH_CONTENT_TYPE.into())
     } else {
@@ -315,6 +337,208 @@ async fn a_reply_declared_a_batch_that_is_not_one_is_dead_lettered_whole() -> Re
 
     let _ = conn.close(200, "done".into()).await;
     transport.close().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+/// The headers of a participant's announcement, written as a participant in another language
+/// would.
+fn announcing(participant: &str, accepts: i64) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-saga-participant".into(),
+        AMQPValue::LongString(participant.into()),
+    );
+    headers.insert(
+        "x-saga-accepts-batch".into(),
+        AMQPValue::LongLongInt(accepts),
+    );
+    headers
+}
+
+/// Reads `n` messages from `queue` and says, for each, whether it was a batch and of how many.
+async fn shapes(ch: &lapin::Channel, queue: &str, n: usize) -> Result<Vec<usize>> {
+    Ok(drain(ch, queue, n)
+        .await?
+        .iter()
+        .map(|(body, p)| {
+            if content_type(p) == BATCH_CONTENT_TYPE {
+                serde_json::from_slice::<Vec<Value>>(body).map_or(0, |v| v.len())
+            } else {
+                1
+            }
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_participant_gets_batches_once_a_reply_announced_them_and_not_after_one_that_did_not()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let transport = AmqpTransport::new(env.amqp_config());
+    transport.declare(&["accounts".into()]).await?;
+    let mut rx = transport.subscribe(16).await?;
+    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    let queue = env.topology.participant_queue("accounts");
+    let three = |from: i64| {
+        [
+            outbox(from, "accounts", "debit"),
+            outbox(from + 1, "accounts", "debit"),
+            outbox(from + 2, "accounts", "debit"),
+        ]
+    };
+
+    // Nothing heard yet: every command alone.
+    transport.publish(&three(1)).await?;
+    assert_eq!(shapes(&ch, &queue, 3).await?, [1, 1, 1]);
+
+    // A reply announces batches of up to 2: that participant's commands now share messages.
+    let reply = serde_json::to_vec(&reply_json("debit"))?;
+    publish_reply_with(&env, &reply, false, announcing("accounts", 2)).await?;
+    next(&mut rx).await?.ack.ack().await?;
+    transport.publish(&three(4)).await?;
+    assert_eq!(shapes(&ch, &queue, 2).await?, [2, 1]);
+
+    // A reply for one of its steps without the announcement (another replica, an older version):
+    // every command alone again, although the other replica still announces.
+    publish_reply(&env, &reply, false).await?;
+    next(&mut rx).await?.ack.ack().await?;
+    publish_reply_with(&env, &reply, false, announcing("accounts", 2)).await?;
+    next(&mut rx).await?.ack.ack().await?;
+    transport.publish(&three(7)).await?;
+    assert_eq!(shapes(&ch, &queue, 3).await?, [1, 1, 1]);
+
+    let _ = conn.close(200, "done".into()).await;
+    transport.close().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+/// Answers every command at once with its step's name.
+struct Echo;
+
+#[async_trait]
+impl Handler for Echo {
+    async fn handle(&self, cmd: &Command, _: &mut PgConnection) -> Result<Value, HandlerError> {
+        Ok(json!({ "step": cmd.step }))
+    }
+}
+
+/// Two steps: `reserve` on `accounts` (the reference runtime, announcing batches), then
+/// `notify` on `second`.
+fn two_participants(second: &str) -> Result<Registry> {
+    let def = Definition::saga::<Value>("announced", 1)
+        .step("reserve", "accounts", |s| s.command(|_, _| json!({})))
+        .step("notify", second, |s| s.command(|_, _| json!({})))
+        .build()?;
+    Ok(Registry::new().with(def)?)
+}
+
+/// Runs one saga to its end (so that the orchestrator has heard every participant), then `n`
+/// started at once, many of whose commands leave together; waits until all are completed.
+async fn run_sagas(env: &TestEnv, app: &helpers::App, n: usize) -> Result<()> {
+    let first = app.engine.start("announced", json!({})).await?.id;
+    assert_eq!(env.wait_terminal(first).await?.status, Status::Completed);
+    let started = futures_util::future::try_join_all(
+        (0..n).map(|_| app.engine.start("announced", json!({}))),
+    )
+    .await?;
+    for instance in started {
+        let done = env.wait_terminal(instance.id).await?;
+        assert_eq!(done.status, Status::Completed, "{}", done.id);
+    }
+    Ok(())
+}
+
+/// No message dead-lettered anywhere: none in the dead-letter queue, no reply by the engine.
+async fn nothing_dead_lettered(env: &TestEnv, app: &helpers::App) -> Result<()> {
+    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    assert_eq!(ready(&ch, &env.topology.dead_letter_queue()).await?, 0);
+    let _ = conn.close(200, "done".into()).await;
+    assert_eq!(app.engine.stats().dead_lettered.load(Ordering::Relaxed), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_participant_that_does_not_announce_batches_gets_every_command_alone_while_one_that_does_gets_batches()
+-> Result<()> {
+    const RAW: &str = "raw";
+    let env = TestEnv::new().await?;
+    let mut raw = RawParticipant::start(&env, RAW).await?;
+    let app = spawn_app(&env, two_participants(RAW)?).await?;
+    let accounts = spawn_participant(&env, "accounts", Arc::new(Echo)).await?;
+    // The participant written from the protocol alone answers every command it gets, and
+    // keeps the ones that were not a single command.
+    let stop = CancellationToken::new();
+    let answering = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut not_single: Vec<Received> = Vec::new();
+            loop {
+                let command = tokio::select! {
+                    () = stop.cancelled() => break,
+                    command = raw.next() => command?,
+                };
+                if content_type(&command.properties) != "application/json"
+                    || !command.body.is_object()
+                {
+                    not_single.push(command);
+                    continue;
+                }
+                raw.reply(&command, json!({"status": "succeeded"})).await?;
+            }
+            anyhow::Ok((raw, not_single))
+        })
+    };
+
+    run_sagas(&env, &app, 200).await?;
+    stop.cancel();
+    let (raw, not_single) = answering.await??;
+    assert!(
+        not_single.is_empty(),
+        "{} messages that are not single commands, the first: {:?}",
+        not_single.len(),
+        not_single.first()
+    );
+    assert!(
+        accounts.stats.command_batches() > 0,
+        "the participant that announces batches gets some"
+    );
+    assert_eq!(accounts.stats.rejected(), 0);
+    nothing_dead_lettered(&env, &app).await?;
+
+    raw.close().await;
+    accounts.stop().await;
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_participant_that_announces_no_batches_gets_every_command_alone() -> Result<()>
+{
+    let env = TestEnv::new().await?;
+    let app = spawn_app(&env, two_participants("inventory")?).await?;
+    let accounts = spawn_participant(&env, "accounts", Arc::new(Echo)).await?;
+    let inventory = spawn_participant_with(&env, "inventory", Arc::new(Echo), |p| {
+        p.accept_command_batches(0)
+    })
+    .await?;
+
+    run_sagas(&env, &app, 200).await?;
+    assert_eq!(inventory.stats.command_batches(), 0);
+    assert!(
+        accounts.stats.command_batches() > 0,
+        "the participant that announces batches gets some"
+    );
+    assert_eq!(inventory.stats.rejected() + accounts.stats.rejected(), 0);
+    nothing_dead_lettered(&env, &app).await?;
+
+    inventory.stop().await;
+    accounts.stop().await;
+    app.stop().await;
     env.cleanup().await;
     Ok(())
 }

@@ -255,6 +255,16 @@ pub async fn spawn_participant(
     name: &str,
     handler: Arc<dyn Handler>,
 ) -> Result<Running> {
+    spawn_participant_with(env, name, handler, |p| p).await
+}
+
+/// [`spawn_participant`] with settings of its own (`configure` gets it with the defaults).
+pub async fn spawn_participant_with(
+    env: &TestEnv,
+    name: &str,
+    handler: Arc<dyn Handler>,
+    configure: impl FnOnce(Participant) -> Participant,
+) -> Result<Running> {
     let conn = Arc::new(Connection::connect(&amqp_url(), Default::default()).await?);
     // Declared before returning, so that nothing published from now on is unroutable.
     let ch = conn.create_channel().await?;
@@ -262,8 +272,10 @@ pub async fn spawn_participant(
         .await?;
     let _ = ch.close(200, "declared".into()).await;
     let shutdown = CancellationToken::new();
-    let participant = Participant::new(name, env.topology.clone(), env.bank.clone(), handler)
-        .queue_options(queue_options());
+    let participant = configure(
+        Participant::new(name, env.topology.clone(), env.bank.clone(), handler)
+            .queue_options(queue_options()),
+    );
     let stats = participant.stats();
     let announcement = participant.announcement();
     let s = shutdown.clone();

@@ -530,3 +530,56 @@ async fn single_commands_and_a_batch_queued_together_are_each_answered_once() {
     );
     broker.teardown(&[BANK]).await;
 }
+
+#[tokio::test]
+async fn every_reply_and_reply_batch_announces_the_participant_and_the_command_batches_it_accepts()
+{
+    let db = TestDb::new().await;
+    db.open("c", 0).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let credit = || {
+        command(
+            Uuid::new_v4(),
+            "credit",
+            Operation::Action,
+            json!({ "account": "c", "amount": 1 }),
+        )
+    };
+    // The headers as a participant in another language reads them.
+    let announced = |props: &BasicProperties| {
+        (
+            text_header(props, "x-saga-participant"),
+            header(props, "x-saga-accepts-batch"),
+        )
+    };
+
+    let running = start(&db, &broker, 4);
+    broker.send(BANK, &credit()).await;
+    let (_, single) = broker.next_reply().await;
+    let by_default = (Some(BANK.to_owned()), Some(AMQPValue::LongLongInt(256)));
+    assert_eq!(announced(&single), by_default);
+    broker
+        .send_batch(BANK, &[element(&credit()), element(&credit())])
+        .await;
+    let (replies, batch) = broker.next_reply_batch().await;
+    assert_eq!(replies.len(), 2);
+    assert_eq!(announced(&batch), by_default);
+    wait_processed(&running.stats, 3).await;
+    assert_eq!(running.stats.command_batches(), 1);
+    running.shutdown().await;
+
+    // Announcing none, it still takes the batches it is sent.
+    let running = start_with(bank_participant(&db, &broker).accept_command_batches(0));
+    broker.send(BANK, &credit()).await;
+    let (_, single) = broker.next_reply().await;
+    let none = (Some(BANK.to_owned()), Some(AMQPValue::LongLongInt(0)));
+    assert_eq!(announced(&single), none);
+    broker.send_batch(BANK, &[element(&credit())]).await;
+    let (replies, batch) = broker.next_reply_batch().await;
+    assert_eq!(replies[0].outcome.status(), "succeeded");
+    assert_eq!(announced(&batch), none);
+    running.shutdown().await;
+    assert_eq!(db.account("c").await, (5, 0));
+    broker.teardown(&[BANK]).await;
+}
