@@ -11,9 +11,10 @@ use crate::protocol::{Command, Outcome, Reply, Topology};
 
 /// Publishes `reply` to the orchestrator's replies queue with a publisher confirm: the way to
 /// answer after the command itself was acknowledged (the final outcome of an `in_progress`
-/// operation). It carries `from`, the participant's [`Participant::announcement`](super::Participant::announcement), as
-/// every reply of the runtime does: a reply without it would make the orchestrator send that
-/// participant single commands only, for a while (docs/protocol.md, "Batches").
+/// operation). It carries `from`, the participant's
+/// [`Participant::announcement`](super::Participant::announcement), as every reply of the
+/// runtime does: a reply without it would make the orchestrator send that participant single
+/// commands only, for a while (docs/protocol.md, "Batches").
 pub async fn send_reply(
     conn: &Connection,
     topology: &Topology,
@@ -48,8 +49,9 @@ pub async fn send_reply(
 }
 
 /// Finishes a long-running operation that answered `in_progress`: records `outcome` in the
-/// barrier and sends the reply, announcing `from` (see [`send_reply`]). When the business writes that finish the work must commit with
-/// the barrier, use [`barrier::complete_in`] in your transaction and then [`send_reply`].
+/// barrier and sends the reply, announcing `from` (see [`send_reply`]). When the business writes
+/// that finish the work must commit with the barrier, use [`barrier::complete_in`] in your
+/// transaction and then [`send_reply`].
 ///
 /// Returns [`barrier::Completion::Undone`] (and sends nothing) when the step was compensated
 /// or cancelled first: the work must then not take effect.
