@@ -22,6 +22,17 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection, PgPool};
 use uuid::Uuid;
 
+/// Polls `condition` every 20 ms for up to 10 s; panics naming `what` if it never held.
+pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 10 s: {what}");
+}
+
 /// The admin database URL (`DATABASE_URL`, default: local PostgreSQL). Its role must be able
 /// to create databases.
 pub fn admin_url() -> String {

@@ -16,8 +16,8 @@ use sagas_participant::barrier;
 use sagas_participant::handler::{HandlerError, Router, Saga, SagaHandler, Tcc, TccHandler};
 use sagas_participant::protocol::{Command, Operation, PROTOCOL_VERSION, Reply, Topology};
 use sagas_participant::runtime::{Participant, RuntimeError, Stats};
-pub use sagas_test_support::amqp_url;
 use sagas_test_support::{TestDatabase, queue_options, unique_tag, unique_topology};
+pub use sagas_test_support::{amqp_url, eventually};
 use serde_json::{Value, json};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::oneshot;
@@ -344,17 +344,6 @@ pub fn start_forever(participant: Participant, amqp_url: String) -> Running {
             .await
     });
     Running { stats, stop, task }
-}
-
-/// Polls `condition` every 20 ms for up to 10 s.
-pub async fn eventually(what: &str, condition: impl Fn() -> bool) {
-    for _ in 0..500 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("not within 10 s: {what}");
 }
 
 /// A long-string header of `properties`.
