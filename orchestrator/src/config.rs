@@ -43,6 +43,11 @@ pub struct Config {
     /// Finished instances are deleted this long after they finished (`SAGAS_RETENTION`, e.g.
     /// `30d`; unset or `0`: kept for ever).
     pub retention: Option<std::time::Duration>,
+    /// Tell the other orchestrator processes on the database which transactions settled, and
+    /// hear theirs, so that a `?wait` is woken at once whichever process settles its
+    /// transaction (`SAGAS_WAIT_NOTIFY`, default yes; see
+    /// [`crate::engine::EngineConfig::wait_notify`]).
+    pub wait_notify: bool,
     /// Read timeouts and connection cap of the HTTP server (`SAGAS_HTTP_*`).
     pub http: HttpLimits,
 }
@@ -62,6 +67,7 @@ impl fmt::Debug for Config {
             .field("api_tokens", &self.api_tokens)
             .field("body_limit", &self.body_limit)
             .field("retention", &self.retention)
+            .field("wait_notify", &self.wait_notify)
             .field("http", &self.http)
             .finish()
     }
@@ -288,6 +294,7 @@ impl Config {
         let api_tokens = read_api_tokens(env);
         let body_limit = env.number("SAGAS_BODY_LIMIT", DEFAULT_BODY_LIMIT, 1..=MAX_BODY_LIMIT);
         let retention = env.duration_or_off("SAGAS_RETENTION", None);
+        let wait_notify = env.flag("SAGAS_WAIT_NOTIFY", true);
         let http = HttpLimits::read(env);
         let config = Config {
             database_url,
@@ -301,6 +308,7 @@ impl Config {
             api_tokens,
             body_limit,
             retention,
+            wait_notify,
             http,
         };
         if let Err(problem) = config.check_exposure() {
@@ -444,6 +452,7 @@ mod tests {
             (16, CommandBatch::default(), DEFAULT_BODY_LIMIT)
         );
         assert_eq!(c.retention, None);
+        assert!(c.wait_notify);
         assert_eq!(c.http, HttpLimits::default());
         assert!(c.api_tokens.is_empty());
     }
@@ -462,6 +471,7 @@ mod tests {
             ("SAGAS_API_TOKENS", TOKEN),
             ("SAGAS_BODY_LIMIT", "2048"),
             ("SAGAS_RETENTION", "1d12h"),
+            ("SAGAS_WAIT_NOTIFY", "off"),
             ("SAGAS_HTTP_HEADER_TIMEOUT_MS", "2500"),
             ("SAGAS_HTTP_BODY_TIMEOUT_MS", "1"),
             ("SAGAS_HTTP_MAX_CONNECTIONS", "64"),
@@ -475,6 +485,7 @@ mod tests {
             (4, CommandBatch::Forced(16), 2048)
         );
         assert_eq!(c.retention, Some(std::time::Duration::from_secs(36 * 3600)));
+        assert!(!c.wait_notify);
         assert_eq!(
             c.http.header_timeout,
             std::time::Duration::from_millis(2500)
@@ -499,6 +510,7 @@ mod tests {
             ("SAGAS_API_TOKENS", "admin:ssssssssssssssss"),
             ("SAGAS_BODY_LIMIT", "0"),
             ("SAGAS_RETENTION", "30"),
+            ("SAGAS_WAIT_NOTIFY", "sometimes"),
             ("SAGAS_HTTP_HEADER_TIMEOUT_MS", "10s"),
             ("SAGAS_HTTP_BODY_TIMEOUT_MS", "3600001"),
             ("SAGAS_HTTP_MAX_CONNECTIONS", "0"),

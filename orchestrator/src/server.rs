@@ -44,6 +44,7 @@ pub async fn engine(config: &Config, registry: Registry) -> anyhow::Result<Arc<E
         Arc::new(SystemClock),
         EngineConfig {
             retention: config.retention,
+            wait_notify: config.wait_notify,
             ..EngineConfig::default()
         },
     ))

@@ -328,14 +328,26 @@ pub async fn start(
         idempotency_key: idempotency_key(&request, &headers)?,
         traceparent: Some(trace_context(&headers)),
     };
-    let start = engine
-        .start_with(&definition, request.input, options)
-        .await?;
+    // With `?wait`, the wait is registered before the start commits.
+    let (start, waiting) = match wait {
+        None => (
+            engine
+                .start_with(&definition, request.input, options)
+                .await?,
+            None,
+        ),
+        Some(wait) => {
+            let (start, waiting) = engine
+                .start_waiting(&definition, request.input, options)
+                .await?;
+            (start, Some((waiting, wait)))
+        }
+    };
     let instance = start.instance;
     if start.created {
         tracing::info!(id = %instance.id, definition, "transaction started");
     }
-    let Some(wait) = wait else {
+    let Some((waiting, wait)) = waiting else {
         let started = Started {
             id: instance.id,
             status: instance.status,
@@ -348,8 +360,8 @@ pub async fn start(
         };
         return Ok((status, Json(StartAnswer::Started(started))).into_response());
     };
-    let stored = engine
-        .wait_terminal(instance.id, wait)
+    let stored = waiting
+        .settled(wait)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("transaction {} not found", instance.id)))?;
     let view = SagaView::of(stored);

@@ -35,6 +35,17 @@ pub struct EngineConfig {
     /// The pause between two full batches of the retention loop (a backlog is deleted batch by
     /// batch, never in one long transaction).
     pub retention_pause: Duration,
+    /// A waiting request (`?wait`) reads its instance again this often even when nothing woke
+    /// it: for settled transitions whose announcement was lost (a crash between commit and
+    /// announcement, a listener reconnecting), or never sent ([`EngineConfig::wait_notify`]
+    /// off).
+    pub wait_recheck: Duration,
+    /// Announce the instances this process settles to the other processes on the store, and
+    /// hear theirs on a connection of its own (PostgreSQL NOTIFY and LISTEN), so that a wait is
+    /// woken at once whichever process settles its instance. Off, waits hear only of this
+    /// process's transitions and of the others' at their next re-read; a store that one
+    /// process uses alone (SQLite, memory) has nothing to announce either way.
+    pub wait_notify: bool,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +63,8 @@ impl Default for EngineConfig {
             retention_batch: 500,
             retention_poll: Duration::from_secs(60),
             retention_pause: Duration::from_millis(100),
+            wait_recheck: Duration::from_secs(10),
+            wait_notify: true,
         }
     }
 }

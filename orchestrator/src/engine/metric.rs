@@ -29,6 +29,10 @@ pub const RELAYED: &str = "sagas_outbox_relayed_total";
 pub const PUBLISH_FAILURES: &str = "sagas_publish_failures_total";
 /// Counter: finished instances deleted by the retention loop.
 pub const PRUNED: &str = "sagas_instances_pruned_total";
+/// Counter: reads of an instance by a waiting request (`?wait`).
+pub const WAIT_READS: &str = "sagas_wait_reads_total";
+/// Counter: connections of the listener for instances other processes settled.
+pub const LISTENER_CONNECTS: &str = "sagas_wait_listener_connects_total";
 
 /// Registers the descriptions of the engine's metrics with the installed recorder.
 pub fn describe() {
@@ -54,6 +58,14 @@ pub fn describe() {
         "Publishes that failed; the relay retries them."
     );
     describe_counter!(PRUNED, "Finished instances deleted by the retention loop.");
+    describe_counter!(
+        WAIT_READS,
+        "Reads of an instance by waiting requests: one as a wait begins, one per wake-up."
+    );
+    describe_counter!(
+        LISTENER_CONNECTS,
+        "Connections of the listener for transactions settled by other processes."
+    );
 }
 
 /// What this engine counted. Each method counts one kind of event: it records the metric
@@ -75,6 +87,11 @@ pub struct Stats {
     pub relayed: AtomicU64,
     /// Finished instances deleted by the retention loop ([`PRUNED`]).
     pub pruned: AtomicU64,
+    /// Reads of an instance by waiting requests ([`WAIT_READS`]).
+    pub wait_reads: AtomicU64,
+    /// Connections of the listener for instances other processes settled
+    /// ([`LISTENER_CONNECTS`]).
+    pub listener_connects: AtomicU64,
 }
 
 impl Stats {
@@ -117,6 +134,18 @@ impl Stats {
     pub(super) fn count_pruned(&self, instances: u64) {
         self.pruned.fetch_add(instances, Ordering::Relaxed);
         metrics::counter!(PRUNED).increment(instances);
+    }
+
+    /// A waiting request read its instance.
+    pub(super) fn count_wait_read(&self) {
+        self.wait_reads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(WAIT_READS).increment(1);
+    }
+
+    /// The listener for instances other processes settled (re)connected.
+    pub(super) fn count_listener_connect(&self) {
+        self.listener_connects.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(LISTENER_CONNECTS).increment(1);
     }
 
     /// A publish failed; its rows are left for the relay.

@@ -7,19 +7,21 @@
 //!
 //! This file holds the engine and what it does for one caller (start, deliver, operate, read);
 //! `starts` batches starts, `replies` consumes replies, `timers` fires timers, `relay`
-//! republishes what was left, `publish` publishes and deletes outbox rows, `metric` counts.
+//! republishes what was left, `publish` publishes and deletes outbox rows, `wait` serves
+//! requests waiting for instances to settle, `metric` counts.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::definition::Registry;
 use crate::machine::{self, Input, Instance, MissingDefinition, Status, Time, Timer, Transition};
-use crate::store::{Decide, ListFilter, LoggedEvent, SagaStore, StoreError, StoredInstance};
+use crate::store::{
+    Decide, ListFilter, LoggedEvent, SagaStore, Settlements, StoreError, StoredInstance,
+};
 use crate::transport::{Transport, TransportError};
 
 mod config;
@@ -30,6 +32,7 @@ mod replies;
 mod retention;
 mod starts;
 mod timers;
+mod wait;
 
 pub use config::EngineConfig;
 pub use metric::Stats;
@@ -37,10 +40,8 @@ use publish::Publisher;
 pub use publish::{OUTBOX_DELETE_BATCH, OUTBOX_DELETE_INTERVAL};
 use starts::Creation;
 pub use starts::{START_BATCH, START_SLOTS, StartOptions, Started};
-
-/// How often [`Engine::wait_terminal`] reads the store while no notification came: another
-/// process may finish the instance, and this process hears only of its own transitions.
-pub const WAIT_POLL: Duration = Duration::from_secs(1);
+pub use wait::Wait;
+use wait::Waiters;
 
 /// True when nothing more happens to an instance without an operator: a waiting request
 /// returns.
@@ -94,8 +95,13 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     stats: Arc<Stats>,
-    /// Instances of this process that became terminal or stuck (for waiting requests).
-    finished: broadcast::Sender<Uuid>,
+    /// The requests waiting for instances to settle, by instance.
+    waiters: Waiters,
+    /// Word of settled instances between the processes sharing the store (none for a store of
+    /// one process, or with [`EngineConfig::wait_notify`] off).
+    settlements: Option<Arc<dyn Settlements>>,
+    /// Announces the instances this process settled to the others (through `settlements`).
+    announcer: Option<mpsc::UnboundedSender<Uuid>>,
     /// Cancelled when `run` is told to stop, so that waiting requests end.
     stopping: CancellationToken,
     /// Publishes outbox rows; holds the background deleter of published rows.
@@ -117,16 +123,20 @@ impl Engine {
         let stats = Arc::new(Stats::default());
         let publisher = Publisher::new(transport.clone(), store.clone(), stats.clone());
         let creator = starts::batcher(store.clone(), clock.clone(), publisher.clone());
+        let settlements = store.settlements().filter(|_| config.wait_notify);
+        let announcer = wait::announcer(settlements.clone());
         Arc::new(Engine {
             publisher,
             creator,
+            waiters: Waiters::default(),
+            settlements,
+            announcer,
             store,
             transport,
             registry: Arc::new(registry),
             clock,
             config,
             stats,
-            finished: broadcast::channel(1024).0,
             stopping: CancellationToken::new(),
         })
     }
@@ -147,55 +157,12 @@ impl Engine {
         &self.store
     }
 
-    /// Records what a committed transition changed: metrics, and a notification for requests
-    /// waiting for the instance to finish.
+    /// Records what a committed transition changed: metrics, and a wake-up for requests
+    /// waiting for the instance to settle.
     fn committed(&self, t: &Transition) {
         self.stats.count_events(&t.instance.plan.name, &t.events);
         if settled(t.instance.status) && !t.events.is_empty() {
-            // Nobody waiting is the usual case.
-            let _ = self.finished.send(t.instance.id);
-        }
-    }
-
-    /// Waits until the instance is terminal or stuck (nothing more happens to it without an
-    /// operator), at most `wait` (less if the engine stops), and returns it as it then is;
-    /// `None` if there is no such instance.
-    ///
-    /// Transitions committed by this process wake the wait at once; those of other processes
-    /// are seen by reading the store every [`WAIT_POLL`].
-    pub async fn wait_terminal(
-        &self,
-        id: Uuid,
-        wait: Duration,
-    ) -> Result<Option<StoredInstance>, EngineError> {
-        // Subscribe before reading, so a transition committed in between is not missed.
-        let mut finished = self.finished.subscribe();
-        let until = tokio::time::Instant::now() + wait;
-        loop {
-            let stored = self.store.get(id).await?;
-            match &stored {
-                Some(s) if !settled(s.instance.status) => {}
-                _ => return Ok(stored),
-            }
-            let poll = tokio::time::sleep(WAIT_POLL);
-            tokio::pin!(poll);
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => return Ok(stored),
-                    _ = self.stopping.cancelled() => return Ok(stored),
-                    _ = &mut poll => break,
-                    n = finished.recv() => match n {
-                        Ok(done) if done == id => break,
-                        Ok(_) => {}
-                        // Missed notifications may include ours: read the store.
-                        Err(broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(broadcast::error::RecvError::Closed) => {
-                            (&mut poll).await;
-                            break;
-                        }
-                    },
-                }
-            }
+            self.settled_here(t.instance.id);
         }
     }
 
@@ -280,8 +247,8 @@ impl Engine {
             .await?)
     }
 
-    /// Runs the reply consumer, the timer loop, the outbox relay and the retention loop until
-    /// `shutdown`.
+    /// Runs the reply consumer, the timer loop, the outbox relay, the retention loop and the
+    /// listener for instances other processes settled until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
         self.declare().await?;
         let replies = self.transport.subscribe(self.config.prefetch).await?;
@@ -289,9 +256,10 @@ impl Engine {
         let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
         let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone()));
         let retention = tokio::spawn(self.clone().retention_loop(shutdown.clone()));
+        let listener = tokio::spawn(self.clone().listen_loop(shutdown.clone()));
         shutdown.cancelled().await;
         self.stopping.cancel();
-        for task in [consumer, timers, relay, retention] {
+        for task in [consumer, timers, relay, retention, listener] {
             let _ = task.await;
         }
         self.flush_outbox_deletes().await;

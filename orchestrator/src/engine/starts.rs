@@ -43,6 +43,21 @@ pub const START_BATCH: usize = 64;
 /// ...with at most this many batches being stored at once.
 pub const START_SLOTS: usize = 2;
 
+/// A start decided by [`Engine::prepare_start`], to be stored by [`Engine::commit_start`].
+pub(super) struct Prepared<'a> {
+    definition: &'a str,
+    start: Transition,
+    now: Time,
+    idempotency: Option<Idempotency>,
+}
+
+impl Prepared<'_> {
+    /// The new instance's id.
+    pub fn id(&self) -> uuid::Uuid {
+        self.start.instance.id
+    }
+}
+
 /// A start waiting to be stored, and where to send the result.
 pub(super) struct Creation {
     start: Transition,
@@ -147,6 +162,17 @@ impl Engine {
         input: Value,
         options: StartOptions,
     ) -> Result<Started, EngineError> {
+        let prepared = self.prepare_start(definition, input, options)?;
+        self.commit_start(prepared).await
+    }
+
+    /// The first transition of a start, with its new id, decided but not stored.
+    pub(super) fn prepare_start<'a>(
+        &self,
+        definition: &'a str,
+        input: Value,
+        options: StartOptions,
+    ) -> Result<Prepared<'a>, EngineError> {
         let def = self
             .registry
             .latest(definition)
@@ -180,7 +206,28 @@ impl Engine {
             deadline,
             traceparent: options.traceparent,
         };
-        let t = machine::start_with(id, (**def.plan()).clone(), input, logged, now, def);
+        let start = machine::start_with(id, (**def.plan()).clone(), input, logged, now, def);
+        Ok(Prepared {
+            definition,
+            start,
+            now,
+            idempotency,
+        })
+    }
+
+    /// Stores a prepared start and publishes its commands (or, when its idempotency key names
+    /// an instance started before, answers that one).
+    pub(super) async fn commit_start(
+        &self,
+        prepared: Prepared<'_>,
+    ) -> Result<Started, EngineError> {
+        let Prepared {
+            definition,
+            start: t,
+            now,
+            idempotency,
+        } = prepared;
+        let id = t.instance.id;
         let (t, outbox) = match &idempotency {
             None => self.create(t, now).await?,
             Some(idem) => match self.store.create_idempotent(&t, now, idem).await? {

@@ -4,6 +4,8 @@
 //! appends the transition's events, updates the projection, writes the outgoing commands to the
 //! outbox and sets or cancels timers, so a crash leaves either all of it or none.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::Duration;
 use serde::Serialize;
@@ -19,7 +21,7 @@ pub mod sqlite;
 pub(crate) mod write_set;
 
 pub use memory::MemoryStore;
-pub use postgres::{PgStore, StateCacheStats};
+pub use postgres::{LISTENER_NAME, PgStore, SETTLED_CHANNEL, StateCacheStats};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
@@ -278,4 +280,32 @@ pub trait SagaStore: Send + Sync + 'static {
     /// compensated or resolved) before `finished_before`, oldest first, with their events,
     /// timers and outbox rows. One process prunes at a time: the others get [`Pruned::Busy`].
     async fn prune(&self, finished_before: Time, limit: u32) -> Result<Pruned, StoreError>;
+
+    /// Word of settled instances between the processes that share this store; `None` (the
+    /// default) for a store that one process uses alone.
+    fn settlements(&self) -> Option<Arc<dyn Settlements>> {
+        None
+    }
+}
+
+/// Word between the processes that share a store of the instances that settled (became
+/// terminal or stuck), so that a request waiting in one process is woken by a transition
+/// committed in another. Best effort: an announcement may be lost, and a wait still reads its
+/// instance again now and then.
+#[async_trait]
+pub trait Settlements: Send + Sync + 'static {
+    /// Tells every process listening (this one too) that these instances settled; called once
+    /// their transitions committed.
+    async fn announce(&self, ids: &[Uuid]) -> Result<(), StoreError>;
+
+    /// A connection of its own that hears every announcement from now on.
+    async fn listen(&self) -> Result<Box<dyn Announcements>, StoreError>;
+}
+
+/// What one listening connection hears ([`Settlements::listen`]).
+#[async_trait]
+pub trait Announcements: Send {
+    /// The instances of the next announcement; an error once the connection is lost (what is
+    /// announced until another one listens is not heard).
+    async fn next(&mut self) -> Result<Vec<Uuid>, StoreError>;
 }

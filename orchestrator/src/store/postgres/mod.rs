@@ -1,5 +1,6 @@
 //! The PostgreSQL store: the write path in `write`, every statement in `sql`, plans stored
-//! once in `plans`, the states of open instances this process committed in `states`.
+//! once in `plans`, the states of open instances this process committed in `states`, word of
+//! settled instances between processes in `settlements`.
 
 use async_trait::async_trait;
 use chrono::Duration;
@@ -12,18 +13,21 @@ use uuid::Uuid;
 
 use super::{
     Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pruned, SagaStore,
-    StoreError, StoredInstance, Updated,
+    Settlements, StoreError, StoredInstance, Updated,
 };
 use crate::machine::{Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
 mod plans;
 mod retention;
+mod settlements;
 mod sql;
 mod states;
 mod write;
 use plans::Plans;
 pub use retention::{Export, PRUNE_LOCK_KEY};
+use settlements::PgSettlements;
+pub use settlements::{LISTENER_NAME, SETTLED_CHANNEL};
 use states::States;
 
 /// The orchestrator's migrations (`migrations/postgres` in this crate).
@@ -323,5 +327,12 @@ impl SagaStore for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// NOTIFY and LISTEN: any number of processes may share the database.
+    fn settlements(&self) -> Option<Arc<dyn Settlements>> {
+        Some(Arc::new(PgSettlements {
+            pool: self.pool.clone(),
+        }))
     }
 }
