@@ -25,7 +25,7 @@ use crate::helpers::{
 };
 
 /// The participant of the test definitions (cleaned up with the test's topology).
-const PARTICIPANT: &str = "silent";
+pub(crate) const PARTICIPANT: &str = "silent";
 
 #[derive(serde::Deserialize)]
 struct Script {
@@ -38,7 +38,7 @@ struct Script {
 
 /// A one-step saga on [`PARTICIPANT`]; the step's payload is the input, so the input decides
 /// whether the participant answers.
-fn one_step(name: &str) -> Result<Definition> {
+pub(crate) fn one_step(name: &str) -> Result<Definition> {
     Ok(Definition::saga::<Script>(name, 1)
         .step("hold", PARTICIPANT, |s| {
             s.command(|s: &Script, _| json!({"answer": s.answer, "busy": s.busy, "stuck": s.stuck}))

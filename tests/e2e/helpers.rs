@@ -148,10 +148,21 @@ pub async fn spawn_app(env: &TestEnv, registry: Registry) -> Result<App> {
 
 /// [`spawn_app`] with transport settings of its own (e.g. command batches).
 pub async fn spawn_app_with(env: &TestEnv, registry: Registry, amqp: AmqpConfig) -> Result<App> {
+    spawn_app_with_engine(env, registry, amqp, engine_config()).await
+}
+
+/// [`spawn_app_with`] with engine settings of its own.
+pub async fn spawn_app_with_engine(
+    env: &TestEnv,
+    registry: Registry,
+    amqp: AmqpConfig,
+    engine: EngineConfig,
+) -> Result<App> {
     spawn(
         env,
         registry,
         amqp,
+        engine,
         ApiOptions::default(),
         HttpLimits::default(),
     )
@@ -168,6 +179,7 @@ pub async fn spawn_app_with_api(
         env,
         registry,
         env.amqp_config(),
+        engine_config(),
         options,
         HttpLimits::default(),
     )
@@ -186,13 +198,22 @@ pub async fn spawn_app_with_limits(
         body_timeout: limits.body_timeout,
         ..options
     };
-    spawn(env, registry, env.amqp_config(), options, limits).await
+    spawn(
+        env,
+        registry,
+        env.amqp_config(),
+        engine_config(),
+        options,
+        limits,
+    )
+    .await
 }
 
 async fn spawn(
     env: &TestEnv,
     registry: Registry,
     amqp: AmqpConfig,
+    engine: EngineConfig,
     options: ApiOptions,
     limits: HttpLimits,
 ) -> Result<App> {
@@ -201,7 +222,7 @@ async fn spawn(
         Arc::new(AmqpTransport::new(amqp)),
         registry,
         Arc::new(SystemClock),
-        engine_config(),
+        engine,
     );
     engine.declare().await?;
     let shutdown = CancellationToken::new();

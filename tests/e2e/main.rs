@@ -17,3 +17,4 @@ mod quickstart;
 mod reconcile;
 mod store;
 mod tls;
+mod wait;
