@@ -164,8 +164,12 @@ pub(super) const CLAIM_OUTBOX: &str = "UPDATE sagas_outbox o SET available_at = 
 pub(super) const DELETE_OUTBOX: &str = "DELETE FROM sagas_outbox WHERE id = ANY($1)";
 
 /// Announces settled instances: one notification on channel `$1` per payload of `$2`
-/// (`settlements`), all in the statement's own transaction.
-pub(super) const ANNOUNCE: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
+/// (`settlements`), all in the statement's own transaction. A NOTIFY gives its transaction an
+/// id, so its commit writes WAL; nothing in it needs to be durable, so the commit does not
+/// wait for the flush.
+pub(super) const ANNOUNCE: &str =
+    "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, p)
+     FROM unnest($2::text[]) AS p";
 
 /// Takes the prune lock (`$1`) for the transaction if no other process holds it.
 pub(super) const PRUNE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
