@@ -1082,6 +1082,49 @@ async fn metrics_count_started_and_finished_instances_by_definition_and_status()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_replies_decided_on_cached_states_and_the_messages_through_the_broker()
+-> Result<()> {
+    let api = Api::start_with(&["api_cache_metrics"], ApiOptions::default()).await?;
+    // Started and answered by this process: the reply is decided on the state it cached.
+    let (status, view) = api
+        .post(
+            "/v1/sagas/api_cache_metrics?wait=30",
+            None,
+            json!({"input": {"answer": true}}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{view}");
+    let text = api
+        .http
+        .get(api.app.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    // Counters are process-wide and other tests run alongside: at least this test's own.
+    let value = |series: &str| metric_value(&text, series).unwrap_or(0.0);
+    assert!(
+        value("sagas_state_cache_total{result=\"hit\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("sagas_state_cache_total{result=\"stale\"}"),
+        "{text}"
+    );
+    assert!(
+        value("sagas_amqp_messages_total{kind=\"command\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("sagas_amqp_messages_total{kind=\"reply\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(text.contains("# HELP sagas_state_cache_total"), "{text}");
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_is_echoed_or_assigned() -> Result<()> {
     let env = TestEnv::new().await?;
     let app = spawn_app(&env, Registry::new()).await?;

@@ -33,6 +33,14 @@ pub const PRUNED: &str = "sagas_instances_pruned_total";
 pub const WAIT_READS: &str = "sagas_wait_reads_total";
 /// Counter: connections of the listener for instances other processes settled.
 pub const LISTENER_CONNECTS: &str = "sagas_wait_listener_connects_total";
+/// Counter, label `result` (`hit`, `stale`): replies decided on a state this process had
+/// cached, and written with one statement (`hit`), or found moved on by another process or a
+/// concurrent batch and decided again under the lock (`stale`). Counted by the PostgreSQL store.
+pub const STATE_CACHE: &str = "sagas_state_cache_total";
+/// Counter, label `kind` (`command`, `reply`): AMQP messages through the broker, command
+/// messages published and confirmed, reply messages received; a batch counts once. Counted by
+/// the AMQP transport.
+pub const AMQP_MESSAGES: &str = "sagas_amqp_messages_total";
 
 /// Registers the descriptions of the engine's metrics with the installed recorder.
 pub fn describe() {
@@ -65,6 +73,14 @@ pub fn describe() {
     describe_counter!(
         LISTENER_CONNECTS,
         "Connections of the listener for transactions settled by other processes."
+    );
+    describe_counter!(
+        STATE_CACHE,
+        "Replies decided on a cached state (hit) or found it stale (stale)."
+    );
+    describe_counter!(
+        AMQP_MESSAGES,
+        "AMQP messages through the broker: commands published, replies received (a batch counts once)."
     );
 }
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batches::{Batching, CommandBatch};
 use super::{Ack, Incoming, Transport, TransportError};
+use crate::engine::metric::AMQP_MESSAGES;
 use crate::store::OutboxMessage;
 pub use sagas_participant::amqp::command_properties;
 use sagas_participant::amqp::{
@@ -63,6 +64,20 @@ pub struct WireCounts {
     pub published: AtomicU64,
     /// Reply messages delivered (a batch counts once).
     pub received: AtomicU64,
+}
+
+impl WireCounts {
+    /// A command message was published and confirmed.
+    fn count_published(&self) {
+        self.published.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(AMQP_MESSAGES, "kind" => "command").increment(1);
+    }
+
+    /// A reply message was delivered.
+    fn count_received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(AMQP_MESSAGES, "kind" => "reply").increment(1);
+    }
 }
 
 fn broker(e: impl std::fmt::Display) -> TransportError {
@@ -219,7 +234,7 @@ impl Transport for AmqpTransport {
                     format!("no queue is bound for participant {}", group[0].participant),
                 ));
             }
-            self.wire.published.fetch_add(1, Ordering::Relaxed);
+            self.wire.count_published();
         }
         Ok(())
     }
@@ -333,7 +348,7 @@ async fn forward(
 ) -> Result<(), TransportError> {
     while let Some(delivery) = stream.next().await {
         let delivery = delivery.map_err(broker)?;
-        wire.received.fetch_add(1, Ordering::Relaxed);
+        wire.count_received();
         for incoming in incoming(delivery, dead, batching).await {
             if tx.send(incoming).await.is_err() {
                 return Ok(());

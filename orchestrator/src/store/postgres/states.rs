@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use uuid::Uuid;
 
+use crate::engine::metric;
 use crate::machine::Instance;
 
 /// At most this many states are kept (about 2–3 kB each); past it, new instances are not
@@ -89,6 +90,16 @@ impl States {
 
     pub fn bump(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts how the guesses of one statement on cached states fared: `hits` written, `stale`
+    /// found moved on; in the atomics and in the metric (both series, so that each exists
+    /// from the first statement on).
+    pub fn guessed(&self, hits: usize, stale: usize) {
+        Self::bump(&self.hits, hits);
+        Self::bump(&self.stale, stale);
+        metrics::counter!(metric::STATE_CACHE, "result" => "hit").increment(hits as u64);
+        metrics::counter!(metric::STATE_CACHE, "result" => "stale").increment(stale as u64);
     }
 }
 

@@ -12,7 +12,6 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::plans::{EventBody, PlanRow, Plans, StateRef, StoredState};
-use super::states::States;
 use super::{PgStore, corrupt, sql};
 use crate::definition::Plan;
 use crate::machine::{Instance, Time, Timer, Transition};
@@ -366,9 +365,10 @@ impl PgStore {
             .collect())
     }
 
-    /// Decides `items` on the states this process last committed ([`States`]) and writes
-    /// them with one statement, so one implicit transaction: no `BEGIN`, no locking read, no
-    /// `COMMIT` ([`sql::WRITE_GUARDED`]). An item whose stored state moved on writes nothing.
+    /// Decides `items` on the states this process last committed
+    /// ([`States`](super::states::States)) and writes them with one statement, so one implicit
+    /// transaction: no `BEGIN`, no locking read, no `COMMIT` ([`sql::WRITE_GUARDED`]). An item
+    /// whose stored state moved on writes nothing.
     ///
     /// Several inputs for one instance apply in order, each decided on the state the previous
     /// left. `None` when the batch must take the locking path as a whole: a state not cached,
@@ -408,8 +408,7 @@ impl PgStore {
             .iter()
             .filter(|t| written.instances.contains(&t.instance.id))
             .count();
-        States::bump(&self.states.hits, hits);
-        States::bump(&self.states.stale, transitions.len() - hits);
+        self.states.guessed(hits, transitions.len() - hits);
         Ok(Some(
             transitions
                 .into_iter()
