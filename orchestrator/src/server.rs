@@ -42,12 +42,18 @@ pub async fn engine(config: &Config, registry: Registry) -> anyhow::Result<Arc<E
         Arc::new(transport),
         registry,
         Arc::new(SystemClock),
-        EngineConfig {
-            retention: config.retention,
-            wait_notify: config.wait_notify,
-            ..EngineConfig::default()
-        },
+        engine_config(config),
     ))
+}
+
+/// The engine's tuning in a `sagad`-style process: the defaults, with the retention `config`
+/// asks for.
+pub fn engine_config(config: &Config) -> EngineConfig {
+    EngineConfig {
+        retention: config.retention,
+        wait_notify: config.wait_notify,
+        ..EngineConfig::default()
+    }
 }
 
 /// Runs the engine and the HTTP API on `config.bind`, within `config.http`, until `shutdown`

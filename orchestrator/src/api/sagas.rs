@@ -26,6 +26,9 @@ use crate::store::{ListFilter, LoggedEvent, Position, StoredInstance};
 /// unauthenticated (with tokens, the actor is the token's name).
 pub const ACTOR_HEADER: &str = "x-sagas-actor";
 
+/// Header carrying a start request's idempotency key (the body's `idempotency_key` works too).
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
 /// The actor recorded when an unauthenticated request names none.
 pub const ANONYMOUS: &str = "anonymous";
 
@@ -225,7 +228,7 @@ fn idempotency_key(
     request: &StartRequest,
     headers: &HeaderMap,
 ) -> Result<Option<String>, ApiError> {
-    let header = match headers.get("idempotency-key") {
+    let header = match headers.get(IDEMPOTENCY_KEY_HEADER) {
         None => None,
         Some(v) => Some(
             v.to_str()
