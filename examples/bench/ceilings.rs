@@ -54,7 +54,7 @@ pub async fn measure(
     let pg = pg?;
     let (amqp, unconsumed) = amqp_round_trips(&urls.amqp, prefix, concurrency, secs).await?;
     let cpu = cpu_0.until(&CpuSnapshot::take());
-    let other = (cpu.machine_busy - cpu.bench - cpu.postgres - cpu.rabbitmq).max(0.0);
+    let other = (cpu.machine_busy - cpu.ours()).max(0.0);
     Ok(Ceilings {
         concurrency,
         seconds: secs,

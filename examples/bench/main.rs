@@ -7,27 +7,47 @@
 //! cargo run --release --example bench -- --workload happy --sagas 3000 --prefill-events 1000000
 //! ```
 //!
-//! Everything runs in this one process: the engine (built like `server::engine`), its HTTP
-//! API, one participant per step (the participant SDK with the barrier) and the load driver.
-//! Each workload gets fresh scratch databases (`sagas_bench_*`, dropped at the end) and its
-//! own AMQP prefix (deleted at the end). See docs/performance.md for the method and numbers.
+//! By default everything runs in this one process: the engine (built like `server::engine`),
+//! its HTTP API, one participant per step (the participant SDK with the barrier) and the load
+//! driver. With `--topology processes`, as users run it: orchestrator processes built as
+//! `sagad` builds its own, one process per participant, and this process as the clients,
+//! which wait for every saga's outcome (`?wait`); the processes are this binary again, in a
+//! hidden `--role`. Each workload gets fresh scratch databases (`sagas_bench_*`, dropped at the
+//! end) and its own AMQP prefix (deleted at the end). See docs/performance.md for the method
+//! and numbers.
+//!
+//! ```text
+//! cargo run --release --example bench -- --topology processes --orchestrators 2 --workload happy
+//! ```
 
 mod ceilings;
+mod clients;
 mod env;
+mod fleet;
+mod inprocess;
+mod output;
 mod participants;
 mod prefill;
+mod processes;
+mod roles;
 mod run;
+mod scrape;
 mod sys;
 
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 
 use anyhow::Result;
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::Serialize;
 
 use crate::ceilings::Ceilings;
 use crate::env::Urls;
+use crate::fleet::Settings;
+use crate::roles::Role;
 use crate::run::WorkloadResult;
+use sagas::orchestrator::transport::CommandBatch;
 
 // As `sagad` (docs/performance.md, round 5).
 #[global_allocator]
@@ -64,6 +84,16 @@ enum Which {
     All,
 }
 
+/// Where the parts run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// Engine, HTTP API, participants and load driver in this process.
+    InProcess,
+    /// Orchestrator processes as `sagad`, one process per participant, this one as the clients.
+    Processes,
+}
+
 /// How sagas are started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -81,6 +111,17 @@ pub struct Args {
     /// Which workload(s) to run.
     #[arg(long, value_enum, default_value_t = Which::All)]
     workload: Which,
+    /// Where the parts run: all in this process, or as users run them (orchestrator processes
+    /// built as `sagad`, one process per participant, this process as clients that wait for
+    /// each saga's outcome). With `processes`, the settings of the processes are the defaults
+    /// (or this environment's `SAGAS_*` variables) except the ones given on the command line.
+    #[arg(long, value_enum, default_value_t = Layout::InProcess)]
+    pub topology: Layout,
+    /// Orchestrator processes (`--topology processes`); the clients take them in turn.
+    #[arg(long = "orchestrators", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    orchestrators_arg: u16,
+    #[arg(skip)]
+    pub orchestrators: usize,
     /// Sagas per workload.
     #[arg(long, default_value_t = 10_000)]
     pub sagas: u64,
@@ -107,20 +148,24 @@ pub struct Args {
     /// Do not measure the ceilings (no efficiency ratios then).
     #[arg(long)]
     skip_ceilings: bool,
-    /// Orchestrator database pool size (`SAGAS_DB_POOL`'s default).
-    #[arg(long, default_value_t = 16)]
+    /// Orchestrator database pool size (`SAGAS_DB_POOL`; its default).
+    #[arg(long, default_value_t = sagas::orchestrator::config::DEFAULT_DB_POOL)]
     pub db_pool: u32,
-    /// Database pool size of each participant (it runs up to 16 handlers at once).
+    /// Database pool size of each participant (it runs up to 16 handlers at once); with
+    /// processes, `SAGAS_PARTICIPANT_DB_POOL` when given (its default: the concurrency + 1).
     #[arg(long, default_value_t = 16)]
     pub participant_pool: u32,
-    /// Handler slots of each participant (`Participant::concurrency`; a slot holds one
-    /// message, or the several messages taken together).
-    #[arg(long, default_value_t = 16)]
+    /// Handler slots of each participant (`Participant::concurrency`, with processes
+    /// `SAGAS_PARTICIPANT_CONCURRENCY`; a slot holds one message, or the several messages
+    /// taken together).
+    #[arg(long, default_value_t = sagas::participant::runtime::DEFAULT_CONCURRENCY)]
     pub participant_concurrency: usize,
-    /// Reply batches the orchestrator commits at once (`EngineConfig::reply_concurrency`).
+    /// Reply batches the orchestrator commits at once (`EngineConfig::reply_concurrency`; in
+    /// process only: `sagad` has no such setting).
     #[arg(long, default_value_t = sagas::orchestrator::EngineConfig::default().reply_concurrency)]
     pub reply_slots: usize,
-    /// Interval of the completion poll (one `count(*)` of open instances), in milliseconds.
+    /// Interval of the completion poll (one `count(*)` of open instances), in milliseconds
+    /// (in process only: with processes, each answer says its saga finished).
     #[arg(long, default_value_t = 10)]
     pub poll_ms: u64,
     /// Give up on a workload after this many seconds.
@@ -134,57 +179,167 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub prefill_events: u64,
     /// Run the orchestrator with this retention (`SAGAS_RETENTION`), looking every second for
-    /// finished sagas to delete: with --prefill-events, the history older than this is pruned
-    /// while the workload runs. Keep it longer than the run, or the run's own sagas go too.
+    /// finished sagas to delete (with processes, as often as `sagad` looks: every minute):
+    /// with --prefill-events, the history older than this is pruned while the workload runs.
+    /// Keep it longer than the run, or the run's own sagas go too.
     #[arg(long)]
     pub retention_secs: Option<u64>,
     /// Start calls in flight at most (HTTP requests or `Engine::start` calls); the in-flight
-    /// limit still applies [default: the concurrency, at most 512].
+    /// limit still applies [default: the concurrency, at most 512] (in process only: with
+    /// processes, each client makes one call at a time).
     #[arg(long = "start-calls")]
     start_calls_arg: Option<usize>,
     /// Per-attempt timeout of every step, in seconds [default: the definition default, 10 s];
     /// raise it when commands queue longer than that (large --concurrency, slow participants).
     #[arg(long)]
     pub step_timeout_secs: Option<u64>,
-    /// Most commands per AMQP message (`SAGAS_AMQP_COMMAND_BATCH`; 1, the default, sends each
-    /// command alone; the bench's participants accept batches).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub command_batch: u16,
+    /// Most commands per AMQP message (`SAGAS_AMQP_COMMAND_BATCH`): 1 sends each command
+    /// alone, more forces batches of up to that many [default: automatic, as in sagad: batches
+    /// to participants whose replies announce them, which the bench's do].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub command_batch: Option<u16>,
     /// Keep the scratch databases (for inspection).
     #[arg(long)]
     pub keep: bool,
     #[arg(skip)]
     pub progress: bool,
+    /// The role of a process started by `--topology processes`.
+    #[arg(long, value_enum, hide = true)]
+    role: Option<Role>,
+    /// The participant a `--role participant` process serves.
+    #[arg(long, hide = true)]
+    pub participant: Option<String>,
+    /// The arguments given on the command line (by id), as opposed to defaults.
+    #[arg(skip)]
+    given: BTreeSet<String>,
 }
 
 impl Args {
+    /// The command batches the orchestrator sends: the flag's, else the default.
+    pub fn command_batch(&self) -> CommandBatch {
+        self.command_batch
+            .map_or_else(CommandBatch::default, |n| usize::from(n).into())
+    }
+
     /// Start calls allowed in flight at once.
     pub fn start_calls(&self) -> usize {
-        self.start_calls_arg
-            .unwrap_or(self.concurrency.min(512))
-            .max(1)
+        match self.topology {
+            Layout::InProcess => self
+                .start_calls_arg
+                .unwrap_or(self.concurrency.min(512))
+                .max(1),
+            Layout::Processes => self.concurrency,
+        }
+    }
+
+    /// Whether the argument `id` (a field name) was given on the command line.
+    pub fn given(&self, id: &str) -> bool {
+        self.given.contains(id)
+    }
+
+    /// The workloads to run, in order.
+    pub fn workloads(&self) -> Vec<Workload> {
+        match self.workload {
+            Which::Happy => vec![Workload::Happy],
+            Which::Compensate => vec![Workload::Compensate],
+            Which::Tcc => vec![Workload::Tcc],
+            Which::All => vec![Workload::Happy, Workload::Compensate, Workload::Tcc],
+        }
+    }
+
+    /// Refuses what does not apply to the topology.
+    fn check_topology(&self) -> Result<()> {
+        match self.topology {
+            Layout::InProcess => anyhow::ensure!(
+                self.orchestrators == 1,
+                "--orchestrators needs --topology processes (in process there is one engine)"
+            ),
+            Layout::Processes => {
+                anyhow::ensure!(
+                    self.via == Via::Http,
+                    "--via engine needs --topology in-process: with processes the clients start \
+                     sagas over HTTP"
+                );
+                for (id, flag, why) in [
+                    (
+                        "start_calls_arg",
+                        "--start-calls",
+                        "each client makes one call at a time; --concurrency sets the calls",
+                    ),
+                    (
+                        "poll_ms",
+                        "--poll-ms",
+                        "there is no completion poll: each answer says its saga finished",
+                    ),
+                    (
+                        "reply_slots",
+                        "--reply-slots",
+                        "the orchestrators run with sagad's engine settings, which have no such variable",
+                    ),
+                ] {
+                    anyhow::ensure!(
+                        !self.given(id),
+                        "{flag} does not apply to --topology processes: {why}"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     setup: &'static str,
+    topology: Layout,
+    orchestrators: usize,
+    /// With processes: the settings they ran with.
+    settings: Option<Settings>,
     cores: usize,
     via: Via,
-    command_batch: u16,
+    command_batch: String,
     ceilings: Option<Ceilings>,
     workloads: Vec<WorkloadResult>,
     ok: bool,
 }
 
-const SETUP: &str = "in-process: orchestrator engine + HTTP API + participants + load driver in \
-                     one process; PostgreSQL and RabbitMQ local";
+impl Layout {
+    /// What runs where, for the report.
+    fn setup(self) -> &'static str {
+        match self {
+            Layout::InProcess => {
+                "in-process: orchestrator engine + HTTP API + participants + load driver in \
+                 one process; PostgreSQL and RabbitMQ local"
+            }
+            Layout::Processes => {
+                "processes: orchestrator process(es) built as sagad, one process per \
+                 participant, this process as clients that start each saga with ?wait; \
+                 PostgreSQL and RabbitMQ local"
+            }
+        }
+    }
+}
 
 #[tokio::main]
 async fn main() {
-    let mut args = Args::parse();
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    args.given = matches
+        .ids()
+        .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect();
     args.steps = usize::from(args.steps_arg);
+    args.orchestrators = usize::from(args.orchestrators_arg);
     args.progress = !args.json && std::io::stderr().is_terminal();
+    init_tracing();
+    if let Some(role) = args.role {
+        if let Err(e) = roles::run(role, &args).await {
+            eprintln!("bench {}: {e:#}", role.as_str());
+            std::process::exit(2);
+        }
+        return;
+    }
     match main_inner(&args).await {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
@@ -195,7 +350,9 @@ async fn main() {
     }
 }
 
-async fn main_inner(args: &Args) -> Result<bool> {
+/// Logs to stderr (`RUST_LOG`, default `error`), in every role: a participant's stdout carries
+/// its report.
+fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -203,6 +360,10 @@ async fn main_inner(args: &Args) -> Result<bool> {
         )
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+async fn main_inner(args: &Args) -> Result<bool> {
+    args.check_topology()?;
     anyhow::ensure!(args.sagas > 0, "--sagas must be positive");
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be positive");
     anyhow::ensure!(args.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
@@ -210,29 +371,45 @@ async fn main_inner(args: &Args) -> Result<bool> {
         args.skip_ceilings || args.concurrency <= 90,
         "the PostgreSQL ceiling opens --concurrency connections: above 90, pass --skip-ceilings"
     );
-    anyhow::ensure!(
-        u64::from(args.db_pool) + u64::from(args.participant_pool) * args.steps as u64 <= 90,
-        "--db-pool + --steps x --participant-pool must stay under PostgreSQL's default 100 connections (at most 90)"
-    );
     let urls = Urls {
         admin: std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
         amqp: std::env::var("AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
     };
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let workloads = match args.workload {
-        Which::Happy => vec![Workload::Happy],
-        Which::Compensate => vec![Workload::Compensate],
-        Which::Tcc => vec![Workload::Tcc],
-        Which::All => vec![Workload::Happy, Workload::Compensate, Workload::Tcc],
+    let settings = match args.topology {
+        Layout::InProcess => None,
+        Layout::Processes => Some(Settings::effective(args, &urls)?),
     };
+    // The pools of every orchestrator and participant, at once.
+    let (pool, orchestrator_pools, participant_pool) = match &settings {
+        None => ("--db-pool", args.db_pool, args.participant_pool),
+        Some(s) => (
+            "--orchestrators x --db-pool",
+            s.orchestrator.db_pool * args.orchestrators as u32,
+            s.participant.db_pool,
+        ),
+    };
+    anyhow::ensure!(
+        u64::from(orchestrator_pools) + u64::from(participant_pool) * args.steps as u64 <= 90,
+        "{pool} + --steps x --participant-pool ({orchestrator_pools} + {} x {participant_pool}) \
+         must stay under PostgreSQL's default 100 connections (at most 90)",
+        args.steps
+    );
+    let command_batch = settings
+        .as_ref()
+        .map_or(args.command_batch(), |s| s.orchestrator.command_batch)
+        .to_string();
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     if !args.json {
         println!(
-            "sagas bench ({SETUP}; {} cores; at most {} command(s) per AMQP message)",
+            "sagas bench ({}; {} cores; command batches: {command_batch})",
+            args.topology.setup(),
             sys::cores(),
-            args.command_batch
         );
+        if let Some(s) = &settings {
+            output::print_settings(s);
+        }
     }
 
     let ceilings = if args.skip_ceilings {
@@ -269,7 +446,7 @@ async fn main_inner(args: &Args) -> Result<bool> {
     };
 
     let mut results = Vec::new();
-    for w in workloads {
+    for w in args.workloads() {
         let r = run::run(
             args,
             &urls,
@@ -280,17 +457,20 @@ async fn main_inner(args: &Args) -> Result<bool> {
         )
         .await?;
         if !args.json {
-            print_text(&r);
+            output::print_text(&r);
         }
         results.push(r);
     }
     let ok = results.iter().all(|r| r.status == "ok");
     if args.json {
         let report = Report {
-            setup: SETUP,
+            setup: args.topology.setup(),
+            topology: args.topology,
+            orchestrators: args.orchestrators,
+            settings,
             cores: sys::cores(),
             via: args.via,
-            command_batch: args.command_batch,
+            command_batch,
             ceilings,
             workloads: results,
             ok,
@@ -298,151 +478,4 @@ async fn main_inner(args: &Args) -> Result<bool> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(ok)
-}
-
-fn print_text(r: &WorkloadResult) {
-    let via = match r.via {
-        Via::Http => "HTTP",
-        Via::Engine => "Engine::start",
-    };
-    let rate = r
-        .rate
-        .map(|x| format!(", paced at {x:.0}/s"))
-        .unwrap_or_default();
-    println!();
-    let mut extra = String::new();
-    if r.start_calls < r.concurrency {
-        extra += &format!(", at most {} start calls at once", r.start_calls);
-    }
-    if let Some(t) = r.step_timeout_secs {
-        extra += &format!(", step timeout {t} s");
-    }
-    println!(
-        "{} — {} sagas, {} steps, {} in flight, via {via}{rate}{extra}",
-        r.workload.as_str(),
-        r.sagas,
-        r.steps,
-        r.concurrency
-    );
-    if let Some(p) = &r.prefill {
-        let mib = |b: i64| b as f64 / (1024.0 * 1024.0);
-        println!(
-            "  prefill      {} events of {} finished sagas in {:.0} s (seeds {:.0} s, clones {:.0} s, VACUUM ANALYZE {:.0} s, CHECKPOINT {:.0} s); databases {:.0} MiB orchestrator, {:.0} MiB participants",
-            p.events,
-            p.instances,
-            p.total_secs,
-            p.seed_secs,
-            p.clone_secs,
-            p.vacuum_secs,
-            p.checkpoint_secs,
-            mib(p.orchestrator_db_bytes),
-            mib(p.participant_db_bytes)
-        );
-        for t in &p.tables {
-            println!(
-                "               {}.{}: ≈ {} rows, {:.0} MiB table + {:.0} MiB indexes",
-                t.database,
-                t.table,
-                t.rows,
-                mib(t.table_bytes),
-                mib(t.index_bytes)
-            );
-        }
-    }
-    if r.status != "ok" {
-        println!("  FAILURE");
-        for f in &r.failures {
-            println!("    {f}");
-        }
-        println!(
-            "  lost {}, duplicated {}, inconsistent {}, start errors {}; at most {} in flight, peak RSS {:.0} MiB",
-            r.lost, r.duplicated, r.inconsistent, r.start_errors, r.max_in_flight, r.peak_rss_mib
-        );
-        return;
-    }
-    let f = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
-    println!(
-        "  throughput   {} sagas/s ({} completed, {} compensated in {:.1} s; starts issued at {:.0}/s)",
-        f(r.sagas_per_s),
-        r.completed,
-        r.compensated,
-        r.seconds,
-        r.start_rate
-    );
-    println!(
-        "  latency      p50 {} ms, p95 {} ms, p99 {} ms, max {} ms (created -> terminal); start call p50 {:.1} ms, p99 {:.1} ms",
-        f(r.p50_ms),
-        f(r.p95_ms),
-        f(r.p99_ms),
-        f(r.max_ms),
-        r.start_p50_ms,
-        r.start_p99_ms
-    );
-    println!(
-        "  per saga     {:.2} AMQP messages ({:.2} commands + {:.2} replies; through the broker {:.2} + {:.2} messages), {:.2} DB transactions ({:.2} orchestrator + {:.2} participants), {:.0} WAL bytes ({:.2} full-page images), {:.2} WAL syncs",
-        r.messages_per_saga,
-        r.commands_per_saga,
-        r.replies_per_saga,
-        r.wire_commands_per_saga,
-        r.wire_replies_per_saga,
-        r.db_xacts_per_saga,
-        r.orchestrator_xacts_per_saga,
-        r.participant_xacts_per_saga,
-        r.wal_bytes_per_saga,
-        r.wal_fpi_per_saga,
-        r.wal_syncs_per_saga
-    );
-    println!(
-        "  CPU per saga {:.2} ms this process, {:.2} ms PostgreSQL, {:.2} ms RabbitMQ, {:.2} ms other processes; machine busy {:.0}%",
-        r.cpu_ms_per_saga_bench,
-        r.cpu_ms_per_saga_postgres,
-        r.cpu_ms_per_saga_rabbitmq,
-        r.cpu_ms_per_saga_other,
-        r.machine_utilisation * 100.0
-    );
-    if r.cpu_ms_per_saga_other > 0.1 * r.cpu_ms_per_saga_machine {
-        println!(
-            "  WARNING      other processes used {:.0}% of the busy CPU time: the machine was not quiet",
-            100.0 * r.cpu_ms_per_saga_other / r.cpu_ms_per_saga_machine.max(1e-9)
-        );
-    }
-    println!(
-        "  memory       peak RSS {:.0} MiB (whole process: orchestrator + participants + driver), {:.0} MiB idle before the first start",
-        r.peak_rss_mib, r.idle_rss_mib
-    );
-    println!(
-        "  in flight    at most {} instances open at once ({:.0} MiB RSS when first reached)",
-        r.max_in_flight, r.rss_at_max_in_flight_mib
-    );
-    println!(
-        "  efficiency   {} of the AMQP ceiling, {} of the PostgreSQL ceiling",
-        r.efficiency
-            .map(|e| format!("{:.0}%", e * 100.0))
-            .unwrap_or_else(|| "-".into()),
-        r.db_efficiency
-            .map(|e| format!("{:.0}%", e * 100.0))
-            .unwrap_or_else(|| "-".into())
-    );
-    println!(
-        "  checks       lost 0, duplicated 0, inconsistent 0; outbox left {}, timers fired {}, relayed {}, dead-lettered {}",
-        r.outbox_left, r.timers_fired, r.relayed, r.dead_lettered
-    );
-    if r.pruned > 0 {
-        println!(
-            "  retention    {} finished sagas of the history pruned during the timed part",
-            r.pruned
-        );
-    }
-    println!(
-        "  participants {} barrier batches, {} run again with savepoints, {} fell back to one by one",
-        r.participant_batches, r.participant_batch_reruns, r.participant_batch_fallbacks
-    );
-    println!(
-        "  orchestrator {} replies decided on cached states (one statement), {} found them stale",
-        r.cached_replies, r.stale_replies
-    );
-    println!(
-        "  driver       {} completion polls, {:.2} ms round trip, {:.3} ms execution in PostgreSQL",
-        r.completion_polls, r.completion_poll_ms, r.completion_poll_server_ms
-    );
 }

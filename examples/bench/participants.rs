@@ -161,6 +161,15 @@ pub fn expected(workload: Workload, steps: usize, step: usize, fail: bool) -> Op
     }
 }
 
+/// The terminal status saga `n` of the workload must reach.
+pub fn expected_status(workload: Workload, n: u64) -> &'static str {
+    if fails(workload, n) {
+        "compensated"
+    } else {
+        "completed"
+    }
+}
+
 /// Whether saga `n` of the workload fails (every 5th saga of `compensate`).
 pub fn fails(workload: Workload, n: u64) -> bool {
     workload == Workload::Compensate && n % 5 == 4

@@ -1,35 +1,32 @@
-//! One workload: fresh databases and topology, the engine, the HTTP API and the participants
-//! in this process, N sagas driven with C in flight, then the checks and the counters.
+//! One workload: fresh databases and AMQP names, the run in the chosen topology
+//! (`inprocess` or `processes`), then, once everything the run started is stopped, the checks
+//! and the counters, the same for both.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::{Connection, ConnectionProperties};
-use sagas::orchestrator::clock::SystemClock;
+use sagas::orchestrator::Engine;
 use sagas::orchestrator::store::PgStore;
-use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
-use sagas::orchestrator::{Engine, EngineConfig};
-use sagas::participant::amqp::{QueueOptions, declare_participant, delete_topology};
-use sagas::participant::{Participant, Topology};
+use sagas::participant::Topology;
+use sagas::participant::amqp::{
+    QueueOptions, declare_participant, declare_replies, delete_topology,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection as _, PgConnection};
-use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use sqlx::{Connection as _, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::env::{self, Scratch, Urls};
-use crate::participants::{self, BenchInput, Effects, Row};
-use crate::prefill::{self, PrefillReport};
-use crate::sys::{self, CpuSnapshot};
-use crate::{Args, Via, Workload};
+use crate::participants::{self, Row};
+use crate::prefill::PrefillReport;
+use crate::sys::CpuSnapshot;
+use crate::{Args, Layout, Via, Workload};
 
 /// Everything measured for one workload.
 #[derive(Debug, Clone, Serialize)]
@@ -38,6 +35,10 @@ pub struct WorkloadResult {
     /// `ok`, or `FAILURE` when a saga was lost, duplicated or left inconsistent, or a start failed.
     pub status: &'static str,
     pub failures: Vec<String>,
+    /// Where the parts ran (`--topology`).
+    pub topology: Layout,
+    /// Orchestrator processes (1 in process).
+    pub orchestrators: usize,
     pub via: Via,
     pub sagas: u64,
     pub concurrency: usize,
@@ -49,17 +50,26 @@ pub struct WorkloadResult {
     pub seconds: f64,
     /// Terminal sagas per second, from the first start to the last terminal state seen.
     pub sagas_per_s: Option<f64>,
-    /// End-to-end latency (terminal transition's time minus creation time, see docs).
+    /// What `p50_ms`..`max_ms` measure: `created_to_terminal` (in process: the instance row's
+    /// terminal transition time minus its creation time, see docs) or `client` (processes:
+    /// from sending the start request with `?wait` to its terminal answer, at the client).
+    pub latency_from: &'static str,
+    /// End-to-end latency.
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
-    /// Latency of the start call itself as the driver saw it (HTTP or `Engine::start`).
+    /// With processes: the created → terminal latency from the instance rows, as in process.
+    pub created_to_terminal_p50_ms: Option<f64>,
+    pub created_to_terminal_p99_ms: Option<f64>,
+    /// Latency of the start call itself as the driver saw it (HTTP or `Engine::start`; with
+    /// processes, the whole call with its wait).
     pub start_p50_ms: f64,
     pub start_p99_ms: f64,
     pub lost: u64,
     pub duplicated: u64,
     pub inconsistent: u64,
+    /// Start calls that failed (with processes, also the answers 202: the wait ran out).
     pub start_errors: u64,
     pub completed: u64,
     pub compensated: u64,
@@ -82,25 +92,37 @@ pub struct WorkloadResult {
     pub wal_syncs_per_saga: f64,
     /// Full-page images in the WAL per saga (the first change of a page after a checkpoint).
     pub wal_fpi_per_saga: f64,
-    /// CPU seconds per saga: this process (orchestrator + participants + driver), PostgreSQL,
-    /// RabbitMQ, and the machine's busy time.
+    /// CPU milliseconds per saga: this process (in process: orchestrator + participants +
+    /// driver; with processes: the clients), PostgreSQL, RabbitMQ, and the machine's busy time.
     pub cpu_ms_per_saga_bench: f64,
     pub cpu_ms_per_saga_postgres: f64,
     pub cpu_ms_per_saga_rabbitmq: f64,
     pub cpu_ms_per_saga_machine: f64,
+    /// With processes: the orchestrator processes and the participant processes (sums).
+    pub cpu_ms_per_saga_orchestrators: Option<f64>,
+    pub cpu_ms_per_saga_participants: Option<f64>,
+    /// Every group above together (this process, its children, PostgreSQL, RabbitMQ).
+    pub cpu_ms_per_saga_all: f64,
     /// Busy time of everything else on the machine (other users' builds, ...), per saga.
     pub cpu_ms_per_saga_other: f64,
     /// Machine busy time / (cores × wall time) during the run.
     pub machine_utilisation: f64,
-    /// Peak resident memory of this process during the workload (MiB): orchestrator,
-    /// participants and driver together, so an upper bound of the orchestrator's.
+    /// Peak resident memory of this process during the workload (MiB): in process, the
+    /// orchestrator, participants and driver together, so an upper bound of the
+    /// orchestrator's; with processes, the clients.
     pub peak_rss_mib: f64,
-    /// Resident memory right before the first start, everything set up and idle (MiB).
+    /// Resident memory of this process right before the first start, everything set up and
+    /// idle (MiB).
     pub idle_rss_mib: f64,
-    /// Most instances open at once (started, not terminal), as the completion poll counted them.
+    /// With processes: peak resident memory of each orchestrator and each participant process
+    /// during the workload (MiB).
+    pub peak_rss_mib_orchestrators: Vec<f64>,
+    pub peak_rss_mib_participants: Vec<f64>,
+    /// Most sagas open at once: in process, instances started and not terminal as the
+    /// completion poll counted them; with processes, requests awaiting their answer.
     pub max_in_flight: u64,
-    /// Resident memory when that maximum was first seen (MiB).
-    pub rss_at_max_in_flight_mib: f64,
+    /// In process: resident memory when that maximum was first seen (MiB).
+    pub rss_at_max_in_flight_mib: Option<f64>,
     /// Start calls allowed in flight at once.
     pub start_calls: usize,
     /// Per-attempt step timeout, when not the definition's default (`--step-timeout-secs`).
@@ -131,16 +153,47 @@ pub struct WorkloadResult {
     /// Batches rolled back whose commands then ran one by one (`Stats::batch_fallbacks`).
     pub participant_batch_fallbacks: u64,
     /// Replies decided on a state the orchestrator had cached and written with one statement
-    /// (`PgStore::state_cache`).
+    /// (`PgStore::state_cache`; with processes, `sagas_state_cache_total{result="hit"}`).
     pub cached_replies: u64,
     /// Replies whose cached state had moved on, decided again under the lock.
     pub stale_replies: u64,
+    /// `stale / (cached + stale)`, when there was any.
+    pub stale_share: Option<f64>,
+    /// The same per orchestrator process.
+    pub state_cache_by_orchestrator: Vec<StateCache>,
     pub completion_polls: u64,
     /// Mean round trip of one completion poll as the driver saw it (an upper bound of its
     /// cost in PostgreSQL).
     pub completion_poll_ms: f64,
     /// Mean execution time of the poll query inside PostgreSQL (EXPLAIN ANALYZE of every 50th).
     pub completion_poll_server_ms: f64,
+}
+
+/// How one orchestrator's state cache fared during the timed part.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StateCache {
+    /// Replies decided on a cached state and written with one statement.
+    pub hits: u64,
+    /// Replies whose cached state had moved on.
+    pub stale: u64,
+}
+
+impl StateCache {
+    /// `stale / (hits + stale)`, if there was any.
+    pub fn stale_share(&self) -> Option<f64> {
+        let all = self.hits + self.stale;
+        (all > 0).then(|| self.stale as f64 / all as f64)
+    }
+}
+
+/// The URL that starts an instance of `definition` on the API at `base`.
+pub fn start_url(base: &str, definition: &str) -> String {
+    format!("{base}/v1/sagas/{definition}")
+}
+
+/// The line that reports a failed start of saga `i`.
+pub fn start_failed(i: u64, e: &anyhow::Error) -> String {
+    format!("start failed: saga {i}: {e:#}")
 }
 
 /// Starts sagas the way users do.
@@ -160,7 +213,7 @@ impl Starter {
             Starter::Engine(engine) => Ok(engine.start(definition, input).await?.id),
             Starter::Http { client, url } => {
                 let res = client
-                    .post(format!("{url}/v1/sagas/{definition}"))
+                    .post(start_url(url, definition))
                     .json(&json!({ "input": input }))
                     .send()
                     .await?;
@@ -177,11 +230,12 @@ impl Starter {
     }
 }
 
-struct RunningParticipant {
-    conn: Arc<Connection>,
-    pool: sqlx::PgPool,
-    stats: sagas::participant::Stats,
-    task: tokio::task::JoinHandle<Result<(), sagas::participant::RuntimeError>>,
+/// Where a workload runs: its databases and AMQP names.
+pub struct Place<'a> {
+    pub urls: &'a Urls,
+    pub orch: &'a Scratch,
+    pub part: &'a Scratch,
+    pub topology: &'a Topology,
 }
 
 /// Runs one workload end to end and returns its measurements.
@@ -204,20 +258,22 @@ pub async fn run(
     };
     let dbs = [orch.clone(), part.clone()];
     let topology = Topology::new(format!("bench-{tag}-{name}"));
-    let result = run_in(
-        args,
+    let place = Place {
         urls,
-        workload,
-        &orch,
-        &part,
-        &topology,
-        amqp_ceiling,
-        pg_ceiling,
-    )
+        orch: &orch,
+        part: &part,
+        topology: &topology,
+    };
+    let result = async {
+        let measured = match args.topology {
+            Layout::InProcess => crate::inprocess::run(args, &place, workload).await?,
+            Layout::Processes => crate::processes::run(args, &place, workload).await?,
+        };
+        finish(args, &place, workload, measured, amqp_ceiling, pg_ceiling).await
+    }
     .await;
     // Clean up whatever happened.
-    let steps = args.steps;
-    let names = participants::names(workload, steps);
+    let names = participants::names(workload, args.steps);
     if let Ok(conn) = Connection::connect(&urls.amqp, ConnectionProperties::default()).await
         && let Ok(ch) = conn.create_channel().await
     {
@@ -233,411 +289,185 @@ pub async fn run(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_in(
+/// How every queue of a run is declared: leftovers of a crashed run vanish after 10 minutes
+/// (a normal run deletes its topology).
+pub fn queue_options() -> QueueOptions {
+    QueueOptions {
+        quorum: false,
+        expires: Some(Duration::from_secs(600)),
+    }
+}
+
+/// Creates both schemas, through pools that are closed before the baseline is read (a backend
+/// reports its transaction counts when it exits), and declares the participants' queues and
+/// the replies queue, so that commands and replies published from the first start on are
+/// routed.
+pub async fn prepare(place: &Place<'_>, names: &[String]) -> Result<()> {
+    let setup = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&place.orch.url)
+        .await?;
+    PgStore::new(setup.clone()).migrate().await?;
+    setup.close().await;
+    let setup = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&place.part.url)
+        .await?;
+    participants::install(&setup).await?;
+    setup.close().await;
+    let conn = Connection::connect(&place.urls.amqp, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    for p in names {
+        declare_participant(&ch, place.topology, p, &queue_options()).await?;
+    }
+    declare_replies(&ch, place.topology, &queue_options()).await?;
+    let _ = conn.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// A progress bar on stderr, when it is a terminal.
+pub fn progress_bar(args: &Args, workload: Workload) -> Option<ProgressBar> {
+    if !args.progress {
+        return None;
+    }
+    let pb = ProgressBar::new(args.sagas);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} done, {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_prefix(workload.as_str());
+    Some(pb)
+}
+
+/// The database counters before the timed part.
+pub struct Baseline {
+    admin: PgPool,
+    writes: HashMap<String, (i64, i64, i64)>,
+    xact_orch: i64,
+    xact_part: i64,
+    wal: (i64, i64, i64, i64),
+}
+
+impl Baseline {
+    /// Reads them now.
+    pub async fn take(place: &Place<'_>) -> Result<Baseline> {
+        let writes = table_writes(place.orch, place.part).await?;
+        let admin = place.urls.admin_pool().await?;
+        Ok(Baseline {
+            xact_orch: env::xact_commit(&admin, &place.orch.name).await?,
+            xact_part: env::xact_commit(&admin, &place.part.name).await?,
+            wal: env::wal(&admin).await?,
+            writes,
+            admin,
+        })
+    }
+}
+
+/// What the driver saw.
+pub struct Driven {
+    /// Every instance started (the start call gave its id), with the saga's index.
+    pub ids: HashMap<Uuid, u64>,
+    /// Start calls made.
+    pub issued: u64,
+    /// Start calls that failed (with processes, also answers 202), one line each.
+    pub start_errors: Vec<String>,
+    /// Answers whose terminal status was not the expected one (processes), one line each.
+    pub wrong_answers: Vec<String>,
+    /// Time of each start call (µs).
+    pub start_hist: Histogram<u64>,
+    /// With processes: request sent → terminal answer (µs), the latency reported.
+    pub client_latency: Option<Histogram<u64>>,
+    /// Wall time from the first start to the last terminal saga seen (or to giving up).
+    pub seconds: f64,
+    /// Wall time spent issuing the starts.
+    pub drive_secs: f64,
+    pub max_in_flight: u64,
+    pub rss_at_max_in_flight_mib: Option<f64>,
+}
+
+/// What the orchestrator(s) and the participants counted during the timed part.
+#[derive(Debug, Default)]
+pub struct Counted {
+    pub timers_fired: u64,
+    pub relayed: u64,
+    pub dead_lettered: u64,
+    pub pruned: u64,
+    pub wire_commands: u64,
+    pub wire_replies: u64,
+    pub participant_batches: u64,
+    pub participant_batch_reruns: u64,
+    pub participant_batch_fallbacks: u64,
+    /// Per orchestrator.
+    pub state_cache: Vec<StateCache>,
+    /// Statements of the completion poll (subtracted from the orchestrator's transactions).
+    pub completion_polls: u64,
+    pub completion_poll_ms: f64,
+    pub completion_poll_server_ms: f64,
+}
+
+/// Resident memory (MiB).
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// This process: peak during the timed part, and before it.
+    pub peak_rss_mib: f64,
+    pub idle_rss_mib: f64,
+    /// Peak of each orchestrator and participant process (processes).
+    pub orchestrators: Vec<f64>,
+    pub participants: Vec<f64>,
+}
+
+/// What a run hands to [`finish`] once everything it started is stopped.
+pub struct Measured {
+    pub baseline: Baseline,
+    /// Every prefilled id sorts before it (nil without a prefill).
+    pub boundary: Uuid,
+    pub prefill: Option<PrefillReport>,
+    pub driven: Driven,
+    pub counted: Counted,
+    pub memory: Memory,
+    /// CPU at the first start and when the last saga was seen terminal (PostgreSQL's is read
+    /// again once the pools are closed: exited backends count then).
+    pub cpu_0: CpuSnapshot,
+    pub cpu_1: CpuSnapshot,
+    pub orchestrators: usize,
+}
+
+/// Reads the counters back once every pool is closed, checks every saga's end state and
+/// effects, and assembles the result.
+async fn finish(
     args: &Args,
-    urls: &Urls,
+    place: &Place<'_>,
     workload: Workload,
-    orch: &Scratch,
-    part: &Scratch,
-    topology: &Topology,
+    m: Measured,
     amqp_ceiling: Option<f64>,
     pg_ceiling: Option<f64>,
 ) -> Result<WorkloadResult> {
+    let (orch, part) = (place.orch, place.part);
     let n = args.sagas;
-    let c = args.concurrency;
     let steps = args.steps;
-    let names = participants::names(workload, steps);
-    let definition = participants::definition_name(workload, steps);
-    let queues = QueueOptions {
-        quorum: false,
-        // Leftovers of a crashed run vanish; a normal run deletes its topology.
-        expires: Some(Duration::from_secs(600)),
-    };
-
-    // Schemas, through pools that are closed before the baseline is read (a backend reports
-    // its transaction counts when it exits).
-    {
-        let setup = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&orch.url)
-            .await?;
-        PgStore::new(setup.clone()).migrate().await?;
-        setup.close().await;
-        let setup = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&part.url)
-            .await?;
-        participants::install(&setup).await?;
-        setup.close().await;
-    }
-
-    // The orchestrator, built like `server::engine`.
-    let orch_pool = PgPoolOptions::new()
-        .max_connections(args.db_pool)
-        .connect(&orch.url)
-        .await?;
-    let transport = Arc::new(AmqpTransport::new(AmqpConfig {
-        uri: urls.amqp.clone(),
-        topology: topology.clone(),
-        queues: queues.clone(),
-        command_batch: usize::from(args.command_batch).into(),
-    }));
-    let store = Arc::new(PgStore::new(orch_pool.clone()));
-    let engine = Engine::new(
-        store.clone(),
-        transport.clone(),
-        participants::registry(
-            workload,
-            steps,
-            args.step_timeout_secs.map(Duration::from_secs),
-        )?,
-        Arc::new(SystemClock),
-        EngineConfig {
-            reply_concurrency: args.reply_slots.max(1),
-            retention: args.retention_secs.map(Duration::from_secs),
-            retention_poll: Duration::from_secs(1),
-            ..EngineConfig::default()
-        },
-    );
-    engine.declare().await?;
-    let shutdown = CancellationToken::new();
-    let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
-    let starter = match args.via {
-        Via::Engine => Starter::Engine(engine.clone()),
-        Via::Http => {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            let app = sagas::orchestrator::api::router(engine.clone());
-            let s = shutdown.clone();
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { s.cancelled().await })
-                    .await;
-            });
-            Starter::Http {
-                client: reqwest::Client::builder()
-                    .pool_max_idle_per_host(c)
-                    .timeout(Duration::from_secs(30))
-                    .build()?,
-                url: format!("http://{addr}"),
-            }
-        }
-    };
-
-    // The participants, one per step, each with its own connection and pool.
-    let part_shutdown = CancellationToken::new();
-    let mut running = Vec::new();
-    for p in &names {
-        let conn =
-            Arc::new(Connection::connect(&urls.amqp, ConnectionProperties::default()).await?);
-        let ch = conn.create_channel().await?;
-        declare_participant(&ch, topology, p, &queues).await?;
-        let _ = ch.close(200, "declared".into()).await;
-        let pool = PgPoolOptions::new()
-            .max_connections(args.participant_pool)
-            .connect(&part.url)
-            .await?;
-        let participant =
-            Participant::new(p.clone(), topology.clone(), pool.clone(), Arc::new(Effects))
-                .queue_options(queues.clone())
-                .concurrency(args.participant_concurrency)
-                .install_barrier(false);
-        let stats = participant.stats();
-        let s = part_shutdown.clone();
-        let c2 = conn.clone();
-        let task = tokio::spawn(async move {
-            participant
-                .run(&c2, async move { s.cancelled().await })
-                .await
-        });
-        running.push(RunningParticipant {
-            conn,
-            pool,
-            stats,
-            task,
-        });
-    }
-
-    // The history, before anything is counted.
-    let (prefill, boundary) = if args.prefill_events > 0 {
-        let p = prefill::prefill(args, &starter, workload, &definition, orch, part).await?;
-        (Some(p.report), p.boundary)
-    } else {
-        (None, Uuid::nil())
-    };
-    let writes_0: HashMap<String, (i64, i64, i64)> = table_writes(orch, part).await?;
-
-    let admin = urls.admin_pool().await?;
-    let xact_orch_0 = env::xact_commit(&admin, &orch.name).await?;
-    let xact_part_0 = env::xact_commit(&admin, &part.name).await?;
-    let wal_0 = env::wal(&admin).await?;
-    sys::reset_peak_rss();
-    let idle_rss = sys::rss_mib();
-    let cpu_0 = CpuSnapshot::take();
-    let pruned_0 = engine.stats().pruned.load(Ordering::Relaxed);
-
-    // Completion: one connection counts the open instances through the partial index on
-    // open statuses; instances never get polled one by one.
-    let returned = Arc::new(AtomicU64::new(0));
-    let (term_tx, term_rx) = watch::channel(0u64);
-    let polls = Arc::new(AtomicU64::new(0));
-    let poll_stop = CancellationToken::new();
-    let poll_micros = Arc::new(AtomicU64::new(0));
-    let explained = Arc::new(AtomicU64::new(0));
-    let explained_micros = Arc::new(AtomicU64::new(0));
-    // The most instances open at once, and the RSS (KiB) when that count was first reached.
-    let max_open = Arc::new(AtomicU64::new(0));
-    let rss_at_max_open = Arc::new(AtomicU64::new(0));
-    let poller = {
-        let mut conn = PgConnection::connect(&orch.url).await?;
-        // Through the partial index on open statuses, never a sequential scan of the whole
-        // table (the planner has no statistics yet on fresh tables): a plain index scan also
-        // marks dead index entries, so a poll costs about C heap fetches.
-        for set in ["SET enable_seqscan = off", "SET enable_bitmapscan = off"] {
-            sqlx::query(set).execute(&mut conn).await?;
-            polls.fetch_add(1, Ordering::Relaxed);
-        }
-        let returned = returned.clone();
-        let polls = polls.clone();
-        let poll_micros = poll_micros.clone();
-        let explained = explained.clone();
-        let explained_micros = explained_micros.clone();
-        let max_open = max_open.clone();
-        let rss_at_max_open = rss_at_max_open.clone();
-        let stop = poll_stop.clone();
-        let every = Duration::from_millis(args.poll_ms.max(1));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            while !stop.is_cancelled() {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                let r = returned.load(Ordering::SeqCst);
-                let t = Instant::now();
-                let open: Result<(i64,), _> = sqlx::query_as(
-                    "SELECT count(*) FROM sagas_instances
-                     WHERE status NOT IN ('completed', 'compensated')",
-                )
-                .fetch_one(&mut conn)
-                .await;
-                polls.fetch_add(1, Ordering::Relaxed);
-                poll_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-                // Every 50th poll, also ask the server what the query costs it.
-                if polls.load(Ordering::Relaxed).is_multiple_of(50) {
-                    let plan: Result<(Value,), _> = sqlx::query_as(
-                        "EXPLAIN (ANALYZE, FORMAT JSON) SELECT count(*) FROM sagas_instances
-                         WHERE status NOT IN ('completed', 'compensated')",
-                    )
-                    .fetch_one(&mut conn)
-                    .await;
-                    polls.fetch_add(1, Ordering::Relaxed);
-                    if let Ok((plan,)) = plan
-                        && let Some(ms) = plan[0]["Execution Time"].as_f64()
-                    {
-                        explained.fetch_add(1, Ordering::Relaxed);
-                        explained_micros.fetch_add((ms * 1000.0) as u64, Ordering::Relaxed);
-                    }
-                }
-                if let Ok((open,)) = open {
-                    if open.max(0) as u64 > max_open.load(Ordering::Relaxed) {
-                        max_open.store(open as u64, Ordering::Relaxed);
-                        rss_at_max_open.store((sys::rss_mib() * 1024.0) as u64, Ordering::Relaxed);
-                    }
-                    // Conservative: an instance committed but not yet returned counts as open.
-                    let _ = term_tx.send(r.saturating_sub(open.max(0) as u64));
-                }
-            }
-            let _ = conn.close().await;
-        })
-    };
-
-    let progress = if args.progress {
-        let pb = ProgressBar::new(n);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} done, {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        pb.set_prefix(workload.as_str());
-        Some(pb)
-    } else {
-        None
-    };
-
-    // Drive.
-    let timeout = Duration::from_secs(args.timeout_secs);
-    let stall = Duration::from_secs(args.stall_secs);
-    let start_calls = args.start_calls();
-    let t0 = Instant::now();
-    let deadline = t0 + timeout;
-    let mut set: JoinSet<(u64, Result<Uuid>, Duration)> = JoinSet::new();
-    let mut ids: HashMap<Uuid, u64> = HashMap::with_capacity(n as usize);
-    let mut start_hist = Histogram::<u64>::new(3)?;
-    let mut start_errors = Vec::new();
-    let mut issued = 0u64;
-    let collect = |res: (u64, Result<Uuid>, Duration),
-                   ids: &mut HashMap<Uuid, u64>,
-                   start_hist: &mut Histogram<u64>,
-                   start_errors: &mut Vec<String>| {
-        let (i, r, took) = res;
-        let _ = start_hist.record(took.as_micros() as u64);
-        match r {
-            Ok(id) => {
-                ids.insert(id, i);
-                returned.fetch_add(1, Ordering::SeqCst);
-            }
-            Err(e) => start_errors.push(format!("saga {i}: {e:#}")),
-        }
-    };
-    let mut rx = term_rx.clone();
-    'drive: while issued < n {
-        if let Some(rate) = args.rate {
-            let at = t0 + Duration::from_secs_f64(issued as f64 / rate);
-            tokio::time::sleep_until(at.into()).await;
-        }
-        // The window: at most C sagas started and not yet seen terminal.
-        let mut last_change = Instant::now();
-        let mut last_term = *rx.borrow();
-        loop {
-            while let Some(done) = set.try_join_next() {
-                collect(done?, &mut ids, &mut start_hist, &mut start_errors);
-            }
-            let term = *rx.borrow_and_update() + start_errors.len() as u64;
-            if issued.saturating_sub(term) < c as u64 && set.len() < start_calls {
-                break;
-            }
-            if term != last_term {
-                last_term = term;
-                last_change = Instant::now();
-            }
-            let now = Instant::now();
-            if now >= deadline || now - last_change >= stall {
-                break 'drive;
-            }
-            tokio::select! {
-                _ = rx.changed() => {}
-                Some(done) = set.join_next(), if !set.is_empty() => {
-                    collect(done?, &mut ids, &mut start_hist, &mut start_errors);
-                }
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-        let i = issued;
-        let s = starter.clone();
-        let def = definition.clone();
-        set.spawn(async move {
-            let input = serde_json::to_value(BenchInput {
-                n: i,
-                fail: participants::fails(workload, i),
-            })
-            .expect("serializable input");
-            let t = Instant::now();
-            let r = s.start(&def, input).await;
-            (i, r, t.elapsed())
-        });
-        issued += 1;
-        if let Some(pb) = &progress {
-            pb.set_position(*rx.borrow());
-            pb.set_message(format!("{issued} started"));
-        }
-    }
-    let drive_secs = t0.elapsed().as_secs_f64();
-    // Start calls still in flight (bounded by the HTTP timeout and the deadline).
-    while let Ok(Some(done)) =
-        tokio::time::timeout_at((deadline + Duration::from_secs(35)).into(), set.join_next()).await
-    {
-        collect(done?, &mut ids, &mut start_hist, &mut start_errors);
-    }
-    set.abort_all();
-    let ok_starts = ids.len() as u64;
-
-    // Wait (bounded) until every started saga is terminal, or nothing moves for `stall`.
-    let mut last_term = *rx.borrow();
-    let mut last_change = Instant::now();
-    let mut t_end = Instant::now();
-    loop {
-        let term = *rx.borrow_and_update();
-        if let Some(pb) = &progress {
-            pb.set_position(term);
-        }
-        if term >= ok_starts {
-            t_end = Instant::now();
-            break;
-        }
-        if term != last_term {
-            last_term = term;
-            last_change = Instant::now();
-        }
-        let now = Instant::now();
-        if now >= deadline || now - last_change >= stall {
-            break;
-        }
-        tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-    }
-    let all_terminal = *rx.borrow() >= ok_starts;
-    let cpu_1 = CpuSnapshot::take();
-    let peak_rss = sys::peak_rss_mib();
-    let elapsed = if all_terminal {
-        (t_end - t0).as_secs_f64()
-    } else {
-        t0.elapsed().as_secs_f64()
-    };
-    if let Some(pb) = progress {
-        pb.finish_and_clear();
-    }
-
-    // Stop everything, close every pool, so that every backend reports its counts.
-    poll_stop.cancel();
-    let _ = poller.await;
-    part_shutdown.cancel();
-    let stats = engine.stats();
-    let timers_fired = stats.timers.load(Ordering::Relaxed);
-    let relayed = stats.relayed.load(Ordering::Relaxed);
-    let dead_lettered = stats.dead_lettered.load(Ordering::Relaxed);
-    let pruned = stats.pruned.load(Ordering::Relaxed) - pruned_0;
-    let participant_count = |count: fn(&sagas::participant::Stats) -> u64| {
-        running.iter().map(|r| count(&r.stats)).sum()
-    };
-    let participant_batches: u64 = participant_count(sagas::participant::Stats::batches);
-    let participant_batch_reruns: u64 = participant_count(sagas::participant::Stats::batch_reruns);
-    let participant_batch_fallbacks: u64 =
-        participant_count(sagas::participant::Stats::batch_fallbacks);
-    let cache = store.state_cache();
-    shutdown.cancel();
-    for r in running {
-        match tokio::time::timeout(Duration::from_secs(30), r.task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => eprintln!("warning: participant stopped with {e}"),
-            Ok(Err(e)) => eprintln!("warning: participant task: {e}"),
-            Err(_) => eprintln!("warning: participant did not stop within 30 s"),
-        }
-        r.pool.close().await;
-        let _ = r.conn.close(200, "done".into()).await;
-    }
-    match tokio::time::timeout(Duration::from_secs(30), engine_task).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => eprintln!("warning: engine stopped with {e}"),
-        Ok(Err(e)) => eprintln!("warning: engine task: {e}"),
-        Err(_) => eprintln!("warning: engine did not stop within 30 s"),
-    }
-    let wire_commands = transport.wire().published.load(Ordering::Relaxed);
-    let wire_replies = transport.wire().received.load(Ordering::Relaxed);
-    transport.close().await;
-    orch_pool.close().await;
+    let Measured {
+        baseline,
+        boundary,
+        prefill,
+        driven,
+        counted,
+        memory,
+        cpu_0,
+        cpu_1,
+        orchestrators,
+    } = m;
+    // Backends report their counts when they exit.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let polls = polls.load(Ordering::Relaxed);
-    let xact_orch = env::xact_commit(&admin, &orch.name).await? - xact_orch_0 - polls as i64;
-    let xact_part = env::xact_commit(&admin, &part.name).await? - xact_part_0;
-    let wal_1 = env::wal(&admin).await?;
+    let admin = &baseline.admin;
+    let polls = counted.completion_polls;
+    let xact_orch = env::xact_commit(admin, &orch.name).await? - baseline.xact_orch - polls as i64;
+    let xact_part = env::xact_commit(admin, &part.name).await? - baseline.xact_part;
+    let wal_1 = env::wal(admin).await?;
+    let wal_0 = baseline.wal;
     let cpu_2 = CpuSnapshot::take();
-    admin.close().await;
+    baseline.admin.close().await;
     let run_cpu = cpu_0.until(&cpu_1);
     let pg_cpu = cpu_0.until(&cpu_2).postgres;
 
@@ -672,9 +502,11 @@ async fn run_in(
     .fetch_all(&mut check)
     .await?;
     let _ = check.close().await;
+    let ids = &driven.ids;
+    let ok_starts = ids.len() as u64;
     let mut rows_per_saga = BTreeMap::new();
     for (table, (ins, upd, del)) in table_writes(orch, part).await? {
-        let (ins_0, upd_0, del_0) = writes_0.get(&table).copied().unwrap_or_default();
+        let (ins_0, upd_0, del_0) = baseline.writes.get(&table).copied().unwrap_or_default();
         let d = ok_starts.max(1) as f64;
         rows_per_saga.insert(
             table,
@@ -688,12 +520,18 @@ async fn run_in(
 
     // Checks.
     let mut failures = Vec::new();
-    for e in start_errors.iter().take(5) {
-        failures.push(format!("start failed: {e}"));
+    for (what, list) in [
+        ("start failures", &driven.start_errors),
+        ("unexpected answers", &driven.wrong_answers),
+    ] {
+        for e in list.iter().take(5) {
+            failures.push(e.clone());
+        }
+        if list.len() > 5 {
+            failures.push(format!("... {} {what} in all", list.len()));
+        }
     }
-    if start_errors.len() > 5 {
-        failures.push(format!("... {} start failures in all", start_errors.len()));
-    }
+    let issued = driven.issued;
     if issued < n {
         failures.push(format!(
             "only {issued} of {n} sagas were started before the time limit"
@@ -730,7 +568,7 @@ async fn run_in(
         match status.as_str() {
             "completed" | "compensated" => {
                 let _ = latency.record((*micros).max(1) as u64);
-                let want = if fail { "compensated" } else { "completed" };
+                let want = participants::expected_status(workload, i);
                 if status == "completed" {
                     completed += 1;
                 } else {
@@ -806,45 +644,67 @@ async fn run_in(
     }
 
     let per = |x: f64| x / ok_starts.max(1) as f64;
+    let ms_per = |secs: f64| per(secs) * 1000.0;
     let ev: BTreeMap<String, i64> = events.into_iter().collect();
     let count = |k: &str| ev.get(k).copied().unwrap_or(0) as f64;
     let commands = count("dispatched");
     let replies = count("replied") + count("reply_ignored");
     let messages_per_saga = per(commands + replies);
     let ok = failures.is_empty();
-    let sagas_per_s = ok.then(|| ok_starts as f64 / elapsed);
+    let sagas_per_s = ok.then(|| ok_starts as f64 / driven.seconds);
     let db_xacts = per((xact_orch + xact_part) as f64);
-    let q = |p: f64| ok.then(|| latency.value_at_quantile(p) as f64 / 1000.0);
-    let start_q = |p: f64| start_hist.value_at_quantile(p) as f64 / 1000.0;
+    let ms = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    // The latency reported: the client's with processes, the instance rows' in process.
+    let reported = driven.client_latency.as_ref().unwrap_or(&latency);
+    let q = |p: f64| ok.then(|| ms(reported, p));
+    let created_q = |p: f64| (ok && driven.client_latency.is_some()).then(|| ms(&latency, p));
+    let all_cpu = run_cpu.ours() - run_cpu.postgres + pg_cpu;
+    let has_children = args.topology == Layout::Processes;
+    let cache = counted
+        .state_cache
+        .iter()
+        .fold(StateCache::default(), |a, c| StateCache {
+            hits: a.hits + c.hits,
+            stale: a.stale + c.stale,
+        });
     Ok(WorkloadResult {
         workload,
         status: if ok { "ok" } else { "FAILURE" },
         failures,
+        topology: args.topology,
+        orchestrators,
         via: args.via,
         sagas: n,
-        concurrency: c,
+        concurrency: args.concurrency,
         steps,
         rate: args.rate,
-        start_rate: issued as f64 / drive_secs.max(1e-9),
-        seconds: elapsed,
+        start_rate: issued as f64 / driven.drive_secs.max(1e-9),
+        seconds: driven.seconds,
         sagas_per_s,
+        latency_from: if driven.client_latency.is_some() {
+            "client"
+        } else {
+            "created_to_terminal"
+        },
         p50_ms: q(0.50),
         p95_ms: q(0.95),
         p99_ms: q(0.99),
-        max_ms: ok.then(|| latency.max() as f64 / 1000.0),
-        start_p50_ms: start_q(0.50),
-        start_p99_ms: start_q(0.99),
+        max_ms: ok.then(|| reported.max() as f64 / 1000.0),
+        created_to_terminal_p50_ms: created_q(0.50),
+        created_to_terminal_p99_ms: created_q(0.99),
+        start_p50_ms: ms(&driven.start_hist, 0.50),
+        start_p99_ms: ms(&driven.start_hist, 0.99),
         lost,
         duplicated,
         inconsistent,
-        start_errors: start_errors.len() as u64,
+        start_errors: driven.start_errors.len() as u64,
         completed,
         compensated,
         messages_per_saga,
         commands_per_saga: per(commands),
         replies_per_saga: per(replies),
-        wire_commands_per_saga: per(wire_commands as f64),
-        wire_replies_per_saga: per(wire_replies as f64),
+        wire_commands_per_saga: per(counted.wire_commands as f64),
+        wire_replies_per_saga: per(counted.wire_replies as f64),
         orchestrator_xacts_per_saga: per(xact_orch as f64),
         participant_xacts_per_saga: per(xact_part as f64),
         db_xacts_per_saga: db_xacts,
@@ -852,26 +712,26 @@ async fn run_in(
         wal_records_per_saga: per((wal_1.0 - wal_0.0) as f64),
         wal_syncs_per_saga: per((wal_1.2 - wal_0.2) as f64),
         wal_fpi_per_saga: per((wal_1.3 - wal_0.3) as f64),
-        cpu_ms_per_saga_bench: per(run_cpu.bench) * 1000.0,
-        cpu_ms_per_saga_postgres: per(pg_cpu) * 1000.0,
-        cpu_ms_per_saga_rabbitmq: per(run_cpu.rabbitmq) * 1000.0,
-        cpu_ms_per_saga_machine: per(run_cpu.machine_busy) * 1000.0,
-        cpu_ms_per_saga_other: per((run_cpu.machine_busy
-            - run_cpu.bench
-            - run_cpu.rabbitmq
-            - pg_cpu)
-            .max(0.0))
-            * 1000.0,
+        cpu_ms_per_saga_bench: ms_per(run_cpu.bench),
+        cpu_ms_per_saga_postgres: ms_per(pg_cpu),
+        cpu_ms_per_saga_rabbitmq: ms_per(run_cpu.rabbitmq),
+        cpu_ms_per_saga_machine: ms_per(run_cpu.machine_busy),
+        cpu_ms_per_saga_orchestrators: has_children.then(|| ms_per(run_cpu.orchestrators)),
+        cpu_ms_per_saga_participants: has_children.then(|| ms_per(run_cpu.participants)),
+        cpu_ms_per_saga_all: ms_per(all_cpu),
+        cpu_ms_per_saga_other: ms_per((run_cpu.machine_busy - all_cpu).max(0.0)),
         machine_utilisation: if run_cpu.machine_total > 0.0 {
             run_cpu.machine_busy / run_cpu.machine_total
         } else {
             0.0
         },
-        peak_rss_mib: peak_rss,
-        idle_rss_mib: idle_rss,
-        max_in_flight: max_open.load(Ordering::Relaxed),
-        rss_at_max_in_flight_mib: rss_at_max_open.load(Ordering::Relaxed) as f64 / 1024.0,
-        start_calls,
+        peak_rss_mib: memory.peak_rss_mib,
+        idle_rss_mib: memory.idle_rss_mib,
+        peak_rss_mib_orchestrators: memory.orchestrators,
+        peak_rss_mib_participants: memory.participants,
+        max_in_flight: driven.max_in_flight,
+        rss_at_max_in_flight_mib: driven.rss_at_max_in_flight_mib,
+        start_calls: args.start_calls(),
         step_timeout_secs: args.step_timeout_secs,
         prefill_events: prefill.as_ref().map_or(0, |p| p.events),
         prefill,
@@ -886,22 +746,20 @@ async fn run_in(
         events: ev,
         rows_per_saga,
         outbox_left,
-        timers_fired,
-        relayed,
-        dead_lettered,
-        pruned,
-        participant_batches,
-        participant_batch_reruns,
-        participant_batch_fallbacks,
+        timers_fired: counted.timers_fired,
+        relayed: counted.relayed,
+        dead_lettered: counted.dead_lettered,
+        pruned: counted.pruned,
+        participant_batches: counted.participant_batches,
+        participant_batch_reruns: counted.participant_batch_reruns,
+        participant_batch_fallbacks: counted.participant_batch_fallbacks,
         cached_replies: cache.hits,
         stale_replies: cache.stale,
+        stale_share: cache.stale_share(),
+        state_cache_by_orchestrator: counted.state_cache,
         completion_polls: polls,
-        completion_poll_server_ms: explained_micros.load(Ordering::Relaxed) as f64
-            / 1000.0
-            / explained.load(Ordering::Relaxed).max(1) as f64,
-        completion_poll_ms: poll_micros.load(Ordering::Relaxed) as f64
-            / 1000.0
-            / polls.max(1) as f64,
+        completion_poll_ms: counted.completion_poll_ms,
+        completion_poll_server_ms: counted.completion_poll_server_ms,
     })
 }
 

@@ -1,9 +1,10 @@
 //! CPU and memory accounting from `/proc` (Linux), without libc.
 //!
-//! CPU time is counted for three groups: this process (the orchestrator, the participants and
-//! the load driver all run in it), every PostgreSQL process (backends that exited during the
-//! measurement are included through the postmaster's `cutime`/`cstime`), and RabbitMQ's
-//! `beam.smp`. The machine's busy time comes from `/proc/stat`.
+//! CPU time is counted per group: this process (in process, the orchestrator, the participants
+//! and the load driver all run in it; with `--topology processes`, the clients), the
+//! orchestrator and participant processes it started, every PostgreSQL process (backends that
+//! exited during the measurement are included through the postmaster's `cutime`/`cstime`),
+//! and RabbitMQ's `beam.smp`. The machine's busy time comes from `/proc/stat`.
 
 use std::fs;
 
@@ -35,11 +36,22 @@ fn proc_stat(pid: &str) -> Option<(String, u64, u64, u64)> {
     Some((comm, ppid, own, children))
 }
 
+/// The processes this one started, by group (`--topology processes`).
+#[derive(Debug, Clone, Default)]
+pub struct Children {
+    pub orchestrators: Vec<u32>,
+    pub participants: Vec<u32>,
+}
+
 /// CPU seconds used so far, per group.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuSnapshot {
     /// This process (all threads).
     pub bench: f64,
+    /// The orchestrator processes this one started (sum).
+    pub orchestrators: f64,
+    /// The participant processes this one started (sum).
+    pub participants: f64,
     /// All PostgreSQL processes, including reaped backends.
     pub postgres: f64,
     /// RabbitMQ (`beam.smp` and its helpers).
@@ -51,13 +63,22 @@ pub struct CpuSnapshot {
 }
 
 impl CpuSnapshot {
-    /// Reads the counters now.
+    /// Reads the counters now, with no processes of this one's.
     pub fn take() -> CpuSnapshot {
+        CpuSnapshot::take_with(&Children::default())
+    }
+
+    /// Reads the counters now, `children` included (a process that is gone counts 0).
+    pub fn take_with(children: &Children) -> CpuSnapshot {
         let tck = clock_ticks();
-        let mut snap = CpuSnapshot::default();
-        if let Some((_, _, own, _)) = proc_stat("self") {
-            snap.bench = own as f64 / tck;
-        }
+        let own = |pid: &str| proc_stat(pid).map_or(0, |(_, _, own, _)| own);
+        let sum = |pids: &[u32]| pids.iter().map(|p| own(&p.to_string())).sum::<u64>() as f64 / tck;
+        let mut snap = CpuSnapshot {
+            bench: own("self") as f64 / tck,
+            orchestrators: sum(&children.orchestrators),
+            participants: sum(&children.participants),
+            ..CpuSnapshot::default()
+        };
         let mut pg_ticks = 0u64;
         let mut rabbit_ticks = 0u64;
         if let Ok(entries) = fs::read_dir("/proc") {
@@ -111,33 +132,48 @@ impl CpuSnapshot {
     pub fn until(&self, later: &CpuSnapshot) -> CpuSnapshot {
         CpuSnapshot {
             bench: later.bench - self.bench,
+            orchestrators: later.orchestrators - self.orchestrators,
+            participants: later.participants - self.participants,
             postgres: later.postgres - self.postgres,
             rabbitmq: later.rabbitmq - self.rabbitmq,
             machine_busy: later.machine_busy - self.machine_busy,
             machine_total: later.machine_total - self.machine_total,
         }
     }
+
+    /// The busy time of the groups measured (this process, its children, PostgreSQL and
+    /// RabbitMQ).
+    pub fn ours(&self) -> f64 {
+        self.bench + self.orchestrators + self.participants + self.postgres + self.rabbitmq
+    }
 }
 
-fn status_kb(key: &str) -> Option<u64> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(key))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+/// A process: this one (`"self"`) or one of its children (its pid).
+pub type Pid<'a> = &'a str;
+
+fn status_mib(pid: Pid, key: &str) -> f64 {
+    let kb = fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        });
+    kb.unwrap_or(0) as f64 / 1024.0
 }
 
-/// Peak resident memory of this process since start or the last [`reset_peak_rss`], in MiB.
-pub fn peak_rss_mib() -> f64 {
-    status_kb("VmHWM:").unwrap_or(0) as f64 / 1024.0
+/// Peak resident memory of `pid` since it started or the last [`reset_peak_rss`], in MiB.
+pub fn peak_rss_mib(pid: Pid) -> f64 {
+    status_mib(pid, "VmHWM:")
 }
 
-/// Resident memory of this process now, in MiB.
-pub fn rss_mib() -> f64 {
-    status_kb("VmRSS:").unwrap_or(0) as f64 / 1024.0
+/// Resident memory of `pid` now, in MiB.
+pub fn rss_mib(pid: Pid) -> f64 {
+    status_mib(pid, "VmRSS:")
 }
 
-/// Resets the peak RSS to the current RSS (Linux `clear_refs` 5); false if not allowed.
-pub fn reset_peak_rss() -> bool {
-    fs::write("/proc/self/clear_refs", "5").is_ok()
+/// Resets the peak RSS of `pid` to its current RSS (Linux `clear_refs` 5); false if not allowed.
+pub fn reset_peak_rss(pid: Pid) -> bool {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
 
 /// Number of online CPUs.

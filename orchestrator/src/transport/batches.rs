@@ -46,6 +46,17 @@ impl Default for CommandBatch {
     }
 }
 
+impl std::fmt::Display for CommandBatch {
+    /// `auto (up to N, where announced)`, `off`, or `forced (up to N)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandBatch::Auto(n) => write!(f, "auto (up to {n}, where announced)"),
+            CommandBatch::Off => f.write_str("off"),
+            CommandBatch::Forced(n) => write!(f, "forced (up to {n})"),
+        }
+    }
+}
+
 impl From<usize> for CommandBatch {
     /// A number, as `SAGAS_AMQP_COMMAND_BATCH` sets one: 1 (or 0) sends every command alone,
     /// more forces batches of up to that many (at most [`MAX_BATCH`]).
