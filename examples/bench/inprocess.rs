@@ -369,6 +369,7 @@ pub async fn run(args: &Args, place: &Place<'_>, workload: Workload) -> Result<M
             vec![StateCache {
                 hits: cache.hits,
                 stale: cache.stale,
+                skipped: cache.skipped,
             }]
         },
         ..Counted::default()

@@ -214,19 +214,21 @@ pub fn print_text(r: &WorkloadResult) {
             .unwrap_or_else(|| "-".into())
     };
     println!(
-        "  orchestrator {} replies decided on cached states (one statement), {} found them stale ({} stale)",
+        "  orchestrator {} replies decided on cached states (one statement), {} found them stale ({} stale), {} decided on stored states while guessing paused",
         r.cached_replies,
         r.stale_replies,
-        share(r.stale_share)
+        share(r.stale_share),
+        r.skipped_replies
     );
     if r.state_cache_by_orchestrator.len() > 1 {
         for (i, c) in r.state_cache_by_orchestrator.iter().enumerate() {
             println!(
-                "               orchestrator {}: {} cached, {} stale ({} stale)",
+                "               orchestrator {}: {} cached, {} stale ({} stale), {} paused",
                 i + 1,
                 c.hits,
                 c.stale,
-                share(c.stale_share())
+                share(c.stale_share()),
+                c.skipped
             );
         }
     }

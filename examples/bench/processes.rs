@@ -103,7 +103,12 @@ fn counted(before: &[Scrape], after: &[Scrape], reports: &[ParticipantReport]) -
         state_cache: cache("hit")
             .into_iter()
             .zip(cache("stale"))
-            .map(|(hits, stale)| StateCache { hits, stale })
+            .zip(cache("skipped"))
+            .map(|((hits, stale), skipped)| StateCache {
+                hits,
+                stale,
+                skipped,
+            })
             .collect(),
         ..Counted::default()
     }

@@ -157,6 +157,8 @@ pub struct WorkloadResult {
     pub cached_replies: u64,
     /// Replies whose cached state had moved on, decided again under the lock.
     pub stale_replies: u64,
+    /// Replies decided on stored states, with their states cached, while guessing paused.
+    pub skipped_replies: u64,
     /// `stale / (cached + stale)`, when there was any.
     pub stale_share: Option<f64>,
     /// The same per orchestrator process.
@@ -176,6 +178,8 @@ pub struct StateCache {
     pub hits: u64,
     /// Replies whose cached state had moved on.
     pub stale: u64,
+    /// Replies decided on stored states because guessing had paused (too many stale).
+    pub skipped: u64,
 }
 
 impl StateCache {
@@ -666,6 +670,7 @@ async fn finish(
         .fold(StateCache::default(), |a, c| StateCache {
             hits: a.hits + c.hits,
             stale: a.stale + c.stale,
+            skipped: a.skipped + c.skipped,
         });
     Ok(WorkloadResult {
         workload,
@@ -755,6 +760,7 @@ async fn finish(
         participant_batch_fallbacks: counted.participant_batch_fallbacks,
         cached_replies: cache.hits,
         stale_replies: cache.stale,
+        skipped_replies: cache.skipped,
         stale_share: cache.stale_share(),
         state_cache_by_orchestrator: counted.state_cache,
         completion_polls: polls,

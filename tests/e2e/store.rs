@@ -1164,6 +1164,7 @@ mod state_cache {
     cache_suite!(
         replies_to_instances_this_store_wrote_are_decided_on_its_cached_states,
         a_state_another_store_moved_on_is_decided_again_on_the_stored_one,
+        a_store_whose_guesses_keep_finding_states_moved_on_stops_guessing_for_a_while,
         a_decision_refused_on_a_cached_state_is_made_again_under_the_lock,
         concurrent_batches_on_cached_states_lock_in_one_order_and_lose_nothing,
     );
@@ -1180,6 +1181,7 @@ mod state_cache {
                 hits,
                 stale,
                 failed: 0,
+                skipped: 0,
                 cached,
             }
         }
@@ -1247,6 +1249,41 @@ mod state_cache {
             sent.extend(rows.iter().filter(|r| r.command.step == "a").cloned());
             sent.sort_by_key(|m| m.id);
             assert_eq!(rows, sent);
+            Ok(())
+        }
+
+        pub(super) async fn a_store_whose_guesses_keep_finding_states_moved_on_stops_guessing_for_a_while(
+            pool: &PgPool,
+        ) -> Result<()> {
+            // As with two orchestrator processes taking turns: each instance is started by
+            // `store`, its first reply is decided by `other`, and its second reaches `store`,
+            // whose cached state is then stale.
+            let (store, other) = (PgStore::new(pool.clone()), PgStore::new(pool.clone()));
+            let def = definition("d");
+            let at = now();
+            let later = at + Duration::milliseconds(40);
+            // 32 stale statements make a window found stale; the next ones skip guessing.
+            let (judged, paused) = (32, 8);
+            let mut ids = Vec::new();
+            for _ in 0..judged + paused {
+                let id = create(&store, &def, at).await?;
+                feed(&other, &def, id, ok(id, "a"), None, at).await?;
+                let results = store
+                    .update_batch(later, vec![(id, decide(&def, ok(id, "b"), later))])
+                    .await?;
+                let done = results.into_iter().next().context("one answer")??;
+                assert_eq!(done.transition.instance.status, Status::Completed);
+                ids.push(id);
+            }
+            let cache = store.state_cache();
+            assert_eq!(
+                (cache.hits, cache.stale, cache.skipped),
+                (0, judged, paused),
+                "{cache:?}"
+            );
+            for id in ids {
+                assert_eq!(assert_replays(&store, id).await?.status, Status::Completed);
+            }
             Ok(())
         }
 

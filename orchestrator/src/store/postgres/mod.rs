@@ -54,6 +54,9 @@ pub struct StateCacheStats {
     /// Statements on cached states that failed (nothing of them was written; their batches
     /// took the locking path).
     pub failed: u64,
+    /// Inputs decided on stored states, with their states cached, because too many recent
+    /// statements on cached states had found one stale (several processes share the replies).
+    pub skipped: u64,
     /// States cached now.
     pub cached: usize,
 }
@@ -103,6 +106,7 @@ impl PgStore {
             hits: self.states.hits.load(Relaxed),
             stale: self.states.stale.load(Relaxed),
             failed: self.states.failed.load(Relaxed),
+            skipped: self.states.skipped.load(Relaxed),
             cached: self.states.len(),
         }
     }

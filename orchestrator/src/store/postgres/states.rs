@@ -28,15 +28,80 @@ pub(super) struct Known {
     pub plan_id: Uuid,
 }
 
+/// Statements on cached states judged together: if more than a quarter of them found a state
+/// stale, guessing costs more than it saves, and it pauses.
+const WINDOW: u32 = 32;
+/// Statements decided on stored states during the first pause; each pause that follows a
+/// window found as stale doubles it, up to [`LONGEST_PAUSE`].
+const FIRST_PAUSE: u32 = 64;
+/// The longest pause, in statements: guessing is tried again at least this often, so that it
+/// comes back when the load does (one orchestrator process left, replies reaching the process
+/// that wrote their states).
+const LONGEST_PAUSE: u32 = 4096;
+
+/// Whether deciding on cached states pays (see [`States::worth_guessing`]).
+#[derive(Debug)]
+struct Judge {
+    /// Statements on cached states in this window, and how many of them found a stale state.
+    tried: u32,
+    missed: u32,
+    /// Statements still to decide on stored states, and the length of the next pause.
+    paused: u32,
+    next_pause: u32,
+}
+
+impl Default for Judge {
+    fn default() -> Judge {
+        Judge {
+            tried: 0,
+            missed: 0,
+            paused: 0,
+            next_pause: FIRST_PAUSE,
+        }
+    }
+}
+
+impl Judge {
+    /// Takes in one statement on cached states; true when it starts a pause.
+    fn judge(&mut self, stale: bool) -> bool {
+        self.tried += 1;
+        self.missed += u32::from(stale);
+        if self.tried < WINDOW {
+            return false;
+        }
+        let too_stale = self.missed * 4 > self.tried;
+        (self.tried, self.missed) = (0, 0);
+        if too_stale {
+            self.paused = self.next_pause;
+            self.next_pause = (self.next_pause * 2).min(LONGEST_PAUSE);
+        } else {
+            self.next_pause = FIRST_PAUSE;
+        }
+        too_stale
+    }
+
+    /// True when the next statement may be decided on cached states.
+    fn may_guess(&mut self) -> bool {
+        if self.paused == 0 {
+            return true;
+        }
+        self.paused -= 1;
+        false
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct States {
     map: Mutex<HashMap<Uuid, Known>>,
+    judge: Mutex<Judge>,
     /// Items decided and written on a cached state.
     pub hits: AtomicU64,
     /// Items whose cached state turned out stale (decided again under the lock).
     pub stale: AtomicU64,
     /// Statements on cached states that failed.
     pub failed: AtomicU64,
+    /// Items decided on stored states because guessing was paused.
+    pub skipped: AtomicU64,
 }
 
 impl States {
@@ -100,6 +165,34 @@ impl States {
         Self::bump(&self.stale, stale);
         metrics::counter!(metric::STATE_CACHE, "result" => "hit").increment(hits as u64);
         metrics::counter!(metric::STATE_CACHE, "result" => "stale").increment(stale as u64);
+        let paused = self
+            .judge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .judge(stale > 0);
+        if paused {
+            tracing::debug!(
+                "replies often reach states another process moved on: deciding on stored states for a while"
+            );
+        }
+    }
+
+    /// Whether a batch of `items` replies should be decided on cached states: not while
+    /// guessing is paused, because too many recent statements found a state stale (several
+    /// orchestrator processes share the replies, and each wrote the states the others hold).
+    /// A stale guess costs its whole batch a statement more; only a batch whose every guess
+    /// holds saves the locking transaction.
+    pub fn worth_guessing(&self, items: usize) -> bool {
+        let may = self
+            .judge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .may_guess();
+        if !may {
+            Self::bump(&self.skipped, items);
+            metrics::counter!(metric::STATE_CACHE, "result" => "skipped").increment(items as u64);
+        }
+        may
     }
 }
 
@@ -124,6 +217,59 @@ mod tests {
         i.seq = seq;
         i.status = status;
         i
+    }
+
+    #[test]
+    fn guessing_pauses_when_a_quarter_of_a_window_found_states_stale_and_each_pause_grows() {
+        let mut judge = Judge::default();
+        // A window with a quarter stale exactly: no pause.
+        for i in 0..WINDOW {
+            assert!(!judge.judge(i % 4 == 0));
+        }
+        assert!(judge.may_guess());
+        // A window with more: a pause of the first length.
+        let paused = (0..WINDOW).filter(|i| judge.judge(i % 2 == 0)).count();
+        assert_eq!(paused, 1);
+        let skipped = (0..10 * FIRST_PAUSE)
+            .take_while(|_| !judge.may_guess())
+            .count();
+        assert_eq!(skipped as u32, FIRST_PAUSE);
+        // Stale again: twice as long; then a good window brings the first length back.
+        (0..WINDOW).for_each(|_| {
+            judge.judge(true);
+        });
+        let skipped = (0..10 * FIRST_PAUSE)
+            .take_while(|_| !judge.may_guess())
+            .count();
+        assert_eq!(skipped as u32, 2 * FIRST_PAUSE);
+        (0..WINDOW).for_each(|_| {
+            judge.judge(false);
+        });
+        (0..WINDOW).for_each(|_| {
+            judge.judge(true);
+        });
+        let skipped = (0..10 * FIRST_PAUSE)
+            .take_while(|_| !judge.may_guess())
+            .count();
+        assert_eq!(skipped as u32, FIRST_PAUSE);
+    }
+
+    #[test]
+    fn pauses_grow_no_longer_than_the_longest() {
+        let mut judge = Judge::default();
+        for _ in 0..20 {
+            (0..WINDOW).for_each(|_| {
+                judge.judge(true);
+            });
+            while !judge.may_guess() {}
+        }
+        (0..WINDOW).for_each(|_| {
+            judge.judge(true);
+        });
+        let skipped = (0..2 * LONGEST_PAUSE)
+            .take_while(|_| !judge.may_guess())
+            .count();
+        assert_eq!(skipped as u32, LONGEST_PAUSE);
     }
 
     #[test]

@@ -386,6 +386,9 @@ impl PgStore {
         let Some(known) = self.states.all(&ids) else {
             return Ok(None);
         };
+        if !self.states.worth_guessing(items.len()) {
+            return Ok(None);
+        }
         let plan_ids: HashMap<Uuid, Uuid> =
             known.iter().map(|k| (k.instance.id, k.plan_id)).collect();
         let stored: HashMap<Uuid, Instance> = known
