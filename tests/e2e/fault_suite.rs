@@ -33,6 +33,10 @@ const BALANCE: i64 = 10_000_000;
 const START_DEADLINE: Duration = Duration::from_secs(120);
 /// Longest the transactions may take to settle after the last fault.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(120);
+/// A broker outage at least this long may outlast a bank step's retry budget (5 attempts of
+/// 5 s each, with backoffs between): transfers whose attempts ran out during it may end
+/// compensated, as their retry policy says. Shorter outages change no outcome.
+const OUTAGE_OUTLASTS_BUDGET: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
@@ -366,6 +370,39 @@ async fn restart_database(env: &TestEnv) -> Result<()> {
     }
 }
 
+/// A broker outage: from `rabbitmqctl stop_app` to the first client connection accepted.
+#[derive(Debug)]
+struct Outage {
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+}
+
+impl Outage {
+    /// Its length, in seconds to a tenth.
+    fn secs(&self) -> f64 {
+        ((self.to - self.from).num_milliseconds() / 100) as f64 / 10.0
+    }
+}
+
+/// True when transaction `id` gave a step up (its attempts ran out) during, or within one
+/// attempt's timeout after, a broker outage long enough to outlast a retry budget: then a
+/// good transfer ending compensated is what its retry policy says, not a fault of sagas.
+async fn gave_up_in_outage(env: &TestEnv, id: Uuid, outages: &[Outage]) -> Result<bool> {
+    let gave_up: Vec<(chrono::DateTime<chrono::Utc>,)> =
+        sqlx::query_as("SELECT at FROM sagas_events WHERE instance_id = $1 AND kind = 'gave_up'")
+            .bind(id)
+            .fetch_all(&env.orch)
+            .await?;
+    let grace = chrono::Duration::seconds(10);
+    Ok(gave_up.iter().any(|(at,)| {
+        outages.iter().any(|o| {
+            (o.to - o.from).to_std().unwrap_or_default() >= OUTAGE_OUTLASTS_BUDGET
+                && o.from <= *at
+                && *at <= o.to + grace
+        })
+    }))
+}
+
 /// What the client got for one transfer.
 struct Started {
     id: Uuid,
@@ -625,6 +662,7 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
     let client_started = Instant::now();
     let mut by_kind: BTreeMap<&str, u32> = BTreeMap::new();
     let mut last_fault = chrono::Utc::now();
+    let mut outages = Vec::new();
     for (n, fault) in faults.iter().enumerate() {
         tokio::time::sleep_until(client_started + spacing * (n as u32 + 1)).await;
         // Down for 0.2 to 1.5 s (PostgreSQL: as long as its restart takes).
@@ -647,7 +685,14 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
                 tokio::time::sleep(down).await;
                 cluster.spawn_accounts(i)?;
             }
-            Fault::RestartBroker => restart_broker(down).await?,
+            Fault::RestartBroker => {
+                let from = chrono::Utc::now();
+                restart_broker(down).await?;
+                outages.push(Outage {
+                    from,
+                    to: chrono::Utc::now(),
+                });
+            }
             Fault::RestartDatabase => restart_database(&env).await?,
         }
         last_fault = chrono::Utc::now();
@@ -687,7 +732,7 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
             .push((id, definition, status));
     }
     let mut expected = vec![BALANCE; ACCOUNTS as usize + 1];
-    let (mut completed, mut compensated) = (0, 0);
+    let (mut completed, mut compensated, mut out_of_budget) = (0, 0, 0);
     for (t, s) in transfers.iter().zip(&started) {
         let found = by_key
             .get(&t.key)
@@ -697,6 +742,13 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
         assert_eq!(*id, s.id, "key {}: answered id vs stored", t.key);
         assert_eq!(definition, t.definition, "key {}", t.key);
         let want = if t.fails { "compensated" } else { "completed" };
+        let ran_out =
+            status == "compensated" && !t.fails && gave_up_in_outage(&env, *id, &outages).await?;
+        if ran_out {
+            out_of_budget += 1;
+            compensated += 1;
+            continue;
+        }
         if status != want {
             let mut logs = String::new();
             for (t, s) in transfers.iter().zip(&started) {
@@ -778,13 +830,15 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
     let raced = transfers.iter().filter(|t| t.raced).count();
     println!(
         "fault suite passed: seed {}; {} transfers ({completed} completed, {compensated} \
-         compensated); {retries} starts sent again to the other orchestrator ({retried} \
+         compensated, {out_of_budget} of them good transfers whose retry budget a broker \
+         outage outlasted; broker outages {:?}); {retries} starts sent again to the other orchestrator ({retried} \
          transfers); {raced} transfers started on both orchestrators at once; {repeated} starts \
          answered as repeats of one already committed; faults \
          {by_kind:?}; last transaction settled {settle:.2} s after the last fault ended, \
          {:.2} s after the last start was answered; {:.1} s in all",
         settings.seed,
         transfers.len(),
+        outages.iter().map(Outage::secs).collect::<Vec<_>>(),
         (last_terminal - starts_done_at).num_milliseconds() as f64 / 1000.0,
         wall.elapsed().as_secs_f64()
     );
@@ -808,18 +862,14 @@ async fn transfers_started_while_orchestrators_and_participants_are_killed_each_
 
 /// Restarts the local RabbitMQ and PostgreSQL: only in the serial last stage of scripts/test.
 ///
-/// Ignored for now: in one run of four, good transfers ended compensated. The processes'
-/// logs show why: the broker refused connections for 29 s (03:21:55 to 03:22:24; `start_app`
-/// and `await_startup` took that long on a loaded machine, with a PostgreSQL restart in the
-/// middle), not the 3 s the test meant, and the bank's steps give up after 5 attempts of 5 s
-/// (about 30 s): the orchestrators kept counting attempts whose commands they could not even
-/// publish. Nothing was lost or applied twice; the outcome followed the retry policy. Two
-/// ways out, neither built yet: attempts that could not be published are not counted (the
-/// circuit breaker of the workflow-features issue), or the variant measures the outage and
-/// expects compensation for transfers whose budget it outlasted.
-/// Run it by hand with `--ignored` and `SAGAS_FAULTS_RESTART_SERVICES=1`.
+/// A broker outage can last longer than meant (29 s once, on a loaded machine, when 3 s were
+/// meant: `start_app` and `await_startup` took that long), and the orchestrators count the
+/// attempts whose commands they could not publish, so a long outage outlasts the bank steps'
+/// retry budget and good transfers end compensated, as their retry policy says. The test
+/// measures each outage and accepts that outcome only for transfers that gave up a step during
+/// an outage of at least [`OUTAGE_OUTLASTS_BUDGET`]; everything else (one transaction per key,
+/// money conserved, nothing applied twice, reconcile clean) holds for them as for the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a broker outage longer than a step's retry budget compensates good transfers; see the comment"]
 async fn transfers_survive_broker_and_database_restarts_as_well_as_killed_processes() -> Result<()>
 {
     if std::env::var("SAGAS_FAULTS_RESTART_SERVICES").as_deref() != Ok("1") {
