@@ -784,6 +784,21 @@ async fn the_http_commands_list_show_abort_and_definitions_go_through_the_api() 
 
     let out = run_sagactl(&["list", "--url", "http://127.0.0.1:1"])?;
     assert_eq!(code(&out), 2, "an unreachable server exits 2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SAGAS_BIND"),
+        "the error says where sagactl looks: {stderr}"
+    );
+
+    // Without --url or SAGAS_URL, sagactl goes where sagad listens with the same environment.
+    let bind = app.addr.to_string();
+    let out = std::process::Command::new(helpers::built_binary("sagactl")?)
+        .args(["show", &id])
+        .env_remove("SAGAS_URL")
+        .env_remove("SAGAS_TOKEN")
+        .env("SAGAS_BIND", &bind)
+        .output()?;
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
 
     app.stop().await;
     env.cleanup().await;

@@ -136,9 +136,10 @@ pub struct PruneArgs {
 /// Where the HTTP API is and who is asking.
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
-    /// Base URL of the orchestrator's HTTP API.
-    #[arg(long, env = "SAGAS_URL", default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    /// Base URL of the orchestrator's HTTP API [default: `http://` and `SAGAS_BIND` when that
+    /// is set, as for `sagad` (a wildcard host becomes loopback), else http://127.0.0.1:8080].
+    #[arg(long, env = "SAGAS_URL")]
+    pub url: Option<String>,
     /// Bearer token sent as `Authorization: Bearer <token>`.
     #[arg(long, env = "SAGAS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,

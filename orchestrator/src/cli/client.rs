@@ -25,6 +25,21 @@ pub enum ClientError {
     Failed(String),
 }
 
+/// The API's base URL when none is given: where `sagad` listens with the same environment
+/// (`SAGAS_BIND`, `host:port`), a wildcard host replaced by loopback; else the default bind.
+fn base_url(bind: Option<&str>) -> String {
+    let bind = bind.map(str::trim).filter(|b| !b.is_empty());
+    let Some(bind) = bind else {
+        return format!("http://{}", crate::config::DEFAULT_BIND);
+    };
+    let bind = match bind.rsplit_once(':') {
+        Some(("0.0.0.0", port)) => format!("127.0.0.1:{port}"),
+        Some(("[::]", port)) => format!("[::1]:{port}"),
+        _ => bind.to_owned(),
+    };
+    format!("http://{bind}")
+}
+
 /// The API at one base URL, with a token and an actor.
 pub struct Client {
     http: reqwest::Client,
@@ -46,9 +61,13 @@ impl Client {
             .clone()
             .or_else(|| std::env::var("USER").ok())
             .filter(|a| !a.trim().is_empty());
+        let base = args
+            .url
+            .clone()
+            .unwrap_or_else(|| base_url(std::env::var("SAGAS_BIND").ok().as_deref()));
         Ok(Client {
             http,
-            base: args.url.trim_end_matches('/').to_owned(),
+            base: base.trim_end_matches('/').to_owned(),
             token: args.token.clone().filter(|t| !t.is_empty()),
             actor,
         })
@@ -82,10 +101,15 @@ impl Client {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let res = req
-            .send()
-            .await
-            .map_err(|e| ClientError::Failed(format!("{method} {url}: {e}")))?;
+        let res = req.send().await.map_err(|e| {
+            let hint = if e.is_connect() {
+                " (is the orchestrator running there? `--url` or SAGAS_URL names it; without \
+                 them sagactl uses SAGAS_BIND, as sagad does, else 127.0.0.1:8080)"
+            } else {
+                ""
+            };
+            ClientError::Failed(format!("{method} {url}: {e}{hint}"))
+        })?;
         let status = res.status();
         let text = res
             .text()
@@ -131,5 +155,23 @@ impl Client {
                 "{method} {url} answered {status}"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base_url;
+
+    #[test]
+    fn without_a_url_the_client_goes_where_sagad_listens_with_the_same_environment() {
+        assert_eq!(base_url(None), "http://127.0.0.1:8080");
+        assert_eq!(base_url(Some("")), "http://127.0.0.1:8080");
+        assert_eq!(base_url(Some("127.0.0.1:9000")), "http://127.0.0.1:9000");
+        assert_eq!(base_url(Some("0.0.0.0:9000")), "http://127.0.0.1:9000");
+        assert_eq!(base_url(Some("[::]:9000")), "http://[::1]:9000");
+        assert_eq!(
+            base_url(Some("orch.internal:80")),
+            "http://orch.internal:80"
+        );
     }
 }
