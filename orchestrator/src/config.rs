@@ -50,6 +50,31 @@ pub struct Config {
     pub wait_notify: bool,
     /// Read timeouts and connection cap of the HTTP server (`SAGAS_HTTP_*`).
     pub http: HttpLimits,
+    /// How log lines are written (`SAGAS_LOG_FORMAT`, `text` or `json`, default `text`).
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (`SAGAS_LOG_FORMAT`): colour codes only on a terminal either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line of text per event (`text`).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors (`json`).
+    Json,
+}
+
+impl LogFormat {
+    /// Reads `SAGAS_LOG_FORMAT` from `env`, its error recorded there.
+    pub fn read(env: &mut Env) -> LogFormat {
+        env.parse("SAGAS_LOG_FORMAT", LogFormat::Text, |raw| {
+            match raw.trim().to_ascii_lowercase().as_str() {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                _ => Err(format!("{raw:?} is neither text nor json")),
+            }
+        })
+    }
 }
 
 impl fmt::Debug for Config {
@@ -69,6 +94,7 @@ impl fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("wait_notify", &self.wait_notify)
             .field("http", &self.http)
+            .field("log_format", &self.log_format)
             .finish()
     }
 }
@@ -296,6 +322,7 @@ impl Config {
         let retention = env.duration_or_off("SAGAS_RETENTION", None);
         let wait_notify = env.flag("SAGAS_WAIT_NOTIFY", true);
         let http = HttpLimits::read(env);
+        let log_format = LogFormat::read(env);
         let config = Config {
             database_url,
             amqp_url: broker.amqp_url,
@@ -310,6 +337,7 @@ impl Config {
             retention,
             wait_notify,
             http,
+            log_format,
         };
         if let Err(problem) = config.check_exposure() {
             env.invalid("SAGAS_BIND", problem);
@@ -525,6 +553,20 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("ssssssss"), "{text}");
+    }
+
+    #[test]
+    fn log_lines_are_text_or_json_and_anything_else_names_the_variable() {
+        let format = |raw: &str| read(&[("SAGAS_LOG_FORMAT", raw)]).map(|c| c.log_format);
+        assert_eq!(read(&[]).unwrap().log_format, LogFormat::Text);
+        assert_eq!(format("text").unwrap(), LogFormat::Text);
+        assert_eq!(format("JSON").unwrap(), LogFormat::Json);
+        for bad in ["logfmt", "yaml", "text json"] {
+            assert!(
+                format(bad).unwrap_err().names("SAGAS_LOG_FORMAT"),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SystemClock;
-use crate::config::{Config, HttpLimits};
+use crate::config::{Config, HttpLimits, LogFormat};
 use crate::definition::Registry;
 use crate::engine::{Engine, EngineConfig};
 use crate::store::PgStore;
@@ -193,9 +193,27 @@ async fn accept_failed(e: std::io::Error) {
 /// Resolves on SIGTERM or Ctrl-C (one implementation for both crates: the participant SDK's).
 pub use sagas_participant::runtime::shutdown_signal as wait_for_signal;
 
-/// Installs a `tracing` subscriber that reads `RUST_LOG` (default `info`).
+/// Installs a `tracing` subscriber that reads `RUST_LOG` (default `info`), in the format
+/// `SAGAS_LOG_FORMAT` names; a malformed value stops the process with exit code 2, as every
+/// malformed variable does.
 pub fn init_tracing() {
+    let mut env = crate::config::Env::from_process();
+    let format = LogFormat::read(&mut env);
+    env.finish().unwrap_or_else(|e| e.exit());
+    init_tracing_as(format);
+}
+
+/// Installs a `tracing` subscriber that reads `RUST_LOG` (default `info`) and writes `format`
+/// to standard output, with colour codes only when that is a terminal (never in log files).
+pub fn init_tracing_as(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }

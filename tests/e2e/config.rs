@@ -287,3 +287,68 @@ async fn a_tokens_file_that_cannot_be_read_or_is_set_with_the_tokens_stops_sagad
     );
     Ok(())
 }
+
+/// Reads `sagad`'s standard output (a pipe, not a terminal) until a line satisfies `done`,
+/// within [`BOUND`]; answers every line read.
+async fn log_lines(vars: &[(&str, &str)], done: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = sagad(&[], vars)?
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut read = Vec::new();
+    let found = tokio::time::timeout(BOUND, async {
+        while let Some(line) = lines.next_line().await? {
+            let hit = done(&line);
+            read.push(line);
+            if hit {
+                return anyhow::Ok(true);
+            }
+        }
+        anyhow::Ok(false)
+    })
+    .await;
+    child.kill().await?;
+    anyhow::ensure!(
+        matches!(found, Ok(Ok(true))),
+        "no such log line within {BOUND:?}: {read:?}"
+    );
+    Ok(read)
+}
+
+#[tokio::test]
+async fn logs_written_to_a_pipe_carry_no_colour_codes_and_can_be_json_lines() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let bind = format!("127.0.0.1:{}", closed_port()?);
+    let mq = amqp_url();
+    let vars = |format: &'static str| {
+        vec![
+            ("DATABASE_URL", env.orch_url.clone()),
+            ("AMQP_URL", mq.clone()),
+            ("SAGAS_BIND", bind.clone()),
+            ("SAGAS_AMQP_PREFIX", env.topology.prefix().to_owned()),
+            ("SAGAS_QUEUE_EXPIRES_MS", "600000".to_owned()),
+            ("SAGAS_LOG_FORMAT", format.to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ]
+    };
+    for format in ["text", "json"] {
+        let owned = vars(format);
+        let vars: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let lines = log_lines(&vars, |line| line.contains("HTTP API listening")).await?;
+        assert!(
+            lines.iter().all(|l| !l.contains('\u{1b}')),
+            "{format}: colour codes in a pipe: {lines:?}"
+        );
+        if format == "json" {
+            for line in &lines {
+                let value: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("not a JSON line: {line}"))?;
+                assert!(value["level"].is_string(), "{line}");
+            }
+        }
+    }
+    env.cleanup().await;
+    Ok(())
+}

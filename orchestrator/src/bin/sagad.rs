@@ -37,6 +37,7 @@ Environment (docs/operations.md, \"Configuration\", has every variable, its defa
   SAGAS_RETENTION              delete finished transactions after, e.g. 30d; 0 = never [0]
   SAGAS_WAIT_NOTIFY            wake ?wait across processes (NOTIFY/LISTEN), yes/no [yes]
   SAGAS_HTTP_HEADER_TIMEOUT_MS, SAGAS_HTTP_BODY_TIMEOUT_MS, SAGAS_HTTP_MAX_CONNECTIONS
+  SAGAS_LOG_FORMAT             log lines as text or json [text]
   RUST_LOG                     log filter [info]
 
 A malformed variable stops sagad with exit code 2 and a message naming each one.";
@@ -78,7 +79,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let config = Config::from_env().unwrap_or_else(|e| e.exit());
     match cli.command.unwrap_or(Cmd::Serve) {
         Cmd::Serve => {
-            server::init_tracing();
+            server::init_tracing_as(config.log_format);
             server::serve(config, Registry::new(), None).await?;
             Ok(ExitCode::SUCCESS)
         }
