@@ -95,8 +95,11 @@ impl Draft<'_> {
             outcome: reply.outcome,
         });
         self.cancel_timer(i);
+        // A step already stuck stays stuck: a late failure of another attempt is logged as its
+        // reply, not as the instance getting stuck again (which alerts and metrics count).
         if let Some(reason) = failed_reason
             && !reply.operation.is_forward()
+            && !self.inst.steps[i].stuck
         {
             self.emit(Event::Stuck {
                 step: i,

@@ -376,6 +376,32 @@ fn a_compensation_that_answers_failed_makes_the_instance_stuck_at_once() {
 }
 
 #[test]
+fn a_stuck_step_that_hears_another_failure_is_logged_stuck_once() {
+    let mut r = Run::start(Mode::Saga, 2);
+    r.ok(0, Action);
+    r.reply(1, Action, 1, Outcome::failed("no"));
+    r.reply(0, Compensate, 1, Outcome::failed("account closed"));
+    // The broker redelivers the failure, and the participant answers it again.
+    r.reply(0, Compensate, 1, Outcome::failed("account closed"));
+    r.reply(0, Compensate, 1, Outcome::failed("account closed"));
+    assert_eq!(r.inst.status, Status::Stuck);
+    let kinds: Vec<&str> = r.log.iter().map(Event::kind).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "stuck").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "replied").count(),
+        5,
+        "{kinds:?}"
+    );
+    // Still settled by a success, or by an operator.
+    r.reply(0, Compensate, 1, Outcome::succeeded(json!(null)));
+    assert_eq!(r.inst.status, Status::Compensated);
+}
+
+#[test]
 fn tcc_tries_every_branch_at_once_then_confirms_them_all() {
     let mut r = Run::start(Mode::Tcc, 3);
     assert_eq!(r.sent(), vec![(0, Try, 1), (1, Try, 1), (2, Try, 1)]);
