@@ -41,8 +41,8 @@ use sagas_orchestrator::clock::Clock;
 use sagas_orchestrator::engine::StartOptions;
 use sagas_orchestrator::machine::{self, Event, Input, Time, Timer, Transition};
 use sagas_orchestrator::store::{
-    Created, Decide, Idempotency, ListFilter, LoggedEvent, MemoryStore, OutboxMessage, Pruned,
-    SagaStore, StoreError, StoredInstance, Updated,
+    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, MemoryStore, OutboxMessage,
+    Pruned, SagaStore, StoreError, StoredInstance, Updated,
 };
 use sagas_orchestrator::transport::{Ack, Incoming, Transport, TransportError};
 use sagas_orchestrator::{Definition, Engine, EngineConfig, Mode, Registry, RetryPolicy, Status};
@@ -565,6 +565,11 @@ impl SagaStore for FaultyStore {
         let dies = self.enter("store.prune", true)?;
         let r = self.inner.prune(finished_before, limit).await;
         self.leave("store.prune", dies, r)?
+    }
+
+    async fn gauges(&self, now: Time) -> Result<Gauges, StoreError> {
+        // A read that changes nothing: not a point where the simulation injects faults.
+        self.inner.gauges(now).await
     }
 }
 

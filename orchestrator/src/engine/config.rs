@@ -46,6 +46,9 @@ pub struct EngineConfig {
     /// process's transitions and of the others' at their next re-read; a store that one
     /// process uses alone (SQLite, memory) has nothing to announce either way.
     pub wait_notify: bool,
+    /// How often the gauges of open instances, the outbox, due timers and dead letters are
+    /// read (one store query and one look at the broker per period, whatever the scrapes).
+    pub gauge_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +68,7 @@ impl Default for EngineConfig {
             retention_pause: Duration::from_millis(100),
             wait_recheck: Duration::from_secs(10),
             wait_notify: true,
+            gauge_interval: Duration::from_secs(15),
         }
     }
 }

@@ -4,7 +4,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::machine::Event;
+use crate::machine::{Event, Status, Time};
+use crate::store::Gauges;
 
 /// Counter, label `definition`: instances started.
 pub const STARTED: &str = "sagas_instances_started_total";
@@ -41,6 +42,25 @@ pub const STATE_CACHE: &str = "sagas_state_cache_total";
 /// messages published and confirmed, reply messages received; a batch counts once. Counted by
 /// the AMQP transport.
 pub const AMQP_MESSAGES: &str = "sagas_amqp_messages_total";
+
+/// Gauge, label `status` (each status that is not terminal: `running`, `compensating`,
+/// `stuck`): open instances now.
+pub const OPEN: &str = "sagas_instances";
+/// Gauge: age in seconds of the oldest open instance (by its creation), 0 if none.
+pub const OLDEST_OPEN: &str = "sagas_oldest_open_seconds";
+/// Gauge: outbox rows, commands committed but not yet confirmed by the broker.
+pub const OUTBOX_ROWS: &str = "sagas_outbox_rows";
+/// Gauge: age in seconds of the oldest outbox row, 0 if none.
+pub const OUTBOX_OLDEST: &str = "sagas_outbox_oldest_seconds";
+/// Gauge: timers whose due time has passed.
+pub const TIMERS_DUE: &str = "sagas_timers_due";
+/// Gauge: how late in seconds the most overdue timer is, 0 if none.
+pub const TIMER_LAG: &str = "sagas_timer_lag_seconds";
+/// Gauge: messages in the dead-letter queue of the orchestrator's replies (not set when the
+/// transport cannot tell).
+pub const DEAD_LETTERS: &str = "sagas_dead_letters";
+/// Gauge, label `version`: 1, naming the orchestrator's version.
+pub const BUILD_INFO: &str = "sagas_build_info";
 
 /// Registers the descriptions of the engine's metrics with the installed recorder.
 pub fn describe() {
@@ -82,6 +102,62 @@ pub fn describe() {
         AMQP_MESSAGES,
         "AMQP messages through the broker: commands published, replies received (a batch counts once)."
     );
+    use metrics::{Unit, describe_gauge};
+    describe_gauge!(OPEN, "Open (not terminal) instances now, by status.");
+    describe_gauge!(
+        OLDEST_OPEN,
+        Unit::Seconds,
+        "Age of the oldest open instance (0 if none)."
+    );
+    describe_gauge!(
+        OUTBOX_ROWS,
+        "Outbox rows: commands committed but not yet confirmed by the broker."
+    );
+    describe_gauge!(
+        OUTBOX_OLDEST,
+        Unit::Seconds,
+        "Age of the oldest outbox row (0 if none)."
+    );
+    describe_gauge!(TIMERS_DUE, "Timers whose due time has passed.");
+    describe_gauge!(
+        TIMER_LAG,
+        Unit::Seconds,
+        "How late the most overdue timer is (0 if none)."
+    );
+    describe_gauge!(
+        DEAD_LETTERS,
+        "Messages in the dead-letter queue of the orchestrator's replies."
+    );
+    describe_gauge!(BUILD_INFO, "1, labelled with the orchestrator's version.");
+}
+
+/// Sets the gauges of what the store holds ([`OPEN`] for every status that is not terminal,
+/// the ages as seen at `now`). Every engine of the process sets the same gauges: the last one
+/// to look wins, and engines on one database see the same.
+pub(super) fn record_gauges(gauges: &Gauges, now: Time) {
+    let age = |since: Option<Time>| {
+        since.map_or(0.0, |t| {
+            ((now - t).num_milliseconds() as f64 / 1000.0).max(0.0)
+        })
+    };
+    for status in Status::ALL.into_iter().filter(|s| !s.is_terminal()) {
+        metrics::gauge!(OPEN, "status" => status.as_str()).set(gauges.open(status) as f64);
+    }
+    metrics::gauge!(OLDEST_OPEN).set(age(gauges.oldest_open));
+    metrics::gauge!(OUTBOX_ROWS).set(gauges.outbox_rows as f64);
+    metrics::gauge!(OUTBOX_OLDEST).set(age(gauges.oldest_outbox));
+    metrics::gauge!(TIMERS_DUE).set(gauges.timers_due as f64);
+    metrics::gauge!(TIMER_LAG).set(age(gauges.oldest_due_timer));
+}
+
+/// Sets [`DEAD_LETTERS`].
+pub(super) fn record_dead_letters(messages: u64) {
+    metrics::gauge!(DEAD_LETTERS).set(messages as f64);
+}
+
+/// Sets [`BUILD_INFO`].
+pub(super) fn record_build_info() {
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// What this engine counted. Each method counts one kind of event: it records the metric

@@ -8,7 +8,8 @@
 //! This file holds the engine and what it does for one caller (start, deliver, operate, read);
 //! `starts` batches starts, `replies` consumes replies, `timers` fires timers, `relay`
 //! republishes what was left, `publish` publishes and deletes outbox rows, `wait` serves
-//! requests waiting for instances to settle, `metric` counts.
+//! requests waiting for instances to settle, `gauges` reads what is open and queued now,
+//! `metric` counts.
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ use crate::store::{
 use crate::transport::{Transport, TransportError};
 
 mod config;
+mod gauges;
 pub mod metric;
 mod publish;
 mod relay;
@@ -247,8 +249,8 @@ impl Engine {
             .await?)
     }
 
-    /// Runs the reply consumer, the timer loop, the outbox relay, the retention loop and the
-    /// listener for instances other processes settled until `shutdown`.
+    /// Runs the reply consumer, the timer loop, the outbox relay, the retention loop, the
+    /// gauge loop and the listener for instances other processes settled until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
         self.declare().await?;
         let replies = self.transport.subscribe(self.config.prefetch).await?;
@@ -257,9 +259,10 @@ impl Engine {
         let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone()));
         let retention = tokio::spawn(self.clone().retention_loop(shutdown.clone()));
         let listener = tokio::spawn(self.clone().listen_loop(shutdown.clone()));
+        let gauges = tokio::spawn(self.clone().gauge_loop(shutdown.clone()));
         shutdown.cancelled().await;
         self.stopping.cancel();
-        for task in [consumer, timers, relay, retention, listener] {
+        for task in [consumer, timers, relay, retention, listener, gauges] {
             let _ = task.await;
         }
         self.flush_outbox_deletes().await;

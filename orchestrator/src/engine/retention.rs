@@ -53,7 +53,8 @@ impl Engine {
     }
 }
 
-async fn sleep_or_stop(shutdown: &CancellationToken, wait: Duration) {
+/// Sleeps for `wait`, or less if `shutdown` comes first.
+pub(super) async fn sleep_or_stop(shutdown: &CancellationToken, wait: Duration) {
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = tokio::time::sleep(wait) => {}

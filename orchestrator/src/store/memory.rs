@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::write_set::{WriteSet, decide_in_order};
 use super::{
-    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Position, Pruned,
+    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Position, Pruned,
     SagaStore, StoreError, StoredInstance, Updated,
 };
 use crate::machine::{Instance, Status, Time, Timer, Transition};
@@ -37,8 +37,8 @@ struct Tables {
     events: BTreeMap<Uuid, Vec<LoggedEvent>>,
     /// By (instance, key): (due, timer).
     timers: BTreeMap<(Uuid, String), (Time, Timer)>,
-    /// By row id: (available at, row).
-    outbox: BTreeMap<i64, (Time, OutboxMessage)>,
+    /// By row id: (available at, written at, row).
+    outbox: BTreeMap<i64, (Time, Time, OutboxMessage)>,
     last_outbox_id: i64,
 }
 
@@ -110,7 +110,7 @@ impl Tables {
                 command: send.command.clone(),
             };
             self.outbox
-                .insert(row.id, (now + OUTBOX_GRACE, row.clone()));
+                .insert(row.id, (now + OUTBOX_GRACE, now, row.clone()));
             outbox.push(row);
         }
         Ok(outbox)
@@ -187,7 +187,7 @@ impl MemoryStore {
         self.lock()
             .outbox
             .values()
-            .map(|(_, m)| m.clone())
+            .map(|(_, _, m)| m.clone())
             .collect()
     }
 }
@@ -317,7 +317,7 @@ impl SagaStore for MemoryStore {
     ) -> Result<Vec<OutboxMessage>, StoreError> {
         let mut tables = self.lock();
         let mut claimed = Vec::new();
-        for (available, row) in tables.outbox.values_mut() {
+        for (available, _, row) in tables.outbox.values_mut() {
             if claimed.len() >= limit.max(0) as usize {
                 break;
             }
@@ -353,9 +353,35 @@ impl SagaStore for MemoryStore {
             tables.timers.retain(|(i, _), _| i != id);
             tables
                 .outbox
-                .retain(|_, (_, m)| m.command.transaction_id != *id);
+                .retain(|_, (_, _, m)| m.command.transaction_id != *id);
         }
         Ok(Pruned::Deleted(doomed.len() as u64))
+    }
+
+    async fn gauges(&self, now: Time) -> Result<Gauges, StoreError> {
+        let tables = self.lock();
+        let mut gauges = Gauges::default();
+        let open = (tables.instances.values())
+            .map(|r| &r.stored)
+            .filter(|s| !s.instance.status.is_terminal());
+        for stored in open.clone() {
+            let status = stored.instance.status;
+            match gauges.open.iter_mut().find(|(s, _)| *s == status) {
+                Some((_, n)) => *n += 1,
+                None => gauges.open.push((status, 1)),
+            }
+        }
+        gauges.oldest_open = open.map(|s| s.created_at).min();
+        gauges.outbox_rows = tables.outbox.len() as u64;
+        gauges.oldest_outbox = tables.outbox.values().map(|(_, written, _)| *written).min();
+        let due = tables
+            .timers
+            .values()
+            .map(|(at, _)| *at)
+            .filter(|at| *at <= now);
+        gauges.timers_due = due.clone().count() as u64;
+        gauges.oldest_due_timer = due.min();
+        Ok(gauges)
     }
 }
 

@@ -184,6 +184,47 @@ pub enum Pruned {
     Deleted(u64),
 }
 
+/// What the store holds now that an operator watches: open instances, the outbox, due timers
+/// ([`SagaStore::gauges`]; the engine exports it as gauges).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Gauges {
+    /// Open (not terminal) instances by status; a status without any is left out.
+    pub open: Vec<(Status, u64)>,
+    /// When the oldest open instance was created.
+    pub oldest_open: Option<Time>,
+    /// Outbox rows: commands committed but not yet confirmed by the broker.
+    pub outbox_rows: u64,
+    /// When the oldest outbox row was written.
+    pub oldest_outbox: Option<Time>,
+    /// Timers due (at or before the time asked about), not claimed.
+    pub timers_due: u64,
+    /// When the most overdue of them was due.
+    pub oldest_due_timer: Option<Time>,
+}
+
+impl Gauges {
+    /// Open instances with `status`.
+    pub fn open(&self, status: Status) -> u64 {
+        self.open
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// [`Gauges::open`] from a SQL store's rows: status names with their counts.
+    fn open_by_name(
+        rows: impl IntoIterator<Item = (String, i64)>,
+    ) -> Result<Vec<(Status, u64)>, StoreError> {
+        rows.into_iter()
+            .map(|(name, n)| {
+                let status = Status::parse(&name)
+                    .ok_or_else(|| StoreError::Corrupt(format!("unknown status {name}")))?;
+                Ok((status, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+}
+
 /// Durable storage of instances.
 #[async_trait]
 pub trait SagaStore: Send + Sync + 'static {
@@ -280,6 +321,10 @@ pub trait SagaStore: Send + Sync + 'static {
     /// compensated or resolved) before `finished_before`, oldest first, with their events,
     /// timers and outbox rows. One process prunes at a time: the others get [`Pruned::Busy`].
     async fn prune(&self, finished_before: Time, limit: u32) -> Result<Pruned, StoreError>;
+
+    /// Open instances by status, the outbox and the timers due at `now`, read in one go (one
+    /// round trip where the database allows) for the engine's gauges.
+    async fn gauges(&self, now: Time) -> Result<Gauges, StoreError>;
 
     /// Word of settled instances between the processes that share this store; `None` (the
     /// default) for a store that one process uses alone.

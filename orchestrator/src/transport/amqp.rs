@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -242,6 +243,26 @@ impl Transport for AmqpTransport {
     async fn ping(&self) -> Result<(), TransportError> {
         // The publishing link is what a start or an operator action needs.
         self.link().await.map(drop)
+    }
+
+    async fn dead_letters(&self) -> Result<Option<u64>, TransportError> {
+        let link = self.link().await?;
+        // A channel per look: a passive declare of a missing queue closes its channel.
+        let ch = link.connection.create_channel().await.map_err(broker)?;
+        let queue = ch
+            .queue_declare(
+                self.config.topology.dead_letter_queue().as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if ch.status().connected() {
+            let _ = ch.close(200, "looked".into()).await;
+        }
+        Ok(Some(u64::from(queue.map_err(broker)?.message_count())))
     }
 
     async fn subscribe(&self, prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError> {

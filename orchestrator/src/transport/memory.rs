@@ -210,6 +210,10 @@ impl MemoryTransport {
 
 #[async_trait]
 impl Transport for MemoryTransport {
+    async fn dead_letters(&self) -> Result<Option<u64>, TransportError> {
+        Ok(Some(lock(&self.inner.dead_letters).len() as u64))
+    }
+
     async fn declare(&self, participants: &[String]) -> Result<(), TransportError> {
         let mut queues = lock(&self.inner.queues);
         for p in participants {

@@ -62,4 +62,10 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Succeeds if the broker can be reached now (connecting if need be).
     async fn ping(&self) -> Result<(), TransportError>;
+
+    /// Messages waiting in the dead-letter queue the orchestrator's rejected replies go to;
+    /// `None` (the default) when this transport cannot tell.
+    async fn dead_letters(&self) -> Result<Option<u64>, TransportError> {
+        Ok(None)
+    }
 }

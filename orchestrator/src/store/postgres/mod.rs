@@ -12,8 +12,8 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pruned, SagaStore,
-    Settlements, StoreError, StoredInstance, Updated,
+    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pruned,
+    SagaStore, Settlements, StoreError, StoredInstance, Updated,
 };
 use crate::machine::{Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
@@ -320,6 +320,36 @@ impl SagaStore for PgStore {
 
     async fn prune(&self, finished_before: Time, limit: u32) -> Result<Pruned, StoreError> {
         self.prune_exporting(finished_before, limit, None).await
+    }
+
+    async fn gauges(&self, now: Time) -> Result<Gauges, StoreError> {
+        #[allow(clippy::type_complexity)]
+        let row: (
+            Option<Vec<String>>,
+            Option<Vec<i64>>,
+            Option<Time>,
+            i64,
+            Option<Time>,
+            i64,
+            Option<Time>,
+        ) = sqlx::query_as(sql::GAUGES)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
+        let (statuses, counts, oldest_open, outbox, oldest_outbox, due, oldest_due) = row;
+        Ok(Gauges {
+            open: Gauges::open_by_name(
+                statuses
+                    .unwrap_or_default()
+                    .into_iter()
+                    .zip(counts.unwrap_or_default()),
+            )?,
+            oldest_open,
+            outbox_rows: u64::try_from(outbox).unwrap_or(0),
+            oldest_outbox,
+            timers_due: u64::try_from(due).unwrap_or(0),
+            oldest_due_timer: oldest_due,
+        })
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

@@ -208,3 +208,16 @@ pub(super) const PRUNE: &str = "WITH ev AS (
        ON CONFLICT (singleton) DO UPDATE
        SET pruned_before = greatest(sagas_retention.pruned_before, EXCLUDED.pruned_before))
      DELETE FROM sagas_instances WHERE id = ANY($1)";
+
+/// What the gauges show, in one statement: open instances by status, through the partial
+/// index `sagas_instances_open` (whose predicate keeps `resolved` rows, filtered here); the
+/// outbox's rows and the oldest one (one scan of a table that is small unless the broker is
+/// behind); the timers due at `$1`, through `sagas_timers_due`.
+pub(super) const GAUGES: &str =
+    "SELECT o.statuses, o.counts, o.oldest, ob.n, ob.oldest, t.n, t.oldest
+     FROM (SELECT array_agg(status) AS statuses, array_agg(n) AS counts, min(oldest) AS oldest
+           FROM (SELECT status, count(*) AS n, min(created_at) AS oldest FROM sagas_instances
+                 WHERE status NOT IN ('completed', 'compensated') AND status <> 'resolved'
+                 GROUP BY status) s) o,
+          (SELECT count(*) AS n, min(created_at) AS oldest FROM sagas_outbox) ob,
+          (SELECT count(*) AS n, min(due_at) AS oldest FROM sagas_timers WHERE due_at <= $1) t";

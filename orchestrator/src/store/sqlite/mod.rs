@@ -41,8 +41,8 @@ use uuid::Uuid;
 use crate::machine::{Instance, Time, Timer, Transition};
 use crate::store::write_set::WriteSet;
 use crate::store::{
-    Created, Decide, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pruned, SagaStore,
-    StoreError, StoredInstance, Updated,
+    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pruned,
+    SagaStore, StoreError, StoredInstance, Updated,
 };
 use sagas_participant::protocol::Command;
 
@@ -478,6 +478,26 @@ impl SagaStore for SqliteStore {
             .rows_affected();
         tx.commit().await?;
         Ok(Pruned::Deleted(deleted))
+    }
+
+    async fn gauges(&self, now: Time) -> Result<Gauges, StoreError> {
+        let open: Vec<(String, i64, i64)> = sqlx::query_as(sql::GAUGES_OPEN)
+            .fetch_all(&self.reader)
+            .await?;
+        let (outbox, oldest_outbox, due, oldest_due): (i64, Option<i64>, i64, Option<i64>) =
+            sqlx::query_as(sql::GAUGES_QUEUES)
+                .bind(micros(now))
+                .fetch_one(&self.reader)
+                .await?;
+        let oldest_open = open.iter().map(|(_, _, created)| *created).min();
+        Ok(Gauges {
+            open: Gauges::open_by_name(open.into_iter().map(|(status, n, _)| (status, n)))?,
+            oldest_open: oldest_open.map(time).transpose()?,
+            outbox_rows: u64::try_from(outbox).unwrap_or(0),
+            oldest_outbox: oldest_outbox.map(time).transpose()?,
+            timers_due: u64::try_from(due).unwrap_or(0),
+            oldest_due_timer: oldest_due.map(time).transpose()?,
+        })
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

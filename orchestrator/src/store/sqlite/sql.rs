@@ -97,3 +97,14 @@ pub(super) const PRUNE_OUTBOX: &str =
 /// Deletes the instances `?`.
 pub(super) const PRUNE_INSTANCES: &str =
     "DELETE FROM sagas_instances WHERE id IN (SELECT value FROM json_each(?))";
+
+/// Open instances by status, with the oldest one's creation time.
+pub(super) const GAUGES_OPEN: &str = "SELECT status, count(*), min(created_at) FROM sagas_instances
+     WHERE status NOT IN ('completed', 'compensated', 'resolved')
+     GROUP BY status";
+
+/// The outbox's rows and the oldest one, and the timers due at `?1` and the earliest of them.
+pub(super) const GAUGES_QUEUES: &str = "SELECT
+     (SELECT count(*) FROM sagas_outbox), (SELECT min(created_at) FROM sagas_outbox),
+     (SELECT count(*) FROM sagas_timers WHERE due_at <= ?1),
+     (SELECT min(due_at) FROM sagas_timers WHERE due_at <= ?1)";
