@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lapin::Connection;
+use sagas::orchestrator::EngineConfig;
 use sagas::orchestrator::api::ApiOptions;
-use sagas::orchestrator::clock::SystemClock;
+use sagas::orchestrator::clock::{Clock, SystemClock};
 use sagas::orchestrator::config::{ApiToken, Config, HttpLimits, Role};
 use sagas::orchestrator::machine::StepStatus;
 use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
@@ -167,6 +168,22 @@ impl Api {
         let id = self.begin(definition, true).await?;
         assert_eq!(self.env.wait_terminal(id).await?.status, Status::Completed);
         Ok(id)
+    }
+
+    /// Waits up to 30 s until the instance's view shows `status`.
+    async fn wait_status(&self, id: Uuid, status: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, view) = self.get(&format!("/v1/sagas/{id}")).await?;
+            if view["status"] == status {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "never {status}: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn post(&self, path: &str, actor: Option<&str>, body: Value) -> Result<(u16, Value)> {
@@ -629,18 +646,7 @@ async fn resolving_a_stuck_saga_ends_it_resolved_with_who_and_why_in_the_log() -
         .post(&path("abort"), Some("bob"), json!({"reason": "stop"}))
         .await?;
     assert_eq!(status, 200);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, view) = api.get(&format!("/v1/sagas/{id}")).await?;
-        if view["status"] == "stuck" {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "never stuck: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    api.wait_status(id, "stuck").await?;
     let (status, view) = api
         .post(
             &path("resolve"),
@@ -1120,6 +1126,102 @@ async fn metrics_count_replies_decided_on_cached_states_and_the_messages_through
         "{text}"
     );
     assert!(text.contains("# HELP sagas_state_cache_total"), "{text}");
+    api.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_and_stuck_instances_show_up_in_the_gauges_at_metrics_after_the_gauge_interval()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let participant = scripted_participant(&env).await?;
+    let registry = Registry::new().with(one_step("api_gauges")?)?;
+    let engine = EngineConfig {
+        gauge_interval: Duration::from_millis(100),
+        ..engine_config()
+    };
+    let app = helpers::spawn_app_with_engine(&env, registry, env.amqp_config(), engine).await?;
+    let api = Api {
+        env,
+        app,
+        participant,
+        http: reqwest::Client::new(),
+        token: None,
+    };
+    // Two that the participant never answers (running), one whose compensation it refuses.
+    for _ in 0..2 {
+        api.begin("api_gauges", false).await?;
+    }
+    let (status, body) = api
+        .post(
+            "/v1/sagas/api_gauges",
+            None,
+            json!({"input": {"answer": false, "stuck": true}}),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let stuck: Uuid = body["id"].as_str().unwrap().parse()?;
+    let (status, _) = api
+        .post(
+            &format!("/v1/sagas/{stuck}/abort"),
+            Some("bob"),
+            json!({"reason": "stop"}),
+        )
+        .await?;
+    assert_eq!(status, 200);
+    api.wait_status(stuck, "stuck").await?;
+
+    // The store's numbers for this test's database alone.
+    let gauges = api.app.engine.store().gauges(SystemClock.now()).await?;
+    assert_eq!(gauges.open(Status::Running), 2, "{gauges:?}");
+    assert_eq!(gauges.open(Status::Stuck), 1, "{gauges:?}");
+    assert_eq!(gauges.open(Status::Compensating), 0, "{gauges:?}");
+    assert!(gauges.oldest_open.is_some());
+
+    // The gauges are process-wide and other tests' engines set them too (each when it starts
+    // and every 15 s); this engine sets them every 100 ms, so its numbers show up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = api
+            .http
+            .get(api.app.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let value = |series: &str| metric_value(&text, series);
+        if value("sagas_instances{status=\"running\"}") == Some(2.0)
+            && value("sagas_instances{status=\"stuck\"}") == Some(1.0)
+        {
+            break text;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the gauges never showed 2 running and 1 stuck:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        text.contains("sagas_instances{status=\"compensating\"}"),
+        "{text}"
+    );
+    let build_info = format!(
+        "sagas_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.contains(&build_info), "{build_info} missing:\n{text}");
+    for name in [
+        "# HELP sagas_instances ",
+        "# TYPE sagas_instances gauge",
+        "sagas_oldest_open_seconds ",
+        "sagas_outbox_rows ",
+        "sagas_outbox_oldest_seconds ",
+        "sagas_timers_due ",
+        "sagas_timer_lag_seconds ",
+        "sagas_dead_letters ",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
     api.stop().await;
     Ok(())
 }

@@ -112,6 +112,7 @@ store_suite!(
     concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_deadlock,
     finished_instances_older_than_the_horizon_are_pruned_with_their_log_and_open_ones_stay,
     a_prune_deletes_at_most_its_batch_oldest_finished_first,
+    the_gauges_count_open_instances_by_status_the_outbox_and_the_timers_due,
 );
 
 fn definition(name: &str) -> Definition {
@@ -975,6 +976,94 @@ async fn a_prune_deletes_at_most_its_batch_oldest_finished_first(b: &Backend) ->
     assert_eq!(store.prune(horizon, 2).await?, Pruned::Deleted(2));
     assert_eq!(store.prune(horizon, 2).await?, Pruned::Deleted(1));
     assert!(store.list(&list_all()).await?.is_empty());
+    Ok(())
+}
+
+/// Runs an instance of `def` started at `at` until step `b` fails: it is compensating `a`.
+async fn fail_second_step(store: &dyn SagaStore, def: &Definition, at: Time) -> Result<Uuid> {
+    let id = create(store, def, at).await?;
+    let a = reply(id, "a", 1, Outcome::succeeded(json!("a")));
+    feed(store, def, id, Input::Reply(a), None, at).await?;
+    let b = reply(id, "b", 1, Outcome::failed("no"));
+    feed(store, def, id, Input::Reply(b), None, at).await?;
+    Ok(id)
+}
+
+async fn the_gauges_count_open_instances_by_status_the_outbox_and_the_timers_due(
+    b: &Backend,
+) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let t0 = now();
+    assert_eq!(
+        store.gauges(t0).await?,
+        Default::default(),
+        "an empty store"
+    );
+
+    let running_start = start(&def, t0);
+    let running = running_start.instance.id;
+    let outbox = store.create(&running_start, t0).await?;
+    let running_due = outbox[0]
+        .command
+        .deadline
+        .context("command without deadline")?;
+    let second = t0 + Duration::seconds(1);
+    let compensating = fail_second_step(&*store, &def, second).await?;
+    // Its compensation refused: stuck.
+    let stuck = fail_second_step(&*store, &def, second).await?;
+    let refused = Reply {
+        operation: Operation::Compensate,
+        ..reply(stuck, "a", 1, Outcome::failed("cannot undo"))
+    };
+    feed(&*store, &def, stuck, Input::Reply(refused), None, second).await?;
+    complete(&*store, &def, second, second).await?;
+    for (id, status) in [
+        (running, Status::Running),
+        (compensating, Status::Compensating),
+        (stuck, Status::Stuck),
+    ] {
+        assert_eq!(
+            store.get(id).await?.context("instance")?.instance.status,
+            status
+        );
+    }
+
+    // Nothing due yet.
+    let gauges = store.gauges(second).await?;
+    let mut open = gauges.open.clone();
+    open.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(
+        open,
+        vec![
+            (Status::Compensating, 1),
+            (Status::Running, 1),
+            (Status::Stuck, 1)
+        ],
+        "finished instances are not open"
+    );
+    assert_eq!(gauges.oldest_open, Some(t0));
+    assert_eq!(gauges.oldest_outbox, Some(t0));
+    assert_eq!((gauges.timers_due, gauges.oldest_due_timer), (0, None));
+
+    // Once the running instance's deadline has passed, its timer is due (and the earliest).
+    let gauges = store.gauges(running_due).await?;
+    assert!(gauges.timers_due >= 1, "{gauges:?}");
+    assert_eq!(gauges.oldest_due_timer, Some(running_due));
+
+    // Every timer due a day later; claiming takes them all, and leases them out of the count.
+    let later = t0 + Duration::days(1);
+    let due = store.gauges(later).await?.timers_due;
+    assert_eq!(due, due_timers(&*store, later).await?.len() as u64);
+    assert_eq!(store.gauges(later).await?.timers_due, 0);
+
+    // The outbox counts every row written and not yet deleted, claimed or not.
+    let rows = store.claim_outbox(later, 1_000, Duration::days(1)).await?;
+    assert_eq!(store.gauges(later).await?.outbox_rows, rows.len() as u64);
+    let ids: Vec<i64> = rows.iter().map(|m| m.id).collect();
+    store.delete_outbox(&ids).await?;
+    let gauges = store.gauges(later).await?;
+    assert_eq!((gauges.outbox_rows, gauges.oldest_outbox), (0, None));
     Ok(())
 }
 

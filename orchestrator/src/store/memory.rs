@@ -422,6 +422,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_gauges_count_open_instances_outbox_rows_and_due_timers_and_not_finished_ones() {
+        let (store, def) = (MemoryStore::new(), definition());
+        assert_eq!(store.gauges(at(0)).await.unwrap(), Gauges::default());
+        let (open, done) = (Uuid::now_v7(), Uuid::now_v7());
+        for (id, t) in [(open, at(0)), (done, at(1))] {
+            let start = machine::start(id, (**def.plan()).clone(), json!({}), t, &def);
+            store.create(&start, t).await.unwrap();
+        }
+        for step in ["a", "b"] {
+            let input = succeeded(done, step);
+            store
+                .update(done, None, at(2), decide(&def, input, at(2)))
+                .await
+                .unwrap();
+        }
+        let (_, due, _) = store.timers()[0];
+        let gauges = store.gauges(due).await.unwrap();
+        assert_eq!(gauges.open, vec![(Status::Running, 1)]);
+        assert_eq!(gauges.oldest_open, Some(at(0)));
+        assert_eq!((gauges.outbox_rows, gauges.oldest_outbox), (3, Some(at(0))));
+        assert_eq!((gauges.timers_due, gauges.oldest_due_timer), (1, Some(due)));
+        let early = store.gauges(at(0)).await.unwrap();
+        assert_eq!((early.timers_due, early.oldest_due_timer), (0, None));
+    }
+
+    #[tokio::test]
     async fn a_start_and_an_update_write_log_projection_timers_and_outbox_together() {
         let (store, def) = (MemoryStore::new(), definition());
         let id = Uuid::now_v7();
