@@ -60,7 +60,7 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// `GET /metrics`: counters of instances, replies, timers, the outbox and HTTP requests.
+/// `GET /metrics`: counters of instances, replies, timers, the outbox and HTTP requests, and gauges of what is open and queued now.
 #[utoipa::path(
     get,
     path = "/metrics",
