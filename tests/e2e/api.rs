@@ -1227,6 +1227,47 @@ async fn running_and_stuck_instances_show_up_in_the_gauges_at_metrics_after_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_gauge_is_the_depth_of_the_replies_dead_letter_queue_on_the_broker()
+-> Result<()> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use sagas::orchestrator::transport::Transport;
+
+    let env = TestEnv::new().await?;
+    let transport = AmqpTransport::new(env.amqp_config());
+    // Before the topology is declared there is no queue to ask about.
+    assert!(transport.dead_letters().await.is_err());
+    transport.declare(&[]).await?;
+    assert_eq!(transport.dead_letters().await?, Some(0));
+
+    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    for _ in 0..2 {
+        ch.basic_publish(
+            env.topology.dead_letter_exchange().as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"{not json",
+            Default::default(),
+        )
+        .await?
+        .await?;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while transport.dead_letters().await? != Some(2) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the depth never reached 2"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    transport.close().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_is_echoed_or_assigned() -> Result<()> {
     let env = TestEnv::new().await?;
     let app = spawn_app(&env, Registry::new()).await?;
