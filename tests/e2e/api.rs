@@ -1074,15 +1074,16 @@ async fn metrics_count_started_and_finished_instances_by_definition_and_status()
         Some(1.0),
         "{text}"
     );
-    for name in [
-        "sagas_replies_total",
-        "sagas_timers_fired_total",
-        "sagas_http_requests_total{",
-        "sagas_http_request_duration_seconds_bucket{",
-        "# HELP sagas_instances_started_total",
-    ] {
-        assert!(text.contains(name), "{name} missing:\n{text}");
-    }
+    assert_named(
+        &text,
+        &[
+            "sagas_replies_total",
+            "sagas_timers_fired_total",
+            "sagas_http_requests_total{",
+            "sagas_http_request_duration_seconds_bucket{",
+            "# HELP sagas_instances_started_total",
+        ],
+    );
     api.stop().await;
     Ok(())
 }
@@ -1210,18 +1211,19 @@ async fn running_and_stuck_instances_show_up_in_the_gauges_at_metrics_after_the_
         env!("CARGO_PKG_VERSION")
     );
     assert!(text.contains(&build_info), "{build_info} missing:\n{text}");
-    for name in [
-        "# HELP sagas_instances ",
-        "# TYPE sagas_instances gauge",
-        "sagas_oldest_open_seconds ",
-        "sagas_outbox_rows ",
-        "sagas_outbox_oldest_seconds ",
-        "sagas_timers_due ",
-        "sagas_timer_lag_seconds ",
-        "sagas_dead_letters ",
-    ] {
-        assert!(text.contains(name), "{name} missing:\n{text}");
-    }
+    assert_named(
+        &text,
+        &[
+            "# HELP sagas_instances ",
+            "# TYPE sagas_instances gauge",
+            "sagas_oldest_open_seconds ",
+            "sagas_outbox_rows ",
+            "sagas_outbox_oldest_seconds ",
+            "sagas_timers_due ",
+            "sagas_timer_lag_seconds ",
+            "sagas_dead_letters ",
+        ],
+    );
     api.stop().await;
     Ok(())
 }
@@ -1903,4 +1905,12 @@ async fn connections_over_the_cap_wait_until_one_closes() -> Result<()> {
     app.stop().await;
     env.cleanup().await;
     Ok(())
+}
+
+/// Asserts that the `/metrics` text `text` names each of `names` (a metric, or the start of a
+/// line of one).
+fn assert_named(text: &str, names: &[&str]) {
+    for name in names {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
 }

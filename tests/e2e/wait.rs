@@ -77,6 +77,23 @@ struct TwoProcesses {
 }
 
 impl TwoProcesses {
+    /// Both processes, a transaction the driver began (its command at the participant), and a
+    /// `GET ?wait=60` on the waiter for it that has read it once.
+    async fn waiting() -> Result<(
+        TwoProcesses,
+        Received,
+        tokio::task::JoinHandle<Result<(u16, Value)>>,
+    )> {
+        let mut p = TwoProcesses::start().await?;
+        let (id, command) = begin(&p.driver.engine, &mut p.participant).await?;
+        let wait = wait_over_http(&p.waiter, id);
+        eventually("the wait read its transaction", || {
+            reads(&p.waiter.engine) == 1
+        })
+        .await;
+        Ok((p, command, wait))
+    }
+
     async fn start() -> Result<TwoProcesses> {
         let env = TestEnv::new().await?;
         let participant = RawParticipant::start(&env, PARTICIPANT).await?;
@@ -175,13 +192,7 @@ async fn a_wait_that_runs_out_leaves_nothing_registered() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_is_woken_by_the_other_process_that_settles_its_transaction() -> Result<()> {
-    let mut p = TwoProcesses::start().await?;
-    let (id, command) = begin(&p.driver.engine, &mut p.participant).await?;
-    let wait = wait_over_http(&p.waiter, id);
-    eventually("the wait read its transaction", || {
-        reads(&p.waiter.engine) == 1
-    })
-    .await;
+    let (p, command, wait) = TwoProcesses::waiting().await?;
 
     p.participant
         .reply(&command, json!({"status": "succeeded"}))
@@ -197,13 +208,7 @@ async fn a_wait_is_woken_by_the_other_process_that_settles_its_transaction() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_are_still_woken_after_the_listening_connection_is_lost() -> Result<()> {
-    let mut p = TwoProcesses::start().await?;
-    let (id, command) = begin(&p.driver.engine, &mut p.participant).await?;
-    let wait = wait_over_http(&p.waiter, id);
-    eventually("the wait read its transaction", || {
-        reads(&p.waiter.engine) == 1
-    })
-    .await;
+    let (p, command, wait) = TwoProcesses::waiting().await?;
 
     // Both processes' listening connections (the tests' databases are their own).
     let terminated: Vec<(bool,)> = sqlx::query_as(
