@@ -7,13 +7,12 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use sagas::orchestrator::config::{Config, Env};
 use sagas::orchestrator::server;
 use sagas::orchestrator::transport::CommandBatch;
 use sagas::participant::Topology;
+use sagas::participant::amqp::look_at_queue;
 use sagas::participant::config::ParticipantConfig;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
@@ -317,22 +316,7 @@ fn vars(args: &Args, role: Role, place: &Place<'_>, port: u16) -> Vec<(&'static 
 
 /// Consumers of `queue` now (`run::prepare` declared it).
 async fn consumers(conn: &Connection, queue: &str) -> Result<usize> {
-    // A channel per look: a failed passive declare closes its channel.
-    let ch = conn.create_channel().await?;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    if ch.status().connected() {
-        let _ = ch.close(200, "looked".into()).await;
-    }
-    Ok(q?.consumer_count() as usize)
+    Ok(look_at_queue(conn, queue).await?.consumer_count() as usize)
 }
 
 /// The settings the processes run with, as they read them from their environment.

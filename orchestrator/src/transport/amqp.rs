@@ -10,7 +10,6 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -24,7 +23,7 @@ use crate::store::OutboxMessage;
 pub use sagas_participant::amqp::command_properties;
 use sagas_participant::amqp::{
     Announcement, Backoff, DeadLetters, QueueOptions, Sessions, batch_properties, confirm_channel,
-    connect, declare_participant, declare_replies, is_batch, keep_serving,
+    connect, declare_participant, declare_replies, is_batch, keep_serving, look_at_queue,
 };
 use sagas_participant::protocol::{Topology, join_batch, split_batch};
 
@@ -247,22 +246,13 @@ impl Transport for AmqpTransport {
 
     async fn dead_letters(&self) -> Result<Option<u64>, TransportError> {
         let link = self.link().await?;
-        // A channel per look: a passive declare of a missing queue closes its channel.
-        let ch = link.connection.create_channel().await.map_err(broker)?;
-        let queue = ch
-            .queue_declare(
-                self.config.topology.dead_letter_queue().as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        if ch.status().connected() {
-            let _ = ch.close(200, "looked".into()).await;
-        }
-        Ok(Some(u64::from(queue.map_err(broker)?.message_count())))
+        let queue = look_at_queue(
+            &link.connection,
+            self.config.topology.dead_letter_queue().as_str(),
+        )
+        .await
+        .map_err(broker)?;
+        Ok(Some(u64::from(queue.message_count())))
     }
 
     async fn subscribe(&self, prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError> {

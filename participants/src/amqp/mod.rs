@@ -24,4 +24,5 @@ pub use dead_letter::{DeadLetterError, DeadLetters};
 pub use properties::{command_properties, reply_properties};
 pub use topology::{
     QueueOptions, declare_dead_letter, declare_participant, declare_replies, delete_topology,
+    look_at_queue,
 };

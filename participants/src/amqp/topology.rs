@@ -11,7 +11,7 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind, Queue};
 
 use crate::protocol::Topology;
 
@@ -165,6 +165,26 @@ pub async fn delete_topology(
             .await?;
     }
     Ok(())
+}
+
+/// How `queue` stands now (its ready messages and consumers), by a passive declare on a channel
+/// of its own: a passive declare of a missing queue closes its channel, so none is shared.
+pub async fn look_at_queue(connection: &Connection, queue: &str) -> Result<Queue, lapin::Error> {
+    let ch = connection.create_channel().await?;
+    let looked = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    if ch.status().connected() {
+        let _ = ch.close(200, "looked".into()).await;
+    }
+    looked
 }
 
 #[cfg(test)]
