@@ -22,7 +22,8 @@ use uuid::Uuid;
 
 use crate::examples::bank;
 use crate::helpers::{
-    self, TestEnv, amqp_url, engine_config, spawn_app, spawn_app_with_api, spawn_app_with_limits,
+    self, TestEnv, amqp_url, close_broker, connect_broker, engine_config, spawn_app,
+    spawn_app_with_api, spawn_app_with_limits,
 };
 
 /// The participant of the test definitions (cleaned up with the test's topology).
@@ -210,7 +211,7 @@ impl Api {
     async fn stop(self) {
         self.app.stop().await;
         self.participant.1.abort();
-        let _ = self.participant.0.close(200, "done".into()).await;
+        close_broker(&self.participant.0).await;
         self.env.cleanup().await;
     }
 }
@@ -1241,7 +1242,7 @@ async fn the_dead_letter_gauge_is_the_depth_of_the_replies_dead_letter_queue_on_
     transport.declare(&[]).await?;
     assert_eq!(transport.dead_letters().await?, Some(0));
 
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     for _ in 0..2 {
@@ -1263,7 +1264,7 @@ async fn the_dead_letter_gauge_is_the_depth_of_the_replies_dead_letter_queue_on_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     transport.close().await;
     env.cleanup().await;
     Ok(())
@@ -1402,7 +1403,7 @@ async fn shutdown_finishes_a_request_in_flight_and_stops_the_engine() -> Result<
     // No longer accepting.
     assert!(http.get(format!("{base}/healthz")).send().await.is_err());
     participant.1.abort();
-    let _ = participant.0.close(200, "done".into()).await;
+    close_broker(&participant.0).await;
     env.cleanup().await;
     Ok(())
 }

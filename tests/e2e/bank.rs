@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::examples::bank;
-use crate::helpers::{self, RawPeer, TestEnv, spawn_app_with, spawn_participant};
+use crate::helpers::{self, RawPeer, TestEnv, close_broker, spawn_app_with, spawn_participant};
 
 struct Bank {
     env: TestEnv,
@@ -362,7 +362,7 @@ async fn malformed_and_stray_replies_are_dead_lettered_with_a_reason_and_the_eng
     use std::sync::atomic::Ordering;
 
     let b = Bank::start().await?;
-    let conn = lapin::Connection::connect(&helpers::amqp_url(), Default::default()).await?;
+    let conn = helpers::connect_broker().await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let stray = Command {
@@ -431,7 +431,7 @@ async fn malformed_and_stray_replies_are_dead_lettered_with_a_reason_and_the_eng
     // The engine goes on.
     let id = b.transfer("transfer_saga", "acct-1", "acct-2", 10).await?;
     assert_eq!(b.env.wait_terminal(id).await?.status, Status::Completed);
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     b.stop().await;
     Ok(())
 }

@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection};
 use sagas::orchestrator::store::OutboxMessage;
 use sagas::orchestrator::transport::{AmqpTransport, CommandBatch, Incoming, Transport};
 use sagas::orchestrator::{Definition, Registry, Status};
@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{
-    self, RawParticipant, Received, TestEnv, amqp_url, spawn_app, spawn_participant,
-    spawn_participant_with,
+    self, RawParticipant, Received, TestEnv, close_broker, connect_broker, spawn_app,
+    spawn_participant, spawn_participant_with,
 };
 
 fn command(step: &str) -> Command {
@@ -114,7 +114,7 @@ async fn publish_reply_with(
     batch: bool,
     headers: FieldTable,
 ) -> Result<()> {
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let ch = conn.create_channel().await?;
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
@@ -133,7 +133,7 @@ async fn publish_reply_with(
     )
     .await?
     .await?;
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     Ok(())
 }
 
@@ -178,7 +178,7 @@ async fn commands_for_one_participant_travel_together_up_to_the_batch_limit() ->
     ];
     transport.publish(&messages).await?;
 
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let ch = conn.create_channel().await?;
     let accounts = drain(&ch, &env.topology.participant_queue("accounts"), 2).await?;
     let orders = drain(&ch, &env.topology.participant_queue("orders"), 1).await?;
@@ -215,7 +215,7 @@ async fn commands_for_one_participant_travel_together_up_to_the_batch_limit() ->
         [messages[1].command.clone(), messages[4].command.clone()]
     );
 
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     transport.close().await;
     env.cleanup().await;
     Ok(())
@@ -246,7 +246,7 @@ async fn a_reply_batch_reaches_the_engine_reply_by_reply_and_is_acked_once_all_a
     b.ack.reject(&b.body, "malformed reply: garbage").await?;
     c.ack.ack().await?;
 
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let ch = conn.create_channel().await?;
     let dead = drain(&ch, &env.topology.dead_letter_queue(), 1).await?;
     assert_eq!(
@@ -263,7 +263,7 @@ async fn a_reply_batch_reaches_the_engine_reply_by_reply_and_is_acked_once_all_a
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(ready(&ch, &env.topology.replies_queue()).await?, 0);
 
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     env.cleanup().await;
     Ok(())
 }
@@ -297,10 +297,10 @@ async fn a_reply_batch_with_one_reply_to_retry_comes_back_whole() -> Result<()> 
     transport.close().await;
     drop(rx);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let ch = conn.create_channel().await?;
     assert_eq!(ready(&ch, &env.topology.replies_queue()).await?, 0);
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     env.cleanup().await;
     Ok(())
 }
@@ -317,7 +317,7 @@ async fn a_reply_declared_a_batch_that_is_not_one_is_dead_lettered_whole() -> Re
     let plain = reply_json("two");
     publish_reply(&env, &serde_json::to_vec(&plain)?, false).await?;
 
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let ch = conn.create_channel().await?;
     let dead = drain(&ch, &env.topology.dead_letter_queue(), 1).await?;
     assert_eq!(dead[0].0, body);
@@ -335,7 +335,7 @@ async fn a_reply_declared_a_batch_that_is_not_one_is_dead_lettered_whole() -> Re
     );
     only.ack.ack().await?;
 
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     transport.close().await;
     env.cleanup().await;
     Ok(())
@@ -378,7 +378,7 @@ async fn by_default_a_participant_gets_batches_once_a_reply_announced_them_and_n
     let transport = AmqpTransport::new(env.amqp_config());
     transport.declare(&["accounts".into()]).await?;
     let mut rx = transport.subscribe(16).await?;
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let ch = conn.create_channel().await?;
     let queue = env.topology.participant_queue("accounts");
     let three = |from: i64| {
@@ -409,7 +409,7 @@ async fn by_default_a_participant_gets_batches_once_a_reply_announced_them_and_n
     transport.publish(&three(7)).await?;
     assert_eq!(shapes(&ch, &queue, 3).await?, [1, 1, 1]);
 
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     transport.close().await;
     env.cleanup().await;
     Ok(())
@@ -453,10 +453,10 @@ async fn run_sagas(env: &TestEnv, app: &helpers::App, n: usize) -> Result<()> {
 
 /// No message dead-lettered anywhere: none in the dead-letter queue, no reply by the engine.
 async fn nothing_dead_lettered(env: &TestEnv, app: &helpers::App) -> Result<()> {
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let ch = conn.create_channel().await?;
     assert_eq!(ready(&ch, &env.topology.dead_letter_queue()).await?, 0);
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     assert_eq!(app.engine.stats().dead_lettered.load(Ordering::Relaxed), 0);
     Ok(())
 }

@@ -11,7 +11,9 @@ use sagas::orchestrator::{Definition, Registry, RetryPolicy, Status};
 use sagas::participant::Operation;
 use serde_json::{Value, json};
 
-use crate::helpers::{self, RawParticipant, Received, TestEnv, spawn_app, wait_event, wait_status};
+use crate::helpers::{
+    self, RawParticipant, Received, TestEnv, close_broker, spawn_app, wait_event, wait_status,
+};
 
 const RAW: &str = "raw";
 
@@ -481,7 +483,7 @@ async fn a_reply_with_an_unknown_protocol_version_is_dead_lettered_with_its_reas
     let body = serde_json::to_vec(&future)?;
     s.raw.reply_raw(&first, &body).await?;
 
-    let conn = lapin::Connection::connect(&helpers::amqp_url(), Default::default()).await?;
+    let conn = helpers::connect_broker().await?;
     let ch = conn.create_channel().await?;
     let mut dead = ch
         .basic_consume(
@@ -515,7 +517,7 @@ async fn a_reply_with_an_unknown_protocol_version_is_dead_lettered_with_its_reas
     assert!(!kinds(&events).contains(&"replied"), "{events:#?}");
     s.raw.reply(&first, json!({"status": "succeeded"})).await?;
     assert_eq!(s.env.wait_terminal(id).await?.status, Status::Completed);
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     s.stop().await;
     Ok(())
 }

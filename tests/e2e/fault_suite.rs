@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::examples::bank;
-use crate::helpers::{self, TestEnv, amqp_url, run_sagactl};
+use crate::helpers::{self, TestEnv, amqp_url, connect_broker, run_sagactl};
 
 /// Accounts `acct-1`..`acct-ACCOUNTS`; the last one is closed, so credits to it fail.
 const ACCOUNTS: u32 = 8;
@@ -338,7 +338,7 @@ async fn restart_broker(down: Duration) -> Result<()> {
     // Back when a client can connect.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await {
+        if let Ok(conn) = connect_broker().await {
             let _ = conn.close(200, "up".into()).await;
             return Ok(());
         }

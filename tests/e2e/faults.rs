@@ -16,7 +16,9 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::examples::bank;
-use crate::helpers::{self, TestEnv, amqp_url, spawn_app, spawn_participant};
+use crate::helpers::{
+    self, TestEnv, amqp_url, close_broker, connect_broker, spawn_app, spawn_participant,
+};
 
 struct Reserve;
 
@@ -120,7 +122,7 @@ async fn a_participant_that_never_replies_is_retried_per_policy_then_compensated
     accounts.stop().await;
     app.stop().await;
     silent.abort();
-    let _ = silent_conn.close(200, "done".into()).await;
+    close_broker(&silent_conn).await;
     env.cleanup().await;
     Ok(())
 }
@@ -376,7 +378,7 @@ async fn a_long_running_step_answered_in_progress_completes_when_the_participant
         assert_eq!(seen.len(), 1, "no second attempt while in progress");
         seen[0].clone()
     };
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let done = sagas::participant::runtime::complete(
         &env.bank,
         &conn,
@@ -390,7 +392,7 @@ async fn a_long_running_step_answered_in_progress_completes_when_the_participant
     let finished = env.wait_terminal(id).await?;
     assert_eq!(finished.status, Status::Completed);
     assert_eq!(finished.steps[0].output, Some(json!({"result": "ready"})));
-    let _ = conn.close(200, "done".into()).await;
+    close_broker(&conn).await;
     accounts.stop().await;
     app.stop().await;
     env.cleanup().await;

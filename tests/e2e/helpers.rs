@@ -25,7 +25,7 @@ use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport, CommandBatch};
 use sagas::orchestrator::{Engine, EngineConfig, Registry};
 use sagas::participant::{Command, Handler, Participant, Reply, Topology};
 use sagas_test_support::{TestDatabase, delete_amqp, topology, unique_tag};
-pub use sagas_test_support::{amqp_url, queue_options};
+pub use sagas_test_support::{amqp_url, close_broker, connect_broker, queue_options};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -267,7 +267,7 @@ impl Running {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
-        let _ = self.conn.close(200, "done".into()).await;
+        close_broker(&self.conn).await;
     }
 }
 
@@ -286,7 +286,7 @@ pub async fn spawn_participant_with(
     handler: Arc<dyn Handler>,
     configure: impl FnOnce(Participant) -> Participant,
 ) -> Result<Running> {
-    let conn = Arc::new(Connection::connect(&amqp_url(), Default::default()).await?);
+    let conn = Arc::new(connect_broker().await?);
     // Declared before returning, so that nothing published from now on is unroutable.
     let ch = conn.create_channel().await?;
     sagas::participant::amqp::declare_participant(&ch, &env.topology, name, &queue_options())
@@ -326,7 +326,7 @@ pub async fn scripted_participant(
     name: &str,
     answer: impl Fn(&Command) -> Option<sagas::participant::Outcome> + Send + 'static,
 ) -> Result<(Connection, JoinHandle<()>)> {
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+    let conn = connect_broker().await?;
     let ch = conn.create_channel().await?;
     sagas::participant::amqp::declare_participant(&ch, &env.topology, name, &queue_options())
         .await?;
@@ -374,7 +374,7 @@ pub struct RawPeer {
 
 impl RawPeer {
     pub async fn new(env: &TestEnv, participant: &str) -> Result<RawPeer> {
-        let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+        let conn = connect_broker().await?;
         let ch = conn.create_channel().await?;
         sagas::participant::amqp::declare_participant(
             &ch,
@@ -439,7 +439,7 @@ impl RawPeer {
     }
 
     pub async fn close(self) {
-        let _ = self.conn.close(200, "done".into()).await;
+        close_broker(&self.conn).await;
     }
 }
 
@@ -492,7 +492,7 @@ impl RawParticipant {
 
         let p = env.topology.prefix();
         let expires = i64::try_from(queue_options().expires.expect("tests expire").as_millis())?;
-        let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+        let conn = connect_broker().await?;
         let ch = conn.create_channel().await?;
         let exchange = ExchangeDeclareOptions {
             durable: true,
@@ -669,7 +669,7 @@ impl RawParticipant {
             .ch
             .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
             .await;
-        let _ = self.conn.close(200, "done".into()).await;
+        close_broker(&self.conn).await;
     }
 }
 

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use sagas_participant::amqp::{self, QueueOptions};
 use sagas_participant::protocol::{Command, Operation, Outcome, Reply, Topology};
 use sagas_participant::runtime::Participant;
-use sagas_test_support::{queue_options, unique_topology};
+use sagas_test_support::{close_broker, queue_options, unique_topology};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -65,7 +65,7 @@ impl Peer {
     async fn connect(topology: &Topology, options: &QueueOptions) -> Peer {
         let mut last = None;
         for _ in 0..300 {
-            match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+            match amqp::connect(&amqp_url()).await {
                 Ok(conn) => {
                     let channel = conn.create_channel().await.expect("channel");
                     amqp::declare_replies(&channel, topology, options)
@@ -145,7 +145,7 @@ impl Peer {
         amqp::delete_topology(&self.channel, &self.topology, &[BANK])
             .await
             .ok();
-        self.conn.close(200, "OK".into()).await.ok();
+        close_broker(&self.conn).await;
     }
 }
 

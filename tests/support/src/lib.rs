@@ -70,28 +70,58 @@ pub fn queue_options() -> QueueOptions {
     }
 }
 
-/// Connects to the broker.
-async fn connect_broker() -> Result<Connection> {
-    Connection::connect(&amqp_url(), Default::default())
-        .await
-        .context("connecting to AMQP_URL")
+/// Connects to the broker at `AMQP_URL`. Each try gives up after the SDK's connect timeout (a
+/// handshake the broker never completes would otherwise hold a test for ever), and a try that
+/// failed is made again, up to three, as the orchestrator and the participants do.
+pub async fn connect_broker() -> Result<Connection> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match sagas_participant::amqp::connect(&amqp_url()).await {
+            Ok(conn) => return Ok(conn),
+            Err(error) if tries < 3 => {
+                eprintln!("connecting to AMQP_URL failed ({error}); trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => {
+                return Err(error).context(format!("connecting to AMQP_URL ({tries} tries)"));
+            }
+        }
+    }
+}
+
+/// Closes a test's broker connection, waiting at most 10 s for the broker's answer.
+pub async fn close_broker(conn: &Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.close(200, "done".into())).await;
 }
 
 /// Deletes what `topology` declared for `participants` (their queues, the replies queue and
 /// the exchanges), and the extra `queues`; best effort, for the end of a test.
+/// Gives up after 30 s: what is left expires (see [`queue_options`]).
 pub async fn delete_amqp(topology: &Topology, participants: &[&str], queues: &[String]) {
-    let Ok(conn) = connect_broker().await else {
-        return;
-    };
-    if let Ok(ch) = conn.create_channel().await {
-        let _ = delete_topology(&ch, topology, participants).await;
-        for queue in queues {
-            let _ = ch
-                .queue_delete(queue.as_str().into(), Default::default())
-                .await;
+    let delete = async {
+        let Ok(conn) = connect_broker().await else {
+            return;
+        };
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = delete_topology(&ch, topology, participants).await;
+            for queue in queues {
+                let _ = ch
+                    .queue_delete(queue.as_str().into(), Default::default())
+                    .await;
+            }
         }
+        close_broker(&conn).await;
+    };
+    if tokio::time::timeout(Duration::from_secs(30), delete)
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "deleting the AMQP names of {} took over 30 s; left to expire",
+            topology.prefix()
+        );
     }
-    let _ = conn.close(200, "done".into()).await;
 }
 
 /// A connection to the admin database.
@@ -138,10 +168,16 @@ impl TestDatabase {
         })
     }
 
-    /// Closes the pool and drops the database now.
+    /// Closes the pool and drops the database now. A connection still checked out after 10 s
+    /// (a task of the test that did not stop) is not waited for: the drop ends it.
     pub async fn remove(mut self) {
         self.removed = true;
-        self.pool.close().await;
+        if tokio::time::timeout(Duration::from_secs(10), self.pool.close())
+            .await
+            .is_err()
+        {
+            eprintln!("a connection to {} was still in use after 10 s", self.name);
+        }
         if drop_database(&self.name).await.is_err() {
             eprintln!("could not drop test database {}", self.name);
         }
@@ -170,15 +206,21 @@ impl Drop for TestDatabase {
     }
 }
 
+/// Gives up after 30 s: `scripts/test` drops what is left at its next run.
 async fn drop_database(name: &str) -> Result<()> {
-    let mut admin = admin().await?;
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await?;
-    admin.close().await.ok();
-    Ok(())
+    let drop = async {
+        let mut admin = admin().await?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await?;
+        admin.close().await.ok();
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), drop)
+        .await
+        .with_context(|| format!("dropping database {name} took over 30 s"))?
 }
 
 /// `url` with its database replaced by `db` (the query string kept).

@@ -10,13 +10,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use sagas_participant::amqp::{self, QueueOptions};
 use sagas_participant::barrier;
 use sagas_participant::handler::{HandlerError, Router, Saga, SagaHandler, Tcc, TccHandler};
 use sagas_participant::protocol::{Command, Operation, PROTOCOL_VERSION, Reply, Topology};
 use sagas_participant::runtime::{Participant, RuntimeError, Stats};
-use sagas_test_support::{TestDatabase, queue_options, unique_tag, unique_topology};
+use sagas_test_support::{
+    TestDatabase, close_broker, connect_broker, queue_options, unique_tag, unique_topology,
+};
 pub use sagas_test_support::{amqp_url, eventually};
 use serde_json::{Value, json};
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -320,13 +322,13 @@ pub fn start_with(participant: Participant) -> Running {
     let stats = participant.stats();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let conn = amqp::connect(&amqp_url()).await?;
         let result = participant
             .run(&conn, async {
                 stopped.await.ok();
             })
             .await;
-        conn.close(200, "OK".into()).await.ok();
+        close_broker(&conn).await;
         result
     });
     Running { stats, stop, task }
@@ -366,9 +368,7 @@ impl TestBroker {
     /// Connects, and declares the replies queue and the dead-letter part.
     pub async fn new() -> TestBroker {
         traces::install();
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("connect to RabbitMQ");
+        let conn = connect_broker().await.expect("connect to RabbitMQ");
         let channel = conn.create_channel().await.expect("channel");
         let topology = unique_topology();
         let options = queue_options();
@@ -498,7 +498,7 @@ impl TestBroker {
         amqp::delete_topology(&self.channel, &self.topology, participants)
             .await
             .expect("delete topology");
-        self.conn.close(200, "OK".into()).await.ok();
+        close_broker(&self.conn).await;
     }
 }
 
