@@ -119,5 +119,6 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    server::shutdown_tracing();
     Ok(())
 }

@@ -140,5 +140,6 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    server::shutdown_tracing();
     Ok(())
 }

@@ -205,15 +205,52 @@ pub fn init_tracing() {
 
 /// Installs a `tracing` subscriber that reads `RUST_LOG` (default `info`) and writes `format`
 /// to standard output, with colour codes only when that is a terminal (never in log files).
+/// With the `otel` feature and `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are also exported over
+/// OTLP (docs/operations.md, "Traces"); call [`shutdown_tracing`] before the process exits.
 pub fn init_tracing_as(format: LogFormat) {
     use std::io::IsTerminal;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal());
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal());
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    // Spans at `info` and above whatever RUST_LOG says: it chooses what is logged, not the
+    // spans a trace is made of.
+    #[cfg(feature = "otel")]
+    let registry =
+        registry.with(otel_layer().with_filter(tracing_subscriber::filter::LevelFilter::INFO));
+    let _ = registry.try_init();
+}
+
+/// The OTLP export layer when the environment asks for one; a failure to start it is logged
+/// on standard error and the process runs without it.
+#[cfg(feature = "otel")]
+fn otel_layer<S>() -> Option<impl tracing_subscriber::Layer<S>>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let service = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "sagas".to_owned());
+    match sagas_participant::telemetry::layer(&service) {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("{e}; running without exporting traces");
+            None
+        }
+    }
+}
+
+/// Exports the spans still buffered (with the `otel` feature, when exporting); a no-op
+/// otherwise.
+pub fn shutdown_tracing() {
+    #[cfg(feature = "otel")]
+    sagas_participant::telemetry::shutdown();
 }

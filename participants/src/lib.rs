@@ -22,6 +22,8 @@ pub mod config;
 pub mod handler;
 pub mod protocol;
 pub mod runtime;
+#[cfg(feature = "otel")]
+pub mod telemetry;
 pub mod testing;
 
 pub use amqp::QueueOptions;

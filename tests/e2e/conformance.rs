@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lapin::types::AMQPValue;
-use sagas::orchestrator::machine::{Event, StepStatus};
+use sagas::orchestrator::machine::{Event, StepStatus, attempt_traceparent};
 use sagas::orchestrator::{Definition, Registry, RetryPolicy, Status};
 use sagas::participant::Operation;
 use serde_json::{Value, json};
@@ -665,19 +665,28 @@ async fn the_trace_context_of_the_starting_request_reaches_every_command() -> Re
         .send()
         .await?;
     assert_eq!(res.status(), 202);
+    let id: uuid::Uuid = res.json::<serde_json::Value>().await?["id"]
+        .as_str()
+        .context("id")?
+        .parse()?;
+    // The request's trace, with each attempt's own span as parent (docs/protocol.md).
+    let expected = |step, attempt| {
+        attempt_traceparent(Some(trace), id, step, Operation::Action, attempt).unwrap()
+    };
     let first = s.raw.expect("reserve", "action", 1).await?;
-    assert_eq!(first.field("traceparent"), trace);
+    assert_eq!(first.field("traceparent"), expected(0, 1));
+    assert!(expected(0, 1).starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
     assert_eq!(
-        long_string(header(&first, "traceparent")).as_deref(),
-        Some(trace)
+        long_string(header(&first, "traceparent")),
+        Some(expected(0, 1))
     );
     s.raw
         .reply(&first, json!({"status": "succeeded", "output": 1}))
         .await?;
     let second = s.raw.expect("charge", "action", 1).await?;
     assert_eq!(
-        long_string(header(&second, "traceparent")).as_deref(),
-        Some(trace)
+        long_string(header(&second, "traceparent")),
+        Some(expected(1, 1))
     );
     s.raw
         .reply(&second, json!({"status": "succeeded", "output": 2}))

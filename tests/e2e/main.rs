@@ -17,4 +17,5 @@ mod quickstart;
 mod reconcile;
 mod store;
 mod tls;
+mod traces;
 mod wait;

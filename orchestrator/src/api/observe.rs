@@ -58,6 +58,15 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
         status = tracing::field::Empty,
         latency_ms = tracing::field::Empty,
     );
+    #[cfg(feature = "otel")]
+    if let Some(trace) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(sagas_participant::protocol::TraceParent::parse)
+    {
+        sagas_participant::telemetry::continue_trace(&span, &trace);
+    }
     let mut response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status();

@@ -261,9 +261,15 @@ fn idempotency_key(
     Ok(key)
 }
 
-/// The request's W3C `traceparent` when it has a valid one, else a new trace: the participants'
-/// spans for this transaction then share one trace id.
+/// The trace context the transaction continues: when traces are exported, the request's own
+/// span (a child of the request's `traceparent` if it had one); else the request's W3C
+/// `traceparent` when it has a valid one, else a new trace. The participants' spans for this
+/// transaction then share one trace id.
 fn trace_context(headers: &HeaderMap) -> String {
+    #[cfg(feature = "otel")]
+    if let Some(own) = sagas_participant::telemetry::current_traceparent() {
+        return own;
+    }
     headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())

@@ -80,7 +80,9 @@ async fn main() -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Cmd::Serve) {
         Cmd::Serve => {
             server::init_tracing_as(config.log_format);
-            server::serve(config, Registry::new(), None).await?;
+            let served = server::serve(config, Registry::new(), None).await;
+            server::shutdown_tracing();
+            served?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckConfig { timeout } => Ok(check_config(&config, timeout).await),

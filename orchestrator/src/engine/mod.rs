@@ -34,6 +34,8 @@ mod replies;
 mod retention;
 mod starts;
 mod timers;
+#[cfg(feature = "otel")]
+mod trace;
 mod wait;
 
 pub use config::EngineConfig;
@@ -166,6 +168,8 @@ impl Engine {
         if settled(t.instance.status) && !t.events.is_empty() {
             self.settled_here(t.instance.id);
         }
+        #[cfg(feature = "otel")]
+        trace::attempts(t);
     }
 
     /// Feeds one input to an instance and carries out the result.

@@ -320,6 +320,7 @@ pub fn apply(inst: &mut Instance, event: &Event) {
             attempt,
             deadline,
         } => {
+            let timeout = inst.plan.steps.get(*step).map(|p| p.timeout_ms);
             if let Some(s) = inst.steps.get_mut(*step) {
                 let previous = s.status.outstanding(mode);
                 s.status = match operation {
@@ -337,6 +338,8 @@ pub fn apply(inst: &mut Instance, event: &Event) {
                 };
                 s.stuck = false;
                 s.in_progress = false;
+                // The dispatch set the deadline this long after it was sent.
+                s.sent_at = timeout.map(|ms| *deadline - chrono::Duration::milliseconds(ms as i64));
             }
         }
         Event::Extended { step, deadline, .. } => {

@@ -14,7 +14,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::definition::{Definition, Mode, Outputs, Plan};
-use sagas_participant::protocol::{Command, Operation, PROTOCOL_VERSION, Reply};
+use sagas_participant::protocol::{
+    Command, Operation, Outcome, PROTOCOL_VERSION, Reply, TraceParent,
+};
 
 mod event;
 mod operator;
@@ -82,6 +84,60 @@ pub enum Effect {
         /// Timer key ([`Timer::key`]).
         key: String,
     },
+    /// An attempt ended: it was answered (`outcome` is the reply's status) or timed out
+    /// (`timed_out`). Nothing to store: the engine exports its trace span (see
+    /// [`attempt_traceparent`]).
+    AttemptEnded {
+        /// Step index.
+        step: usize,
+        /// Operation.
+        operation: Operation,
+        /// The attempt.
+        attempt: u32,
+        /// When it was sent, when the state knows (the current attempt's).
+        sent_at: Option<Time>,
+        /// `succeeded`, `failed`, `retry`, `in_progress` or `timed_out`.
+        outcome: &'static str,
+    },
+}
+
+/// The W3C trace context a command carries: the instance's trace (`traceparent`, the starting
+/// request's) with, as parent, the span of this attempt, whose id is derived from the
+/// transaction, step, operation and attempt. Whichever process handles the attempt's end
+/// exports that span with this id, so the participant's span for the command is its child.
+/// `None` when the instance has no usable trace context.
+pub fn attempt_traceparent(
+    traceparent: Option<&str>,
+    id: Uuid,
+    step: usize,
+    operation: Operation,
+    attempt: u32,
+) -> Option<String> {
+    let trace = TraceParent::parse(traceparent?)?;
+    Some(
+        TraceParent {
+            parent_id: format!("{:016x}", attempt_span_id(id, step, operation, attempt)),
+            ..trace
+        }
+        .to_string(),
+    )
+}
+
+/// The span id of an attempt (never 0): FNV-1a over its identity, the same in every process.
+pub fn attempt_span_id(id: Uuid, step: usize, operation: Operation, attempt: u32) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = id
+        .as_bytes()
+        .iter()
+        .copied()
+        .chain((step as u64).to_be_bytes())
+        .chain(operation.as_str().bytes())
+        .chain(attempt.to_be_bytes());
+    for b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash.max(1)
 }
 
 /// The result of handling one input: the events to append and the effects to carry out.
@@ -271,6 +327,31 @@ impl Draft<'_> {
         self.events.push(event);
     }
 
+    /// Logs the reply to `attempt` of `op` of step `i` and says that the attempt ended.
+    fn replied(&mut self, i: usize, op: Operation, attempt: u32, outcome: Outcome) {
+        self.attempt_ended(i, op, attempt, outcome.status());
+        self.emit(Event::Replied {
+            step: i,
+            operation: op,
+            attempt,
+            outcome,
+        });
+    }
+
+    /// Says that `attempt` of `op` of step `i` ended with `outcome`, before anything is sent
+    /// again (its time of sending is known only while it is the step's current attempt).
+    fn attempt_ended(&mut self, i: usize, op: Operation, attempt: u32, outcome: &'static str) {
+        let s = &self.inst.steps[i];
+        let sent_at = s.sent_at.filter(|_| s.attempt == attempt);
+        self.effects.push(Effect::AttemptEnded {
+            step: i,
+            operation: op,
+            attempt,
+            sent_at,
+            outcome,
+        });
+    }
+
     /// Sends attempt `attempt` of `op` of step `i` and sets its reply deadline.
     fn dispatch(&mut self, i: usize, op: Operation, attempt: u32) {
         let plan = &self.inst.plan.steps[i];
@@ -298,7 +379,13 @@ impl Draft<'_> {
                 s.output.clone()
             },
             deadline: Some(deadline),
-            traceparent: self.inst.traceparent.clone(),
+            traceparent: attempt_traceparent(
+                self.inst.traceparent.as_deref(),
+                self.inst.id,
+                i,
+                op,
+                attempt,
+            ),
         };
         self.effects.push(Effect::Send {
             participant,

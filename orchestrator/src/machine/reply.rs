@@ -48,12 +48,7 @@ impl Draft<'_> {
             let until = self.inst.plan.steps[i].in_progress_timeout_ms;
             let deadline = self.now + Duration::milliseconds(until as i64);
             let (op, attempt) = (reply.operation, reply.attempt);
-            self.emit(Event::Replied {
-                step: i,
-                operation: op,
-                attempt,
-                outcome: reply.outcome,
-            });
+            self.replied(i, op, attempt, reply.outcome);
             self.emit(Event::Extended {
                 step: i,
                 operation: op,
@@ -73,12 +68,7 @@ impl Draft<'_> {
                 return ignore(self, "a newer attempt is under way".to_owned());
             }
             let (reason, hint) = (reason.clone(), *retry_after_ms);
-            self.emit(Event::Replied {
-                step: i,
-                operation: reply.operation,
-                attempt: reply.attempt,
-                outcome: reply.outcome,
-            });
+            self.replied(i, reply.operation, reply.attempt, reply.outcome);
             self.retry_or_give_up(i, reply.operation, reason, hint.unwrap_or(0));
             return;
         }
@@ -88,12 +78,7 @@ impl Draft<'_> {
             Outcome::Failed { reason } => Some(reason.clone()),
             _ => None,
         };
-        self.emit(Event::Replied {
-            step: i,
-            operation: reply.operation,
-            attempt: reply.attempt,
-            outcome: reply.outcome,
-        });
+        self.replied(i, reply.operation, reply.attempt, reply.outcome);
         self.cancel_timer(i);
         // A step already stuck stays stuck: a late failure of another attempt is logged as its
         // reply, not as the instance getting stuck again (which alerts and metrics count).

@@ -31,6 +31,7 @@ impl Draft<'_> {
         match (timer.kind, s.waiting) {
             (TimerKind::Deadline, Waiting::Reply { .. }) if timer.attempt == s.attempt => {
                 let in_progress = s.in_progress;
+                self.attempt_ended(timer.step, timer.operation, timer.attempt, "timed_out");
                 self.emit(Event::TimedOut {
                     step: timer.step,
                     operation: timer.operation,

@@ -191,6 +191,10 @@ pub struct StepState {
     /// True when the participant answered the current attempt `in_progress`.
     #[serde(default)]
     pub in_progress: bool,
+    /// When the current attempt was sent (for its trace span; absent in states stored before
+    /// it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<Time>,
 }
 
 impl StepState {
@@ -205,6 +209,7 @@ impl StepState {
             last_error: None,
             stuck: false,
             in_progress: false,
+            sent_at: None,
         }
     }
 }

@@ -663,12 +663,33 @@ fn every_command_carries_the_trace_context_the_instance_started_with() {
         })
         .collect();
     assert!(!commands.is_empty());
-    assert!(
-        commands
-            .iter()
-            .all(|c| c.traceparent.as_deref() == Some(TRACE))
-    );
+    for c in &commands {
+        let step = r.inst.plan.step_index(&c.step).unwrap();
+        let expected =
+            attempt_traceparent(Some(TRACE), c.transaction_id, step, c.operation, c.attempt);
+        assert_eq!(c.traceparent, expected);
+        // The instance's trace, with the attempt's own span as parent.
+        let trace = TraceParent::parse(c.traceparent.as_deref().unwrap()).unwrap();
+        assert_eq!(trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(trace.parent_id, "00f067aa0ba902b7");
+    }
     assert_eq!(replay(&r.log).unwrap().traceparent.as_deref(), Some(TRACE));
+}
+
+#[test]
+fn each_attempt_has_a_span_id_of_its_own_that_every_process_derives_alike() {
+    let id = Uuid::from_u128(7);
+    let a = attempt_span_id(id, 0, Action, 1);
+    assert_eq!(a, attempt_span_id(id, 0, Action, 1));
+    let others = [
+        attempt_span_id(id, 0, Action, 2),
+        attempt_span_id(id, 1, Action, 1),
+        attempt_span_id(id, 0, Compensate, 1),
+        attempt_span_id(Uuid::from_u128(8), 0, Action, 1),
+    ];
+    assert!(others.iter().all(|o| *o != a && *o != 0));
+    assert_eq!(attempt_traceparent(Some("junk"), id, 0, Action, 1), None);
+    assert_eq!(attempt_traceparent(None, id, 0, Action, 1), None);
 }
 
 fn with_deadline(mode: Mode, steps: usize) -> Run {

@@ -112,6 +112,8 @@ impl<'t> WriteSet<'t> {
                     Effect::CancelTimer { key } => {
                         timers.insert((id, key.clone()), None);
                     }
+                    // For the engine's trace spans, after the commit.
+                    Effect::AttemptEnded { .. } => {}
                 }
             }
         }

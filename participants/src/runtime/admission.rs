@@ -84,6 +84,8 @@ fn command_span(ctx: &Context, cmd: &Command, trace: Option<&TraceParent>) -> tr
         span.record("trace_id", trace.trace_id.as_str());
         span.record("parent_span_id", trace.parent_id.as_str());
         span.record("traceparent", trace.to_string().as_str());
+        #[cfg(feature = "otel")]
+        crate::telemetry::continue_trace(&span, trace);
     }
     span
 }

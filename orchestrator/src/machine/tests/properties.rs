@@ -258,7 +258,7 @@ impl Sim {
                 Effect::CancelTimer { key } => {
                     self.timers.remove(key);
                 }
-                Effect::Send { .. } => {}
+                Effect::Send { .. } | Effect::AttemptEnded { .. } => {}
             }
         }
     }
