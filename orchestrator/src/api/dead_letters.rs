@@ -294,4 +294,25 @@ mod tests {
         let json = serde_json::to_value(&bytes).unwrap();
         assert_eq!(json["body_encoding"], "base64");
     }
+
+    #[test]
+    fn a_transport_that_cannot_is_501_a_refusal_409_and_a_broker_failure_503() {
+        let answers = [
+            TransportError::Unsupported("list dead letters"),
+            TransportError::Refused("no origin".into()),
+            TransportError::Broker("connection refused".into()),
+        ]
+        .map(|e| {
+            let e = transport_error(e);
+            (e.status().as_u16(), e.code())
+        });
+        assert_eq!(
+            answers,
+            [
+                (501, "not_supported"),
+                (409, "conflict"),
+                (503, "unavailable")
+            ]
+        );
+    }
 }
