@@ -13,6 +13,7 @@ mod conformance;
 mod dead_letters;
 mod fault_suite;
 mod faults;
+mod monitoring;
 mod orders;
 mod quickstart;
 mod reconcile;
