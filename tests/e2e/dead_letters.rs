@@ -9,35 +9,13 @@ use anyhow::{Context, Result};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection};
 use sagas::orchestrator::Registry;
-use sagas::orchestrator::api::ApiOptions;
-use sagas::orchestrator::config::{ApiToken, Role};
 use serde_json::{Value, json};
 
+use crate::api::{OPERATE_TOKEN, READ_TOKEN, tokens};
 use crate::helpers::{self, TestEnv, amqp_url, run_sagactl, spawn_app_with_api};
-
-const READ_TOKEN: &str = "dead-letters-read-0123456789";
-const OPERATE_TOKEN: &str = "dead-letters-operate-0123456789";
 
 /// Longest any wait of these tests takes.
 const WITHIN: Duration = Duration::from_secs(30);
-
-fn tokens() -> ApiOptions {
-    ApiOptions {
-        tokens: vec![
-            ApiToken {
-                role: Role::Read,
-                name: "dashboard".into(),
-                token: READ_TOKEN.into(),
-            },
-            ApiToken {
-                role: Role::Operate,
-                name: "oncall".into(),
-                token: OPERATE_TOKEN.into(),
-            },
-        ],
-        ..ApiOptions::default()
-    }
-}
 
 struct Client {
     http: reqwest::Client,
@@ -86,8 +64,11 @@ impl Client {
     }
 }
 
-/// Runs sagactl against the app, off the runtime's threads, within [`WITHIN`].
-async fn sagactl(args: Vec<String>) -> Result<std::process::Output> {
+/// Runs sagactl with `args` against the app at `url` with `token`, off the runtime's threads,
+/// within [`WITHIN`].
+async fn sagactl(url: &str, token: &str, args: &[&str]) -> Result<std::process::Output> {
+    let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    args.extend(["--url", url, "--token", token].map(String::from));
     let run = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run_sagactl(&args)
@@ -148,18 +129,9 @@ async fn a_malformed_reply_is_listed_with_its_reason_requeued_to_its_origin_and_
     // sagactl shows the same.
     let url = client.app.url("");
     let out = sagactl(
-        [
-            "dead-letters",
-            "list",
-            "--url",
-            &url,
-            "--token",
-            READ_TOKEN,
-            "--format",
-            "json",
-        ]
-        .map(String::from)
-        .to_vec(),
+        &url,
+        READ_TOKEN,
+        &["dead-letters", "list", "--format", "json"],
     )
     .await?;
     assert!(
@@ -169,12 +141,7 @@ async fn a_malformed_reply_is_listed_with_its_reason_requeued_to_its_origin_and_
     );
     let listed: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(listed["items"][0]["id"], id.as_str());
-    let out = sagactl(
-        ["dead-letters", "list", "--url", &url, "--token", READ_TOKEN]
-            .map(String::from)
-            .to_vec(),
-    )
-    .await?;
+    let out = sagactl(&url, READ_TOKEN, &["dead-letters", "list"]).await?;
     let table = String::from_utf8(out.stdout)?;
     assert!(table.starts_with("ID"), "{table}");
     assert!(
@@ -189,6 +156,13 @@ async fn a_malformed_reply_is_listed_with_its_reason_requeued_to_its_origin_and_
         let (status, body) = client.settle(unknown, "requeue", OPERATE_TOKEN).await?;
         assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
     }
+    let (status, body) = client
+        .settle("not%20an%20id", "drop", OPERATE_TOKEN)
+        .await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("malformed_id"))
+    );
     let (status, body) = client
         .http
         .post(client.app.url(&format!("/v1/dead-letters/{id}/drop")))
@@ -235,22 +209,8 @@ async fn a_malformed_reply_is_listed_with_its_reason_requeued_to_its_origin_and_
     );
 
     // Dropped through sagactl, it is gone.
-    let out = sagactl(
-        [
-            "dead-letters",
-            "drop",
-            &id,
-            "--reason",
-            "a test message",
-            "--url",
-            &url,
-            "--token",
-            OPERATE_TOKEN,
-        ]
-        .map(String::from)
-        .to_vec(),
-    )
-    .await?;
+    let drop = ["dead-letters", "drop", &id, "--reason", "a test message"];
+    let out = sagactl(&url, OPERATE_TOKEN, &drop).await?;
     assert!(
         out.status.success(),
         "{}",
@@ -260,22 +220,8 @@ async fn a_malformed_reply_is_listed_with_its_reason_requeued_to_its_origin_and_
     assert!(client.list().await?.is_empty());
     let (status, _) = client.settle(&id, "drop", OPERATE_TOKEN).await?;
     assert_eq!(status, 404);
-    let out = sagactl(
-        [
-            "dead-letters",
-            "requeue",
-            &id,
-            "--reason",
-            "again",
-            "--url",
-            &url,
-            "--token",
-            OPERATE_TOKEN,
-        ]
-        .map(String::from)
-        .to_vec(),
-    )
-    .await?;
+    let requeue = ["dead-letters", "requeue", &id, "--reason", "again"];
+    let out = sagactl(&url, OPERATE_TOKEN, &requeue).await?;
     assert_eq!(out.status.code(), Some(1), "a refusal exits 1");
 
     let _ = conn.close(200, "done".into()).await;

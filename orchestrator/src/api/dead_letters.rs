@@ -10,11 +10,11 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, IntoResponses, ToSchema};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Caller;
 use super::body::JsonBody;
-use super::sagas::{ActionRequest, actor, page_limit, reason};
+use super::sagas::{ActionRequest, ActionResponses, actor, page_limit, reason};
 use super::{ApiError, ErrorBody};
 use crate::engine::{Engine, EngineError};
 use crate::transport::dead_letters::usable_id;
@@ -139,42 +139,6 @@ pub async fn list(
     }))
 }
 
-/// The answers of `POST /v1/dead-letters/{id}/requeue` and `/drop`: OpenAPI only, never built.
-/// A variant's doc is its description.
-#[derive(Debug, IntoResponses)]
-pub enum SettleResponses {
-    /// Done; the message as it was in the dead-letter queue
-    #[response(status = 200)]
-    Done(DeadLetterView),
-    /// `invalid_body` (no reason, or text with a NUL character), `malformed_body`
-    #[response(status = 400)]
-    Invalid(ErrorBody),
-    /// No valid token
-    #[response(status = 401)]
-    Unauthorized(ErrorBody),
-    /// The token's role is `read`
-    #[response(status = 403)]
-    Forbidden(ErrorBody),
-    /// `not_found`: no dead letter has this id
-    #[response(status = 404)]
-    NotFound(ErrorBody),
-    /// `request_timeout`: the body did not arrive in time
-    #[response(status = 408)]
-    Timeout(ErrorBody),
-    /// `body_too_large`
-    #[response(status = 413)]
-    TooLarge(ErrorBody),
-    /// `unsupported_media_type`: the body is not `application/json`
-    #[response(status = 415)]
-    UnsupportedMediaType(ErrorBody),
-    /// `not_supported`: this transport cannot requeue or drop dead letters
-    #[response(status = 501)]
-    NotSupported(ErrorBody),
-    /// `unavailable`
-    #[response(status = 503)]
-    Unavailable(ErrorBody),
-}
-
 /// Requeues or drops the dead letter `id`: the actor from the caller, the reason from the body.
 async fn settle(
     engine: &Engine,
@@ -187,10 +151,14 @@ async fn settle(
     let Path(id) = id?;
     let actor = actor(caller, headers)?;
     let reason = reason(body)?;
-    let not_found = || ApiError::not_found(format!("no dead letter has the id {id:?}"));
     if !usable_id(&id) {
-        return Err(not_found());
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_id",
+            format!("{id:?} is not a dead letter's id (1 to 200 of A-Za-z0-9._:~-)"),
+        ));
     }
+    let not_found = || ApiError::not_found(format!("no dead letter has the id {id:?}"));
     let settled = engine
         .transport()
         .settle_dead_letter(&id, action)
@@ -216,11 +184,14 @@ async fn settle(
     path = "/v1/dead-letters/{id}/requeue",
     tag = "operator",
     operation_id = "requeue_dead_letter",
-    params(("id" = String, Path, description = "The dead letter's id, as listed")),
+    params(("id" = String, Path, description = "The dead letter's id, as listed", pattern = "^[A-Za-z0-9._:~-]{1,200}$")),
     request_body(content = ActionRequest, content_type = "application/json"),
     responses(
-        SettleResponses,
+        ActionResponses,
+        (status = 200, description = "Done; the message as it was in the dead-letter queue", body = DeadLetterView),
+        (status = 404, description = "`not_found`: no dead letter has this id", body = ErrorBody),
         (status = 409, description = "`conflict`: the message does not say where it came from, or that queue is gone", body = ErrorBody),
+        (status = 501, description = "`not_supported`: this transport cannot requeue or drop dead letters", body = ErrorBody),
     ),
     security(("bearer" = [])),
 )]
@@ -248,9 +219,14 @@ pub async fn requeue(
     path = "/v1/dead-letters/{id}/drop",
     tag = "operator",
     operation_id = "drop_dead_letter",
-    params(("id" = String, Path, description = "The dead letter's id, as listed")),
+    params(("id" = String, Path, description = "The dead letter's id, as listed", pattern = "^[A-Za-z0-9._:~-]{1,200}$")),
     request_body(content = ActionRequest, content_type = "application/json"),
-    responses(SettleResponses),
+    responses(
+        ActionResponses,
+        (status = 200, description = "Done; the message as it was in the dead-letter queue", body = DeadLetterView),
+        (status = 404, description = "`not_found`: no dead letter has this id", body = ErrorBody),
+        (status = 501, description = "`not_supported`: this transport cannot requeue or drop dead letters", body = ErrorBody),
+    ),
     security(("bearer" = [])),
 )]
 pub async fn drop(
