@@ -10,7 +10,7 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{IntoParams, IntoResponses, ToSchema};
 
 use super::auth::Caller;
 use super::body::JsonBody;
@@ -139,6 +139,26 @@ pub async fn list(
     }))
 }
 
+/// The answers of `POST /v1/dead-letters/{id}/requeue` and `/drop` that differ from the
+/// operator actions' ([`ActionResponses`]): OpenAPI only, never built. A variant's doc is its
+/// description.
+#[derive(Debug, IntoResponses)]
+pub enum SettleResponses {
+    /// Done; the message as it was in the dead-letter queue
+    #[response(status = 200)]
+    Done(DeadLetterView),
+    /// `malformed_id` (not 1 to 200 of `A-Za-z0-9._:~-`), `invalid_body` (no reason, or text
+    /// with a NUL character), `malformed_body`
+    #[response(status = 400)]
+    Invalid(ErrorBody),
+    /// `not_found`: no dead letter has this id
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// `not_supported`: this transport cannot requeue or drop dead letters
+    #[response(status = 501)]
+    NotSupported(ErrorBody),
+}
+
 /// Requeues or drops the dead letter `id`: the actor from the caller, the reason from the body.
 async fn settle(
     engine: &Engine,
@@ -188,10 +208,8 @@ async fn settle(
     request_body(content = ActionRequest, content_type = "application/json"),
     responses(
         ActionResponses,
-        (status = 200, description = "Done; the message as it was in the dead-letter queue", body = DeadLetterView),
-        (status = 404, description = "`not_found`: no dead letter has this id", body = ErrorBody),
+        SettleResponses,
         (status = 409, description = "`conflict`: the message does not say where it came from, or that queue is gone", body = ErrorBody),
-        (status = 501, description = "`not_supported`: this transport cannot requeue or drop dead letters", body = ErrorBody),
     ),
     security(("bearer" = [])),
 )]
@@ -223,9 +241,7 @@ pub async fn requeue(
     request_body(content = ActionRequest, content_type = "application/json"),
     responses(
         ActionResponses,
-        (status = 200, description = "Done; the message as it was in the dead-letter queue", body = DeadLetterView),
-        (status = 404, description = "`not_found`: no dead letter has this id", body = ErrorBody),
-        (status = 501, description = "`not_supported`: this transport cannot requeue or drop dead letters", body = ErrorBody),
+        SettleResponses,
     ),
     security(("bearer" = [])),
 )]
