@@ -80,9 +80,29 @@ struct Api {
     token: Option<&'static str>,
 }
 
-/// A read token and an operate token named `oncall` (see [`Api::with_tokens`]).
-const READ_TOKEN: &str = "read-token-0123456789";
-const OPERATE_TOKEN: &str = "operate-token-0123456789";
+/// A read token named `dashboard` and an operate token named `oncall` (see [`tokens`]).
+pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
+pub(crate) const OPERATE_TOKEN: &str = "operate-token-0123456789";
+
+/// Options with [`READ_TOKEN`] (role read) and [`OPERATE_TOKEN`] (role operate, named
+/// `oncall`).
+pub(crate) fn tokens() -> ApiOptions {
+    ApiOptions {
+        tokens: vec![
+            ApiToken {
+                role: Role::Read,
+                name: "dashboard".into(),
+                token: READ_TOKEN.into(),
+            },
+            ApiToken {
+                role: Role::Operate,
+                name: "oncall".into(),
+                token: OPERATE_TOKEN.into(),
+            },
+        ],
+        ..ApiOptions::default()
+    }
+}
 
 impl Api {
     /// An orchestrator with the definitions `api_saga` and `api_other`, and their participant.
@@ -108,24 +128,9 @@ impl Api {
         })
     }
 
-    /// Options with [`READ_TOKEN`] (role read) and [`OPERATE_TOKEN`] (role operate, named
-    /// `oncall`).
+    /// [`tokens`].
     fn with_tokens() -> ApiOptions {
-        ApiOptions {
-            tokens: vec![
-                ApiToken {
-                    role: Role::Read,
-                    name: "dashboard".into(),
-                    token: READ_TOKEN.into(),
-                },
-                ApiToken {
-                    role: Role::Operate,
-                    name: "oncall".into(),
-                    token: OPERATE_TOKEN.into(),
-                },
-            ],
-            ..ApiOptions::default()
-        }
+        tokens()
     }
 
     /// Sends a request with `token` (or none) and returns status, headers and the JSON body.
@@ -1011,7 +1016,7 @@ async fn every_route_of_the_router_is_in_the_openapi_document_and_nothing_else_i
             }
         }
     }
-    assert_eq!(operations, 12, "{paths:?}");
+    assert_eq!(operations, 15, "{paths:?}");
     for path in [
         "/",
         "/v1",

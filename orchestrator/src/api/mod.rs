@@ -20,6 +20,7 @@ use crate::engine::Engine;
 
 pub mod auth;
 pub mod body;
+pub mod dead_letters;
 pub mod definitions;
 pub mod error;
 pub mod health;
@@ -77,7 +78,7 @@ impl ApiOptions {
     modifiers(&BearerScheme),
     tags(
         (name = "sagas", description = "Start and inspect transactions"),
-        (name = "operator", description = "Operator actions, recorded in the log with actor and reason"),
+        (name = "operator", description = "Operator actions, recorded in the log with actor and reason, and the dead letters"),
         (name = "definitions", description = "What this orchestrator can run"),
         (name = "health", description = "Probes and metrics; no token needed"),
     ),
@@ -136,12 +137,15 @@ fn routes(auth: Arc<Auth>) -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(sagas::get))
         .routes(routes!(sagas::events))
         .routes(routes!(definitions::list))
+        .routes(routes!(dead_letters::list))
         .route_layer(guard(Role::Read));
     let operate = OpenApiRouter::new()
         .routes(routes!(sagas::start))
         .routes(routes!(sagas::abort))
         .routes(routes!(sagas::retry))
         .routes(routes!(sagas::resolve))
+        .routes(routes!(dead_letters::requeue))
+        .routes(routes!(dead_letters::drop))
         .route_layer(guard(Role::Operate));
     let open = OpenApiRouter::new()
         .routes(routes!(health::healthz))

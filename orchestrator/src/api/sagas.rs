@@ -492,7 +492,7 @@ pub struct ActionRequest {
 
 /// The actor recorded for an operator action: the token's name; without authentication, the
 /// `X-Sagas-Actor` header (or `anonymous`).
-fn actor(caller: &Caller, headers: &HeaderMap) -> Result<String, ApiError> {
+pub(super) fn actor(caller: &Caller, headers: &HeaderMap) -> Result<String, ApiError> {
     if let Some(name) = &caller.name {
         // The verified name only: a header could claim anyone.
         return Ok(name.clone());
@@ -523,7 +523,7 @@ fn blank(c: char) -> bool {
     (c.is_whitespace() && c != '\u{85}') || c == '\u{feff}'
 }
 
-fn reason(body: Result<JsonBody<ActionRequest>, ApiError>) -> Result<String, ApiError> {
+pub(super) fn reason(body: Result<JsonBody<ActionRequest>, ApiError>) -> Result<String, ApiError> {
     let JsonBody(request) = body?;
     let reason = request.reason.unwrap_or_default();
     if reason.chars().all(blank) {
@@ -769,6 +769,22 @@ fn definition_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
+/// The page size a `limit` query parameter asks for: [`DEFAULT_LIMIT`] when not given, 400
+/// naming `limit` unless a whole number from 1 to [`MAX_LIMIT`].
+pub(super) fn page_limit(raw: Option<&str>) -> Result<u32, ApiError> {
+    match raw {
+        None => Ok(DEFAULT_LIMIT),
+        Some(l) => whole_number(l)
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid_query(format!(
+                    "limit {l:?} must be a whole number from 1 to {MAX_LIMIT}"
+                ))
+            }),
+    }
+}
+
 fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
     let status = match q.status.as_deref() {
         None => None,
@@ -777,17 +793,7 @@ fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
             ApiError::invalid_query(format!("status {s:?} is not one of {}", all.join(", ")))
         })?),
     };
-    let limit = match q.limit.as_deref() {
-        None => DEFAULT_LIMIT,
-        Some(l) => whole_number(l)
-            .and_then(|n| u32::try_from(n).ok())
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid_query(format!(
-                    "limit {l:?} must be a whole number from 1 to {MAX_LIMIT}"
-                ))
-            })?,
-    };
+    let limit = page_limit(q.limit.as_deref())?;
     let after = match q.cursor.as_deref() {
         None => None,
         Some(c) => Some(decode_cursor(c).ok_or_else(|| {

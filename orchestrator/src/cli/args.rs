@@ -18,6 +18,7 @@ const EXAMPLES: &str = "Examples:
   sagactl list --status stuck
   sagactl show 01890a5d-ac96-774b-bcce-b302099a8057
   sagactl retry 01890a5d-ac96-774b-bcce-b302099a8057 --reason 'ledger is back up'
+  sagactl dead-letters list
   sagactl completions bash > /etc/bash_completion.d/sagactl";
 
 /// `sagactl`: operate and reconcile sagas.
@@ -72,6 +73,10 @@ pub enum Command {
     #[command(after_help = "Example:
   sagactl resolve 01890a5d-ac96-774b-bcce-b302099a8057 --reason 'refund booked manually, ticket OPS-42'")]
     Resolve(ActionArgs),
+    /// Show the messages in the dead-letter queue, and requeue or drop one (through the HTTP
+    /// API).
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
     /// List the definitions (and versions) the orchestrator runs.
     #[command(after_help = "Example:
   sagactl definitions --format json")]
@@ -108,6 +113,50 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `dead-letters …`.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List the first messages of the dead-letter queue, oldest first, with their id, origin
+    /// queue and reason; they stay in the queue.
+    #[command(after_help = "Examples:
+  sagactl dead-letters list
+  sagactl dead-letters list --limit 5 --format json")]
+    List {
+        /// How many to show (1 to 500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Publish a dead letter again to the queue it came from, then remove it from the
+    /// dead-letter queue.
+    #[command(after_help = "Example:
+  sagactl dead-letters requeue h3f2a9c0d1e2b4a67 --reason 'participant fixed, reply is valid now'")]
+    Requeue(DeadLetterArgs),
+    /// Remove a dead letter for good.
+    #[command(after_help = "Example:
+  sagactl dead-letters drop h3f2a9c0d1e2b4a67 --reason 'test message sent by hand'")]
+    Drop(DeadLetterArgs),
+}
+
+/// `dead-letters requeue|drop`.
+#[derive(Debug, Clone, Args)]
+pub struct DeadLetterArgs {
+    /// The dead letter's id, as listed.
+    pub id: String,
+    /// Why; logged by the server with who asked.
+    #[arg(long)]
+    pub reason: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
 }
 
 /// `prune`.

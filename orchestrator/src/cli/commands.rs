@@ -10,7 +10,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
 use super::args::{
-    ActionArgs, ApiArgs, Cli, Format, ListArgs, PruneArgs, ReconcileArgs, ReportFormat,
+    ActionArgs, ApiArgs, Cli, DeadLetterArgs, Format, ListArgs, PruneArgs, ReconcileArgs,
+    ReportFormat,
 };
 use super::client::{Client, ClientError};
 use super::output;
@@ -196,6 +197,57 @@ pub async fn definitions(api: ApiArgs, format: Format) -> anyhow::Result<u8> {
         Format::Table => print(&output::definitions(&defs))?,
     }
     Ok(EXIT_OK)
+}
+
+/// `sagactl dead-letters list`.
+pub async fn dead_letters(limit: u32, api: ApiArgs, format: Format) -> anyhow::Result<u8> {
+    let client = Client::new(&api)?;
+    let page = match client
+        .get("/v1/dead-letters", &[("limit", limit.to_string())])
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => return refused(e),
+    };
+    match format {
+        Format::Json => print(&output::json(&page))?,
+        Format::Table => print(&output::dead_letters(&page))?,
+    }
+    Ok(EXIT_OK)
+}
+
+/// `sagactl dead-letters requeue|drop`.
+pub async fn dead_letter_act(action: &str, args: DeadLetterArgs) -> anyhow::Result<u8> {
+    let client = Client::new(&args.api)?;
+    // The ids the API gives out need no escaping; any other is not one of them (404).
+    let id: String = url_segment(&args.id);
+    let path = format!("/v1/dead-letters/{id}/{action}");
+    let letter = match client.post(&path, &json!({ "reason": args.reason })).await {
+        Ok(l) => l,
+        Err(e) => return refused(e),
+    };
+    match args.format {
+        Format::Json => print(&output::json(&letter))?,
+        Format::Table => print(&format!(
+            "{action}: dead letter {} from {}\n",
+            output_str(&letter["id"]),
+            output_str(&letter["queue"])
+        ))?,
+    }
+    Ok(EXIT_OK)
+}
+
+/// `text` as one path segment: every byte but unreserved ones percent-encoded.
+fn url_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// A progress bar on stderr when it is a terminal and not turned off.

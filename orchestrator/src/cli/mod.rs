@@ -8,7 +8,7 @@ pub mod output;
 
 use clap::Parser;
 
-use args::{Cli, Command};
+use args::{Cli, Command, DeadLetterCommand};
 
 /// Exit code: consistent / done.
 pub const EXIT_OK: u8 = 0;
@@ -27,6 +27,15 @@ pub async fn main() -> u8 {
         Command::Retry(a) => commands::act("retry", a).await,
         Command::Abort(a) => commands::act("abort", a).await,
         Command::Resolve(a) => commands::act("resolve", a).await,
+        Command::DeadLetters(DeadLetterCommand::List { limit, api, format }) => {
+            commands::dead_letters(limit, api, format).await
+        }
+        Command::DeadLetters(DeadLetterCommand::Requeue(a)) => {
+            commands::dead_letter_act("requeue", a).await
+        }
+        Command::DeadLetters(DeadLetterCommand::Drop(a)) => {
+            commands::dead_letter_act("drop", a).await
+        }
         Command::Definitions { api, format } => commands::definitions(api, format).await,
         Command::Prune(a) => commands::prune(a).await,
         Command::Migrate { database_url } => commands::migrate(&database_url).await,

@@ -350,6 +350,31 @@ pub fn definitions(defs: &Value) -> String {
     table(&["NAME", "VERSION", "MODE", "LATEST", "STEPS"], &rows)
 }
 
+/// Longest body shown in a table of dead letters, in characters.
+const BODY_SHOWN: usize = 60;
+
+/// `GET /v1/dead-letters` as a table: a body of a line, cut short.
+pub fn dead_letters(page: &Value) -> String {
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|d| {
+            let body = s(&d["body"]).replace(['\n', '\r', '\t'], " ");
+            let body = if body.chars().count() > BODY_SHOWN {
+                body.chars().take(BODY_SHOWN - 1).collect::<String>() + "…"
+            } else {
+                body
+            };
+            let body = match d["body_encoding"].as_str() {
+                Some("base64") => format!("base64:{body}"),
+                _ => body,
+            };
+            vec![s(&d["id"]), s(&d["queue"]), s(&d["reason"]), body]
+        })
+        .collect();
+    table(&["ID", "QUEUE", "REASON", "BODY"], &rows)
+}
+
 /// Pretty JSON with a final newline.
 pub fn json(v: &Value) -> String {
     serde_json::to_string_pretty(v).expect("JSON values serialize") + "\n"

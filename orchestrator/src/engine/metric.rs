@@ -62,6 +62,35 @@ pub const DEAD_LETTERS: &str = "sagas_dead_letters";
 /// Gauge, label `version`: 1, naming the orchestrator's version.
 pub const BUILD_INFO: &str = "sagas_build_info";
 
+/// Every metric name above, counters, histograms and gauges: what the engine exports (the
+/// HTTP API adds its own, [`crate::api::observe::HTTP_REQUESTS`] and
+/// [`crate::api::observe::HTTP_DURATION`]). Alert rules and dashboards may name these only.
+pub const ALL: &[&str] = &[
+    STARTED,
+    FINISHED,
+    STUCK,
+    OPERATOR_ACTIONS,
+    REPLIES,
+    DEAD_LETTERED,
+    REPLY_BATCH,
+    TIMERS,
+    RELAYED,
+    PUBLISH_FAILURES,
+    PRUNED,
+    WAIT_READS,
+    LISTENER_CONNECTS,
+    STATE_CACHE,
+    AMQP_MESSAGES,
+    OPEN,
+    OLDEST_OPEN,
+    OUTBOX_ROWS,
+    OUTBOX_OLDEST,
+    TIMERS_DUE,
+    TIMER_LAG,
+    DEAD_LETTERS,
+    BUILD_INFO,
+];
+
 /// Registers the descriptions of the engine's metrics with the installed recorder.
 pub fn describe() {
     use metrics::describe_counter;

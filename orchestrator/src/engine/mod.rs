@@ -161,6 +161,11 @@ impl Engine {
         &self.store
     }
 
+    /// The transport (operators reach its dead letters through it).
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
     /// Records what a committed transition changed: metrics, and a wake-up for requests
     /// waiting for the instance to settle.
     fn committed(&self, t: &Transition) {

@@ -8,19 +8,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use futures_util::future::join_all;
+use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::batches::{Batching, CommandBatch};
+use super::dead_letters::{self, DeadLetter, DeadLetterAction};
 use super::{Ack, Incoming, Transport, TransportError};
 use crate::engine::metric::AMQP_MESSAGES;
 use crate::store::OutboxMessage;
 pub use sagas_participant::amqp::command_properties;
+use sagas_participant::amqp::headers::{DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER};
 use sagas_participant::amqp::{
     Announcement, Backoff, DeadLetters, QueueOptions, Sessions, batch_properties, confirm_channel,
     connect, declare_participant, declare_replies, is_batch, keep_serving, look_at_queue,
@@ -255,6 +259,62 @@ impl Transport for AmqpTransport {
         Ok(Some(u64::from(queue.message_count())))
     }
 
+    async fn list_dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, TransportError> {
+        let link = self.link().await?;
+        let queue = self.config.topology.dead_letter_queue();
+        let ch = link.connection.create_channel().await.map_err(broker)?;
+        let mut letters = Vec::new();
+        let taken = async {
+            while letters.len() < limit {
+                match get_unacked(&ch, &queue).await? {
+                    Some(delivery) => letters.push(dead_letter_of(&delivery)),
+                    None => break,
+                }
+            }
+            Ok(())
+        }
+        .await;
+        // Closing the channel puts every message it took back in its place.
+        close(ch, "listed").await;
+        taken.map(|()| letters)
+    }
+
+    async fn settle_dead_letter(
+        &self,
+        id: &str,
+        action: DeadLetterAction,
+    ) -> Result<Option<DeadLetter>, TransportError> {
+        let link = self.link().await?;
+        let queue = self.config.topology.dead_letter_queue();
+        // In confirm mode, for a requeue's publish.
+        let ch = confirm_channel(&link.connection).await.map_err(broker)?;
+        let settled = async {
+            for _ in 0..dead_letters::MAX_SCAN {
+                let Some(delivery) = get_unacked(&ch, &queue).await? else {
+                    break;
+                };
+                let letter = dead_letter_of(&delivery);
+                if letter.id != id {
+                    continue;
+                }
+                if action == DeadLetterAction::Requeue {
+                    republish(&ch, &delivery, &letter).await?;
+                }
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(broker)?;
+                return Ok(Some(letter));
+            }
+            Ok(None)
+        }
+        .await;
+        // The messages looked through go back in their places.
+        close(ch, "settled").await;
+        settled
+    }
+
     async fn subscribe(&self, prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError> {
         let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
         // The first connection is made here so that a broken configuration fails loudly.
@@ -283,6 +343,148 @@ impl Transport for AmqpTransport {
         });
         Ok(rx)
     }
+}
+
+/// Takes the next message of `queue` without acknowledging it: it stays the channel's until
+/// acked, or until the channel closes, which puts it back.
+async fn get_unacked(ch: &Channel, queue: &str) -> Result<Option<Delivery>, TransportError> {
+    ch.basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .map(|message| message.map(|m| m.delivery))
+        .map_err(broker)
+}
+
+async fn close(ch: Channel, why: &str) {
+    if ch.status().connected() {
+        let _ = ch.close(200, why.into()).await;
+    }
+}
+
+/// A header value as text, for those that are text, numbers or booleans.
+fn header_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
+/// A field of the first `x-death` entry, which RabbitMQ adds when it dead-letters a message
+/// itself (when republishing with the reason failed).
+fn first_death(properties: &BasicProperties, field: &str) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    header_text(first.inner().get(field)?)
+}
+
+/// A delivery from the dead-letter queue as operators see it.
+fn dead_letter_of(delivery: &Delivery) -> DeadLetter {
+    let properties = &delivery.properties;
+    let headers: std::collections::BTreeMap<String, String> = properties
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str().to_owned(), header_text(value)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let message_id = properties.message_id().as_ref().map(|m| m.as_str());
+    DeadLetter {
+        id: dead_letters::stable_id(message_id, &delivery.data, &headers),
+        queue: headers
+            .get(DEAD_LETTER_QUEUE_HEADER)
+            .cloned()
+            .or_else(|| first_death(properties, "queue")),
+        reason: headers
+            .get(DEAD_LETTER_REASON_HEADER)
+            .cloned()
+            .or_else(|| first_death(properties, "reason")),
+        content_type: properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.as_str().to_owned()),
+        body: delivery.data.clone(),
+        headers,
+        redelivered: delivery.redelivered,
+    }
+}
+
+/// Publishes a dead letter again to the queue it came from (through the default exchange),
+/// with its own properties but the dead-letter headers, and waits for the broker's confirm.
+async fn republish(
+    ch: &Channel,
+    delivery: &Delivery,
+    letter: &DeadLetter,
+) -> Result<(), TransportError> {
+    let Some(queue) = &letter.queue else {
+        return Err(TransportError::Refused(format!(
+            "dead letter {} does not say which queue it came from; drop it instead",
+            letter.id
+        )));
+    };
+    let mut properties = delivery.properties.clone();
+    if let Some(headers) = properties.headers().clone() {
+        let mut kept = FieldTable::default();
+        for (name, value) in headers.inner() {
+            let name = name.as_str();
+            if ![
+                DEAD_LETTER_REASON_HEADER,
+                DEAD_LETTER_QUEUE_HEADER,
+                "x-death",
+            ]
+            .contains(&name)
+            {
+                kept.insert(name.into(), value.clone());
+            }
+        }
+        properties = properties.with_headers(kept);
+    }
+    let confirmation = ch
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &delivery.data,
+            properties,
+        )
+        .await
+        .map_err(broker)?
+        .await
+        .map_err(broker)?;
+    if !confirmation.is_ack() {
+        return Err(TransportError::NotConfirmed(
+            letter.id.clone(),
+            "nacked".into(),
+        ));
+    }
+    if confirmation.take_message().is_some() {
+        return Err(TransportError::Refused(format!(
+            "the queue {queue} that dead letter {} came from does not exist",
+            letter.id
+        )));
+    }
+    Ok(())
 }
 
 /// A consuming connection: the connection, its consumer, and where its dead letters go.

@@ -10,7 +10,9 @@
 //!   outbox relay retries it;
 //! - commands wait in the queue while no participant consumes it;
 //! - replies are JSON bodies, decoded by the engine as from the broker; a requeued reply comes
-//!   back, a rejected one is kept in [`MemoryTransport::dead_letters`].
+//!   back, a rejected one is kept in [`MemoryTransport::dead_letters`], where operators can
+//!   list, requeue and drop it as in the broker's dead-letter queue (its origin is the queue
+//!   [`REPLIES_QUEUE`]).
 //!
 //! Nothing survives the process: commands and replies in flight are lost with it, as with a
 //! broker crash without persistent messages. The engine recovers from that on its own: the
@@ -35,9 +37,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::dead_letters::{self, DeadLetterAction};
 use super::{Ack, Incoming, Transport, TransportError};
 use crate::store::OutboxMessage;
-use sagas_participant::protocol::{Command, Operation, Outcome};
+use sagas_participant::amqp::headers::{DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER};
+use sagas_participant::protocol::{CONTENT_TYPE, Command, Operation, Outcome};
+
+/// The name the in-memory transport gives its replies queue, the origin of its dead letters.
+pub const REPLIES_QUEUE: &str = "replies";
 
 /// A participant's handler on the in-memory transport.
 #[async_trait]
@@ -64,6 +71,29 @@ pub struct DeadLetter {
     pub body: Vec<u8>,
     /// Why it was rejected.
     pub reason: String,
+}
+
+impl DeadLetter {
+    /// As operators see it: the headers a broker's dead letter would carry, its id hashed from
+    /// them and the body.
+    fn view(&self) -> dead_letters::DeadLetter {
+        let headers = [
+            (DEAD_LETTER_REASON_HEADER, self.reason.as_str()),
+            (DEAD_LETTER_QUEUE_HEADER, REPLIES_QUEUE),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+        dead_letters::DeadLetter {
+            id: dead_letters::stable_id(None, &self.body, &headers),
+            queue: Some(REPLIES_QUEUE.to_owned()),
+            reason: Some(self.reason.clone()),
+            content_type: Some(CONTENT_TYPE.to_owned()),
+            body: self.body.clone(),
+            headers,
+            redelivered: false,
+        }
+    }
 }
 
 struct Queue {
@@ -212,6 +242,37 @@ impl MemoryTransport {
 impl Transport for MemoryTransport {
     async fn dead_letters(&self) -> Result<Option<u64>, TransportError> {
         Ok(Some(lock(&self.inner.dead_letters).len() as u64))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<dead_letters::DeadLetter>, TransportError> {
+        Ok(lock(&self.inner.dead_letters)
+            .iter()
+            .take(limit)
+            .map(DeadLetter::view)
+            .collect())
+    }
+
+    async fn settle_dead_letter(
+        &self,
+        id: &str,
+        action: DeadLetterAction,
+    ) -> Result<Option<dead_letters::DeadLetter>, TransportError> {
+        let mut letters = lock(&self.inner.dead_letters);
+        let Some(at) = letters.iter().position(|d| d.view().id == id) else {
+            return Ok(None);
+        };
+        let view = letters[at].view();
+        if action == DeadLetterAction::Requeue {
+            self.inner
+                .replies_tx
+                .send(letters[at].body.clone())
+                .map_err(|_| TransportError::Broker("the in-memory transport is closed".into()))?;
+        }
+        letters.remove(at);
+        Ok(Some(view))
     }
 
     async fn declare(&self, participants: &[String]) -> Result<(), TransportError> {
@@ -519,5 +580,56 @@ mod tests {
                 .participant("p", |_c: Command| async { Outcome::retry("x") })
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn a_rejected_reply_is_listed_with_its_reason_and_can_be_requeued_or_dropped() {
+        let transport = MemoryTransport::new();
+        let mut replies = transport.subscribe(4).await.unwrap();
+        let within = Duration::from_secs(5);
+        for body in [&b"{not json"[..], b"[]"] {
+            transport.send_reply(body.to_vec());
+            let incoming = tokio::time::timeout(within, replies.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            incoming
+                .ack
+                .reject(&incoming.body, "malformed reply")
+                .await
+                .unwrap();
+        }
+        let listed = transport.list_dead_letters(10).await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].body, b"{not json");
+        assert_eq!(listed[0].reason.as_deref(), Some("malformed reply"));
+        assert_eq!(listed[0].queue.as_deref(), Some(REPLIES_QUEUE));
+        assert_ne!(listed[0].id, listed[1].id);
+        assert_eq!(transport.list_dead_letters(1).await.unwrap().len(), 1);
+
+        let requeue = DeadLetterAction::Requeue;
+        let requeued = transport.settle_dead_letter(&listed[0].id, requeue).await;
+        assert_eq!(requeued.unwrap().unwrap().body, b"{not json");
+        let again = tokio::time::timeout(within, replies.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.body, b"{not json", "back on the replies queue");
+        let drop = DeadLetterAction::Drop;
+        assert!(
+            transport
+                .settle_dead_letter(&listed[1].id, drop)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            transport
+                .settle_dead_letter(&listed[1].id, drop)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(transport.list_dead_letters(10).await.unwrap().is_empty());
     }
 }

@@ -10,13 +10,16 @@ use crate::store::OutboxMessage;
 
 pub mod amqp;
 pub mod batches;
+pub mod dead_letters;
 pub mod memory;
 
 pub use amqp::{AmqpConfig, AmqpTransport};
 pub use batches::CommandBatch;
+pub use dead_letters::{DeadLetter, DeadLetterAction};
 pub use memory::MemoryTransport;
 
-/// Errors of a transport; all of them are retryable.
+/// Errors of a transport; all of them are retryable but the last two, which only operator
+/// requests on dead letters meet.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The broker connection failed or was refused.
@@ -25,6 +28,12 @@ pub enum TransportError {
     /// The broker did not confirm (nacked or returned) a message.
     #[error("message {0} was not confirmed by the broker: {1}")]
     NotConfirmed(String, String),
+    /// This transport cannot do what was asked (it names what).
+    #[error("this transport cannot {0}")]
+    Unsupported(&'static str),
+    /// The request cannot be carried out on this message (the sentence says why).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What to do with a received message once it has been handled.
@@ -67,5 +76,28 @@ pub trait Transport: Send + Sync + 'static {
     /// `None` (the default) when this transport cannot tell.
     async fn dead_letters(&self) -> Result<Option<u64>, TransportError> {
         Ok(None)
+    }
+
+    /// The first `limit` messages of that dead-letter queue, oldest first, left where they are
+    /// (each [`DeadLetter`] has its stable id). [`TransportError::Unsupported`] (the default)
+    /// when this transport cannot show them.
+    async fn list_dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, TransportError> {
+        let _ = limit;
+        Err(TransportError::Unsupported("list dead letters"))
+    }
+
+    /// Finds the dead letter `id` (among the first [`dead_letters::MAX_SCAN`]) and requeues or
+    /// drops it; `None` when there is none with that id. A requeued message is published again
+    /// to the queue it came from, without the dead-letter headers, and removed from the
+    /// dead-letter queue once the broker confirmed it; [`TransportError::Refused`] when its
+    /// origin is unknown. [`TransportError::Unsupported`] (the default) when this transport
+    /// cannot.
+    async fn settle_dead_letter(
+        &self,
+        id: &str,
+        action: DeadLetterAction,
+    ) -> Result<Option<DeadLetter>, TransportError> {
+        let _ = (id, action);
+        Err(TransportError::Unsupported("requeue or drop dead letters"))
     }
 }
