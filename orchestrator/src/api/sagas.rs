@@ -150,6 +150,11 @@ pub struct StepView {
     /// Forward output.
     #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
+    /// True when an operator resolved the transaction while this step was stuck or had an
+    /// operation outstanding: the step was settled by hand (its status and last error are
+    /// what they were then; the log's `operator_action` says who did it and why).
+    #[serde(default)]
+    pub resolved_by_hand: bool,
 }
 
 /// A transaction as the API shows it.
@@ -185,6 +190,11 @@ pub struct SagaView {
 impl SagaView {
     /// The view of a stored instance.
     pub fn of(stored: StoredInstance) -> SagaView {
+        let mut instance = stored.instance;
+        if instance.status == Status::Resolved {
+            // Stored before steps carried the mark, the projection lacks it.
+            instance.mark_resolved_by_hand();
+        }
         let Instance {
             id,
             plan,
@@ -194,7 +204,7 @@ impl SagaView {
             failure,
             deadline,
             ..
-        } = stored.instance;
+        } = instance;
         SagaView {
             id,
             definition: plan.name,
@@ -217,6 +227,7 @@ impl SagaView {
                     attempts: s.attempt,
                     last_error: s.last_error,
                     output: s.output,
+                    resolved_by_hand: s.resolved_by_hand,
                 })
                 .collect(),
         }

@@ -266,10 +266,15 @@ pub fn saga_detail(saga: &Value, events: &Value) -> String {
     let rows: Vec<Vec<String>> = steps
         .iter()
         .map(|st| {
+            let status = if st["resolved_by_hand"].as_bool() == Some(true) {
+                format!("{}, settled by hand", s(&st["status"]))
+            } else {
+                s(&st["status"])
+            };
             vec![
                 s(&st["name"]),
                 s(&st["participant"]),
-                s(&st["status"]),
+                status,
                 s(&st["attempts"]),
                 s(&st["last_error"]),
             ]

@@ -191,6 +191,11 @@ pub struct StepState {
     /// True when the participant answered the current attempt `in_progress`.
     #[serde(default)]
     pub in_progress: bool,
+    /// True when an operator resolved the instance while this step was stuck or had an
+    /// operation outstanding: the step was settled by hand, and its status and last error are
+    /// what they were then. Left out of the stored projection while false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resolved_by_hand: bool,
 }
 
 impl StepState {
@@ -205,6 +210,7 @@ impl StepState {
             last_error: None,
             stuck: false,
             in_progress: false,
+            resolved_by_hand: false,
         }
     }
 }
@@ -234,6 +240,21 @@ pub struct Instance {
     /// The W3C trace context of the request that started it, passed on in every command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+}
+
+impl Instance {
+    /// Marks the steps an operator settled by hand: when a resolve finishes the instance,
+    /// every step that was stuck or had an operation outstanding. A function of the state
+    /// alone that only ever adds marks, so a resolved projection stored before steps carried
+    /// the mark gets the same ones, and one that has them is left as it is.
+    pub fn mark_resolved_by_hand(&mut self) {
+        let mode = self.plan.mode;
+        for s in &mut self.steps {
+            if s.stuck || s.status.outstanding(mode).is_some() {
+                s.resolved_by_hand = true;
+            }
+        }
+    }
 }
 
 /// A timer the machine asks the engine to keep: a reply deadline or a retry backoff.
