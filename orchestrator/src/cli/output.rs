@@ -245,6 +245,65 @@ fn event_detail(e: &Value) -> String {
     }
 }
 
+/// What is still in flight (`in_flight` of `GET /v1/sagas/{id}`), and whether a fix by hand
+/// is safe now.
+pub fn in_flight_lines(f: &Value) -> String {
+    if f["quiet"].as_bool() == Some(true) {
+        return "In flight    nothing in flight: safe to fix by hand\n".to_owned();
+    }
+    let mut why = Vec::new();
+    match f["outbox_rows"].as_u64() {
+        Some(0) | None => {}
+        Some(n) => why.push(format!(
+            "{n} command(s) in the outbox, not yet published: a participant will receive them"
+        )),
+    }
+    for a in f["awaiting_reply"].as_array().into_iter().flatten() {
+        why.push(format!(
+            "step {}: {} attempt {} awaits its reply until {}{}: the participant may still apply it",
+            s(&a["step"]),
+            s(&a["operation"]),
+            s(&a["attempt"]),
+            s(&a["deadline"]),
+            if a["in_progress"].as_bool() == Some(true) {
+                " (in progress)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let timers = f["timers"].as_array().into_iter().flatten();
+    for t in timers.filter(|t| t["can_act"].as_bool() != Some(false)) {
+        why.push(match s(&t["kind"]).as_str() {
+            "backoff" => format!(
+                "step {}: {} attempt {} will be sent at {}",
+                s(&t["step"]),
+                s(&t["operation"]),
+                s(&t["attempt"]),
+                s(&t["due_at"])
+            ),
+            "deadline" => format!(
+                "step {}: {} attempt {} times out at {}, and may be sent again",
+                s(&t["step"]),
+                s(&t["operation"]),
+                s(&t["attempt"]),
+                s(&t["due_at"])
+            ),
+            _ => format!(
+                "the transaction's deadline at {} will start compensating it",
+                s(&t["due_at"])
+            ),
+        });
+    }
+    let mut out = "In flight    NOT safe to fix by hand now: what is in flight may still \
+                   change the participant's data or the transaction\n"
+        .to_owned();
+    for line in why {
+        out.push_str(&format!("             - {line}\n"));
+    }
+    out
+}
+
 /// A transaction (`GET /v1/sagas/{id}`) with its timeline (`…/events`).
 pub fn saga_detail(saga: &Value, events: &Value) -> String {
     let mut out = String::new();
@@ -261,7 +320,11 @@ pub fn saga_detail(saga: &Value, events: &Value) -> String {
     }
     out.push_str(&format!("Created      {}\n", s(&saga["created_at"])));
     out.push_str(&format!("Updated      {}\n", s(&saga["updated_at"])));
-    out.push_str(&format!("Input        {}\n\n", saga["input"]));
+    out.push_str(&format!("Input        {}\n", saga["input"]));
+    if let Some(in_flight) = saga.get("in_flight").filter(|v| v.is_object()) {
+        out.push_str(&in_flight_lines(in_flight));
+    }
+    out.push('\n');
     let steps = saga["steps"].as_array().cloned().unwrap_or_default();
     let rows: Vec<Vec<String>> = steps
         .iter()

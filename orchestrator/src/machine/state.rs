@@ -299,3 +299,14 @@ pub enum TimerKind {
     /// The instance's deadline passed.
     Expiry,
 }
+
+impl TimerKind {
+    /// The name in the stored timer and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimerKind::Deadline => "deadline",
+            TimerKind::Backoff => "backoff",
+            TimerKind::Expiry => "expiry",
+        }
+    }
+}
