@@ -26,6 +26,7 @@ pub mod health;
 pub mod metrics;
 pub mod observe;
 pub mod sagas;
+pub mod stuck;
 
 pub use auth::{Auth, Caller};
 pub use error::{ApiError, ErrorBody};
@@ -136,6 +137,7 @@ fn routes(auth: Arc<Auth>) -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(sagas::get))
         .routes(routes!(sagas::events))
         .routes(routes!(definitions::list))
+        .routes(routes!(stuck::stuck))
         .route_layer(guard(Role::Read));
     let operate = OpenApiRouter::new()
         .routes(routes!(sagas::start))

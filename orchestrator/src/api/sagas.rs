@@ -872,7 +872,7 @@ pub fn decode_cursor(cursor: &str) -> Option<Position> {
 
 /// Whether `name` can be a definition's name (1 to 100 of `A-Za-z0-9_.-`, as
 /// [`crate::definition::Definition`]'s builder requires).
-fn definition_name(name: &str) -> bool {
+pub(super) fn definition_name(name: &str) -> bool {
     (1..=100).contains(&name.len())
         && name
             .bytes()

@@ -60,6 +60,20 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Stuck transactions grouped by definition, step, participant and reason, largest first.
+    #[command(after_help = "Examples:
+  sagactl stuck
+  sagactl stuck --definition transfer_saga --format json")]
+    Stuck {
+        /// Only this definition.
+        #[arg(long)]
+        definition: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Send stuck or backing-off operations of a transaction again now, with a fresh budget.
     #[command(after_help = "Example:
   sagactl retry 01890a5d-ac96-774b-bcce-b302099a8057 --reason 'ledger service redeployed'")]

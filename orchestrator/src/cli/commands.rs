@@ -161,6 +161,21 @@ pub async fn show(id: uuid::Uuid, api: ApiArgs, format: Format) -> anyhow::Resul
     Ok(EXIT_OK)
 }
 
+/// `sagactl stuck`.
+pub async fn stuck(definition: Option<String>, api: ApiArgs, format: Format) -> anyhow::Result<u8> {
+    let client = Client::new(&api)?;
+    let query: Vec<(&str, String)> = definition.into_iter().map(|d| ("definition", d)).collect();
+    let groups = match client.get("/v1/stuck", &query).await {
+        Ok(g) => g,
+        Err(e) => return refused(e),
+    };
+    match format {
+        Format::Json => print(&output::json(&groups))?,
+        Format::Table => print(&output::stuck_groups(&groups))?,
+    }
+    Ok(EXIT_OK)
+}
+
 /// `sagactl retry|abort|resolve`.
 pub async fn act(action: &str, args: ActionArgs) -> anyhow::Result<u8> {
     let client = Client::new(&args.api)?;

@@ -24,6 +24,11 @@ pub async fn main() -> u8 {
         Command::Reconcile(a) => commands::reconcile(a).await,
         Command::List(a) => commands::list(a).await,
         Command::Show { id, api, format } => commands::show(id, api, format).await,
+        Command::Stuck {
+            definition,
+            api,
+            format,
+        } => commands::stuck(definition, api, format).await,
         Command::Retry(a) => commands::act("retry", a).await,
         Command::Abort(a) => commands::act("abort", a).await,
         Command::Resolve(a) => commands::act("resolve", a).await,

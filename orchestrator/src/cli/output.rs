@@ -389,6 +389,42 @@ pub fn saga_detail(saga: &Value, events: &Value) -> String {
     out
 }
 
+/// `GET /v1/stuck` as a table: one row per group, with its oldest transaction to `show`.
+pub fn stuck_groups(answer: &Value) -> String {
+    let groups = answer["groups"].as_array().cloned().unwrap_or_default();
+    if groups.is_empty() {
+        return "No stuck transactions.\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            vec![
+                s(&g["count"]),
+                s(&g["definition"]),
+                s(&g["step"]),
+                s(&g["participant"]),
+                s(&g["oldest_updated_at"]),
+                s(&g["newest_updated_at"]),
+                g["ids"].get(0).map_or("-".to_owned(), s),
+                s(&g["reason"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "COUNT",
+            "DEFINITION",
+            "STEP",
+            "PARTICIPANT",
+            "OLDEST",
+            "NEWEST",
+            "OLDEST ID",
+            "REASON",
+        ],
+        &rows,
+    )
+}
+
 /// `GET /v1/definitions` as a table.
 pub fn definitions(defs: &Value) -> String {
     let items = defs["items"].as_array().cloned().unwrap_or_default();
