@@ -23,7 +23,12 @@ pub async fn main() -> u8 {
     let result = match cli.command {
         Command::Reconcile(a) => commands::reconcile(a).await,
         Command::List(a) => commands::list(a).await,
-        Command::Show { id, api, format } => commands::show(id, api, format).await,
+        Command::Show {
+            id,
+            api,
+            participants,
+            format,
+        } => commands::show(id, api, participants, format).await,
         Command::Stuck {
             definition,
             api,

@@ -4,7 +4,9 @@
 use serde_json::{Value, json};
 
 use crate::machine::Status;
+use crate::reconcile::barrier::BarrierRow;
 use crate::reconcile::{FindingKind, Report};
+use sagas_participant::protocol::Operation;
 
 /// Aligned columns under a header; the last column is not padded.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -245,6 +247,71 @@ fn event_detail(e: &Value) -> String {
     }
 }
 
+/// A step's status as the log says it, and whether an operator settled it by hand.
+fn step_status(step: &Value) -> String {
+    if step["resolved_by_hand"].as_bool() == Some(true) {
+        format!("{}, settled by hand", s(&step["status"]))
+    } else {
+        s(&step["status"])
+    }
+}
+
+/// The operations of a transaction's mode, forward first.
+fn operations(saga: &Value) -> &'static [Operation] {
+    match saga["mode"].as_str() {
+        Some("tcc") => &[Operation::Try, Operation::Confirm, Operation::Cancel],
+        _ => &[Operation::Action, Operation::Compensate],
+    }
+}
+
+/// Per step of `participant` in the transaction (`GET /v1/sagas/{id}`): what the log says of
+/// it, and what the participant's barrier rows say of each operation of its mode.
+pub fn applied(saga: &Value, participant: &str, rows: &[BarrierRow]) -> Value {
+    let steps = saga["steps"].as_array().cloned().unwrap_or_default();
+    let mine = steps.iter().filter(|st| st["participant"] == participant);
+    let items: Vec<Value> = mine
+        .map(|st| {
+            let name = s(&st["name"]);
+            let mut at = serde_json::Map::new();
+            for op in operations(saga) {
+                let row = rows
+                    .iter()
+                    .find(|r| r.step == name && r.operation == op.as_str());
+                let effect = row.map_or_else(|| "not received".to_owned(), BarrierRow::effect);
+                at.insert(op.as_str().to_owned(), Value::String(effect));
+            }
+            json!({ "step": name, "log": step_status(st), "participant": at })
+        })
+        .collect();
+    Value::Array(items)
+}
+
+/// [`applied`] as a table under a heading.
+pub fn applied_table(saga: &Value, participant: &str, rows: &[BarrierRow]) -> String {
+    let mut headers = vec!["STEP", "LOG SAYS"];
+    let upper: Vec<String> = (operations(saga).iter())
+        .map(|op| op.as_str().to_uppercase())
+        .collect();
+    headers.extend(upper.iter().map(String::as_str));
+    let items = applied(saga, participant, rows);
+    let rows: Vec<Vec<String>> = (items.as_array().into_iter().flatten())
+        .map(|item| {
+            let mut row = vec![s(&item["step"]), s(&item["log"])];
+            for op in operations(saga) {
+                row.push(s(&item["participant"][op.as_str()]));
+            }
+            row
+        })
+        .collect();
+    let mut out = format!("At participant {participant} (its barrier table):\n");
+    if rows.is_empty() {
+        out.push_str("no step of this transaction runs there\n");
+    } else {
+        out.push_str(&table(&headers, &rows));
+    }
+    out
+}
+
 /// What is still in flight (`in_flight` of `GET /v1/sagas/{id}`), and whether a fix by hand
 /// is safe now.
 pub fn in_flight_lines(f: &Value) -> String {
@@ -329,15 +396,10 @@ pub fn saga_detail(saga: &Value, events: &Value) -> String {
     let rows: Vec<Vec<String>> = steps
         .iter()
         .map(|st| {
-            let status = if st["resolved_by_hand"].as_bool() == Some(true) {
-                format!("{}, settled by hand", s(&st["status"]))
-            } else {
-                s(&st["status"])
-            };
             vec![
                 s(&st["name"]),
                 s(&st["participant"]),
-                status,
+                step_status(st),
                 s(&st["attempts"]),
                 s(&st["last_error"]),
             ]
