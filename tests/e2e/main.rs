@@ -12,6 +12,7 @@ mod config;
 mod conformance;
 mod fault_suite;
 mod faults;
+mod operator;
 mod orders;
 mod quickstart;
 mod reconcile;

@@ -264,6 +264,11 @@ fn operations(saga: &Value) -> &'static [Operation] {
     }
 }
 
+/// An operation without a barrier row: never received, or refused in a way the participant
+/// does not keep (a failed compensate, confirm or cancel is not stored, so that a retry runs it
+/// again).
+const NO_RECORD: &str = "not applied (no record)";
+
 /// Per step of `participant` in the transaction (`GET /v1/sagas/{id}`): what the log says of
 /// it, and what the participant's barrier rows say of each operation of its mode.
 pub fn applied(saga: &Value, participant: &str, rows: &[BarrierRow]) -> Value {
@@ -277,7 +282,7 @@ pub fn applied(saga: &Value, participant: &str, rows: &[BarrierRow]) -> Value {
                 let row = rows
                     .iter()
                     .find(|r| r.step == name && r.operation == op.as_str());
-                let effect = row.map_or_else(|| "not received".to_owned(), BarrierRow::effect);
+                let effect = row.map_or_else(|| NO_RECORD.to_owned(), BarrierRow::effect);
                 at.insert(op.as_str().to_owned(), Value::String(effect));
             }
             json!({ "step": name, "log": step_status(st), "participant": at })
