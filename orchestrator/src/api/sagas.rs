@@ -187,7 +187,7 @@ pub struct SagaView {
     pub steps: Vec<StepView>,
     /// What may still act on the transaction (only `GET /v1/sagas/{id}` answers it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub in_flight: Option<InFlight>,
+    pub in_flight: Option<Box<InFlight>>,
 }
 
 /// What may still act on a transaction, and so whether it is safe to fix it by hand now: a
@@ -533,7 +533,7 @@ pub async fn get(
         stored.ok_or_else(|| ApiError::not_found(format!("transaction {id} not found")))?;
     let in_flight = InFlight::of(&stored.instance, engine.in_flight(id).await?);
     Ok(Json(SagaView {
-        in_flight: Some(in_flight),
+        in_flight: Some(Box::new(in_flight)),
         ..SagaView::of(stored)
     }))
 }
