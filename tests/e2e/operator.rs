@@ -5,14 +5,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chrono::Utc;
 use sagas::orchestrator::Status;
-use sagas::orchestrator::reconcile::{self, Options, ParticipantDb};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::examples::bank;
 use crate::helpers::{App, TestEnv, run_sagactl, spawn_app, spawn_participant, wait_status};
+use crate::reconcile::reconcile_with_accounts;
 
 /// The source account of every transfer here, and its name while it is renamed.
 const SOURCE: &str = "acct-1";
@@ -248,16 +247,8 @@ async fn a_stuck_transfer_shows_what_is_in_flight_what_the_bank_applied_and_its_
     assert_eq!(get(&http, &app, "/v1/stuck").await?, json!({"groups": []}));
 
     // Steps settled by hand are no finding: the projections are the replays of the logs.
-    let mut options = Options::new(Utc::now());
-    options.participants.push(ParticipantDb {
-        name: bank::PARTICIPANT.into(),
-        pool: env.bank.clone(),
-    });
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        reconcile::run(&env.orch, &options, |_| {}),
-    )
-    .await??;
+    let report =
+        tokio::time::timeout(Duration::from_secs(60), reconcile_with_accounts(&env)).await??;
     assert!(report.is_consistent(), "{report:#?}");
 
     accounts.stop().await;

@@ -346,19 +346,19 @@ pub fn in_flight_lines(f: &Value) -> String {
     }
     let timers = f["timers"].as_array().into_iter().flatten();
     for t in timers.filter(|t| t["can_act"].as_bool() != Some(false)) {
+        let attempt = || {
+            format!(
+                "step {}: {} attempt {}",
+                s(&t["step"]),
+                s(&t["operation"]),
+                s(&t["attempt"])
+            )
+        };
         why.push(match s(&t["kind"]).as_str() {
-            "backoff" => format!(
-                "step {}: {} attempt {} will be sent at {}",
-                s(&t["step"]),
-                s(&t["operation"]),
-                s(&t["attempt"]),
-                s(&t["due_at"])
-            ),
+            "backoff" => format!("{} will be sent at {}", attempt(), s(&t["due_at"])),
             "deadline" => format!(
-                "step {}: {} attempt {} times out at {}, and may be sent again",
-                s(&t["step"]),
-                s(&t["operation"]),
-                s(&t["attempt"]),
+                "{} times out at {}, and may be sent again",
+                attempt(),
                 s(&t["due_at"])
             ),
             _ => format!(
