@@ -1010,7 +1010,7 @@ async fn every_route_of_the_router_is_in_the_openapi_document_and_nothing_else_i
             }
         }
     }
-    assert_eq!(operations, 12, "{paths:?}");
+    assert_eq!(operations, 13, "{paths:?}");
     for path in [
         "/",
         "/v1",
