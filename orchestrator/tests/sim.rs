@@ -42,7 +42,7 @@ use sagas_orchestrator::engine::StartOptions;
 use sagas_orchestrator::machine::{self, Event, Input, Time, Timer, Transition};
 use sagas_orchestrator::store::{
     Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, MemoryStore, OutboxMessage,
-    Pruned, SagaStore, StoreError, StoredInstance, Updated,
+    Pending, Pruned, SagaStore, StoreError, StoredInstance, StuckStep, Updated,
 };
 use sagas_orchestrator::transport::{Ack, Incoming, Transport, TransportError};
 use sagas_orchestrator::{Definition, Engine, EngineConfig, Mode, Registry, RetryPolicy, Status};
@@ -570,6 +570,15 @@ impl SagaStore for FaultyStore {
     async fn gauges(&self, now: Time) -> Result<Gauges, StoreError> {
         // A read that changes nothing: not a point where the simulation injects faults.
         self.inner.gauges(now).await
+    }
+
+    async fn in_flight(&self, id: Uuid) -> Result<Pending, StoreError> {
+        // Reads that change nothing, as above.
+        self.inner.in_flight(id).await
+    }
+
+    async fn stuck_steps(&self) -> Result<Vec<StuckStep>, StoreError> {
+        self.inner.stuck_steps().await
     }
 }
 

@@ -14,6 +14,7 @@ mod dead_letters;
 mod fault_suite;
 mod faults;
 mod monitoring;
+mod operator;
 mod orders;
 mod quickstart;
 mod reconcile;

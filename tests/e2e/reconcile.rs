@@ -916,7 +916,7 @@ async fn real_runs_with_injected_faults_are_reported_where_they_happened() -> Re
 }
 
 /// Reconciles the orchestrator and the accounts participant of `env`.
-async fn reconcile_with_accounts(env: &TestEnv) -> Result<Report> {
+pub(crate) async fn reconcile_with_accounts(env: &TestEnv) -> Result<Report> {
     let mut options = Options::new(Utc::now());
     options.participants.push(ParticipantDb {
         name: bank::PARTICIPANT.into(),

@@ -12,8 +12,8 @@ use chrono::Duration;
 use sagas::orchestrator::clock::{Clock, SystemClock};
 use sagas::orchestrator::machine::{self, Input, Instance, Time, Timer, TimerKind, Transition};
 use sagas::orchestrator::store::{
-    Decide, ListFilter, PgStore, Position, Pruned, SagaStore, SqliteStore, StateCacheStats,
-    StoreError,
+    Decide, ListFilter, MemoryStore, Pending, PgStore, Position, Pruned, SagaStore, SqliteStore,
+    StateCacheStats, StoreError,
 };
 use sagas::orchestrator::{Definition, Status};
 use sagas::participant::{Operation, Outcome, Reply};
@@ -113,7 +113,14 @@ store_suite!(
     finished_instances_older_than_the_horizon_are_pruned_with_their_log_and_open_ones_stay,
     a_prune_deletes_at_most_its_batch_oldest_finished_first,
     the_gauges_count_open_instances_by_status_the_outbox_and_the_timers_due,
+    in_flight_reads_an_instances_outbox_rows_and_timers_and_stuck_steps_name_their_cause,
 );
+
+#[tokio::test]
+async fn the_memory_store_reads_what_is_in_flight_and_the_stuck_steps_as_the_databases_do()
+-> Result<()> {
+    in_flight_and_stuck_steps(&MemoryStore::new()).await
+}
 
 fn definition(name: &str) -> Definition {
     Definition::saga::<serde_json::Value>(name, 1)
@@ -1064,6 +1071,65 @@ async fn the_gauges_count_open_instances_by_status_the_outbox_and_the_timers_due
     store.delete_outbox(&ids).await?;
     let gauges = store.gauges(later).await?;
     assert_eq!((gauges.outbox_rows, gauges.oldest_outbox), (0, None));
+    Ok(())
+}
+
+async fn in_flight_reads_an_instances_outbox_rows_and_timers_and_stuck_steps_name_their_cause(
+    b: &Backend,
+) -> Result<()> {
+    in_flight_and_stuck_steps(&*b.open().await?).await
+}
+
+/// Makes an instance whose compensation of step a is refused at `at`: stuck.
+async fn refuse_compensation(store: &dyn SagaStore, def: &Definition, at: Time) -> Result<Uuid> {
+    let id = fail_second_step(store, def, at).await?;
+    let refused = Reply {
+        operation: Operation::Compensate,
+        ..reply(id, "a", 1, Outcome::failed("cannot undo"))
+    };
+    feed(store, def, id, Input::Reply(refused), None, at).await?;
+    Ok(id)
+}
+
+async fn in_flight_and_stuck_steps(store: &dyn SagaStore) -> Result<()> {
+    let def = definition("d");
+    let t0 = now();
+    assert_eq!(store.in_flight(Uuid::now_v7()).await?, Pending::default());
+    assert!(store.stuck_steps().await?.is_empty());
+
+    let running = start(&def, t0);
+    let outbox = store.create(&running, t0).await?;
+    let pending = store.in_flight(running.instance.id).await?;
+    assert_eq!(pending.outbox_rows, 1);
+    assert_eq!(pending.timers.len(), 1, "{pending:?}");
+    assert_eq!(pending.timers[0].timer, deadline(0, 1));
+    assert_eq!(Some(pending.timers[0].due_at), outbox[0].command.deadline);
+
+    let (first, second) = (t0 + Duration::seconds(1), t0 + Duration::seconds(2));
+    let later = refuse_compensation(store, &def, second).await?;
+    let earlier = refuse_compensation(store, &def, first).await?;
+    let pending = store.in_flight(earlier).await?;
+    assert!(
+        pending.timers.is_empty(),
+        "a refused compensation awaits nothing"
+    );
+    assert_eq!(
+        pending.outbox_rows, 3,
+        "a, b and a's compensation, not published"
+    );
+
+    let stuck = store.stuck_steps().await?;
+    let ids: Vec<Uuid> = stuck.iter().map(|s| s.id).collect();
+    assert_eq!(
+        ids,
+        vec![earlier, later],
+        "oldest change first, running ones left out"
+    );
+    let s = &stuck[0];
+    assert_eq!((s.definition.as_str(), s.step.as_str()), ("d", "a"));
+    assert_eq!((s.participant.as_str(), s.updated_at), ("p", first));
+    let why = s.last_error.as_deref().context("a stuck step says why")?;
+    assert!(why.contains("cannot undo"), "{why}");
     Ok(())
 }
 

@@ -27,6 +27,7 @@ pub mod health;
 pub mod metrics;
 pub mod observe;
 pub mod sagas;
+pub mod stuck;
 
 pub use auth::{Auth, Caller};
 pub use error::{ApiError, ErrorBody};
@@ -138,6 +139,7 @@ fn routes(auth: Arc<Auth>) -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(sagas::events))
         .routes(routes!(definitions::list))
         .routes(routes!(dead_letters::list))
+        .routes(routes!(stuck::stuck))
         .route_layer(guard(Role::Read));
     let operate = OpenApiRouter::new()
         .routes(routes!(sagas::start))

@@ -19,8 +19,8 @@ use super::auth::Caller;
 use super::body::JsonBody;
 use super::{ApiError, ErrorBody};
 use crate::engine::{Engine, StartOptions};
-use crate::machine::{Input, Instance, Status};
-use crate::store::{ListFilter, LoggedEvent, Position, StoredInstance};
+use crate::machine::{Input, Instance, Phase, Status, TimerKind, Waiting};
+use crate::store::{ListFilter, LoggedEvent, Pending, PendingTimer, Position, StoredInstance};
 
 /// Header naming who asks for an operator action, honoured only while the API is
 /// unauthenticated (with tokens, the actor is the token's name).
@@ -150,6 +150,11 @@ pub struct StepView {
     /// Forward output.
     #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
+    /// True when an operator resolved the transaction while this step was stuck or had an
+    /// operation outstanding: the step was settled by hand (its status and last error are
+    /// what they were then; the log's `operator_action` says who did it and why).
+    #[serde(default)]
+    pub resolved_by_hand: bool,
 }
 
 /// A transaction as the API shows it.
@@ -180,11 +185,116 @@ pub struct SagaView {
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
     /// Steps in definition order.
     pub steps: Vec<StepView>,
+    /// What may still act on the transaction (only `GET /v1/sagas/{id}` answers it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<Box<InFlight>>,
+}
+
+/// What may still act on a transaction, and so whether it is safe to fix it by hand now: a
+/// command still to be published, a timer that will send another attempt (or move the
+/// transaction on), an attempt whose reply is awaited (the participant may still apply it).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InFlight {
+    /// True when nothing is in flight: no outbox row, no timer that can act, no attempt
+    /// awaiting a reply. Only then may an operator fix the participant's data by hand.
+    pub quiet: bool,
+    /// Commands of the transaction committed but not yet published to the broker.
+    pub outbox_rows: u64,
+    /// The transaction's timers, earliest first.
+    pub timers: Vec<TimerView>,
+    /// Attempts sent whose reply has not come (nor timed out yet).
+    pub awaiting_reply: Vec<AttemptView>,
+}
+
+/// A timer of a transaction.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TimerView {
+    /// The step it is about; null for the transaction's deadline.
+    pub step: Option<String>,
+    /// `deadline` (a reply is awaited until then), `backoff` (the next attempt is sent then)
+    /// or `expiry` (the transaction's own deadline).
+    pub kind: String,
+    /// The operation it is about (null for `expiry`).
+    pub operation: Option<String>,
+    /// The attempt it is about: for `backoff`, the one it sends (null for `expiry`).
+    pub attempt: Option<u32>,
+    /// When it comes due (while an orchestrator handles it, when its lease ends).
+    pub due_at: chrono::DateTime<chrono::Utc>,
+    /// False for the transaction's deadline once it is past its forward phase: firing it then
+    /// changes nothing.
+    pub can_act: bool,
+}
+
+/// An attempt awaiting its reply.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AttemptView {
+    /// The step.
+    pub step: String,
+    /// `action`, `try`, `compensate`, `confirm` or `cancel`.
+    pub operation: String,
+    /// The attempt, from 1.
+    pub attempt: u32,
+    /// When it times out.
+    pub deadline: chrono::DateTime<chrono::Utc>,
+    /// True when the participant answered that it is still working on it.
+    pub in_progress: bool,
+}
+
+impl InFlight {
+    /// What may still act on `instance`: its steps awaiting a reply, and what the store
+    /// holds for it.
+    pub fn of(instance: &Instance, pending: Pending) -> InFlight {
+        let plan = &instance.plan;
+        let timers: Vec<TimerView> = pending
+            .timers
+            .into_iter()
+            .map(|PendingTimer { due_at, timer }| {
+                let of_step = timer.kind != TimerKind::Expiry;
+                TimerView {
+                    step: (plan.steps.get(timer.step))
+                        .filter(|_| of_step)
+                        .map(|p| p.name.clone()),
+                    kind: timer.kind.as_str().to_owned(),
+                    operation: of_step.then(|| timer.operation.as_str().to_owned()),
+                    attempt: of_step.then_some(timer.attempt),
+                    due_at,
+                    can_act: of_step || instance.phase == Phase::Forward,
+                }
+            })
+            .collect();
+        let awaiting_reply: Vec<AttemptView> = (plan.steps.iter().zip(&instance.steps))
+            .filter_map(|(p, s)| {
+                let Waiting::Reply { deadline } = s.waiting else {
+                    return None;
+                };
+                Some(AttemptView {
+                    step: p.name.clone(),
+                    operation: s.status.outstanding(plan.mode)?.as_str().to_owned(),
+                    attempt: s.attempt,
+                    deadline,
+                    in_progress: s.in_progress,
+                })
+            })
+            .collect();
+        InFlight {
+            quiet: pending.outbox_rows == 0
+                && awaiting_reply.is_empty()
+                && !timers.iter().any(|t| t.can_act),
+            outbox_rows: pending.outbox_rows,
+            timers,
+            awaiting_reply,
+        }
+    }
 }
 
 impl SagaView {
     /// The view of a stored instance.
     pub fn of(stored: StoredInstance) -> SagaView {
+        let mut instance = stored.instance;
+        if instance.status == Status::Resolved {
+            // Stored before steps carried the mark, the projection lacks it.
+            instance.mark_resolved_by_hand();
+        }
         let Instance {
             id,
             plan,
@@ -194,7 +304,7 @@ impl SagaView {
             failure,
             deadline,
             ..
-        } = stored.instance;
+        } = instance;
         SagaView {
             id,
             definition: plan.name,
@@ -217,8 +327,10 @@ impl SagaView {
                     attempts: s.attempt,
                     last_error: s.last_error,
                     output: s.output,
+                    resolved_by_hand: s.resolved_by_hand,
                 })
                 .collect(),
+            in_flight: None,
         }
     }
 }
@@ -392,8 +504,8 @@ fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {
     })
 }
 
-/// `GET /v1/sagas/{id}`: the transaction with its steps; with `?wait`, once it is settled or
-/// the wait ends.
+/// `GET /v1/sagas/{id}`: the transaction with its steps and what is still in flight for it;
+/// with `?wait`, once it is settled or the wait ends.
 #[utoipa::path(
     get,
     path = "/v1/sagas/{name}",
@@ -404,7 +516,7 @@ fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {
         WaitQuery,
     ),
     responses(
-        (status = 200, description = "The transaction", body = SagaView),
+        (status = 200, description = "The transaction, with `in_flight`", body = SagaView),
         (status = 400, description = "`malformed_id` or `invalid_query`", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
@@ -425,7 +537,11 @@ pub async fn get(
     };
     let stored =
         stored.ok_or_else(|| ApiError::not_found(format!("transaction {id} not found")))?;
-    Ok(Json(SagaView::of(stored)))
+    let in_flight = InFlight::of(&stored.instance, engine.in_flight(id).await?);
+    Ok(Json(SagaView {
+        in_flight: Some(Box::new(in_flight)),
+        ..SagaView::of(stored)
+    }))
 }
 
 /// One event of a transaction's log (the fields beside these depend on `kind`).
@@ -762,7 +878,7 @@ pub fn decode_cursor(cursor: &str) -> Option<Position> {
 
 /// Whether `name` can be a definition's name (1 to 100 of `A-Za-z0-9_.-`, as
 /// [`crate::definition::Definition`]'s builder requires).
-fn definition_name(name: &str) -> bool {
+pub(super) fn definition_name(name: &str) -> bool {
     (1..=100).contains(&name.len())
         && name
             .bytes()
@@ -874,6 +990,98 @@ pub async fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::machine::{self, Timer};
+    use sagas_participant::protocol::{Operation, Outcome, Reply};
+
+    fn at(seconds: i64) -> crate::machine::Time {
+        chrono::DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    fn reply(id: Uuid, step: &str, operation: Operation, outcome: Outcome) -> Input {
+        Input::Reply(Reply {
+            protocol: 1,
+            transaction_id: id,
+            step: step.into(),
+            operation,
+            attempt: 1,
+            outcome,
+        })
+    }
+
+    #[test]
+    fn in_flight_is_quiet_only_without_outbox_rows_acting_timers_or_attempts_awaiting_replies() {
+        let def = crate::Definition::saga::<Value>("d", 1)
+            .step("a", "p", |s| s.command(|_, _| serde_json::json!({})))
+            .step("b", "q", |s| s.command(|_, _| serde_json::json!({})))
+            .build()
+            .unwrap();
+        let options = machine::StartOptions {
+            deadline: Some(at(3600)),
+            traceparent: None,
+        };
+        let (id, plan) = (Uuid::now_v7(), (**def.plan()).clone());
+        let started = machine::start_with(id, plan, Value::Null, options, at(0), &def);
+        let timer = |step: usize, kind: TimerKind, operation: Operation, due: i64| PendingTimer {
+            due_at: at(due),
+            timer: Timer {
+                step,
+                kind,
+                operation,
+                attempt: 1,
+            },
+        };
+        let expiry = timer(0, TimerKind::Expiry, Operation::Action, 3600);
+        let pending = Pending {
+            outbox_rows: 1,
+            timers: vec![timer(0, TimerKind::Deadline, Operation::Action, 30), expiry],
+        };
+        let running = InFlight::of(&started.instance, pending);
+        assert!(!running.quiet);
+        assert_eq!(running.awaiting_reply.len(), 1);
+        let a = &running.awaiting_reply[0];
+        assert_eq!(
+            (a.step.as_str(), a.operation.as_str(), a.attempt),
+            ("a", "action", 1)
+        );
+        assert_eq!(running.timers[0].step.as_deref(), Some("a"));
+        assert_eq!(
+            running.timers[1].step, None,
+            "the deadline is the transaction's"
+        );
+        assert!(
+            running.timers.iter().all(|t| t.can_act),
+            "still moving forward"
+        );
+
+        // a succeeds, b fails, a's compensation is refused: stuck, nothing sent any more.
+        let mut inst = started.instance;
+        for input in [
+            reply(id, "a", Operation::Action, Outcome::succeeded(Value::Null)),
+            reply(id, "b", Operation::Action, Outcome::failed("no")),
+            reply(id, "a", Operation::Compensate, Outcome::failed("renamed")),
+        ] {
+            inst = machine::handle(&inst, input, at(1), &def).unwrap().instance;
+        }
+        assert_eq!(inst.status, Status::Stuck);
+        let stuck = InFlight::of(
+            &inst,
+            Pending {
+                outbox_rows: 0,
+                timers: vec![expiry],
+            },
+        );
+        assert!(
+            stuck.quiet,
+            "the deadline cannot act past the forward phase"
+        );
+        assert!(!stuck.timers[0].can_act);
+        assert!(stuck.awaiting_reply.is_empty());
+        let publishing = Pending {
+            outbox_rows: 1,
+            timers: Vec::new(),
+        };
+        assert!(!InFlight::of(&inst, publishing).quiet);
+    }
 
     #[test]
     fn a_cursor_decodes_to_the_position_it_encodes_and_garbage_decodes_to_nothing() {

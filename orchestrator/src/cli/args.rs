@@ -49,12 +49,31 @@ pub enum Command {
   sagactl list --definition transfer_tcc --limit 20
   sagactl list --status compensating --all --format json")]
     List(ListArgs),
-    /// Show one transaction with its steps and the timeline of its log.
-    #[command(after_help = "Example:
-  sagactl show 01890a5d-ac96-774b-bcce-b302099a8057")]
+    /// Show one transaction with its steps, what is still in flight for it, and the timeline
+    /// of its log; with --participant, which of its operations each participant applied.
+    #[command(after_help = "Examples:
+  sagactl show 01890a5d-ac96-774b-bcce-b302099a8057
+  sagactl show 01890a5d-ac96-774b-bcce-b302099a8057 --participant accounts=postgres://127.0.0.1/accounts")]
     Show {
         /// The transaction id.
         id: Uuid,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Read participant NAME's barrier table: NAME=POSTGRES_URL (repeatable).
+        #[arg(long = "participant", value_name = "NAME=POSTGRES_URL", value_parser = parse_participant)]
+        participants: Vec<(String, String)>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Stuck transactions grouped by definition, step, participant and reason, largest first.
+    #[command(after_help = "Examples:
+  sagactl stuck
+  sagactl stuck --definition transfer_saga --format json")]
+    Stuck {
+        /// Only this definition.
+        #[arg(long)]
+        definition: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
         /// Output format.

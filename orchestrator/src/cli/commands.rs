@@ -145,7 +145,12 @@ pub async fn list(args: ListArgs) -> anyhow::Result<u8> {
 }
 
 /// `sagactl show`.
-pub async fn show(id: uuid::Uuid, api: ApiArgs, format: Format) -> anyhow::Result<u8> {
+pub async fn show(
+    id: uuid::Uuid,
+    api: ApiArgs,
+    participants: Vec<(String, String)>,
+    format: Format,
+) -> anyhow::Result<u8> {
     let client = Client::new(&api)?;
     let saga = match client.get(&format!("/v1/sagas/{id}"), &[]).await {
         Ok(s) => s,
@@ -155,9 +160,49 @@ pub async fn show(id: uuid::Uuid, api: ApiArgs, format: Format) -> anyhow::Resul
         Ok(e) => e,
         Err(e) => return refused(e),
     };
+    let mut barriers = Vec::new();
+    for (name, url) in &participants {
+        let pool = connect(url, &format!("participant {name}")).await?;
+        let rows = reconcile::barrier::rows(&pool, &[id])
+            .await
+            .with_context(|| format!("reading participant {name}'s barrier table"))?;
+        pool.close().await;
+        barriers.push((name.as_str(), rows));
+    }
     match format {
-        Format::Json => print(&output::json(&json!({ "saga": saga, "events": events })))?,
-        Format::Table => print(&output::saga_detail(&saga, &events))?,
+        Format::Json => {
+            let mut doc = json!({ "saga": saga, "events": events });
+            if !barriers.is_empty() {
+                let at: serde_json::Map<String, Value> = (barriers.iter())
+                    .map(|(name, rows)| (name.to_string(), output::applied(&saga, name, rows)))
+                    .collect();
+                doc["participants"] = Value::Object(at);
+            }
+            print(&output::json(&doc))?
+        }
+        Format::Table => {
+            let mut text = output::saga_detail(&saga, &events);
+            for (name, rows) in &barriers {
+                text.push('\n');
+                text.push_str(&output::applied_table(&saga, name, rows));
+            }
+            print(&text)?
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// `sagactl stuck`.
+pub async fn stuck(definition: Option<String>, api: ApiArgs, format: Format) -> anyhow::Result<u8> {
+    let client = Client::new(&api)?;
+    let query: Vec<(&str, String)> = definition.into_iter().map(|d| ("definition", d)).collect();
+    let groups = match client.get("/v1/stuck", &query).await {
+        Ok(g) => g,
+        Err(e) => return refused(e),
+    };
+    match format {
+        Format::Json => print(&output::json(&groups))?,
+        Format::Table => print(&output::stuck_groups(&groups))?,
     }
     Ok(EXIT_OK)
 }

@@ -23,7 +23,17 @@ pub async fn main() -> u8 {
     let result = match cli.command {
         Command::Reconcile(a) => commands::reconcile(a).await,
         Command::List(a) => commands::list(a).await,
-        Command::Show { id, api, format } => commands::show(id, api, format).await,
+        Command::Show {
+            id,
+            api,
+            participants,
+            format,
+        } => commands::show(id, api, participants, format).await,
+        Command::Stuck {
+            definition,
+            api,
+            format,
+        } => commands::stuck(definition, api, format).await,
         Command::Retry(a) => commands::act("retry", a).await,
         Command::Abort(a) => commands::act("abort", a).await,
         Command::Resolve(a) => commands::act("resolve", a).await,

@@ -4,7 +4,9 @@
 use serde_json::{Value, json};
 
 use crate::machine::Status;
+use crate::reconcile::barrier::BarrierRow;
 use crate::reconcile::{FindingKind, Report};
+use sagas_participant::protocol::Operation;
 
 /// Aligned columns under a header; the last column is not padded.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -245,6 +247,135 @@ fn event_detail(e: &Value) -> String {
     }
 }
 
+/// A step's status as the log says it, and whether an operator settled it by hand.
+fn step_status(step: &Value) -> String {
+    if step["resolved_by_hand"].as_bool() == Some(true) {
+        format!("{}, settled by hand", s(&step["status"]))
+    } else {
+        s(&step["status"])
+    }
+}
+
+/// The operations of a transaction's mode, forward first.
+fn operations(saga: &Value) -> &'static [Operation] {
+    match saga["mode"].as_str() {
+        Some("tcc") => &[Operation::Try, Operation::Confirm, Operation::Cancel],
+        _ => &[Operation::Action, Operation::Compensate],
+    }
+}
+
+/// An operation without a barrier row: never received, or refused in a way the participant
+/// does not keep (a failed compensate, confirm or cancel is not stored, so that a retry runs it
+/// again).
+const NO_RECORD: &str = "not applied (no record)";
+
+/// Per step of `participant` in the transaction (`GET /v1/sagas/{id}`): what the log says of
+/// it, and what the participant's barrier rows say of each operation of its mode.
+pub fn applied(saga: &Value, participant: &str, rows: &[BarrierRow]) -> Value {
+    let steps = saga["steps"].as_array().cloned().unwrap_or_default();
+    let mine = steps.iter().filter(|st| st["participant"] == participant);
+    let items: Vec<Value> = mine
+        .map(|st| {
+            let name = s(&st["name"]);
+            let mut at = serde_json::Map::new();
+            for op in operations(saga) {
+                let row = rows
+                    .iter()
+                    .find(|r| r.step == name && r.operation == op.as_str());
+                let effect = row.map_or_else(|| NO_RECORD.to_owned(), BarrierRow::effect);
+                at.insert(op.as_str().to_owned(), Value::String(effect));
+            }
+            json!({ "step": name, "log": step_status(st), "participant": at })
+        })
+        .collect();
+    Value::Array(items)
+}
+
+/// [`applied`] as a table under a heading.
+pub fn applied_table(saga: &Value, participant: &str, rows: &[BarrierRow]) -> String {
+    let mut headers = vec!["STEP", "LOG SAYS"];
+    let upper: Vec<String> = (operations(saga).iter())
+        .map(|op| op.as_str().to_uppercase())
+        .collect();
+    headers.extend(upper.iter().map(String::as_str));
+    let items = applied(saga, participant, rows);
+    let rows: Vec<Vec<String>> = (items.as_array().into_iter().flatten())
+        .map(|item| {
+            let mut row = vec![s(&item["step"]), s(&item["log"])];
+            for op in operations(saga) {
+                row.push(s(&item["participant"][op.as_str()]));
+            }
+            row
+        })
+        .collect();
+    let mut out = format!("At participant {participant} (its barrier table):\n");
+    if rows.is_empty() {
+        out.push_str("no step of this transaction runs there\n");
+    } else {
+        out.push_str(&table(&headers, &rows));
+    }
+    out
+}
+
+/// What is still in flight (`in_flight` of `GET /v1/sagas/{id}`), and whether a fix by hand
+/// is safe now.
+pub fn in_flight_lines(f: &Value) -> String {
+    if f["quiet"].as_bool() == Some(true) {
+        return "In flight    nothing in flight: safe to fix by hand\n".to_owned();
+    }
+    let mut why = Vec::new();
+    match f["outbox_rows"].as_u64() {
+        Some(0) | None => {}
+        Some(n) => why.push(format!(
+            "{n} command(s) in the outbox, not yet published: a participant will receive them"
+        )),
+    }
+    for a in f["awaiting_reply"].as_array().into_iter().flatten() {
+        why.push(format!(
+            "step {}: {} attempt {} awaits its reply until {}{}: the participant may still apply it",
+            s(&a["step"]),
+            s(&a["operation"]),
+            s(&a["attempt"]),
+            s(&a["deadline"]),
+            if a["in_progress"].as_bool() == Some(true) {
+                " (in progress)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let timers = f["timers"].as_array().into_iter().flatten();
+    for t in timers.filter(|t| t["can_act"].as_bool() != Some(false)) {
+        let attempt = || {
+            format!(
+                "step {}: {} attempt {}",
+                s(&t["step"]),
+                s(&t["operation"]),
+                s(&t["attempt"])
+            )
+        };
+        why.push(match s(&t["kind"]).as_str() {
+            "backoff" => format!("{} will be sent at {}", attempt(), s(&t["due_at"])),
+            "deadline" => format!(
+                "{} times out at {}, and may be sent again",
+                attempt(),
+                s(&t["due_at"])
+            ),
+            _ => format!(
+                "the transaction's deadline at {} will start compensating it",
+                s(&t["due_at"])
+            ),
+        });
+    }
+    let mut out = "In flight    NOT safe to fix by hand now: what is in flight may still \
+                   change the participant's data or the transaction\n"
+        .to_owned();
+    for line in why {
+        out.push_str(&format!("             - {line}\n"));
+    }
+    out
+}
+
 /// A transaction (`GET /v1/sagas/{id}`) with its timeline (`…/events`).
 pub fn saga_detail(saga: &Value, events: &Value) -> String {
     let mut out = String::new();
@@ -261,7 +392,11 @@ pub fn saga_detail(saga: &Value, events: &Value) -> String {
     }
     out.push_str(&format!("Created      {}\n", s(&saga["created_at"])));
     out.push_str(&format!("Updated      {}\n", s(&saga["updated_at"])));
-    out.push_str(&format!("Input        {}\n\n", saga["input"]));
+    out.push_str(&format!("Input        {}\n", saga["input"]));
+    if let Some(in_flight) = saga.get("in_flight").filter(|v| v.is_object()) {
+        out.push_str(&in_flight_lines(in_flight));
+    }
+    out.push('\n');
     let steps = saga["steps"].as_array().cloned().unwrap_or_default();
     let rows: Vec<Vec<String>> = steps
         .iter()
@@ -269,7 +404,7 @@ pub fn saga_detail(saga: &Value, events: &Value) -> String {
             vec![
                 s(&st["name"]),
                 s(&st["participant"]),
-                s(&st["status"]),
+                step_status(st),
                 s(&st["attempts"]),
                 s(&st["last_error"]),
             ]
@@ -319,6 +454,42 @@ pub fn saga_detail(saga: &Value, events: &Value) -> String {
         &rows,
     ));
     out
+}
+
+/// `GET /v1/stuck` as a table: one row per group, with its oldest transaction to `show`.
+pub fn stuck_groups(answer: &Value) -> String {
+    let groups = answer["groups"].as_array().cloned().unwrap_or_default();
+    if groups.is_empty() {
+        return "No stuck transactions.\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            vec![
+                s(&g["count"]),
+                s(&g["definition"]),
+                s(&g["step"]),
+                s(&g["participant"]),
+                s(&g["oldest_updated_at"]),
+                s(&g["newest_updated_at"]),
+                g["ids"].get(0).map_or("-".to_owned(), s),
+                s(&g["reason"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "COUNT",
+            "DEFINITION",
+            "STEP",
+            "PARTICIPANT",
+            "OLDEST",
+            "NEWEST",
+            "OLDEST ID",
+            "REASON",
+        ],
+        &rows,
+    )
 }
 
 /// `GET /v1/definitions` as a table.

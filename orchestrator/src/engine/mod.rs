@@ -21,7 +21,8 @@ use crate::clock::Clock;
 use crate::definition::Registry;
 use crate::machine::{self, Input, Instance, MissingDefinition, Status, Time, Timer, Transition};
 use crate::store::{
-    Decide, ListFilter, LoggedEvent, SagaStore, Settlements, StoreError, StoredInstance,
+    Decide, ListFilter, LoggedEvent, Pending, SagaStore, Settlements, StoreError, StoredInstance,
+    StuckStep,
 };
 use crate::transport::{Transport, TransportError};
 
@@ -232,6 +233,16 @@ impl Engine {
     pub async fn operate(&self, id: Uuid, action: Input) -> Result<StoredInstance, EngineError> {
         self.deliver(id, action, None).await?;
         self.store.get(id).await?.ok_or(EngineError::NotFound(id))
+    }
+
+    /// The instance's outbox rows and timers: what may still act on it.
+    pub async fn in_flight(&self, id: Uuid) -> Result<Pending, EngineError> {
+        Ok(self.store.in_flight(id).await?)
+    }
+
+    /// Every stuck step of every stuck instance, oldest change first.
+    pub async fn stuck_steps(&self) -> Result<Vec<StuckStep>, EngineError> {
+        Ok(self.store.stuck_steps().await?)
     }
 
     /// Instances matching `filter`, newest first.

@@ -431,6 +431,10 @@ pub fn apply(inst: &mut Instance, event: &Event) {
         Event::Finished { status } => {
             inst.phase = Phase::Done;
             inst.status = *status;
+            // Only a resolve finishes an instance `resolved` (after its `operator_action`).
+            if *status == Status::Resolved {
+                inst.mark_resolved_by_hand();
+            }
         }
     }
     if inst.phase != Phase::Done {

@@ -195,6 +195,11 @@ pub struct StepState {
     /// it was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<Time>,
+    /// True when an operator resolved the instance while this step was stuck or had an
+    /// operation outstanding: the step was settled by hand, and its status and last error are
+    /// what they were then. Left out of the stored projection while false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resolved_by_hand: bool,
 }
 
 impl StepState {
@@ -210,6 +215,7 @@ impl StepState {
             stuck: false,
             in_progress: false,
             sent_at: None,
+            resolved_by_hand: false,
         }
     }
 }
@@ -239,6 +245,21 @@ pub struct Instance {
     /// The W3C trace context of the request that started it, passed on in every command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+}
+
+impl Instance {
+    /// Marks the steps an operator settled by hand: when a resolve finishes the instance,
+    /// every step that was stuck or had an operation outstanding. A function of the state
+    /// alone that only ever adds marks, so a resolved projection stored before steps carried
+    /// the mark gets the same ones, and one that has them is left as it is.
+    pub fn mark_resolved_by_hand(&mut self) {
+        let mode = self.plan.mode;
+        for s in &mut self.steps {
+            if s.stuck || s.status.outstanding(mode).is_some() {
+                s.resolved_by_hand = true;
+            }
+        }
+    }
 }
 
 /// A timer the machine asks the engine to keep: a reply deadline or a retry backoff.
@@ -282,4 +303,15 @@ pub enum TimerKind {
     Backoff,
     /// The instance's deadline passed.
     Expiry,
+}
+
+impl TimerKind {
+    /// The name in the stored timer and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimerKind::Deadline => "deadline",
+            TimerKind::Backoff => "backoff",
+            TimerKind::Expiry => "expiry",
+        }
+    }
 }

@@ -647,6 +647,62 @@ fn a_stuck_instance_resolved_by_an_operator_ends_resolved_and_nothing_else_can()
     assert_eq!(r.inst.status, Status::Resolved);
 }
 
+#[test]
+fn resolving_marks_the_stuck_steps_and_those_with_an_operation_outstanding_settled_by_hand() {
+    let mut r = Run::start(Mode::Saga, 3);
+    r.ok(0, Action);
+    r.ok(1, Action);
+    r.reply(2, Action, 1, Outcome::failed("no"));
+    assert_eq!(r.sent(), vec![(1, Compensate, 1)]);
+    r.reply(1, Compensate, 1, Outcome::failed("account renamed"));
+    assert_eq!(r.inst.status, Status::Stuck);
+    assert!(r.inst.steps.iter().all(|s| !s.resolved_by_hand));
+    r.input(Input::Resolve {
+        actor: "ops".into(),
+        reason: "refund booked by hand".into(),
+    })
+    .unwrap();
+    let marks: Vec<bool> = r.inst.steps.iter().map(|s| s.resolved_by_hand).collect();
+    // s1 was stuck; s0 still needed undoing but had nothing outstanding; s2 failed.
+    assert_eq!(marks, vec![false, true, false]);
+    assert_eq!(r.inst.steps[1].status, StepStatus::Compensating);
+    assert!(
+        r.inst.steps[1]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("account renamed")
+    );
+    // A late answer to the settled step leaves the mark: the step was settled by hand.
+    r.reply(1, Compensate, 1, Outcome::succeeded(json!(null)));
+    assert!(r.inst.steps[1].resolved_by_hand);
+}
+
+#[test]
+fn a_step_with_a_retry_pending_when_the_instance_is_resolved_is_marked_too() {
+    let mut r = Run::start(Mode::Tcc, 2);
+    r.ok(0, Try);
+    r.ok(1, Try);
+    assert_eq!(r.sent(), vec![(0, Confirm, 1), (1, Confirm, 1)]);
+    r.reply(0, Confirm, 1, Outcome::failed("ledger closed"));
+    r.reply(1, Confirm, 1, Outcome::retry("busy"));
+    assert_eq!(r.inst.status, Status::Stuck);
+    assert!(matches!(r.inst.steps[1].waiting, Waiting::Backoff { .. }));
+    r.input(Input::Resolve {
+        actor: "ops".into(),
+        reason: "confirmed both by hand".into(),
+    })
+    .unwrap();
+    assert!(r.inst.steps.iter().all(|s| s.resolved_by_hand));
+    // A projection stored before steps carried the mark gets the same marks.
+    let mut old = r.inst.clone();
+    for s in &mut old.steps {
+        s.resolved_by_hand = false;
+    }
+    old.mark_resolved_by_hand();
+    assert_eq!(old, r.inst);
+}
+
 const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 #[test]

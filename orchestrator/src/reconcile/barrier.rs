@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{Finding, FindingKind};
@@ -31,6 +32,18 @@ pub struct BarrierRow {
 }
 
 impl BarrierRow {
+    /// What the row says the participant did with its operation, in a few words.
+    pub fn effect(&self) -> String {
+        match (self.origin.as_str(), self.reply.as_deref()) {
+            ("handler", Some("succeeded")) => "applied".to_owned(),
+            ("handler", Some(status)) => format!("not applied (answered {status})"),
+            ("handler", None) => "received, no answer stored".to_owned(),
+            ("null_compensation", _) => "nothing to undo (its forward never ran)".to_owned(),
+            ("guard", _) => "refused (its undo came first)".to_owned(),
+            (origin, _) => format!("recorded with origin {origin}"),
+        }
+    }
+
     fn applied(&self) -> bool {
         self.origin == "handler" && self.reply.as_deref() == Some("succeeded")
     }
@@ -39,6 +52,29 @@ impl BarrierRow {
     fn received(&self) -> bool {
         self.origin == "handler" || self.origin == "null_compensation"
     }
+}
+
+/// The barrier rows of the transactions `ids` in a participant's database.
+pub async fn rows(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<BarrierRow>, sqlx::Error> {
+    let rows: Vec<(Uuid, String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT transaction_id, step, operation, origin, reply->>'status' FROM sagas_barrier
+         WHERE transaction_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(transaction_id, step, operation, origin, reply)| BarrierRow {
+                transaction_id,
+                step,
+                operation,
+                origin,
+                reply,
+            },
+        )
+        .collect())
 }
 
 /// Compares the steps of `instance` served by `participant` with its barrier rows.

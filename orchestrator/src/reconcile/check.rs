@@ -119,7 +119,7 @@ pub fn check_instance(row: &StoredRow, log: &[LogRow], limits: Limits) -> Checke
             format!("the stored projection does not decode: {why}"),
         )),
         (Ok(projected), Some(replayed)) => {
-            if let Some(diff) = describe_difference(replayed, projected) {
+            if let Some(diff) = describe_difference(replayed, &marked(projected)) {
                 findings.push(finding(FindingKind::ProjectionMismatch, None, diff));
             }
         }
@@ -331,6 +331,17 @@ pub fn check_instance(row: &StoredRow, log: &[LogRow], limits: Limits) -> Checke
     }
 }
 
+/// The projection of a resolved instance with its steps settled by hand marked: one stored
+/// before steps carried the mark lacks them, and the replay has them.
+fn marked(projected: &Instance) -> std::borrow::Cow<'_, Instance> {
+    if projected.status != Status::Resolved {
+        return std::borrow::Cow::Borrowed(projected);
+    }
+    let mut p = projected.clone();
+    p.mark_resolved_by_hand();
+    std::borrow::Cow::Owned(p)
+}
+
 fn source(replayed: bool) -> &'static str {
     if replayed {
         "the log"
@@ -449,6 +460,10 @@ pub fn describe_difference(replayed: &Instance, projected: &Instance) -> Option<
                 ("last error", r.last_error != p.last_error),
                 ("stuck flag", r.stuck != p.stuck),
                 ("in-progress flag", r.in_progress != p.in_progress),
+                (
+                    "resolved-by-hand flag",
+                    r.resolved_by_hand != p.resolved_by_hand,
+                ),
             ]
             .into_iter()
             .filter_map(|(field, differs)| differs.then_some(field))

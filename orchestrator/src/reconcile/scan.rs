@@ -8,7 +8,7 @@ use futures_util::TryStreamExt;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::barrier::{BarrierRow, cross_check};
+use super::barrier::{self, BarrierRow, cross_check};
 use super::check::{Limits, LogRow, StoredRow, check_instance, human};
 use super::{Finding, FindingKind, Options, Progress, ReconcileError, Report, Summary};
 use crate::machine::{Event, Instance, Time};
@@ -276,7 +276,7 @@ async fn check_batch(
             continue;
         }
         let rows =
-            barrier_rows(&p.pool, &ids)
+            barrier::rows(&p.pool, &ids)
                 .await
                 .map_err(|source| ReconcileError::Participant {
                     name: p.name.clone(),
@@ -294,28 +294,6 @@ async fn check_batch(
         }
     }
     Ok(())
-}
-
-async fn barrier_rows(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<BarrierRow>, sqlx::Error> {
-    let rows: Vec<(Uuid, String, String, String, Option<String>)> = sqlx::query_as(
-        "SELECT transaction_id, step, operation, origin, reply->>'status' FROM sagas_barrier
-         WHERE transaction_id = ANY($1)",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(transaction_id, step, operation, origin, reply)| BarrierRow {
-                transaction_id,
-                step,
-                operation,
-                origin,
-                reply,
-            },
-        )
-        .collect())
 }
 
 async fn check_outbox(

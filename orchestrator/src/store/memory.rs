@@ -16,8 +16,8 @@ use uuid::Uuid;
 
 use super::write_set::{WriteSet, decide_in_order};
 use super::{
-    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Position, Pruned,
-    SagaStore, StoreError, StoredInstance, Updated,
+    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pending,
+    PendingTimer, Position, Pruned, SagaStore, StoreError, StoredInstance, StuckStep, Updated,
 };
 use crate::machine::{Instance, Status, Time, Timer, Transition};
 
@@ -382,6 +382,35 @@ impl SagaStore for MemoryStore {
         gauges.timers_due = due.clone().count() as u64;
         gauges.oldest_due_timer = due.min();
         Ok(gauges)
+    }
+
+    async fn in_flight(&self, id: Uuid) -> Result<Pending, StoreError> {
+        let tables = self.lock();
+        let mut timers: Vec<PendingTimer> = (tables.timers.iter())
+            .filter(|((i, _), _)| *i == id)
+            .map(|(_, (due_at, timer))| PendingTimer {
+                due_at: *due_at,
+                timer: *timer,
+            })
+            .collect();
+        timers.sort_by_key(|t| t.due_at);
+        let outbox_rows = (tables.outbox.values())
+            .filter(|(_, _, m)| m.command.transaction_id == id)
+            .count() as u64;
+        Ok(Pending {
+            outbox_rows,
+            timers,
+        })
+    }
+
+    async fn stuck_steps(&self) -> Result<Vec<StuckStep>, StoreError> {
+        let tables = self.lock();
+        let mut stuck: Vec<&StoredInstance> = (tables.instances.values())
+            .map(|r| &r.stored)
+            .filter(|s| s.instance.status == Status::Stuck)
+            .collect();
+        stuck.sort_by_key(|s| (s.updated_at, s.instance.id));
+        Ok(stuck.into_iter().flat_map(StuckStep::of).collect())
     }
 }
 

@@ -225,6 +225,64 @@ impl Gauges {
     }
 }
 
+/// What the store still holds for one instance that may act on it ([`SagaStore::in_flight`]):
+/// commands not yet confirmed by the broker and timers not yet fired.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pending {
+    /// Outbox rows of the instance: commands committed but not yet published.
+    pub outbox_rows: u64,
+    /// The instance's timers, earliest first.
+    pub timers: Vec<PendingTimer>,
+}
+
+/// A timer of an instance, with when it comes due (or, while a process holds it, when its
+/// lease ends).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct PendingTimer {
+    /// When it comes due.
+    pub due_at: Time,
+    /// The timer.
+    pub timer: Timer,
+}
+
+/// One stuck step of a stuck instance ([`SagaStore::stuck_steps`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StuckStep {
+    /// The instance.
+    pub id: Uuid,
+    /// Its definition.
+    pub definition: String,
+    /// The step's name.
+    pub step: String,
+    /// The step's participant.
+    pub participant: String,
+    /// Why it is stuck (the step's last error).
+    pub last_error: Option<String>,
+    /// When the instance last changed.
+    pub updated_at: Time,
+}
+
+impl StuckStep {
+    /// The stuck steps of a stored instance (none unless it is stuck), in plan order.
+    pub fn of(stored: &StoredInstance) -> Vec<StuckStep> {
+        let instance = &stored.instance;
+        if instance.status != Status::Stuck {
+            return Vec::new();
+        }
+        (instance.plan.steps.iter().zip(&instance.steps))
+            .filter(|(_, s)| s.stuck)
+            .map(|(plan, s)| StuckStep {
+                id: instance.id,
+                definition: instance.plan.name.clone(),
+                step: plan.name.clone(),
+                participant: plan.participant.clone(),
+                last_error: s.last_error.clone(),
+                updated_at: stored.updated_at,
+            })
+            .collect()
+    }
+}
+
 /// Durable storage of instances.
 #[async_trait]
 pub trait SagaStore: Send + Sync + 'static {
@@ -325,6 +383,13 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Open instances by status, the outbox and the timers due at `now`, read in one go (one
     /// round trip where the database allows) for the engine's gauges.
     async fn gauges(&self, now: Time) -> Result<Gauges, StoreError>;
+
+    /// The instance's outbox rows and timers, read in one query: what may still send a
+    /// command or move the instance on without new input.
+    async fn in_flight(&self, id: Uuid) -> Result<Pending, StoreError>;
+
+    /// Every stuck step of every stuck instance, read in one query, oldest change first.
+    async fn stuck_steps(&self) -> Result<Vec<StuckStep>, StoreError>;
 
     /// Word of settled instances between the processes that share this store; `None` (the
     /// default) for a store that one process uses alone.

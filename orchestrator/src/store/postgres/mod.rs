@@ -12,8 +12,8 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pruned,
-    SagaStore, Settlements, StoreError, StoredInstance, Updated,
+    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pending,
+    PendingTimer, Pruned, SagaStore, Settlements, StoreError, StoredInstance, StuckStep, Updated,
 };
 use crate::machine::{Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
@@ -350,6 +350,44 @@ impl SagaStore for PgStore {
             timers_due: u64::try_from(due).unwrap_or(0),
             oldest_due_timer: oldest_due,
         })
+    }
+
+    async fn in_flight(&self, id: Uuid) -> Result<Pending, StoreError> {
+        let (outbox, Json(timers)): (i64, Json<Vec<PendingTimer>>) = sqlx::query_as(sql::IN_FLIGHT)
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Pending {
+            outbox_rows: u64::try_from(outbox).unwrap_or(0),
+            timers,
+        })
+    }
+
+    async fn stuck_steps(&self) -> Result<Vec<StuckStep>, StoreError> {
+        #[allow(clippy::type_complexity)]
+        let rows: Vec<(
+            Uuid,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Time,
+        )> = sqlx::query_as(sql::STUCK_STEPS)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, definition, step, participant, last_error, updated_at)| StuckStep {
+                    id,
+                    definition,
+                    step: step.unwrap_or_default(),
+                    participant: participant.unwrap_or_default(),
+                    last_error,
+                    updated_at,
+                },
+            )
+            .collect())
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

@@ -221,3 +221,23 @@ pub(super) const GAUGES: &str =
                  GROUP BY status) s) o,
           (SELECT count(*) AS n, min(created_at) AS oldest FROM sagas_outbox) ob,
           (SELECT count(*) AS n, min(due_at) AS oldest FROM sagas_timers WHERE due_at <= $1) t";
+
+/// What may still act on instance `$1`: its outbox rows (a scan of a table that is small
+/// unless the broker is behind) and its timers (by the primary key), earliest first.
+pub(super) const IN_FLIGHT: &str = "SELECT
+       (SELECT count(*) FROM sagas_outbox WHERE instance_id = $1),
+       coalesce((SELECT jsonb_agg(jsonb_build_object('due_at', due_at, 'timer', timer)
+                                  ORDER BY due_at, key)
+                 FROM sagas_timers WHERE instance_id = $1), '[]'::jsonb)";
+
+/// The stuck steps of stuck instances (through the partial index `sagas_instances_open`),
+/// each with its plan step's name and participant, oldest change first.
+pub(super) const STUCK_STEPS: &str =
+    "SELECT i.id, i.definition, p.pl->>'name', p.pl->>'participant', s.st->>'last_error',
+            i.updated_at
+     FROM sagas_instance_states i
+     CROSS JOIN LATERAL jsonb_array_elements(i.state->'steps') WITH ORDINALITY AS s(st, n)
+     JOIN LATERAL jsonb_array_elements(i.state->'plan'->'steps') WITH ORDINALITY AS p(pl, n)
+       ON p.n = s.n
+     WHERE i.status = 'stuck' AND (s.st->>'stuck')::boolean
+     ORDER BY i.updated_at, i.id, s.n";

@@ -41,8 +41,8 @@ use uuid::Uuid;
 use crate::machine::{Instance, Time, Timer, Transition};
 use crate::store::write_set::WriteSet;
 use crate::store::{
-    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pruned,
-    SagaStore, StoreError, StoredInstance, Updated,
+    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pending,
+    PendingTimer, Pruned, SagaStore, StoreError, StoredInstance, StuckStep, Updated,
 };
 use sagas_participant::protocol::Command;
 
@@ -223,6 +223,13 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, S
 
 /// A projection row: `state`, `created_at`, `updated_at`.
 type InstanceRow = (String, i64, i64);
+
+/// A timer as [`sql::IN_FLIGHT`] lists it: its due time in microseconds.
+#[derive(serde::Deserialize)]
+struct TimerRow {
+    due_at: i64,
+    timer: Timer,
+}
 
 fn stored((state, created_at, updated_at): InstanceRow) -> Result<StoredInstance, StoreError> {
     Ok(StoredInstance {
@@ -498,6 +505,35 @@ impl SagaStore for SqliteStore {
             timers_due: u64::try_from(due).unwrap_or(0),
             oldest_due_timer: oldest_due.map(time).transpose()?,
         })
+    }
+
+    async fn in_flight(&self, id: Uuid) -> Result<Pending, StoreError> {
+        let (outbox, timers): (i64, String) = sqlx::query_as(sql::IN_FLIGHT)
+            .bind(id.to_string())
+            .fetch_one(&self.reader)
+            .await?;
+        let timers = from_json::<Vec<TimerRow>>("timers", &timers)?
+            .into_iter()
+            .map(|r| {
+                Ok(PendingTimer {
+                    due_at: time(r.due_at)?,
+                    timer: r.timer,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Pending {
+            outbox_rows: u64::try_from(outbox).unwrap_or(0),
+            timers,
+        })
+    }
+
+    async fn stuck_steps(&self) -> Result<Vec<StuckStep>, StoreError> {
+        let rows: Vec<InstanceRow> = sqlx::query_as(sql::STUCK).fetch_all(&self.reader).await?;
+        let stuck = rows
+            .into_iter()
+            .map(stored)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(stuck.iter().flat_map(StuckStep::of).collect())
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

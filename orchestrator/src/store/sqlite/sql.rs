@@ -108,3 +108,15 @@ pub(super) const GAUGES_QUEUES: &str = "SELECT
      (SELECT count(*) FROM sagas_outbox), (SELECT min(created_at) FROM sagas_outbox),
      (SELECT count(*) FROM sagas_timers WHERE due_at <= ?1),
      (SELECT min(due_at) FROM sagas_timers WHERE due_at <= ?1)";
+
+/// What may still act on instance `?1`: its outbox rows and its timers (due times in
+/// microseconds), earliest first.
+pub(super) const IN_FLIGHT: &str = "SELECT
+     (SELECT count(*) FROM sagas_outbox WHERE instance_id = ?1),
+     (SELECT json_group_array(json_object('due_at', due_at, 'timer', json(timer)))
+      FROM (SELECT due_at, timer FROM sagas_timers WHERE instance_id = ?1
+            ORDER BY due_at, key))";
+
+/// The states of stuck instances, oldest change first.
+pub(super) const STUCK: &str = "SELECT state, created_at, updated_at FROM sagas_instances
+     WHERE status = 'stuck' ORDER BY updated_at, id";
