@@ -571,6 +571,14 @@ impl SagaStore for FaultyStore {
         // A read that changes nothing: not a point where the simulation injects faults.
         self.inner.gauges(now).await
     }
+
+    async fn activity(
+        &self,
+        since: Time,
+    ) -> Result<sagas_orchestrator::store::Activity, StoreError> {
+        // A read as well.
+        self.inner.activity(since).await
+    }
 }
 
 /// The broker as one engine generation sees it.

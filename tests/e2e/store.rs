@@ -186,6 +186,7 @@ fn list_all() -> ListFilter {
         after: None,
         created_after: None,
         created_before: None,
+        idempotency_key: None,
         limit: 100,
     }
 }

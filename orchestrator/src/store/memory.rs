@@ -16,8 +16,8 @@ use uuid::Uuid;
 
 use super::write_set::{WriteSet, decide_in_order};
 use super::{
-    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Position, Pruned,
-    SagaStore, StoreError, StoredInstance, Updated,
+    Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
+    OLDEST_OPEN, OutboxMessage, Position, Pruned, SagaStore, StoreError, StoredInstance, Updated,
 };
 use crate::machine::{Instance, Status, Time, Timer, Transition};
 
@@ -257,6 +257,12 @@ impl SagaStore for MemoryStore {
         let mut found: Vec<StoredInstance> = tables
             .instances
             .values()
+            .filter(|r| {
+                filter
+                    .idempotency_key
+                    .as_ref()
+                    .is_none_or(|k| r.idempotency.as_ref().is_some_and(|i| i.key == *k))
+            })
             .map(|r| &r.stored)
             .filter(|s| filter.status.is_none_or(|st| s.instance.status == st))
             .filter(|s| {
@@ -356,6 +362,37 @@ impl SagaStore for MemoryStore {
                 .retain(|_, (_, _, m)| m.command.transaction_id != *id);
         }
         Ok(Pruned::Deleted(doomed.len() as u64))
+    }
+
+    async fn activity(&self, since: Time) -> Result<Activity, StoreError> {
+        let tables = self.lock();
+        let stored = tables.instances.values().map(|r| &r.stored);
+        let minute = |t: Time| t.timestamp().div_euclid(60);
+        let mut rows = Vec::new();
+        let mut took = Vec::new();
+        for s in stored.clone() {
+            if s.created_at >= since {
+                rows.push((minute(s.created_at), "started".to_owned(), 1));
+            }
+            let status = s.instance.status;
+            if s.updated_at >= since && (status.is_terminal() || status == Status::Stuck) {
+                rows.push((minute(s.updated_at), status.as_str().to_owned(), 1));
+                if status.is_terminal() {
+                    took.push(s.updated_at - s.created_at);
+                }
+            }
+        }
+        let mut open: Vec<StoredInstance> = stored
+            .filter(|s| !s.instance.status.is_terminal())
+            .cloned()
+            .collect();
+        open.sort_by_key(|s| (s.created_at, s.instance.id));
+        open.truncate(OLDEST_OPEN as usize);
+        Ok(Activity {
+            minutes: Minute::fold(rows)?,
+            latency: Latency::of(took),
+            oldest_open: open,
+        })
     }
 
     async fn gauges(&self, now: Time) -> Result<Gauges, StoreError> {
