@@ -51,7 +51,9 @@ pub(crate) fn one_step(name: &str) -> Result<Definition> {
 /// A participant on the raw protocol: it answers an action only when its payload says
 /// `"answer": true` (otherwise the saga stays running), asks for the first attempt to be
 /// retried in ten minutes when it says `"busy": true`, and answers every compensation.
-async fn scripted_participant(env: &TestEnv) -> Result<(Connection, tokio::task::JoinHandle<()>)> {
+pub(crate) async fn scripted_participant(
+    env: &TestEnv,
+) -> Result<(Connection, tokio::task::JoinHandle<()>)> {
     helpers::scripted_participant(env, PARTICIPANT, |cmd| {
         let action = cmd.operation == Operation::Action;
         if action && cmd.payload["busy"] == true && cmd.attempt == 1 {
@@ -79,9 +81,29 @@ struct Api {
     token: Option<&'static str>,
 }
 
-/// A read token and an operate token named `oncall` (see [`Api::with_tokens`]).
-const READ_TOKEN: &str = "read-token-0123456789";
-const OPERATE_TOKEN: &str = "operate-token-0123456789";
+/// A read token and an operate token named `oncall` (see [`tokens`]).
+pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
+pub(crate) const OPERATE_TOKEN: &str = "operate-token-0123456789";
+
+/// Options with [`READ_TOKEN`] (role read, named `dashboard`) and [`OPERATE_TOKEN`] (role
+/// operate, named `oncall`).
+pub(crate) fn tokens() -> ApiOptions {
+    ApiOptions {
+        tokens: vec![
+            ApiToken {
+                role: Role::Read,
+                name: "dashboard".into(),
+                token: READ_TOKEN.into(),
+            },
+            ApiToken {
+                role: Role::Operate,
+                name: "oncall".into(),
+                token: OPERATE_TOKEN.into(),
+            },
+        ],
+        ..ApiOptions::default()
+    }
+}
 
 impl Api {
     /// An orchestrator with the definitions `api_saga` and `api_other`, and their participant.
@@ -107,24 +129,9 @@ impl Api {
         })
     }
 
-    /// Options with [`READ_TOKEN`] (role read) and [`OPERATE_TOKEN`] (role operate, named
-    /// `oncall`).
+    /// Options with the test tokens ([`tokens`]).
     fn with_tokens() -> ApiOptions {
-        ApiOptions {
-            tokens: vec![
-                ApiToken {
-                    role: Role::Read,
-                    name: "dashboard".into(),
-                    token: READ_TOKEN.into(),
-                },
-                ApiToken {
-                    role: Role::Operate,
-                    name: "oncall".into(),
-                    token: OPERATE_TOKEN.into(),
-                },
-            ],
-            ..ApiOptions::default()
-        }
+        tokens()
     }
 
     /// Sends a request with `token` (or none) and returns status, headers and the JSON body.

@@ -485,6 +485,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn activity_counts_starts_and_finishes_by_minute_since_a_time_and_the_oldest_open() {
+        let (store, def) = (MemoryStore::new(), definition());
+        let (open, done) = (Uuid::now_v7(), Uuid::now_v7());
+        for (id, t) in [(open, at(0)), (done, at(61))] {
+            let start = machine::start(id, (**def.plan()).clone(), json!({}), t, &def);
+            store.create(&start, t).await.unwrap();
+        }
+        for step in ["a", "b"] {
+            let input = succeeded(done, step);
+            store
+                .update(done, None, at(125), decide(&def, input, at(125)))
+                .await
+                .unwrap();
+        }
+        let counts = |a: &Activity| -> Vec<(i64, u64, u64)> {
+            a.minutes
+                .iter()
+                .map(|m| ((m.at - at(0)).num_minutes(), m.started, m.finished))
+                .collect()
+        };
+        let all = store.activity(at(0)).await.unwrap();
+        assert_eq!(counts(&all), vec![(0, 1, 0), (1, 1, 0), (2, 0, 1)]);
+        let latency = all.latency.unwrap();
+        assert_eq!((latency.count, latency.p99), (1, Duration::seconds(64)));
+        assert_eq!(
+            all.oldest_open
+                .iter()
+                .map(|s| s.instance.id)
+                .collect::<Vec<_>>(),
+            vec![open]
+        );
+        let late = store.activity(at(100)).await.unwrap();
+        assert_eq!(counts(&late), vec![(2, 0, 1)]);
+    }
+
+    #[tokio::test]
     async fn a_start_and_an_update_write_log_projection_timers_and_outbox_together() {
         let (store, def) = (MemoryStore::new(), definition());
         let id = Uuid::now_v7();
