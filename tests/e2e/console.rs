@@ -93,8 +93,8 @@ impl Console {
     async fn stuck(&self) -> Result<Uuid> {
         let id = self.begin(json!({"answer": false, "stuck": true})).await?;
         let abort = Input::Abort {
-            actor: "test".into(),
-            reason: "make it stuck".into(),
+            actor: "support".into(),
+            reason: "the customer cancelled the order".into(),
         };
         self.app.engine.operate(id, abort).await?;
         helpers::wait_status(&self.env, id, Status::Stuck).await?;

@@ -846,8 +846,8 @@ fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
 }
 
 /// `GET /v1/sagas?status=&definition=&created_after=&created_before=&idempotency_key=&limit=&cursor=`:
-/// transactions newest first, paged by
-/// a keyset cursor so that transactions started meanwhile never shift or repeat a page.
+/// transactions newest first, paged by a keyset cursor so that transactions started meanwhile
+/// never shift or repeat a page.
 #[utoipa::path(
     get,
     path = "/v1/sagas",

@@ -63,11 +63,14 @@ pub fn time(t: Time) -> String {
 /// A duration in the unit that reads best: ms below 10 s, then s, min, h.
 pub fn duration(d: chrono::Duration) -> String {
     let ms = d.num_milliseconds();
-    match ms {
-        ..10_000 => format!("{ms} ms"),
-        ..120_000 => format!("{:.1} s", ms as f64 / 1e3),
-        ..7_200_000 => format!("{:.1} min", ms as f64 / 60e3),
-        _ => format!("{:.1} h", ms as f64 / 3.6e6),
+    if ms < 10_000 {
+        format!("{ms} ms")
+    } else if ms < 120_000 {
+        format!("{:.1} s", ms as f64 / 1e3)
+    } else if ms < 7_200_000 {
+        format!("{:.1} min", ms as f64 / 60e3)
+    } else {
+        format!("{:.1} h", ms as f64 / 3.6e6)
     }
 }
 

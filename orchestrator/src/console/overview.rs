@@ -46,13 +46,14 @@ fn series(minutes: &[Minute], now: Time) -> [Series; 4] {
 
 /// A bar per minute as inline SVG, scaled to the largest; each bar tells its count on hover.
 fn bars(name: &str, values: &Series) -> Markup {
-    let max = values.iter().copied().max().unwrap_or(0).max(1);
+    let most = values.iter().copied().max().unwrap_or(0);
+    let max = most.max(1);
     let total: u64 = values.iter().sum();
     const W: u64 = 10;
     const H: u64 = 60;
     html! {
         figure.chart {
-            figcaption { strong { (name) } " " span.muted { (total) " in the last hour, at most " (max) " a minute" } }
+            figcaption { strong { (name) } " " span.muted { (total) " in the last hour, at most " (most) " a minute" } }
             svg class={ "bars " (name) } viewBox={ "0 0 " (W * MINUTES as u64) " " (H) } preserveAspectRatio="none" role="img" aria-label={ (name) " per minute" } {
                 @for (i, v) in values.iter().enumerate() {
                     @let h = if *v == 0 { 0 } else { (v * H).div_ceil(max) };

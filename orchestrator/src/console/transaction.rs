@@ -154,10 +154,7 @@ fn render(
             dt { "Deadline" } dd { @match inst.deadline { Some(d) => (layout::time(d)), None => span.muted { "none" } } }
             @if let Some(f) = &inst.failure { dt { "Failure" } dd.failure { (f) } }
         }
-        h2 { "Input" }
-        (layout::json(&inst.input))
         h2 { "Operator actions" }
-        (operator(caller, stored))
         @if !actions.is_empty() {
             table.actions {
                 thead { tr { th { "When" } th { "Action" } th { "Who" } th { "Why" } } }
@@ -168,6 +165,9 @@ fn render(
                 }
             }
         }
+        (operator(caller, stored))
+        h2 { "Input" }
+        (layout::json(&inst.input))
         @if parallel {
             h2 { "Step graph" }
             ol.graph {
@@ -272,7 +272,7 @@ fn attempts(entries: &[Entry]) -> Markup {
 }
 
 /// The forms of the operator actions: for an operate token, each with its reason; for a read
-/// token, disabled with a word why.
+/// token, disabled with a word why; none once the transaction is terminal.
 fn operator(caller: &Caller, stored: &StoredInstance) -> Markup {
     let allowed = session::may_operate(caller);
     let id = stored.instance.id;
@@ -285,6 +285,9 @@ fn operator(caller: &Caller, stored: &StoredInstance) -> Markup {
             "The effect was put right by hand: end a stuck transaction resolved."
         }
     };
+    if stored.instance.status.is_terminal() {
+        return html! { p.muted { "None to take: the transaction is " (stored.instance.status.as_str()) "." } };
+    }
     html! {
         @if !allowed {
             p.hint { "Your token has the " (caller.role.as_str()) " role: operator actions need an operate token." }
