@@ -197,6 +197,7 @@ async fn unfinished(engine: &Engine) -> anyhow::Result<usize> {
             after: None,
             created_after: None,
             created_before: None,
+            idempotency_key: None,
             limit: 500,
         };
         n += engine.list(&filter).await?.len();
@@ -213,6 +214,7 @@ async fn watch(engine: Arc<Engine>, shutdown: CancellationToken) {
         after: None,
         created_after: None,
         created_before: None,
+        idempotency_key: None,
         limit: 100,
     };
     let mut first = true;

@@ -2,7 +2,8 @@
 //! transport, the engine that drives them, and the HTTP API.
 //!
 //! Cargo features (all on by default): `cli` (the `sagactl` command line and its crates),
-//! `sqlite` (the embedded [`store::SqliteStore`]) and `mimalloc` (`sagad`'s allocator). With
+//! `sqlite` (the embedded [`store::SqliteStore`]), `mimalloc` (`sagad`'s allocator) and
+//! `console` (the web console at `/ui`, served with the API). With
 //! `default-features = false` the crate is the engine, the PostgreSQL store, the AMQP
 //! transport and the HTTP API.
 
@@ -11,6 +12,8 @@ pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "console")]
+pub mod console;
 pub mod definition;
 pub mod engine;
 pub mod machine;

@@ -580,6 +580,14 @@ impl SagaStore for FaultyStore {
     async fn stuck_steps(&self) -> Result<Vec<StuckStep>, StoreError> {
         self.inner.stuck_steps().await
     }
+
+    async fn activity(
+        &self,
+        since: Time,
+    ) -> Result<sagas_orchestrator::store::Activity, StoreError> {
+        // A read as well.
+        self.inner.activity(since).await
+    }
 }
 
 /// The broker as one engine generation sees it.

@@ -52,7 +52,9 @@ pub(crate) fn one_step(name: &str) -> Result<Definition> {
 /// A participant on the raw protocol: it answers an action only when its payload says
 /// `"answer": true` (otherwise the saga stays running), asks for the first attempt to be
 /// retried in ten minutes when it says `"busy": true`, and answers every compensation.
-async fn scripted_participant(env: &TestEnv) -> Result<(Connection, tokio::task::JoinHandle<()>)> {
+pub(crate) async fn scripted_participant(
+    env: &TestEnv,
+) -> Result<(Connection, tokio::task::JoinHandle<()>)> {
     helpers::scripted_participant(env, PARTICIPANT, |cmd| {
         let action = cmd.operation == Operation::Action;
         if action && cmd.payload["busy"] == true && cmd.attempt == 1 {
@@ -80,12 +82,12 @@ struct Api {
     token: Option<&'static str>,
 }
 
-/// A read token named `dashboard` and an operate token named `oncall` (see [`tokens`]).
+/// A read token and an operate token named `oncall` (see [`tokens`]).
 pub(crate) const READ_TOKEN: &str = "read-token-0123456789";
 pub(crate) const OPERATE_TOKEN: &str = "operate-token-0123456789";
 
-/// Options with [`READ_TOKEN`] (role read) and [`OPERATE_TOKEN`] (role operate, named
-/// `oncall`).
+/// Options with [`READ_TOKEN`] (role read, named `dashboard`) and [`OPERATE_TOKEN`] (role
+/// operate, named `oncall`).
 pub(crate) fn tokens() -> ApiOptions {
     ApiOptions {
         tokens: vec![
@@ -128,7 +130,7 @@ impl Api {
         })
     }
 
-    /// [`tokens`].
+    /// Options with the test tokens ([`tokens`]).
     fn with_tokens() -> ApiOptions {
         tokens()
     }

@@ -10,6 +10,7 @@ mod bank;
 mod batches;
 mod config;
 mod conformance;
+mod console;
 mod dead_letters;
 mod fault_suite;
 mod faults;

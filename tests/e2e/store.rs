@@ -114,6 +114,8 @@ store_suite!(
     a_prune_deletes_at_most_its_batch_oldest_finished_first,
     the_gauges_count_open_instances_by_status_the_outbox_and_the_timers_due,
     in_flight_reads_an_instances_outbox_rows_and_timers_and_stuck_steps_name_their_cause,
+    activity_counts_instances_by_minute_with_latency_percentiles_and_the_oldest_open_first,
+    listing_by_idempotency_key_finds_the_instance_started_with_it,
 );
 
 #[tokio::test]
@@ -193,6 +195,7 @@ fn list_all() -> ListFilter {
         after: None,
         created_after: None,
         created_before: None,
+        idempotency_key: None,
         limit: 100,
     }
 }
@@ -1802,4 +1805,122 @@ mod retention {
         env.cleanup().await;
         Ok(())
     }
+}
+
+async fn activity_counts_instances_by_minute_with_latency_percentiles_and_the_oldest_open_first(
+    b: &Backend,
+) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    // Ten whole minutes ago, so that every time below falls in a known minute.
+    let t0 =
+        Time::from_timestamp(now().timestamp().div_euclid(60) * 60 - 600, 0).context("a time")?;
+    let minute = |m: i64| t0 + Duration::minutes(m);
+    let empty = store.activity(t0).await?;
+    assert_eq!(
+        (empty.minutes.len(), empty.latency),
+        (0, None),
+        "an empty store"
+    );
+
+    // Before the window: neither counted nor open.
+    complete(
+        &*store,
+        &def,
+        t0 - Duration::hours(2),
+        t0 - Duration::hours(2),
+    )
+    .await?;
+    let running = create(&*store, &def, minute(0)).await?;
+    complete(&*store, &def, minute(0), minute(0) + Duration::seconds(30)).await?;
+    complete(&*store, &def, minute(1), minute(1) + Duration::seconds(90)).await?;
+    let compensated = fail_second_step(&*store, &def, minute(3)).await?;
+    let undone = Reply {
+        operation: Operation::Compensate,
+        ..reply(compensated, "a", 1, Outcome::succeeded(json!(null)))
+    };
+    feed(
+        &*store,
+        &def,
+        compensated,
+        Input::Reply(undone),
+        None,
+        minute(4),
+    )
+    .await?;
+    let stuck = fail_second_step(&*store, &def, minute(5)).await?;
+    let refused = Reply {
+        operation: Operation::Compensate,
+        ..reply(stuck, "a", 1, Outcome::failed("cannot undo"))
+    };
+    feed(&*store, &def, stuck, Input::Reply(refused), None, minute(5)).await?;
+    assert_eq!(
+        store
+            .get(compensated)
+            .await?
+            .context("instance")?
+            .instance
+            .status,
+        Status::Compensated
+    );
+
+    let activity = store.activity(t0).await?;
+    let counts: Vec<(i64, [u64; 4])> = activity
+        .minutes
+        .iter()
+        .map(|m| {
+            let n = (m.at - t0).num_minutes();
+            (n, [m.started, m.finished, m.compensated, m.stuck])
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            (0, [2, 1, 0, 0]),
+            (1, [1, 0, 0, 0]),
+            (2, [0, 1, 0, 0]),
+            (3, [1, 0, 0, 0]),
+            (4, [0, 0, 1, 0]),
+            (5, [1, 0, 0, 1]),
+        ]
+    );
+    let latency = activity.latency.context("instances finished")?;
+    // 30 s, 60 s and 90 s: the median is the second, p90 and p99 the third.
+    assert_eq!(
+        (latency.count, latency.p50, latency.p90, latency.p99),
+        (
+            3,
+            Duration::seconds(60),
+            Duration::seconds(90),
+            Duration::seconds(90)
+        )
+    );
+    let open: Vec<Uuid> = activity.oldest_open.iter().map(|s| s.instance.id).collect();
+    assert_eq!(open, vec![running, stuck]);
+    Ok(())
+}
+
+async fn listing_by_idempotency_key_finds_the_instance_started_with_it(b: &Backend) -> Result<()> {
+    use sagas::orchestrator::store::Idempotency;
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let keyed = start(&def, at);
+    let key = Idempotency {
+        key: "order-7".into(),
+        request: json!({"input": 1}),
+    };
+    store.create_idempotent(&keyed, at, &key).await?;
+    create(&*store, &def, at).await?;
+    let by_key = |k: &str| ListFilter {
+        idempotency_key: Some(k.into()),
+        ..list_all()
+    };
+    let found = store.list(&by_key("order-7")).await?;
+    assert_eq!(
+        found.iter().map(|s| s.instance.id).collect::<Vec<_>>(),
+        vec![keyed.instance.id]
+    );
+    assert!(store.list(&by_key("order-8")).await?.is_empty());
+    Ok(())
 }

@@ -52,6 +52,15 @@ impl Auth {
         found
     }
 
+    /// The caller presenting `token` (as a bearer token or the console's cookie), if it is
+    /// one of the configured tokens.
+    pub fn caller_of(&self, token: &[u8]) -> Option<Caller> {
+        self.find(token).map(|t| Caller {
+            name: Some(t.name.clone()),
+            role: t.role,
+        })
+    }
+
     /// The caller of a request with these headers, or the 401 to answer.
     pub fn caller(&self, headers: &axum::http::HeaderMap) -> Result<Caller, ApiError> {
         if !self.enabled() {
@@ -73,16 +82,12 @@ impl Auth {
                 "the Authorization header must be Bearer <token>",
             ));
         };
-        match self.find(presented) {
-            Some(t) => Ok(Caller {
-                name: Some(t.name.clone()),
-                role: t.role,
-            }),
-            None => Err(unauthorized(
+        self.caller_of(presented).ok_or_else(|| {
+            unauthorized(
                 "Bearer error=\"invalid_token\"",
                 "the bearer token is not valid",
-            )),
-        }
+            )
+        })
     }
 }
 

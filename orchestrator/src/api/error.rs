@@ -48,6 +48,11 @@ impl ApiError {
         self.status
     }
 
+    /// The sentence for people.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// The stable code.
     pub fn code(&self) -> &'static str {
         self.code

@@ -210,7 +210,13 @@ pub fn router_with(engine: Arc<Engine>, options: ApiOptions) -> Router {
         limit: options.body_limit,
         timeout: options.body_timeout,
     };
-    let (router, _) = routes(Arc::new(Auth::new(options.tokens))).split_for_parts();
+    let auth = Arc::new(Auth::new(options.tokens));
+    let (router, _) = routes(auth.clone()).split_for_parts();
+    // The web console: same port, same tokens (none of its pages is in the OpenAPI document).
+    #[cfg(feature = "console")]
+    let router = router.merge(crate::console::router(auth));
+    #[cfg(not(feature = "console"))]
+    drop(auth);
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

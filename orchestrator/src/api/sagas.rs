@@ -364,13 +364,18 @@ fn idempotency_key(
         (None, header) => header,
     };
     if let Some(k) = &key
-        && (k.is_empty() || k.len() > 200 || !k.chars().all(|c| c.is_ascii_graphic()))
+        && !idempotency_key_shape(k)
     {
         return Err(ApiError::invalid_body(
             "the idempotency key must be 1 to 200 visible ASCII characters",
         ));
     }
     Ok(key)
+}
+
+/// Whether `key` can be an idempotency key: 1 to 200 visible ASCII characters.
+fn idempotency_key_shape(key: &str) -> bool {
+    (1..=200).contains(&key.len()) && key.chars().all(|c| c.is_ascii_graphic())
 }
 
 /// The trace context the transaction continues: when traces are exported, the request's own
@@ -493,7 +498,7 @@ pub async fn start(
     })
 }
 
-fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {
     let Path(raw) = id?;
     raw.parse().map_err(|_| {
         ApiError::new(
@@ -608,7 +613,7 @@ pub struct ActionRequest {
 
 /// The actor recorded for an operator action: the token's name; without authentication, the
 /// `X-Sagas-Actor` header (or `anonymous`).
-pub(super) fn actor(caller: &Caller, headers: &HeaderMap) -> Result<String, ApiError> {
+pub(crate) fn actor(caller: &Caller, headers: &HeaderMap) -> Result<String, ApiError> {
     if let Some(name) = &caller.name {
         // The verified name only: a header could claim anyone.
         return Ok(name.clone());
@@ -641,7 +646,12 @@ fn blank(c: char) -> bool {
 
 pub(super) fn reason(body: Result<JsonBody<ActionRequest>, ApiError>) -> Result<String, ApiError> {
     let JsonBody(request) = body?;
-    let reason = request.reason.unwrap_or_default();
+    reason_text(request.reason)
+}
+
+/// An operator action's reason as given (from a JSON body or a form), checked and trimmed.
+pub(crate) fn reason_text(reason: Option<String>) -> Result<String, ApiError> {
+    let reason = reason.unwrap_or_default();
     if reason.chars().all(blank) {
         return Err(ApiError::invalid_body(
             "\"reason\" is required: say why, it is recorded in the transaction's log",
@@ -814,6 +824,10 @@ pub struct ListQuery {
     /// Only transactions created before this time (RFC 3339).
     #[param(value_type = Option<String>, format = DateTime)]
     pub created_before: Option<String>,
+    /// Only the transaction started with this idempotency key (1 to 200 visible ASCII
+    /// characters; a key is unique per definition).
+    #[param(pattern = "^[!-~]{1,200}$")]
+    pub idempotency_key: Option<String>,
 }
 
 /// A page of `GET /v1/sagas`.
@@ -939,18 +953,29 @@ fn list_filter(q: ListQuery) -> Result<ListFilter, ApiError> {
             )));
         }
     };
+    let idempotency_key = match q.idempotency_key {
+        None => None,
+        Some(k) if idempotency_key_shape(&k) => Some(k),
+        Some(k) => {
+            return Err(ApiError::invalid_query(format!(
+                "idempotency_key {k:?} is not 1 to 200 visible ASCII characters"
+            )));
+        }
+    };
     Ok(ListFilter {
         status,
         definition,
         after,
         created_after: time("created_after", q.created_after.as_deref())?,
         created_before: time("created_before", q.created_before.as_deref())?,
+        idempotency_key,
         limit,
     })
 }
 
-/// `GET /v1/sagas?status=&definition=&created_after=&created_before=&limit=&cursor=`: transactions newest first, paged by
-/// a keyset cursor so that transactions started meanwhile never shift or repeat a page.
+/// `GET /v1/sagas?status=&definition=&created_after=&created_before=&idempotency_key=&limit=&cursor=`:
+/// transactions newest first, paged by a keyset cursor so that transactions started meanwhile
+/// never shift or repeat a page.
 #[utoipa::path(
     get,
     path = "/v1/sagas",
@@ -1138,6 +1163,7 @@ mod tests {
             cursor: cursor.map(Into::into),
             created_after: None,
             created_before: None,
+            idempotency_key: None,
         };
         let msg = |r: Result<ListFilter, ApiError>| format!("{:?}", r.unwrap_err());
         assert!(msg(list_filter(q(Some("done"), None, None))).contains("status"));

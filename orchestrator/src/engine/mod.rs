@@ -157,6 +157,11 @@ impl Engine {
         &self.stats
     }
 
+    /// The time on the engine's clock.
+    pub fn now(&self) -> Time {
+        self.clock.now()
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn SagaStore> {
         &self.store

@@ -240,6 +240,15 @@ impl OperatorAction {
         OperatorAction::Resolve,
     ];
 
+    /// The input that asks for this action.
+    pub fn input(self, actor: String, reason: String) -> super::Input {
+        match self {
+            OperatorAction::Abort => super::Input::Abort { actor, reason },
+            OperatorAction::Retry => super::Input::Retry { actor, reason },
+            OperatorAction::Resolve => super::Input::Resolve { actor, reason },
+        }
+    }
+
     /// The name in the log, the metric label and the HTTP route.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -16,8 +16,9 @@ use uuid::Uuid;
 
 use super::write_set::{WriteSet, decide_in_order};
 use super::{
-    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pending,
-    PendingTimer, Position, Pruned, SagaStore, StoreError, StoredInstance, StuckStep, Updated,
+    Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
+    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Position, Pruned, SagaStore, StoreError,
+    StoredInstance, StuckStep, Updated,
 };
 use crate::machine::{Instance, Status, Time, Timer, Transition};
 
@@ -257,6 +258,12 @@ impl SagaStore for MemoryStore {
         let mut found: Vec<StoredInstance> = tables
             .instances
             .values()
+            .filter(|r| {
+                filter
+                    .idempotency_key
+                    .as_ref()
+                    .is_none_or(|k| r.idempotency.as_ref().is_some_and(|i| i.key == *k))
+            })
             .map(|r| &r.stored)
             .filter(|s| filter.status.is_none_or(|st| s.instance.status == st))
             .filter(|s| {
@@ -356,6 +363,37 @@ impl SagaStore for MemoryStore {
                 .retain(|_, (_, _, m)| m.command.transaction_id != *id);
         }
         Ok(Pruned::Deleted(doomed.len() as u64))
+    }
+
+    async fn activity(&self, since: Time) -> Result<Activity, StoreError> {
+        let tables = self.lock();
+        let stored = tables.instances.values().map(|r| &r.stored);
+        let minute = |t: Time| t.timestamp().div_euclid(60);
+        let mut rows = Vec::new();
+        let mut took = Vec::new();
+        for s in stored.clone() {
+            if s.created_at >= since {
+                rows.push((minute(s.created_at), "started".to_owned(), 1));
+            }
+            let status = s.instance.status;
+            if s.updated_at >= since && (status.is_terminal() || status == Status::Stuck) {
+                rows.push((minute(s.updated_at), status.as_str().to_owned(), 1));
+                if status.is_terminal() {
+                    took.push(s.updated_at - s.created_at);
+                }
+            }
+        }
+        let mut open: Vec<StoredInstance> = stored
+            .filter(|s| !s.instance.status.is_terminal())
+            .cloned()
+            .collect();
+        open.sort_by_key(|s| (s.created_at, s.instance.id));
+        open.truncate(OLDEST_OPEN as usize);
+        Ok(Activity {
+            minutes: Minute::fold(rows)?,
+            latency: Latency::of(took),
+            oldest_open: open,
+        })
     }
 
     async fn gauges(&self, now: Time) -> Result<Gauges, StoreError> {
@@ -474,6 +512,42 @@ mod tests {
         assert_eq!((gauges.timers_due, gauges.oldest_due_timer), (1, Some(due)));
         let early = store.gauges(at(0)).await.unwrap();
         assert_eq!((early.timers_due, early.oldest_due_timer), (0, None));
+    }
+
+    #[tokio::test]
+    async fn activity_counts_starts_and_finishes_by_minute_since_a_time_and_the_oldest_open() {
+        let (store, def) = (MemoryStore::new(), definition());
+        let (open, done) = (Uuid::now_v7(), Uuid::now_v7());
+        for (id, t) in [(open, at(0)), (done, at(61))] {
+            let start = machine::start(id, (**def.plan()).clone(), json!({}), t, &def);
+            store.create(&start, t).await.unwrap();
+        }
+        for step in ["a", "b"] {
+            let input = succeeded(done, step);
+            store
+                .update(done, None, at(125), decide(&def, input, at(125)))
+                .await
+                .unwrap();
+        }
+        let counts = |a: &Activity| -> Vec<(i64, u64, u64)> {
+            a.minutes
+                .iter()
+                .map(|m| ((m.at - at(0)).num_minutes(), m.started, m.finished))
+                .collect()
+        };
+        let all = store.activity(at(0)).await.unwrap();
+        assert_eq!(counts(&all), vec![(0, 1, 0), (1, 1, 0), (2, 0, 1)]);
+        let latency = all.latency.unwrap();
+        assert_eq!((latency.count, latency.p99), (1, Duration::seconds(64)));
+        assert_eq!(
+            all.oldest_open
+                .iter()
+                .map(|s| s.instance.id)
+                .collect::<Vec<_>>(),
+            vec![open]
+        );
+        let late = store.activity(at(100)).await.unwrap();
+        assert_eq!(counts(&late), vec![(2, 0, 1)]);
     }
 
     #[tokio::test]

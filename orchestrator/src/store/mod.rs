@@ -126,6 +126,8 @@ pub struct ListFilter {
     pub created_after: Option<Time>,
     /// Only instances created before this time.
     pub created_before: Option<Time>,
+    /// Only the instance started with this idempotency key (one per definition).
+    pub idempotency_key: Option<String>,
     /// At most this many.
     pub limit: u32,
 }
@@ -283,6 +285,120 @@ impl StuckStep {
     }
 }
 
+/// Instances minute by minute since a time, how long the finished ones took, and the oldest
+/// open ones ([`SagaStore::activity`]; the console's overview).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Activity {
+    /// The minutes in which something happened, oldest first.
+    pub minutes: Vec<Minute>,
+    /// How long the instances that finished since then took, if any did.
+    pub latency: Option<Latency>,
+    /// The oldest open (running, compensating or stuck) instances, oldest first.
+    pub oldest_open: Vec<StoredInstance>,
+}
+
+/// What happened in one minute ([`Activity::minutes`]): instances are counted by their
+/// creation (`started`) or by their last change, for the status they have now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Minute {
+    /// The minute's start.
+    pub at: Time,
+    /// Instances created.
+    pub started: u64,
+    /// Instances that ended `completed` or `resolved`.
+    pub finished: u64,
+    /// Instances that ended `compensated`.
+    pub compensated: u64,
+    /// Instances that became `stuck` and still are.
+    pub stuck: u64,
+}
+
+impl Minute {
+    /// Minutes from a SQL store's rows: the minute (since 1970), `started` or a status name,
+    /// and a count; statuses that are not counted are left out.
+    fn fold(rows: impl IntoIterator<Item = (i64, String, i64)>) -> Result<Vec<Minute>, StoreError> {
+        let mut minutes: Vec<Minute> = Vec::new();
+        for (minute, kind, n) in rows {
+            let at = Time::from_timestamp(minute.saturating_mul(60), 0)
+                .ok_or_else(|| StoreError::Corrupt(format!("minute {minute} out of range")))?;
+            let n = u64::try_from(n).unwrap_or(0);
+            let i = match minutes.binary_search_by_key(&at, |m| m.at) {
+                Ok(i) => i,
+                Err(i) => {
+                    minutes.insert(i, Minute::empty(at));
+                    i
+                }
+            };
+            let m = &mut minutes[i];
+            match kind.as_str() {
+                "started" => m.started += n,
+                "completed" | "resolved" => m.finished += n,
+                "compensated" => m.compensated += n,
+                "stuck" => m.stuck += n,
+                _ => {}
+            }
+        }
+        Ok(minutes)
+    }
+
+    fn empty(at: Time) -> Minute {
+        Minute {
+            at,
+            started: 0,
+            finished: 0,
+            compensated: 0,
+            stuck: 0,
+        }
+    }
+}
+
+/// Percentiles of the time from creation to the last change of finished instances, by nearest
+/// rank (the smallest value at or above that share of them, as PostgreSQL's
+/// `percentile_disc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latency {
+    /// How many instances finished.
+    pub count: u64,
+    /// Median.
+    pub p50: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+}
+
+impl Latency {
+    /// The percentiles of these durations; `None` without any.
+    pub fn of(mut durations: Vec<Duration>) -> Option<Latency> {
+        durations.sort();
+        let rank = |percent: usize| durations[(durations.len() * percent).div_ceil(100) - 1];
+        (!durations.is_empty()).then(|| Latency {
+            count: durations.len() as u64,
+            p50: rank(50),
+            p90: rank(90),
+            p99: rank(99),
+        })
+    }
+
+    /// From a SQL store's row: the count and the three percentiles in microseconds.
+    fn of_micros(
+        count: i64,
+        p50: Option<i64>,
+        p90: Option<i64>,
+        p99: Option<i64>,
+    ) -> Option<Latency> {
+        Some(Latency {
+            count: u64::try_from(count).ok().filter(|n| *n > 0)?,
+            p50: Duration::microseconds(p50?),
+            p90: Duration::microseconds(p90?),
+            p99: Duration::microseconds(p99?),
+        })
+    }
+}
+
+/// How many open instances [`SagaStore::activity`] returns, oldest first.
+pub const OLDEST_OPEN: u32 = 10;
+
 /// Durable storage of instances.
 #[async_trait]
 pub trait SagaStore: Send + Sync + 'static {
@@ -390,6 +506,10 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Every stuck step of every stuck instance, read in one query, oldest change first.
     async fn stuck_steps(&self) -> Result<Vec<StuckStep>, StoreError>;
+    /// Instances started, finished, compensated and stuck minute by minute since `since`, the
+    /// latency percentiles of those that finished since then, and the [`OLDEST_OPEN`] oldest
+    /// open instances.
+    async fn activity(&self, since: Time) -> Result<Activity, StoreError>;
 
     /// Word of settled instances between the processes that share this store; `None` (the
     /// default) for a store that one process uses alone.
@@ -418,4 +538,60 @@ pub trait Announcements: Send {
     /// The instances of the next announcement; an error once the connection is lost (what is
     /// announced until another one listens is not heard).
     async fn next(&mut self) -> Result<Vec<Uuid>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_percentiles_are_the_nearest_ranks_and_nothing_without_instances() {
+        assert_eq!(Latency::of(Vec::new()), None);
+        let ms = |n: i64| Duration::milliseconds(n);
+        let one = Latency::of(vec![ms(7)]).unwrap();
+        assert_eq!(
+            (one.count, one.p50, one.p90, one.p99),
+            (1, ms(7), ms(7), ms(7))
+        );
+        let hundred = Latency::of((1..=100).rev().map(ms).collect()).unwrap();
+        assert_eq!(
+            (hundred.count, hundred.p50, hundred.p90, hundred.p99),
+            (100, ms(50), ms(90), ms(99))
+        );
+        let three = Latency::of(vec![ms(3), ms(1), ms(2)]).unwrap();
+        assert_eq!((three.p50, three.p90, three.p99), (ms(2), ms(3), ms(3)));
+    }
+
+    #[test]
+    fn minutes_fold_rows_by_minute_in_order_and_skip_statuses_not_counted() {
+        let rows = [
+            (29_000_001, "completed".to_owned(), 2),
+            (29_000_000, "started".to_owned(), 3),
+            (29_000_001, "resolved".to_owned(), 1),
+            (29_000_001, "stuck".to_owned(), 1),
+            (29_000_000, "compensated".to_owned(), 4),
+            (29_000_000, "running".to_owned(), 9),
+        ];
+        let minutes = Minute::fold(rows).unwrap();
+        assert_eq!(minutes.len(), 2);
+        assert_eq!(minutes[0].at.timestamp(), 29_000_000 * 60);
+        assert_eq!(
+            (
+                minutes[0].started,
+                minutes[0].finished,
+                minutes[0].compensated,
+                minutes[0].stuck
+            ),
+            (3, 0, 4, 0)
+        );
+        assert_eq!(
+            (
+                minutes[1].started,
+                minutes[1].finished,
+                minutes[1].compensated,
+                minutes[1].stuck
+            ),
+            (0, 3, 0, 1)
+        );
+    }
 }

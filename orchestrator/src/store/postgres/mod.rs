@@ -12,8 +12,9 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{
-    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pending,
-    PendingTimer, Pruned, SagaStore, Settlements, StoreError, StoredInstance, StuckStep, Updated,
+    Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
+    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, SagaStore, Settlements, StoreError,
+    StoredInstance, StuckStep, Updated,
 };
 use crate::machine::{Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
@@ -109,6 +110,17 @@ impl PgStore {
             skipped: self.states.skipped.load(Relaxed),
             cached: self.states.len(),
         }
+    }
+}
+
+/// An instance's projection from its row: the state, created and updated.
+fn stored(
+    (Json(instance), created_at, updated_at): (Json<Instance>, Time, Time),
+) -> StoredInstance {
+    StoredInstance {
+        instance,
+        created_at,
+        updated_at,
     }
 }
 
@@ -235,13 +247,7 @@ impl SagaStore for PgStore {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(
-            row.map(|(Json(instance), created_at, updated_at)| StoredInstance {
-                instance,
-                created_at,
-                updated_at,
-            }),
-        )
+        Ok(row.map(stored))
     }
 
     async fn events(&self, id: Uuid) -> Result<Vec<LoggedEvent>, StoreError> {
@@ -268,16 +274,31 @@ impl SagaStore for PgStore {
             .bind(i64::from(filter.limit))
             .bind(filter.created_after)
             .bind(filter.created_before)
+            .bind(filter.idempotency_key.as_deref())
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(Json(instance), created_at, updated_at)| StoredInstance {
-                instance,
-                created_at,
-                updated_at,
-            })
-            .collect())
+        Ok(rows.into_iter().map(stored).collect())
+    }
+
+    async fn activity(&self, since: Time) -> Result<Activity, StoreError> {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(sql::ACTIVITY)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        let (n, p50, p90, p99): (i64, Option<i64>, Option<i64>, Option<i64>) =
+            sqlx::query_as(sql::LATENCY)
+                .bind(since)
+                .fetch_one(&self.pool)
+                .await?;
+        let oldest: Vec<(Json<Instance>, Time, Time)> = sqlx::query_as(sql::OLDEST_OPEN)
+            .bind(i64::from(OLDEST_OPEN))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Activity {
+            minutes: Minute::fold(rows)?,
+            latency: Latency::of_micros(n, p50, p90, p99),
+            oldest_open: oldest.into_iter().map(stored).collect(),
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -140,6 +140,7 @@ pub(super) const LIST: &str = "SELECT state, created_at, updated_at FROM sagas_i
        AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
        AND ($6::timestamptz IS NULL OR created_at >= $6)
        AND ($7::timestamptz IS NULL OR created_at < $7)
+       AND ($8::text IS NULL OR idempotency_key = $8)
      ORDER BY created_at DESC, id DESC
      LIMIT $5";
 
@@ -241,3 +242,33 @@ pub(super) const STUCK_STEPS: &str =
        ON p.n = s.n
      WHERE i.status = 'stuck' AND (s.st->>'stuck')::boolean
      ORDER BY i.updated_at, i.id, s.n";
+
+/// Instances by minute (since 1970) since `$1`: created (`started`, through
+/// `sagas_instances_created`), and by their last change for those now finished (through
+/// `sagas_instances_finished`) or stuck (through `sagas_instances_open`).
+pub(super) const ACTIVITY: &str = "SELECT m, k, count(*) FROM (
+       SELECT floor(extract(epoch FROM created_at) / 60)::bigint AS m, 'started' AS k
+       FROM sagas_instances WHERE created_at >= $1
+       UNION ALL
+       SELECT floor(extract(epoch FROM updated_at) / 60)::bigint, status
+       FROM sagas_instances
+       WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at >= $1
+       UNION ALL
+       SELECT floor(extract(epoch FROM updated_at) / 60)::bigint, status
+       FROM sagas_instances WHERE status = 'stuck' AND updated_at >= $1) a
+     GROUP BY m, k";
+
+/// How many instances finished since `$1`, and the nearest-rank percentiles 50, 90 and 99 of
+/// the microseconds they took.
+pub(super) const LATENCY: &str = "SELECT n, p[1], p[2], p[3] FROM (
+       SELECT count(*) AS n, percentile_disc(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY
+                (extract(epoch FROM updated_at - created_at) * 1000000)::bigint) AS p
+       FROM sagas_instances
+       WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at >= $1) l";
+
+/// The `$1` oldest open instances, oldest first.
+pub(super) const OLDEST_OPEN: &str =
+    "SELECT state, created_at, updated_at FROM sagas_instance_states
+     WHERE status IN ('running', 'compensating', 'stuck')
+     ORDER BY created_at, id
+     LIMIT $1";

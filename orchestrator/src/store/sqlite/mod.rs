@@ -41,8 +41,9 @@ use uuid::Uuid;
 use crate::machine::{Instance, Time, Timer, Transition};
 use crate::store::write_set::WriteSet;
 use crate::store::{
-    Created, Decide, Gauges, Idempotency, ListFilter, LoggedEvent, OutboxMessage, Pending,
-    PendingTimer, Pruned, SagaStore, StoreError, StoredInstance, StuckStep, Updated,
+    Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
+    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, SagaStore, StoreError,
+    StoredInstance, StuckStep, Updated,
 };
 use sagas_participant::protocol::Command;
 
@@ -418,9 +419,31 @@ impl SagaStore for SqliteStore {
             .bind(i64::from(filter.limit))
             .bind(filter.created_after.map(micros))
             .bind(filter.created_before.map(micros))
+            .bind(filter.idempotency_key.as_deref())
             .fetch_all(&self.reader)
             .await?;
         rows.into_iter().map(stored).collect()
+    }
+
+    async fn activity(&self, since: Time) -> Result<Activity, StoreError> {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(sql::ACTIVITY)
+            .bind(micros(since))
+            .fetch_all(&self.reader)
+            .await?;
+        let (n, p50, p90, p99): (i64, Option<i64>, Option<i64>, Option<i64>) =
+            sqlx::query_as(sql::LATENCY)
+                .bind(micros(since))
+                .fetch_one(&self.reader)
+                .await?;
+        let oldest: Vec<InstanceRow> = sqlx::query_as(sql::OLDEST_OPEN)
+            .bind(i64::from(OLDEST_OPEN))
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(Activity {
+            minutes: Minute::fold(rows)?,
+            latency: Latency::of_micros(n, p50, p90, p99),
+            oldest_open: oldest.into_iter().map(stored).collect::<Result<_, _>>()?,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

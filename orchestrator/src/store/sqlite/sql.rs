@@ -55,6 +55,7 @@ pub(super) const LIST: &str = "SELECT state, created_at, updated_at FROM sagas_i
      AND (?3 IS NULL OR (created_at, id) < (?3, ?4))
      AND (?6 IS NULL OR created_at >= ?6)
      AND (?7 IS NULL OR created_at < ?7)
+     AND (?8 IS NULL OR idempotency_key = ?8)
      ORDER BY created_at DESC, id DESC
      LIMIT ?5";
 
@@ -120,3 +121,30 @@ pub(super) const IN_FLIGHT: &str = "SELECT
 /// The states of stuck instances, oldest change first.
 pub(super) const STUCK: &str = "SELECT state, created_at, updated_at FROM sagas_instances
      WHERE status = 'stuck' ORDER BY updated_at, id";
+
+/// Instances by minute (since 1970; times are microseconds) since `?1`: created (`started`),
+/// and by their last change for those now finished or stuck.
+pub(super) const ACTIVITY: &str = "SELECT m, k, count(*) FROM (
+     SELECT created_at / 60000000 AS m, 'started' AS k FROM sagas_instances WHERE created_at >= ?1
+     UNION ALL
+     SELECT updated_at / 60000000, status FROM sagas_instances
+     WHERE status IN ('completed', 'compensated', 'resolved', 'stuck') AND updated_at >= ?1)
+     GROUP BY m, k";
+
+/// How many instances finished since `?1`, and the nearest-rank percentiles 50, 90 and 99 of
+/// the microseconds they took (the row numbers `ceil(n * p / 100)`).
+pub(super) const LATENCY: &str = "WITH r AS (
+     SELECT updated_at - created_at AS d,
+            row_number() OVER (ORDER BY updated_at - created_at) AS rn, count(*) OVER () AS n
+     FROM sagas_instances
+     WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at >= ?1)
+     SELECT count(*), max(CASE WHEN rn = (n * 50 + 99) / 100 THEN d END),
+            max(CASE WHEN rn = (n * 90 + 99) / 100 THEN d END),
+            max(CASE WHEN rn = (n * 99 + 99) / 100 THEN d END)
+     FROM r";
+
+/// The `?1` oldest open instances, oldest first.
+pub(super) const OLDEST_OPEN: &str = "SELECT state, created_at, updated_at FROM sagas_instances
+     WHERE status IN ('running', 'compensating', 'stuck')
+     ORDER BY created_at, id
+     LIMIT ?1";

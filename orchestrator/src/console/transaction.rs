@@ -1,0 +1,309 @@
+//! `/ui/transactions/{id}`: one transaction, and the operator actions on it.
+
+use std::sync::Arc;
+
+use axum::Form;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::header::LOCATION;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use maud::{Markup, html};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::timeline::{self, Entry};
+use super::{Failure, layout, session};
+use crate::api::sagas::{actor, parse_id, reason_text};
+use crate::api::{ApiError, Caller};
+use crate::engine::Engine;
+use crate::machine::OperatorAction;
+use crate::store::{LoggedEvent, StoredInstance};
+
+/// Query of the page: the action just done, after a form's redirect.
+#[derive(Debug, Default, Deserialize)]
+pub struct Done {
+    /// `abort`, `retry` or `resolve`.
+    pub done: Option<String>,
+}
+
+/// The form of an operator action.
+#[derive(Debug, Deserialize)]
+pub struct ActionForm {
+    /// Why.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// What a page says above the transaction: an action's result.
+enum Notice {
+    Done(OperatorAction),
+    Refused(OperatorAction, ApiError),
+}
+
+async fn load(engine: &Engine, id: Uuid) -> Result<(StoredInstance, Vec<LoggedEvent>), Failure> {
+    let stored = engine
+        .get(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("transaction {id} not found")))?;
+    let events = engine.events(id).await?;
+    Ok((stored, events))
+}
+
+/// `GET /ui/transactions/{id}`.
+pub async fn page(
+    State(engine): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
+    id: Result<Path<String>, PathRejection>,
+    Query(done): Query<Done>,
+) -> Result<Markup, Failure> {
+    let id = parse_id(id)?;
+    let (stored, events) = load(&engine, id).await?;
+    let notice = done
+        .done
+        .as_deref()
+        .and_then(action_named)
+        .map(Notice::Done);
+    Ok(render(&caller, &stored, &events, notice))
+}
+
+fn action_named(name: &str) -> Option<OperatorAction> {
+    OperatorAction::ALL.into_iter().find(|a| a.as_str() == name)
+}
+
+/// `POST /ui/transactions/{id}/{action}` with a `reason`: done, the browser is sent back to
+/// the page (303); refused, the page says why with the API's status (400, 403, 404, 409).
+pub async fn act(
+    State(engine): State<Arc<Engine>>,
+    Extension(caller): Extension<Caller>,
+    Path((raw_id, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Result<Response, Failure> {
+    let id = parse_id(Ok(Path(raw_id)))?;
+    let action = action_named(&action)
+        .ok_or_else(|| ApiError::not_found(format!("no operator action {action:?}")))?;
+    if !session::may_operate(&caller) {
+        return Err(Failure(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "operator actions need a token with the operate role; this one has {}",
+                caller.role.as_str()
+            ),
+        )));
+    }
+    let outcome = match reason_text(form.reason) {
+        Ok(reason) => {
+            let actor = actor(&caller, &headers)?;
+            let done = engine
+                .operate(id, action.input(actor.clone(), reason.clone()))
+                .await;
+            if done.is_ok() {
+                tracing::info!(%id, actor, reason, action = action.as_str(), "operator action");
+            }
+            done.map_err(ApiError::from)
+        }
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(_) => {
+            let to = format!("/ui/transactions/{id}?done={}", action.as_str());
+            let to = HeaderValue::from_str(&to).expect("a UUID and a word make a valid header");
+            Ok((StatusCode::SEE_OTHER, [(LOCATION, to)]).into_response())
+        }
+        Err(refused) => {
+            let status = refused.status();
+            let (stored, events) = load(&engine, id).await?;
+            let page = render(
+                &caller,
+                &stored,
+                &events,
+                Some(Notice::Refused(action, refused)),
+            );
+            Ok(super::with_status(status, page))
+        }
+    }
+}
+
+fn render(
+    caller: &Caller,
+    stored: &StoredInstance,
+    events: &[LoggedEvent],
+    notice: Option<Notice>,
+) -> Markup {
+    let inst = &stored.instance;
+    let plan = &inst.plan;
+    let timelines = timeline::steps(events, plan.steps.len());
+    let actions = timeline::actions(events);
+    let parallel = plan.steps.iter().any(|s| s.after.is_some());
+    let body = html! {
+        @match &notice {
+            Some(Notice::Done(a)) => { p.alert.ok { "Done: " (a.as_str()) ". The log below records it." } }
+            Some(Notice::Refused(a, e)) => {
+                p.alert.error { (a.as_str()) " refused (" (e.status().as_u16()) "): " (e.message()) }
+            }
+            None => {}
+        }
+        dl.facts {
+            dt { "Id" } dd.id { (inst.id) }
+            dt { "Status" } dd { (layout::status(inst.status)) }
+            dt { "Definition" } dd { a href={ "/ui/definitions#" (plan.name) "-v" (plan.version) } { (plan.name) " v" (plan.version) } " (" (plan.mode.as_str()) ")" }
+            dt { "Created" } dd { (layout::time(stored.created_at)) }
+            dt { "Last change" } dd { (layout::time(stored.updated_at)) " (" (layout::duration(stored.updated_at - stored.created_at)) " after creation)" }
+            dt { "Deadline" } dd { @match inst.deadline { Some(d) => (layout::time(d)), None => span.muted { "none" } } }
+            @if let Some(f) = &inst.failure { dt { "Failure" } dd.failure { (f) } }
+        }
+        h2 { "Operator actions" }
+        @if !actions.is_empty() {
+            table.actions {
+                thead { tr { th { "When" } th { "Action" } th { "Who" } th { "Why" } } }
+                tbody {
+                    @for a in &actions {
+                        tr { td { (layout::time(a.at)) } td { (a.action.as_str()) } td.actor { (a.actor) } td.reason { (a.reason) } }
+                    }
+                }
+            }
+        }
+        (operator(caller, stored))
+        h2 { "Input" }
+        (layout::json(&inst.input))
+        @if parallel {
+            h2 { "Step graph" }
+            ol.graph {
+                @for layer in timeline::layers(&(0..plan.steps.len()).map(|i| plan.deps(i)).collect::<Vec<_>>()) {
+                    li { ol.layer {
+                        @for i in layer {
+                            li.node {
+                                strong { (plan.steps[i].name) } " " (layout::badge(inst.steps[i].status.as_str()))
+                                @let deps = plan.deps(i);
+                                @if !deps.is_empty() {
+                                    br; span.muted { "after " (deps.iter().map(|&d| plan.steps[d].name.as_str()).collect::<Vec<_>>().join(", ")) }
+                                }
+                            }
+                        }
+                    } }
+                }
+            }
+        }
+        h2 { "Steps" }
+        @for ((p, s), entries) in plan.steps.iter().zip(&inst.steps).zip(&timelines) {
+            section.step {
+                h3 { (p.name) " " span.muted { "on " (p.participant) } " " (layout::badge(s.status.as_str()))
+                     @if s.stuck { " " (layout::badge("stuck")) } }
+                @if let Some(e) = &s.last_error { p.failure { (e) } }
+                @if let Some(o) = &s.output { details { summary { "Output" } (layout::json(o)) } }
+                (attempts(entries))
+            }
+        }
+        h2 { "Log" }
+        table.log {
+            thead { tr { th { "#" } th { "Logged" } th { "Kind" } th { "Event" } } }
+            tbody {
+                @for e in events {
+                    tr {
+                        td { (e.seq) }
+                        td { (layout::time(e.at)) }
+                        td { (e.event.kind()) }
+                        td { details { summary { (summary(e)) } (layout::json(&serde_json::to_value(&e.event).unwrap_or_default())) } }
+                    }
+                }
+            }
+        }
+    };
+    layout::page(
+        &format!("Transaction {}", short(inst.id)),
+        Some(caller),
+        body,
+    )
+}
+
+/// The first group of an id's digits (the whole id is on the page).
+fn short(id: Uuid) -> String {
+    id.to_string().chars().take(8).collect()
+}
+
+/// A log event in a few words.
+fn summary(e: &LoggedEvent) -> String {
+    use crate::machine::Event;
+    match &e.event {
+        Event::OperatorAction {
+            action,
+            actor,
+            reason,
+        } => {
+            format!("{} by {actor}: {reason}", action.as_str())
+        }
+        Event::Finished { status } => status.as_str().to_owned(),
+        Event::UndoStarted { reason }
+        | Event::Stuck { reason, .. }
+        | Event::GaveUp { reason, .. } => reason.clone(),
+        other => match (other.step(), other.operation(), other.attempt()) {
+            (Some(step), Some(op), Some(n)) => format!("step {step}, {} #{n}", op.as_str()),
+            (Some(step), _, _) => format!("step {step}"),
+            _ => String::new(),
+        },
+    }
+}
+
+fn attempts(entries: &[Entry]) -> Markup {
+    html! {
+        @if entries.is_empty() {
+            p.muted { "Not dispatched." }
+        } @else {
+            table.timeline {
+                thead { tr { th { "When" } th { "Attempt" } th { "What" } th { "Details" } } }
+                tbody {
+                    @for e in entries {
+                        tr class=(e.tone) {
+                            td { (layout::time(e.at)) }
+                            td { @if let Some((op, n)) = e.attempt { (op.as_str()) " #" (n) } }
+                            td { (e.what) }
+                            td {
+                                @if let Some(n) = &e.note { span.note { (n) } }
+                                @if let Some(d) = &e.data { (layout::json(d)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The forms of the operator actions: for an operate token, each with its reason; for a read
+/// token, disabled with a word why; none once the transaction is terminal.
+fn operator(caller: &Caller, stored: &StoredInstance) -> Markup {
+    let allowed = session::may_operate(caller);
+    let id = stored.instance.id;
+    let help = |a: OperatorAction| match a {
+        OperatorAction::Abort => "Compensate (or cancel) a transaction still in its forward phase.",
+        OperatorAction::Retry => {
+            "Send stuck or backing-off operations again now, stuck ones with a fresh budget."
+        }
+        OperatorAction::Resolve => {
+            "The effect was put right by hand: end a stuck transaction resolved."
+        }
+    };
+    if stored.instance.status.is_terminal() {
+        return html! { p.muted { "None to take: the transaction is " (stored.instance.status.as_str()) "." } };
+    }
+    html! {
+        @if !allowed {
+            p.hint { "Your token has the " (caller.role.as_str()) " role: operator actions need an operate token." }
+        }
+        div.forms {
+            @for a in OperatorAction::ALL {
+                form.action method="post" action={ "/ui/transactions/" (id) "/" (a.as_str()) } {
+                    fieldset disabled[!allowed] {
+                        legend { (a.as_str()) }
+                        p.hint { (help(a)) }
+                        label for={ "reason-" (a.as_str()) } { "Reason (recorded in the log)" }
+                        textarea id={ "reason-" (a.as_str()) } name="reason" required maxlength="1000" rows="2" {}
+                        button type="submit" name="action" value=(a.as_str()) { (a.as_str()) }
+                    }
+                }
+            }
+        }
+    }
+}
