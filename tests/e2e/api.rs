@@ -1082,6 +1082,25 @@ async fn metrics_count_started_and_finished_instances_by_definition_and_status()
         Some(1.0),
         "{text}"
     );
+    // Per step: how each attempt ended, and how long it took.
+    let series = |name: &str, label: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains("definition=\"api_metrics\""))
+            .filter(|l| l.contains(label))
+            .count()
+    };
+    // (The deadline compensated the third: its step's compensation ran.)
+    for operation in ["action", "compensate"] {
+        let label = format!("operation=\"{operation}\",outcome=\"succeeded\"");
+        assert!(
+            series("sagas_step_attempts_total{", &label) > 0,
+            "{operation}: {text}"
+        );
+    }
+    assert!(
+        series("sagas_step_attempt_duration_seconds_bucket{", "le=") > 0,
+        "{text}"
+    );
     assert_named(
         &text,
         &[

@@ -29,6 +29,11 @@ pub fn handle() -> &'static PrometheusHandle {
             )
             .expect("non-empty buckets")
             .set_buckets_for_metric(
+                Matcher::Full(metric::STEP_DURATION.to_owned()),
+                LATENCY_BUCKETS,
+            )
+            .expect("non-empty buckets")
+            .set_buckets_for_metric(
                 Matcher::Full(metric::REPLY_BATCH.to_owned()),
                 &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
             )

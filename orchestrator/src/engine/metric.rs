@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::machine::{Event, Status, Time};
+use crate::machine::{Effect, Event, Status, Time, Transition};
 use crate::store::Gauges;
 
 /// Counter, label `definition`: instances started.
@@ -43,6 +43,14 @@ pub const STATE_CACHE: &str = "sagas_state_cache_total";
 /// the AMQP transport.
 pub const AMQP_MESSAGES: &str = "sagas_amqp_messages_total";
 
+/// Counter, labels `definition`, `step`, `participant`, `operation`, `outcome` (`succeeded`,
+/// `failed`, `retry`, `in_progress`, `timed_out`): step attempts that ended, by how. Failures,
+/// retries asked for and timeouts of each step are its outcomes.
+pub const STEP_ATTEMPTS: &str = "sagas_step_attempts_total";
+/// Histogram, labels `definition`, `step`, `participant`, `operation`: seconds from an
+/// attempt's dispatch to its end (reply or timeout).
+pub const STEP_DURATION: &str = "sagas_step_attempt_duration_seconds";
+
 /// Gauge, label `status` (each status that is not terminal: `running`, `compensating`,
 /// `stuck`): open instances now.
 pub const OPEN: &str = "sagas_instances";
@@ -67,6 +75,8 @@ pub const BUILD_INFO: &str = "sagas_build_info";
 /// [`crate::api::observe::HTTP_DURATION`]). Alert rules and dashboards may name these only.
 pub const ALL: &[&str] = &[
     STARTED,
+    STEP_ATTEMPTS,
+    STEP_DURATION,
     FINISHED,
     STUCK,
     OPERATOR_ACTIONS,
@@ -103,6 +113,15 @@ pub fn describe() {
     describe_counter!(OPERATOR_ACTIONS, "Operator actions committed, by action.");
     describe_counter!(REPLIES, "Participant replies committed.");
     describe_counter!(DEAD_LETTERED, "Replies dead-lettered.");
+    describe_counter!(
+        STEP_ATTEMPTS,
+        "Step attempts that ended, by definition, step, participant, operation and outcome."
+    );
+    metrics::describe_histogram!(
+        STEP_DURATION,
+        metrics::Unit::Seconds,
+        "Seconds from a step attempt's dispatch to its reply or timeout."
+    );
     metrics::describe_histogram!(
         REPLY_BATCH,
         metrics::Unit::Count,
@@ -276,6 +295,40 @@ impl Stats {
 
     /// The events of a committed transition of an instance of `definition`: instances
     /// finished or stuck, operator actions.
+    /// Counts the attempts `t` ended, and how long each took up to `now` (when its dispatch
+    /// time is known).
+    pub(super) fn count_attempts(&self, t: &Transition, now: Time) {
+        let plan = &t.instance.plan;
+        for effect in &t.effects {
+            let Effect::AttemptEnded {
+                step,
+                operation,
+                sent_at,
+                outcome,
+                ..
+            } = effect
+            else {
+                continue;
+            };
+            let Some(p) = plan.steps.get(*step) else {
+                continue;
+            };
+            let labels = [
+                ("definition", plan.name.clone()),
+                ("step", p.name.clone()),
+                ("participant", p.participant.clone()),
+                ("operation", operation.as_str().to_owned()),
+            ];
+            if let Some(sent) = sent_at {
+                let seconds = (now - *sent).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                metrics::histogram!(STEP_DURATION, &labels).record(seconds);
+            }
+            let mut labels = labels.to_vec();
+            labels.push(("outcome", (*outcome).to_owned()));
+            metrics::counter!(STEP_ATTEMPTS, &labels).increment(1);
+        }
+    }
+
     pub(super) fn count_events(&self, definition: &str, events: &[Event]) {
         for event in events {
             match event {

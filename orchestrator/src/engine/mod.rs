@@ -176,6 +176,7 @@ impl Engine {
     /// waiting for the instance to settle.
     fn committed(&self, t: &Transition) {
         self.stats.count_events(&t.instance.plan.name, &t.events);
+        self.stats.count_attempts(t, self.clock.now());
         if settled(t.instance.status) && !t.events.is_empty() {
             self.settled_here(t.instance.id);
         }
