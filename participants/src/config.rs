@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -413,6 +414,9 @@ pub struct ParticipantConfig {
     /// Time handlers in flight get after the shutdown signal (`SAGAS_SHUTDOWN_TIMEOUT`, default
     /// 25s).
     pub shutdown_timeout: Duration,
+    /// Where [`ParticipantConfig::serve`] serves the participant's counters at `/metrics`
+    /// (`SAGAS_PARTICIPANT_METRICS_BIND`, e.g. `0.0.0.0:9464`; default unset: not served).
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 impl fmt::Debug for ParticipantConfig {
@@ -432,6 +436,7 @@ impl fmt::Debug for ParticipantConfig {
             .field("handler_timeout", &self.handler_timeout)
             .field("barrier_retention", &self.barrier_retention)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("metrics_bind", &self.metrics_bind)
             .finish()
     }
 }
@@ -480,6 +485,11 @@ impl ParticipantConfig {
         let barrier_retention =
             env.duration_or_off("SAGAS_BARRIER_RETENTION", Some(DEFAULT_BARRIER_RETENTION));
         let shutdown_timeout = env.duration("SAGAS_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT);
+        let metrics_bind = env.parse("SAGAS_PARTICIPANT_METRICS_BIND", None, |raw| {
+            raw.parse::<SocketAddr>()
+                .map(Some)
+                .map_err(|_| format!("{raw:?} is not an address and port such as 0.0.0.0:9464"))
+        });
         ParticipantConfig {
             name: name.into(),
             database_url,
@@ -491,6 +501,7 @@ impl ParticipantConfig {
             handler_timeout,
             barrier_retention,
             shutdown_timeout,
+            metrics_bind,
         }
     }
 
@@ -559,9 +570,34 @@ impl ParticipantConfig {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), RuntimeError> {
         tracing::info!(participant = %self.name, prefix = %self.broker.amqp_prefix, "participant starting");
-        self.participant(pool, handler)
+        let participant = self.participant(pool, handler);
+        let metrics = match self.metrics_bind {
+            None => None,
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| RuntimeError::Metrics(format!("binding {addr}: {e}")))?;
+                tracing::info!(%addr, "serving the participant's metrics at /metrics");
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let serve = crate::runtime::metrics::serve_metrics(
+                    listener,
+                    self.name.clone(),
+                    participant.stats(),
+                    async {
+                        let _ = stopped.await;
+                    },
+                );
+                Some((stop, tokio::spawn(serve)))
+            }
+        };
+        let served = participant
             .run_forever(&self.broker.amqp_url, shutdown)
-            .await
+            .await;
+        if let Some((stop, task)) = metrics {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+        served
     }
 }
 
@@ -692,6 +728,7 @@ mod tests {
         assert_eq!(c.barrier_retention, Some(DEFAULT_BARRIER_RETENTION));
         assert_eq!(c.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
         assert_eq!(c.handler_timeout, None);
+        assert_eq!(c.metrics_bind, None);
     }
 
     #[test]
@@ -712,6 +749,7 @@ mod tests {
             ("SAGAS_HANDLER_TIMEOUT", "10s"),
             ("SAGAS_BARRIER_RETENTION", "0"),
             ("SAGAS_SHUTDOWN_TIMEOUT", "5s"),
+            ("SAGAS_PARTICIPANT_METRICS_BIND", "127.0.0.1:9464"),
         ]);
         let c = ParticipantConfig::read(&mut e, "accounts", "ACCOUNTS_DATABASE_URL");
         e.finish().unwrap();
@@ -731,6 +769,7 @@ mod tests {
         assert_eq!(c.handler_timeout, Some(Duration::from_secs(10)));
         assert_eq!(c.barrier_retention, None);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(c.metrics_bind, Some("127.0.0.1:9464".parse().unwrap()));
         assert!(!format!("{c:?}").contains("u:p@"));
     }
 
@@ -749,6 +788,7 @@ mod tests {
             ("SAGAS_HANDLER_TIMEOUT", "5"),
             ("SAGAS_BARRIER_RETENTION", "30"),
             ("SAGAS_SHUTDOWN_TIMEOUT", "0"),
+            ("SAGAS_PARTICIPANT_METRICS_BIND", "everywhere"),
         ];
         let mut e = env(&bad);
         ParticipantConfig::read(&mut e, "accounts", "DATABASE_URL");

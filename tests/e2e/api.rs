@@ -1058,14 +1058,7 @@ async fn metrics_count_started_and_finished_instances_by_definition_and_status()
             .await?;
         assert_eq!(status, 200);
     }
-    let res = api.http.get(api.app.url("/metrics")).send().await?;
-    assert_eq!(res.status(), 200);
-    assert!(
-        res.headers()["content-type"]
-            .to_str()?
-            .starts_with("text/plain")
-    );
-    let text = res.text().await?;
+    let text = helpers::scrape(&api.http, &api.app.url("/metrics")).await?;
     let value = |series: &str| metric_value(&text, series);
     assert_eq!(
         value("sagas_instances_started_total{definition=\"api_metrics\"}"),

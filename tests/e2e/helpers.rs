@@ -745,3 +745,12 @@ pub fn built_binary(path: &str) -> Result<PathBuf> {
     );
     Ok(bin)
 }
+
+/// The Prometheus text at `url`, checked to be answered 200 as `text/plain`.
+pub async fn scrape(http: &reqwest::Client, url: &str) -> Result<String> {
+    let res = http.get(url).send().await?;
+    anyhow::ensure!(res.status() == 200, "{url}: {}", res.status());
+    let kind = res.headers()["content-type"].to_str()?.to_owned();
+    anyhow::ensure!(kind.starts_with("text/plain"), "{url}: {kind}");
+    Ok(res.text().await?)
+}

@@ -35,6 +35,7 @@
 mod admission;
 mod batching;
 mod completion;
+pub mod metrics;
 mod outage;
 mod process;
 mod replies;
@@ -105,6 +106,9 @@ pub enum RuntimeError {
     /// A reply sent with [`send_reply`] was not confirmed (nacked, or no queue took it).
     #[error("the reply was not confirmed by the broker: {0}")]
     NotConfirmed(String),
+    /// The metrics listener (`SAGAS_PARTICIPANT_METRICS_BIND`) could not start.
+    #[error("cannot serve the participant's metrics: {0}")]
+    Metrics(String),
 }
 
 /// Completes on SIGTERM or Ctrl-C (SIGINT): the usual shutdown signal of a participant process.
