@@ -358,3 +358,54 @@ fn flight(f: &InFlight, terminal: bool) -> Markup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::sagas::{AttemptView, TimerView};
+
+    #[test]
+    fn the_in_flight_box_says_a_fix_by_hand_is_safe_only_when_nothing_is_in_flight() {
+        let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let quiet = InFlight {
+            quiet: true,
+            outbox_rows: 0,
+            timers: vec![],
+            awaiting_reply: vec![],
+        };
+        let shown = flight(&quiet, false).into_string();
+        assert!(
+            shown.contains("Nothing in flight: safe to fix by hand."),
+            "{shown}"
+        );
+
+        let busy = InFlight {
+            quiet: false,
+            outbox_rows: 2,
+            timers: vec![TimerView {
+                step: Some("debit".into()),
+                kind: "backoff".into(),
+                operation: Some("compensate".into()),
+                attempt: Some(3),
+                due_at: at,
+                can_act: true,
+            }],
+            awaiting_reply: vec![AttemptView {
+                step: "credit".into(),
+                operation: "action".into(),
+                attempt: 1,
+                deadline: at,
+                in_progress: true,
+            }],
+        };
+        let shown = flight(&busy, false).into_string();
+        for text in [
+            "Not safe to fix by hand now",
+            "2 command(s) in the outbox",
+            "step debit: compensate #3 will be sent at 2027-01-15 08:00:00.000",
+            "step credit: action #1 awaits its reply until 2027-01-15 08:00:00.000 (in progress)",
+        ] {
+            assert!(shown.contains(text), "no {text:?} in {shown}");
+        }
+    }
+}
