@@ -1,6 +1,7 @@
 //! The web console at `/ui`: its pages and their guards over HTTP, then a real browser
 //! (headless Chromium driven over WebDriver) logging in, finding a stuck transaction from the
-//! overview, resolving it and reading the action back in the page's log.
+//! overview, resolving it and reading the action back in the page's log, then the other pages
+//! (a dead letter among them).
 //!
 //! `SAGAS_CONSOLE_SCREENSHOTS=DIR` saves a PNG of each page the browser visits in `DIR`
 //! (docs/console/ holds the ones the documentation shows).
@@ -25,6 +26,9 @@ use crate::helpers::{self, App, TestEnv, spawn_app_with_api};
 
 /// The definition whose transactions the tests make stuck.
 const DEFINITION: &str = "console_saga";
+
+/// Longest wait for anything a page should come to show.
+const WITHIN: Duration = Duration::from_secs(30);
 
 /// Longest wait for anything the browser shows.
 const BROWSER_WAIT: Duration = Duration::from_secs(15);
@@ -149,6 +153,49 @@ impl Console {
         Ok((status, location.unwrap_or(text)))
     }
 
+    /// Gets `path` with `cookie` until its page contains `text`, within [`WITHIN`].
+    async fn until(&self, path: &str, cookie: &str, text: &str) -> Result<String> {
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            let (status, page) = self.get(path, Some(cookie)).await?;
+            if status == 200 && page.contains(text) {
+                return Ok(page);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{path} never showed {text:?}: {status} {page}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Posts an action's form to `path` with `cookie`, from `origin` (none: no `Origin`); the
+    /// status, and the page or where it sends the browser.
+    async fn post(
+        &self,
+        path: &str,
+        reason: &str,
+        cookie: &str,
+        origin: Option<&str>,
+    ) -> Result<(u16, String)> {
+        let mut req = self
+            .http
+            .post(self.app.url(path))
+            .header(COOKIE, cookie)
+            .form(&[("reason", reason)]);
+        if let Some(o) = origin {
+            req = req.header(ORIGIN, o);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let location = res
+            .headers()
+            .get(LOCATION)
+            .map(|l| l.to_str().unwrap_or_default().to_owned());
+        let text = res.text().await?;
+        Ok((status, location.unwrap_or(text)))
+    }
+
     /// Posts an operator action's form with `cookie`, from `origin` (none: no `Origin`).
     async fn act(
         &self,
@@ -158,16 +205,8 @@ impl Console {
         cookie: &str,
         origin: Option<&str>,
     ) -> Result<(u16, String)> {
-        let mut req = self
-            .http
-            .post(self.app.url(&format!("/ui/transactions/{id}/{action}")))
-            .header(COOKIE, cookie)
-            .form(&[("reason", reason)]);
-        if let Some(o) = origin {
-            req = req.header(ORIGIN, o);
-        }
-        let res = req.send().await?;
-        Ok((res.status().as_u16(), res.text().await?))
+        let path = format!("/ui/transactions/{id}/{action}");
+        self.post(&path, reason, cookie, origin).await
     }
 }
 
@@ -217,6 +256,7 @@ async fn every_page_answers_a_logged_in_reader_and_escapes_what_transactions_car
         "/ui/transactions",
         "/ui/definitions",
         "/ui/transactions?status=running",
+        "/ui/dead-letters",
     ] {
         let (status, page) = c.get(path, Some(&cookie)).await?;
         assert_eq!(status, 200, "{path}: {page}");
@@ -237,6 +277,8 @@ async fn every_page_answers_a_logged_in_reader_and_escapes_what_transactions_car
         "{page}"
     );
     assert!(page.contains("<fieldset disabled>"), "{page}");
+    // Its action awaits a reply (or is still to be published): no time for a fix by hand.
+    assert!(page.contains("Not safe to fix by hand now"), "{page}");
     let (status, to) = c
         .get(&format!("/ui/transactions?id={id}"), Some(&cookie))
         .await?;
@@ -266,6 +308,12 @@ async fn a_read_cookie_cannot_resolve_and_neither_can_a_post_from_another_origin
     let read = c.login(READ_TOKEN).await?;
     let operate = c.login(OPERATE_TOKEN).await?;
     let origin = c.origin();
+    // Once the refused compensation has settled, nothing is in flight.
+    let path = format!("/ui/transactions/{id}");
+    let page = c
+        .until(&path, &read, "Nothing in flight: safe to fix by hand")
+        .await?;
+    assert!(!page.contains("settled by hand"), "{page}");
     let (status, page) = c
         .act(id, "resolve", "by hand", &read, Some(&origin))
         .await?;
@@ -310,6 +358,115 @@ async fn a_read_cookie_cannot_resolve_and_neither_can_a_post_from_another_origin
         page.contains("resolve by oncall: refunded by hand"),
         "{page}"
     );
+    // The stuck step is marked as the one the resolve settled.
+    assert!(
+        page.contains(r#"<span class="badge hand">settled by hand</span>"#),
+        "{page}"
+    );
+    c.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_shows_two_stuck_transactions_of_one_cause_as_one_group_of_two() -> Result<()>
+{
+    let c = Console::start(tokens()).await?;
+    let first = c.stuck().await?;
+    let second = c.stuck().await?;
+    let cookie = c.login(READ_TOKEN).await?;
+    let (status, page) = c.get("/ui", Some(&cookie)).await?;
+    assert_eq!(status, 200, "{page}");
+    let (_, groups) = page
+        .split_once(r#"<table class="causes">"#)
+        .context("no stuck groups on the overview")?;
+    let (groups, _) = groups.split_once("</table>").context("an unclosed table")?;
+    assert_eq!(
+        groups.matches("<tr>").count(),
+        2,
+        "a head and one group: {groups}"
+    );
+    for text in [
+        DEFINITION,
+        "hold",
+        crate::api::PARTICIPANT,
+        "cannot undo this",
+        r#"<td class="count">2</td>"#,
+    ] {
+        assert!(groups.contains(text), "no {text:?} in {groups}");
+    }
+    for id in [first, second] {
+        assert!(
+            groups.contains(&format!(r#"href="/ui/transactions/{id}""#)),
+            "no link to {id} in {groups}"
+        );
+    }
+    c.stop().await;
+    Ok(())
+}
+
+/// The id of the first dead letter a dead-letters page lists.
+fn first_letter(page: &str) -> Result<String> {
+    let (_, rest) = page
+        .split_once(r#"id="letter-"#)
+        .context("no dead letter listed")?;
+    Ok(rest.split('"').next().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letters_page_lists_a_malformed_reply_which_only_an_operate_cookie_from_the_console_drops()
+-> Result<()> {
+    let c = Console::start(tokens()).await?;
+    crate::dead_letters::malformed_reply(&c.env).await?;
+    let read = c.login(READ_TOKEN).await?;
+    let operate = c.login(OPERATE_TOKEN).await?;
+    let origin = c.origin();
+    let page = c
+        .until("/ui/dead-letters", &read, "malformed reply")
+        .await?;
+    let replies = c.env.topology.replies_queue();
+    for text in [
+        "{not json",
+        "application/json",
+        replies.as_str(),
+        "<fieldset disabled>",
+    ] {
+        assert!(page.contains(text), "no {text:?} in {page}");
+    }
+    let id = first_letter(&page)?;
+    let drop_form = format!("/ui/dead-letters/{id}/drop");
+
+    // A read cookie, another origin, no origin, no reason: refused, the message stays.
+    let (status, page) = c.post(&drop_form, "checked", &read, Some(&origin)).await?;
+    assert_eq!(status, 403, "{page}");
+    assert!(page.contains("drop of"), "{page}");
+    for from in [Some("http://evil.example"), None] {
+        let (status, page) = c.post(&drop_form, "checked", &operate, from).await?;
+        assert_eq!(status, 403, "{from:?}: {page}");
+    }
+    let (status, page) = c.post(&drop_form, " ", &operate, Some(&origin)).await?;
+    assert_eq!(status, 400, "{page}");
+    assert_eq!(first_letter(&page)?, id, "still listed");
+
+    // From the console with an operate cookie: dropped, then gone.
+    let (status, to) = c
+        .post(
+            &drop_form,
+            "a broken participant's test message",
+            &operate,
+            Some(&origin),
+        )
+        .await?;
+    assert_eq!(
+        (status, to.as_str()),
+        (303, format!("/ui/dead-letters?done=drop&id={id}").as_str())
+    );
+    let (status, page) = c.get(&to, Some(&operate)).await?;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Done: drop"), "{page}");
+    assert!(page.contains("The dead-letter queue is empty."), "{page}");
+    let (status, page) = c.post(&drop_form, "again", &operate, Some(&origin)).await?;
+    assert_eq!(status, 404, "{page}");
+    assert!(page.contains("refused (404)"), "{page}");
     c.stop().await;
     Ok(())
 }
@@ -473,6 +630,8 @@ async fn walk(browser: &fantoccini::Client, c: &Console, stuck: Uuid) -> Result<
         log.contains(&format!("resolve by oncall: {reason}")),
         "{log}"
     );
+    let steps = element(browser, "section.step h3").await?.text().await?;
+    assert!(steps.contains("settled by hand"), "{steps}");
     shoot(browser, "transaction").await?;
 
     browser.goto(&c.app.url("/ui/transactions")).await?;
@@ -481,6 +640,10 @@ async fn walk(browser: &fantoccini::Client, c: &Console, stuck: Uuid) -> Result<
     browser.goto(&c.app.url("/ui/definitions")).await?;
     element(browser, "section.definition").await?;
     shoot(browser, "definitions").await?;
+    browser.goto(&c.app.url("/ui/dead-letters")).await?;
+    let letter = element(browser, "section.letter").await?.text().await?;
+    assert!(letter.contains("malformed reply"), "{letter}");
+    shoot(browser, "dead-letters").await?;
     Ok(())
 }
 
@@ -494,6 +657,11 @@ async fn in_a_browser_an_operator_logs_in_finds_the_stuck_transaction_and_resolv
     c.env.wait_terminal(completed).await?;
     c.begin(json!({"answer": false})).await?;
     let stuck = c.stuck().await?;
+    // And a message in the dead-letter queue, listed before the browser looks.
+    crate::dead_letters::malformed_reply(&c.env).await?;
+    let read = c.login(READ_TOKEN).await?;
+    c.until("/ui/dead-letters", &read, "malformed reply")
+        .await?;
 
     let browser = driver.browser().await?;
     let walked = tokio::time::timeout(Duration::from_secs(90), walk(&browser, &c, stuck)).await;

@@ -64,6 +64,28 @@ impl Client {
     }
 }
 
+/// Publishes `{not json` (as `application/json`) to the replies queue, as a broken participant
+/// would, and waits (within [`WITHIN`]) for the broker to confirm it.
+pub(crate) async fn malformed_reply(env: &TestEnv) -> Result<()> {
+    let conn = tokio::time::timeout(WITHIN, Connection::connect(&amqp_url(), Default::default()))
+        .await
+        .context("no connection to the broker")??;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            env.topology.replies_queue().as_str().into(),
+            BasicPublishOptions::default(),
+            b"{not json",
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await?;
+    tokio::time::timeout(WITHIN, confirm).await??;
+    let _ = tokio::time::timeout(WITHIN, conn.close(200, "published".into())).await;
+    Ok(())
+}
+
 /// Runs sagactl with `args` against the app at `url` with `token`, off the runtime's threads,
 /// within [`WITHIN`].
 async fn sagactl(url: &str, token: &str, args: &[&str]) -> Result<std::process::Output> {
@@ -88,21 +110,7 @@ async fn a_malformed_reply_is_listed_with_its_reason_requeued_to_its_origin_and_
         app,
     };
     let replies = env.topology.replies_queue();
-
-    // A reply that is not JSON, as a broken participant would send it.
-    let conn = Connection::connect(&amqp_url(), Default::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            replies.as_str().into(),
-            BasicPublishOptions::default(),
-            b"{not json",
-            BasicProperties::default().with_content_type("application/json".into()),
-        )
-        .await?;
-    tokio::time::timeout(WITHIN, confirm).await??;
+    malformed_reply(&env).await?;
 
     let items = client
         .list_until("one dead letter", |items| items.len() == 1)
@@ -224,7 +232,6 @@ async fn a_malformed_reply_is_listed_with_its_reason_requeued_to_its_origin_and_
     let out = sagactl(&url, OPERATE_TOKEN, &requeue).await?;
     assert_eq!(out.status.code(), Some(1), "a refusal exits 1");
 
-    let _ = conn.close(200, "done".into()).await;
     client.app.stop().await;
     env.cleanup().await;
     Ok(())

@@ -128,15 +128,23 @@ pub async fn list(
     query: Result<Query<DeadLetterQuery>, QueryRejection>,
 ) -> Result<Json<DeadLetterPage>, ApiError> {
     let Query(query) = query?;
-    let limit = page_limit(query.limit.as_deref())?;
+    Ok(Json(DeadLetterPage {
+        items: letters(&engine, query.limit.as_deref()).await?,
+    }))
+}
+
+/// The first dead letters, oldest first, at most `limit` (as the query gives it) of them.
+pub(crate) async fn letters(
+    engine: &Engine,
+    limit: Option<&str>,
+) -> Result<Vec<DeadLetterView>, ApiError> {
+    let limit = page_limit(limit)?;
     let letters = engine
         .transport()
         .list_dead_letters(limit as usize)
         .await
         .map_err(transport_error)?;
-    Ok(Json(DeadLetterPage {
-        items: letters.into_iter().map(DeadLetterView::of).collect(),
-    }))
+    Ok(letters.into_iter().map(DeadLetterView::of).collect())
 }
 
 /// The answers of `POST /v1/dead-letters/{id}/requeue` and `/drop` that differ from the
@@ -171,7 +179,20 @@ async fn settle(
     let Path(id) = id?;
     let actor = actor(caller, headers)?;
     let reason = reason(body)?;
-    if !usable_id(&id) {
+    Ok(Json(
+        settle_letter(engine, &id, &actor, &reason, action).await?,
+    ))
+}
+
+/// Requeues or drops the dead letter `id` for `actor`, who says why, and logs it.
+pub(crate) async fn settle_letter(
+    engine: &Engine,
+    id: &str,
+    actor: &str,
+    reason: &str,
+    action: DeadLetterAction,
+) -> Result<DeadLetterView, ApiError> {
+    if !usable_id(id) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_id",
@@ -181,7 +202,7 @@ async fn settle(
     let not_found = || ApiError::not_found(format!("no dead letter has the id {id:?}"));
     let settled = engine
         .transport()
-        .settle_dead_letter(&id, action)
+        .settle_dead_letter(id, action)
         .await
         .map_err(transport_error)?
         .ok_or_else(not_found)?;
@@ -193,7 +214,7 @@ async fn settle(
         reason,
         "operator action on a dead letter"
     );
-    Ok(Json(DeadLetterView::of(settled)))
+    Ok(DeadLetterView::of(settled))
 }
 
 /// `POST /v1/dead-letters/{id}/requeue`: publishes the dead letter again to the queue it came

@@ -290,11 +290,6 @@ impl InFlight {
 impl SagaView {
     /// The view of a stored instance.
     pub fn of(stored: StoredInstance) -> SagaView {
-        let mut instance = stored.instance;
-        if instance.status == Status::Resolved {
-            // Stored before steps carried the mark, the projection lacks it.
-            instance.mark_resolved_by_hand();
-        }
         let Instance {
             id,
             plan,
@@ -304,7 +299,7 @@ impl SagaView {
             failure,
             deadline,
             ..
-        } = instance;
+        } = with_hand_marks(stored.instance);
         SagaView {
             id,
             definition: plan.name,
@@ -333,6 +328,15 @@ impl SagaView {
             in_flight: None,
         }
     }
+}
+
+/// `instance` with the steps settled by hand marked: a resolved projection stored before
+/// steps carried the mark lacks it.
+pub(crate) fn with_hand_marks(mut instance: Instance) -> Instance {
+    if instance.status == Status::Resolved {
+        instance.mark_resolved_by_hand();
+    }
+    instance
 }
 
 /// The idempotency key from the body or the `Idempotency-Key` header (they must agree).

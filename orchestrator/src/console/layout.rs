@@ -22,6 +22,7 @@ pub fn page(title: &str, caller: Option<&Caller>, body: Markup) -> Markup {
                     a.brand href="/ui" { "sagas" }
                     a href="/ui" { "Overview" }
                     a href="/ui/transactions" { "Transactions" }
+                    a href="/ui/dead-letters" { "Dead letters" }
                     a href="/ui/definitions" { "Definitions" }
                     span.spacer {}
                     @if let Some(caller) = caller {
@@ -83,6 +84,17 @@ pub fn json(value: &Value) -> Markup {
 /// A link to a transaction's page.
 pub fn transaction_link(id: uuid::Uuid) -> Markup {
     html! { a.id href={ "/ui/transactions/" (id) } { (id) } }
+}
+
+/// A link to a transaction's page that shows the first group of the id's digits (the whole
+/// id on hover).
+pub fn short_transaction_link(id: uuid::Uuid) -> Markup {
+    html! { a.id href={ "/ui/transactions/" (id) } title=(id) { (short(id)) } }
+}
+
+/// The first group of an id's digits.
+pub fn short(id: uuid::Uuid) -> String {
+    id.to_string().chars().take(8).collect()
 }
 
 #[cfg(test)]

@@ -3,10 +3,11 @@
 //! style sheet compiled into the binary; there is no script.
 //!
 //! - `/ui`: the overview (open instances now, the last hour minute by minute, latencies, the
-//!   stuck and the oldest open transactions);
+//!   stuck transactions grouped by cause and listed, the oldest open ones);
 //! - `/ui/transactions`: the list with its filters, keyset-paged as `GET /v1/sagas`;
 //! - `/ui/transactions/{id}`: one transaction, its steps' attempts, its log, and the operator
-//!   actions (forms for an `operate` token);
+//!   actions (forms for an `operate` token) beside what is still in flight;
+//! - `/ui/dead-letters`: the dead-letter queue, with a requeue and a drop form per message;
 //! - `/ui/definitions`: what this orchestrator runs;
 //! - `/ui/login`, `/ui/logout`: a token kept in a cookie ([`session`]).
 
@@ -22,6 +23,7 @@ use maud::html;
 use crate::api::{ApiError, Auth};
 use crate::engine::{Engine, EngineError};
 
+mod dead_letters;
 mod definitions;
 mod layout;
 mod overview;
@@ -44,6 +46,8 @@ pub fn router(auth: Arc<Auth>) -> Router<Arc<Engine>> {
         .route("/ui/transactions", get(transactions::page))
         .route("/ui/transactions/{id}", get(transaction::page))
         .route("/ui/transactions/{id}/{action}", post(transaction::act))
+        .route("/ui/dead-letters", get(dead_letters::page))
+        .route("/ui/dead-letters/{id}/{action}", post(dead_letters::act))
         .route("/ui/definitions", get(definitions::page))
         .route("/ui/logout", post(session::logout))
         .route("/ui/{*rest}", get(not_found))

@@ -7,6 +7,7 @@ use maud::{Markup, html};
 
 use super::{Failure, layout};
 use crate::api::Caller;
+use crate::api::stuck::{StuckGroup, group};
 use crate::engine::Engine;
 use crate::machine::{Status, Time};
 use crate::store::{ListFilter, Minute, StoredInstance};
@@ -67,6 +68,40 @@ fn bars(name: &str, values: &Series) -> Markup {
     }
 }
 
+/// The stuck transactions grouped by cause, as `GET /v1/stuck` groups them.
+fn causes(groups: &[StuckGroup], now: Time) -> Markup {
+    html! {
+        @if !groups.is_empty() {
+            table.causes {
+                thead { tr {
+                    th { "Definition" } th { "Step" } th { "Participant" } th { "Reason" }
+                    th { "Count" } th { "Last changes" } th { "Transactions" }
+                } }
+                tbody {
+                    @for g in groups {
+                        tr {
+                            td { a href={ "/ui/transactions?status=stuck&definition=" (g.definition) } { (g.definition) } }
+                            td { (g.step) }
+                            td { (g.participant) }
+                            td.failure { (g.reason) }
+                            td.count { (g.count) }
+                            td {
+                                (layout::duration(now - g.newest_updated_at)) " to "
+                                (layout::duration(now - g.oldest_updated_at)) " ago"
+                            }
+                            td.ids {
+                                @for id in &g.ids { (layout::short_transaction_link(*id)) " " }
+                                @if (g.ids.len() as u64) < g.count { span.muted { "and " (g.count - g.ids.len() as u64) " more" } }
+                            }
+                        }
+                    }
+                }
+            }
+            p.hint { "One line per definition, step, participant and reason (counts of attempts                       in reasons read as N): one broken participant is one line." }
+        }
+    }
+}
+
 fn instances(rows: &[StoredInstance], now: Time) -> Markup {
     html! {
         @if rows.is_empty() {
@@ -112,6 +147,7 @@ pub async fn page(
             limit: STUCK_SHOWN,
         })
         .await?;
+    let groups = group(engine.stuck_steps().await?);
     let [started, finished, compensated, stuck_series] = series(&activity.minutes, now);
     let open = [Status::Running, Status::Compensating, Status::Stuck];
     let body = html! {
@@ -164,6 +200,7 @@ pub async fn page(
             None => { p.muted { "No transaction finished in the last hour." } }
         }
         h2 { "Stuck" }
+        (causes(&groups, now))
         (instances(&stuck, now))
         @if stuck.len() as u32 == STUCK_SHOWN {
             p { a href="/ui/transactions?status=stuck" { "Every stuck transaction" } }

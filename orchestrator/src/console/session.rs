@@ -264,6 +264,18 @@ pub fn may_operate(caller: &Caller) -> bool {
     caller.role.allows(Role::Operate)
 }
 
+/// The refusal of an operator action to `caller`, who may not ([`may_operate`]).
+pub fn forbidden(caller: &Caller) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "operator actions need a token with the operate role; this one has {}",
+            caller.role.as_str()
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

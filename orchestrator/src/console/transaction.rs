@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::timeline::{self, Entry};
 use super::{Failure, layout, session};
-use crate::api::sagas::{actor, parse_id, reason_text};
+use crate::api::sagas::{InFlight, actor, parse_id, reason_text, with_hand_marks};
 use crate::api::{ApiError, Caller};
 use crate::engine::Engine;
 use crate::machine::OperatorAction;
@@ -41,13 +41,26 @@ enum Notice {
     Refused(OperatorAction, ApiError),
 }
 
-async fn load(engine: &Engine, id: Uuid) -> Result<(StoredInstance, Vec<LoggedEvent>), Failure> {
-    let stored = engine
+/// What the page shows of a transaction, read as `GET /v1/sagas/{id}` and `…/events` read it.
+struct Shown {
+    stored: StoredInstance,
+    events: Vec<LoggedEvent>,
+    in_flight: InFlight,
+}
+
+async fn load(engine: &Engine, id: Uuid) -> Result<Shown, Failure> {
+    let mut stored = engine
         .get(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("transaction {id} not found")))?;
+    stored.instance = with_hand_marks(stored.instance);
+    let in_flight = InFlight::of(&stored.instance, engine.in_flight(id).await?);
     let events = engine.events(id).await?;
-    Ok((stored, events))
+    Ok(Shown {
+        stored,
+        events,
+        in_flight,
+    })
 }
 
 /// `GET /ui/transactions/{id}`.
@@ -58,13 +71,13 @@ pub async fn page(
     Query(done): Query<Done>,
 ) -> Result<Markup, Failure> {
     let id = parse_id(id)?;
-    let (stored, events) = load(&engine, id).await?;
+    let shown = load(&engine, id).await?;
     let notice = done
         .done
         .as_deref()
         .and_then(action_named)
         .map(Notice::Done);
-    Ok(render(&caller, &stored, &events, notice))
+    Ok(render(&caller, &shown, notice))
 }
 
 fn action_named(name: &str) -> Option<OperatorAction> {
@@ -84,14 +97,7 @@ pub async fn act(
     let action = action_named(&action)
         .ok_or_else(|| ApiError::not_found(format!("no operator action {action:?}")))?;
     if !session::may_operate(&caller) {
-        return Err(Failure(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "operator actions need a token with the operate role; this one has {}",
-                caller.role.as_str()
-            ),
-        )));
+        return Err(Failure(session::forbidden(&caller)));
     }
     let outcome = match reason_text(form.reason) {
         Ok(reason) => {
@@ -114,24 +120,19 @@ pub async fn act(
         }
         Err(refused) => {
             let status = refused.status();
-            let (stored, events) = load(&engine, id).await?;
-            let page = render(
-                &caller,
-                &stored,
-                &events,
-                Some(Notice::Refused(action, refused)),
-            );
+            let shown = load(&engine, id).await?;
+            let page = render(&caller, &shown, Some(Notice::Refused(action, refused)));
             Ok(super::with_status(status, page))
         }
     }
 }
 
-fn render(
-    caller: &Caller,
-    stored: &StoredInstance,
-    events: &[LoggedEvent],
-    notice: Option<Notice>,
-) -> Markup {
+fn render(caller: &Caller, shown: &Shown, notice: Option<Notice>) -> Markup {
+    let Shown {
+        stored,
+        events,
+        in_flight,
+    } = shown;
     let inst = &stored.instance;
     let plan = &inst.plan;
     let timelines = timeline::steps(events, plan.steps.len());
@@ -165,7 +166,10 @@ fn render(
                 }
             }
         }
-        (operator(caller, stored))
+        div.operate {
+            div { (operator(caller, stored)) }
+            (flight(in_flight, inst.status.is_terminal()))
+        }
         h2 { "Input" }
         (layout::json(&inst.input))
         @if parallel {
@@ -190,7 +194,8 @@ fn render(
         @for ((p, s), entries) in plan.steps.iter().zip(&inst.steps).zip(&timelines) {
             section.step {
                 h3 { (p.name) " " span.muted { "on " (p.participant) } " " (layout::badge(s.status.as_str()))
-                     @if s.stuck { " " (layout::badge("stuck")) } }
+                     @if s.stuck { " " (layout::badge("stuck")) }
+                     @if s.resolved_by_hand { " " span.badge.hand { "settled by hand" } } }
                 @if let Some(e) = &s.last_error { p.failure { (e) } }
                 @if let Some(o) = &s.output { details { summary { "Output" } (layout::json(o)) } }
                 (attempts(entries))
@@ -212,15 +217,10 @@ fn render(
         }
     };
     layout::page(
-        &format!("Transaction {}", short(inst.id)),
+        &format!("Transaction {}", layout::short(inst.id)),
         Some(caller),
         body,
     )
-}
-
-/// The first group of an id's digits (the whole id is on the page).
-fn short(id: Uuid) -> String {
-    id.to_string().chars().take(8).collect()
 }
 
 /// A log event in a few words.
@@ -304,6 +304,108 @@ fn operator(caller: &Caller, stored: &StoredInstance) -> Markup {
                     }
                 }
             }
+        }
+    }
+}
+
+/// What is still in flight, and so whether a fix by hand is safe now (`in_flight` of
+/// `GET /v1/sagas/{id}`).
+fn flight(f: &InFlight, terminal: bool) -> Markup {
+    let timers: Vec<_> = f.timers.iter().filter(|t| t.can_act).collect();
+    let attempt = |step: Option<&str>, op: Option<&str>, n: Option<u32>| {
+        format!(
+            "step {}: {} #{}",
+            step.unwrap_or("-"),
+            op.unwrap_or("-"),
+            n.map_or_else(|| "-".to_owned(), |n| n.to_string())
+        )
+    };
+    html! {
+        aside.flight.quiet[f.quiet] {
+            h3 { "In flight" }
+            @if f.quiet {
+                p { strong { "Nothing in flight: safe to fix by hand." } }
+                p.hint {
+                    "No command waits in the outbox, no timer will send an attempt, no reply is                      awaited: nothing the orchestrator does will change the participant's data                      while you put it right."
+                    @if !terminal { " Then resolve, saying what you did." }
+                }
+            } @else {
+                p { strong { "Not safe to fix by hand now:" } " what is in flight may still                     change the participant's data or the transaction." }
+                ul {
+                    @if f.outbox_rows > 0 {
+                        li { (f.outbox_rows) " command(s) in the outbox, not yet published: a participant will receive them." }
+                    }
+                    @for a in &f.awaiting_reply {
+                        li {
+                            (attempt(Some(&a.step), Some(&a.operation), Some(a.attempt)))
+                            " awaits its reply until " (layout::time(a.deadline))
+                            @if a.in_progress { " (in progress)" }
+                            ": the participant may still apply it."
+                        }
+                    }
+                    @for t in &timers {
+                        li {
+                            @match t.kind.as_str() {
+                                "backoff" => { (attempt(t.step.as_deref(), t.operation.as_deref(), t.attempt)) " will be sent at " (layout::time(t.due_at)) "." }
+                                "deadline" => { (attempt(t.step.as_deref(), t.operation.as_deref(), t.attempt)) " times out at " (layout::time(t.due_at)) ", and may be sent again." }
+                                _ => { "The transaction's deadline at " (layout::time(t.due_at)) " will start compensating it." }
+                            }
+                        }
+                    }
+                }
+                p.hint { "Wait for these to settle (or retry, or abort) before touching the participant's data." }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::sagas::{AttemptView, TimerView};
+
+    #[test]
+    fn the_in_flight_box_says_a_fix_by_hand_is_safe_only_when_nothing_is_in_flight() {
+        let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let quiet = InFlight {
+            quiet: true,
+            outbox_rows: 0,
+            timers: vec![],
+            awaiting_reply: vec![],
+        };
+        let shown = flight(&quiet, false).into_string();
+        assert!(
+            shown.contains("Nothing in flight: safe to fix by hand."),
+            "{shown}"
+        );
+
+        let busy = InFlight {
+            quiet: false,
+            outbox_rows: 2,
+            timers: vec![TimerView {
+                step: Some("debit".into()),
+                kind: "backoff".into(),
+                operation: Some("compensate".into()),
+                attempt: Some(3),
+                due_at: at,
+                can_act: true,
+            }],
+            awaiting_reply: vec![AttemptView {
+                step: "credit".into(),
+                operation: "action".into(),
+                attempt: 1,
+                deadline: at,
+                in_progress: true,
+            }],
+        };
+        let shown = flight(&busy, false).into_string();
+        for text in [
+            "Not safe to fix by hand now",
+            "2 command(s) in the outbox",
+            "step debit: compensate #3 will be sent at 2027-01-15 08:00:00.000",
+            "step credit: action #1 awaits its reply until 2027-01-15 08:00:00.000 (in progress)",
+        ] {
+            assert!(shown.contains(text), "no {text:?} in {shown}");
         }
     }
 }
