@@ -168,7 +168,7 @@ fn render(caller: &Caller, shown: &Shown, notice: Option<Notice>) -> Markup {
         }
         div.operate {
             div { (operator(caller, stored)) }
-            (flight(in_flight, inst.status.is_terminal()))
+            (flight(in_flight, inst.status.is_terminal(), inst.id))
         }
         h2 { "Input" }
         (layout::json(&inst.input))
@@ -310,7 +310,7 @@ fn operator(caller: &Caller, stored: &StoredInstance) -> Markup {
 
 /// What is still in flight, and so whether a fix by hand is safe now (`in_flight` of
 /// `GET /v1/sagas/{id}`).
-fn flight(f: &InFlight, terminal: bool) -> Markup {
+fn flight(f: &InFlight, terminal: bool, id: uuid::Uuid) -> Markup {
     let timers: Vec<_> = f.timers.iter().filter(|t| t.can_act).collect();
     let attempt = |step: Option<&str>, op: Option<&str>, n: Option<u32>| {
         format!(
@@ -328,6 +328,13 @@ fn flight(f: &InFlight, terminal: bool) -> Markup {
                 p.hint {
                     "No command waits in the outbox, no timer will send an attempt, no reply is                      awaited: nothing the orchestrator does will change the participant's data                      while you put it right."
                     @if !terminal { " Then resolve, saying what you did." }
+                }
+                // The orchestrator holds no participant's database credentials: the operator's
+                // own tool reads the barrier tables (docs/operations.md, "Stuck transactions").
+                p.hint {
+                    "What each participant applied, step by step: "
+                    code { "sagactl show " (id) " --participant NAME=DATABASE_URL" }
+                    " reads its barrier table."
                 }
             } @else {
                 p { strong { "Not safe to fix by hand now:" } " what is in flight may still                     change the participant's data or the transaction." }
@@ -373,9 +380,15 @@ mod tests {
             timers: vec![],
             awaiting_reply: vec![],
         };
-        let shown = flight(&quiet, false).into_string();
+        let shown = flight(&quiet, false, uuid::Uuid::nil()).into_string();
         assert!(
             shown.contains("Nothing in flight: safe to fix by hand."),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(
+                "sagactl show 00000000-0000-0000-0000-000000000000 --participant NAME=DATABASE_URL"
+            ),
             "{shown}"
         );
 
@@ -398,7 +411,7 @@ mod tests {
                 in_progress: true,
             }],
         };
-        let shown = flight(&busy, false).into_string();
+        let shown = flight(&busy, false, uuid::Uuid::nil()).into_string();
         for text in [
             "Not safe to fix by hand now",
             "2 command(s) in the outbox",
