@@ -78,6 +78,11 @@ where
     Ok(Some(tracing_opentelemetry::layer().with_tracer(tracer)))
 }
 
+/// True once [`layer`] started exporting in this process.
+pub fn exporting() -> bool {
+    EXPORT.get().is_some()
+}
+
 /// Exports what is buffered and stops exporting. Call it as the process ends.
 pub fn shutdown() {
     if let Some((provider, _)) = EXPORT.get() {
@@ -87,7 +92,7 @@ pub fn shutdown() {
 
 /// Makes `span` a child of the remote span `trace` names (nothing when not exporting).
 pub fn continue_trace(span: &tracing::Span, trace: &TraceParent) {
-    if EXPORT.get().is_none() {
+    if !exporting() {
         return;
     }
     if let Some(cx) = remote(trace) {

@@ -13,6 +13,10 @@ use crate::machine::{Effect, Transition, attempt_span_id};
 
 /// Exports the spans of the attempts `t` ended.
 pub(super) fn attempts(t: &Transition) {
+    // Per committed transition: nothing to parse or build unless this process exports.
+    if !telemetry::exporting() {
+        return;
+    }
     let inst = &t.instance;
     let Some(root) = inst.traceparent.as_deref().and_then(TraceParent::parse) else {
         return;
