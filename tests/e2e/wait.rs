@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Result;
-use sagas::orchestrator::store::LISTENER_NAME;
+use sagas::orchestrator::store::{LISTENER_NAME, PgStore, SagaStore};
 use sagas::orchestrator::transport::AmqpConfig;
 use sagas::orchestrator::{Engine, EngineConfig, Registry, Status};
 use sagas_test_support::{delete_amqp, eventually, unique_topology};
@@ -156,9 +156,15 @@ async fn a_settled_transaction_wakes_only_the_wait_on_it() -> Result<()> {
         .reply(&commands[&ids[3]], json!({"status": "succeeded"}))
         .await?;
     let done = tokio::time::timeout(Duration::from_secs(30), waits.remove(3)).await???;
-    assert_eq!(done.map(|s| s.instance.status), Some(Status::Completed));
-    // The one woken wait read once more; no other wait read again.
-    assert_eq!(reads(&engine), WAITS as u64 + 1);
+    assert_eq!(
+        done.as_ref().map(|s| s.instance.status),
+        Some(Status::Completed)
+    );
+    // The transition committed here handed its instance to the wait: no wait read again, and
+    // the answer is the instance as stored, timestamps included.
+    assert_eq!(reads(&engine), WAITS as u64);
+    assert_eq!(engine.stats().wait_handed.load(Ordering::Relaxed), 1);
+    assert_eq!(done, engine.get(ids[3]).await?);
     assert_eq!(engine.waiting(), WAITS - 1);
     assert!(waits.iter().all(|w| !w.is_finished()));
 
@@ -168,8 +174,46 @@ async fn a_settled_transaction_wakes_only_the_wait_on_it() -> Result<()> {
         let _ = wait.await;
     }
     assert_eq!(engine.waiting(), 0);
+    // No other process listens: nothing was announced.
+    assert_eq!(engine.stats().announced.load(Ordering::Relaxed), 0);
     app.stop().await;
     participant.close().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_sees_other_processes_listening_but_not_its_own_listener() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let (one, two) = (
+        PgStore::new(env.orch.clone())
+            .settlements()
+            .expect("PostgreSQL announces"),
+        PgStore::new(env.orch.clone())
+            .settlements()
+            .expect("PostgreSQL announces"),
+    );
+    assert!(!one.others_listening().await?, "nobody listens yet");
+    let mine = one.listen().await?;
+    assert!(
+        !one.others_listening().await?,
+        "its own listener is not another"
+    );
+    assert!(two.others_listening().await?);
+    let theirs = two.listen().await?;
+    assert!(one.others_listening().await?);
+    drop(theirs);
+    // Its connection closes in the background: bounded, every 20 ms for up to 10 s.
+    let mut alone = false;
+    for _ in 0..500 {
+        if !one.others_listening().await? {
+            alone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(alone, "the other listener is gone within 10 s");
+    drop(mine);
     env.cleanup().await;
     Ok(())
 }

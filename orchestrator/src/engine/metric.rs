@@ -32,6 +32,11 @@ pub const PUBLISH_FAILURES: &str = "sagas_publish_failures_total";
 pub const PRUNED: &str = "sagas_instances_pruned_total";
 /// Counter: reads of an instance by a waiting request (`?wait`).
 pub const WAIT_READS: &str = "sagas_wait_reads_total";
+/// Counter: waiting requests answered with the instance a transition of this process handed
+/// them, without a read.
+pub const WAIT_HANDED: &str = "sagas_wait_handed_total";
+/// Counter: ids of settled instances announced to the other processes.
+pub const ANNOUNCED: &str = "sagas_wait_announced_total";
 /// Counter: connections of the listener for instances other processes settled.
 pub const LISTENER_CONNECTS: &str = "sagas_wait_listener_connects_total";
 /// Counter, label `result` (`hit`, `stale`): replies decided on a state this process had
@@ -88,6 +93,8 @@ pub const ALL: &[&str] = &[
     PUBLISH_FAILURES,
     PRUNED,
     WAIT_READS,
+    WAIT_HANDED,
+    ANNOUNCED,
     LISTENER_CONNECTS,
     STATE_CACHE,
     AMQP_MESSAGES,
@@ -136,7 +143,15 @@ pub fn describe() {
     describe_counter!(PRUNED, "Finished instances deleted by the retention loop.");
     describe_counter!(
         WAIT_READS,
-        "Reads of an instance by waiting requests: one as a wait begins, one per wake-up."
+        "Reads of an instance by waiting requests: one as a wait begins (unless it started the instance), one per wake-up that did not hand the instance over."
+    );
+    describe_counter!(
+        WAIT_HANDED,
+        "Waiting requests answered with the instance a transition of this process committed, without a read."
+    );
+    describe_counter!(
+        ANNOUNCED,
+        "Settled transactions announced to other orchestrator processes (none while no other listens)."
     );
     describe_counter!(
         LISTENER_CONNECTS,
@@ -229,6 +244,10 @@ pub struct Stats {
     pub pruned: AtomicU64,
     /// Reads of an instance by waiting requests ([`WAIT_READS`]).
     pub wait_reads: AtomicU64,
+    /// Waits answered with a handed instance ([`WAIT_HANDED`]).
+    pub wait_handed: AtomicU64,
+    /// Settled instances announced to other processes ([`ANNOUNCED`]).
+    pub announced: AtomicU64,
     /// Connections of the listener for instances other processes settled
     /// ([`LISTENER_CONNECTS`]).
     pub listener_connects: AtomicU64,
@@ -280,6 +299,18 @@ impl Stats {
     pub(super) fn count_wait_read(&self) {
         self.wait_reads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(WAIT_READS).increment(1);
+    }
+
+    /// A waiting request was answered with the instance handed to it.
+    pub(super) fn count_wait_handed(&self) {
+        self.wait_handed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(WAIT_HANDED).increment(1);
+    }
+
+    /// Settled instances were announced to the other processes.
+    pub(super) fn count_announced(&self, ids: usize) {
+        self.announced.fetch_add(ids as u64, Ordering::Relaxed);
+        metrics::counter!(ANNOUNCED).increment(ids as u64);
     }
 
     /// The listener for instances other processes settled (re)connected.

@@ -129,7 +129,7 @@ impl Engine {
         let publisher = Publisher::new(transport.clone(), store.clone(), stats.clone());
         let creator = starts::batcher(store.clone(), clock.clone(), publisher.clone());
         let settlements = store.settlements().filter(|_| config.wait_notify);
-        let announcer = wait::announcer(settlements.clone());
+        let announcer = wait::announcer(settlements.clone(), stats.clone());
         Arc::new(Engine {
             publisher,
             creator,
@@ -174,11 +174,12 @@ impl Engine {
 
     /// Records what a committed transition changed: metrics, and a wake-up for requests
     /// waiting for the instance to settle.
-    fn committed(&self, t: &Transition) {
+    /// `now` is the time it stored as the instance's `updated_at`.
+    fn committed(&self, t: &Transition, now: Time) {
         self.stats.count_events(&t.instance.plan.name, &t.events);
         self.stats.count_attempts(t, self.clock.now());
         if settled(t.instance.status) && !t.events.is_empty() {
-            self.settled_here(t.instance.id);
+            self.settled_here(&t.instance, now);
         }
         #[cfg(feature = "otel")]
         trace::attempts(t);
@@ -196,7 +197,7 @@ impl Engine {
             .store
             .update(id, fired, now, self.decider(input, now))
             .await?;
-        self.committed(&updated.transition);
+        self.committed(&updated.transition, now);
         self.publish(updated.outbox).await;
         Ok(updated.transition.instance)
     }

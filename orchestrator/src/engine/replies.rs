@@ -113,7 +113,7 @@ impl Engine {
         for ((id, incoming), result) in replies.into_iter().zip(results) {
             let result = match result {
                 Ok(updated) => {
-                    self.committed(&updated.transition);
+                    self.committed(&updated.transition, now);
                     outbox.extend(updated.outbox);
                     Ok(())
                 }

@@ -36,6 +36,8 @@ pub struct Started {
     pub instance: Instance,
     /// False when the idempotency key named an existing instance.
     pub created: bool,
+    /// When it was stored.
+    pub created_at: Time,
 }
 
 /// Starts are stored in batches of at most this many (one statement, one transaction)...
@@ -61,7 +63,8 @@ impl Prepared<'_> {
 /// A start waiting to be stored, and where to send the result.
 pub(super) struct Creation {
     start: Transition,
-    done: oneshot::Sender<(Transition, Result<Vec<OutboxMessage>, StoreError>)>,
+    /// Gets back the start, the time its batch stored, and the batch's result for it.
+    done: oneshot::Sender<(Transition, Time, Result<Vec<OutboxMessage>, StoreError>)>,
 }
 
 /// The batcher of starts, spawned on the current Tokio runtime (none outside one: then each
@@ -138,7 +141,7 @@ async fn create_loop(
                 .collect();
             publisher.publish(outbox).await;
             for ((start, done), result) in starts.into_iter().zip(senders).zip(results) {
-                let _ = done.send((start, result));
+                let _ = done.send((start, now, result));
             }
         });
     }
@@ -228,10 +231,10 @@ impl Engine {
             idempotency,
         } = prepared;
         let id = t.instance.id;
-        let (t, outbox) = match &idempotency {
+        let (t, created_at, outbox) = match &idempotency {
             None => self.create(t, now).await?,
             Some(idem) => match self.store.create_idempotent(&t, now, idem).await? {
-                Created::New(outbox) => (t, outbox),
+                Created::New(outbox) => (t, now, outbox),
                 Created::Existing {
                     id,
                     same_request: true,
@@ -240,6 +243,7 @@ impl Engine {
                     return Ok(Started {
                         instance: stored.instance,
                         created: false,
+                        created_at: stored.created_at,
                     });
                 }
                 Created::Existing { id, .. } => {
@@ -251,32 +255,34 @@ impl Engine {
             },
         };
         self.stats.count_start(definition);
-        self.committed(&t);
+        self.committed(&t, created_at);
         tracing::debug!(%id, definition, "started");
         self.publish(outbox).await;
         Ok(Started {
             instance: t.instance,
             created: true,
+            created_at,
         })
     }
 
-    /// Stores a start through the batcher (or alone without one).
+    /// Stores a start through the batcher (or alone without one), answering the time stored
+    /// as its `created_at`.
     async fn create(
         &self,
         start: Transition,
         now: Time,
-    ) -> Result<(Transition, Vec<OutboxMessage>), StoreError> {
+    ) -> Result<(Transition, Time, Vec<OutboxMessage>), StoreError> {
         let start = match &self.creator {
             Some(creator) => {
                 let (done, result) = oneshot::channel();
                 match creator.send(Creation { start, done }) {
                     Ok(()) => {
-                        let (start, outbox) = result
+                        let (start, stored_at, outbox) = result
                             .await
                             // The batcher is gone (the runtime is shutting down): whether the
                             // start was stored is unknown, as after a lost connection.
                             .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
-                        return Ok((start, outbox?));
+                        return Ok((start, stored_at, outbox?));
                     }
                     Err(mpsc::error::SendError(creation)) => creation.start,
                 }
@@ -284,6 +290,6 @@ impl Engine {
             None => start,
         };
         let outbox = self.store.create(&start, now).await?;
-        Ok((start, outbox))
+        Ok((start, now, outbox))
     }
 }

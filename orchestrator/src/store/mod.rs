@@ -530,6 +530,9 @@ pub trait Settlements: Send + Sync + 'static {
 
     /// A connection of its own that hears every announcement from now on.
     async fn listen(&self) -> Result<Box<dyn Announcements>, StoreError>;
+
+    /// Whether a process other than this one listens now; announcements are for them alone.
+    async fn others_listening(&self) -> Result<bool, StoreError>;
 }
 
 /// What one listening connection hears ([`Settlements::listen`]).

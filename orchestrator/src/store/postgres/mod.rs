@@ -426,6 +426,7 @@ impl SagaStore for PgStore {
     fn settlements(&self) -> Option<Arc<dyn Settlements>> {
         Some(Arc::new(PgSettlements {
             pool: self.pool.clone(),
+            listener_pid: Default::default(),
         }))
     }
 }

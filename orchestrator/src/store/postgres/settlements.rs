@@ -4,6 +4,11 @@
 //! An announcement is a statement of its own, after the transitions it names committed: a
 //! NOTIFY in the write transaction would serialize the committers on PostgreSQL's global
 //! notification lock. Its payloads are the ids' 32 hex digits each, back to back.
+//!
+//! Whether another process listens is read from `pg_stat_activity`: the sessions named
+//! [`LISTENER_NAME`] in this database other than this process's own listener.
+
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
@@ -29,6 +34,9 @@ const IDS_PER_PAYLOAD: usize = 7999 / ID_LEN;
 /// of its own.
 pub(super) struct PgSettlements {
     pub pool: PgPool,
+    /// The backend pid of this process's listening connection (0 before the first): the one
+    /// listener [`Settlements::others_listening`] does not count.
+    pub listener_pid: AtomicI32,
 }
 
 /// The payloads that announce `ids`.
@@ -75,7 +83,20 @@ impl Settlements for PgSettlements {
         // may have missed announcements meanwhile.
         listener.eager_reconnect(false);
         listener.listen(SETTLED_CHANNEL).await?;
+        let (pid,): (i32,) = sqlx::query_as(sql::BACKEND_PID)
+            .fetch_one(&mut listener)
+            .await?;
+        self.listener_pid.store(pid, Ordering::Relaxed);
         Ok(Box::new(PgAnnouncements { listener }))
+    }
+
+    async fn others_listening(&self) -> Result<bool, StoreError> {
+        let (others,): (bool,) = sqlx::query_as(sql::OTHERS_LISTENING)
+            .bind(LISTENER_NAME)
+            .bind(self.listener_pid.load(Ordering::Relaxed))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(others)
     }
 }
 

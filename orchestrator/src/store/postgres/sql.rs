@@ -172,6 +172,14 @@ pub(super) const ANNOUNCE: &str =
     "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, p)
      FROM unnest($2::text[]) AS p";
 
+/// The backend pid of the session (a listener's own).
+pub(super) const BACKEND_PID: &str = "SELECT pg_backend_pid()";
+
+/// Whether a listener (`$1`, the listeners' `application_name`) other than the one of pid `$2`
+/// is connected to this database.
+pub(super) const OTHERS_LISTENING: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+     WHERE datname = current_database() AND application_name = $1 AND pid <> $2)";
+
 /// Takes the prune lock (`$1`) for the transaction if no other process holds it.
 pub(super) const PRUNE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 
