@@ -13,6 +13,7 @@ mod batch;
 mod batch_locks;
 mod batch_messages;
 mod batch_trace;
+mod declarations;
 #[cfg(feature = "broker-restart-tests")]
 mod broker_restart;
 mod in_progress;
