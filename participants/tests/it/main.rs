@@ -13,12 +13,13 @@ mod batch;
 mod batch_locks;
 mod batch_messages;
 mod batch_trace;
-mod declarations;
 #[cfg(feature = "broker-restart-tests")]
 mod broker_restart;
+mod declarations;
 mod in_progress;
 mod outage;
 mod runtime;
+mod schemas;
 mod testing;
 mod trace;
 mod wire;
