@@ -1,5 +1,6 @@
 //! The JSON Schemas of the message bodies (docs/schemas/), generated from the Rust types, and
-//! checked against the runtime's own decoding.
+//! the example bodies of docs/protocol.md checked against them and against the runtime's own
+//! decoding.
 //!
 //! A failing comparison means the types changed: check that the change is one the protocol
 //! allows (docs/protocol.md, "Versioning"), then regenerate the files with
@@ -8,7 +9,7 @@
 use std::path::PathBuf;
 
 use jsonschema::Validator;
-use sagas_participant::protocol::{Command, MAX_BATCH, Reply};
+use sagas_participant::protocol::{Command, MAX_BATCH, Reply, split_batch};
 use sagas_participant::runtime::decode_command;
 use schemars::{JsonSchema, Schema, schema_for};
 use serde_json::Value;
@@ -31,7 +32,8 @@ struct CommandBatch(#[schemars(length(min = 1, max = MAX_BATCH))] Vec<Command>);
 #[allow(dead_code)]
 struct ReplyBatch(#[schemars(length(min = 1, max = MAX_BATCH))] Vec<Reply>);
 
-/// The kinds of body, by the name of their schema file.
+/// The kinds of body, by the name of their schema file and of the tag of their examples in
+/// docs/protocol.md (a fenced block opened with ```` ```json command ````, for instance).
 const KINDS: [&str; 4] = ["command", "reply", "command-batch", "reply-batch"];
 
 fn generate(kind: &str) -> Schema {
@@ -83,6 +85,80 @@ fn the_published_schemas_are_those_of_the_rust_types() {
          `SAGAS_UPDATE_SCHEMAS=1 cargo test -p sagas-participant --test it -- schemas::` \
          and commit them."
     );
+}
+
+/// The fenced blocks of docs/protocol.md opened with ```` ```json {tag} ````.
+fn examples(tag: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(docs().join("protocol.md")).expect("read protocol.md");
+    let mut found = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() != format!("```json {tag}") {
+            continue;
+        }
+        let block: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
+        found.push(block.join("\n"));
+    }
+    found
+}
+
+/// Whether the runtime takes `body` as `kind`, element by element for a batch.
+fn decodes(kind: &str, body: &str) -> Result<(), String> {
+    let one = |kind: &str, element: &str| match kind {
+        "command" => decode_command(element.as_bytes())
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        _ => serde_json::from_str::<Reply>(element)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+    };
+    match kind.strip_suffix("-batch") {
+        None => one(kind, body),
+        Some(single) => split_batch(body.as_bytes())?
+            .iter()
+            .try_for_each(|element| one(single, element.get())),
+    }
+}
+
+#[test]
+fn every_example_body_in_the_protocol_document_is_valid_and_decodes() {
+    for kind in KINDS {
+        let validator = validator(kind);
+        let bodies = examples(kind);
+        assert!(
+            !bodies.is_empty(),
+            "protocol.md has no `json {kind}` example"
+        );
+        for body in bodies {
+            let value: Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("a {kind} example is not JSON ({e}):\n{body}"));
+            let errors: Vec<String> = validator
+                .iter_errors(&value)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{kind} example:\n{body}\n{errors:?}");
+            decodes(kind, &body)
+                .unwrap_or_else(|e| panic!("the runtime refuses a {kind} example ({e}):\n{body}"));
+        }
+    }
+}
+
+#[test]
+fn the_dead_lettered_example_command_is_refused_by_the_schema_and_the_runtime() {
+    let validator = validator("command");
+    let bodies = examples("dead-letter");
+    assert!(
+        !bodies.is_empty(),
+        "protocol.md has no `json dead-letter` example"
+    );
+    for body in bodies {
+        let value: Value = serde_json::from_str(&body).expect("JSON");
+        assert!(!validator.is_valid(&value), "the schema takes:\n{body}");
+        assert!(
+            decode_command(body.as_bytes()).is_err(),
+            "the runtime takes:\n{body}"
+        );
+    }
 }
 
 #[test]
