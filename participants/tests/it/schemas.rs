@@ -197,6 +197,14 @@ fn the_command_schema_refuses_what_the_runtime_dead_letters_and_takes_what_it_ta
         assert_eq!(validator.is_valid(&body), by_runtime, "{what}");
         assert_eq!(by_runtime, what == "valid", "{what}");
     }
+    // The one difference, as docs/protocol.md says: the schema wants the hyphenated form.
+    let simple = with(
+        &valid,
+        "transaction_id",
+        "0197a3c45e6f7a8b9c0d1e2f3a4b5c6d".into(),
+    );
+    assert!(decode_command(&serde_json::to_vec(&simple).unwrap()).is_ok());
+    assert!(!validator.is_valid(&simple));
 }
 
 fn with(value: &Value, field: &str, to: Value) -> Value {
