@@ -4,6 +4,7 @@
 //! language with a plain AMQP client; docs/protocol.md is the normative description.
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -56,8 +57,11 @@ pub fn join_batch<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
 }
 
 /// What a command asks a participant to do with one step of one transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
+#[schemars(
+    description = "action or compensate (saga); try, confirm or cancel (TCC). A participant answers an operation its step does not have with a failed reply."
+)]
 pub enum Operation {
     /// Saga forward operation.
     Action,
@@ -123,32 +127,62 @@ impl std::fmt::Display for Operation {
 }
 
 /// A command from the orchestrator to a participant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The `schemars` descriptions are those of docs/schemas/command.schema.json, for readers
+/// who do not read Rust.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(
+    title = "Command",
+    description = "The body of a command from the orchestrator to a participant (sagas wire protocol, version 1: docs/protocol.md). Unknown fields are ignored."
+)]
 pub struct Command {
     /// Protocol version ([`PROTOCOL_VERSION`]).
+    #[schemars(
+        extend("const" = PROTOCOL_VERSION),
+        description = "The protocol version, 1. A participant dead-letters any other version."
+    )]
     pub protocol: u32,
     /// The transaction (saga instance) id.
+    #[schemars(description = "The transaction (saga instance).")]
     pub transaction_id: Uuid,
     /// The saga definition name.
+    #[schemars(description = "The definition name.")]
     pub definition: String,
     /// The step name, unique within the definition.
+    #[schemars(description = "The step name, unique within the definition.")]
     pub step: String,
     /// What to do.
     pub operation: Operation,
     /// Delivery attempt of this operation, starting at 1.
+    #[schemars(
+        range(min = 1, max = u32::MAX),
+        description = "Delivery attempt of this operation of this step, from 1."
+    )]
     pub attempt: u32,
     /// The step's command, computed once and logged before the first dispatch.
+    #[schemars(
+        description = "The step's command: any JSON value, null included, but present. The same in every attempt and operation of the step."
+    )]
     pub payload: Value,
     /// The output of the forward operation; set for `compensate`, `confirm` and `cancel`
     /// when the forward operation replied `succeeded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        description = "Only in compensate, confirm and cancel: the output of the step's forward operation, when it replied succeeded with a non-null output."
+    )]
     pub output: Option<Value>,
     /// When the orchestrator stops waiting for this attempt's reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        description = "When the orchestrator stops waiting for this attempt's reply (RFC 3339, UTC). Informational."
+    )]
     pub deadline: Option<DateTime<Utc>>,
     /// The W3C trace context of the request that started the transaction, when it had one;
     /// also sent as the `traceparent` AMQP header (added in protocol 1; absent before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        description = "The W3C trace context of the transaction, also sent as the traceparent header. An invalid value is ignored."
+    )]
     pub traceparent: Option<String>,
 }
 
@@ -175,17 +209,31 @@ impl Command {
 }
 
 /// A participant's reply to a command.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(
+    title = "Reply",
+    description = "The body of a participant's reply to a command (sagas wire protocol, version 1: docs/protocol.md). Unknown fields are ignored."
+)]
 pub struct Reply {
     /// Protocol version ([`PROTOCOL_VERSION`]).
+    #[schemars(
+        extend("const" = PROTOCOL_VERSION),
+        description = "The protocol version of the command answered, 1."
+    )]
     pub protocol: u32,
     /// The transaction id from the command.
+    #[schemars(description = "The command's transaction_id.")]
     pub transaction_id: Uuid,
     /// The step name from the command.
+    #[schemars(description = "The command's step.")]
     pub step: String,
     /// The operation from the command.
     pub operation: Operation,
     /// The attempt from the command.
+    #[schemars(
+        range(min = 1, max = u32::MAX),
+        description = "The command's attempt (the orchestrator ignores a reply with attempt 0)."
+    )]
     pub attempt: u32,
     /// What happened.
     pub outcome: Outcome,
@@ -202,34 +250,54 @@ impl Reply {
 }
 
 /// The result of one operation as the participant reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
+#[schemars(description = "What happened, tagged by status.")]
 pub enum Outcome {
     /// The operation took effect; `output` is kept in the log and passed to later steps and
     /// to this step's compensate/confirm/cancel.
+    #[schemars(description = "The operation took effect (is committed).")]
     Succeeded {
         /// Any JSON value the participant wants to return.
         #[serde(default)]
+        #[schemars(
+            description = "Any JSON value; absent means null. Passed to later steps and to this step's compensate, confirm or cancel."
+        )]
         output: Value,
     },
     /// A business failure: the operation did not take effect and will not be retried.
+    #[schemars(
+        description = "A business failure: the operation did not take effect and would not succeed if retried."
+    )]
     Failed {
         /// Human-readable reason, logged and shown to operators.
+        #[schemars(description = "Why, for the log and operators.")]
         reason: String,
     },
     /// The operation is long-running: the participant will send the final reply later. The
     /// orchestrator stops re-sending and waits up to the step's in-progress timeout.
+    #[schemars(
+        description = "Accepted and under way: the final reply to the same command follows later."
+    )]
     InProgress {
         /// Optional human-readable note (e.g. a ticket or job id).
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(description = "Optional note, e.g. a job id.")]
         note: Option<String>,
     },
     /// A transient error: the operation did not take effect; the orchestrator retries it.
+    #[schemars(
+        description = "A transient error: the operation did not take effect; the orchestrator sends a later attempt."
+    )]
     Retry {
         /// Human-readable reason.
+        #[schemars(description = "Why, for the log and operators.")]
         reason: String,
         /// Optional hint: wait at least this long before the next attempt.
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(
+            description = "Optional: wait at least this many milliseconds before the next attempt."
+        )]
         retry_after_ms: Option<u64>,
     },
 }

@@ -29,7 +29,9 @@ pub enum Malformed {
     NoReplyTo,
 }
 
-/// Decodes and validates a command body (everything except the AMQP properties).
+/// Decodes and validates a command body (everything except the AMQP properties): a JSON
+/// object of protocol version 1 with every required field of the right type
+/// (docs/schemas/command.schema.json) and an attempt of at least 1.
 pub fn decode_command(body: &[u8]) -> Result<Command, Malformed> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| Malformed::NotJson(e.to_string()))?;
@@ -40,7 +42,16 @@ pub fn decode_command(body: &[u8]) -> Result<Command, Malformed> {
     if version != u64::from(PROTOCOL_VERSION) {
         return Err(Malformed::Version(version));
     }
-    serde_json::from_value(value).map_err(|e| Malformed::Invalid(e.to_string()))
+    let cmd: Command =
+        serde_json::from_value(value).map_err(|e| Malformed::Invalid(e.to_string()))?;
+    // The orchestrator counts attempts from 1 and ignores a reply to attempt 0: such a
+    // command was not sent by it, and running it would apply an effect nobody waits for.
+    if cmd.attempt == 0 {
+        return Err(Malformed::Invalid(
+            "attempt 0 (attempts count from 1)".to_owned(),
+        ));
+    }
+    Ok(cmd)
 }
 
 /// A decoded command on its way to its reply. It does not own its delivery (a command batch
@@ -252,6 +263,44 @@ mod tests {
         let body = serde_json::to_vec(&command_json()).unwrap();
         let cmd = decode_command(&body).unwrap();
         assert_eq!(cmd.step, "debit");
+    }
+
+    fn decode(value: &serde_json::Value) -> Result<Command, Malformed> {
+        decode_command(&serde_json::to_vec(value).unwrap())
+    }
+
+    #[test]
+    fn a_null_payload_is_a_payload_but_a_missing_one_is_malformed() {
+        let mut null = command_json();
+        null["payload"] = serde_json::Value::Null;
+        assert_eq!(decode(&null).unwrap().payload, serde_json::Value::Null);
+        let mut missing = command_json();
+        missing.as_object_mut().unwrap().remove("payload");
+        assert_eq!(
+            decode(&missing).unwrap_err().to_string(),
+            "invalid command: missing field `payload`"
+        );
+    }
+
+    #[test]
+    fn attempts_below_one_and_transaction_ids_that_are_not_uuids_are_malformed() {
+        let mut zero = command_json();
+        zero["attempt"] = json!(0);
+        assert_eq!(
+            decode(&zero).unwrap_err().to_string(),
+            "invalid command: attempt 0 (attempts count from 1)"
+        );
+        for attempt in [json!(-1), json!(1.5), json!("1"), json!(4_294_967_296_u64)] {
+            let mut bad = command_json();
+            bad["attempt"] = attempt.clone();
+            assert!(
+                matches!(decode(&bad), Err(Malformed::Invalid(_))),
+                "{attempt}"
+            );
+        }
+        let mut not_uuid = command_json();
+        not_uuid["transaction_id"] = json!("order-42");
+        assert!(matches!(decode(&not_uuid), Err(Malformed::Invalid(_))));
     }
 
     #[test]

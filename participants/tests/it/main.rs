@@ -15,9 +15,11 @@ mod batch_messages;
 mod batch_trace;
 #[cfg(feature = "broker-restart-tests")]
 mod broker_restart;
+mod declarations;
 mod in_progress;
 mod outage;
 mod runtime;
+mod schemas;
 mod testing;
 mod trace;
 mod wire;

@@ -147,6 +147,78 @@ async fn a_malformed_message_is_dead_lettered_and_counted_and_the_runtime_keeps_
     broker.teardown(&[BANK]).await;
 }
 
+/// The dead letter docs/protocol.md shows ("Dead letters"): a command of attempt 0, sent with
+/// the properties the orchestrator gives a command.
+#[tokio::test]
+async fn a_command_of_attempt_zero_is_dead_lettered_with_its_properties_and_the_reason_added() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let running = start(&db, &broker.topology, &broker.options);
+    let queue = broker.topology.participant_queue(BANK);
+
+    let cmd = Command {
+        attempt: 0,
+        ..command(
+            Uuid::new_v4(),
+            "reserve",
+            Operation::Try,
+            json!({ "account": "a", "amount": 10 }),
+        )
+    };
+    let body = serde_json::to_vec(&cmd).unwrap();
+    let properties = amqp::command_properties(&cmd, &broker.topology.replies_queue());
+    broker
+        .publish_raw(
+            &broker.topology.commands_exchange(),
+            BANK,
+            &body,
+            properties.clone(),
+        )
+        .await;
+
+    let dead = broker
+        .next_message(&broker.topology.dead_letter_queue())
+        .await
+        .delivery;
+    assert_eq!(dead.data, body);
+    assert_eq!(
+        dead.exchange.as_str(),
+        broker.topology.dead_letter_exchange()
+    );
+    assert_eq!(dead.routing_key.as_str(), "");
+    let got = &dead.properties;
+    assert_eq!(got.content_type(), properties.content_type());
+    assert_eq!(got.delivery_mode(), &Some(2));
+    assert_eq!(got.message_id(), properties.message_id());
+    assert_eq!(got.correlation_id(), properties.correlation_id());
+    assert_eq!(got.reply_to(), properties.reply_to());
+    let mut headers = properties.headers().clone().unwrap();
+    headers.insert(
+        "x-sagas-reason".into(),
+        lapin::types::AMQPValue::LongString(
+            "invalid command: attempt 0 (attempts count from 1)".into(),
+        ),
+    );
+    headers.insert(
+        "x-sagas-queue".into(),
+        lapin::types::AMQPValue::LongString(queue.as_str().into()),
+    );
+    assert_eq!(got.headers().as_ref(), Some(&headers));
+    assert_eq!(running.stats.rejected(), 1);
+    assert_eq!(db.account("a").await, (100, 0), "nothing was processed");
+    assert_eq!(
+        broker
+            .ready_messages(&broker.topology.replies_queue())
+            .await,
+        0
+    );
+
+    running.shutdown().await;
+    broker.teardown(&[BANK]).await;
+}
+
 #[tokio::test]
 async fn a_panicking_handler_yields_a_retry_reply() {
     let db = TestDb::new().await;
