@@ -588,6 +588,21 @@ impl SagaStore for FaultyStore {
         // A read as well.
         self.inner.activity(since).await
     }
+
+    async fn register_definition(
+        &self,
+        definition: &sagas_orchestrator::store::StoredDefinition,
+    ) -> Result<sagas_orchestrator::store::StoredDefinition, StoreError> {
+        // Done once before the simulation's faults begin.
+        self.inner.register_definition(definition).await
+    }
+
+    async fn definitions(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Vec<sagas_orchestrator::store::StoredDefinition>, StoreError> {
+        self.inner.definitions(name).await
+    }
 }
 
 /// The broker as one engine generation sees it.

@@ -96,7 +96,7 @@ pub async fn list(State(engine): State<Arc<Engine>>) -> Json<Definitions> {
             let latest = registry
                 .latest(d.name())
                 .is_some_and(|l| l.version() == d.version());
-            DefinitionView::of(d, latest)
+            DefinitionView::of(&d, latest)
         })
         .collect();
     Json(Definitions { items })

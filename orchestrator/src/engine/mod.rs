@@ -18,11 +18,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::definition::Registry;
+use crate::definition::{Definition, DefinitionError, Registry, Source};
 use crate::machine::{self, Input, Instance, MissingDefinition, Status, Time, Timer, Transition};
 use crate::store::{
-    Decide, ListFilter, LoggedEvent, Pending, SagaStore, Settlements, StoreError, StoredInstance,
-    StuckStep,
+    Decide, ListFilter, LoggedEvent, Pending, SagaStore, Settlements, StoreError, StoredDefinition,
+    StoredInstance, StuckStep,
 };
 use crate::transport::{Transport, TransportError};
 
@@ -73,6 +73,10 @@ pub enum EngineError {
     /// An operator action does not fit the instance's state.
     #[error("{0}")]
     Conflict(String),
+    /// A definition is refused: malformed, or different from the one stored under its name
+    /// and version.
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
     /// Storage failed.
     #[error(transparent)]
     Store(StoreError),
@@ -151,6 +155,34 @@ impl Engine {
         &self.registry
     }
 
+    /// Records every definition of the registry in the store, or finds it there already; a
+    /// definition that differs from the one stored under its name and version is refused
+    /// ([`DefinitionError::Changed`]): a process must not start with it. `run` does this first.
+    pub async fn register_definitions(&self) -> Result<(), EngineError> {
+        for def in self.registry.iter() {
+            self.record(&def).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores `def` unless its name and version are stored, and checks that what is stored
+    /// under them is `def`.
+    async fn record(&self, def: &Definition) -> Result<(), EngineError> {
+        let document = match def.source() {
+            Source::Code => None,
+            Source::Document { document, .. } => Some((**document).clone()),
+        };
+        let stored = self
+            .store
+            .register_definition(&StoredDefinition {
+                plan: (**def.plan()).clone(),
+                document,
+            })
+            .await?;
+        def.check_stored(&stored.plan, stored.document.as_ref())?;
+        Ok(())
+    }
+
     /// What this engine counted (its own events; the metrics count every engine of the
     /// process).
     pub fn stats(&self) -> &Stats {
@@ -207,7 +239,7 @@ impl Engine {
         let registry = self.registry.clone();
         Box::new(move |inst| {
             if let Some(def) = registry.get(&inst.plan.name, inst.plan.version) {
-                return Ok(machine::handle(inst, input.clone(), now, def)?);
+                return Ok(machine::handle(inst, input.clone(), now, &def)?);
             }
             // Without the code, only transitions that compute no command may commit;
             // the others are left to a process that has the definition.
@@ -276,8 +308,10 @@ impl Engine {
     }
 
     /// Runs the reply consumer, the timer loop, the outbox relay, the retention loop, the
-    /// gauge loop and the listener for instances other processes settled until `shutdown`.
+    /// gauge loop and the listener for instances other processes settled until `shutdown`,
+    /// after [`Engine::register_definitions`].
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
+        self.register_definitions().await?;
         self.declare().await?;
         let replies = self.transport.subscribe(self.config.prefetch).await?;
         let consumer = tokio::spawn(self.clone().consume(replies, shutdown.clone()));

@@ -206,7 +206,7 @@ impl Engine {
             deadline,
             traceparent: options.traceparent,
         };
-        let start = machine::start_with(id, (**def.plan()).clone(), input, logged, now, def);
+        let start = machine::start_with(id, (**def.plan()).clone(), input, logged, now, &def);
         Ok(Prepared {
             definition,
             start,
