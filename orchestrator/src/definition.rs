@@ -252,6 +252,20 @@ impl Plan {
         }
     }
 
+    /// Every step that has succeeded before step `i` starts: its dependencies, theirs, and so
+    /// on, in order.
+    pub fn ancestors(&self, i: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.steps.len()];
+        let mut todo = self.deps(i);
+        while let Some(d) = todo.pop() {
+            if let Some(false) = seen.get(d) {
+                seen[d] = true;
+                todo.extend(self.deps(d));
+            }
+        }
+        (0..self.steps.len()).filter(|&j| seen[j]).collect()
+    }
+
     /// The steps that run after step `i`.
     pub fn dependents(&self, i: usize) -> Vec<usize> {
         (0..self.steps.len())
@@ -467,6 +481,11 @@ impl Definition {
     /// Where the definition comes from.
     pub fn source(&self) -> &Source {
         &self.source
+    }
+
+    /// The same definition, from `source`.
+    pub(crate) fn with_source(self, source: Source) -> Definition {
+        Definition { source, ..self }
     }
 
     /// Checks that `plan` and `document`, stored under this definition's name and version,
