@@ -478,6 +478,19 @@ impl Definition {
         self.plan.version
     }
 
+    /// The participants its steps name, sorted and deduplicated.
+    pub fn participants(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .plan
+            .steps
+            .iter()
+            .map(|s| s.participant.clone())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// Where the definition comes from.
     pub fn source(&self) -> &Source {
         &self.source
@@ -771,16 +784,7 @@ impl Registry {
 
     /// The names of every participant any definition uses, sorted and deduplicated.
     pub fn participants(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .iter()
-            .flat_map(|d| {
-                d.plan()
-                    .steps
-                    .iter()
-                    .map(|s| s.participant.clone())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut all: Vec<String> = self.iter().flat_map(|d| d.participants()).collect();
         all.sort();
         all.dedup();
         all

@@ -1,17 +1,21 @@
 //! Definitions stored under their name and version: a process whose definition differs from
-//! the one stored refuses to start.
+//! the one stored refuses to start; documents registered over HTTP are immutable, listed with
+//! their content hash, and run by every process.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use sagas::orchestrator::clock::SystemClock;
 use sagas::orchestrator::definition::DefinitionError;
+use sagas::orchestrator::document;
 use sagas::orchestrator::store::{SagaStore, SqliteStore};
 use sagas::orchestrator::transport::AmqpTransport;
 use sagas::orchestrator::{Definition, Engine, EngineError, Registry};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestEnv, engine_config};
+use sagas::participant::{Command, Outcome};
+
+use crate::helpers::{App, TestEnv, close_broker, engine_config, scripted_participant, spawn_app};
 
 /// `transfer` at `version`, its `credit` step executed by `credit_by`.
 fn transfer(version: u32, credit_by: &str) -> Result<Registry> {
@@ -75,6 +79,159 @@ async fn a_process_whose_plan_differs_from_the_one_stored_under_its_version_refu
     let dir = tempfile::tempdir()?;
     let sqlite = SqliteStore::open(dir.path().join("sagas.db")).await?;
     second_process(Arc::new(sqlite), &env).await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+/// A transfer as a document: `debit` then `credit`, whose command carries the debit's output.
+fn transfer_document(version: u32, credit_timeout_ms: u64) -> Value {
+    json!({
+        "name": "doc_transfer",
+        "version": version,
+        "mode": "saga",
+        "input_schema": {
+            "type": "object",
+            "required": ["from", "to", "amount"],
+            "properties": {
+                "from": {"type": "string"},
+                "to": {"type": "string"},
+                "amount": {"type": "integer", "exclusiveMinimum": 0}
+            }
+        },
+        "steps": [
+            {"name": "debit", "participant": "accounts",
+             "command": {"account": {"$ref": "/input/from"}, "delta": {"$ref": "/input/amount"}}},
+            {"name": "credit", "participant": "accounts", "timeout_ms": credit_timeout_ms,
+             "command": {"account": {"$ref": "/input/to"}, "debited": {"$ref": "/outputs/debit/ok"}}}
+        ]
+    })
+}
+
+async fn put(http: &reqwest::Client, app: &App, path: &str, doc: &Value) -> Result<(u16, Value)> {
+    let res = http.put(app.url(path)).json(doc).send().await?;
+    Ok((res.status().as_u16(), res.json().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_registered_in_one_process_is_immutable_listed_with_its_hash_and_runs_in_another()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let commands = Arc::new(Mutex::new(Vec::<Command>::new()));
+    let seen = commands.clone();
+    let (participant, _task) = scripted_participant(&env, "accounts", move |cmd| {
+        seen.lock().unwrap().push(cmd.clone());
+        Some(Outcome::succeeded(json!({"ok": cmd.step})))
+    })
+    .await?;
+    let one = spawn_app(&env, Registry::new()).await?;
+    let two = spawn_app(&env, Registry::new()).await?;
+    let http = reqwest::Client::new();
+    let path = "/v1/definitions/doc_transfer/versions/1";
+    let doc = transfer_document(1, 5_000);
+
+    let (status, body) = put(&http, &one, path, &doc).await?;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["kind"], "document");
+    assert_eq!(body["content_hash"], document::content_hash(&doc));
+    // Idempotent: the same document again.
+    let (status, body) = put(&http, &one, path, &doc).await?;
+    assert_eq!(status, 200, "{body}");
+    // Immutable: another document under the same name and version, from either process.
+    let (status, body) = put(&http, &two, path, &transfer_document(1, 9_000)).await?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "definition_conflict");
+    assert_eq!(
+        body["message"],
+        "definition doc_transfer v1 differs from the one registered: step `credit` timeout_ms \
+         changed from 5000 to 9000; bump the version"
+    );
+    let (status, body) = put(&http, &one, "/v1/definitions/doc_transfer/versions/2", &doc).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_definition")),
+        "{body}"
+    );
+    let mut broken = transfer_document(3, 5_000);
+    broken["steps"][0]["command"]["x"] = json!({"$ref": "/outputs/credit"});
+    let (status, body) = put(
+        &http,
+        &one,
+        "/v1/definitions/doc_transfer/versions/3",
+        &broken,
+    )
+    .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains(
+            "doc_transfer v3 step debit command selects the output of step credit, which does \
+             not succeed before it"
+        ),
+        "{body}"
+    );
+
+    // The other process lists it, and starts it (loaded from the store on the miss).
+    let listed: Value = http
+        .get(two.url("/v1/definitions"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let item = &listed["items"][0];
+    assert_eq!(
+        (
+            item["name"].as_str(),
+            item["version"].as_u64(),
+            item["latest"].as_bool()
+        ),
+        (Some("doc_transfer"), Some(1), Some(true)),
+        "{listed}"
+    );
+    assert_eq!(item["content_hash"], document::content_hash(&doc));
+    let shown: Value = http.get(two.url(path)).send().await?.json().await?;
+    assert_eq!(shown["document"], doc);
+    let res = http
+        .post(two.url("/v1/sagas/doc_transfer?wait=30"))
+        .json(&json!({"input": {"from": "a", "to": "b", "amount": 5}}))
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 200);
+    let done: Value = res.json().await?;
+    assert_eq!(done["status"], "completed", "{done}");
+    let payloads: Vec<(String, Value)> = commands
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| (c.step.clone(), c.payload.clone()))
+        .collect();
+    assert_eq!(
+        payloads,
+        vec![
+            ("debit".to_owned(), json!({"account": "a", "delta": 5})),
+            (
+                "credit".to_owned(),
+                json!({"account": "b", "debited": "debit"})
+            ),
+        ]
+    );
+    // An input the schema refuses is a 400 saying every fault and where.
+    let res = http
+        .post(two.url("/v1/sagas/doc_transfer"))
+        .json(&json!({"input": {"from": "a", "amount": -1}}))
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 400);
+    let refused: Value = res.json().await?;
+    assert_eq!(refused["error"], "invalid_input");
+    let message = refused["message"].as_str().unwrap();
+    assert!(
+        message.contains("/: \"to\" is a required property"),
+        "{message}"
+    );
+    assert!(message.contains("/amount: "), "{message}");
+
+    one.stop().await;
+    two.stop().await;
+    close_broker(&participant).await;
     env.cleanup().await;
     Ok(())
 }

@@ -18,15 +18,16 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::definition::{Definition, DefinitionError, Registry, Source};
+use crate::definition::{DefinitionError, Registry};
 use crate::machine::{self, Input, Instance, MissingDefinition, Status, Time, Timer, Transition};
 use crate::store::{
-    Decide, ListFilter, LoggedEvent, Pending, SagaStore, Settlements, StoreError, StoredDefinition,
-    StoredInstance, StuckStep,
+    Decide, ListFilter, LoggedEvent, Pending, SagaStore, Settlements, StoreError, StoredInstance,
+    StuckStep,
 };
 use crate::transport::{Transport, TransportError};
 
 mod config;
+mod definitions;
 mod gauges;
 pub mod metric;
 mod publish;
@@ -40,6 +41,7 @@ mod trace;
 mod wait;
 
 pub use config::EngineConfig;
+pub use definitions::{DEFINITIONS_INTERVAL, Registered};
 pub use metric::Stats;
 use publish::Publisher;
 pub use publish::{OUTBOX_DELETE_BATCH, OUTBOX_DELETE_INTERVAL};
@@ -153,34 +155,6 @@ impl Engine {
     /// The registered definitions.
     pub fn registry(&self) -> &Registry {
         &self.registry
-    }
-
-    /// Records every definition of the registry in the store, or finds it there already; a
-    /// definition that differs from the one stored under its name and version is refused
-    /// ([`DefinitionError::Changed`]): a process must not start with it. `run` does this first.
-    pub async fn register_definitions(&self) -> Result<(), EngineError> {
-        for def in self.registry.iter() {
-            self.record(&def).await?;
-        }
-        Ok(())
-    }
-
-    /// Stores `def` unless its name and version are stored, and checks that what is stored
-    /// under them is `def`.
-    async fn record(&self, def: &Definition) -> Result<(), EngineError> {
-        let document = match def.source() {
-            Source::Code => None,
-            Source::Document { document, .. } => Some((**document).clone()),
-        };
-        let stored = self
-            .store
-            .register_definition(&StoredDefinition {
-                plan: (**def.plan()).clone(),
-                document,
-            })
-            .await?;
-        def.check_stored(&stored.plan, stored.document.as_ref())?;
-        Ok(())
     }
 
     /// What this engine counted (its own events; the metrics count every engine of the
@@ -308,10 +282,12 @@ impl Engine {
     }
 
     /// Runs the reply consumer, the timer loop, the outbox relay, the retention loop, the
-    /// gauge loop and the listener for instances other processes settled until `shutdown`,
-    /// after [`Engine::register_definitions`].
+    /// gauge loop, the listener for instances other processes settled and the loader of
+    /// definitions other processes registered until `shutdown`, after
+    /// [`Engine::register_definitions`] and [`Engine::load_definitions`].
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
         self.register_definitions().await?;
+        self.load_definitions(None).await?;
         self.declare().await?;
         let replies = self.transport.subscribe(self.config.prefetch).await?;
         let consumer = tokio::spawn(self.clone().consume(replies, shutdown.clone()));
@@ -320,9 +296,18 @@ impl Engine {
         let retention = tokio::spawn(self.clone().retention_loop(shutdown.clone()));
         let listener = tokio::spawn(self.clone().listen_loop(shutdown.clone()));
         let gauges = tokio::spawn(self.clone().gauge_loop(shutdown.clone()));
+        let definitions = tokio::spawn(self.clone().definitions_loop(shutdown.clone()));
         shutdown.cancelled().await;
         self.stopping.cancel();
-        for task in [consumer, timers, relay, retention, listener, gauges] {
+        for task in [
+            consumer,
+            timers,
+            relay,
+            retention,
+            listener,
+            gauges,
+            definitions,
+        ] {
             let _ = task.await;
         }
         self.flush_outbox_deletes().await;

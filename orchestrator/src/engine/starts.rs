@@ -26,6 +26,8 @@ pub struct StartOptions {
     pub idempotency_key: Option<String>,
     /// The W3C trace context to pass on to participants with every command.
     pub traceparent: Option<String>,
+    /// The definition's version to start; `None`: its newest.
+    pub version: Option<u32>,
 }
 
 /// What [`Engine::start_with`] did: the engine's answer to a start, which the API renders as
@@ -154,7 +156,8 @@ impl Engine {
             .instance)
     }
 
-    /// Starts an instance of the newest version of `definition` with `options` (or, when the
+    /// Starts an instance of `definition` (the version `options` names, or its newest) with
+    /// `options` (or, when the
     /// idempotency key names one started before, answers that one).
     pub async fn start_with(
         &self,
@@ -175,8 +178,11 @@ impl Engine {
     ) -> Result<Prepared<'a>, EngineError> {
         let def = self
             .registry
-            .latest(definition)
-            .ok_or_else(|| EngineError::UnknownDefinition(definition.to_owned()))?;
+            .find(definition, options.version)
+            .ok_or_else(|| match options.version {
+                None => EngineError::UnknownDefinition(definition.to_owned()),
+                Some(v) => EngineError::UnknownDefinition(format!("{definition} v{v}")),
+            })?;
         def.validate_input(&input)
             .map_err(|e| EngineError::InvalidInput(definition.to_owned(), e))?;
         let now = self.clock.now();
