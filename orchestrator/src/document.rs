@@ -3,10 +3,12 @@
 //! one the builder makes (docs/definitions.md specifies the format).
 //!
 //! A command template is JSON in which an object `{"$ref": POINTER}` stands for the value
-//! that the JSON Pointer (RFC 6901) selects from `{"input": …, "outputs": {STEP: …}}`, and
-//! `{"$literal": VALUE}` for VALUE as it is. Nothing else is evaluated: no I/O, no clock, no
+//! that the JSON Pointer (RFC 6901) selects from `{"input": …, "outputs": {STEP: …}}` (with
+//! `"default": VALUE` beside it, VALUE when it selects nothing), and `{"$literal": VALUE}` for
+//! VALUE as it is. Nothing else is evaluated: no I/O, no clock, no
 //! randomness, so a template gives the same command for the same input and outputs.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,6 +91,39 @@ pub fn parse(text: &str) -> Result<Value, DefinitionError> {
     } else {
         serde_norway::from_str(text).map_err(|e| invalid(format!("not a YAML document: {e}")))
     }
+}
+
+/// Reads the document file `path`, or every `*.yaml`, `*.yml` and `*.json` file of the
+/// directory `path` (not its subdirectories) in name order, each with its path.
+pub fn read_path(path: &Path) -> Result<Vec<(PathBuf, Value)>, DefinitionError> {
+    let io = |p: &Path, e: std::io::Error| invalid(format!("{}: {e}", p.display()));
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| io(path, e))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+            })
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_owned()]
+    };
+    files
+        .into_iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(&file).map_err(|e| io(&file, e))?;
+            let doc = parse(&text).map_err(|e| match e {
+                DefinitionError::Invalid(m) => invalid(format!("{}: {m}", file.display())),
+                other => other,
+            })?;
+            Ok((file, doc))
+        })
+        .collect()
 }
 
 /// The definition a document describes, with its plan checked as the builder checks one and
@@ -248,6 +283,8 @@ struct Selection {
     step: Option<String>,
     /// The pointer within the input or the output.
     rest: String,
+    /// What it stands for when the pointer selects nothing.
+    default: Option<Value>,
 }
 
 impl Template {
@@ -263,20 +300,29 @@ impl Template {
         };
         match value {
             Value::Object(map) if map.keys().any(|k| k.starts_with('$')) => {
-                match (map.len(), map.iter().next()) {
-                    (1, Some((k, Value::String(pointer)))) if k == "$ref" => Ok(Template::Select(
-                        Selection::parse(pointer)
-                            .map_err(|e| invalid(format!("{at} at {}: {e}", here(path))))?,
-                    )),
-                    (1, Some((k, literal))) if k == "$literal" => {
-                        Ok(Template::Literal(literal.clone()))
+                let pointer = map.get("$ref").and_then(Value::as_str);
+                let default = map.get("default");
+                let only = |n: usize| map.len() == n;
+                match (pointer, default) {
+                    (Some(_), None) if only(1) => {}
+                    (Some(_), Some(_)) if only(2) => {}
+                    (None, _) if only(1) && map.contains_key("$literal") => {
+                        return Ok(Template::Literal(map["$literal"].clone()));
                     }
-                    _ => Err(invalid(format!(
-                        "{at} at {}: an object with a key starting with `$` must be exactly \
-                         {{\"$ref\": \"/pointer\"}} or {{\"$literal\": value}}",
-                        here(path)
-                    ))),
+                    _ => {
+                        return Err(invalid(format!(
+                            "{at} at {}: an object with a key starting with `$` must be exactly \
+                             {{\"$ref\": \"/pointer\"}}, {{\"$ref\": \"/pointer\", \"default\": \
+                             value}} or {{\"$literal\": value}}",
+                            here(path)
+                        )));
+                    }
                 }
+                let pointer = pointer.unwrap_or_default();
+                let mut selection = Selection::parse(pointer)
+                    .map_err(|e| invalid(format!("{at} at {}: {e}", here(path))))?;
+                selection.default = default.cloned();
+                Ok(Template::Select(selection))
             }
             Value::Object(map) => {
                 let mut fields = Vec::with_capacity(map.len());
@@ -349,6 +395,7 @@ impl Selection {
         match root {
             "input" => Ok(Selection {
                 text,
+                default: None,
                 step: None,
                 rest: if rest.is_empty() {
                     String::new()
@@ -360,6 +407,7 @@ impl Selection {
                 let (step, within) = rest.split_once('/').map_or((rest, ""), |(s, p)| (s, p));
                 Ok(Selection {
                     text: text.clone(),
+                    default: None,
                     step: Some(step.replace("~1", "/").replace("~0", "~")),
                     rest: if within.is_empty() {
                         String::new()
@@ -376,14 +424,17 @@ impl Selection {
 
     fn select(&self, input: &Value, outputs: &Outputs<'_>) -> Result<Value, String> {
         let from = match &self.step {
-            None => input,
-            Some(step) => outputs
-                .get(step)
-                .ok_or_else(|| format!("{}: step {step} has no output", self.text))?,
+            None => Some(input),
+            Some(step) => outputs.get(step),
         };
-        from.pointer(&self.rest)
-            .cloned()
-            .ok_or_else(|| format!("{} selects nothing", self.text))
+        match (from.and_then(|f| f.pointer(&self.rest)), &self.default) {
+            (Some(found), _) => Ok(found.clone()),
+            (None, Some(default)) => Ok(default.clone()),
+            (None, None) => match (&self.step, from) {
+                (Some(step), None) => Err(format!("{}: step {step} has no output", self.text)),
+                _ => Err(format!("{} selects nothing", self.text)),
+            },
+        }
     }
 }
 
@@ -506,6 +557,16 @@ steps:
             def.command(1, &input, &outputs).unwrap(),
             json!({"account": "b", "debit": {"balance": 93},
                    "tags": ["transfer", {"$ref": "not evaluated"}]})
+        );
+        let with_default = Template::compile(
+            &json!({"s": {"$ref": "/input/simulate", "default": null}}),
+            &mut String::new(),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            with_default.render(&json!({}), &outputs).unwrap(),
+            json!({"s": null})
         );
         let missing = json!({"from": "a", "amount": 7});
         assert_eq!(

@@ -2,7 +2,10 @@
 //! the one stored refuses to start; documents registered over HTTP are immutable, listed with
 //! their content hash, and run by every process.
 
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Result;
 use sagas::orchestrator::clock::SystemClock;
@@ -15,7 +18,13 @@ use serde_json::{Value, json};
 
 use sagas::participant::{Command, Outcome};
 
-use crate::helpers::{App, TestEnv, close_broker, engine_config, scripted_participant, spawn_app};
+use tokio::process::{Child, Command as Process};
+
+use crate::examples::{bank, shop};
+use crate::helpers::{
+    self, App, TestEnv, amqp_url, close_broker, engine_config, run_sagactl, scripted_participant,
+    spawn_app,
+};
 
 /// `transfer` at `version`, its `credit` step executed by `credit_by`.
 fn transfer(version: u32, credit_by: &str) -> Result<Registry> {
@@ -232,6 +241,174 @@ async fn a_document_registered_in_one_process_is_immutable_listed_with_its_hash_
     one.stop().await;
     two.stop().await;
     close_broker(&participant).await;
+    env.cleanup().await;
+    Ok(())
+}
+
+/// A port nothing listens on now.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/definitions")
+}
+
+/// A child process killed when dropped (a failed assertion leaves none behind).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+fn example_process(env: &TestEnv, program: &str) -> Result<Process> {
+    let mut cmd = Process::new(helpers::built_binary(program)?);
+    cmd.env("AMQP_URL", amqp_url())
+        .env("SAGAS_AMQP_PREFIX", env.topology.prefix())
+        .env("SAGAS_QUEUE_EXPIRES_MS", "600000")
+        .env("RUST_LOG", "warn")
+        .env_remove("SAGAS_DEFINITIONS")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    Ok(cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_documents_are_the_example_definitions_and_sagad_runs_a_transfer_with_them()
+-> Result<()> {
+    // The documents compile to the plans the Rust definitions of the examples make.
+    let rust = bank::registry()?;
+    for def in shop::registry()?.iter() {
+        rust.insert(def)?;
+    }
+    let documents = document::read_path(&examples_dir())?;
+    assert_eq!(documents.len(), 3);
+    for (file, doc) in &documents {
+        let def = document::compile(doc)?;
+        let theirs = rust.get(def.name(), def.version()).unwrap();
+        assert_eq!(def.plan(), theirs.plan(), "{}", file.display());
+    }
+
+    // sagad with the documents, the bank example's accounts participant process.
+    let env = TestEnv::new().await?;
+    bank::seed(&env.bank, 3, 1_000).await?;
+    let bind = format!("127.0.0.1:{}", free_port()?);
+    let base = format!("http://{bind}");
+    let sagad = Killed(
+        example_process(&env, "sagad")?
+            .arg("--definitions")
+            .arg(examples_dir())
+            .env("DATABASE_URL", &env.orch_url)
+            .env("SAGAS_BIND", &bind)
+            .spawn()?,
+    );
+    let accounts = Killed(
+        example_process(&env, "examples/bank_transfer")?
+            .arg("accounts")
+            .env("ACCOUNTS_DATABASE_URL", &env.bank_url)
+            .spawn()?,
+    );
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "sagad not ready in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = |input: Value| {
+        http.post(format!("{base}/v1/sagas/transfer_saga?wait=30"))
+            .json(&json!({ "input": input }))
+            .send()
+    };
+    let done: Value = start(json!({"from": "acct-1", "to": "acct-2", "amount": 250}))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(done["status"], "completed", "{done}");
+    let balances: Vec<(String, i64)> =
+        sqlx::query_as("SELECT id, available FROM bank_accounts ORDER BY id")
+            .fetch_all(&env.bank)
+            .await?;
+    assert_eq!(
+        balances,
+        vec![
+            ("acct-1".to_owned(), 750),
+            ("acct-2".to_owned(), 1_250),
+            ("acct-3".to_owned(), 1_000)
+        ]
+    );
+    let refused = start(json!({"from": "acct-1", "to": "acct-2", "amount": "ten"})).await?;
+    assert_eq!(refused.status().as_u16(), 400);
+
+    // sagactl: applying the same documents changes nothing; a changed one would be refused.
+    let applied = run_sagactl(&[
+        "definitions",
+        "apply",
+        "-f",
+        examples_dir().to_str().unwrap(),
+        "--url",
+        &base,
+    ])?;
+    assert!(applied.status.success(), "{applied:?}");
+    let out = String::from_utf8(applied.stdout)?;
+    assert_eq!(out.matches(" unchanged\n").count(), 3, "{out}");
+    let dir = tempfile::tempdir()?;
+    let changed = dir.path().join("transfer_saga.yaml");
+    let text = std::fs::read_to_string(examples_dir().join("transfer_saga.yaml"))?;
+    std::fs::write(
+        &changed,
+        text.replacen("timeout_ms: 5000", "timeout_ms: 7000", 1),
+    )?;
+    let diff = |file: &Path| -> Result<(Option<i32>, String)> {
+        let out = run_sagactl(&[
+            "definitions",
+            "diff",
+            "-f",
+            file.to_str().unwrap(),
+            "--url",
+            &base,
+        ])?;
+        Ok((out.status.code(), String::from_utf8(out.stdout)?))
+    };
+    let (code, out) = diff(&changed)?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("transfer_saga v1 would be refused")
+            && out.contains("  - step `debit` timeout_ms changed from 5000 to 7000\n"),
+        "{out}"
+    );
+    std::fs::write(
+        &changed,
+        text.replacen("timeout_ms: 5000", "timeout_ms: 7000", 1)
+            .replacen("version: 1", "version: 2", 1),
+    )?;
+    let (code, out) = diff(&changed)?;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("transfer_saga v2 would be registered (new)\n  against v1:\n"),
+        "{out}"
+    );
+    let shown = run_sagactl(&["definitions", "show", "transfer_saga", "--url", &base])?;
+    let out = String::from_utf8(shown.stdout)?;
+    assert!(shown.status.success(), "{out}");
+    assert!(
+        out.contains("Kind         document\n") && out.contains("\nDocument\n"),
+        "{out}"
+    );
+
+    drop(sagad);
+    drop(accounts);
     env.cleanup().await;
     Ok(())
 }
