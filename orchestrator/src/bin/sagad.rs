@@ -39,6 +39,7 @@ Environment (docs/operations.md, \"Configuration\", has every variable, its defa
   SAGAS_BODY_LIMIT             largest request body in bytes [1048576]
   SAGAS_RETENTION              delete finished transactions after, e.g. 30d; 0 = never [0]
   SAGAS_WAIT_NOTIFY            wake ?wait across processes (NOTIFY/LISTEN), yes/no [yes]
+  SAGAS_DEFINITIONS            definition documents to register at start-up (--definitions)
   SAGAS_HTTP_HEADER_TIMEOUT_MS, SAGAS_HTTP_BODY_TIMEOUT_MS, SAGAS_HTTP_MAX_CONNECTIONS
   SAGAS_LOG_FORMAT             log lines as text or json [text]
   RUST_LOG                     log filter [info]
