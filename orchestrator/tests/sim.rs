@@ -593,7 +593,7 @@ impl SagaStore for FaultyStore {
         &self,
         definition: &sagas_orchestrator::store::StoredDefinition,
     ) -> Result<sagas_orchestrator::store::StoredDefinition, StoreError> {
-        // Done once before the simulation's faults begin.
+        // Not a fault point: an engine registers its definitions once, as it starts.
         self.inner.register_definition(definition).await
     }
 
@@ -602,6 +602,10 @@ impl SagaStore for FaultyStore {
         name: Option<&str>,
     ) -> Result<Vec<sagas_orchestrator::store::StoredDefinition>, StoreError> {
         self.inner.definitions(name).await
+    }
+
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        self.inner.newest_document_version(name).await
     }
 }
 

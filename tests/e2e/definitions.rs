@@ -238,6 +238,36 @@ async fn a_document_registered_in_one_process_is_immutable_listed_with_its_hash_
     );
     assert!(message.contains("/amount: "), "{message}");
 
+    // A newer version registered in the first process is the one the second starts, unless the
+    // start names a version.
+    let (status, body) = put(
+        &http,
+        &one,
+        "/v1/definitions/doc_transfer/versions/2",
+        &transfer_document(2, 9_000),
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    let started = |body: Value| {
+        http.post(two.url("/v1/sagas/doc_transfer?wait=30"))
+            .json(&body)
+            .send()
+    };
+    let input = json!({"from": "a", "to": "b", "amount": 1});
+    let newest: Value = started(json!({"input": input})).await?.json().await?;
+    assert_eq!(
+        (newest["version"].as_u64(), newest["status"].as_str()),
+        (Some(2), Some("completed")),
+        "{newest}"
+    );
+    let named: Value = started(json!({"input": input, "version": 1}))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(named["version"], 1, "{named}");
+    let unknown = started(json!({"input": input, "version": 7})).await?;
+    assert_eq!(unknown.status().as_u16(), 404);
+
     one.stop().await;
     two.stop().await;
     close_broker(&participant).await;
@@ -405,6 +435,31 @@ async fn the_example_documents_are_the_example_definitions_and_sagad_runs_a_tran
     assert!(
         out.contains("Kind         document\n") && out.contains("\nDocument\n"),
         "{out}"
+    );
+
+    // A second sagad with another document under transfer_saga v1 refuses to start.
+    let other = tempfile::tempdir()?;
+    std::fs::write(
+        other.path().join("transfer_saga.yaml"),
+        text.replacen("timeout_ms: 5000", "timeout_ms: 7000", 1),
+    )?;
+    let refused = example_process(&env, "sagad")?
+        .arg("--definitions")
+        .arg(other.path())
+        .env("DATABASE_URL", &env.orch_url)
+        .env("SAGAS_BIND", format!("127.0.0.1:{}", free_port()?))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = tokio::time::timeout(Duration::from_secs(60), refused.wait_with_output()).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "definition transfer_saga v1 differs from the one registered: step `debit` \
+             timeout_ms changed from 5000 to 7000; bump the version"
+        ),
+        "{stderr}"
     );
 
     drop(sagad);

@@ -118,14 +118,25 @@ impl Engine {
     }
 
     /// The definition `name` at `version` (its newest version when `None`), loaded from the
-    /// store when this process does not have it.
+    /// store when this process does not have it. For the newest version of a document, the
+    /// store is asked whether another process registered a newer one (one small query).
     pub async fn find_definition(
         &self,
         name: &str,
         version: Option<u32>,
     ) -> Result<Option<Definition>, EngineError> {
         if let Some(def) = self.registry.find(name, version) {
-            return Ok(Some(def));
+            let newer = match (version, def.source()) {
+                (None, Source::Document { .. }) => self
+                    .store
+                    .newest_document_version(name)
+                    .await?
+                    .is_some_and(|v| v > def.version()),
+                _ => false,
+            };
+            if !newer {
+                return Ok(Some(def));
+            }
         }
         self.load_definitions(Some(name)).await?;
         Ok(self.registry.find(name, version))

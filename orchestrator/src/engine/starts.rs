@@ -201,12 +201,16 @@ impl Engine {
             ),
         };
         let id = self.clock.new_id();
-        let idempotency = options.idempotency_key.map(|key| Idempotency {
-            key,
-            request: serde_json::json!({
+        let idempotency = options.idempotency_key.map(|key| {
+            let mut request = serde_json::json!({
                 "input": input,
                 "deadline_ms": options.deadline.map(|d| d.as_millis() as u64),
-            }),
+            });
+            // Only when named: requests stored before versions could be named stay the same.
+            if let Some(version) = options.version {
+                request["version"] = version.into();
+            }
+            Idempotency { key, request }
         });
         let logged = machine::StartOptions {
             deadline,

@@ -361,6 +361,16 @@ impl SagaStore for MemoryStore {
             .collect())
     }
 
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        Ok(self
+            .lock()
+            .definitions
+            .values()
+            .filter(|d| d.plan.name == name && d.document.is_some())
+            .map(|d| d.plan.version)
+            .max())
+    }
+
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
         let mut tables = self.lock();
         for id in ids {

@@ -533,6 +533,10 @@ pub trait SagaStore: Send + Sync + 'static {
     /// The stored definitions (of the definition `name` only, if given), by name then version.
     async fn definitions(&self, name: Option<&str>) -> Result<Vec<StoredDefinition>, StoreError>;
 
+    /// The newest version of the definition `name` stored as a document, if any (one cheap
+    /// look before a start, so that a version another process registered is started at once).
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError>;
+
     /// Word of settled instances between the processes that share this store; `None` (the
     /// default) for a store that one process uses alone.
     fn settlements(&self) -> Option<Arc<dyn Settlements>> {

@@ -469,6 +469,14 @@ impl SagaStore for PgStore {
         self.stored_definitions(name, None).await
     }
 
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        let (newest,): (Option<i64>,) = sqlx::query_as(sql::NEWEST_DOCUMENT_VERSION)
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(newest.and_then(|v| u32::try_from(v).ok()))
+    }
+
     /// NOTIFY and LISTEN: any number of processes may share the database.
     fn settlements(&self) -> Option<Arc<dyn Settlements>> {
         Some(Arc::new(PgSettlements {

@@ -281,6 +281,10 @@ pub(super) const REGISTER_DEFINITION: &str = "WITH plan AS (
      VALUES ($1, $2, $3, $5)
      ON CONFLICT (name, version) DO NOTHING";
 
+/// The newest version of definition `$1` stored as a document.
+pub(super) const NEWEST_DOCUMENT_VERSION: &str =
+    "SELECT max(version) FROM sagas_definitions WHERE name = $1 AND document IS NOT NULL";
+
 /// The stored definitions with their plans, of definition `$1` only unless it is NULL, and of
 /// version `$2` only unless it is NULL.
 pub(super) const DEFINITIONS: &str = "SELECT p.plan, d.document

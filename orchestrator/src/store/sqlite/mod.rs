@@ -612,6 +612,14 @@ impl SagaStore for SqliteStore {
         SqliteStore::stored_definitions(&self.reader, name, None).await
     }
 
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        let (newest,): (Option<i64>,) = sqlx::query_as(sql::NEWEST_DOCUMENT_VERSION)
+            .bind(name)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(newest.and_then(|v| u32::try_from(v).ok()))
+    }
+
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());

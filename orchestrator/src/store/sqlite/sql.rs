@@ -156,6 +156,10 @@ pub(super) const REGISTER_DEFINITION: &str =
      VALUES (?, ?, ?, ?, ?)
      ON CONFLICT (name, version) DO NOTHING";
 
+/// The newest version of definition `?` stored as a document.
+pub(super) const NEWEST_DOCUMENT_VERSION: &str =
+    "SELECT max(version) FROM sagas_definitions WHERE name = ? AND document IS NOT NULL";
+
 /// The stored definitions' plans and documents, of definition `?1` only unless it is NULL, and
 /// of version `?2` only unless it is NULL.
 pub(super) const DEFINITIONS: &str = "SELECT plan, document FROM sagas_definitions
