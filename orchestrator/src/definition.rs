@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use uuid::Uuid;
 
 /// How a transaction coordinates its steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -96,7 +97,7 @@ impl RetryPolicy {
         (base * (1.0 - jitter)).round() as u64
     }
 
-    fn validate(&self, what: &str) -> Result<(), DefinitionError> {
+    pub(crate) fn validate(&self, what: &str) -> Result<(), DefinitionError> {
         if self.max_attempts == 0 {
             return Err(DefinitionError::Invalid(format!(
                 "{what}: max_attempts must be at least 1"
@@ -160,7 +161,83 @@ pub struct Plan {
     pub steps: Vec<StepPlan>,
 }
 
+/// The namespace of plan fingerprints: a plan's fingerprint is the version 5 UUID of its JSON
+/// in it.
+const PLAN_NAMESPACE: Uuid = Uuid::from_u128(0x66177c7f_49e1_4cbc_8d6b_914891c5e4c3);
+
 impl Plan {
+    /// The plan's fingerprint: the same for equal plans, in every process (a version 5 UUID
+    /// of its JSON). It is also the plan's id in the PostgreSQL store (`sagas_plans`).
+    pub fn fingerprint(&self) -> Uuid {
+        let json = serde_json::to_vec(self).expect("a plan serializes");
+        Uuid::new_v5(&PLAN_NAMESPACE, &json)
+    }
+
+    /// What differs between `self` and `other` (another plan of the same name and version),
+    /// one phrase each, for a message: `step `credit` participant changed from "a" to "b"`.
+    pub fn differences(&self, other: &Plan) -> Vec<String> {
+        let mut found = Vec::new();
+        if self.mode != other.mode {
+            found.push(format!(
+                "mode changed from {} to {}",
+                self.mode.as_str(),
+                other.mode.as_str()
+            ));
+        }
+        let names = |p: &Plan| p.steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        if names(self) != names(other) {
+            found.push(format!(
+                "steps changed from [{}] to [{}]",
+                names(self).join(", "),
+                names(other).join(", ")
+            ));
+        }
+        for (i, (a, b)) in self.steps.iter().zip(&other.steps).enumerate() {
+            if a.name != b.name {
+                continue;
+            }
+            let mut changed = |what: &str, from: String, to: String| {
+                if from != to {
+                    found.push(format!(
+                        "step `{}` {what} changed from {from} to {to}",
+                        a.name
+                    ));
+                }
+            };
+            changed(
+                "participant",
+                format!("{:?}", a.participant),
+                format!("{:?}", b.participant),
+            );
+            changed("retry", format!("{:?}", a.retry), format!("{:?}", b.retry));
+            changed(
+                "finish_retry",
+                format!("{:?}", a.finish_retry),
+                format!("{:?}", b.finish_retry),
+            );
+            changed(
+                "timeout_ms",
+                a.timeout_ms.to_string(),
+                b.timeout_ms.to_string(),
+            );
+            changed(
+                "in_progress_timeout_ms",
+                a.in_progress_timeout_ms.to_string(),
+                b.in_progress_timeout_ms.to_string(),
+            );
+            let after = |p: &Plan| {
+                let deps = p.deps(i);
+                let deps: Vec<&str> = deps.iter().map(|&d| p.steps[d].name.as_str()).collect();
+                format!("[{}]", deps.join(", "))
+            };
+            changed("after", after(self), after(other));
+        }
+        if found.is_empty() && self != other {
+            found.push("the plan changed".to_owned());
+        }
+        found
+    }
+
     /// The index of the step named `name`.
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
@@ -173,6 +250,20 @@ impl Plan {
             None if i == 0 => Vec::new(),
             None => vec![i - 1],
         }
+    }
+
+    /// Every step that has succeeded before step `i` starts: its dependencies, theirs, and so
+    /// on, in order.
+    pub fn ancestors(&self, i: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.steps.len()];
+        let mut todo = self.deps(i);
+        while let Some(d) = todo.pop() {
+            if let Some(false) = seen.get(d) {
+                seen[d] = true;
+                todo.extend(self.deps(d));
+            }
+        }
+        (0..self.steps.len()).filter(|&j| seen[j]).collect()
     }
 
     /// The steps that run after step `i`.
@@ -212,7 +303,8 @@ impl<'a> Outputs<'a> {
 }
 
 type CommandFn<I> = Arc<dyn Fn(&I, &Outputs<'_>) -> Result<Value, String> + Send + Sync>;
-type ErasedCommandFn = Arc<dyn Fn(&Value, &Outputs<'_>) -> Result<Value, String> + Send + Sync>;
+pub(crate) type ErasedCommandFn =
+    Arc<dyn Fn(&Value, &Outputs<'_>) -> Result<Value, String> + Send + Sync>;
 type ValidateFn = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
 
 /// One step of a definition under construction, for input type `I`.
@@ -300,6 +392,34 @@ pub enum DefinitionError {
     /// A definition with the same name and version is registered already.
     #[error("definition {0} version {1} is registered already")]
     Duplicate(String, u32),
+    /// The store holds another definition under this name and version: a changed definition
+    /// needs a new version, so that running instances keep the one they started with.
+    #[error(
+        "definition {name} v{version} differs from the one registered: {}; bump the version",
+        differences.join("; ")
+    )]
+    Changed {
+        /// The definition's name.
+        name: String,
+        /// Its version.
+        version: u32,
+        /// What differs, one phrase each.
+        differences: Vec<String>,
+    },
+}
+
+/// Where a definition comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// Rust code compiled into the process ([`DefinitionBuilder`]).
+    Code,
+    /// A document registered as data ([`crate::document`]).
+    Document {
+        /// The document, as JSON.
+        document: Arc<Value>,
+        /// Its content hash (`sha256:` and the hex digest of its canonical JSON).
+        hash: String,
+    },
 }
 
 /// Builder of a definition whose input is `I` (any JSON-deserializable type).
@@ -319,13 +439,15 @@ type CheckFn<I> = Arc<dyn Fn(&I) -> Result<(), String> + Send + Sync>;
 pub struct Definition {
     plan: Arc<Plan>,
     validate: ValidateFn,
-    commands: Vec<ErasedCommandFn>,
+    commands: Arc<[ErasedCommandFn]>,
+    source: Source,
 }
 
 impl fmt::Debug for Definition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Definition")
             .field("plan", &self.plan)
+            .field("source", &self.source)
             .finish_non_exhaustive()
     }
 }
@@ -354,6 +476,64 @@ impl Definition {
     /// The definition version.
     pub fn version(&self) -> u32 {
         self.plan.version
+    }
+
+    /// The participants its steps name, sorted and deduplicated.
+    pub fn participants(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .plan
+            .steps
+            .iter()
+            .map(|s| s.participant.clone())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Where the definition comes from.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// The same definition, from `source`.
+    pub(crate) fn with_source(self, source: Source) -> Definition {
+        Definition { source, ..self }
+    }
+
+    /// Checks that `plan` and `document`, stored under this definition's name and version,
+    /// are this definition: the same plan, and the same document (or none for code).
+    pub fn check_stored(
+        &self,
+        plan: &Plan,
+        document: Option<&Value>,
+    ) -> Result<(), DefinitionError> {
+        let mut differences = plan.differences(&self.plan);
+        match (&self.source, document) {
+            (Source::Code, None) => {}
+            (Source::Code, Some(_)) => {
+                differences.push("it was registered as a document, this one is code".to_owned())
+            }
+            (Source::Document { .. }, None) => {
+                differences.push("it was registered in code, this one is a document".to_owned())
+            }
+            (Source::Document { hash, .. }, Some(stored)) => {
+                let was = crate::document::content_hash(stored);
+                if was != *hash && differences.is_empty() {
+                    differences.push(format!(
+                        "the document changed (content hash {was}, now {hash})"
+                    ));
+                }
+            }
+        }
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(DefinitionError::Changed {
+            name: self.plan.name.clone(),
+            version: self.plan.version,
+            differences,
+        })
     }
 
     /// Checks that `input` deserializes into the definition's input type.
@@ -499,12 +679,13 @@ impl<I: DeserializeOwned + 'static> DefinitionBuilder<I> {
                     }
                 })
             },
-            commands,
+            commands: commands.into(),
+            source: Source::Code,
         })
     }
 }
 
-fn valid_name(what: &str, name: &str) -> Result<(), DefinitionError> {
+pub(crate) fn valid_name(what: &str, name: &str) -> Result<(), DefinitionError> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && name
@@ -519,10 +700,20 @@ fn valid_name(what: &str, name: &str) -> Result<(), DefinitionError> {
     }
 }
 
-/// The definitions an orchestrator knows, by name and version.
-#[derive(Debug, Clone, Default)]
+/// The definitions an orchestrator knows, by name and version. It grows at run time (a
+/// document registered through the API, or loaded from the store), so it is shared behind an
+/// `Arc` and read through clones of its definitions (a definition is a few `Arc`s).
+#[derive(Debug, Default)]
 pub struct Registry {
-    by_name: HashMap<String, BTreeMap<u32, Definition>>,
+    by_name: RwLock<HashMap<String, BTreeMap<u32, Definition>>>,
+}
+
+impl Clone for Registry {
+    fn clone(&self) -> Registry {
+        Registry {
+            by_name: RwLock::new(self.read().clone()),
+        }
+    }
 }
 
 impl Registry {
@@ -531,9 +722,20 @@ impl Registry {
         Registry::default()
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, BTreeMap<u32, Definition>>> {
+        self.by_name.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Registers a definition; a second one with the same name and version is refused.
     pub fn register(&mut self, def: Definition) -> Result<(), DefinitionError> {
-        let versions = self.by_name.entry(def.name().to_owned()).or_default();
+        self.insert(def)
+    }
+
+    /// Registers a definition in a registry in use; a second one with the same name and
+    /// version is refused.
+    pub fn insert(&self, def: Definition) -> Result<(), DefinitionError> {
+        let mut by_name = self.by_name.write().unwrap_or_else(|e| e.into_inner());
+        let versions = by_name.entry(def.name().to_owned()).or_default();
         if versions.contains_key(&def.version()) {
             return Err(DefinitionError::Duplicate(
                 def.name().to_owned(),
@@ -551,32 +753,38 @@ impl Registry {
     }
 
     /// The newest version of the definition named `name`.
-    pub fn latest(&self, name: &str) -> Option<&Definition> {
-        self.by_name.get(name)?.values().next_back()
+    pub fn latest(&self, name: &str) -> Option<Definition> {
+        self.read().get(name)?.values().next_back().cloned()
     }
 
     /// The definition `name` at `version`.
-    pub fn get(&self, name: &str, version: u32) -> Option<&Definition> {
-        self.by_name.get(name)?.get(&version)
+    pub fn get(&self, name: &str, version: u32) -> Option<Definition> {
+        self.read().get(name)?.get(&version).cloned()
+    }
+
+    /// The definition `name` at `version`, or its newest version when `version` is `None`.
+    pub fn find(&self, name: &str, version: Option<u32>) -> Option<Definition> {
+        match version {
+            Some(v) => self.get(name, v),
+            None => self.latest(name),
+        }
     }
 
     /// Every registered definition, by name then version.
-    pub fn iter(&self) -> impl Iterator<Item = &Definition> {
-        let mut names: Vec<_> = self.by_name.keys().collect();
+    pub fn iter(&self) -> impl Iterator<Item = Definition> + use<> {
+        let by_name = self.read();
+        let mut names: Vec<_> = by_name.keys().collect();
         names.sort();
         names
             .into_iter()
-            .flat_map(|n| self.by_name[n].values())
+            .flat_map(|n| by_name[n].values().cloned())
             .collect::<Vec<_>>()
             .into_iter()
     }
 
     /// The names of every participant any definition uses, sorted and deduplicated.
     pub fn participants(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .iter()
-            .flat_map(|d| d.plan().steps.iter().map(|s| s.participant.clone()))
-            .collect();
+        let mut all: Vec<String> = self.iter().flat_map(|d| d.participants()).collect();
         all.sort();
         all.dedup();
         all
@@ -717,6 +925,65 @@ mod tests {
             DefinitionError::Duplicate("order".into(), 2)
         );
         assert_eq!(reg.participants(), vec!["inventory", "payment"]);
+    }
+
+    #[test]
+    fn a_plan_stored_under_the_same_version_must_be_the_same_and_the_refusal_names_what_changed() {
+        let def = order_saga(1);
+        assert!(def.check_stored(def.plan(), None).is_ok());
+        let changed = Definition::saga::<Order>("order", 1)
+            .step("reserve", "inventory", |s| {
+                s.command(|o, _| json!({"qty": o.qty}))
+                    .timeout(Duration::from_secs(3))
+            })
+            .step("charge", "billing", |s| s.command(|_, _| json!({})))
+            .build()
+            .unwrap();
+        let err = changed.check_stored(def.plan(), None).unwrap_err();
+        let DefinitionError::Changed { differences, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(
+            differences,
+            &vec![
+                "step `reserve` timeout_ms changed from 10000 to 3000".to_owned(),
+                "step `charge` participant changed from \"payment\" to \"billing\"".to_owned(),
+            ]
+        );
+        let message = err.to_string();
+        assert!(
+            message
+                .starts_with("definition order v1 differs from the one registered: step `reserve`"),
+            "{message}"
+        );
+        assert!(message.ends_with("bump the version"), "{message}");
+        assert!(
+            def.check_stored(def.plan(), Some(&json!({"name": "order"})))
+                .unwrap_err()
+                .to_string()
+                .contains("registered as a document")
+        );
+    }
+
+    #[test]
+    fn a_fingerprint_is_the_same_for_equal_plans_and_changes_with_dependencies() {
+        let plain = order_saga(1);
+        assert_eq!(
+            plain.plan().fingerprint(),
+            order_saga(1).plan().fingerprint()
+        );
+        let parallel = Definition::saga::<Order>("order", 1)
+            .step("reserve", "inventory", |s| s.command(|_, _| json!({})))
+            .step("charge", "payment", |s| {
+                s.command(|_, _| json!({})).after(Vec::<String>::new())
+            })
+            .build()
+            .unwrap();
+        assert_ne!(plain.plan().fingerprint(), parallel.plan().fingerprint());
+        assert_eq!(
+            plain.plan().differences(parallel.plan()),
+            vec!["step `charge` after changed from [reserve] to []".to_owned()]
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod config;
 #[cfg(feature = "console")]
 pub mod console;
 pub mod definition;
+pub mod document;
 pub mod engine;
 pub mod machine;
 pub mod reconcile;

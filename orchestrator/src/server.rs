@@ -37,13 +37,19 @@ pub async fn engine(config: &Config, registry: Registry) -> anyhow::Result<Arc<E
         queues: config.queue_options(),
         command_batch: config.command_batch,
     });
-    Ok(Engine::new(
+    let engine = Engine::new(
         Arc::new(store),
         Arc::new(transport),
         registry,
         Arc::new(SystemClock),
         engine_config(config),
-    ))
+    );
+    // Before the API comes up: a definition changed without a new version stops the process.
+    engine
+        .register_definitions()
+        .await
+        .context("refusing to start")?;
+    Ok(engine)
 }
 
 /// The engine's tuning in a `sagad`-style process: the defaults, with the retention `config`

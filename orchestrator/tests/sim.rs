@@ -588,6 +588,25 @@ impl SagaStore for FaultyStore {
         // A read as well.
         self.inner.activity(since).await
     }
+
+    async fn register_definition(
+        &self,
+        definition: &sagas_orchestrator::store::StoredDefinition,
+    ) -> Result<sagas_orchestrator::store::StoredDefinition, StoreError> {
+        // Not a fault point: an engine registers its definitions once, as it starts.
+        self.inner.register_definition(definition).await
+    }
+
+    async fn definitions(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Vec<sagas_orchestrator::store::StoredDefinition>, StoreError> {
+        self.inner.definitions(name).await
+    }
+
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        self.inner.newest_document_version(name).await
+    }
 }
 
 /// The broker as one engine generation sees it.

@@ -224,6 +224,7 @@ async fn spawn(
         Arc::new(SystemClock),
         engine,
     );
+    engine.register_definitions().await?;
     engine.declare().await?;
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

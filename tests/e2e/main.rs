@@ -12,6 +12,7 @@ mod config;
 mod conformance;
 mod console;
 mod dead_letters;
+mod definitions;
 mod fault_suite;
 mod faults;
 mod monitoring;

@@ -148,6 +148,12 @@ impl From<EngineError> for ApiError {
                 "definition_unavailable",
                 e.to_string(),
             ),
+            EngineError::Definition(crate::definition::DefinitionError::Invalid(_)) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_definition", e.to_string())
+            }
+            EngineError::Definition(_) => {
+                ApiError::new(StatusCode::CONFLICT, "definition_conflict", e.to_string())
+            }
             EngineError::Store(inner) => {
                 tracing::error!(error = %inner, "store error");
                 ApiError::new(

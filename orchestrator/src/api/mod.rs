@@ -80,7 +80,7 @@ impl ApiOptions {
     tags(
         (name = "sagas", description = "Start and inspect transactions"),
         (name = "operator", description = "Operator actions, recorded in the log with actor and reason, and the dead letters"),
-        (name = "definitions", description = "What this orchestrator can run"),
+        (name = "definitions", description = "What this orchestrator can run, and definition documents registered at run time"),
         (name = "health", description = "Probes and metrics; no token needed"),
     ),
 )]
@@ -138,6 +138,7 @@ fn routes(auth: Arc<Auth>) -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(sagas::get))
         .routes(routes!(sagas::events))
         .routes(routes!(definitions::list))
+        .routes(routes!(definitions::get))
         .routes(routes!(dead_letters::list))
         .routes(routes!(stuck::stuck))
         .route_layer(guard(Role::Read));
@@ -148,6 +149,7 @@ fn routes(auth: Arc<Auth>) -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(sagas::resolve))
         .routes(routes!(dead_letters::requeue))
         .routes(routes!(dead_letters::drop))
+        .routes(routes!(definitions::register))
         .route_layer(guard(Role::Operate));
     let open = OpenApiRouter::new()
         .routes(routes!(health::healthz))

@@ -74,6 +74,9 @@ pub struct StartRequest {
     #[serde(default)]
     #[schema(pattern = "^[!-~]{1,200}$")]
     pub idempotency_key: Option<String>,
+    /// The definition's version to start; without it, its newest version.
+    #[serde(default)]
+    pub version: Option<u32>,
 }
 
 /// Answer to a start request.
@@ -420,7 +423,7 @@ fn deadline(request: &StartRequest) -> Result<Option<Duration>, ApiError> {
     tag = "sagas",
     operation_id = "start",
     params(
-        ("name" = String, Path, description = "The definition to start (its newest version)"),
+        ("name" = String, Path, description = "The definition to start (its newest version unless the body names one)"),
         WaitQuery,
     ),
     request_body(content = StartRequest, content_type = "application/json"),
@@ -446,17 +449,22 @@ pub async fn start(
     headers: HeaderMap,
     body: Result<JsonBody<StartRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
-    // An unknown definition is a 404 whatever the body says.
-    if engine.registry().latest(&definition).is_none() {
+    // An unknown definition is a 404 whatever the body says (one registered by another
+    // process is loaded from the store first).
+    if engine.find_definition(&definition, None).await?.is_none() {
         return Err(crate::engine::EngineError::UnknownDefinition(definition).into());
     }
     let Query(query) = query?;
     let wait = query.duration()?;
     let JsonBody(request) = body?;
+    if request.version.is_some() {
+        engine.find_definition(&definition, request.version).await?;
+    }
     let options = StartOptions {
         deadline: deadline(&request)?,
         idempotency_key: idempotency_key(&request, &headers)?,
         traceparent: Some(trace_context(&headers)),
+        version: request.version,
     };
     // With `?wait`, the wait is registered before the start commits.
     let (start, waiting) = match wait {

@@ -1,14 +1,17 @@
-//! `sagad`: an orchestrator process without definitions of its own. It drives replies, timers
-//! and the outbox of instances started elsewhere (TCC instances fully; saga steps whose command
-//! needs the definition's code compensate). Applications embed the orchestrator with their
-//! definitions through `sagas_orchestrator::server::serve`.
+//! `sagad`: an orchestrator process that runs definition documents: those of `--definitions
+//! DIR`, and those registered through the API (by any process sharing its database). It also
+//! drives replies, timers and the outbox of instances started elsewhere. Applications embed the
+//! orchestrator with definitions in Rust through `sagas_orchestrator::server::serve`.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sagas_orchestrator::config::{Config, parse_duration};
 use sagas_orchestrator::definition::Registry;
+use sagas_orchestrator::document;
 use sagas_orchestrator::server;
 use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -36,6 +39,7 @@ Environment (docs/operations.md, \"Configuration\", has every variable, its defa
   SAGAS_BODY_LIMIT             largest request body in bytes [1048576]
   SAGAS_RETENTION              delete finished transactions after, e.g. 30d; 0 = never [0]
   SAGAS_WAIT_NOTIFY            wake ?wait across processes (NOTIFY/LISTEN), yes/no [yes]
+  SAGAS_DEFINITIONS            definition documents to register at start-up (--definitions)
   SAGAS_HTTP_HEADER_TIMEOUT_MS, SAGAS_HTTP_BODY_TIMEOUT_MS, SAGAS_HTTP_MAX_CONNECTIONS
   SAGAS_LOG_FORMAT             log lines as text or json [text]
   RUST_LOG                     log filter [info]
@@ -49,6 +53,11 @@ struct Cli {
     /// What to do (default: serve).
     #[command(subcommand)]
     command: Option<Cmd>,
+    /// Registers every definition document (*.yaml, *.yml, *.json) of DIR at start-up
+    /// (docs/definitions.md); one that does not compile, or differs from the one registered
+    /// under its name and version, stops sagad.
+    #[arg(long, value_name = "DIR", env = "SAGAS_DEFINITIONS", global = true)]
+    definitions: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -80,13 +89,31 @@ async fn main() -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Cmd::Serve) {
         Cmd::Serve => {
             server::init_tracing_as(config.log_format);
-            let served = server::serve(config, Registry::new(), None).await;
+            let registry = match &cli.definitions {
+                Some(dir) => documents(dir)?,
+                None => Registry::new(),
+            };
+            let served = server::serve(config, registry, None).await;
             server::shutdown_tracing();
             served?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckConfig { timeout } => Ok(check_config(&config, timeout).await),
     }
+}
+
+/// The definitions of the documents in `dir`, compiled.
+fn documents(dir: &Path) -> anyhow::Result<Registry> {
+    let mut registry = Registry::new();
+    for (file, doc) in document::read_path(dir)? {
+        let def = document::compile(&doc)
+            .with_context(|| format!("refusing to start: {}", file.display()))?;
+        tracing::info!(file = %file.display(), definition = def.name(), version = def.version(), "definition document");
+        registry
+            .register(def)
+            .with_context(|| format!("refusing to start: {}", file.display()))?;
+    }
+    Ok(registry)
 }
 
 /// Connects to both services, each within `timeout`, and says how it went.

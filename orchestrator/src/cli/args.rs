@@ -96,10 +96,17 @@ pub enum Command {
     /// API).
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
-    /// List the definitions (and versions) the orchestrator runs.
-    #[command(after_help = "Example:
-  sagactl definitions --format json")]
+    /// List the definitions (and versions) the orchestrator runs; register definition
+    /// documents, see what registering one would change, show one.
+    #[command(after_help = "Examples:
+  sagactl definitions --format json
+  sagactl definitions apply -f examples/definitions/
+  sagactl definitions diff -f transfer.yaml
+  sagactl definitions show transfer_saga --version 1")]
     Definitions {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        action: Option<DefinitionsCommand>,
         #[command(flatten)]
         api: ApiArgs,
         /// Output format.
@@ -214,6 +221,43 @@ pub struct ApiArgs {
     /// Who acts, sent as `X-Sagas-Actor` and recorded with operator actions (default: $USER).
     #[arg(long, env = "SAGAS_ACTOR")]
     pub actor: Option<String>,
+}
+
+/// `sagactl definitions …`.
+#[derive(Debug, Subcommand)]
+pub enum DefinitionsCommand {
+    /// Register definition documents (YAML or JSON): FILE, or every *.yaml, *.yml and *.json
+    /// of DIR. Exit 0 when every one is registered (or was, the same), 1 when one is refused.
+    Apply {
+        /// A document, or a directory of them.
+        #[arg(short = 'f', long = "file", value_name = "FILE|DIR")]
+        path: std::path::PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// What registering the document FILE would change: nothing (exit 0), a new version (exit
+    /// 0, with what differs from the newest registered one), or a refusal (exit 1, with what
+    /// differs from the one registered under its name and version).
+    Diff {
+        /// The document.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        path: std::path::PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one definition (its newest version unless --version names one), with its document.
+    Show {
+        /// The definition's name.
+        name: String,
+        /// Its version.
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
 }
 
 /// `retry`, `abort`, `resolve`.

@@ -75,12 +75,17 @@ impl Client {
 
     /// `GET path` (with a query), answering the JSON body.
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, ClientError> {
-        self.send(Method::GET, path, query, None).await
+        Ok(self.send(Method::GET, path, query, None).await?.1)
     }
 
     /// `POST path` with a JSON body, answering the JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        self.send(Method::POST, path, &[], Some(body)).await
+        Ok(self.send(Method::POST, path, &[], Some(body)).await?.1)
+    }
+
+    /// `PUT path` with a JSON body, answering the status (200 and 201 differ) and JSON body.
+    pub async fn put(&self, path: &str, body: &Value) -> Result<(StatusCode, Value), ClientError> {
+        self.send(Method::PUT, path, &[], Some(body)).await
     }
 
     async fn send(
@@ -89,7 +94,7 @@ impl Client {
         path: &str,
         query: &[(&str, String)],
         body: Option<&Value>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<(StatusCode, Value), ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method.clone(), &url).query(query);
         if let Some(token) = &self.token {
@@ -117,7 +122,7 @@ impl Client {
             .map_err(|e| ClientError::Failed(format!("{method} {url}: reading the answer: {e}")))?;
         let json: Option<Value> = serde_json::from_str(&text).ok();
         if status.is_success() {
-            return json.ok_or_else(|| {
+            return json.map(|json| (status, json)).ok_or_else(|| {
                 ClientError::Failed(format!("{method} {url} answered {status} without JSON"))
             });
         }

@@ -16,7 +16,10 @@ use super::args::{
 use super::client::{Client, ClientError};
 use super::output;
 use super::{EXIT_FINDINGS, EXIT_OK};
+use crate::definition::{Definition, Source};
+use crate::document;
 use crate::reconcile::{self, Options, ParticipantDb};
+use std::path::Path;
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error worth a message.
 fn print(text: &str) -> anyhow::Result<()> {
@@ -240,6 +243,164 @@ pub async fn definitions(api: ApiArgs, format: Format) -> anyhow::Result<u8> {
     match format {
         Format::Json => print(&output::json(&defs))?,
         Format::Table => print(&output::definitions(&defs))?,
+    }
+    Ok(EXIT_OK)
+}
+
+/// The documents of `path` (a file or a directory) that compile, each with its file name and
+/// its definition; those that do not are reported, and set `code` to 1.
+fn documents(path: &Path, code: &mut u8) -> anyhow::Result<Vec<(String, Value, Definition)>> {
+    let docs = document::read_path(path)?;
+    if docs.is_empty() {
+        anyhow::bail!("{}: no *.yaml, *.yml or *.json document", path.display());
+    }
+    let mut compiled = Vec::with_capacity(docs.len());
+    for (file, doc) in docs {
+        let file = file.display().to_string();
+        match document::compile(&doc) {
+            Ok(def) => compiled.push((file, doc, def)),
+            Err(e) => {
+                eprintln!("{file}: {e}");
+                *code = EXIT_FINDINGS;
+            }
+        }
+    }
+    Ok(compiled)
+}
+
+/// `sagactl definitions apply -f FILE|DIR`.
+pub async fn definitions_apply(path: &Path, api: ApiArgs) -> anyhow::Result<u8> {
+    let client = Client::new(&api)?;
+    let mut code = EXIT_OK;
+    for (file, doc, def) in documents(path, &mut code)? {
+        let (name, version) = (def.name(), def.version());
+        let put = format!("/v1/definitions/{name}/versions/{version}");
+        match client.put(&put, &doc).await {
+            Ok((status, _)) if status.as_u16() == 201 => {
+                print(&format!("{file}: {name} v{version} registered\n"))?
+            }
+            Ok(_) => print(&format!("{file}: {name} v{version} unchanged\n"))?,
+            Err(ClientError::Refused { message, .. }) => {
+                eprintln!("{file}: {message}");
+                code = EXIT_FINDINGS;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(code)
+}
+
+/// The plan of a definition the API shows, when it was registered as a document.
+fn registered_plan(view: &Value) -> Option<Definition> {
+    document::compile(view.get("document")?).ok()
+}
+
+/// `sagactl definitions diff -f FILE`.
+pub async fn definitions_diff(path: &Path, api: ApiArgs) -> anyhow::Result<u8> {
+    let client = Client::new(&api)?;
+    let listed = client.get("/v1/definitions", &[]).await?;
+    let items = listed["items"].as_array().cloned().unwrap_or_default();
+    let mut code = EXIT_OK;
+    for (file, _, def) in documents(path, &mut code)? {
+        let (name, version) = (def.name(), def.version());
+        let hash = match def.source() {
+            Source::Document { hash, .. } => hash.clone(),
+            Source::Code => String::new(),
+        };
+        let of = |v: u32| {
+            items
+                .iter()
+                .find(|i| i["name"] == name && i["version"].as_u64() == Some(u64::from(v)))
+        };
+        let show = |v: u32| format!("/v1/definitions/{name}/versions/{v}");
+        if let Some(same) = of(version) {
+            if same["content_hash"].as_str() == Some(hash.as_str()) {
+                print(&format!("{file}: {name} v{version} unchanged\n"))?;
+                continue;
+            }
+            code = EXIT_FINDINGS;
+            let registered = client.get(&show(version), &[]).await?;
+            let differences = match registered_plan(&registered) {
+                Some(theirs) => theirs.plan().differences(def.plan()),
+                None => vec![format!("{name} v{version} is defined in code")],
+            };
+            let differences = if differences.is_empty() {
+                vec![
+                    "the same plan, another document (command templates or input schema)"
+                        .to_owned(),
+                ]
+            } else {
+                differences
+            };
+            print(&format!(
+                "{file}: {name} v{version} would be refused, another one is registered under \
+                 this version:\n{}",
+                output::bullets(&differences)
+            ))?;
+            continue;
+        }
+        let newest = items
+            .iter()
+            .filter(|i| i["name"] == name)
+            .filter_map(|i| i["version"].as_u64())
+            .max();
+        print(&format!(
+            "{file}: {name} v{version} would be registered (new)\n"
+        ))?;
+        if let Some(newest) = newest.and_then(|v| u32::try_from(v).ok()) {
+            let registered = client.get(&show(newest), &[]).await?;
+            if let Some(theirs) = registered_plan(&registered) {
+                let differences = theirs.plan().differences(def.plan());
+                if !differences.is_empty() {
+                    print(&format!(
+                        "  against v{newest}:\n{}",
+                        output::bullets(&differences)
+                    ))?;
+                }
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// `sagactl definitions show NAME [--version V]`.
+pub async fn definitions_show(
+    name: &str,
+    version: Option<u32>,
+    api: ApiArgs,
+    format: Format,
+) -> anyhow::Result<u8> {
+    let client = Client::new(&api)?;
+    let version = match version {
+        Some(v) => v,
+        None => {
+            let listed = client.get("/v1/definitions", &[]).await?;
+            let newest = listed["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|i| i["name"] == name)
+                .filter_map(|i| i["version"].as_u64())
+                .max();
+            match newest.and_then(|v| u32::try_from(v).ok()) {
+                Some(v) => v,
+                None => {
+                    eprintln!("sagactl: no definition named {name} is registered");
+                    return Ok(EXIT_FINDINGS);
+                }
+            }
+        }
+    };
+    let view = match client
+        .get(&format!("/v1/definitions/{name}/versions/{version}"), &[])
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => return refused(e),
+    };
+    match format {
+        Format::Json => print(&output::json(&view))?,
+        Format::Table => print(&output::definition(&view))?,
     }
     Ok(EXIT_OK)
 }

@@ -8,7 +8,7 @@ pub mod output;
 
 use clap::Parser;
 
-use args::{Cli, Command, DeadLetterCommand};
+use args::{Cli, Command, DeadLetterCommand, DefinitionsCommand};
 
 /// Exit code: consistent / done.
 pub const EXIT_OK: u8 = 0;
@@ -46,7 +46,29 @@ pub async fn main() -> u8 {
         Command::DeadLetters(DeadLetterCommand::Drop(a)) => {
             commands::dead_letter_act("drop", a).await
         }
-        Command::Definitions { api, format } => commands::definitions(api, format).await,
+        Command::Definitions {
+            action: None,
+            api,
+            format,
+        } => commands::definitions(api, format).await,
+        Command::Definitions {
+            action: Some(DefinitionsCommand::Apply { path, api }),
+            ..
+        } => commands::definitions_apply(&path, api).await,
+        Command::Definitions {
+            action: Some(DefinitionsCommand::Diff { path, api }),
+            ..
+        } => commands::definitions_diff(&path, api).await,
+        Command::Definitions {
+            action:
+                Some(DefinitionsCommand::Show {
+                    name,
+                    version,
+                    api,
+                    format,
+                }),
+            ..
+        } => commands::definitions_show(&name, version, api, format).await,
         Command::Prune(a) => commands::prune(a).await,
         Command::Migrate { database_url } => commands::migrate(&database_url).await,
         Command::Completions { shell } => commands::completions(shell),

@@ -521,6 +521,60 @@ pub fn definitions(defs: &Value) -> String {
     table(&["NAME", "VERSION", "MODE", "LATEST", "STEPS"], &rows)
 }
 
+/// One definition (`GET /v1/definitions/{name}/versions/{version}`): what it is, its steps,
+/// and its document as YAML.
+pub fn definition(d: &Value) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Definition   {} v{} ({})\n",
+        s(&d["name"]),
+        s(&d["version"]),
+        s(&d["mode"])
+    ));
+    out.push_str(&format!("Kind         {}\n", s(&d["kind"])));
+    let latest = if d["latest"].as_bool() == Some(true) {
+        "yes"
+    } else {
+        "no"
+    };
+    out.push_str(&format!("Latest       {latest}\n"));
+    out.push_str(&format!("Fingerprint  {}\n", s(&d["fingerprint"])));
+    if !d["content_hash"].is_null() {
+        out.push_str(&format!("Content hash {}\n", s(&d["content_hash"])));
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = d["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|st| {
+            vec![
+                s(&st["name"]),
+                s(&st["participant"]),
+                s(&st["timeout_ms"]),
+                s(&st["retry"]["max_attempts"]),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["STEP", "PARTICIPANT", "TIMEOUT MS", "ATTEMPTS"],
+        &rows,
+    ));
+    if let Some(document) = d.get("document").filter(|v| !v.is_null()) {
+        out.push_str("\nDocument\n");
+        let yaml = serde_norway::to_string(document).unwrap_or_else(|_| document.to_string());
+        for line in yaml.lines() {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    out
+}
+
+/// Phrases as an indented list, one a line.
+pub fn bullets(items: &[String]) -> String {
+    items.iter().map(|i| format!("  - {i}\n")).collect()
+}
+
 /// Longest body shown in a table of dead letters, in characters.
 const BODY_SHOWN: usize = 60;
 

@@ -157,7 +157,11 @@ pub async fn page(
 }
 
 fn render(engine: &Engine, filters: &Filters, found: Result<&SagaPage, &ApiError>) -> Markup {
-    let mut names: Vec<&str> = engine.registry().iter().map(|d| d.name()).collect();
+    let mut names: Vec<String> = engine
+        .registry()
+        .iter()
+        .map(|d| d.name().to_owned())
+        .collect();
     names.dedup();
     let selected = |v: &Option<String>, option: &str| v.as_deref() == Some(option);
     html! {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::definition::Registry;
+use crate::definition::{DefinitionError, Registry};
 use crate::machine::{self, Input, Instance, MissingDefinition, Status, Time, Timer, Transition};
 use crate::store::{
     Decide, ListFilter, LoggedEvent, Pending, SagaStore, Settlements, StoreError, StoredInstance,
@@ -27,6 +27,7 @@ use crate::store::{
 use crate::transport::{Transport, TransportError};
 
 mod config;
+mod definitions;
 mod gauges;
 pub mod metric;
 mod publish;
@@ -40,6 +41,7 @@ mod trace;
 mod wait;
 
 pub use config::EngineConfig;
+pub use definitions::{DEFINITIONS_INTERVAL, Registered};
 pub use metric::Stats;
 use publish::Publisher;
 pub use publish::{OUTBOX_DELETE_BATCH, OUTBOX_DELETE_INTERVAL};
@@ -73,6 +75,10 @@ pub enum EngineError {
     /// An operator action does not fit the instance's state.
     #[error("{0}")]
     Conflict(String),
+    /// A definition is refused: malformed, or different from the one stored under its name
+    /// and version.
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
     /// Storage failed.
     #[error(transparent)]
     Store(StoreError),
@@ -208,7 +214,7 @@ impl Engine {
         let registry = self.registry.clone();
         Box::new(move |inst| {
             if let Some(def) = registry.get(&inst.plan.name, inst.plan.version) {
-                return Ok(machine::handle(inst, input.clone(), now, def)?);
+                return Ok(machine::handle(inst, input.clone(), now, &def)?);
             }
             // Without the code, only transitions that compute no command may commit;
             // the others are left to a process that has the definition.
@@ -277,8 +283,12 @@ impl Engine {
     }
 
     /// Runs the reply consumer, the timer loop, the outbox relay, the retention loop, the
-    /// gauge loop and the listener for instances other processes settled until `shutdown`.
+    /// gauge loop, the listener for instances other processes settled and the loader of
+    /// definitions other processes registered until `shutdown`, after
+    /// [`Engine::register_definitions`] and [`Engine::load_definitions`].
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
+        self.register_definitions().await?;
+        self.load_definitions(None).await?;
         self.declare().await?;
         let replies = self.transport.subscribe(self.config.prefetch).await?;
         let consumer = tokio::spawn(self.clone().consume(replies, shutdown.clone()));
@@ -287,9 +297,18 @@ impl Engine {
         let retention = tokio::spawn(self.clone().retention_loop(shutdown.clone()));
         let listener = tokio::spawn(self.clone().listen_loop(shutdown.clone()));
         let gauges = tokio::spawn(self.clone().gauge_loop(shutdown.clone()));
+        let definitions = tokio::spawn(self.clone().definitions_loop(shutdown.clone()));
         shutdown.cancelled().await;
         self.stopping.cancel();
-        for task in [consumer, timers, relay, retention, listener, gauges] {
+        for task in [
+            consumer,
+            timers,
+            relay,
+            retention,
+            listener,
+            gauges,
+            definitions,
+        ] {
             let _ = task.await;
         }
         self.flush_outbox_deletes().await;

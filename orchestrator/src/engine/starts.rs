@@ -26,6 +26,8 @@ pub struct StartOptions {
     pub idempotency_key: Option<String>,
     /// The W3C trace context to pass on to participants with every command.
     pub traceparent: Option<String>,
+    /// The definition's version to start; `None`: its newest.
+    pub version: Option<u32>,
 }
 
 /// What [`Engine::start_with`] did: the engine's answer to a start, which the API renders as
@@ -157,7 +159,8 @@ impl Engine {
             .instance)
     }
 
-    /// Starts an instance of the newest version of `definition` with `options` (or, when the
+    /// Starts an instance of `definition` (the version `options` names, or its newest) with
+    /// `options` (or, when the
     /// idempotency key names one started before, answers that one).
     pub async fn start_with(
         &self,
@@ -178,8 +181,11 @@ impl Engine {
     ) -> Result<Prepared<'a>, EngineError> {
         let def = self
             .registry
-            .latest(definition)
-            .ok_or_else(|| EngineError::UnknownDefinition(definition.to_owned()))?;
+            .find(definition, options.version)
+            .ok_or_else(|| match options.version {
+                None => EngineError::UnknownDefinition(definition.to_owned()),
+                Some(v) => EngineError::UnknownDefinition(format!("{definition} v{v}")),
+            })?;
         def.validate_input(&input)
             .map_err(|e| EngineError::InvalidInput(definition.to_owned(), e))?;
         let now = self.clock.now();
@@ -198,18 +204,22 @@ impl Engine {
             ),
         };
         let id = self.clock.new_id();
-        let idempotency = options.idempotency_key.map(|key| Idempotency {
-            key,
-            request: serde_json::json!({
+        let idempotency = options.idempotency_key.map(|key| {
+            let mut request = serde_json::json!({
                 "input": input,
                 "deadline_ms": options.deadline.map(|d| d.as_millis() as u64),
-            }),
+            });
+            // Only when named: requests stored before versions could be named stay the same.
+            if let Some(version) = options.version {
+                request["version"] = version.into();
+            }
+            Idempotency { key, request }
         });
         let logged = machine::StartOptions {
             deadline,
             traceparent: options.traceparent,
         };
-        let start = machine::start_with(id, (**def.plan()).clone(), input, logged, now, def);
+        let start = machine::start_with(id, (**def.plan()).clone(), input, logged, now, &def);
         Ok(Prepared {
             definition,
             start,

@@ -18,7 +18,7 @@ use super::write_set::{WriteSet, decide_in_order};
 use super::{
     Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
     OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Position, Pruned, SagaStore, StoreError,
-    StoredInstance, StuckStep, Updated,
+    StoredDefinition, StoredInstance, StuckStep, Updated,
 };
 use crate::machine::{Instance, Status, Time, Timer, Transition};
 
@@ -41,6 +41,8 @@ struct Tables {
     /// By row id: (available at, written at, row).
     outbox: BTreeMap<i64, (Time, Time, OutboxMessage)>,
     last_outbox_id: i64,
+    /// By (name, version).
+    definitions: BTreeMap<(String, u32), StoredDefinition>,
 }
 
 impl Tables {
@@ -336,6 +338,39 @@ impl SagaStore for MemoryStore {
         Ok(claimed)
     }
 
+    async fn register_definition(
+        &self,
+        definition: &StoredDefinition,
+    ) -> Result<StoredDefinition, StoreError> {
+        let key = (definition.plan.name.clone(), definition.plan.version);
+        let mut tables = self.lock();
+        Ok(tables
+            .definitions
+            .entry(key)
+            .or_insert_with(|| definition.clone())
+            .clone())
+    }
+
+    async fn definitions(&self, name: Option<&str>) -> Result<Vec<StoredDefinition>, StoreError> {
+        Ok(self
+            .lock()
+            .definitions
+            .values()
+            .filter(|d| name.is_none_or(|n| d.plan.name == n))
+            .cloned()
+            .collect())
+    }
+
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        Ok(self
+            .lock()
+            .definitions
+            .values()
+            .filter(|d| d.plan.name == name && d.document.is_some())
+            .map(|d| d.plan.version)
+            .max())
+    }
+
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
         let mut tables = self.lock();
         for id in ids {
@@ -460,6 +495,21 @@ mod tests {
     use chrono::{TimeZone, Utc};
     use sagas_participant::protocol::{Operation, Outcome, Reply};
     use serde_json::json;
+
+    #[tokio::test]
+    async fn a_definition_is_stored_once_and_the_first_one_stays() {
+        let store = MemoryStore::new();
+        let first = StoredDefinition {
+            plan: (**definition().plan()).clone(),
+            document: None,
+        };
+        assert_eq!(store.register_definition(&first).await.unwrap(), first);
+        let mut second = first.clone();
+        second.plan.steps[0].timeout_ms += 1;
+        assert_eq!(store.register_definition(&second).await.unwrap(), first);
+        assert_eq!(store.definitions(Some("d")).await.unwrap(), vec![first]);
+        assert!(store.definitions(Some("e")).await.unwrap().is_empty());
+    }
 
     fn definition() -> Definition {
         Definition::saga::<serde_json::Value>("d", 1)

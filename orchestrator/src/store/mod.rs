@@ -11,6 +11,7 @@ use chrono::Duration;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::definition::Plan;
 use crate::machine::{Event, Instance, Rejected, Status, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
@@ -396,6 +397,16 @@ impl Latency {
     }
 }
 
+/// A definition as a store keeps it (`sagas_definitions`): the plan registered under its name
+/// and version, and the document when it was registered as one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDefinition {
+    /// The plan (its name and version are the row's).
+    pub plan: Plan,
+    /// The document, as JSON; `None` for a definition in code.
+    pub document: Option<serde_json::Value>,
+}
+
 /// How many open instances [`SagaStore::activity`] returns, oldest first.
 pub const OLDEST_OPEN: u32 = 10;
 
@@ -510,6 +521,21 @@ pub trait SagaStore: Send + Sync + 'static {
     /// latency percentiles of those that finished since then, and the [`OLDEST_OPEN`] oldest
     /// open instances.
     async fn activity(&self, since: Time) -> Result<Activity, StoreError>;
+
+    /// Stores `definition` unless a definition of its name and version is stored already, and
+    /// returns the one stored under them now: `definition` itself, or the earlier one (never
+    /// replaced: the caller compares).
+    async fn register_definition(
+        &self,
+        definition: &StoredDefinition,
+    ) -> Result<StoredDefinition, StoreError>;
+
+    /// The stored definitions (of the definition `name` only, if given), by name then version.
+    async fn definitions(&self, name: Option<&str>) -> Result<Vec<StoredDefinition>, StoreError>;
+
+    /// The newest version of the definition `name` stored as a document, if any (one cheap
+    /// look before a start, so that a version another process registered is started at once).
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError>;
 
     /// Word of settled instances between the processes that share this store; `None` (the
     /// default) for a store that one process uses alone.

@@ -14,8 +14,9 @@ use uuid::Uuid;
 use super::{
     Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
     OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, SagaStore, Settlements, StoreError,
-    StoredInstance, StuckStep, Updated,
+    StoredDefinition, StoredInstance, StuckStep, Updated,
 };
+use crate::definition::Plan;
 use crate::machine::{Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 
@@ -79,6 +80,27 @@ impl PgStore {
             id,
             same_request: request.map(|Json(r)| r) == Some(idem.request.clone()),
         }))
+    }
+
+    /// The stored definitions, of `name` and `version` only if given.
+    async fn stored_definitions(
+        &self,
+        name: Option<&str>,
+        version: Option<u32>,
+    ) -> Result<Vec<StoredDefinition>, StoreError> {
+        let rows: Vec<(Json<Plan>, Option<Json<serde_json::Value>>)> =
+            sqlx::query_as(sql::DEFINITIONS)
+                .bind(name)
+                .bind(version.map(i64::from))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(Json(plan), document)| StoredDefinition {
+                plan,
+                document: document.map(|Json(d)| d),
+            })
+            .collect())
     }
 
     /// A store on `pool` (migrations must have run: see [`PgStore::migrate`]).
@@ -420,6 +442,39 @@ impl SagaStore for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn register_definition(
+        &self,
+        definition: &StoredDefinition,
+    ) -> Result<StoredDefinition, StoreError> {
+        let plan = &definition.plan;
+        let id = plans::plan_id(plan);
+        sqlx::query(sql::REGISTER_DEFINITION)
+            .bind(&plan.name)
+            .bind(i64::from(plan.version))
+            .bind(id)
+            .bind(Json(plan))
+            .bind(definition.document.as_ref().map(Json))
+            .execute(&self.pool)
+            .await?;
+        self.plans.stored([id]);
+        self.stored_definitions(Some(&plan.name), Some(plan.version))
+            .await?
+            .pop()
+            .ok_or_else(|| corrupt("definition", "not stored after its insert"))
+    }
+
+    async fn definitions(&self, name: Option<&str>) -> Result<Vec<StoredDefinition>, StoreError> {
+        self.stored_definitions(name, None).await
+    }
+
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        let (newest,): (Option<i64>,) = sqlx::query_as(sql::NEWEST_DOCUMENT_VERSION)
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(newest.and_then(|v| u32::try_from(v).ok()))
     }
 
     /// NOTIFY and LISTEN: any number of processes may share the database.

@@ -15,13 +15,9 @@ use uuid::Uuid;
 use crate::definition::Plan;
 use crate::machine::{Event, Instance, Phase, Status, StepState, Time};
 
-/// The namespace of plan ids: a plan's id is the version 5 UUID of its JSON in it.
-const PLAN_NAMESPACE: Uuid = Uuid::from_u128(0x66177c7f_49e1_4cbc_8d6b_914891c5e4c3);
-
-/// The id of `plan`: the same for equal plans, in every process.
+/// The id of `plan`: its fingerprint, the same for equal plans in every process.
 pub(super) fn plan_id(plan: &Plan) -> Uuid {
-    let json = serde_json::to_vec(plan).expect("a plan serializes");
-    Uuid::new_v5(&PLAN_NAMESPACE, &json)
+    plan.fingerprint()
 }
 
 /// An instance's state as its row stores it: every field of [`Instance`] but the plan.

@@ -280,3 +280,22 @@ pub(super) const OLDEST_OPEN: &str =
      WHERE status IN ('running', 'compensating', 'stuck')
      ORDER BY created_at, id
      LIMIT $1";
+
+/// A definition (`$1` name, `$2` version, `$3` plan id, `$4` plan, `$5` document or NULL) and
+/// its plan, unless they are stored already.
+pub(super) const REGISTER_DEFINITION: &str = "WITH plan AS (
+       INSERT INTO sagas_plans (id, plan) VALUES ($3, $4) ON CONFLICT DO NOTHING)
+     INSERT INTO sagas_definitions (name, version, plan_id, document)
+     VALUES ($1, $2, $3, $5)
+     ON CONFLICT (name, version) DO NOTHING";
+
+/// The newest version of definition `$1` stored as a document.
+pub(super) const NEWEST_DOCUMENT_VERSION: &str =
+    "SELECT max(version) FROM sagas_definitions WHERE name = $1 AND document IS NOT NULL";
+
+/// The stored definitions with their plans, of definition `$1` only unless it is NULL, and of
+/// version `$2` only unless it is NULL.
+pub(super) const DEFINITIONS: &str = "SELECT p.plan, d.document
+     FROM sagas_definitions d JOIN sagas_plans p ON p.id = d.plan_id
+     WHERE ($1::text IS NULL OR d.name = $1) AND ($2::bigint IS NULL OR d.version = $2)
+     ORDER BY d.name, d.version";

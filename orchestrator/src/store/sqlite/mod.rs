@@ -43,7 +43,7 @@ use crate::store::write_set::WriteSet;
 use crate::store::{
     Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
     OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, SagaStore, StoreError,
-    StoredInstance, StuckStep, Updated,
+    StoredDefinition, StoredInstance, StuckStep, Updated,
 };
 use sagas_participant::protocol::Command;
 
@@ -194,6 +194,31 @@ impl SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(rows)
+    }
+}
+
+impl SqliteStore {
+    /// The stored definitions, of `name` and `version` only if given, read through `pool`.
+    async fn stored_definitions(
+        pool: &SqlitePool,
+        name: Option<&str>,
+        version: Option<u32>,
+    ) -> Result<Vec<StoredDefinition>, StoreError> {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(sql::DEFINITIONS)
+            .bind(name)
+            .bind(version.map(i64::from))
+            .fetch_all(pool)
+            .await?;
+        rows.into_iter()
+            .map(|(plan, document)| {
+                Ok(StoredDefinition {
+                    plan: from_json("definition plan", &plan)?,
+                    document: document
+                        .map(|d| from_json("definition document", &d))
+                        .transpose()?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -557,6 +582,42 @@ impl SagaStore for SqliteStore {
             .map(stored)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(stuck.iter().flat_map(StuckStep::of).collect())
+    }
+
+    async fn register_definition(
+        &self,
+        definition: &StoredDefinition,
+    ) -> Result<StoredDefinition, StoreError> {
+        let plan = &definition.plan;
+        let document = match &definition.document {
+            Some(d) => Some(to_json("definition document", d)?),
+            None => None,
+        };
+        sqlx::query(sql::REGISTER_DEFINITION)
+            .bind(&plan.name)
+            .bind(i64::from(plan.version))
+            .bind(to_json("definition plan", plan)?)
+            .bind(document)
+            .bind(micros(chrono::Utc::now()))
+            .execute(&self.writer)
+            .await?;
+        // Read through the writer: the row is committed, and a reader could lag behind it.
+        SqliteStore::stored_definitions(&self.writer, Some(&plan.name), Some(plan.version))
+            .await?
+            .pop()
+            .ok_or_else(|| corrupt("definition", "not stored after its insert"))
+    }
+
+    async fn definitions(&self, name: Option<&str>) -> Result<Vec<StoredDefinition>, StoreError> {
+        SqliteStore::stored_definitions(&self.reader, name, None).await
+    }
+
+    async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
+        let (newest,): (Option<i64>,) = sqlx::query_as(sql::NEWEST_DOCUMENT_VERSION)
+            .bind(name)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(newest.and_then(|v| u32::try_from(v).ok()))
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

@@ -148,3 +148,20 @@ pub(super) const OLDEST_OPEN: &str = "SELECT state, created_at, updated_at FROM 
      WHERE status IN ('running', 'compensating', 'stuck')
      ORDER BY created_at, id
      LIMIT ?1";
+
+/// A definition (name, version, plan, document or NULL, registered at), unless one of its
+/// name and version is stored already.
+pub(super) const REGISTER_DEFINITION: &str =
+    "INSERT INTO sagas_definitions (name, version, plan, document, registered_at)
+     VALUES (?, ?, ?, ?, ?)
+     ON CONFLICT (name, version) DO NOTHING";
+
+/// The newest version of definition `?` stored as a document.
+pub(super) const NEWEST_DOCUMENT_VERSION: &str =
+    "SELECT max(version) FROM sagas_definitions WHERE name = ? AND document IS NOT NULL";
+
+/// The stored definitions' plans and documents, of definition `?1` only unless it is NULL, and
+/// of version `?2` only unless it is NULL.
+pub(super) const DEFINITIONS: &str = "SELECT plan, document FROM sagas_definitions
+     WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR version = ?2)
+     ORDER BY name, version";
