@@ -82,6 +82,8 @@ class Database:
             try:
                 self.conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10,
                                             application_name="sagas-python-participant")
+                # The barrier's rules hold at READ COMMITTED, whatever the server's default.
+                self.conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
             except psycopg.OperationalError as error:
                 raise barrier.DatabaseUnavailable(str(error)) from error
         return self.conn
