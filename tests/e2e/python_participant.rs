@@ -6,7 +6,8 @@
 //! connections are cut from the server side. At the end every transfer has its expected
 //! status, every balance is what the completed transfers make it, the bank's audit holds,
 //! `sagactl reconcile` with the barrier cross-check finds nothing, and a malformed command is
-//! in the dead-letter queue with its reason.
+//! in the dead-letter queue with its reason. A second test sends it commands by hand, as an
+//! orchestrator never would in that order, and checks each answer against the barrier rules.
 //!
 //! Python comes from `SAGAS_PYTHON`, by default the virtualenv that scripts/test makes
 //! (`target/python-venv`, with examples/python_participant/requirements.txt).
@@ -18,13 +19,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use sagas::participant::{Command, Operation, Outcome, Reply};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::examples::bank;
-use crate::helpers::{self, TestEnv, amqp_url, close_broker, connect_broker};
+use crate::helpers::{self, RawPeer, TestEnv, amqp_url, close_broker, connect_broker};
 
 /// Accounts `acct-1`..`acct-ACCOUNTS`; the last one is closed.
 const ACCOUNTS: u32 = 5;
@@ -468,6 +473,265 @@ async fn the_python_participant_moves_the_money_exactly_once_through_kills_and_c
         "{letter}"
     );
 
+    drop(procs);
+    let logs = std::env::temp_dir().join(format!("sagas-python-{}", env.topology.prefix()));
+    let _ = std::fs::remove_dir_all(logs);
+    env.cleanup().await;
+    Ok(())
+}
+
+/// A command of the bank's definitions for `account`.
+fn command(id: Uuid, definition: &str, step: &str, operation: Operation, account: &str) -> Command {
+    Command {
+        protocol: 1,
+        transaction_id: id,
+        definition: definition.to_owned(),
+        step: step.to_owned(),
+        operation,
+        attempt: 1,
+        payload: json!({"account": account, "amount": 250}),
+        output: None,
+        deadline: None,
+        traceparent: None,
+    }
+}
+
+/// Sends `cmd` and returns the outcome of its reply, which must answer it.
+async fn ask(peer: &mut RawPeer, cmd: &Command) -> Result<Outcome> {
+    peer.send(bank::PARTICIPANT, cmd).await?;
+    let reply = peer.next_reply().await?;
+    anyhow::ensure!(
+        reply == cmd.reply(reply.outcome.clone()),
+        "{reply:?} does not answer {cmd:?}"
+    );
+    Ok(reply.outcome)
+}
+
+/// `(available, frozen, pending)` of `account`.
+async fn account(env: &TestEnv, account: &str) -> Result<(i64, i64, i64)> {
+    Ok(
+        sqlx::query_as("SELECT available, frozen, pending FROM bank_accounts WHERE id = $1")
+            .bind(account)
+            .fetch_one(&env.bank)
+            .await?,
+    )
+}
+
+/// `(operation, origin)` of every barrier row of transaction `id`'s step `step`, by operation.
+async fn barrier_rows(env: &TestEnv, id: Uuid, step: &str) -> Result<Vec<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT operation, origin FROM sagas_barrier
+         WHERE transaction_id = $1 AND step = $2 ORDER BY operation",
+    )
+    .bind(id)
+    .bind(step)
+    .fetch_all(&env.bank)
+    .await?)
+}
+
+/// Takes one message from `queue` (bounded wait), acknowledged.
+async fn take(ch: &lapin::Channel, queue: &str) -> Result<lapin::message::BasicGetMessage> {
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let options = BasicGetOptions { no_ack: true };
+        if let Some(message) = ch.basic_get(queue.into(), options).await? {
+            return Ok(message);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "nothing in {queue}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_participants_barrier_answers_duplicates_late_tries_undos_and_batches_as_the_protocol_says()
+-> Result<()> {
+    python()?;
+    let env = TestEnv::new().await?;
+    let out = bank_tool(&env, &["seed", "--accounts", "2", "--balance", "10000"])?;
+    anyhow::ensure!(out.status.success(), "bank_transfer seed: {out:?}");
+    let mut peer = RawPeer::new(&env, bank::PARTICIPANT).await?;
+    let mut procs = Processes::new(&env)?;
+    procs.spawn_python(&env)?;
+    let (tcc, saga) = ("transfer_tcc", "transfer_saga");
+    let null_compensation = Outcome::succeeded(json!({"null_compensation": true}));
+
+    // A duplicate (a later attempt of the same try) gets the stored reply; the money moves once.
+    let id = Uuid::new_v4();
+    let try_ = command(id, tcc, "debit", Operation::Try, "acct-1");
+    let first = ask(&mut peer, &try_).await?;
+    let frozen = Outcome::succeeded(json!({"account": "acct-1", "available": 9750}));
+    assert_eq!(first, frozen);
+    let again = Command {
+        attempt: 2,
+        ..try_.clone()
+    };
+    assert_eq!(ask(&mut peer, &again).await?, frozen);
+    assert_eq!(account(&env, "acct-1").await?, (9750, 250, 0));
+    let cancel = command(id, tcc, "debit", Operation::Cancel, "acct-1");
+    let released = Outcome::succeeded(json!({"account": "acct-1", "available": 10000}));
+    assert_eq!(ask(&mut peer, &cancel).await?, released);
+    assert_eq!(account(&env, "acct-1").await?, (10000, 0, 0));
+
+    // A cancel that overtakes its try: a null compensation, and the late try is refused.
+    let id = Uuid::new_v4();
+    let cancel = command(id, tcc, "credit", Operation::Cancel, "acct-2");
+    assert_eq!(ask(&mut peer, &cancel).await?, null_compensation);
+    let late = command(id, tcc, "credit", Operation::Try, "acct-2");
+    assert_eq!(
+        ask(&mut peer, &late).await?,
+        Outcome::failed("try refused: it arrived after its cancel (anti-hanging)")
+    );
+    assert_eq!(account(&env, "acct-2").await?, (10000, 0, 0));
+    let rows = barrier_rows(&env, id, "credit").await?;
+    assert_eq!(
+        rows,
+        [
+            ("cancel".to_owned(), "null_compensation".to_owned()),
+            ("try".to_owned(), "guard".to_owned())
+        ]
+    );
+
+    // A failed action is stored; its compensation does nothing.
+    let id = Uuid::new_v4();
+    let action = command(id, saga, "debit", Operation::Action, "acct-404");
+    let refused = Outcome::failed("acct-404: insufficient funds or no such account");
+    assert_eq!(ask(&mut peer, &action).await?, refused);
+    assert_eq!(ask(&mut peer, &action).await?, refused);
+    let compensate = command(id, saga, "debit", Operation::Compensate, "acct-404");
+    assert_eq!(ask(&mut peer, &compensate).await?, null_compensation);
+
+    // A compensation that fails is not stored: once it can succeed, it runs.
+    let id = Uuid::new_v4();
+    let action = command(id, saga, "credit", Operation::Action, "acct-2");
+    let credited = Outcome::succeeded(json!({"account": "acct-2", "available": 10250}));
+    assert_eq!(ask(&mut peer, &action).await?, credited);
+    let wrong = Command {
+        payload: json!({"account": "acct-404", "amount": 250}),
+        ..command(id, saga, "credit", Operation::Compensate, "acct-2")
+    };
+    assert_eq!(
+        ask(&mut peer, &wrong).await?,
+        Outcome::failed("acct-404: no such account")
+    );
+    assert_eq!(
+        barrier_rows(&env, id, "credit").await?.len(),
+        1,
+        "no compensate row"
+    );
+    let compensate = Command {
+        attempt: 2,
+        ..command(id, saga, "credit", Operation::Compensate, "acct-2")
+    };
+    let taken_back = Outcome::succeeded(json!({"account": "acct-2", "available": 10000}));
+    assert_eq!(ask(&mut peer, &compensate).await?, taken_back);
+
+    // Steps it does not have, and operations a step does not have, are business failures.
+    let id = Uuid::new_v4();
+    let other_mode = command(id, saga, "debit", Operation::Try, "acct-1");
+    assert_eq!(
+        ask(&mut peer, &other_mode).await?,
+        Outcome::failed(
+            r#"step "debit" of "transfer_saga" is a saga step and does not support try"#
+        )
+    );
+    let unknown = command(id, tcc, "fee", Operation::Try, "acct-1");
+    assert_eq!(
+        ask(&mut peer, &unknown).await?,
+        Outcome::failed(r#"no handler for step "fee" of "transfer_tcc""#)
+    );
+
+    // A command batch: each element on its own, the malformed one dead-lettered alone, one
+    // reply batch for the others, with the announcement.
+    let conn = connect_broker().await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let replies = format!("{}.batch-replies", env.topology.prefix());
+    ch.queue_declare(
+        replies.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    let id = Uuid::new_v4();
+    let try_ = command(id, tcc, "debit", Operation::Try, "acct-1");
+    let malformed = json!({"protocol": 1, "transaction_id": id, "definition": tcc,
+        "step": "debit", "operation": "try", "attempt": 0, "payload": null});
+    let batch = json!([
+        try_,
+        malformed,
+        Command {
+            attempt: 2,
+            ..try_.clone()
+        }
+    ]);
+    let confirm = ch
+        .basic_publish(
+            env.topology.commands_exchange().as_str().into(),
+            bank::PARTICIPANT.into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&batch)?,
+            BasicProperties::default()
+                .with_content_type("application/vnd.sagas.batch+json".into())
+                .with_delivery_mode(2)
+                .with_reply_to(replies.as_str().into()),
+        )
+        .await?
+        .await?;
+    anyhow::ensure!(confirm.is_ack(), "batch not confirmed");
+    let answer = take(&ch, &replies).await?;
+    let properties = &answer.delivery.properties;
+    assert_eq!(
+        properties.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/vnd.sagas.batch+json")
+    );
+    let headers = properties.headers().clone().unwrap_or_default();
+    let header = |name: &str| headers.inner().get(name).cloned();
+    assert_eq!(
+        header("x-saga-participant"),
+        Some(AMQPValue::LongString("accounts".into()))
+    );
+    assert!(
+        matches!(
+            header("x-saga-accepts-batch"),
+            Some(AMQPValue::LongInt(256) | AMQPValue::LongLongInt(256))
+        ),
+        "{headers:?}"
+    );
+    let got: Vec<Reply> = serde_json::from_slice(&answer.delivery.data)?;
+    let frozen = Outcome::succeeded(json!({"account": "acct-1", "available": 9750}));
+    assert_eq!(
+        got,
+        [
+            try_.reply(frozen.clone()),
+            Command {
+                attempt: 2,
+                ..try_.clone()
+            }
+            .reply(frozen)
+        ]
+    );
+    let dead = take(&ch, &env.topology.dead_letter_queue()).await?;
+    let body: Value = serde_json::from_slice(&dead.delivery.data)?;
+    assert_eq!(body, malformed);
+    let headers = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        headers.inner().get("x-sagas-reason"),
+        Some(&AMQPValue::LongString(
+            "invalid command: attempt 0 (attempts count from 1)".into()
+        ))
+    );
+    procs.check_alive()?;
+
+    close_broker(&conn).await;
+    peer.close().await;
     drop(procs);
     let logs = std::env::temp_dir().join(format!("sagas-python-{}", env.topology.prefix()));
     let _ = std::fs::remove_dir_all(logs);
