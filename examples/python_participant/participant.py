@@ -36,6 +36,11 @@ PARTICIPANT = "accounts"
 log = logging.getLogger("participant")
 
 
+class Stopping(Exception):
+    """The process is asked to stop while a command waits for the database: the command is
+    left unanswered and unacked, and the broker gives it to another consumer."""
+
+
 class Backoff:
     """100 ms, doubling up to 5 s, for as long as it takes."""
 
@@ -199,6 +204,8 @@ class Session:
                           cmd.operation, cmd.attempt, outcome["status"])
                 return outcome
             except barrier.DatabaseUnavailable as error:
+                if self.stopping():
+                    raise Stopping() from error
                 delay = backoff.next()
                 log.warning("database unavailable (%s); trying again in %.1f s", error, delay)
                 self.conn.sleep(delay)  # keeps the broker connection served meanwhile
@@ -250,6 +257,14 @@ class Session:
             return False
 
 
+def close_quietly(conn):
+    if conn is not None and conn.is_open:
+        try:
+            conn.close()
+        except AMQPError:
+            pass
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--delay-ms", type=int, default=0,
@@ -283,25 +298,22 @@ def main() -> int:
     params.connection_attempts = 1
     params.client_properties = {"connection_name": f"sagas-python-participant {s.prefix}"}
     backoff.reset()
+    conn = None
     while not stopping():
-        conn = None
         try:
             conn = pika.BlockingConnection(params)
             log.info("connected to the broker")
             session = Session(conn, s, db, handler, stopping)
             backoff.reset()
             session.run()
+        except Stopping:
+            break
         except AMQPError as error:
             delay = backoff.next()
             log.warning("broker connection lost (%r); reconnecting in %.1f s", error, delay)
-            if conn is not None and conn.is_open:
-                try:
-                    conn.close()
-                except AMQPError:
-                    pass
+            close_quietly(conn)
             time.sleep(delay)
-            continue
-        conn.close()
+    close_quietly(conn)  # unacked commands go back to the queue
     log.info("stopped")
     return 0
 
