@@ -2,8 +2,8 @@
 //! the bank example's orchestrator, both as child processes on the test's own databases and
 //! AMQP prefix. Transfers of both definitions are started over HTTP, good ones and ones that
 //! must be undone (insufficient funds, a closed account, an unknown account); meanwhile the
-//! Python process is killed with SIGKILL and started again, and its database and broker
-//! connections are cut from the server side. At the end every transfer has its expected
+//! Python process is killed with SIGKILL and started again, its database refuses it for a
+//! while, and its broker connection is closed by the broker. At the end every transfer has its expected
 //! status, every balance is what the completed transfers make it, the bank's audit holds,
 //! `sagactl reconcile` with the barrier cross-check finds nothing, and a malformed command is
 //! in the dead-letter queue with its reason. A second test sends it commands by hand, as an
@@ -25,6 +25,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use sagas::participant::{Command, Operation, Outcome, Reply};
 use serde_json::{Value, json};
+use sqlx::AssertSqlSafe;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -321,25 +322,53 @@ async fn cut_broker_connection(env: &TestEnv) -> Result<()> {
     }
 }
 
-/// Ends the Python participant's database sessions from the server's side.
-async fn cut_database_connection(env: &TestEnv) -> Result<()> {
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        let (ended,): (i64,) = sqlx::query_as(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE application_name = 'sagas-python-participant' AND datname = current_database()",
-        )
-        .fetch_one(&env.bank)
-        .await?;
-        if ended > 0 {
-            return Ok(());
+/// A database outage as the Python participant sees one: its sessions ended by the server and
+/// new ones refused, until it has tried to connect again `tries` times and said so in its log.
+async fn database_outage(env: &TestEnv, procs: &Processes, tries: usize) -> Result<()> {
+    let name = env
+        .bank_url
+        .split('?')
+        .next()
+        .and_then(|url| url.rsplit('/').next())
+        .context("no database in the accounts URL")?;
+    let allow = |yes: bool| {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {yes}"
+        )))
+    };
+    let unavailable = || -> Result<usize> {
+        let log = std::fs::read_to_string(procs.logs.join("python.log"))?;
+        Ok(log.matches("database unavailable").count())
+    };
+    let before = unavailable()?;
+    allow(false).execute(&env.orch).await?;
+    let outage = async {
+        let deadline = Instant::now() + WITHIN;
+        let mut ended = 0;
+        loop {
+            // The test's own pool keeps its sessions; only the participant's are ended.
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'sagas-python-participant' AND datname = $1",
+            )
+            .bind(name)
+            .fetch_one(&env.orch)
+            .await?;
+            ended += n;
+            if ended > 0 && unavailable()? >= before + tries {
+                return anyhow::Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the participant did not try the database {tries} times; logs in {}",
+                procs.logs.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the participant has no database session"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    .await;
+    allow(true).execute(&env.orch).await?;
+    outage
 }
 
 /// Publishes a command of attempt 0 (malformed: attempts count from 1) to the participant.
@@ -374,6 +403,7 @@ async fn publish_malformed_command(env: &TestEnv) -> Result<()> {
         .await?;
     anyhow::ensure!(confirm.is_ack(), "command not confirmed");
     anyhow::ensure!(confirm.take_message().is_none(), "command unroutable");
+    let _ = ch.close(200, "sent".into()).await;
     close_broker(&conn).await;
     Ok(())
 }
@@ -410,9 +440,10 @@ async fn the_python_participant_moves_the_money_exactly_once_through_kills_and_c
     wait_finished(&env, &mut procs, 8).await?;
     helpers::kill_child(&mut procs.python);
     procs.spawn_python(&env)?;
-    // Its database session ended by the server, then its broker connection by the broker.
+    // Its database away (its session ended, new ones refused) until it has tried three times,
+    // then its broker connection closed by the broker.
     wait_finished(&env, &mut procs, 16).await?;
-    cut_database_connection(&env).await?;
+    database_outage(&env, &procs, 3).await?;
     wait_finished(&env, &mut procs, 24).await?;
     cut_broker_connection(&env).await?;
 
