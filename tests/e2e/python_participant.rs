@@ -195,6 +195,19 @@ impl Processes {
         Ok(())
     }
 
+    /// The last `n` lines of each process's log, for a failure's message.
+    fn tails(&self, n: usize) -> String {
+        let mut out = String::new();
+        for name in ["python", "orchestrator"] {
+            let log =
+                std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            out += &format!("\n--- {name}.log, last lines:\n");
+            out += &lines[lines.len().saturating_sub(n)..].join("\n");
+        }
+        out
+    }
+
     async fn wait_healthy(&mut self, http: &reqwest::Client) -> Result<()> {
         let deadline = Instant::now() + WITHIN;
         loop {
@@ -273,11 +286,19 @@ async fn wait_finished(env: &TestEnv, procs: &mut Processes, n: i64) -> Result<(
             return Ok(());
         }
         procs.check_alive()?;
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {done} of {n} transactions finished; logs in {}",
-            procs.logs.display()
-        );
+        if Instant::now() > deadline {
+            let open: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT id, definition FROM sagas_instances
+                 WHERE status IN ('running', 'compensating') ORDER BY created_at LIMIT 5",
+            )
+            .fetch_all(&env.orch)
+            .await?;
+            anyhow::bail!(
+                "only {done} of {n} transactions finished; open: {open:?}; logs in {}{}",
+                procs.logs.display(),
+                procs.tails(30)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -360,8 +381,9 @@ async fn database_outage(env: &TestEnv, procs: &Processes, tries: usize) -> Resu
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "the participant did not try the database {tries} times; logs in {}",
-                procs.logs.display()
+                "the participant did not try the database {tries} times; logs in {}{}",
+                procs.logs.display(),
+                procs.tails(30)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -767,5 +789,26 @@ async fn the_python_participants_barrier_answers_duplicates_late_tries_undos_and
     let logs = std::env::temp_dir().join(format!("sagas-python-{}", env.topology.prefix()));
     let _ = std::fs::remove_dir_all(logs);
     env.cleanup().await;
+    Ok(())
+}
+
+/// The Python participant's own unit tests (examples/python_participant/test_protocol.py):
+/// its command validation against the protocol's table, without a broker or a database.
+#[test]
+fn the_python_participants_command_validation_follows_the_protocols_table() -> Result<()> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python_participant");
+    let out = Process::new("timeout")
+        .arg("120")
+        .arg(python()?)
+        .args(["-m", "unittest", "discover", "-v", "-s"])
+        .arg(&dir)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "python -m unittest: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
