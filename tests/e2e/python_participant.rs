@@ -343,54 +343,92 @@ async fn cut_broker_connection(env: &TestEnv) -> Result<()> {
     }
 }
 
-/// A database outage as the Python participant sees one: its sessions ended by the server and
-/// new ones refused, until it has tried to connect again `tries` times and said so in its log.
-async fn database_outage(env: &TestEnv, procs: &Processes, tries: usize) -> Result<()> {
+/// The accounts database refusing the Python participant: new sessions refused, and its
+/// session ended by the server, as a database restart would look to it.
+struct DatabaseAway {
+    name: String,
+    /// How many times its log said so before.
+    before: usize,
+}
+
+/// How many times the Python participant's log says that the database is unavailable.
+fn unavailable_in_log(procs: &Processes) -> Result<usize> {
+    let log = std::fs::read_to_string(procs.logs.join("python.log"))?;
+    Ok(log.matches("database unavailable").count())
+}
+
+fn allow_connections(name: &str, yes: bool) -> sqlx::RawSql {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {yes}"
+    )))
+}
+
+/// Ends the Python participant's database sessions; true if it had one.
+async fn end_sessions(env: &TestEnv, name: &str) -> Result<bool> {
+    // Run from the orchestrator's database: the test's own sessions on the accounts database
+    // are left alone.
+    let (ended,): (i64,) = sqlx::query_as(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'sagas-python-participant' AND datname = $1",
+    )
+    .bind(name)
+    .fetch_one(&env.orch)
+    .await?;
+    Ok(ended > 0)
+}
+
+/// Takes the accounts database away from the Python participant.
+async fn database_away(env: &TestEnv, procs: &Processes) -> Result<DatabaseAway> {
     let name = env
         .bank_url
         .split('?')
         .next()
         .and_then(|url| url.rsplit('/').next())
-        .context("no database in the accounts URL")?;
-    let allow = |yes: bool| {
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {yes}"
-        )))
-    };
-    let unavailable = || -> Result<usize> {
-        let log = std::fs::read_to_string(procs.logs.join("python.log"))?;
-        Ok(log.matches("database unavailable").count())
-    };
-    let before = unavailable()?;
-    allow(false).execute(&env.orch).await?;
-    let outage = async {
-        let deadline = Instant::now() + WITHIN;
-        let mut ended = 0;
-        loop {
-            // The test's own pool keeps its sessions; only the participant's are ended.
-            let (n,): (i64,) = sqlx::query_as(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE application_name = 'sagas-python-participant' AND datname = $1",
-            )
-            .bind(name)
-            .fetch_one(&env.orch)
-            .await?;
-            ended += n;
-            if ended > 0 && unavailable()? >= before + tries {
-                return anyhow::Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the participant did not try the database {tries} times; logs in {}{}",
-                procs.logs.display(),
-                procs.tails(30)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        .context("no database in the accounts URL")?
+        .to_owned();
+    let before = unavailable_in_log(procs)?;
+    allow_connections(&name, false).execute(&env.orch).await?;
+    let deadline = Instant::now() + WITHIN;
+    while !end_sessions(env, &name).await? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the participant has no database session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    .await;
-    allow(true).execute(&env.orch).await?;
-    outage
+    Ok(DatabaseAway { name, before })
+}
+
+/// Gives the database back once the participant has found it unavailable `tries` times
+/// (the loss, then refused connections); commands must be arriving meanwhile.
+async fn database_back(
+    env: &TestEnv,
+    procs: &Processes,
+    away: DatabaseAway,
+    tries: usize,
+) -> Result<()> {
+    let deadline = Instant::now() + WITHIN;
+    let waited = loop {
+        match unavailable_in_log(procs) {
+            Ok(n) if n >= away.before + tries => break Ok(()),
+            Ok(_) if Instant::now() < deadline => {}
+            Ok(n) => {
+                break Err(anyhow::anyhow!(
+                    "the participant found the database unavailable {} times, not {tries}; \
+                     logs in {}{}",
+                    n - away.before,
+                    procs.logs.display(),
+                    procs.tails(30)
+                ));
+            }
+            Err(error) => break Err(error),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    allow_connections(&away.name, true)
+        .execute(&env.orch)
+        .await?;
+    waited
 }
 
 /// Publishes a command of attempt 0 (malformed: attempts count from 1) to the participant.
@@ -456,20 +494,25 @@ async fn the_python_participant_moves_the_money_exactly_once_through_kills_and_c
     );
 
     let transfers = plan();
-    let client = tokio::spawn(start_all(procs.base.clone(), transfers.clone()));
+    let (first, second) = transfers.split_at(TRANSFERS / 2);
+    let client = tokio::spawn(start_all(procs.base.clone(), first.to_vec()));
 
     // A SIGKILL with work in flight, then a fresh process.
     wait_finished(&env, &mut procs, 8).await?;
     helpers::kill_child(&mut procs.python);
     procs.spawn_python(&env)?;
-    // Its database away (its session ended, new ones refused) until it has tried three times,
-    // then its broker connection closed by the broker.
+    let mut ids = client.await??;
+    // The database taken away, and the second half started, so that commands arrive while
+    // it is away; given back once the participant has found it away three times. Then its
+    // broker connection is closed by the broker.
     wait_finished(&env, &mut procs, 16).await?;
-    database_outage(&env, &procs, 3).await?;
-    wait_finished(&env, &mut procs, 24).await?;
+    let away = database_away(&env, &procs).await?;
+    let client = tokio::spawn(start_all(procs.base.clone(), second.to_vec()));
+    database_back(&env, &procs, away, 3).await?;
+    wait_finished(&env, &mut procs, 32).await?;
     cut_broker_connection(&env).await?;
+    ids.extend(client.await??);
 
-    let ids = client.await??;
     wait_finished(&env, &mut procs, TRANSFERS as i64).await?;
     procs.check_alive()?;
 
