@@ -9,7 +9,7 @@ Environment (the same as the Rust participant's):
     SAGAS_QUORUM_QUEUES      1/true/yes/on for quorum queues (as the orchestrator's)
     SAGAS_QUEUE_EXPIRES_MS   queue expiry in ms (as the orchestrator's; tests and demos)
     SAGAS_PARTICIPANT_PREFETCH        unacknowledged commands the broker may push (default 16)
-    SAGAS_PARTICIPANT_ACCEPTS_BATCH   command batches announced, 0 to 256 (default 256; 0: none)
+    SAGAS_PARTICIPANT_ACCEPTS_BATCH   command batches announced, 0 to 256 (default 16; 0: none)
     LOG_LEVEL                default INFO
 
 One command at a time, each in its own database transaction through the barrier; a command
@@ -65,7 +65,9 @@ class Settings:
         expires = env.get("SAGAS_QUEUE_EXPIRES_MS", "").strip()
         self.expires_ms = int(expires) if expires else None
         self.prefetch = int(env.get("SAGAS_PARTICIPANT_PREFETCH", "16"))
-        self.accepts_batch = min(int(env.get("SAGAS_PARTICIPANT_ACCEPTS_BATCH", "256")), MAX_BATCH)
+        # A batch is handled one element after the other: a small one stays well within a step's
+        # timeout (the orchestrator sends at most 16 anyway).
+        self.accepts_batch = min(int(env.get("SAGAS_PARTICIPANT_ACCEPTS_BATCH", "16")), MAX_BATCH)
 
     @property
     def queue(self) -> str:

@@ -792,7 +792,7 @@ async fn the_python_participants_barrier_answers_duplicates_late_tries_undos_and
     assert!(
         matches!(
             header("x-saga-accepts-batch"),
-            Some(AMQPValue::LongInt(256) | AMQPValue::LongLongInt(256))
+            Some(AMQPValue::LongInt(16) | AMQPValue::LongLongInt(16))
         ),
         "{headers:?}"
     );
