@@ -3,11 +3,12 @@
 //! AMQP prefix. Transfers of both definitions are started over HTTP, good ones and ones that
 //! must be undone (insufficient funds, a closed account, an unknown account); meanwhile the
 //! Python process is killed with SIGKILL and started again, its database refuses it for a
-//! while, and its broker connection is closed by the broker. At the end every transfer has its expected
-//! status, every balance is what the completed transfers make it, the bank's audit holds,
-//! `sagactl reconcile` with the barrier cross-check finds nothing, and a malformed command is
-//! in the dead-letter queue with its reason. A second test sends it commands by hand, as an
-//! orchestrator never would in that order, and checks each answer against the barrier rules.
+//! while, and its broker connection is closed by the broker. At the end every transfer has its
+//! expected status, every balance is what the completed transfers make it, the bank's audit
+//! holds, `sagactl reconcile` with the barrier cross-check finds nothing, and a malformed
+//! command is in the dead-letter queue with its reason. A second test sends it commands by
+//! hand, as an orchestrator never would in that order, and checks each answer against the
+//! barrier rules; a third runs its own unit tests.
 //!
 //! Python comes from `SAGAS_PYTHON`, by default the virtualenv that scripts/test makes
 //! (`target/python-venv`, with examples/python_participant/requirements.txt).
