@@ -22,8 +22,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::examples::bank;
-use crate::helpers::{self, TestEnv, amqp_url, connect_broker, run_sagactl};
+use crate::helpers::{self, TestEnv, amqp_url, connect_broker};
 
 /// Accounts `acct-1`..`acct-ACCOUNTS`; the last one is closed, so credits to it fail.
 const ACCOUNTS: u32 = 8;
@@ -243,13 +242,6 @@ impl Cluster {
         Ok(())
     }
 
-    fn kill(slot: &mut Option<Child>) {
-        if let Some(mut child) = slot.take() {
-            let _ = child.kill(); // SIGKILL
-            let _ = child.wait();
-        }
-    }
-
     /// Fails if a process exited on its own: each must outlive every fault but its own kill.
     fn check_alive(&mut self) -> Result<()> {
         let logs = self.logs.display().to_string();
@@ -295,7 +287,7 @@ impl Drop for Cluster {
             .iter_mut()
             .chain(self.accounts.iter_mut())
         {
-            Cluster::kill(slot);
+            helpers::kill_child(slot);
         }
     }
 }
@@ -675,13 +667,13 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
         let at = wall.elapsed();
         match *fault {
             Fault::KillOrchestrator(i) => {
-                Cluster::kill(&mut cluster.orchestrators[i]);
+                helpers::kill_child(&mut cluster.orchestrators[i]);
                 tokio::time::sleep(down).await;
                 cluster.spawn_orchestrator(i)?;
                 cluster.wait_healthy(&http, i).await?;
             }
             Fault::KillAccounts(i) => {
-                Cluster::kill(&mut cluster.accounts[i]);
+                helpers::kill_child(&mut cluster.accounts[i]);
                 tokio::time::sleep(down).await;
                 cluster.spawn_accounts(i)?;
             }
@@ -774,49 +766,8 @@ async fn fault_suite(restart_services: bool) -> Result<()> {
         }
     }
 
-    // The books: money conserved, nothing frozen or pending, and every balance exactly what
-    // the completed transfers make it (an effect applied twice, or lost, shows here).
-    let audit = bank::audit(&env.bank).await?;
-    assert!(audit.holds(), "{audit:?}");
-    assert_eq!((audit.frozen, audit.pending), (0, 0), "{audit:?}");
-    let balances: Vec<(String, i64, i64, i64)> =
-        sqlx::query_as("SELECT id, available, frozen, pending FROM bank_accounts")
-            .fetch_all(&env.bank)
-            .await?;
-    for (account, available, frozen, pending) in balances {
-        let i: usize = account["acct-".len()..].parse()?;
-        assert_eq!(
-            (available, frozen, pending),
-            (expected[i], 0, 0),
-            "{account}"
-        );
-    }
-    let out = Process::new(helpers::built_binary("examples/bank_transfer")?)
-        .arg("audit")
-        .env("ACCOUNTS_DATABASE_URL", &env.bank_url)
-        .output()?;
-    assert!(out.status.success(), "bank_transfer audit: {out:?}");
-
-    // The log against itself and against the participant's barrier table.
-    let participant = format!("{}={}", bank::PARTICIPANT, env.bank_url);
-    let out = run_sagactl(&[
-        "reconcile",
-        "--database-url",
-        &env.orch_url,
-        "--participant",
-        &participant,
-        "--format",
-        "json",
-    ])?;
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "sagactl reconcile: {report}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(&report)?;
-    assert_eq!(report["consistent"], true, "{report}");
+    // The books, and the log against itself and the participant's barrier table.
+    helpers::check_bank_books(&env, &expected).await?;
 
     let (last_terminal,): (chrono::DateTime<chrono::Utc>,) =
         sqlx::query_as("SELECT max(updated_at) FROM sagas_instances")

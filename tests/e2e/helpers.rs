@@ -727,6 +727,65 @@ pub fn run_sagactl(args: &[&str]) -> Result<std::process::Output> {
         .output()?)
 }
 
+/// Kills a child process (SIGKILL) and reaps it, if there is one.
+pub fn kill_child(slot: &mut Option<std::process::Child>) {
+    if let Some(mut child) = slot.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The bank's books after its transfers settled: money conserved, nothing frozen or pending,
+/// every account `acct-N` holding exactly `expected[N]` (an effect applied twice, or lost,
+/// shows here), the example's `audit` passing, and `sagactl reconcile` consistent with the
+/// accounts participant's barrier table cross-checked.
+pub async fn check_bank_books(env: &TestEnv, expected: &[i64]) -> Result<()> {
+    use crate::examples::bank;
+
+    let audit = bank::audit(&env.bank).await?;
+    anyhow::ensure!(audit.holds(), "{audit:?}");
+    anyhow::ensure!((audit.frozen, audit.pending) == (0, 0), "{audit:?}");
+    let balances: Vec<(String, i64, i64, i64)> =
+        sqlx::query_as("SELECT id, available, frozen, pending FROM bank_accounts")
+            .fetch_all(&env.bank)
+            .await?;
+    for (account, available, frozen, pending) in balances {
+        let i: usize = account["acct-".len()..].parse()?;
+        let want = (expected.get(i).copied(), 0, 0);
+        anyhow::ensure!(
+            (Some(available), frozen, pending) == want,
+            "{account}: (available, frozen, pending) = ({available}, {frozen}, {pending}), \
+             expected {want:?}"
+        );
+    }
+    let out = std::process::Command::new(built_binary("examples/bank_transfer")?)
+        .arg("audit")
+        .env("ACCOUNTS_DATABASE_URL", &env.bank_url)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "bank_transfer audit: {out:?}");
+
+    // The log against itself and against the participant's barrier table.
+    let participant = format!("{}={}", bank::PARTICIPANT, env.bank_url);
+    let out = run_sagactl(&[
+        "reconcile",
+        "--database-url",
+        &env.orch_url,
+        "--participant",
+        &participant,
+        "--format",
+        "json",
+    ])?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.code() == Some(0),
+        "sagactl reconcile: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&report)?;
+    anyhow::ensure!(report["consistent"] == true, "{report}");
+    Ok(())
+}
+
 /// A binary of this workspace built next to this test binary: `target/debug/<name>` (`sagactl`)
 /// or `target/debug/examples/<name>`; `cargo build --all-targets` builds them all, as
 /// `scripts/test` does before the tests.

@@ -18,6 +18,7 @@ mod faults;
 mod monitoring;
 mod operator;
 mod orders;
+mod python_participant;
 mod quickstart;
 mod reconcile;
 mod store;
