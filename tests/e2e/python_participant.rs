@@ -1,6 +1,6 @@
 //! The Python reference participant (examples/python_participant) doing the bank's work for
-//! the bank example's orchestrator, both as child processes on the test's own databases and
-//! AMQP prefix. Transfers of both definitions are started over HTTP, good ones and ones that
+//! `sagad` running the bank transfer as definition documents (examples/definitions), both as
+//! child processes on the test's own databases and AMQP prefix. Transfers of both definitions are started over HTTP, good ones and ones that
 //! must be undone (insufficient funds, a closed account, an unknown account); meanwhile the
 //! Python process is killed with SIGKILL and started again, its database refuses it for a
 //! while, and its broker connection is closed by the broker. At the end every transfer has its
@@ -149,13 +149,14 @@ impl Processes {
         Ok(cmd)
     }
 
+    /// `sagad` with the bank transfer as definition documents (examples/definitions): no Rust
+    /// in the transaction's definition nor in its participant.
     fn spawn_orchestrator(&mut self, env: &TestEnv) -> Result<()> {
+        let definitions = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/definitions");
         let child = self
-            .command(
-                helpers::built_binary("examples/bank_transfer")?,
-                "orchestrator.log",
-            )?
-            .arg("orchestrator")
+            .command(helpers::built_binary("sagad")?, "orchestrator.log")?
+            .arg("--definitions")
+            .arg(definitions)
             .env("DATABASE_URL", &env.orch_url)
             .env("SAGAS_BIND", format!("127.0.0.1:{}", self.port))
             .env("RUST_LOG", "warn")
