@@ -765,7 +765,15 @@ pub async fn check_bank_books(env: &TestEnv, expected: &[i64]) -> Result<()> {
     anyhow::ensure!(out.status.success(), "bank_transfer audit: {out:?}");
 
     // The log against itself and against the participant's barrier table.
-    let participant = format!("{}={}", bank::PARTICIPANT, env.bank_url);
+    let report = reconcile_bank(env)?;
+    anyhow::ensure!(report["consistent"] == true, "{report}");
+    Ok(())
+}
+
+/// `sagactl reconcile --format json` over the test's orchestrator database, with the bank
+/// participant's barrier table cross-checked: the report, once the command exited 0.
+pub fn reconcile_bank(env: &TestEnv) -> Result<serde_json::Value> {
+    let participant = format!("{}={}", crate::examples::bank::PARTICIPANT, env.bank_url);
     let out = run_sagactl(&[
         "reconcile",
         "--database-url",
@@ -781,9 +789,7 @@ pub async fn check_bank_books(env: &TestEnv, expected: &[i64]) -> Result<()> {
         "sagactl reconcile: {report}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_str(&report)?;
-    anyhow::ensure!(report["consistent"] == true, "{report}");
-    Ok(())
+    Ok(serde_json::from_str(&report)?)
 }
 
 /// A binary of this workspace built next to this test binary: `target/debug/<name>` (`sagactl`)

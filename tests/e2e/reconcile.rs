@@ -686,18 +686,7 @@ async fn a_clean_run_of_bank_transfers_reports_no_findings_and_sagactl_exits_0()
     assert_eq!(report.summary.instances, 6);
     assert!(report.summary.events > 30);
 
-    let participant = format!("accounts={}", env.bank_url);
-    let out = run_sagactl(&[
-        "reconcile",
-        "--database-url",
-        &env.orch_url,
-        "--participant",
-        &participant,
-        "--format",
-        "json",
-    ])?;
-    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    let doc: Value = serde_json::from_slice(&out.stdout)?;
+    let doc = crate::helpers::reconcile_bank(&env)?;
     assert_eq!(doc["consistent"], true);
     assert_eq!(doc["summary"]["instances"], 6);
     let out = run_sagactl(&[
