@@ -607,6 +607,10 @@ impl SagaStore for FaultyStore {
     async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
         self.inner.newest_document_version(name).await
     }
+
+    async fn document_count(&self) -> Result<u64, StoreError> {
+        self.inner.document_count().await
+    }
 }
 
 /// The broker as one engine generation sees it.

@@ -11,7 +11,7 @@ use anyhow::Result;
 use sagas::orchestrator::clock::SystemClock;
 use sagas::orchestrator::definition::DefinitionError;
 use sagas::orchestrator::document;
-use sagas::orchestrator::store::{SagaStore, SqliteStore};
+use sagas::orchestrator::store::{SagaStore, SqliteStore, StoredDefinition};
 use sagas::orchestrator::transport::AmqpTransport;
 use sagas::orchestrator::{Definition, Engine, EngineError, Registry};
 use serde_json::{Value, json};
@@ -77,6 +77,18 @@ async fn second_process(store: Arc<dyn SagaStore>, env: &TestEnv) -> Result<()> 
     let versions: Vec<u32> = stored.iter().map(|d| d.plan.version).collect();
     assert_eq!(versions, vec![1, 2]);
     assert_eq!(stored[0].plan.steps[1].participant, "accounts");
+    // Only documents are counted (the loader's cheap look for new ones).
+    assert_eq!(store.document_count().await?, 0);
+    let doc = json!({"name": "transfer", "version": 3,
+        "steps": [{"name": "debit", "participant": "accounts", "command": {}}]});
+    let plan = (**document::compile(&doc)?.plan()).clone();
+    store
+        .register_definition(&StoredDefinition {
+            plan,
+            document: Some(doc),
+        })
+        .await?;
+    assert_eq!(store.document_count().await?, 1);
     Ok(())
 }
 

@@ -371,6 +371,15 @@ impl SagaStore for MemoryStore {
             .max())
     }
 
+    async fn document_count(&self) -> Result<u64, StoreError> {
+        let tables = self.lock();
+        Ok(tables
+            .definitions
+            .values()
+            .filter(|d| d.document.is_some())
+            .count() as u64)
+    }
+
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
         let mut tables = self.lock();
         for id in ids {

@@ -537,6 +537,11 @@ pub trait SagaStore: Send + Sync + 'static {
     /// look before a start, so that a version another process registered is started at once).
     async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError>;
 
+    /// How many definitions are stored as documents: rows are never updated nor deleted, so
+    /// a count that has not changed means no document was registered since (a cheap look
+    /// before reading them all).
+    async fn document_count(&self) -> Result<u64, StoreError>;
+
     /// Word of settled instances between the processes that share this store; `None` (the
     /// default) for a store that one process uses alone.
     fn settlements(&self) -> Option<Arc<dyn Settlements>> {

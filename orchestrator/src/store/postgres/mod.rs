@@ -477,6 +477,13 @@ impl SagaStore for PgStore {
         Ok(newest.and_then(|v| u32::try_from(v).ok()))
     }
 
+    async fn document_count(&self) -> Result<u64, StoreError> {
+        let (count,): (i64,) = sqlx::query_as(sql::DOCUMENT_COUNT)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count.unsigned_abs())
+    }
+
     /// NOTIFY and LISTEN: any number of processes may share the database.
     fn settlements(&self) -> Option<Arc<dyn Settlements>> {
         Some(Arc::new(PgSettlements {

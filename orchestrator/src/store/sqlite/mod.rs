@@ -620,6 +620,13 @@ impl SagaStore for SqliteStore {
         Ok(newest.and_then(|v| u32::try_from(v).ok()))
     }
 
+    async fn document_count(&self) -> Result<u64, StoreError> {
+        let (count,): (i64,) = sqlx::query_as(sql::DOCUMENT_COUNT)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(count.unsigned_abs())
+    }
+
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
