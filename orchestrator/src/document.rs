@@ -93,9 +93,13 @@ pub fn parse(text: &str) -> Result<Value, DefinitionError> {
     }
 }
 
+/// A document file read: its path, and its document or why it could not be read.
+pub type DocumentFile = (PathBuf, Result<Value, DefinitionError>);
+
 /// Reads the document file `path`, or every `*.yaml`, `*.yml` and `*.json` file of the
-/// directory `path` (not its subdirectories) in name order, each with its path.
-pub fn read_path(path: &Path) -> Result<Vec<(PathBuf, Value)>, DefinitionError> {
+/// directory `path` (not its subdirectories) in name order, each with its path and its
+/// document, or what is wrong with it: one bad file does not hide the others.
+pub fn read_path(path: &Path) -> Result<Vec<DocumentFile>, DefinitionError> {
     let io = |p: &Path, e: std::io::Error| invalid(format!("{}: {e}", p.display()));
     let files = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -113,17 +117,15 @@ pub fn read_path(path: &Path) -> Result<Vec<(PathBuf, Value)>, DefinitionError> 
     } else {
         vec![path.to_owned()]
     };
-    files
+    Ok(files
         .into_iter()
         .map(|file| {
-            let text = std::fs::read_to_string(&file).map_err(|e| io(&file, e))?;
-            let doc = parse(&text).map_err(|e| match e {
-                DefinitionError::Invalid(m) => invalid(format!("{}: {m}", file.display())),
-                other => other,
-            })?;
-            Ok((file, doc))
+            let doc = std::fs::read_to_string(&file)
+                .map_err(|e| invalid(e.to_string()))
+                .and_then(|text| parse(&text));
+            (file, doc)
         })
-        .collect()
+        .collect())
 }
 
 /// The definition a document describes, with its plan checked as the builder checks one and

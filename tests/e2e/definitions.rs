@@ -329,8 +329,8 @@ async fn the_example_documents_are_the_example_definitions_and_sagad_runs_a_tran
     }
     let documents = document::read_path(&examples_dir())?;
     assert_eq!(documents.len(), 3);
-    for (file, doc) in &documents {
-        let def = document::compile(doc)?;
+    for (file, doc) in documents {
+        let def = document::compile(&doc?)?;
         let theirs = rust.get(def.name(), def.version()).unwrap();
         assert_eq!(def.plan(), theirs.plan(), "{}", file.display());
     }
@@ -476,6 +476,62 @@ async fn the_example_documents_are_the_example_definitions_and_sagad_runs_a_tran
 
     drop(sagad);
     drop(accounts);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagactl_definitions_apply_reports_every_file_of_a_directory_and_registers_the_good_ones()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let app = spawn_app(&env, Registry::new()).await?;
+    let dir = tempfile::tempdir()?;
+    let good =
+        "name: apply_good\nversion: 1\nsteps:\n  - name: a\n    participant: p\n    command: {}\n";
+    std::fs::write(dir.path().join("a_broken.yaml"), "name: [")?;
+    std::fs::write(
+        dir.path().join("b_invalid.json"),
+        r#"{"name": "apply_bad", "version": 1, "steps": [], "colour": "red"}"#,
+    )?;
+    std::fs::write(dir.path().join("c_good.yaml"), good)?;
+    std::fs::write(
+        dir.path().join("d_conflict.yaml"),
+        good.replace("command: {}", "timeout_ms: 7000\n    command: {}"),
+    )?;
+    let base = app.url("");
+    let out = run_sagactl(&[
+        "definitions",
+        "apply",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "--url",
+        &base,
+    ])?;
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.ends_with("c_good.yaml: apply_good v1 registered\n"),
+        "{stdout}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(
+        lines[0].contains("a_broken.yaml: invalid definition: not a YAML document: "),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains("b_invalid.json: invalid definition: document: unknown field `colour`"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2]
+            .contains("d_conflict.yaml: definition apply_good v1 differs from the one registered"),
+        "{stderr}"
+    );
+    app.stop().await;
     env.cleanup().await;
     Ok(())
 }
