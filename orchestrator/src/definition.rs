@@ -97,6 +97,16 @@ impl RetryPolicy {
         (base * (1.0 - jitter)).round() as u64
     }
 
+    /// The policy as the store gives it back: PostgreSQL's jsonb reads -0.0 as 0.0, so a plan
+    /// with -0.0 would not have the same fingerprint once stored.
+    fn stored_form(self) -> RetryPolicy {
+        RetryPolicy {
+            multiplier: self.multiplier + 0.0,
+            jitter: self.jitter + 0.0,
+            ..self
+        }
+    }
+
     pub(crate) fn validate(&self, what: &str) -> Result<(), DefinitionError> {
         if self.max_attempts == 0 {
             return Err(DefinitionError::Invalid(format!(
@@ -352,13 +362,13 @@ impl<I> Step<I> {
 
     /// Retry policy of the forward operation.
     pub fn retry(mut self, policy: RetryPolicy) -> Step<I> {
-        self.plan.retry = policy;
+        self.plan.retry = policy.stored_form();
         self
     }
 
     /// Retry policy of compensate/confirm/cancel.
     pub fn finish_retry(mut self, policy: RetryPolicy) -> Step<I> {
-        self.plan.finish_retry = policy;
+        self.plan.finish_retry = policy.stored_form();
         self
     }
 
@@ -984,6 +994,27 @@ mod tests {
             plain.plan().differences(parallel.plan()),
             vec!["step `charge` after changed from [reserve] to []".to_owned()]
         );
+    }
+
+    #[test]
+    fn a_negative_zero_in_a_retry_policy_has_the_fingerprint_of_zero_as_the_store_gives_it_back() {
+        let with = |jitter: f64| {
+            let policy = RetryPolicy {
+                jitter,
+                ..RetryPolicy::FORWARD
+            };
+            Definition::saga::<Order>("order", 1)
+                .step("reserve", "inventory", |s| {
+                    s.command(|_, _| json!({}))
+                        .retry(policy)
+                        .finish_retry(policy)
+                })
+                .build()
+                .unwrap()
+        };
+        let (negative, zero) = (with(-0.0), with(0.0));
+        assert_eq!(negative.plan().fingerprint(), zero.plan().fingerprint());
+        assert!(negative.plan().differences(zero.plan()).is_empty());
     }
 
     #[test]

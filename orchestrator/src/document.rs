@@ -481,6 +481,8 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
+        // -0.0 is 0.0: PostgreSQL's jsonb stores both as 0.0.
+        Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() => out.extend(b"0.0"),
         scalar => out.extend(serde_json::to_vec(scalar).expect("a JSON value serializes")),
     }
 }
@@ -697,6 +699,14 @@ steps:
         assert_ne!(
             content_hash(&a),
             content_hash(&json!({"b": 2, "a": [true, null, "x"]}))
+        );
+        assert_eq!(
+            content_hash(&json!({"jitter": -0.0})),
+            content_hash(&json!({"jitter": 0.0}))
+        );
+        assert_ne!(
+            content_hash(&json!({"jitter": 0.0})),
+            content_hash(&json!({"jitter": 0}))
         );
         assert!(content_hash(&a).starts_with("sha256:"));
         assert_eq!(content_hash(&a).len(), 7 + 64);

@@ -535,3 +535,23 @@ async fn sagactl_definitions_apply_reports_every_file_of_a_directory_and_registe
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_document_that_postgresql_stores_in_another_form_is_still_the_same_document() -> Result<()>
+{
+    let env = TestEnv::new().await?;
+    let app = spawn_app(&env, Registry::new()).await?;
+    let http = reqwest::Client::new();
+    // jsonb keeps -0.0 as 0.0 and 1e2 as 100.
+    let doc = json!({"name": "zero", "version": 1, "steps": [{
+        "name": "a", "participant": "p", "retry": {"jitter": -0.0, "multiplier": 1e2},
+        "command": {"n": -0.0}}]});
+    let path = "/v1/definitions/zero/versions/1";
+    let (status, body) = put(&http, &app, path, &doc).await?;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = put(&http, &app, path, &doc).await?;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
