@@ -393,6 +393,16 @@ impl Selection {
                  /outputs/STEP)"
             ));
         };
+        // RFC 6901: `~` only as `~0` (for `~`) or `~1` (for `/`).
+        let mut chars = path.chars();
+        while let Some(c) = chars.next() {
+            if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+                return Err(format!(
+                    "{pointer:?} is not a JSON Pointer: `~` must be followed by 0 or 1 (`~0` \
+                     stands for `~`, `~1` for `/`)"
+                ));
+            }
+        }
         let (root, rest) = path.split_once('/').map_or((path, ""), |(r, p)| (r, p));
         match root {
             "input" => Ok(Selection {
@@ -666,6 +676,17 @@ steps:
             "saga",
         );
         assert!(refusal(pointer).contains("is not a JSON Pointer from the root"));
+        for bad in ["/input/a~2b", "/input/a~", "/outputs/a~/x"] {
+            let escape = two_steps(
+                json!({"name": "b", "participant": "p", "command": {"x": {"$ref": bad}}}),
+                "saga",
+            );
+            let message = refusal(escape);
+            assert!(
+                message.contains("at /x: ") && message.contains("`~` must be followed by 0 or 1"),
+                "{message}"
+            );
+        }
         let zero = two_steps(
             json!({"name": "b", "participant": "p", "timeout_ms": 0, "command": {}}),
             "saga",
