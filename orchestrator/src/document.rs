@@ -695,6 +695,15 @@ steps:
         let schema = json!({"name": "d", "version": 1, "input_schema": {"type": 5},
             "steps": [{"name": "a", "participant": "p", "command": {}}]});
         assert!(refusal(schema).contains("input_schema is not a valid JSON Schema"));
+        for remote in ["https://127.0.0.1:9/schema.json", "file:///etc/hostname"] {
+            let schema = json!({"name": "d", "version": 1, "input_schema": {"$ref": remote},
+                "steps": [{"name": "a", "participant": "p", "command": {}}]});
+            let message = refusal(schema);
+            assert!(
+                message.contains("input_schema is not a valid JSON Schema"),
+                "{message}"
+            );
+        }
         assert!(
             parse("name: [")
                 .unwrap_err()
