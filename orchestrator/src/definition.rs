@@ -621,6 +621,13 @@ impl<I: DeserializeOwned + 'static> DefinitionBuilder<I> {
     /// Validates and finishes the definition.
     pub fn build(self) -> Result<Definition, DefinitionError> {
         valid_name("definition name", &self.name)?;
+        if matches!(self.name.as_str(), "." | "..") {
+            // A segment of the API's paths (`/v1/sagas/{name}`), which clients resolve away.
+            return Err(DefinitionError::Invalid(format!(
+                "definition name {:?} cannot be . or ..",
+                self.name
+            )));
+        }
         if self.steps.is_empty() {
             return Err(DefinitionError::Invalid(format!(
                 "{} has no steps",
@@ -921,6 +928,21 @@ mod tests {
             .step("a", "p", |s| s.command(|_, _| json!(1)))
             .build();
         assert!(bad.is_err());
+        for dots in [".", ".."] {
+            let bad = Definition::saga::<Order>(dots, 1)
+                .step("a", "p", |s| s.command(|_, _| json!(1)))
+                .build();
+            assert!(
+                matches!(&bad, Err(DefinitionError::Invalid(m)) if m.ends_with("cannot be . or ..")),
+                "{bad:?}"
+            );
+        }
+        assert!(
+            Definition::saga::<Order>("...", 1)
+                .step("a", "p", |s| s.command(|_, _| json!(1)))
+                .build()
+                .is_ok()
+        );
     }
 
     #[test]
