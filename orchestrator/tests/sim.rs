@@ -592,7 +592,7 @@ impl SagaStore for FaultyStore {
     async fn register_definition(
         &self,
         definition: &sagas_orchestrator::store::StoredDefinition,
-    ) -> Result<sagas_orchestrator::store::StoredDefinition, StoreError> {
+    ) -> Result<sagas_orchestrator::store::Registration, StoreError> {
         // Not a fault point: an engine registers its definitions once, as it starts.
         self.inner.register_definition(definition).await
     }

@@ -82,12 +82,15 @@ async fn second_process(store: Arc<dyn SagaStore>, env: &TestEnv) -> Result<()> 
     let doc = json!({"name": "transfer", "version": 3,
         "steps": [{"name": "debit", "participant": "accounts", "command": {}}]});
     let plan = (**document::compile(&doc)?.plan()).clone();
-    store
-        .register_definition(&StoredDefinition {
-            plan,
-            document: Some(doc),
-        })
-        .await?;
+    let ours = StoredDefinition {
+        plan,
+        document: Some(doc),
+    };
+    // The insert says whether it stored the row: one of two registrations of the same one.
+    let first = store.register_definition(&ours).await?;
+    let again = store.register_definition(&ours).await?;
+    assert_eq!((first.inserted, again.inserted), (true, false));
+    assert_eq!((&first.stored, &again.stored), (&ours, &ours));
     assert_eq!(store.document_count().await?, 1);
     Ok(())
 }
@@ -552,6 +555,77 @@ async fn a_document_that_postgresql_stores_in_another_form_is_still_the_same_doc
     let (status, body) = put(&http, &app, path, &doc).await?;
     assert_eq!(status, 200, "{body}");
     app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_in_two_processes_register_one_document_and_answer_the_others_200_or_409()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let one = spawn_app(&env, Registry::new()).await?;
+    let two = spawn_app(&env, Registry::new()).await?;
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for version in 1..=5u32 {
+        let path = format!("/v1/definitions/doc_transfer/versions/{version}");
+        let (same, other) = (
+            transfer_document(version, 5_000),
+            transfer_document(version, 9_000),
+        );
+        // Each version: the same document twice and another one, at once, through both.
+        let (a, b, c) = tokio::join!(
+            put(&http, &one, &path, &same),
+            put(&http, &two, &path, &same),
+            put(&http, &two, &path, &other),
+        );
+        let mut answers = [a?, b?, c?].map(|(status, body)| {
+            let kind = match status {
+                201 | 200 if body["content_hash"] == document::content_hash(&same) => "same",
+                201 | 200 => "other",
+                409 => {
+                    assert_eq!(body["error"], "definition_conflict", "{body}");
+                    "refused"
+                }
+                _ => panic!("{status} {body}"),
+            };
+            (status, kind)
+        });
+        answers.sort();
+        statuses.push(answers);
+    }
+    for answers in &statuses {
+        // Exactly one registration; whichever document won, the others get 200 or 409.
+        assert_eq!(
+            answers.iter().filter(|(s, _)| *s == 201).count(),
+            1,
+            "{statuses:?}"
+        );
+        let winner = answers.iter().find(|(s, _)| *s == 201).unwrap().1;
+        let expected: Vec<(u16, &str)> = match winner {
+            "same" => vec![(200, "same"), (201, "same"), (409, "refused")],
+            _ => vec![(201, "other"), (409, "refused"), (409, "refused")],
+        };
+        assert_eq!(answers.to_vec(), expected, "{statuses:?}");
+    }
+    // Both processes run what was stored.
+    for app in [&one, &two] {
+        let listed: Value = http
+            .get(app.url("/v1/definitions"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let versions = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["name"] == "doc_transfer")
+            .count();
+        assert_eq!(versions, 5, "{listed}");
+    }
+    one.stop().await;
+    two.stop().await;
     env.cleanup().await;
     Ok(())
 }

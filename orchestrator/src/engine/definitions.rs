@@ -42,7 +42,7 @@ impl Engine {
     }
 
     /// Stores `def` unless its name and version are stored, and checks that what is stored
-    /// under them is `def`. Returns whether it was stored before.
+    /// under them is `def`. Returns whether it was stored before (by this call or not).
     async fn record(&self, def: &Definition) -> Result<bool, EngineError> {
         let document = match def.source() {
             Source::Code => None,
@@ -52,9 +52,10 @@ impl Engine {
             plan: (**def.plan()).clone(),
             document,
         };
-        let stored = self.store.register_definition(&ours).await?;
+        let registered = self.store.register_definition(&ours).await?;
+        let stored = &registered.stored;
         def.check_stored(&stored.plan, stored.document.as_ref())?;
-        Ok(stored != ours)
+        Ok(!registered.inserted)
     }
 
     /// Registers a definition document (JSON, as [`document::parse`] reads it): compiled,
