@@ -171,6 +171,9 @@ pub struct Plan {
     pub steps: Vec<StepPlan>,
 }
 
+/// A field of a retry policy, as a message shows it.
+type PolicyField = fn(&RetryPolicy) -> String;
+
 /// The namespace of plan fingerprints: a plan's fingerprint is the version 5 UUID of its JSON
 /// in it.
 const PLAN_NAMESPACE: Uuid = Uuid::from_u128(0x66177c7f_49e1_4cbc_8d6b_914891c5e4c3);
@@ -219,12 +222,21 @@ impl Plan {
                 format!("{:?}", a.participant),
                 format!("{:?}", b.participant),
             );
-            changed("retry", format!("{:?}", a.retry), format!("{:?}", b.retry));
-            changed(
-                "finish_retry",
-                format!("{:?}", a.finish_retry),
-                format!("{:?}", b.finish_retry),
-            );
+            let fields: [(&str, PolicyField); 5] = [
+                ("max_attempts", |p| p.max_attempts.to_string()),
+                ("initial_backoff_ms", |p| p.initial_backoff_ms.to_string()),
+                ("max_backoff_ms", |p| p.max_backoff_ms.to_string()),
+                ("multiplier", |p| p.multiplier.to_string()),
+                ("jitter", |p| p.jitter.to_string()),
+            ];
+            for (policy, x, y) in [
+                ("retry", &a.retry, &b.retry),
+                ("finish_retry", &a.finish_retry, &b.finish_retry),
+            ] {
+                for (field, value) in fields {
+                    changed(&format!("{policy}.{field}"), value(x), value(y));
+                }
+            }
             changed(
                 "timeout_ms",
                 a.timeout_ms.to_string(),
@@ -1015,6 +1027,32 @@ mod tests {
         assert_eq!(
             plain.plan().differences(parallel.plan()),
             vec!["step `charge` after changed from [reserve] to []".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_changed_retry_policy_is_named_field_by_field() {
+        let retried = Definition::saga::<Order>("order", 1)
+            .step("reserve", "inventory", |s| {
+                s.command(|_, _| json!({}))
+                    .retry(RetryPolicy {
+                        max_attempts: 5,
+                        ..RetryPolicy::FORWARD
+                    })
+                    .finish_retry(RetryPolicy {
+                        jitter: 0.5,
+                        ..RetryPolicy::FINISH
+                    })
+            })
+            .step("charge", "payment", |s| s.command(|_, _| json!({})))
+            .build()
+            .unwrap();
+        assert_eq!(
+            order_saga(1).plan().differences(retried.plan()),
+            vec![
+                "step `reserve` retry.max_attempts changed from 3 to 5".to_owned(),
+                "step `reserve` finish_retry.jitter changed from 0.2 to 0.5".to_owned(),
+            ]
         );
     }
 
