@@ -87,8 +87,8 @@ impl Engine {
     /// Loads the stored documents (of definition `name` only, if given) this process does not
     /// have yet, declaring their participants' queues; returns how many it loaded. A stored
     /// document this version cannot compile is logged and left out. Without `name`, the
-    /// documents are read only when the store counts more of them than the last complete look
-    /// found (one small query otherwise).
+    /// documents are read only when the store counts another number of them than the last
+    /// complete look found (one small query otherwise).
     pub async fn load_definitions(&self, name: Option<&str>) -> Result<usize, EngineError> {
         if name.is_some() {
             return self.load_stored(name).await;
@@ -174,7 +174,7 @@ impl Engine {
                 Err(e) if !failing => {
                     failing = true;
                     tracing::warn!(error = %e, "loading the definitions registered elsewhere failed; \
-                        trying again every {DEFINITIONS_INTERVAL:?}, logged again once it works");
+                        trying again every {DEFINITIONS_INTERVAL:?}, quietly until it works");
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "loading the definitions registered elsewhere failed again")
