@@ -97,6 +97,16 @@ impl RetryPolicy {
         (base * (1.0 - jitter)).round() as u64
     }
 
+    /// The policy as the store gives it back: PostgreSQL's jsonb reads -0.0 as 0.0, so a plan
+    /// with -0.0 would not have the same fingerprint once stored.
+    fn stored_form(self) -> RetryPolicy {
+        RetryPolicy {
+            multiplier: self.multiplier + 0.0,
+            jitter: self.jitter + 0.0,
+            ..self
+        }
+    }
+
     pub(crate) fn validate(&self, what: &str) -> Result<(), DefinitionError> {
         if self.max_attempts == 0 {
             return Err(DefinitionError::Invalid(format!(
@@ -161,6 +171,9 @@ pub struct Plan {
     pub steps: Vec<StepPlan>,
 }
 
+/// A field of a retry policy, as a message shows it.
+type PolicyField = fn(&RetryPolicy) -> String;
+
 /// The namespace of plan fingerprints: a plan's fingerprint is the version 5 UUID of its JSON
 /// in it.
 const PLAN_NAMESPACE: Uuid = Uuid::from_u128(0x66177c7f_49e1_4cbc_8d6b_914891c5e4c3);
@@ -209,12 +222,21 @@ impl Plan {
                 format!("{:?}", a.participant),
                 format!("{:?}", b.participant),
             );
-            changed("retry", format!("{:?}", a.retry), format!("{:?}", b.retry));
-            changed(
-                "finish_retry",
-                format!("{:?}", a.finish_retry),
-                format!("{:?}", b.finish_retry),
-            );
+            let fields: [(&str, PolicyField); 5] = [
+                ("max_attempts", |p| p.max_attempts.to_string()),
+                ("initial_backoff_ms", |p| p.initial_backoff_ms.to_string()),
+                ("max_backoff_ms", |p| p.max_backoff_ms.to_string()),
+                ("multiplier", |p| p.multiplier.to_string()),
+                ("jitter", |p| p.jitter.to_string()),
+            ];
+            for (policy, x, y) in [
+                ("retry", &a.retry, &b.retry),
+                ("finish_retry", &a.finish_retry, &b.finish_retry),
+            ] {
+                for (field, value) in fields {
+                    changed(&format!("{policy}.{field}"), value(x), value(y));
+                }
+            }
             changed(
                 "timeout_ms",
                 a.timeout_ms.to_string(),
@@ -352,13 +374,13 @@ impl<I> Step<I> {
 
     /// Retry policy of the forward operation.
     pub fn retry(mut self, policy: RetryPolicy) -> Step<I> {
-        self.plan.retry = policy;
+        self.plan.retry = policy.stored_form();
         self
     }
 
     /// Retry policy of compensate/confirm/cancel.
     pub fn finish_retry(mut self, policy: RetryPolicy) -> Step<I> {
-        self.plan.finish_retry = policy;
+        self.plan.finish_retry = policy.stored_form();
         self
     }
 
@@ -611,6 +633,13 @@ impl<I: DeserializeOwned + 'static> DefinitionBuilder<I> {
     /// Validates and finishes the definition.
     pub fn build(self) -> Result<Definition, DefinitionError> {
         valid_name("definition name", &self.name)?;
+        if matches!(self.name.as_str(), "." | "..") {
+            // A segment of the API's paths (`/v1/sagas/{name}`), which clients resolve away.
+            return Err(DefinitionError::Invalid(format!(
+                "definition name {:?} cannot be . or ..",
+                self.name
+            )));
+        }
         if self.steps.is_empty() {
             return Err(DefinitionError::Invalid(format!(
                 "{} has no steps",
@@ -911,6 +940,21 @@ mod tests {
             .step("a", "p", |s| s.command(|_, _| json!(1)))
             .build();
         assert!(bad.is_err());
+        for dots in [".", ".."] {
+            let bad = Definition::saga::<Order>(dots, 1)
+                .step("a", "p", |s| s.command(|_, _| json!(1)))
+                .build();
+            assert!(
+                matches!(&bad, Err(DefinitionError::Invalid(m)) if m.ends_with("cannot be . or ..")),
+                "{bad:?}"
+            );
+        }
+        assert!(
+            Definition::saga::<Order>("...", 1)
+                .step("a", "p", |s| s.command(|_, _| json!(1)))
+                .build()
+                .is_ok()
+        );
     }
 
     #[test]
@@ -984,6 +1028,53 @@ mod tests {
             plain.plan().differences(parallel.plan()),
             vec!["step `charge` after changed from [reserve] to []".to_owned()]
         );
+    }
+
+    #[test]
+    fn a_changed_retry_policy_is_named_field_by_field() {
+        let retried = Definition::saga::<Order>("order", 1)
+            .step("reserve", "inventory", |s| {
+                s.command(|_, _| json!({}))
+                    .retry(RetryPolicy {
+                        max_attempts: 5,
+                        ..RetryPolicy::FORWARD
+                    })
+                    .finish_retry(RetryPolicy {
+                        jitter: 0.5,
+                        ..RetryPolicy::FINISH
+                    })
+            })
+            .step("charge", "payment", |s| s.command(|_, _| json!({})))
+            .build()
+            .unwrap();
+        assert_eq!(
+            order_saga(1).plan().differences(retried.plan()),
+            vec![
+                "step `reserve` retry.max_attempts changed from 3 to 5".to_owned(),
+                "step `reserve` finish_retry.jitter changed from 0.2 to 0.5".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_negative_zero_in_a_retry_policy_has_the_fingerprint_of_zero_as_the_store_gives_it_back() {
+        let with = |jitter: f64| {
+            let policy = RetryPolicy {
+                jitter,
+                ..RetryPolicy::FORWARD
+            };
+            Definition::saga::<Order>("order", 1)
+                .step("reserve", "inventory", |s| {
+                    s.command(|_, _| json!({}))
+                        .retry(policy)
+                        .finish_retry(policy)
+                })
+                .build()
+                .unwrap()
+        };
+        let (negative, zero) = (with(-0.0), with(0.0));
+        assert_eq!(negative.plan().fingerprint(), zero.plan().fingerprint());
+        assert!(negative.plan().differences(zero.plan()).is_empty());
     }
 
     #[test]

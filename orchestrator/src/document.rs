@@ -93,9 +93,13 @@ pub fn parse(text: &str) -> Result<Value, DefinitionError> {
     }
 }
 
+/// A document file read: its path, and its document or why it could not be read.
+pub type DocumentFile = (PathBuf, Result<Value, DefinitionError>);
+
 /// Reads the document file `path`, or every `*.yaml`, `*.yml` and `*.json` file of the
-/// directory `path` (not its subdirectories) in name order, each with its path.
-pub fn read_path(path: &Path) -> Result<Vec<(PathBuf, Value)>, DefinitionError> {
+/// directory `path` (not its subdirectories) in name order, each with its path and its
+/// document, or what is wrong with it: one bad file does not hide the others.
+pub fn read_path(path: &Path) -> Result<Vec<DocumentFile>, DefinitionError> {
     let io = |p: &Path, e: std::io::Error| invalid(format!("{}: {e}", p.display()));
     let files = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -113,17 +117,15 @@ pub fn read_path(path: &Path) -> Result<Vec<(PathBuf, Value)>, DefinitionError> 
     } else {
         vec![path.to_owned()]
     };
-    files
+    Ok(files
         .into_iter()
         .map(|file| {
-            let text = std::fs::read_to_string(&file).map_err(|e| io(&file, e))?;
-            let doc = parse(&text).map_err(|e| match e {
-                DefinitionError::Invalid(m) => invalid(format!("{}: {m}", file.display())),
-                other => other,
-            })?;
-            Ok((file, doc))
+            let doc = std::fs::read_to_string(&file)
+                .map_err(|e| invalid(e.to_string()))
+                .and_then(|text| parse(&text));
+            (file, doc)
         })
-        .collect()
+        .collect())
 }
 
 /// The definition a document describes, with its plan checked as the builder checks one and
@@ -391,6 +393,16 @@ impl Selection {
                  /outputs/STEP)"
             ));
         };
+        // RFC 6901: `~` only as `~0` (for `~`) or `~1` (for `/`).
+        let mut chars = path.chars();
+        while let Some(c) = chars.next() {
+            if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+                return Err(format!(
+                    "{pointer:?} is not a JSON Pointer: `~` must be followed by 0 or 1 (`~0` \
+                     stands for `~`, `~1` for `/`)"
+                ));
+            }
+        }
         let (root, rest) = path.split_once('/').map_or((path, ""), |(r, p)| (r, p));
         match root {
             "input" => Ok(Selection {
@@ -479,6 +491,8 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
+        // -0.0 is 0.0: PostgreSQL's jsonb stores both as 0.0.
+        Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() => out.extend(b"0.0"),
         scalar => out.extend(serde_json::to_vec(scalar).expect("a JSON value serializes")),
     }
 }
@@ -662,6 +676,17 @@ steps:
             "saga",
         );
         assert!(refusal(pointer).contains("is not a JSON Pointer from the root"));
+        for bad in ["/input/a~2b", "/input/a~", "/outputs/a~/x"] {
+            let escape = two_steps(
+                json!({"name": "b", "participant": "p", "command": {"x": {"$ref": bad}}}),
+                "saga",
+            );
+            let message = refusal(escape);
+            assert!(
+                message.contains("at /x: ") && message.contains("`~` must be followed by 0 or 1"),
+                "{message}"
+            );
+        }
         let zero = two_steps(
             json!({"name": "b", "participant": "p", "timeout_ms": 0, "command": {}}),
             "saga",
@@ -670,6 +695,15 @@ steps:
         let schema = json!({"name": "d", "version": 1, "input_schema": {"type": 5},
             "steps": [{"name": "a", "participant": "p", "command": {}}]});
         assert!(refusal(schema).contains("input_schema is not a valid JSON Schema"));
+        for remote in ["https://127.0.0.1:9/schema.json", "file:///etc/hostname"] {
+            let schema = json!({"name": "d", "version": 1, "input_schema": {"$ref": remote},
+                "steps": [{"name": "a", "participant": "p", "command": {}}]});
+            let message = refusal(schema);
+            assert!(
+                message.contains("input_schema is not a valid JSON Schema"),
+                "{message}"
+            );
+        }
         assert!(
             parse("name: [")
                 .unwrap_err()
@@ -695,6 +729,14 @@ steps:
         assert_ne!(
             content_hash(&a),
             content_hash(&json!({"b": 2, "a": [true, null, "x"]}))
+        );
+        assert_eq!(
+            content_hash(&json!({"jitter": -0.0})),
+            content_hash(&json!({"jitter": 0.0}))
+        );
+        assert_ne!(
+            content_hash(&json!({"jitter": 0.0})),
+            content_hash(&json!({"jitter": 0}))
         );
         assert!(content_hash(&a).starts_with("sha256:"));
         assert_eq!(content_hash(&a).len(), 7 + 64);

@@ -592,7 +592,7 @@ impl SagaStore for FaultyStore {
     async fn register_definition(
         &self,
         definition: &sagas_orchestrator::store::StoredDefinition,
-    ) -> Result<sagas_orchestrator::store::StoredDefinition, StoreError> {
+    ) -> Result<sagas_orchestrator::store::Registration, StoreError> {
         // Not a fault point: an engine registers its definitions once, as it starts.
         self.inner.register_definition(definition).await
     }
@@ -606,6 +606,10 @@ impl SagaStore for FaultyStore {
 
     async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError> {
         self.inner.newest_document_version(name).await
+    }
+
+    async fn document_count(&self) -> Result<u64, StoreError> {
+        self.inner.document_count().await
     }
 }
 

@@ -11,7 +11,7 @@ use anyhow::Result;
 use sagas::orchestrator::clock::SystemClock;
 use sagas::orchestrator::definition::DefinitionError;
 use sagas::orchestrator::document;
-use sagas::orchestrator::store::{SagaStore, SqliteStore};
+use sagas::orchestrator::store::{SagaStore, SqliteStore, StoredDefinition};
 use sagas::orchestrator::transport::AmqpTransport;
 use sagas::orchestrator::{Definition, Engine, EngineError, Registry};
 use serde_json::{Value, json};
@@ -77,6 +77,21 @@ async fn second_process(store: Arc<dyn SagaStore>, env: &TestEnv) -> Result<()> 
     let versions: Vec<u32> = stored.iter().map(|d| d.plan.version).collect();
     assert_eq!(versions, vec![1, 2]);
     assert_eq!(stored[0].plan.steps[1].participant, "accounts");
+    // Only documents are counted (the loader's cheap look for new ones).
+    assert_eq!(store.document_count().await?, 0);
+    let doc = json!({"name": "transfer", "version": 3,
+        "steps": [{"name": "debit", "participant": "accounts", "command": {}}]});
+    let plan = (**document::compile(&doc)?.plan()).clone();
+    let ours = StoredDefinition {
+        plan,
+        document: Some(doc),
+    };
+    // The insert says whether it stored the row: one of two registrations of the same one.
+    let first = store.register_definition(&ours).await?;
+    let again = store.register_definition(&ours).await?;
+    assert_eq!((first.inserted, again.inserted), (true, false));
+    assert_eq!((&first.stored, &again.stored), (&ours, &ours));
+    assert_eq!(store.document_count().await?, 1);
     Ok(())
 }
 
@@ -317,8 +332,8 @@ async fn the_example_documents_are_the_example_definitions_and_sagad_runs_a_tran
     }
     let documents = document::read_path(&examples_dir())?;
     assert_eq!(documents.len(), 3);
-    for (file, doc) in &documents {
-        let def = document::compile(doc)?;
+    for (file, doc) in documents {
+        let def = document::compile(&doc?)?;
         let theirs = rust.get(def.name(), def.version()).unwrap();
         assert_eq!(def.plan(), theirs.plan(), "{}", file.display());
     }
@@ -464,6 +479,153 @@ async fn the_example_documents_are_the_example_definitions_and_sagad_runs_a_tran
 
     drop(sagad);
     drop(accounts);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagactl_definitions_apply_reports_every_file_of_a_directory_and_registers_the_good_ones()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let app = spawn_app(&env, Registry::new()).await?;
+    let dir = tempfile::tempdir()?;
+    let good =
+        "name: apply_good\nversion: 1\nsteps:\n  - name: a\n    participant: p\n    command: {}\n";
+    std::fs::write(dir.path().join("a_broken.yaml"), "name: [")?;
+    std::fs::write(
+        dir.path().join("b_invalid.json"),
+        r#"{"name": "apply_bad", "version": 1, "steps": [], "colour": "red"}"#,
+    )?;
+    std::fs::write(dir.path().join("c_good.yaml"), good)?;
+    std::fs::write(
+        dir.path().join("d_conflict.yaml"),
+        good.replace("command: {}", "timeout_ms: 7000\n    command: {}"),
+    )?;
+    let base = app.url("");
+    let out = run_sagactl(&[
+        "definitions",
+        "apply",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "--url",
+        &base,
+    ])?;
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.ends_with("c_good.yaml: apply_good v1 registered\n"),
+        "{stdout}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(
+        lines[0].contains("a_broken.yaml: invalid definition: not a YAML document: "),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains("b_invalid.json: invalid definition: document: unknown field `colour`"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2]
+            .contains("d_conflict.yaml: definition apply_good v1 differs from the one registered"),
+        "{stderr}"
+    );
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_document_that_postgresql_stores_in_another_form_is_still_the_same_document() -> Result<()>
+{
+    let env = TestEnv::new().await?;
+    let app = spawn_app(&env, Registry::new()).await?;
+    let http = reqwest::Client::new();
+    // jsonb keeps -0.0 as 0.0 and 1e2 as 100.
+    let doc = json!({"name": "zero", "version": 1, "steps": [{
+        "name": "a", "participant": "p", "retry": {"jitter": -0.0, "multiplier": 1e2},
+        "command": {"n": -0.0}}]});
+    let path = "/v1/definitions/zero/versions/1";
+    let (status, body) = put(&http, &app, path, &doc).await?;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = put(&http, &app, path, &doc).await?;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_in_two_processes_register_one_document_and_answer_the_others_200_or_409()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    let one = spawn_app(&env, Registry::new()).await?;
+    let two = spawn_app(&env, Registry::new()).await?;
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for version in 1..=5u32 {
+        let path = format!("/v1/definitions/doc_transfer/versions/{version}");
+        let (same, other) = (
+            transfer_document(version, 5_000),
+            transfer_document(version, 9_000),
+        );
+        // Each version: the same document twice and another one, at once, through both.
+        let (a, b, c) = tokio::join!(
+            put(&http, &one, &path, &same),
+            put(&http, &two, &path, &same),
+            put(&http, &two, &path, &other),
+        );
+        let mut answers = [a?, b?, c?].map(|(status, body)| {
+            let kind = match status {
+                201 | 200 if body["content_hash"] == document::content_hash(&same) => "same",
+                201 | 200 => "other",
+                409 => {
+                    assert_eq!(body["error"], "definition_conflict", "{body}");
+                    "refused"
+                }
+                _ => panic!("{status} {body}"),
+            };
+            (status, kind)
+        });
+        answers.sort();
+        statuses.push(answers);
+    }
+    for answers in &statuses {
+        // Exactly one registration; whichever document won, the others get 200 or 409.
+        assert_eq!(
+            answers.iter().filter(|(s, _)| *s == 201).count(),
+            1,
+            "{statuses:?}"
+        );
+        let winner = answers.iter().find(|(s, _)| *s == 201).unwrap().1;
+        let expected: Vec<(u16, &str)> = match winner {
+            "same" => vec![(200, "same"), (201, "same"), (409, "refused")],
+            _ => vec![(201, "other"), (409, "refused"), (409, "refused")],
+        };
+        assert_eq!(answers.to_vec(), expected, "{statuses:?}");
+    }
+    // Both processes run what was stored.
+    for app in [&one, &two] {
+        let listed: Value = http
+            .get(app.url("/v1/definitions"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let versions = listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["name"] == "doc_transfer")
+            .count();
+        assert_eq!(versions, 5, "{listed}");
+    }
+    one.stop().await;
+    two.stop().await;
     env.cleanup().await;
     Ok(())
 }

@@ -126,6 +126,7 @@ impl DefinitionView {
     responses(
         (status = 200, description = "Every registered definition", body = Definitions),
         (status = 401, description = "No valid token", body = super::ErrorBody),
+        (status = 503, description = "`unavailable` (the store, where other processes' documents are read)", body = super::ErrorBody),
     ),
     security(("bearer" = [])),
 )]
@@ -160,6 +161,7 @@ pub async fn list(State(engine): State<Arc<Engine>>) -> Result<Json<Definitions>
         (status = 400, description = "`malformed_path`", body = super::ErrorBody),
         (status = 401, description = "No valid token", body = super::ErrorBody),
         (status = 404, description = "`unknown_definition`", body = super::ErrorBody),
+        (status = 503, description = "`unavailable` (the store, where other processes' documents are read)", body = super::ErrorBody),
     ),
     security(("bearer" = [])),
 )]

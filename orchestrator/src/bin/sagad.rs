@@ -106,6 +106,7 @@ async fn main() -> anyhow::Result<ExitCode> {
 fn documents(dir: &Path) -> anyhow::Result<Registry> {
     let mut registry = Registry::new();
     for (file, doc) in document::read_path(dir)? {
+        let doc = doc.with_context(|| format!("refusing to start: {}", file.display()))?;
         let def = document::compile(&doc)
             .with_context(|| format!("refusing to start: {}", file.display()))?;
         tracing::info!(file = %file.display(), definition = def.name(), version = def.version(), "definition document");

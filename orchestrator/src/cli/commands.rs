@@ -257,8 +257,8 @@ fn documents(path: &Path, code: &mut u8) -> anyhow::Result<Vec<(String, Value, D
     let mut compiled = Vec::with_capacity(docs.len());
     for (file, doc) in docs {
         let file = file.display().to_string();
-        match document::compile(&doc) {
-            Ok(def) => compiled.push((file, doc, def)),
+        match doc.and_then(|doc| document::compile(&doc).map(|def| (doc, def))) {
+            Ok((doc, def)) => compiled.push((file, doc, def)),
             Err(e) => {
                 eprintln!("{file}: {e}");
                 *code = EXIT_FINDINGS;

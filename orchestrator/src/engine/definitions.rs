@@ -3,6 +3,7 @@
 //! processes registered.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -41,7 +42,7 @@ impl Engine {
     }
 
     /// Stores `def` unless its name and version are stored, and checks that what is stored
-    /// under them is `def`. Returns whether it was stored before.
+    /// under them is `def`. Returns whether it was stored before (by this call or not).
     async fn record(&self, def: &Definition) -> Result<bool, EngineError> {
         let document = match def.source() {
             Source::Code => None,
@@ -51,9 +52,10 @@ impl Engine {
             plan: (**def.plan()).clone(),
             document,
         };
-        let stored = self.store.register_definition(&ours).await?;
+        let registered = self.store.register_definition(&ours).await?;
+        let stored = &registered.stored;
         def.check_stored(&stored.plan, stored.document.as_ref())?;
-        Ok(stored != ours)
+        Ok(!registered.inserted)
     }
 
     /// Registers a definition document (JSON, as [`document::parse`] reads it): compiled,
@@ -84,8 +86,24 @@ impl Engine {
 
     /// Loads the stored documents (of definition `name` only, if given) this process does not
     /// have yet, declaring their participants' queues; returns how many it loaded. A stored
-    /// document this version cannot compile is logged and left out.
+    /// document this version cannot compile is logged and left out. Without `name`, the
+    /// documents are read only when the store counts another number of them than the last
+    /// complete look found (one small query otherwise).
     pub async fn load_definitions(&self, name: Option<&str>) -> Result<usize, EngineError> {
+        if name.is_some() {
+            return self.load_stored(name).await;
+        }
+        let count = self.store.document_count().await?;
+        if count == self.documents_seen.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        let loaded = self.load_stored(None).await?;
+        // Counted before reading: a document registered meanwhile is read at the next look.
+        self.documents_seen.fetch_max(count, Ordering::AcqRel);
+        Ok(loaded)
+    }
+
+    async fn load_stored(&self, name: Option<&str>) -> Result<usize, EngineError> {
         let mut loaded = 0;
         for stored in self.store.definitions(name).await? {
             let Some(doc) = &stored.document else {
@@ -143,13 +161,161 @@ impl Engine {
     }
 
     /// Loads the documents other processes register, every [`DEFINITIONS_INTERVAL`], until
-    /// `shutdown`.
+    /// `shutdown`. A failure is logged once, until a look succeeds again.
     pub(super) async fn definitions_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
+        let mut failing = false;
+        loop {
             sleep_or_stop(&shutdown, DEFINITIONS_INTERVAL).await;
-            if let Err(e) = self.load_definitions(None).await {
-                tracing::warn!(error = %e, "loading the definitions registered elsewhere failed");
+            let looked = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                looked = self.load_definitions(None) => looked,
+            };
+            match looked {
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "loading the definitions registered elsewhere failed; \
+                        trying again every {DEFINITIONS_INTERVAL:?}, quietly until it works");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "loading the definitions registered elsewhere failed again")
+                }
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("loading the definitions registered elsewhere works again");
+                }
+                Ok(_) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::definition::Registry;
+    use crate::engine::EngineConfig;
+    use crate::machine::{Event, Input};
+    use crate::store::MemoryStore;
+    use crate::transport::MemoryTransport;
+    use sagas_participant::protocol::{Operation, Outcome, PROTOCOL_VERSION, Reply};
+    use serde_json::json;
+    use uuid::Uuid;
+
+    fn engine_on(store: Arc<MemoryStore>) -> Arc<Engine> {
+        Engine::new(
+            store,
+            Arc::new(MemoryTransport::new()),
+            Registry::new(),
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+        )
+    }
+
+    /// `pay` at `version`: `reserve`, then `charge` whose command says its version and carries
+    /// the reservation's output.
+    fn pay(version: u32) -> Value {
+        json!({
+            "name": "pay", "version": version,
+            "steps": [
+                {"name": "reserve", "participant": "stock", "command": {"v": version}},
+                {"name": "charge", "participant": "bank",
+                 "command": {"v": version, "id": {"$ref": "/outputs/reserve/id"}}}
+            ]
+        })
+    }
+
+    fn reserved(id: Uuid) -> Input {
+        Input::Reply(Reply {
+            protocol: PROTOCOL_VERSION,
+            transaction_id: id,
+            step: "reserve".to_owned(),
+            operation: Operation::Action,
+            attempt: 1,
+            outcome: Outcome::Succeeded {
+                output: json!({"id": "r-1"}),
+            },
+        })
+    }
+
+    async fn prepared(engine: &Engine, id: Uuid, step: usize) -> Vec<Value> {
+        engine
+            .events(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.event {
+                Event::CommandPrepared { step: s, payload } if s == step => Some(payload),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_running_instance_computes_its_later_commands_from_the_version_it_started_with() {
+        let store = Arc::new(MemoryStore::new());
+        let one = engine_on(store.clone());
+        one.register_document(&pay(1)).await.unwrap();
+        let id = one.start("pay", json!({})).await.unwrap().id;
+        // A newer version, registered while the instance runs, in this process and another.
+        one.register_document(&pay(2)).await.unwrap();
+        let other = engine_on(store.clone());
+        other.load_definitions(None).await.unwrap();
+        assert_eq!(other.registry().latest("pay").unwrap().version(), 2);
+
+        other.deliver(id, reserved(id), None).await.unwrap();
+        assert_eq!(
+            prepared(&other, id, 1).await,
+            vec![json!({"v": 1, "id": "r-1"})]
+        );
+        let newer = one.start("pay", json!({})).await.unwrap();
+        assert_eq!(newer.plan.version, 2);
+    }
+
+    #[tokio::test]
+    async fn a_reply_for_a_version_not_loaded_yet_is_left_until_it_is_then_handled_by_it() {
+        let store = Arc::new(MemoryStore::new());
+        let one = engine_on(store.clone());
+        let other = engine_on(store.clone());
+        one.register_document(&pay(1)).await.unwrap();
+        let id = one.start("pay", json!({})).await.unwrap().id;
+
+        let err = other.deliver(id, reserved(id), None).await.unwrap_err();
+        assert!(matches!(err, EngineError::MissingDefinition(_)), "{err:?}");
+        assert!(prepared(&other, id, 1).await.is_empty());
+        assert_eq!(other.load_definitions(None).await.unwrap(), 1);
+        other.deliver(id, reserved(id), None).await.unwrap();
+        assert_eq!(
+            prepared(&other, id, 1).await,
+            vec![json!({"v": 1, "id": "r-1"})]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_loader_reads_the_documents_again_only_when_one_was_registered_since() {
+        let store = Arc::new(MemoryStore::new());
+        let one = engine_on(store.clone());
+        let other = engine_on(store.clone());
+        assert_eq!(other.load_definitions(None).await.unwrap(), 0);
+        one.register_document(&pay(1)).await.unwrap();
+        one.register_document(&pay(2)).await.unwrap();
+        assert_eq!(other.load_definitions(None).await.unwrap(), 2);
+        assert_eq!(other.documents_seen.load(Ordering::Acquire), 2);
+        assert_eq!(other.load_definitions(None).await.unwrap(), 0);
+        one.register_document(&pay(3)).await.unwrap();
+        assert_eq!(other.load_definitions(None).await.unwrap(), 1);
+        assert_eq!(other.registry().latest("pay").unwrap().version(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_loader_ends_when_told_to() {
+        let engine = engine_on(Arc::new(MemoryStore::new()));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(engine.definitions_loop(shutdown.clone()));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the loop ends when cancelled")
+            .unwrap();
     }
 }

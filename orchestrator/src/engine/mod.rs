@@ -120,6 +120,9 @@ pub struct Engine {
     /// The background batcher of starts (none outside a Tokio runtime: then each start is
     /// stored alone).
     creator: Option<mpsc::UnboundedSender<Creation>>,
+    /// How many stored documents the last complete look at them found
+    /// ([`Engine::load_definitions`]): while the store counts as many, there is nothing new.
+    documents_seen: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
@@ -149,6 +152,7 @@ impl Engine {
             config,
             stats,
             stopping: CancellationToken::new(),
+            documents_seen: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

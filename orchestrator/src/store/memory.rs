@@ -17,8 +17,8 @@ use uuid::Uuid;
 use super::write_set::{WriteSet, decide_in_order};
 use super::{
     Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
-    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Position, Pruned, SagaStore, StoreError,
-    StoredDefinition, StoredInstance, StuckStep, Updated,
+    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Position, Pruned, Registration, SagaStore,
+    StoreError, StoredDefinition, StoredInstance, StuckStep, Updated,
 };
 use crate::machine::{Instance, Status, Time, Timer, Transition};
 
@@ -341,14 +341,16 @@ impl SagaStore for MemoryStore {
     async fn register_definition(
         &self,
         definition: &StoredDefinition,
-    ) -> Result<StoredDefinition, StoreError> {
+    ) -> Result<Registration, StoreError> {
         let key = (definition.plan.name.clone(), definition.plan.version);
         let mut tables = self.lock();
-        Ok(tables
+        let inserted = !tables.definitions.contains_key(&key);
+        let stored = tables
             .definitions
             .entry(key)
             .or_insert_with(|| definition.clone())
-            .clone())
+            .clone();
+        Ok(Registration { stored, inserted })
     }
 
     async fn definitions(&self, name: Option<&str>) -> Result<Vec<StoredDefinition>, StoreError> {
@@ -369,6 +371,15 @@ impl SagaStore for MemoryStore {
             .filter(|d| d.plan.name == name && d.document.is_some())
             .map(|d| d.plan.version)
             .max())
+    }
+
+    async fn document_count(&self) -> Result<u64, StoreError> {
+        let tables = self.lock();
+        Ok(tables
+            .definitions
+            .values()
+            .filter(|d| d.document.is_some())
+            .count() as u64)
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
@@ -503,10 +514,18 @@ mod tests {
             plan: (**definition().plan()).clone(),
             document: None,
         };
-        assert_eq!(store.register_definition(&first).await.unwrap(), first);
+        let registered = store.register_definition(&first).await.unwrap();
+        assert_eq!(
+            (registered.stored, registered.inserted),
+            (first.clone(), true)
+        );
         let mut second = first.clone();
         second.plan.steps[0].timeout_ms += 1;
-        assert_eq!(store.register_definition(&second).await.unwrap(), first);
+        let registered = store.register_definition(&second).await.unwrap();
+        assert_eq!(
+            (registered.stored, registered.inserted),
+            (first.clone(), false)
+        );
         assert_eq!(store.definitions(Some("d")).await.unwrap(), vec![first]);
         assert!(store.definitions(Some("e")).await.unwrap().is_empty());
     }

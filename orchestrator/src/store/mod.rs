@@ -407,6 +407,15 @@ pub struct StoredDefinition {
     pub document: Option<serde_json::Value>,
 }
 
+/// What [`SagaStore::register_definition`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    /// The definition stored under the name and version now.
+    pub stored: StoredDefinition,
+    /// Whether this call stored it (`false`: it was stored before).
+    pub inserted: bool,
+}
+
 /// How many open instances [`SagaStore::activity`] returns, oldest first.
 pub const OLDEST_OPEN: u32 = 10;
 
@@ -524,11 +533,12 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Stores `definition` unless a definition of its name and version is stored already, and
     /// returns the one stored under them now: `definition` itself, or the earlier one (never
-    /// replaced: the caller compares).
+    /// replaced: the caller compares), and whether this call stored it (of two processes
+    /// registering the same definition at once, one).
     async fn register_definition(
         &self,
         definition: &StoredDefinition,
-    ) -> Result<StoredDefinition, StoreError>;
+    ) -> Result<Registration, StoreError>;
 
     /// The stored definitions (of the definition `name` only, if given), by name then version.
     async fn definitions(&self, name: Option<&str>) -> Result<Vec<StoredDefinition>, StoreError>;
@@ -536,6 +546,11 @@ pub trait SagaStore: Send + Sync + 'static {
     /// The newest version of the definition `name` stored as a document, if any (one cheap
     /// look before a start, so that a version another process registered is started at once).
     async fn newest_document_version(&self, name: &str) -> Result<Option<u32>, StoreError>;
+
+    /// How many definitions are stored as documents: rows are never updated nor deleted, so
+    /// a count that has not changed means no document was registered since (a cheap look
+    /// before reading them all).
+    async fn document_count(&self) -> Result<u64, StoreError>;
 
     /// Word of settled instances between the processes that share this store; `None` (the
     /// default) for a store that one process uses alone.

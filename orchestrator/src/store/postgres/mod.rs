@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::{
     Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
-    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, SagaStore, Settlements, StoreError,
-    StoredDefinition, StoredInstance, StuckStep, Updated,
+    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, Registration, SagaStore,
+    Settlements, StoreError, StoredDefinition, StoredInstance, StuckStep, Updated,
 };
 use crate::definition::Plan;
 use crate::machine::{Event, Instance, Time, Timer, Transition};
@@ -447,22 +447,27 @@ impl SagaStore for PgStore {
     async fn register_definition(
         &self,
         definition: &StoredDefinition,
-    ) -> Result<StoredDefinition, StoreError> {
+    ) -> Result<Registration, StoreError> {
         let plan = &definition.plan;
         let id = plans::plan_id(plan);
-        sqlx::query(sql::REGISTER_DEFINITION)
+        // The rows of the outer INSERT: 0 when the name and version were stored already.
+        let inserted = sqlx::query(sql::REGISTER_DEFINITION)
             .bind(&plan.name)
             .bind(i64::from(plan.version))
             .bind(id)
             .bind(Json(plan))
             .bind(definition.document.as_ref().map(Json))
             .execute(&self.pool)
-            .await?;
+            .await?
+            .rows_affected()
+            == 1;
         self.plans.stored([id]);
-        self.stored_definitions(Some(&plan.name), Some(plan.version))
+        let stored = self
+            .stored_definitions(Some(&plan.name), Some(plan.version))
             .await?
             .pop()
-            .ok_or_else(|| corrupt("definition", "not stored after its insert"))
+            .ok_or_else(|| corrupt("definition", "not stored after its insert"))?;
+        Ok(Registration { stored, inserted })
     }
 
     async fn definitions(&self, name: Option<&str>) -> Result<Vec<StoredDefinition>, StoreError> {
@@ -475,6 +480,13 @@ impl SagaStore for PgStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(newest.and_then(|v| u32::try_from(v).ok()))
+    }
+
+    async fn document_count(&self) -> Result<u64, StoreError> {
+        let (count,): (i64,) = sqlx::query_as(sql::DOCUMENT_COUNT)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count.unsigned_abs())
     }
 
     /// NOTIFY and LISTEN: any number of processes may share the database.

@@ -293,6 +293,10 @@ pub(super) const REGISTER_DEFINITION: &str = "WITH plan AS (
 pub(super) const NEWEST_DOCUMENT_VERSION: &str =
     "SELECT max(version) FROM sagas_definitions WHERE name = $1 AND document IS NOT NULL";
 
+/// How many definitions are stored as documents.
+pub(super) const DOCUMENT_COUNT: &str =
+    "SELECT count(*) FROM sagas_definitions WHERE document IS NOT NULL";
+
 /// The stored definitions with their plans, of definition `$1` only unless it is NULL, and of
 /// version `$2` only unless it is NULL.
 pub(super) const DEFINITIONS: &str = "SELECT p.plan, d.document

@@ -42,7 +42,7 @@ use crate::machine::{Instance, Time, Timer, Transition};
 use crate::store::write_set::WriteSet;
 use crate::store::{
     Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
-    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, SagaStore, StoreError,
+    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, Registration, SagaStore, StoreError,
     StoredDefinition, StoredInstance, StuckStep, Updated,
 };
 use sagas_participant::protocol::Command;
@@ -587,25 +587,29 @@ impl SagaStore for SqliteStore {
     async fn register_definition(
         &self,
         definition: &StoredDefinition,
-    ) -> Result<StoredDefinition, StoreError> {
+    ) -> Result<Registration, StoreError> {
         let plan = &definition.plan;
         let document = match &definition.document {
             Some(d) => Some(to_json("definition document", d)?),
             None => None,
         };
-        sqlx::query(sql::REGISTER_DEFINITION)
+        let inserted = sqlx::query(sql::REGISTER_DEFINITION)
             .bind(&plan.name)
             .bind(i64::from(plan.version))
             .bind(to_json("definition plan", plan)?)
             .bind(document)
             .bind(micros(chrono::Utc::now()))
             .execute(&self.writer)
-            .await?;
-        // Read through the writer: the row is committed, and a reader could lag behind it.
-        SqliteStore::stored_definitions(&self.writer, Some(&plan.name), Some(plan.version))
             .await?
-            .pop()
-            .ok_or_else(|| corrupt("definition", "not stored after its insert"))
+            .rows_affected()
+            == 1;
+        // Read through the writer: the row is committed, and a reader could lag behind it.
+        let stored =
+            SqliteStore::stored_definitions(&self.writer, Some(&plan.name), Some(plan.version))
+                .await?
+                .pop()
+                .ok_or_else(|| corrupt("definition", "not stored after its insert"))?;
+        Ok(Registration { stored, inserted })
     }
 
     async fn definitions(&self, name: Option<&str>) -> Result<Vec<StoredDefinition>, StoreError> {
@@ -618,6 +622,13 @@ impl SagaStore for SqliteStore {
             .fetch_one(&self.reader)
             .await?;
         Ok(newest.and_then(|v| u32::try_from(v).ok()))
+    }
+
+    async fn document_count(&self) -> Result<u64, StoreError> {
+        let (count,): (i64,) = sqlx::query_as(sql::DOCUMENT_COUNT)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(count.unsigned_abs())
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

@@ -160,6 +160,10 @@ pub(super) const REGISTER_DEFINITION: &str =
 pub(super) const NEWEST_DOCUMENT_VERSION: &str =
     "SELECT max(version) FROM sagas_definitions WHERE name = ? AND document IS NOT NULL";
 
+/// How many definitions are stored as documents.
+pub(super) const DOCUMENT_COUNT: &str =
+    "SELECT count(*) FROM sagas_definitions WHERE document IS NOT NULL";
+
 /// The stored definitions' plans and documents, of definition `?1` only unless it is NULL, and
 /// of version `?2` only unless it is NULL.
 pub(super) const DEFINITIONS: &str = "SELECT plan, document FROM sagas_definitions
