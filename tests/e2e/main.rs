@@ -20,6 +20,7 @@ mod operator;
 mod orders;
 mod quickstart;
 mod reconcile;
+mod signals;
 mod store;
 mod tls;
 mod traces;

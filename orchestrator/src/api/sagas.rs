@@ -142,9 +142,16 @@ impl WaitQuery {
 pub struct StepView {
     /// Step name.
     pub name: String,
-    /// Participant.
+    /// Participant (empty for a wait step).
     pub participant: String,
-    /// Step status.
+    /// The signal a wait step waits for; absent for a step a participant executes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// While a wait step waits for its signal: when the wait times out (the step then fails
+    /// and the saga compensates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_deadline: Option<chrono::DateTime<chrono::Utc>>,
+    /// Step status (`running` while a wait step waits).
     pub status: String,
     /// Attempts of the current operation.
     pub attempts: u32,
@@ -321,6 +328,11 @@ impl SagaView {
                 .map(|(p, s)| StepView {
                     name: p.name,
                     participant: p.participant,
+                    signal: p.signal,
+                    signal_deadline: match s.waiting {
+                        Waiting::Signal { until } => Some(until),
+                        _ => None,
+                    },
                     status: s.status.as_str().to_owned(),
                     attempts: s.attempt,
                     last_error: s.last_error,
@@ -381,7 +393,7 @@ fn idempotency_key(
 }
 
 /// Whether `key` can be an idempotency key: 1 to 200 visible ASCII characters.
-fn idempotency_key_shape(key: &str) -> bool {
+pub(super) fn idempotency_key_shape(key: &str) -> bool {
     (1..=200).contains(&key.len()) && key.chars().all(|c| c.is_ascii_graphic())
 }
 

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::args::{
     ActionArgs, ApiArgs, Cli, DeadLetterArgs, Format, ListArgs, PruneArgs, ReconcileArgs,
-    ReportFormat,
+    ReportFormat, SignalArgs,
 };
 use super::client::{Client, ClientError};
 use super::output;
@@ -222,6 +222,31 @@ pub async fn act(action: &str, args: ActionArgs) -> anyhow::Result<u8> {
         Format::Json => print(&output::json(&saga))?,
         Format::Table => print(&format!(
             "{action}: transaction {} is now {}\n",
+            output_str(&saga["id"]),
+            output_str(&saga["status"])
+        ))?,
+    }
+    Ok(EXIT_OK)
+}
+
+/// `sagactl signal`.
+pub async fn signal(args: SignalArgs) -> anyhow::Result<u8> {
+    let client = Client::new(&args.api)?;
+    let data = args.data.unwrap_or(Value::Null);
+    let signal_id = args.signal_id.unwrap_or_else(|| {
+        document::content_hash(&json!({"transaction": args.id, "signal": args.name, "data": data}))
+    });
+    let path = format!("/v1/sagas/{}/signals/{}", args.id, args.name);
+    let body = json!({ "signal_id": signal_id, "data": data });
+    let saga = match client.post(&path, &body).await {
+        Ok(s) => s,
+        Err(e) => return refused(e),
+    };
+    match args.format {
+        Format::Json => print(&output::json(&saga))?,
+        Format::Table => print(&format!(
+            "signal {} ({signal_id}): transaction {} is now {}\n",
+            args.name,
             output_str(&saga["id"]),
             output_str(&saga["status"])
         ))?,

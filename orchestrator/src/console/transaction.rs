@@ -193,7 +193,7 @@ fn render(caller: &Caller, shown: &Shown, notice: Option<Notice>) -> Markup {
         h2 { "Steps" }
         @for ((p, s), entries) in plan.steps.iter().zip(&inst.steps).zip(&timelines) {
             section.step {
-                h3 { (p.name) " " span.muted { "on " (p.participant) } " " (layout::badge(s.status.as_str()))
+                h3 { (p.name) " " span.muted { (step_kind(p, s)) } " " (layout::badge(s.status.as_str()))
                      @if s.stuck { " " (layout::badge("stuck")) }
                      @if s.resolved_by_hand { " " span.badge.hand { "settled by hand" } } }
                 @if let Some(e) = &s.last_error { p.failure { (e) } }
@@ -221,6 +221,18 @@ fn render(caller: &Caller, shown: &Shown, notice: Option<Notice>) -> Markup {
         Some(caller),
         body,
     )
+}
+
+/// Who carries a step out: its participant, or for a wait step the signal it waits for (and
+/// until when, while it waits).
+fn step_kind(p: &crate::definition::StepPlan, s: &crate::machine::StepState) -> String {
+    match (&p.signal, s.waiting) {
+        (Some(signal), crate::machine::Waiting::Signal { until }) => {
+            format!("waits for signal {signal} until {}", layout::time(until))
+        }
+        (Some(signal), _) => format!("waits for signal {signal}"),
+        (None, _) => format!("on {}", p.participant),
+    }
 }
 
 /// A log event in a few words.

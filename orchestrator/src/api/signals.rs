@@ -1,0 +1,111 @@
+//! `/v1/sagas/{id}/signals/{name}`: the signal a wait step of a transaction waits for.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+use serde_json::Value;
+use utoipa::{IntoResponses, ToSchema};
+
+use super::body::JsonBody;
+use super::sagas::{SagaView, idempotency_key_shape};
+use super::{ApiError, ErrorBody};
+use crate::engine::Engine;
+use crate::machine::Input;
+
+/// Body of `POST /v1/sagas/{id}/signals/{name}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// The sender's id of this signal (1 to 200 visible ASCII characters): the same id with the
+    /// same data again answers 200 and changes nothing; with other data, 409.
+    // An Option, so that a missing id gets the message below rather than serde's.
+    #[schema(value_type = String, required = true, pattern = "^[!-~]{1,200}$")]
+    pub signal_id: Option<String>,
+    /// The signal's data: the wait step's output, for later steps' commands (null if left out).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
+/// The answers of `POST /v1/sagas/{id}/signals/{name}`: OpenAPI only, never built. A
+/// variant's doc is its description.
+#[derive(Debug, IntoResponses)]
+pub enum SignalResponses {
+    /// Accepted (or the same signal id with the same data again); the transaction as it now is
+    #[response(status = 200)]
+    Done(SagaView),
+    /// `invalid_body` (no valid `signal_id`), `malformed_body`, `malformed_id`
+    #[response(status = 400)]
+    Invalid(ErrorBody),
+    /// No valid token
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The token's role is `read`
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// `not_found`: no transaction with this id
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// `conflict`, with the reason: no step waits for this signal now (not reached yet,
+    /// already signalled, timed out, transaction finished, or no step waits for that name),
+    /// or the signal id was used with other data or for another signal
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// `request_timeout`: the body did not arrive in time
+    #[response(status = 408)]
+    Timeout(ErrorBody),
+    /// `body_too_large`
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// `unsupported_media_type`: the body is not `application/json`
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// `unavailable`
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// `POST /v1/sagas/{id}/signals/{name}`: delivers the signal `name` to the wait step of the
+/// transaction that waits for it; its `data` becomes the step's output and the saga moves on.
+#[utoipa::path(
+    post,
+    path = "/v1/sagas/{id}/signals/{name}",
+    tag = "operator",
+    operation_id = "signal",
+    params(
+        ("id" = Uuid, Path, description = "The transaction id"),
+        ("name" = String, Path, description = "The signal's name, as the wait step names it"),
+    ),
+    request_body(content = SignalRequest, content_type = "application/json"),
+    responses(SignalResponses),
+    security(("bearer" = [])),
+)]
+pub async fn signal(
+    State(engine): State<Arc<Engine>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<JsonBody<SignalRequest>, ApiError>,
+) -> Result<Json<SagaView>, ApiError> {
+    let Path((id, name)) = path?;
+    let id = super::sagas::parse_id(Ok(Path(id)))?;
+    let JsonBody(request) = body?;
+    let signal_id = match request.signal_id {
+        Some(s) if idempotency_key_shape(&s) => s,
+        _ => {
+            return Err(ApiError::invalid_body(
+                "\"signal_id\" is required: 1 to 200 visible ASCII characters naming this \
+                 signal, so that a repeat is recognised",
+            ));
+        }
+    };
+    let input = Input::Signal {
+        name: name.clone(),
+        signal_id: signal_id.clone(),
+        data: request.data,
+    };
+    let stored = engine.operate(id, input).await?;
+    tracing::info!(%id, signal = name, signal_id, "signal");
+    Ok(Json(SagaView::of(stored)))
+}
