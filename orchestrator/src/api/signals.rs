@@ -24,9 +24,9 @@ pub struct SignalRequest {
     // An Option, so that a missing id gets the message below rather than serde's.
     #[schema(value_type = String, required = true, pattern = "^[!-~]{1,200}$")]
     pub signal_id: Option<String>,
-    /// The signal's data: the wait step's output, for later steps' commands (null if left out).
+    /// The signal's data, any JSON value: the wait step's output, for later steps' commands
+    /// (null if left out).
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub data: Value,
 }
 
