@@ -9,7 +9,7 @@ use sagas::orchestrator::{Definition, Registry, RetryPolicy, Status};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{App, RawParticipant, TestEnv, run_sagactl, spawn_app, wait_status};
+use crate::helpers::{App, RawParticipant, TestEnv, poll, run_sagactl, spawn_app, wait_status};
 
 const RAW: &str = "raw";
 
@@ -74,27 +74,6 @@ impl Setup {
         Ok((res.status().as_u16(), res.json().await?))
     }
 
-    /// Polls `GET /v1/sagas/{id}` (bounded: 30 s) until `done` holds for the answer.
-    async fn view_until(&self, id: Uuid, done: impl Fn(&Value) -> bool) -> Result<Value> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let res = self
-                .http
-                .get(self.app.url(&format!("/v1/sagas/{id}")))
-                .send()
-                .await?;
-            let view: Value = res.json().await?;
-            if done(&view) {
-                return Ok(view);
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "still {view:#} after 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
     async fn stop(self) {
         self.raw.close().await;
         self.app.stop().await;
@@ -129,9 +108,10 @@ async fn a_signalled_wait_completes_the_saga_with_the_signal_data_in_the_next_co
             json!({"status": "succeeded", "output": {"hold": "h-1"}}),
         )
         .await?;
-    let view = s
-        .view_until(id, |v| !v["steps"][1]["signal_deadline"].is_null())
-        .await?;
+    let view = poll(&s.http, &s.app, &format!("/v1/sagas/{id}"), |v| {
+        !v["steps"][1]["signal_deadline"].is_null()
+    })
+    .await?;
     assert_eq!(view["steps"][1]["signal"], "3ds");
     assert_eq!(view["steps"][1]["status"], "running");
     assert_eq!(view["steps"][1]["participant"], "");

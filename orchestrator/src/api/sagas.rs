@@ -689,15 +689,16 @@ pub(crate) fn reason_text(reason: Option<String>) -> Result<String, ApiError> {
     Ok(reason.trim_matches(blank).to_owned())
 }
 
-/// The answers of `POST /v1/sagas/{id}/abort`, `/retry` and `/resolve` but their 409, which
-/// each describes itself: OpenAPI only, never built. A variant's doc is its description.
+/// The answers of `POST /v1/sagas/{id}/abort`, `/retry`, `/resolve` and
+/// `/signals/{name}` but their 409, which each describes itself: OpenAPI only, never built. A
+/// variant's doc is its description.
 #[derive(Debug, IntoResponses)]
 pub enum ActionResponses {
     /// Done; the transaction as it now is
     #[response(status = 200)]
     Done(SagaView),
-    /// `invalid_body` (no reason, or text with a NUL character), `malformed_body`,
-    /// `malformed_id`
+    /// `invalid_body` (no reason, or text with a NUL character; for a signal, no valid
+    /// `signal_id`), `malformed_body`, `malformed_id`
     #[response(status = 400)]
     Invalid(ErrorBody),
     /// No valid token

@@ -7,10 +7,10 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::Value;
-use utoipa::{IntoResponses, ToSchema};
+use utoipa::ToSchema;
 
 use super::body::JsonBody;
-use super::sagas::{SagaView, idempotency_key_shape};
+use super::sagas::{ActionResponses, SagaView, idempotency_key_shape};
 use super::{ApiError, ErrorBody};
 use crate::engine::Engine;
 use crate::machine::Input;
@@ -30,44 +30,6 @@ pub struct SignalRequest {
     pub data: Value,
 }
 
-/// The answers of `POST /v1/sagas/{id}/signals/{name}`: OpenAPI only, never built. A
-/// variant's doc is its description.
-#[derive(Debug, IntoResponses)]
-pub enum SignalResponses {
-    /// Accepted (or the same signal id with the same data again); the transaction as it now is
-    #[response(status = 200)]
-    Done(SagaView),
-    /// `invalid_body` (no valid `signal_id`), `malformed_body`, `malformed_id`
-    #[response(status = 400)]
-    Invalid(ErrorBody),
-    /// No valid token
-    #[response(status = 401)]
-    Unauthorized(ErrorBody),
-    /// The token's role is `read`
-    #[response(status = 403)]
-    Forbidden(ErrorBody),
-    /// `not_found`: no transaction with this id
-    #[response(status = 404)]
-    NotFound(ErrorBody),
-    /// `conflict`, with the reason: no step waits for this signal now (not reached yet,
-    /// already signalled, timed out, transaction finished, or no step waits for that name),
-    /// or the signal id was used with other data or for another signal
-    #[response(status = 409)]
-    Conflict(ErrorBody),
-    /// `request_timeout`: the body did not arrive in time
-    #[response(status = 408)]
-    Timeout(ErrorBody),
-    /// `body_too_large`
-    #[response(status = 413)]
-    TooLarge(ErrorBody),
-    /// `unsupported_media_type`: the body is not `application/json`
-    #[response(status = 415)]
-    UnsupportedMediaType(ErrorBody),
-    /// `unavailable`
-    #[response(status = 503)]
-    Unavailable(ErrorBody),
-}
-
 /// `POST /v1/sagas/{id}/signals/{name}`: delivers the signal `name` to the wait step of the
 /// transaction that waits for it; its `data` becomes the step's output and the saga moves on.
 #[utoipa::path(
@@ -80,7 +42,10 @@ pub enum SignalResponses {
         ("name" = String, Path, description = "The signal's name, as the wait step names it"),
     ),
     request_body(content = SignalRequest, content_type = "application/json"),
-    responses(SignalResponses),
+    responses(
+        ActionResponses,
+        (status = 409, description = "`conflict`, with the reason: no step waits for this signal now (not reached yet, already signalled, timed out, transaction finished, or no step waits for that name), or the signal id was used with other data or for another signal", body = ErrorBody),
+    ),
     security(("bearer" = [])),
 )]
 pub async fn signal(
