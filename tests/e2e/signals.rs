@@ -115,9 +115,27 @@ async fn a_signalled_wait_completes_the_saga_with_the_signal_data_in_the_next_co
     assert_eq!(view["steps"][1]["signal"], "3ds");
     assert_eq!(view["steps"][1]["status"], "running");
     assert_eq!(view["steps"][1]["participant"], "");
+    let page = s
+        .http
+        .get(s.app.url(&format!("/ui/transactions/{id}")))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(page.contains("waits for signal 3ds until"), "{page}");
+    assert!(page.contains("without it, the step fails then"), "{page}");
+    let url = s.app.url("");
+    let show = run_sagactl(&["show", &id.to_string(), "--url", &url])?;
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(show.status.success(), "{text}");
+    assert!(text.contains("signal 3ds"), "{text}");
+    assert!(text.contains("running, waits until"), "{text}");
+    assert!(
+        text.contains("step authorize: the wait for its signal ends at"),
+        "{text}"
+    );
 
     // sagactl delivers it (the same path any client takes).
-    let url = s.app.url("");
     let out = run_sagactl(&[
         "signal",
         &id.to_string(),
