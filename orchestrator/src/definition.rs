@@ -991,6 +991,19 @@ mod tests {
             (Some("3ds"), 60_000, true)
         );
         assert_eq!(def.participants(), vec!["payment"]);
+        let graph = Definition::saga::<Order>("pay", 1)
+            .step("hold", "payment", |s| s.command(|_, _| json!({})))
+            .step("ship", "courier", |s| {
+                s.command(|_, _| json!({})).after(["hold"])
+            })
+            .wait("authorize", "3ds", |s| s.after(["hold"]))
+            .step("capture", "payment", |s| {
+                s.command(|_, _| json!({})).after(["authorize", "ship"])
+            })
+            .build()
+            .unwrap();
+        assert_eq!(graph.plan().deps(2), vec![0]);
+        assert_eq!(graph.plan().deps(3), vec![1, 2]);
         let tcc = Definition::tcc::<Order>("t", 1)
             .wait("authorize", "3ds", |s| s)
             .build();

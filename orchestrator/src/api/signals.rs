@@ -4,13 +4,15 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
+use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::auth::Caller;
 use super::body::JsonBody;
-use super::sagas::{ActionResponses, SagaView, idempotency_key_shape};
+use super::sagas::{ActionResponses, SagaView, actor, idempotency_key_shape};
 use super::{ApiError, ErrorBody};
 use crate::engine::Engine;
 use crate::machine::Input;
@@ -51,10 +53,13 @@ pub struct SignalRequest {
 pub async fn signal(
     State(engine): State<Arc<Engine>>,
     path: Result<Path<(String, String)>, PathRejection>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<JsonBody<SignalRequest>, ApiError>,
 ) -> Result<Json<SagaView>, ApiError> {
     let Path((id, name)) = path?;
     let id = super::sagas::parse_id(Ok(Path(id)))?;
+    let actor = actor(&caller, &headers)?;
     let JsonBody(request) = body?;
     let signal_id = match request.signal_id {
         Some(s) if idempotency_key_shape(&s) => s,
@@ -71,6 +76,6 @@ pub async fn signal(
         data: request.data,
     };
     let stored = engine.operate(id, input).await?;
-    tracing::info!(%id, signal = name, signal_id, "signal");
+    tracing::info!(%id, signal = name, signal_id, actor, "signal");
     Ok(Json(SagaView::of(stored)))
 }
