@@ -149,6 +149,18 @@ pub struct StepPlan {
     /// so that a plain list of steps runs in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<Vec<usize>>,
+    /// The signal a wait step waits for (saga only): it sends no command and has no
+    /// participant (`participant` is empty); the signal's data becomes its output, and
+    /// `timeout_ms` is how long it waits. `None` for a step a participant executes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+impl StepPlan {
+    /// True for a step that waits for a signal rather than sending a command.
+    pub fn is_wait(&self) -> bool {
+        self.signal.is_some()
+    }
 }
 
 /// One hour: the default of [`StepPlan::in_progress_timeout_ms`].
@@ -253,6 +265,11 @@ impl Plan {
                 format!("[{}]", deps.join(", "))
             };
             changed("after", after(self), after(other));
+            changed(
+                "signal",
+                format!("{:?}", a.signal),
+                format!("{:?}", b.signal),
+            );
         }
         if found.is_empty() && self != other {
             found.push("the plan changed".to_owned());
@@ -348,10 +365,21 @@ impl<I> Step<I> {
                 timeout_ms: 10_000,
                 in_progress_timeout_ms: DEFAULT_IN_PROGRESS_MS,
                 after: None,
+                signal: None,
             },
             command: None,
             after: None,
         }
+    }
+
+    /// A step named `name` that waits for the signal `signal` (10 s unless
+    /// [`Step::timeout`] says otherwise): no participant, no command; the signal's data is
+    /// its output, and it has nothing to compensate.
+    pub fn wait(name: impl Into<String>, signal: impl Into<String>) -> Step<I> {
+        let mut step = Step::new(name, "");
+        step.plan.signal = Some(signal.into());
+        step.command = Some(Arc::new(|_, _| Ok(Value::Null)));
+        step
     }
 
     /// How the step's command payload is computed from the input and earlier outputs.
@@ -384,7 +412,8 @@ impl<I> Step<I> {
         self
     }
 
-    /// How long each attempt waits for a reply.
+    /// How long each attempt waits for a reply (for a wait step: how long it waits for its
+    /// signal before it fails).
     pub fn timeout(mut self, timeout: Duration) -> Step<I> {
         self.plan.timeout_ms = timeout.as_millis().max(1) as u64;
         self
@@ -506,6 +535,7 @@ impl Definition {
             .plan
             .steps
             .iter()
+            .filter(|s| !s.is_wait())
             .map(|s| s.participant.clone())
             .collect();
         all.sort();
@@ -627,6 +657,36 @@ impl<I> DefinitionBuilder<I> {
         self.steps.push(configure(Step::new(name, participant)));
         self
     }
+
+    /// Appends a step named `name` that waits for the signal `signal` (saga only), delivered
+    /// by `POST /v1/sagas/{id}/signals/{signal}`; `configure` may set its timeout (default
+    /// 10 s; past it the step fails and the saga compensates) and `after`. Its output is the
+    /// signal's data, for later steps' commands.
+    ///
+    /// ```
+    /// # use sagas_orchestrator::Definition;
+    /// # use std::time::Duration;
+    /// #[derive(serde::Deserialize)]
+    /// struct Payment { amount: u64 }
+    /// let def = Definition::saga::<Payment>("pay", 1)
+    ///     .step("hold", "payment", |s| s.command(|p, _| serde_json::json!({ "amount": p.amount })))
+    ///     .wait("authorize", "3ds", |s| s.timeout(Duration::from_secs(600)))
+    ///     .step("capture", "payment", |s| {
+    ///         s.command(|_, out| serde_json::json!({ "auth": out.get("authorize").cloned() }))
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(def.plan().steps[1].signal.as_deref(), Some("3ds"));
+    /// ```
+    pub fn wait(
+        mut self,
+        name: impl Into<String>,
+        signal: impl Into<String>,
+        configure: impl FnOnce(Step<I>) -> Step<I>,
+    ) -> Self {
+        self.steps.push(configure(Step::wait(name, signal)));
+        self
+    }
 }
 
 impl<I: DeserializeOwned + 'static> DefinitionBuilder<I> {
@@ -671,7 +731,27 @@ impl<I: DeserializeOwned + 'static> DefinitionBuilder<I> {
                 step.plan.after = Some(deps);
             }
             valid_name(&what, &step.plan.name)?;
-            valid_name(&format!("{what} participant"), &step.plan.participant)?;
+            match &step.plan.signal {
+                Some(signal) => {
+                    if self.mode == Mode::Tcc {
+                        return Err(DefinitionError::Invalid(format!(
+                            "{what}: a TCC transaction cannot wait for a signal (its tries \
+                             all run at once and a wait has nothing to confirm or cancel)"
+                        )));
+                    }
+                    valid_name(&format!("{what} signal"), signal)?;
+                    if plans
+                        .iter()
+                        .any(|p: &StepPlan| p.signal.as_ref() == Some(signal))
+                    {
+                        return Err(DefinitionError::Invalid(format!(
+                            "{}: signal {signal} is waited for by two steps",
+                            self.name
+                        )));
+                    }
+                }
+                None => valid_name(&format!("{what} participant"), &step.plan.participant)?,
+            }
             if plans.iter().any(|p: &StepPlan| p.name == step.plan.name) {
                 return Err(DefinitionError::Invalid(format!(
                     "{}: step name {} is used twice",
@@ -925,6 +1005,49 @@ mod tests {
             .step("b", "p", |s| s.command(|_, _| json!({})).after(["a"]))
             .build();
         assert!(tcc.is_err());
+    }
+
+    #[test]
+    fn a_wait_step_has_no_participant_and_tcc_or_a_signal_waited_for_twice_is_refused() {
+        let def = Definition::saga::<Order>("pay", 1)
+            .step("hold", "payment", |s| s.command(|_, _| json!({})))
+            .wait("authorize", "3ds", |s| s.timeout(Duration::from_secs(60)))
+            .build()
+            .unwrap();
+        let wait = &def.plan().steps[1];
+        assert_eq!(
+            (wait.signal.as_deref(), wait.timeout_ms, wait.is_wait()),
+            (Some("3ds"), 60_000, true)
+        );
+        assert_eq!(def.participants(), vec!["payment"]);
+        let graph = Definition::saga::<Order>("pay", 1)
+            .step("hold", "payment", |s| s.command(|_, _| json!({})))
+            .step("ship", "courier", |s| {
+                s.command(|_, _| json!({})).after(["hold"])
+            })
+            .wait("authorize", "3ds", |s| s.after(["hold"]))
+            .step("capture", "payment", |s| {
+                s.command(|_, _| json!({})).after(["authorize", "ship"])
+            })
+            .build()
+            .unwrap();
+        assert_eq!(graph.plan().deps(2), vec![0]);
+        assert_eq!(graph.plan().deps(3), vec![1, 2]);
+        let tcc = Definition::tcc::<Order>("t", 1)
+            .wait("authorize", "3ds", |s| s)
+            .build();
+        assert!(
+            matches!(tcc, Err(DefinitionError::Invalid(m)) if m.contains("cannot wait for a signal"))
+        );
+        let twice = Definition::saga::<Order>("t", 1)
+            .wait("a", "3ds", |s| s)
+            .wait("b", "3ds", |s| s)
+            .build();
+        assert!(matches!(twice, Err(DefinitionError::Invalid(m)) if m.contains("two steps")));
+        let bad = Definition::saga::<Order>("t", 1)
+            .wait("a", "no spaces", |s| s)
+            .build();
+        assert!(bad.is_err());
     }
 
     #[test]

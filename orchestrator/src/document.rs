@@ -40,7 +40,11 @@ fn saga() -> Mode {
 #[serde(deny_unknown_fields)]
 struct DocumentStep {
     name: String,
-    participant: String,
+    #[serde(default)]
+    participant: Option<String>,
+    /// A wait step's signal, instead of `participant` and `command`.
+    #[serde(default)]
+    signal: Option<String>,
     #[serde(default)]
     after: Option<Vec<String>>,
     #[serde(default)]
@@ -51,7 +55,8 @@ struct DocumentStep {
     retry: Option<RetrySpec>,
     #[serde(default)]
     finish_retry: Option<RetrySpec>,
-    command: Value,
+    #[serde(default)]
+    command: Option<Value>,
 }
 
 /// A retry policy in a document: each field left out keeps the default's.
@@ -155,7 +160,26 @@ pub fn compile(document: &Value) -> Result<Definition, DefinitionError> {
             invalid(format!("{what}: steps[{i}] ({name}): {e}"))
         })?;
         let at = format!("{what} step {} command", step.name);
-        let template = Template::compile(&step.command, &mut String::new(), &at)?;
+        let template = match (&step.participant, &step.signal, &step.command) {
+            (Some(_), None, Some(command)) => {
+                Some(Template::compile(command, &mut String::new(), &at)?)
+            }
+            (None, Some(_), None)
+                if step.retry.is_none()
+                    && step.finish_retry.is_none()
+                    && step.in_progress_timeout_ms.is_none() =>
+            {
+                None
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "{what}: steps[{i}] ({}): a step has a `participant` and a `command`, or \
+                     is a wait with a `signal` and none of `participant`, `command`, `retry`, \
+                     `finish_retry` or `in_progress_timeout_ms`",
+                    step.name
+                )));
+            }
+        };
         steps.push((step, template));
     }
     let builder = match doc.mode {
@@ -180,15 +204,22 @@ pub fn compile(document: &Value) -> Result<Definition, DefinitionError> {
                 )));
             }
         }
+        let Some(template) = template else {
+            let signal = step.signal.clone().unwrap_or_default();
+            builder = builder.wait(step.name.clone(), signal, |s| configure_wait(s, &step));
+            continue;
+        };
         let command = Arc::new(template.clone());
         templates.push((step.name.clone(), template));
-        builder = builder.step(step.name.clone(), step.participant.clone(), move |s| {
+        let participant = step.participant.clone().unwrap_or_default();
+        builder = builder.step(step.name.clone(), participant, move |s| {
             configure(s, &step, command)
         });
     }
     let def = builder.build()?;
     let plan = def.plan();
-    for (i, (name, template)) in templates.iter().enumerate() {
+    for (name, template) in &templates {
+        let i = plan.step_index(name).expect("a step of the plan");
         let before = match plan.mode {
             Mode::Tcc => Vec::new(),
             Mode::Saga => plan.ancestors(i),
@@ -229,11 +260,17 @@ fn configure(s: Step<Value>, step: &DocumentStep, template: Arc<Template>) -> St
                 .unwrap_or_default()
                 .over(RetryPolicy::FINISH),
         );
-    if let Some(ms) = step.timeout_ms {
-        s = s.timeout(Duration::from_millis(ms));
-    }
     if let Some(ms) = step.in_progress_timeout_ms {
         s = s.in_progress_timeout(Duration::from_millis(ms));
+    }
+    configure_wait(s, step)
+}
+
+/// What a wait step and a step with a command both take from the document: the timeout
+/// and the steps it runs after.
+fn configure_wait(mut s: Step<Value>, step: &DocumentStep) -> Step<Value> {
+    if let Some(ms) = step.timeout_ms {
+        s = s.timeout(Duration::from_millis(ms));
     }
     if let Some(after) = &step.after {
         s = s.after(after.clone());
@@ -617,6 +654,50 @@ steps:
                 second,
             ]
         })
+    }
+
+    #[test]
+    fn a_wait_step_compiles_to_the_builder_s_and_its_signal_data_feeds_later_commands() {
+        let doc = parse(
+            r#"
+name: pay
+version: 1
+steps:
+  - {name: hold, participant: payment, command: {}}
+  - {name: authorize, signal: 3ds, timeout_ms: 60000}
+  - name: capture
+    participant: payment
+    command: {auth: {$ref: /outputs/authorize/code}}
+"#,
+        )
+        .unwrap();
+        let def = compile(&doc).unwrap();
+        let built = Definition::saga::<Value>("pay", 1)
+            .step("hold", "payment", |s| s.command(|_, _| json!({})))
+            .wait("authorize", "3ds", |s| s.timeout(Duration::from_secs(60)))
+            .step("capture", "payment", |s| s.command(|_, _| json!({})))
+            .build()
+            .unwrap();
+        assert_eq!(def.plan(), built.plan());
+        let done = outputs_of(&def, &[Some(json!({})), Some(json!({"code": "A1"}))]);
+        let outputs = Outputs::new(&def.plan().steps, &done);
+        assert_eq!(
+            def.command(2, &json!({}), &outputs).unwrap(),
+            json!({"auth": "A1"})
+        );
+        for wrong in [
+            json!({"name": "b", "signal": "s", "participant": "p"}),
+            json!({"name": "b", "signal": "s", "command": {}}),
+            json!({"name": "b", "signal": "s", "retry": {"max_attempts": 2}}),
+            json!({"name": "b"}),
+        ] {
+            assert!(
+                refusal(two_steps(wrong.clone(), "saga")).contains("is a wait with a `signal`"),
+                "{wrong}"
+            );
+        }
+        let tcc = two_steps(json!({"name": "b", "signal": "s"}), "tcc");
+        assert!(refusal(tcc).contains("cannot wait for a signal"));
     }
 
     #[test]

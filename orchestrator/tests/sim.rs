@@ -6,7 +6,7 @@
 //! barrier's rules. A seed decides everything: which step runs next, which message is delivered
 //! (reordering, duplicates, delays), where the orchestrator crashes, where a store call or a
 //! publish fails, when a participant crashes inside its barrier transaction, how far the clock
-//! moves, and when an operator acts.
+//! moves, when an operator acts, and when a client signals a step that waits for a signal.
 //!
 //! Why not free-running loops: tokio's `select!` picks branches with a runtime RNG that is only
 //! seedable under `--cfg tokio_unstable`, and spawned loops interleave as the scheduler likes.
@@ -164,6 +164,8 @@ struct World {
     accepted: Vec<Command>,
     /// Whether rounds run at once now (their calls yield first).
     interleave: bool,
+    /// The signal id a signal request for the instance was first answered 200 with.
+    signalled: BTreeMap<Uuid, String>,
 }
 
 impl Effects {
@@ -749,10 +751,23 @@ fn transfer_tcc() -> Definition {
         .expect("a valid TCC definition")
 }
 
+/// A saga whose middle step waits for the signal `ok` (a client sends it, or it times out).
+fn payment_saga() -> Definition {
+    Definition::saga::<Value>("payment", 1)
+        .step("hold", "p1", |s| s.command(|_, _| json!({})))
+        .wait("approve", "ok", |s| s.timeout(Duration::from_secs(5)))
+        .step("capture", "p2", |s| {
+            s.command(|_, out| json!({ "approval": out.get("approve").cloned() }))
+        })
+        .build()
+        .expect("a valid saga")
+}
+
 fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(order_saga()).expect("registered");
     r.register(transfer_tcc()).expect("registered");
+    r.register(payment_saga()).expect("registered");
     r
 }
 
@@ -794,7 +809,11 @@ impl Sim {
         let n_starts = 2 + rng.below(11) as usize;
         let starts = (0..n_starts)
             .map(|i| Start {
-                definition: if rng.chance(300) { "transfer" } else { "order" },
+                definition: match rng.below(10) {
+                    0..=2 => "transfer",
+                    3..=4 => "payment",
+                    _ => "order",
+                },
                 key: format!("start-{i}"),
                 // Some instances must finish their forward phase within a deadline.
                 deadline: rng
@@ -830,6 +849,7 @@ impl Sim {
             violations: Vec::new(),
             accepted: Vec::new(),
             interleave: false,
+            signalled: BTreeMap::new(),
         }));
         let store = Arc::new(MemoryStore::new());
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1099,11 +1119,12 @@ impl Sim {
         let n = 2 + self.w().pick(2);
         let mut jobs: Vec<Job> = Vec::new();
         for _ in 0..n {
-            let which = self.w().pick(4);
+            let which = self.w().pick(5);
             let job = match which {
                 0 => self.replies_job(),
                 1 => Some(self.timers_job()),
                 2 => Some(self.relay_job()),
+                3 => self.signal_job(),
                 _ => self.operate_job(),
             };
             jobs.extend(job);
@@ -1171,6 +1192,56 @@ impl Sim {
         }))
     }
 
+    /// A client sends the signal `ok` to a payment, racing with replies and timers: one of a
+    /// few signal ids, each always with the same data, so that some are repeats (answered 200
+    /// without effect) and some come for a step already signalled (409).
+    fn signal_job(&mut self) -> Option<Job> {
+        let payments: Vec<Uuid> = (self.starts.iter())
+            .filter(|s| s.definition == "payment")
+            .filter_map(|s| s.accepted)
+            .collect();
+        if payments.is_empty() {
+            return None;
+        }
+        let (id, k) = {
+            let mut w = self.w();
+            let id = payments[w.pick(payments.len())];
+            (id, w.rng.below(3))
+        };
+        let signal_id = format!("sig-{k}");
+        let input = Input::Signal {
+            name: "ok".into(),
+            signal_id: signal_id.clone(),
+            data: json!({ "k": k }),
+        };
+        let (engine, world) = (self.engine.clone(), self.world.clone());
+        Some(Box::pin(async move {
+            let result = engine.operate(id, input).await;
+            let mut w = lock(&world);
+            let name = w.name(id);
+            match result {
+                Ok(s) => {
+                    w.log(format!("signal {signal_id} to {name}: 200"));
+                    let first = w.signalled.entry(id).or_insert(signal_id.clone()).clone();
+                    let step = s.instance.steps[1].signal_id.clone();
+                    if first != signal_id || step.as_ref() != Some(&signal_id) {
+                        w.violations.push(format!(
+                            "{name}: signal {signal_id} answered 200, but {first} was first \
+                             and the step holds {step:?}"
+                        ));
+                    }
+                }
+                Err(e) => w.log(format!("signal {signal_id} to {name}: {e}")),
+            }
+        }))
+    }
+
+    fn signal(&mut self) {
+        if let Some(job) = self.signal_job() {
+            self.runtime.block_on(job);
+        }
+    }
+
     /// One step of the faulty phase, chosen by the seed.
     fn step(&mut self) {
         let (crashed, choice, restart_now) = {
@@ -1231,6 +1302,7 @@ impl Sim {
             71..=82 => self.fire_timers(),
             83..=92 => self.relay(),
             93..=94 => self.operate(),
+            95..=96 => self.signal(),
             _ => {
                 let ms = self.w().rng.below(2_000);
                 self.advance(Duration::from_millis(ms));
@@ -1400,6 +1472,18 @@ impl Sim {
                     .unwrap_or_default()
             };
             for (i, sp) in plan.steps.iter().enumerate() {
+                if sp.is_wait() {
+                    // No participant: the step holds the signal that took effect, if any.
+                    let step = &inst.steps[i];
+                    let first = w.signalled.get(&inst.id);
+                    if first.is_some() && step.signal_id.as_ref() != first {
+                        return Err(format!("{name}: a signal answered 200 is not the step's"));
+                    }
+                    if inst.status == Status::Completed && step.signal_id.is_none() {
+                        return Err(format!("{name}: completed without its signal"));
+                    }
+                    continue;
+                }
                 let e = effects(&sp.name);
                 let at = format!("{name} ({}) step {}: {e:?}", inst.status.as_str(), sp.name);
                 e.at_most_once()
@@ -1501,6 +1585,8 @@ fn kind(line: &str) -> String {
         },
         ["END", _, status] => format!("instance ended {status}"),
         ["operator", what, ..] => format!("operator {what}"),
+        ["signal", _, "to", _, "200"] => "signal answered 200".into(),
+        ["signal", ..] => "signal refused or failed".into(),
         ["start", _, _, "accepted", created] => format!("start accepted {created}"),
         ["start", _, _, "failed:", ..] => "start failed".into(),
         ["timers", "claimed", ..] => "timers claimed early".into(),

@@ -716,6 +716,34 @@ pub async fn wait_event(
     }
 }
 
+/// `GET path` of `app`, which must answer 200 with JSON.
+pub async fn get(http: &reqwest::Client, app: &App, path: &str) -> Result<serde_json::Value> {
+    let res = http.get(app.url(path)).send().await?;
+    anyhow::ensure!(res.status() == 200, "GET {path} answered {}", res.status());
+    Ok(res.json().await?)
+}
+
+/// Polls `GET path` (bounded: 30 s) until `done` holds for the answer, and returns it.
+pub async fn poll(
+    http: &reqwest::Client,
+    app: &App,
+    path: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = get(http, app, path).await?;
+        if done(&answer) {
+            return Ok(answer);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "GET {path} still answers {answer:#} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Runs the built `sagactl` with `args` and none of its environment variables (every test
 /// names its database and server on the command line), and waits for it.
 pub fn run_sagactl(args: &[&str]) -> Result<std::process::Output> {

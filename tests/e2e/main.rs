@@ -21,6 +21,7 @@ mod orders;
 mod python_participant;
 mod quickstart;
 mod reconcile;
+mod signals;
 mod store;
 mod tls;
 mod traces;

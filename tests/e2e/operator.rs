@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::examples::bank;
-use crate::helpers::{App, TestEnv, run_sagactl, spawn_app, spawn_participant, wait_status};
+use crate::helpers::{
+    App, TestEnv, get, poll, run_sagactl, spawn_app, spawn_participant, wait_status,
+};
 use crate::reconcile::reconcile_with_accounts;
 
 /// The source account of every transfer here, and its name while it is renamed.
@@ -23,33 +25,6 @@ fn client() -> Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?)
-}
-
-async fn get(http: &reqwest::Client, app: &App, path: &str) -> Result<Value> {
-    let res = http.get(app.url(path)).send().await?;
-    anyhow::ensure!(res.status() == 200, "GET {path} answered {}", res.status());
-    Ok(res.json().await?)
-}
-
-/// Polls `GET path` (bounded: 30 s) until `done` holds for the answer, and returns it.
-async fn poll(
-    http: &reqwest::Client,
-    app: &App,
-    path: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Result<Value> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let answer = get(http, app, path).await?;
-        if done(&answer) {
-            return Ok(answer);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "GET {path} still answers {answer:#} after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// Starts a saga transfer from [`SOURCE`] whose credit fails (the destination is closed) and

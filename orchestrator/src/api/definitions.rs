@@ -20,9 +20,12 @@ use crate::engine::Engine;
 pub struct StepDefinitionView {
     /// Step name.
     pub name: String,
-    /// The participant that executes it.
+    /// The participant that executes it (empty for a wait step).
     pub participant: String,
-    /// How long one attempt waits for its reply.
+    /// The signal a wait step waits for; absent for a step a participant executes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// How long one attempt waits for its reply (a wait step, for its signal).
     pub timeout_ms: u64,
     /// How long a step that answered `in_progress` may take before it counts as timed out.
     pub in_progress_timeout_ms: u64,
@@ -92,6 +95,7 @@ impl DefinitionView {
                 .map(|s| StepDefinitionView {
                     name: s.name.clone(),
                     participant: s.participant.clone(),
+                    signal: s.signal.clone(),
                     timeout_ms: s.timeout_ms,
                     in_progress_timeout_ms: s.in_progress_timeout_ms,
                     retry: s.retry,

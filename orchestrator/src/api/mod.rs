@@ -27,6 +27,7 @@ pub mod health;
 pub mod metrics;
 pub mod observe;
 pub mod sagas;
+pub mod signals;
 pub mod stuck;
 
 pub use auth::{Auth, Caller};
@@ -97,8 +98,8 @@ impl Modify for BearerScheme {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "A token from SAGAS_API_TOKENS: `read` for GETs, `operate` to start \
-                         and for operator actions",
+                        "A token from SAGAS_API_TOKENS: `read` for GETs, `operate` to start, \
+                         for operator actions and for signals",
                     ))
                     .build(),
             ),
@@ -147,6 +148,7 @@ fn routes(auth: Arc<Auth>) -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(sagas::abort))
         .routes(routes!(sagas::retry))
         .routes(routes!(sagas::resolve))
+        .routes(routes!(signals::signal))
         .routes(routes!(dead_letters::requeue))
         .routes(routes!(dead_letters::drop))
         .routes(routes!(definitions::register))

@@ -142,9 +142,16 @@ impl WaitQuery {
 pub struct StepView {
     /// Step name.
     pub name: String,
-    /// Participant.
+    /// Participant (empty for a wait step).
     pub participant: String,
-    /// Step status.
+    /// The signal a wait step waits for; absent for a step a participant executes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// While a wait step waits for its signal: when the wait times out (the step then fails
+    /// and the saga compensates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_deadline: Option<chrono::DateTime<chrono::Utc>>,
+    /// Step status (`running` while a wait step waits).
     pub status: String,
     /// Attempts of the current operation.
     pub attempts: u32,
@@ -321,6 +328,11 @@ impl SagaView {
                 .map(|(p, s)| StepView {
                     name: p.name,
                     participant: p.participant,
+                    signal: p.signal,
+                    signal_deadline: match s.waiting {
+                        Waiting::Signal { until } => Some(until),
+                        _ => None,
+                    },
                     status: s.status.as_str().to_owned(),
                     attempts: s.attempt,
                     last_error: s.last_error,
@@ -381,7 +393,7 @@ fn idempotency_key(
 }
 
 /// Whether `key` can be an idempotency key: 1 to 200 visible ASCII characters.
-fn idempotency_key_shape(key: &str) -> bool {
+pub(super) fn idempotency_key_shape(key: &str) -> bool {
     (1..=200).contains(&key.len()) && key.chars().all(|c| c.is_ascii_graphic())
 }
 
@@ -677,15 +689,16 @@ pub(crate) fn reason_text(reason: Option<String>) -> Result<String, ApiError> {
     Ok(reason.trim_matches(blank).to_owned())
 }
 
-/// The answers of `POST /v1/sagas/{id}/abort`, `/retry` and `/resolve` but their 409, which
-/// each describes itself: OpenAPI only, never built. A variant's doc is its description.
+/// The answers of `POST /v1/sagas/{id}/abort`, `/retry`, `/resolve` and
+/// `/signals/{name}` but their 409, which each describes itself: OpenAPI only, never built. A
+/// variant's doc is its description.
 #[derive(Debug, IntoResponses)]
 pub enum ActionResponses {
     /// Done; the transaction as it now is
     #[response(status = 200)]
     Done(SagaView),
-    /// `invalid_body` (no reason, or text with a NUL character), `malformed_body`,
-    /// `malformed_id`
+    /// `invalid_body` (no reason, or text with a NUL character; for a signal, no valid
+    /// `signal_id`), `malformed_body`, `malformed_id`
     #[response(status = 400)]
     Invalid(ErrorBody),
     /// No valid token

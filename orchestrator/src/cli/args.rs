@@ -92,6 +92,13 @@ pub enum Command {
     #[command(after_help = "Example:
   sagactl resolve 01890a5d-ac96-774b-bcce-b302099a8057 --reason 'refund booked manually, ticket OPS-42'")]
     Resolve(ActionArgs),
+    /// Deliver a signal to the wait step of a transaction that waits for it.
+    ///
+    /// The data becomes the step's output. Without --id, the signal's id is derived from the
+    /// transaction, the name and the data, so running the same command again changes nothing.
+    #[command(after_help = "Example:
+  sagactl signal 01890a5d-ac96-774b-bcce-b302099a8057 3ds --data '{\"authorized\": true}'")]
+    Signal(SignalArgs),
     /// Show the messages in the dead-letter queue, and requeue or drop one (through the HTTP
     /// API).
     #[command(subcommand)]
@@ -273,6 +280,31 @@ pub struct ActionArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+/// `signal`.
+#[derive(Debug, Clone, Args)]
+pub struct SignalArgs {
+    /// The transaction id.
+    pub id: Uuid,
+    /// The signal's name, as the wait step names it.
+    pub name: String,
+    /// The signal's data (JSON); null when left out.
+    #[arg(long, value_parser = parse_json)]
+    pub data: Option<serde_json::Value>,
+    /// The signal's id (1 to 200 visible ASCII characters); by default derived from the
+    /// transaction, the name and the data.
+    #[arg(long = "id", value_name = "SIGNAL_ID")]
+    pub signal_id: Option<String>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+fn parse_json(raw: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(raw).map_err(|e| format!("not JSON: {e}"))
 }
 
 /// `list`.

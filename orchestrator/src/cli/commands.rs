@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::args::{
     ActionArgs, ApiArgs, Cli, DeadLetterArgs, Format, ListArgs, PruneArgs, ReconcileArgs,
-    ReportFormat,
+    ReportFormat, SignalArgs,
 };
 use super::client::{Client, ClientError};
 use super::output;
@@ -212,16 +212,41 @@ pub async fn stuck(definition: Option<String>, api: ApiArgs, format: Format) -> 
 
 /// `sagactl retry|abort|resolve`.
 pub async fn act(action: &str, args: ActionArgs) -> anyhow::Result<u8> {
-    let client = Client::new(&args.api)?;
     let path = format!("/v1/sagas/{}/{action}", args.id);
-    let saga = match client.post(&path, &json!({ "reason": args.reason })).await {
+    let body = json!({ "reason": args.reason });
+    post_to_saga(&args.api, &path, &body, args.format, action).await
+}
+
+/// `sagactl signal`.
+pub async fn signal(args: SignalArgs) -> anyhow::Result<u8> {
+    let data = args.data.unwrap_or(Value::Null);
+    let signal_id = args.signal_id.unwrap_or_else(|| {
+        document::content_hash(&json!({"transaction": args.id, "signal": args.name, "data": data}))
+    });
+    let path = format!("/v1/sagas/{}/signals/{}", args.id, args.name);
+    let body = json!({ "signal_id": signal_id, "data": data });
+    let what = format!("signal {} ({signal_id})", args.name);
+    post_to_saga(&args.api, &path, &body, args.format, &what).await
+}
+
+/// Posts `body` to `path`, a request answered with the transaction, and prints it (`json`) or
+/// `what` and the transaction's new status (`table`).
+async fn post_to_saga(
+    api: &ApiArgs,
+    path: &str,
+    body: &Value,
+    format: Format,
+    what: &str,
+) -> anyhow::Result<u8> {
+    let client = Client::new(api)?;
+    let saga = match client.post(path, body).await {
         Ok(s) => s,
         Err(e) => return refused(e),
     };
-    match args.format {
+    match format {
         Format::Json => print(&output::json(&saga))?,
         Format::Table => print(&format!(
-            "{action}: transaction {} is now {}\n",
+            "{what}: transaction {} is now {}\n",
             output_str(&saga["id"]),
             output_str(&saga["status"])
         ))?,

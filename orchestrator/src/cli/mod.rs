@@ -37,6 +37,7 @@ pub async fn main() -> u8 {
         Command::Retry(a) => commands::act("retry", a).await,
         Command::Abort(a) => commands::act("abort", a).await,
         Command::Resolve(a) => commands::act("resolve", a).await,
+        Command::Signal(a) => commands::signal(a).await,
         Command::DeadLetters(DeadLetterCommand::List { limit, api, format }) => {
             commands::dead_letters(limit, api, format).await
         }

@@ -243,17 +243,30 @@ fn event_detail(e: &Value) -> String {
         ),
         "finished" => s(&e["status"]),
         "preparation_failed" => s(&e["error"]),
+        "awaiting_signal" => format!("signal {} until {}", s(&e["signal"]), s(&e["until"])),
+        "signalled" => format!(
+            "signal {} (id {}): {}",
+            s(&e["signal"]),
+            s(&e["signal_id"]),
+            s(&e["data"])
+        ),
+        "signal_timed_out" => format!("no signal {} in time", s(&e["signal"])),
+        "wait_undone" => "a wait has nothing to compensate".to_owned(),
         _ => get("reason").map(s).unwrap_or_default(),
     }
 }
 
-/// A step's status as the log says it, and whether an operator settled it by hand.
+/// A step's status as the log says it, whether an operator settled it by hand, and until
+/// when a wait step waits for its signal.
 fn step_status(step: &Value) -> String {
+    let mut status = s(&step["status"]);
     if step["resolved_by_hand"].as_bool() == Some(true) {
-        format!("{}, settled by hand", s(&step["status"]))
-    } else {
-        s(&step["status"])
+        status.push_str(", settled by hand");
     }
+    if let Some(until) = step.get("signal_deadline").filter(|v| !v.is_null()) {
+        status.push_str(&format!(", waits until {}", s(until)));
+    }
+    status
 }
 
 /// The operations of a transaction's mode, forward first.
@@ -319,7 +332,7 @@ pub fn applied_table(saga: &Value, participant: &str, rows: &[BarrierRow]) -> St
 
 /// What is still in flight (`in_flight` of `GET /v1/sagas/{id}`), and whether a fix by hand
 /// is safe now.
-pub fn in_flight_lines(f: &Value) -> String {
+pub fn in_flight_lines(f: &Value, waits: &[String]) -> String {
     if f["quiet"].as_bool() == Some(true) {
         return "In flight    nothing in flight: safe to fix by hand\n".to_owned();
     }
@@ -354,7 +367,13 @@ pub fn in_flight_lines(f: &Value) -> String {
                 s(&t["attempt"])
             )
         };
+        let wait = waits.contains(&s(&t["step"]));
         why.push(match s(&t["kind"]).as_str() {
+            "deadline" if wait => format!(
+                "step {}: the wait for its signal ends at {}",
+                s(&t["step"]),
+                s(&t["due_at"])
+            ),
             "backoff" => format!("{} will be sent at {}", attempt(), s(&t["due_at"])),
             "deadline" => format!(
                 "{} times out at {}, and may be sent again",
@@ -393,17 +412,25 @@ pub fn saga_detail(saga: &Value, events: &Value) -> String {
     out.push_str(&format!("Created      {}\n", s(&saga["created_at"])));
     out.push_str(&format!("Updated      {}\n", s(&saga["updated_at"])));
     out.push_str(&format!("Input        {}\n", saga["input"]));
+    let steps = saga["steps"].as_array().cloned().unwrap_or_default();
     if let Some(in_flight) = saga.get("in_flight").filter(|v| v.is_object()) {
-        out.push_str(&in_flight_lines(in_flight));
+        let waits: Vec<String> = (steps.iter())
+            .filter(|st| st.get("signal").is_some_and(|v| !v.is_null()))
+            .map(|st| s(&st["name"]))
+            .collect();
+        out.push_str(&in_flight_lines(in_flight, &waits));
     }
     out.push('\n');
-    let steps = saga["steps"].as_array().cloned().unwrap_or_default();
     let rows: Vec<Vec<String>> = steps
         .iter()
         .map(|st| {
+            let by = match st.get("signal").filter(|v| !v.is_null()) {
+                Some(signal) => format!("signal {}", s(signal)),
+                None => s(&st["participant"]),
+            };
             vec![
                 s(&st["name"]),
-                s(&st["participant"]),
+                by,
                 step_status(st),
                 s(&st["attempts"]),
                 s(&st["last_error"]),

@@ -49,7 +49,7 @@ pub async fn page(
                             tr {
                                 td { (i + 1) }
                                 td { strong { (s.name) } }
-                                td { (s.participant) }
+                                td { @match &s.signal { Some(signal) => { span.muted { "waits for signal " } (signal) }, None => (s.participant) } }
                                 td {
                                     @if deps.is_empty() { span.muted { "start" } }
                                     @else { (deps.iter().map(|&d| plan.steps[d].name.as_str()).collect::<Vec<_>>().join(", ")) }

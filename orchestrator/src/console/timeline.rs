@@ -158,6 +158,30 @@ fn entry(e: &LoggedEvent) -> Option<Entry> {
             entry.note = Some(reason.clone());
             entry.tone = "bad";
         }
+        Event::AwaitingSignal { signal, until, .. } => {
+            entry.what = format!("waits for signal {signal}");
+            entry.note = Some(format!("until {}", super::layout::time(*until)));
+            entry.tone = "wait";
+        }
+        Event::Signalled {
+            signal,
+            signal_id,
+            data,
+            ..
+        } => {
+            entry.what = format!("signal {signal} received");
+            entry.note = Some(format!("signal id {signal_id}"));
+            entry.data = Some(data.clone()).filter(|d| !d.is_null());
+            entry.tone = "ok";
+        }
+        Event::SignalTimedOut { signal, .. } => {
+            entry.what = format!("no signal {signal} in time");
+            entry.tone = "bad";
+        }
+        Event::WaitUndone { .. } => {
+            entry.what = "undone (a wait has nothing to compensate)".into();
+            entry.tone = "ok";
+        }
         _ => return None,
     }
     Some(entry)
@@ -202,6 +226,43 @@ mod tests {
             at: at(seq),
             event,
         }
+    }
+
+    #[test]
+    fn a_wait_step_shows_its_signal_its_deadline_and_what_became_of_it() {
+        let events = vec![
+            logged(
+                1,
+                Event::AwaitingSignal {
+                    step: 0,
+                    signal: "3ds".into(),
+                    until: at(600),
+                },
+            ),
+            logged(
+                2,
+                Event::Signalled {
+                    step: 0,
+                    signal: "3ds".into(),
+                    signal_id: "s-1".into(),
+                    data: json!({"ok": true}),
+                },
+            ),
+            logged(3, Event::WaitUndone { step: 0 }),
+        ];
+        let lines = steps(&events, 1);
+        let what: Vec<(&str, &str)> = lines[0].iter().map(|e| (e.what.as_str(), e.tone)).collect();
+        assert_eq!(
+            what,
+            [
+                ("waits for signal 3ds", "wait"),
+                ("signal 3ds received", "ok"),
+                ("undone (a wait has nothing to compensate)", "ok"),
+            ]
+        );
+        assert_eq!(lines[0][1].data, Some(json!({"ok": true})));
+        assert!(lines[0][0].note.as_deref().unwrap().starts_with("until "));
+        assert_eq!(lines[0][0].attempt, None);
     }
 
     #[test]

@@ -168,7 +168,7 @@ fn render(caller: &Caller, shown: &Shown, notice: Option<Notice>) -> Markup {
         }
         div.operate {
             div { (operator(caller, stored)) }
-            (flight(in_flight, inst.status.is_terminal(), inst.id))
+            (flight(in_flight, inst.status.is_terminal(), inst.id, plan))
         }
         h2 { "Input" }
         (layout::json(&inst.input))
@@ -193,7 +193,7 @@ fn render(caller: &Caller, shown: &Shown, notice: Option<Notice>) -> Markup {
         h2 { "Steps" }
         @for ((p, s), entries) in plan.steps.iter().zip(&inst.steps).zip(&timelines) {
             section.step {
-                h3 { (p.name) " " span.muted { "on " (p.participant) } " " (layout::badge(s.status.as_str()))
+                h3 { (p.name) " " span.muted { (step_kind(p, s)) } " " (layout::badge(s.status.as_str()))
                      @if s.stuck { " " (layout::badge("stuck")) }
                      @if s.resolved_by_hand { " " span.badge.hand { "settled by hand" } } }
                 @if let Some(e) = &s.last_error { p.failure { (e) } }
@@ -221,6 +221,18 @@ fn render(caller: &Caller, shown: &Shown, notice: Option<Notice>) -> Markup {
         Some(caller),
         body,
     )
+}
+
+/// Who carries a step out: its participant, or for a wait step the signal it waits for (and
+/// until when, while it waits).
+fn step_kind(p: &crate::definition::StepPlan, s: &crate::machine::StepState) -> String {
+    match (&p.signal, s.waiting) {
+        (Some(signal), crate::machine::Waiting::Signal { until }) => {
+            format!("waits for signal {signal} until {}", layout::time(until))
+        }
+        (Some(signal), _) => format!("waits for signal {signal}"),
+        (None, _) => format!("on {}", p.participant),
+    }
 }
 
 /// A log event in a few words.
@@ -310,7 +322,11 @@ fn operator(caller: &Caller, stored: &StoredInstance) -> Markup {
 
 /// What is still in flight, and so whether a fix by hand is safe now (`in_flight` of
 /// `GET /v1/sagas/{id}`).
-fn flight(f: &InFlight, terminal: bool, id: uuid::Uuid) -> Markup {
+fn flight(f: &InFlight, terminal: bool, id: uuid::Uuid, plan: &crate::definition::Plan) -> Markup {
+    let signal_of = |step: Option<&str>| {
+        let i = plan.step_index(step?)?;
+        plan.steps[i].signal.as_deref()
+    };
     let timers: Vec<_> = f.timers.iter().filter(|t| t.can_act).collect();
     let attempt = |step: Option<&str>, op: Option<&str>, n: Option<u32>| {
         format!(
@@ -353,6 +369,11 @@ fn flight(f: &InFlight, terminal: bool, id: uuid::Uuid) -> Markup {
                     @for t in &timers {
                         li {
                             @match t.kind.as_str() {
+                                "deadline" if signal_of(t.step.as_deref()).is_some() => {
+                                    "step " (t.step.as_deref().unwrap_or("-")) " waits for signal "
+                                    (signal_of(t.step.as_deref()).unwrap_or_default()) " until "
+                                    (layout::time(t.due_at)) "; without it, the step fails then and the transaction compensates."
+                                }
                                 "backoff" => { (attempt(t.step.as_deref(), t.operation.as_deref(), t.attempt)) " will be sent at " (layout::time(t.due_at)) "." }
                                 "deadline" => { (attempt(t.step.as_deref(), t.operation.as_deref(), t.attempt)) " times out at " (layout::time(t.due_at)) ", and may be sent again." }
                                 _ => { "The transaction's deadline at " (layout::time(t.due_at)) " will start compensating it." }
@@ -380,7 +401,13 @@ mod tests {
             timers: vec![],
             awaiting_reply: vec![],
         };
-        let shown = flight(&quiet, false, uuid::Uuid::nil()).into_string();
+        let plan = crate::definition::Plan {
+            name: "d".into(),
+            version: 1,
+            mode: crate::definition::Mode::Saga,
+            steps: vec![],
+        };
+        let shown = flight(&quiet, false, uuid::Uuid::nil(), &plan).into_string();
         assert!(
             shown.contains("Nothing in flight: safe to fix by hand."),
             "{shown}"
@@ -411,7 +438,7 @@ mod tests {
                 in_progress: true,
             }],
         };
-        let shown = flight(&busy, false, uuid::Uuid::nil()).into_string();
+        let shown = flight(&busy, false, uuid::Uuid::nil(), &plan).into_string();
         for text in [
             "Not safe to fix by hand now",
             "2 command(s) in the outbox",

@@ -118,6 +118,39 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A wait step began waiting for its signal, until `until`.
+    AwaitingSignal {
+        /// Step index.
+        step: usize,
+        /// The signal's name.
+        signal: String,
+        /// When the wait times out.
+        until: Time,
+    },
+    /// A wait step received its signal; `data` is its output.
+    Signalled {
+        /// Step index.
+        step: usize,
+        /// The signal's name.
+        signal: String,
+        /// The sender's id of this signal (a repeat with the same id changes nothing).
+        signal_id: String,
+        /// The signal's data.
+        data: Value,
+    },
+    /// A wait step's signal did not come before its timeout: the step failed.
+    SignalTimedOut {
+        /// Step index.
+        step: usize,
+        /// The signal's name.
+        signal: String,
+    },
+    /// A wait step was undone: it changed nothing outside, so nothing is sent; a wait still
+    /// open ends (a later signal is refused).
+    WaitUndone {
+        /// Step index.
+        step: usize,
+    },
     /// Compensation (saga) or cancellation (TCC) began.
     UndoStarted {
         /// Why.
@@ -164,6 +197,10 @@ impl Event {
             Event::TimedOut { .. } => "timed_out",
             Event::RetryScheduled { .. } => "retry_scheduled",
             Event::GaveUp { .. } => "gave_up",
+            Event::AwaitingSignal { .. } => "awaiting_signal",
+            Event::Signalled { .. } => "signalled",
+            Event::SignalTimedOut { .. } => "signal_timed_out",
+            Event::WaitUndone { .. } => "wait_undone",
             Event::UndoStarted { .. } => "undo_started",
             Event::ConfirmStarted => "confirm_started",
             Event::Stuck { .. } => "stuck",
@@ -183,6 +220,10 @@ impl Event {
             | Event::Extended { step, .. }
             | Event::RetryScheduled { step, .. }
             | Event::GaveUp { step, .. }
+            | Event::AwaitingSignal { step, .. }
+            | Event::Signalled { step, .. }
+            | Event::SignalTimedOut { step, .. }
+            | Event::WaitUndone { step }
             | Event::Stuck { step, .. } => Some(*step),
             Event::ReplyIgnored { step, .. } => *step,
             _ => None,
@@ -425,6 +466,40 @@ pub fn apply(inst: &mut Instance, event: &Event) {
                 s.last_error = Some(reason.clone());
             }
         }
+        Event::AwaitingSignal { step, until, .. } => {
+            if let Some(s) = inst.steps.get_mut(*step) {
+                s.status = StepStatus::Running;
+                s.attempt = 1;
+                s.waiting = Waiting::Signal { until: *until };
+            }
+        }
+        Event::Signalled {
+            step,
+            signal_id,
+            data,
+            ..
+        } => {
+            if let Some(s) = inst.steps.get_mut(*step) {
+                s.status = StepStatus::Succeeded;
+                s.waiting = Waiting::Nothing;
+                s.output = non_null(data);
+                s.signal_id = Some(signal_id.clone());
+            }
+        }
+        Event::SignalTimedOut { step, signal } => {
+            let timeout = inst.plan.steps.get(*step).map_or(0, |p| p.timeout_ms);
+            if let Some(s) = inst.steps.get_mut(*step) {
+                s.status = StepStatus::Failed;
+                s.waiting = Waiting::Nothing;
+                s.last_error = Some(format!("no signal {signal} within {timeout} ms"));
+            }
+        }
+        Event::WaitUndone { step } => {
+            if let Some(s) = inst.steps.get_mut(*step) {
+                s.status = StepStatus::Compensated;
+                s.waiting = Waiting::Nothing;
+            }
+        }
         Event::UndoStarted { reason } => {
             inst.phase = Phase::Undoing;
             inst.failure = Some(reason.clone());
@@ -459,6 +534,6 @@ pub fn apply(inst: &mut Instance, event: &Event) {
 
 /// `null` is kept as `None`: the projection is stored as JSON, where `Some(null)` and `None`
 /// are both `null`, and the state must read back exactly as the log replays it.
-fn non_null(v: &Value) -> Option<Value> {
+pub(super) fn non_null(v: &Value) -> Option<Value> {
     (!v.is_null()).then(|| v.clone())
 }

@@ -23,6 +23,7 @@ mod operator;
 mod reply;
 mod retry;
 mod saga;
+mod signal;
 mod state;
 mod tcc;
 
@@ -59,6 +60,15 @@ pub enum Input {
         actor: String,
         /// What was done, and why.
         reason: String,
+    },
+    /// The signal `name` for the wait step that waits for it.
+    Signal {
+        /// The signal's name.
+        name: String,
+        /// The sender's id of this signal: the same id again changes nothing.
+        signal_id: String,
+        /// The signal's data: the wait step's output.
+        data: Value,
     },
 }
 
@@ -164,7 +174,7 @@ impl Transition {
     }
 }
 
-/// Why an operator input does not fit the instance.
+/// Why an operator input or a signal does not fit the instance.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Rejected(pub String);
@@ -258,7 +268,8 @@ pub fn start_with(
     t.finish()
 }
 
-/// Handles one input; `Err` only for operator inputs that do not fit the instance's state.
+/// Handles one input; `Err` only for operator inputs and signals that do not fit the
+/// instance's state.
 pub fn handle(
     instance: &Instance,
     input: Input,
@@ -278,6 +289,11 @@ pub fn handle(
         Input::Abort { actor, reason } => t.on_abort(actor, reason)?,
         Input::Retry { actor, reason } => t.on_retry(actor, reason)?,
         Input::Resolve { actor, reason } => t.on_resolve(actor, reason)?,
+        Input::Signal {
+            name,
+            signal_id,
+            data,
+        } => t.on_signal(name, signal_id, data)?,
     }
     t.advance();
     Ok(t.finish())

@@ -21,6 +21,13 @@ impl Draft<'_> {
         let Some(i) = index else {
             return ignore(self, format!("the plan has no step {}", reply.step));
         };
+        if let Some(signal) = &self.inst.plan.steps[i].signal {
+            let why = format!(
+                "step {} waits for signal {signal}, not for a reply",
+                reply.step
+            );
+            return ignore(self, why);
+        }
         let s = &self.inst.steps[i];
         let outstanding = s.status.outstanding(self.inst.plan.mode);
         if outstanding != Some(reply.operation) {

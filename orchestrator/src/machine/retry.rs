@@ -48,6 +48,9 @@ impl Draft<'_> {
                 };
                 self.retry_or_give_up(timer.step, timer.operation, reason, 0);
             }
+            (TimerKind::Deadline, Waiting::Signal { .. }) if timer.attempt == s.attempt => {
+                self.wait_timed_out(timer.step);
+            }
             (TimerKind::Backoff, Waiting::Backoff { .. }) if timer.attempt == s.attempt + 1 => {
                 self.dispatch(timer.step, timer.operation, timer.attempt);
             }

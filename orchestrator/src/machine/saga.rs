@@ -1,5 +1,6 @@
 //! Saga rules: steps run forward as their dependencies succeed, and are compensated in the
-//! reverse of that order.
+//! reverse of that order. A wait step waits for its signal instead of sending a command, and
+//! has nothing to compensate.
 
 use super::{Draft, Event, Next, Status, StepStatus};
 use sagas_participant::protocol::Operation;
@@ -29,16 +30,22 @@ impl Draft<'_> {
             return Next::Wait;
         }
         // Prepare every ready step before sending any, so that a command that cannot be
-        // computed sends nothing that needs undoing.
+        // computed sends nothing that needs undoing. A wait step has no command.
         let mut all = true;
         for &i in &ready {
-            all &= self.prepare(i);
+            if !self.inst.plan.steps[i].is_wait() {
+                all &= self.prepare(i);
+            }
         }
         if !all {
             return Next::Again;
         }
         for i in ready {
-            self.dispatch(i, Operation::Action, 1);
+            if self.inst.plan.steps[i].is_wait() {
+                self.start_wait(i);
+            } else {
+                self.dispatch(i, Operation::Action, 1);
+            }
         }
         Next::Wait
     }
@@ -60,8 +67,18 @@ impl Draft<'_> {
                 })
             })
             .collect();
+        let mut waits_undone = false;
         for i in ready {
-            self.dispatch(i, Operation::Compensate, 1);
+            if self.inst.plan.steps[i].is_wait() {
+                self.undo_wait(i);
+                waits_undone = true;
+            } else {
+                self.dispatch(i, Operation::Compensate, 1);
+            }
+        }
+        if waits_undone {
+            // The steps the waits ran after may be ready to compensate now.
+            return Next::Again;
         }
         self.compensated_when_undone(StepStatus::Compensating)
     }

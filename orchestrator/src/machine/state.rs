@@ -165,6 +165,11 @@ pub enum Waiting {
         /// When the next attempt is sent.
         until: Time,
     },
+    /// A wait step's signal, until `until`; then the step fails.
+    Signal {
+        /// When the wait times out.
+        until: Time,
+    },
 }
 
 /// State of one step of an instance.
@@ -200,6 +205,10 @@ pub struct StepState {
     /// what they were then. Left out of the stored projection while false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resolved_by_hand: bool,
+    /// The id of the signal a wait step received (its data is `output`): the same id again
+    /// is answered as before, without a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal_id: Option<String>,
 }
 
 impl StepState {
@@ -216,6 +225,7 @@ impl StepState {
             in_progress: false,
             sent_at: None,
             resolved_by_hand: false,
+            signal_id: None,
         }
     }
 }
@@ -262,7 +272,8 @@ impl Instance {
     }
 }
 
-/// A timer the machine asks the engine to keep: a reply deadline or a retry backoff.
+/// A timer the machine asks the engine to keep: a reply deadline (for a wait step, the end of
+/// its wait), a retry backoff or the instance's deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timer {
     /// Step index.

@@ -29,6 +29,7 @@ pub(crate) fn plan(mode: Mode, steps: usize) -> Plan {
                 timeout_ms: 1000,
                 in_progress_timeout_ms: 60_000,
                 after: None,
+                signal: None,
             })
             .collect(),
     }
@@ -910,3 +911,4 @@ fn operator_actions_are_logged_with_the_same_json_as_before() {
 }
 
 mod properties;
+mod signals;

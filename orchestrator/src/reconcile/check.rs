@@ -248,7 +248,9 @@ pub fn check_instance(row: &StoredRow, log: &[LogRow], limits: Limits) -> Checke
                     deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 ),
             ));
-        } else if truth.status != Status::Stuck && row.updated_at < limits.now - limits.stale_after
+        } else if truth.status != Status::Stuck
+            && row.updated_at < limits.now - limits.stale_after
+            && !waits_for_a_signal(&truth, limits.now - limits.overdue_grace)
         {
             findings.push(finding(
                 FindingKind::Stale,
@@ -291,6 +293,17 @@ pub fn check_instance(row: &StoredRow, log: &[LogRow], limits: Limits) -> Checke
                             "{op_name} attempt {} got no reply and no timeout was logged, {} after its deadline",
                             s.attempt,
                             human(limits.now - deadline)
+                        ),
+                    ));
+                }
+                Waiting::Signal { until } if until < limits.now - limits.overdue_grace => {
+                    let signal = truth.plan.steps[i].signal.as_deref().unwrap_or_default();
+                    findings.push(finding(
+                        FindingKind::ReplyOverdue,
+                        Some(&name),
+                        format!(
+                            "the wait for signal {signal} ended {} ago and no timeout was logged",
+                            human(limits.now - until)
                         ),
                     ));
                 }
@@ -340,6 +353,15 @@ fn marked(projected: &Instance) -> std::borrow::Cow<'_, Instance> {
     let mut p = projected.clone();
     p.mark_resolved_by_hand();
     std::borrow::Cow::Owned(p)
+}
+
+/// True when a step waits for a signal whose wait has not ended by `by`: the instance has a
+/// reason to be unchanged until then.
+fn waits_for_a_signal(instance: &Instance, by: Time) -> bool {
+    instance
+        .steps
+        .iter()
+        .any(|s| matches!(s.waiting, Waiting::Signal { until } if until >= by))
 }
 
 fn source(replayed: bool) -> &'static str {
@@ -460,6 +482,7 @@ pub fn describe_difference(replayed: &Instance, projected: &Instance) -> Option<
                 ("last error", r.last_error != p.last_error),
                 ("stuck flag", r.stuck != p.stuck),
                 ("in-progress flag", r.in_progress != p.in_progress),
+                ("signal id", r.signal_id != p.signal_id),
                 (
                     "resolved-by-hand flag",
                     r.resolved_by_hand != p.resolved_by_hand,
@@ -480,6 +503,47 @@ pub fn describe_difference(replayed: &Instance, projected: &Instance) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_waiting_for_its_signal_is_not_stale_before_its_timeout_but_overdue_after_it() {
+        use crate::definition::Definition;
+        use serde_json::{Value, json};
+        let def = Definition::saga::<Value>("pay", 1)
+            .wait("authorize", "3ds", |s| {
+                s.timeout(std::time::Duration::from_secs(24 * 3600))
+            })
+            .build()
+            .unwrap();
+        let t0 = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let plan = (**def.plan()).clone();
+        let t = crate::machine::start(Uuid::from_u128(1), plan, json!({}), t0, &def);
+        let log: Vec<LogRow> = (t.events.iter().enumerate())
+            .map(|(i, e)| (i as i64 + 1, Ok(e.clone())))
+            .collect();
+        let row = StoredRow {
+            id: t.instance.id,
+            definition: "pay".into(),
+            status: "running".into(),
+            seq: t.instance.seq as i64,
+            state: Ok(t.instance.clone()),
+            created_at: t0,
+            updated_at: t0,
+        };
+        let at = |now: Time| Limits {
+            now,
+            stale_after: Duration::hours(1),
+            overdue_grace: Duration::seconds(60),
+        };
+        let kinds = |now| -> Vec<FindingKind> {
+            let checked = check_instance(&row, &log, at(now));
+            checked.findings.iter().map(|f| f.kind).collect()
+        };
+        assert_eq!(kinds(t0 + Duration::hours(23)), vec![]);
+        assert_eq!(
+            kinds(t0 + Duration::hours(25)),
+            vec![FindingKind::Stale, FindingKind::ReplyOverdue]
+        );
+    }
 
     #[test]
     fn durations_read_like_people_write_them() {

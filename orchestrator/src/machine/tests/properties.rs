@@ -4,8 +4,10 @@
 //! or in a random dependency graph with parallel branches), then feeds the
 //! machine a random sequence of inputs chosen relative to the state it is in: replies (some with
 //! a wrong attempt or operation, duplicated, or for an unknown step) to outstanding operations,
-//! fires of live or stale timers, and operator aborts and retries. A drain phase then answers
-//! every outstanding operation with `succeeded` and fires due timers until the instance is
+//! fires of live or stale timers, operator aborts and retries, and signals (new, repeated with
+//! the same or other data, or for no step) to the saga's wait steps. A drain phase then answers
+//! every outstanding operation with `succeeded`, signals every open wait, and fires due timers
+//! until the instance is
 //! terminal, and a last few random inputs hit the finished instance. Time only moves forward:
 //! firing a timer advances the clock to its due time. Every property checks the recorded trace.
 
@@ -42,6 +44,8 @@ struct Case {
     /// Saga only: per step, `None` to run after the previous step, or picks of earlier steps
     /// to run after (a dependency graph with parallel branches).
     deps: Vec<Option<Vec<Index>>>,
+    /// Saga only: per step, whether it waits for a signal instead of sending a command.
+    waits: Vec<bool>,
     /// Whether the drain asks an operator retry for stuck steps (or just answers them).
     drain_retries: bool,
     /// Inputs before the drain.
@@ -65,6 +69,12 @@ enum Act {
     Abort,
     /// An operator retry.
     Retry,
+    /// A signal: for one of the wait steps (or for no step when there are none), new or a
+    /// copy of one delivered before with the same or other data.
+    Signal {
+        pick: Index,
+        repeat: Option<(Index, bool)>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -120,6 +130,8 @@ fn act() -> impl Strategy<Value = Act> {
             .prop_map(|(pick, stale)| Act::Fire { pick, stale }),
         1 => Just(Act::Abort),
         2 => Just(Act::Retry),
+        4 => (any::<Index>(), prop::option::weighted(0.3, (any::<Index>(), any::<bool>())))
+            .prop_map(|(pick, repeat)| Act::Signal { pick, repeat }),
     ]
 }
 
@@ -139,16 +151,18 @@ fn case() -> impl Strategy<Value = Case> {
             prop::option::weighted(0.5, prop::collection::vec(any::<Index>(), 0..=2)),
             4,
         ),
+        prop::collection::vec(prop::bool::weighted(0.25), 4),
         any::<bool>(),
         prop::collection::vec(act(), 0..=40),
         prop::collection::vec(act(), 0..=8),
     )
         .prop_map(
-            |(mode, limits, fail_prepare, deps, drain_retries, acts, after)| Case {
+            |(mode, limits, fail_prepare, deps, waits, drain_retries, acts, after)| Case {
                 mode,
                 limits,
                 fail_prepare,
                 deps,
+                waits,
                 drain_retries,
                 acts,
                 after,
@@ -207,6 +221,8 @@ struct Sim {
     ever_set: Vec<(Time, Timer)>,
     /// Every reply delivered, for duplicates.
     replies: Vec<Reply>,
+    /// Every signal delivered (name, id, data), for repeats.
+    signals: Vec<(String, String, Value)>,
     records: Vec<Record>,
     stage: Stage,
 }
@@ -225,6 +241,12 @@ fn build_plan(case: &Case) -> Plan {
                 after.sort_unstable();
                 after.dedup();
                 p.steps[i].after = Some(after);
+            }
+        }
+        for (i, step) in p.steps.iter_mut().enumerate() {
+            if case.waits.get(i) == Some(&true) {
+                step.signal = Some(format!("sig{i}"));
+                step.participant = String::new();
             }
         }
     }
@@ -273,6 +295,15 @@ impl Sim {
         }
         if let Input::Reply(reply) = &input {
             self.replies.push(reply.clone());
+        }
+        if let Input::Signal {
+            name,
+            signal_id,
+            data,
+        } = &input
+        {
+            self.signals
+                .push((name.clone(), signal_id.clone(), data.clone()));
         }
         let before = self.inst.clone();
         let result = handle(&self.inst, input.clone(), self.now, &Echo);
@@ -340,6 +371,42 @@ impl Sim {
             }
             Act::Abort => self.feed(operator(false)),
             Act::Retry => self.feed(operator(true)),
+            Act::Signal { pick, repeat } => {
+                let signal = match repeat {
+                    Some((k, same)) if !self.signals.is_empty() => {
+                        let (name, signal_id, data) =
+                            self.signals[k.index(self.signals.len())].clone();
+                        let data = if *same { data } else { json!("other") };
+                        Input::Signal {
+                            name,
+                            signal_id,
+                            data,
+                        }
+                    }
+                    _ => {
+                        let names: Vec<String> = (self.inst.plan.steps.iter())
+                            .filter_map(|p| p.signal.clone())
+                            .collect();
+                        let name = if names.is_empty() {
+                            "nope".to_owned()
+                        } else {
+                            names[pick.index(names.len())].clone()
+                        };
+                        self.fresh_signal(name)
+                    }
+                };
+                self.feed(signal);
+            }
+        }
+    }
+
+    /// A signal `name` with an id and data not delivered before.
+    fn fresh_signal(&self, name: String) -> Input {
+        let n = self.signals.len();
+        Input::Signal {
+            name,
+            signal_id: format!("id{n}"),
+            data: json!({"n": n}),
         }
     }
 
@@ -414,6 +481,14 @@ impl Sim {
                 self.succeed(i);
                 continue;
             }
+            let open_wait = steps.iter().position(|s| {
+                s.status == StepStatus::Running && matches!(s.waiting, Waiting::Signal { .. })
+            });
+            if let Some(i) = open_wait {
+                let name = self.inst.plan.steps[i].signal.clone().unwrap_or_default();
+                self.feed(self.fresh_signal(name));
+                continue;
+            }
             let due = self.timers.values().min_by_key(|(at, _)| *at).copied();
             if let Some((at, timer)) = due {
                 self.now = self.now.max(at);
@@ -447,6 +522,7 @@ fn simulate(case: &Case) -> Trace {
         timers: BTreeMap::new(),
         ever_set: Vec::new(),
         replies: Vec::new(),
+        signals: Vec::new(),
         records: Vec::new(),
         stage: Stage::Random,
     };
@@ -535,6 +611,8 @@ fn check_absorbing(trace: &Trace) -> Result<(), TestCaseError> {
             (Input::Abort { .. } | Input::Retry { .. }, result) => {
                 prop_assert!(result.is_err(), "operator input accepted when terminal");
             }
+            // A signal is refused, or (the repeat of one accepted before) changes nothing.
+            (Input::Signal { .. }, Err(_)) => {}
             (_, Err(e)) => prop_assert!(false, "{:?} rejected: {}", input, e),
             (_, Ok(t)) => {
                 prop_assert!(
@@ -576,10 +654,12 @@ fn check_steps_finished_once(trace: &Trace) -> Result<(), TestCaseError> {
     for (i, s) in fin.steps.iter().enumerate() {
         let ran = trace.log.iter().any(|e| {
             matches!(e, Event::Dispatched { step, operation, .. } if *step == i && *operation == fwd)
+                || matches!(e, Event::AwaitingSignal { step, .. } if *step == i)
         });
         let refused = trace.log.iter().any(|e| {
             matches!(e, Event::Replied { step, operation, outcome: Outcome::Failed { .. }, .. }
                 if *step == i && *operation == fwd)
+                || matches!(e, Event::SignalTimedOut { step, .. } if *step == i)
         });
         let unprepared = trace
             .log
@@ -711,11 +791,14 @@ fn check_saga_order(trace: &Trace) -> Result<(), TestCaseError> {
             prop_assert!(in_flight <= 1, "{} saga steps in flight", in_flight);
         }
         for e in &t.events {
-            let Event::Dispatched {
-                step, operation, ..
-            } = e
-            else {
-                continue;
+            // A wait starts like an action and is undone like a compensation.
+            let (step, operation) = match e {
+                Event::Dispatched {
+                    step, operation, ..
+                } => (step, operation),
+                Event::AwaitingSignal { step, .. } => (step, &Operation::Action),
+                Event::WaitUndone { step } => (step, &Operation::Compensate),
+                _ => continue,
             };
             match operation {
                 // A step runs only once every step it runs after has succeeded.
@@ -753,10 +836,15 @@ fn check_saga_order(trace: &Trace) -> Result<(), TestCaseError> {
     let mut first_compensations: Vec<usize> = Vec::new();
     let mut undoing = false;
     for e in &trace.log {
-        if let Event::Dispatched {
-            step, operation, ..
-        } = e
-        {
+        let step_op = match e {
+            Event::Dispatched {
+                step, operation, ..
+            } => Some((step, operation)),
+            Event::AwaitingSignal { step, .. } => Some((step, &Operation::Action)),
+            Event::WaitUndone { step } => Some((step, &Operation::Compensate)),
+            _ => None,
+        };
+        if let Some((step, operation)) = step_op {
             match operation {
                 Operation::Compensate => {
                     undoing = true;
@@ -862,6 +950,11 @@ fn check_rejections(trace: &Trace) -> Result<(), TestCaseError> {
                     && s.status.outstanding(mode).is_some()
             }),
             Input::Resolve { .. } => before.status == Status::Stuck,
+            Input::Signal {
+                name,
+                signal_id,
+                data,
+            } => signal_fits(before, name, signal_id, data),
         };
         prop_assert_eq!(
             r.result.is_ok(),
@@ -873,6 +966,24 @@ fn check_rejections(trace: &Trace) -> Result<(), TestCaseError> {
         );
     }
     Ok(())
+}
+
+/// A signal is accepted by the step waiting for it, or as the repeat of the one a step
+/// accepted with the same id and data.
+fn signal_fits(before: &Instance, name: &str, signal_id: &str, data: &Value) -> bool {
+    let plan = &before.plan.steps;
+    let same_id = (before.steps.iter()).position(|s| s.signal_id.as_deref() == Some(signal_id));
+    match same_id {
+        Some(i) => {
+            plan[i].signal.as_deref() == Some(name)
+                && before.steps[i].output.as_ref() == Some(data).filter(|d| !d.is_null())
+        }
+        None => plan.iter().zip(&before.steps).any(|(p, s)| {
+            p.signal.as_deref() == Some(name)
+                && s.status == StepStatus::Running
+                && matches!(s.waiting, Waiting::Signal { .. })
+        }),
+    }
 }
 
 fn check_budgets(trace: &Trace) -> Result<(), TestCaseError> {
@@ -1028,6 +1139,10 @@ fn the_generated_cases_reach_every_final_status_and_the_interesting_events() {
         "operator_action",
         "preparation_failed",
         "confirm_started",
+        "awaiting_signal",
+        "signalled",
+        "signal_timed_out",
+        "wait_undone",
         "drain retried",
         "inputs after the end",
     ] {

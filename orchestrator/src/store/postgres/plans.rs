@@ -276,6 +276,7 @@ mod tests {
                 timeout_ms,
                 in_progress_timeout_ms: 1_000,
                 after: None,
+                signal: None,
             }],
         }
     }
