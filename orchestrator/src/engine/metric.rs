@@ -14,6 +14,9 @@ pub const STARTED: &str = "sagas_instances_started_total";
 pub const FINISHED: &str = "sagas_instances_finished_total";
 /// Counter, label `definition`: instances that became stuck (need an operator).
 pub const STUCK: &str = "sagas_instances_stuck_total";
+/// Counter, labels `definition`, `signal`, `result` (`received`, `timed_out`): signals wait
+/// steps received, and waits that timed out without theirs.
+pub const SIGNALS: &str = "sagas_signals_total";
 /// Counter, label `action`: operator actions committed.
 pub const OPERATOR_ACTIONS: &str = "sagas_operator_actions_total";
 /// Counter: participant replies committed.
@@ -84,6 +87,7 @@ pub const ALL: &[&str] = &[
     STEP_DURATION,
     FINISHED,
     STUCK,
+    SIGNALS,
     OPERATOR_ACTIONS,
     REPLIES,
     DEAD_LETTERED,
@@ -117,6 +121,10 @@ pub fn describe() {
         "Instances that reached a terminal status, by definition and status."
     );
     describe_counter!(STUCK, "Instances that became stuck and need an operator.");
+    describe_counter!(
+        SIGNALS,
+        "Signals received by wait steps, and waits that timed out without theirs, by definition, signal and result."
+    );
     describe_counter!(OPERATOR_ACTIONS, "Operator actions committed, by action.");
     describe_counter!(REPLIES, "Participant replies committed.");
     describe_counter!(DEAD_LETTERED, "Replies dead-lettered.");
@@ -324,8 +332,6 @@ impl Stats {
         metrics::counter!(PUBLISH_FAILURES).increment(1);
     }
 
-    /// The events of a committed transition of an instance of `definition`: instances
-    /// finished or stuck, operator actions.
     /// Counts the attempts `t` ended, and how long each took up to `now` (when its dispatch
     /// time is known).
     pub(super) fn count_attempts(&self, t: &Transition, now: Time) {
@@ -360,6 +366,8 @@ impl Stats {
         }
     }
 
+    /// The events of a committed transition of an instance of `definition`: instances
+    /// finished or stuck, signals received or waited for in vain, operator actions.
     pub(super) fn count_events(&self, definition: &str, events: &[Event]) {
         for event in events {
             match event {
@@ -371,6 +379,10 @@ impl Stats {
                 Event::Stuck { .. } => {
                     metrics::counter!(STUCK, "definition" => definition.to_owned()).increment(1);
                 }
+                Event::Signalled { signal, .. } => count_signal(definition, signal, "received"),
+                Event::SignalTimedOut { signal, .. } => {
+                    count_signal(definition, signal, "timed_out");
+                }
                 Event::OperatorAction { action, .. } => {
                     metrics::counter!(OPERATOR_ACTIONS, "action" => action.as_str()).increment(1);
                 }
@@ -378,4 +390,11 @@ impl Stats {
             }
         }
     }
+}
+
+/// Counts [`SIGNALS`].
+fn count_signal(definition: &str, signal: &str, result: &'static str) {
+    metrics::counter!(SIGNALS, "definition" => definition.to_owned(),
+        "signal" => signal.to_owned(), "result" => result)
+    .increment(1);
 }
