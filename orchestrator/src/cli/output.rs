@@ -235,6 +235,7 @@ fn event_detail(e: &Value) -> String {
         }
         "reply_ignored" => format!("{} reply ignored: {}", s(&e["outcome"]), s(&e["reason"])),
         "retry_scheduled" => format!("next attempt at {}", s(&e["at"])),
+        "postponed" => format!("breaker open; next try at {}", s(&e["until"])),
         "operator_action" => format!(
             "{} by {}: {}",
             s(&e["action"]),
