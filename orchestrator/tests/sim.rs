@@ -613,6 +613,15 @@ impl SagaStore for FaultyStore {
     async fn document_count(&self) -> Result<u64, StoreError> {
         self.inner.document_count().await
     }
+
+    async fn sync_breakers(
+        &self,
+        now: Time,
+        outcomes: &[sagas_orchestrator::breaker::Outcomes],
+        policy: &sagas_orchestrator::breaker::BreakerPolicy,
+    ) -> Result<Vec<sagas_orchestrator::breaker::Synced>, StoreError> {
+        self.inner.sync_breakers(now, outcomes, policy).await
+    }
 }
 
 /// The broker as one engine generation sees it.
