@@ -30,6 +30,7 @@ mod breakers;
 mod config;
 mod definitions;
 mod gauges;
+mod limits;
 pub mod metric;
 mod publish;
 mod relay;
@@ -141,7 +142,8 @@ impl Engine {
         config: EngineConfig,
     ) -> Arc<Engine> {
         let stats = Arc::new(Stats::default());
-        let publisher = Publisher::new(transport.clone(), store.clone(), stats.clone());
+        let limits = Arc::new(limits::RateLimits::new(config.rate_limits.clone()));
+        let publisher = Publisher::new(transport.clone(), store.clone(), stats.clone(), limits);
         let creator = starts::batcher(store.clone(), clock.clone(), publisher.clone());
         let settlements = store.settlements().filter(|_| config.wait_notify);
         let announcer = wait::announcer(settlements.clone(), stats.clone());
