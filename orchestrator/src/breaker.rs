@@ -202,7 +202,10 @@ pub fn sync(
     states
         .iter_mut()
         .map(|(participant, state)| {
-            let (failures, answers) = counted.get(participant.as_str()).copied().unwrap_or_default();
+            let (failures, answers) = counted
+                .get(participant.as_str())
+                .copied()
+                .unwrap_or_default();
             let change = state.advance(failures, answers, now, policy);
             Synced {
                 participant: participant.clone(),
@@ -258,7 +261,11 @@ mod tests {
         let p = policy();
         let mut b = BreakerState::new(t(0));
         b.advance(10, 0, t(0), &p);
-        assert_eq!(b.advance(5, 0, t(4), &p), None, "failures while open change nothing");
+        assert_eq!(
+            b.advance(5, 0, t(4), &p),
+            None,
+            "failures while open change nothing"
+        );
         assert_eq!(b.next_probe, Some(t(5)));
         b.advance(0, 0, t(5), &p);
         assert_eq!(b.next_probe, Some(t(15)), "10 s after the first probe");
@@ -279,8 +286,16 @@ mod tests {
             failures,
             answers,
         };
-        let first = sync(&mut states, &[out("a", 6, 0), out("a", 6, 0), out("b", 0, 3)], t(1), &p);
-        let changes: Vec<_> = first.iter().map(|s| (s.participant.as_str(), s.change)).collect();
+        let first = sync(
+            &mut states,
+            &[out("a", 6, 0), out("a", 6, 0), out("b", 0, 3)],
+            t(1),
+            &p,
+        );
+        let changes: Vec<_> = first
+            .iter()
+            .map(|s| (s.participant.as_str(), s.change))
+            .collect();
         assert_eq!(changes, vec![("a", Some(Change::Opened)), ("b", None)]);
         let second = sync(&mut states, &[out("a", 3, 0)], t(2), &p);
         assert!(second.iter().all(|s| s.change.is_none()), "already open");

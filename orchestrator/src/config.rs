@@ -577,7 +577,11 @@ mod tests {
         .unwrap_err();
         assert!(err.names("SAGAS_BREAKER_FAILURE_PERCENT"), "{err}");
         assert!(err.names("SAGAS_BREAKER_PROBE_MAX"), "{err}");
-        assert!(read(&[("SAGAS_BREAKER", "maybe")]).unwrap_err().names("SAGAS_BREAKER"));
+        assert!(
+            read(&[("SAGAS_BREAKER", "maybe")])
+                .unwrap_err()
+                .names("SAGAS_BREAKER")
+        );
     }
 
     #[test]
@@ -587,7 +591,14 @@ mod tests {
             c.rate_limits.into_iter().collect::<Vec<_>>(),
             vec![("payments".to_owned(), 5.0), ("shipping".to_owned(), 0.5)]
         );
-        for bad in ["payments", "=5", "payments=0", "payments=-1", "payments=x", "a=1,a=2"] {
+        for bad in [
+            "payments",
+            "=5",
+            "payments=0",
+            "payments=-1",
+            "payments=x",
+            "a=1,a=2",
+        ] {
             let err = read(&[("SAGAS_RATE_LIMITS", bad)]).unwrap_err();
             assert!(err.names("SAGAS_RATE_LIMITS"), "{bad}: {err}");
         }

@@ -120,8 +120,10 @@ async fn outage(config: EngineConfig) -> Result<Figures> {
     if on {
         // Both orchestrators see the one breaker open: its state is in the database.
         for app in &apps {
-            helpers::poll(&http, app, "/v1/participants", |a| payment_breaker(a) == "open")
-                .await?;
+            helpers::poll(&http, app, "/v1/participants", |a| {
+                payment_breaker(a) == "open"
+            })
+            .await?;
         }
     }
     // The outage lasts its length whatever happens meanwhile: it is the scenario, not a wait
@@ -136,8 +138,10 @@ async fn outage(config: EngineConfig) -> Result<Figures> {
     let finish = restarted.elapsed();
     if on {
         for app in &apps {
-            helpers::poll(&http, app, "/v1/participants", |a| payment_breaker(a) == "closed")
-                .await?;
+            helpers::poll(&http, app, "/v1/participants", |a| {
+                payment_breaker(a) == "closed"
+            })
+            .await?;
         }
     }
     let (mut attempts, mut postponed, mut forgiven) = (0, 0, 0);
@@ -190,8 +194,7 @@ async fn with_the_breaker_every_saga_outlives_an_outage_longer_than_its_retry_bu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_the_breaker_the_same_outage_exhausts_every_budget_and_compensates() -> Result<()>
-{
+async fn without_the_breaker_the_same_outage_exhausts_every_budget_and_compensates() -> Result<()> {
     let f = outage(helpers::engine_config()).await?;
     println!(
         "breaker off: {SAGAS} sagas, outage {OUTAGE:?}: {} attempts sent, all finished {:?} \
@@ -231,7 +234,10 @@ async fn two_orchestrators_share_one_breaker_and_exactly_one_of_them_opens_it() 
     );
     let changes: Vec<Option<Change>> = [ra?, rb?].iter().map(|r| r[0].change).collect();
     assert_eq!(
-        changes.iter().filter(|c| **c == Some(Change::Opened)).count(),
+        changes
+            .iter()
+            .filter(|c| **c == Some(Change::Opened))
+            .count(),
         1,
         "{changes:?}"
     );
@@ -279,7 +285,11 @@ async fn every_command_to_a_rate_limited_participant_arrives_none_is_dropped() -
     let answer = helpers::get(&http, &app, "/v1/participants").await?;
     let payment = &answer["participants"][0];
     assert_eq!(
-        (&payment["participant"], &payment["rate_limit"], &payment["breaker"]),
+        (
+            &payment["participant"],
+            &payment["rate_limit"],
+            &payment["breaker"]
+        ),
         (&json!("payment"), &json!(10.0), &json!("off"))
     );
     stop(running).await;

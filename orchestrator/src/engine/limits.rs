@@ -135,7 +135,11 @@ mod tests {
         let waits: Vec<u128> = (0..4).map(|_| l.reserve("p", later).as_millis()).collect();
         assert_eq!(waits, vec![0, 0, 500, 1000]);
         let slow = limits(0.5);
-        assert_eq!(slow.reserve("p", t0), Duration::ZERO, "a burst of at least one");
+        assert_eq!(
+            slow.reserve("p", t0),
+            Duration::ZERO,
+            "a burst of at least one"
+        );
         assert_eq!(slow.reserve("p", t0), Duration::from_secs(2));
     }
 

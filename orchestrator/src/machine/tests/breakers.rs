@@ -55,8 +55,7 @@ fn postponed(r: &Run) -> Vec<(usize, Operation, u32, bool)> {
 }
 
 #[test]
-fn timeouts_while_the_breaker_is_open_are_not_counted_so_a_long_outage_never_exhausts_the_budget()
-{
+fn timeouts_while_the_breaker_is_open_are_not_counted_so_a_long_outage_never_exhausts_the_budget() {
     let mut r = Run::start(Mode::Saga, 1);
     assert_eq!(r.sent(), vec![(0, Action, 1)]);
     // Ten rounds of: the attempt times out while the breaker is open, the next one waits for

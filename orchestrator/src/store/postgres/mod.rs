@@ -18,9 +18,9 @@ use super::{
 };
 use crate::breaker::{BreakerPolicy, BreakerState, Outcomes, Synced};
 use crate::definition::Plan;
-use std::collections::BTreeMap;
 use crate::machine::{Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
+use std::collections::BTreeMap;
 
 mod plans;
 mod retention;

@@ -649,9 +649,7 @@ impl SagaStore for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        let rows: Vec<(String, String)> = sqlx::query_as(sql::BREAKERS)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(sql::BREAKERS).fetch_all(&mut *tx).await?;
         let before = rows
             .into_iter()
             .map(|(p, s)| Ok((p, serde_json::from_str(&s).map_err(corrupt)?)))
