@@ -118,6 +118,18 @@ impl Run {
     }
 
     fn reply(&mut self, step: usize, op: Operation, attempt: u32, outcome: Outcome) {
+        self.reply_with(step, op, attempt, outcome, &Closed);
+    }
+
+    /// [`Run::reply`] with what the participants' breakers say.
+    fn reply_with(
+        &mut self,
+        step: usize,
+        op: Operation,
+        attempt: u32,
+        outcome: Outcome,
+        breakers: &dyn Breakers,
+    ) {
         let reply = Reply {
             protocol: PROTOCOL_VERSION,
             transaction_id: self.inst.id,
@@ -126,7 +138,7 @@ impl Run {
             attempt,
             outcome,
         };
-        self.input(Input::Reply(reply)).unwrap();
+        self.input_with(Input::Reply(reply), breakers).unwrap();
     }
 
     fn ok(&mut self, step: usize, op: Operation) {

@@ -103,15 +103,13 @@ fn once_the_breaker_closes_attempts_are_counted_again_from_where_it_left_them() 
 fn a_first_dispatch_to_an_open_participant_is_postponed_and_sent_when_its_turn_comes() {
     let mut r = Run::start(Mode::Saga, 2);
     let breaker = Open::new("p1", r.now + Duration::seconds(5));
-    let reply = Reply {
-        protocol: PROTOCOL_VERSION,
-        transaction_id: r.inst.id,
-        step: "s0".into(),
-        operation: Action,
-        attempt: 1,
-        outcome: Outcome::succeeded(json!({"out": 0})),
-    };
-    r.input_with(Input::Reply(reply), &breaker).unwrap();
+    r.reply_with(
+        0,
+        Action,
+        1,
+        Outcome::succeeded(json!({"out": 0})),
+        &breaker,
+    );
     assert_eq!(r.sent(), vec![], "step 1 is held back");
     assert_eq!(postponed(&r), vec![(1, Action, 1, false)]);
     assert_eq!(r.inst.steps[1].status, S::Running);
@@ -150,15 +148,7 @@ fn compensations_and_tcc_confirms_wait_behind_an_open_breaker_too() {
     let mut r = Run::start(Mode::Tcc, 2);
     let breaker = Open::new("p1", r.now + Duration::seconds(5));
     r.ok(0, Try);
-    let reply = Reply {
-        protocol: PROTOCOL_VERSION,
-        transaction_id: r.inst.id,
-        step: "s1".into(),
-        operation: Try,
-        attempt: 1,
-        outcome: Outcome::succeeded(json!(1)),
-    };
-    r.input_with(Input::Reply(reply), &breaker).unwrap();
+    r.reply_with(1, Try, 1, Outcome::succeeded(json!(1)), &breaker);
     assert_eq!(r.sent(), vec![(0, Confirm, 1)]);
     assert_eq!(postponed(&r), vec![(1, Confirm, 1, false)]);
     assert_eq!(r.statuses(), vec![S::Confirming, S::Confirming]);
