@@ -292,6 +292,13 @@ async fn every_command_to_a_rate_limited_participant_arrives_none_is_dropped() -
         ),
         (&json!("payment"), &json!(10.0), &json!("off"))
     );
+    let out = helpers::run_sagactl(&["participants", "--url", &app.url("")])?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        table.contains("RATE LIMIT/S") && table.lines().any(|l| l.starts_with("payment ")),
+        "{table}"
+    );
     stop(running).await;
     app.stop().await;
     env.cleanup().await;

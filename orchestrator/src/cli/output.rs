@@ -549,6 +549,40 @@ pub fn definitions(defs: &Value) -> String {
     table(&["NAME", "VERSION", "MODE", "LATEST", "STEPS"], &rows)
 }
 
+/// `GET /v1/participants` as a table.
+pub fn participants(answer: &Value) -> String {
+    let items = answer["participants"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let or_dash = |v: &Value| if v.is_null() { "-".to_owned() } else { s(v) };
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|p| {
+            let share = p["failure_share"].as_f64().unwrap_or(0.0);
+            vec![
+                s(&p["participant"]),
+                s(&p["breaker"]),
+                or_dash(&p["since"]),
+                format!("{:.0}% of {}", share * 100.0, s(&p["attempts"])),
+                or_dash(&p["next_probe"]),
+                or_dash(&p["rate_limit"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PARTICIPANT",
+            "BREAKER",
+            "SINCE",
+            "FAILING",
+            "NEXT PROBE",
+            "RATE LIMIT/S",
+        ],
+        &rows,
+    )
+}
+
 /// One definition (`GET /v1/definitions/{name}/versions/{version}`): what it is, its steps,
 /// and its document as YAML.
 pub fn definition(d: &Value) -> String {
