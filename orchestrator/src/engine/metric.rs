@@ -75,6 +75,12 @@ pub const TIMER_LAG: &str = "sagas_timer_lag_seconds";
 /// Gauge: messages in the dead-letter queue of the orchestrator's replies (not set when the
 /// transport cannot tell).
 pub const DEAD_LETTERS: &str = "sagas_dead_letters";
+/// Gauge, label `participant`: 1 while the participant's circuit breaker is open, else 0 (set
+/// only with breakers on).
+pub const BREAKER_OPEN: &str = "sagas_participant_breaker_open";
+/// Counter, label `participant`: attempts postponed because the participant's breaker was
+/// open.
+pub const POSTPONED: &str = "sagas_attempts_postponed_total";
 /// Gauge, label `version`: 1, naming the orchestrator's version.
 pub const BUILD_INFO: &str = "sagas_build_info";
 
@@ -102,6 +108,7 @@ pub const ALL: &[&str] = &[
     LISTENER_CONNECTS,
     STATE_CACHE,
     AMQP_MESSAGES,
+    POSTPONED,
     OPEN,
     OLDEST_OPEN,
     OUTBOX_ROWS,
@@ -109,6 +116,7 @@ pub const ALL: &[&str] = &[
     TIMERS_DUE,
     TIMER_LAG,
     DEAD_LETTERS,
+    BREAKER_OPEN,
     BUILD_INFO,
 ];
 
@@ -143,6 +151,10 @@ pub fn describe() {
         "Replies committed per store transaction."
     );
     describe_counter!(TIMERS, "Timers fired.");
+    describe_counter!(
+        POSTPONED,
+        "Attempts postponed because the participant's breaker was open, by participant."
+    );
     describe_counter!(RELAYED, "Outbox rows republished by the relay.");
     describe_counter!(
         PUBLISH_FAILURES,
@@ -198,6 +210,10 @@ pub fn describe() {
     describe_gauge!(
         DEAD_LETTERS,
         "Messages in the dead-letter queue of the orchestrator's replies."
+    );
+    describe_gauge!(
+        BREAKER_OPEN,
+        "1 while the participant's circuit breaker is open, else 0."
     );
     describe_gauge!(BUILD_INFO, "1, labelled with the orchestrator's version.");
 }
