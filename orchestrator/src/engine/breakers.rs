@@ -66,7 +66,11 @@ impl BreakerView {
                 continue;
             };
             let inner = inner.get_or_insert_with(|| self.lock());
-            let c = inner.counted.entry(plan.participant.clone()).or_default();
+            // The participant's name is copied once, when it is first counted in a period.
+            let c = match inner.counted.get_mut(&plan.participant) {
+                Some(c) => c,
+                None => inner.counted.entry(plan.participant.clone()).or_default(),
+            };
             match *outcome {
                 "timed_out" | "retry" => c.0 += 1,
                 _ => c.1 += 1,
