@@ -144,6 +144,41 @@ pub async fn declare_replies(
     Ok(())
 }
 
+/// Declares the queue of start commands (`{p}.starts`, consumed by the orchestrator; starts
+/// go through the default exchange, routing key = its name) and the dead-letter part.
+pub async fn declare_starts(
+    ch: &Channel,
+    t: &Topology,
+    o: &QueueOptions,
+) -> Result<(), lapin::Error> {
+    declare_dead_letter(ch, t, o).await?;
+    ch.queue_declare(
+        t.starts_queue().as_str().into(),
+        o.queue_declare(),
+        o.arguments(Some(&t.dead_letter_exchange())),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Declares the queue of start answers of the relays of `service`
+/// ([`Topology::start_answers_queue`]), with the arguments of every other queue.
+pub async fn declare_start_answers(
+    ch: &Channel,
+    t: &Topology,
+    service: &str,
+    o: &QueueOptions,
+) -> Result<(), lapin::Error> {
+    declare_dead_letter(ch, t, o).await?;
+    ch.queue_declare(
+        t.start_answers_queue(service).as_str().into(),
+        o.queue_declare(),
+        o.arguments(Some(&t.dead_letter_exchange())),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Deletes the queues and exchanges of a topology (for tests' cleanup); missing ones are fine.
 pub async fn delete_topology(
     ch: &Channel,
@@ -155,6 +190,7 @@ pub async fn delete_topology(
         .map(|p| t.participant_queue(p))
         .collect();
     queues.push(t.replies_queue());
+    queues.push(t.starts_queue());
     queues.push(t.dead_letter_queue());
     for queue in queues {
         ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
