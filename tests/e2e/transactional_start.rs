@@ -15,17 +15,19 @@ use sagas::orchestrator::store::{ListFilter, SagaStore};
 use sagas::orchestrator::transport::AmqpConfig;
 use sagas::orchestrator::{Definition, Registry};
 use sagas::participant::start::{OutboxRow, StartRelay, outbox_rows};
-use sagas::participant::{Outcome, start_in};
+use sagas::participant::{Outcome, Participant, start_in};
 use sagas_test_support::delete_amqp;
 use sagas_test_support::proxy::Proxy;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::examples::shop;
 use crate::helpers::{
     App, TestEnv, amqp_url, close_broker, connect_broker, queue_options, scripted_participant,
-    spawn_app, spawn_app_with,
+    spawn_app, spawn_app_with, spawn_participant,
 };
 
 /// The service that starts the sagas (it names its relay's answers queue).
@@ -136,9 +138,14 @@ async fn settled(env: &TestEnv) -> Result<Vec<OutboxRow>> {
 
 /// The instances of `order_start` started with `key` (every one without).
 async fn started_with(env: &TestEnv, key: Option<&str>) -> Result<Vec<uuid::Uuid>> {
+    instances(env, DEFINITION, key).await
+}
+
+/// The instances of `definition` started with `key` (every one without).
+async fn instances(env: &TestEnv, definition: &str, key: Option<&str>) -> Result<Vec<uuid::Uuid>> {
     let filter = ListFilter {
         status: None,
-        definition: Some(DEFINITION.to_owned()),
+        definition: Some(definition.to_owned()),
         after: None,
         created_after: None,
         created_before: None,
@@ -266,6 +273,52 @@ async fn a_relay_killed_between_publishing_and_deleting_leaves_exactly_one_saga_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_comes_while_no_relay_runs_settles_the_row_when_the_next_relay_starts()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    create_orders(&env).await?;
+    let starts = env.topology.starts_queue();
+    let answers = env.topology.start_answers_queue(SERVICE);
+    let (participant, _task) = scripted_participant(&env, "accounts", |_| {
+        Some(Outcome::succeeded(json!({ "charged": true })))
+    })
+    .await?;
+
+    // The relay publishes and dies before the orchestrator, started afterwards, answers.
+    let first = Relay::spawn(&env, amqp_url(), Duration::from_secs(600));
+    order(&env, "o-1", true).await?;
+    until("the start command published", || async {
+        Ok((ready(&starts).await? == 1).then_some(()))
+    })
+    .await?;
+    first.task.abort();
+    let _ = first.task.await;
+    let app = spawn_app(&env, registry()?).await?;
+    until("the answer kept in the relay's queue", || async {
+        Ok((ready(&answers).await? == 1).then_some(()))
+    })
+    .await?;
+    let started = started_with(&env, Some("o-1")).await?;
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(outbox_rows(&env.bank).await?.len(), 1, "not settled yet");
+
+    // The next relay takes the answer and deletes the row without publishing it again.
+    let second = Relay::spawn(&env, amqp_url(), Duration::from_secs(600));
+    assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
+    assert_eq!(ready(&starts).await?, 0, "published once");
+    assert_eq!(started_with(&env, None).await?, started);
+    assert_eq!(
+        env.wait_terminal(started[0]).await?.status,
+        Status::Completed
+    );
+
+    second.stop().await;
+    close_broker(&participant).await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_committed_while_the_brokers_connections_are_cut_each_run_exactly_once() -> Result<()>
 {
     let env = TestEnv::new().await?;
@@ -373,6 +426,73 @@ async fn an_unknown_definition_or_an_input_that_does_not_fit_marks_the_row_faile
     assert_eq!(started_with(&env, None).await?, Vec::<uuid::Uuid>::new());
 
     relay.stop().await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_of_the_order_example_starts_its_saga_once_through_the_orders_participants_relay()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    shop::seed(&env.bank, "widget", 5).await?;
+    sagas::participant::start::install(&env.bank).await?;
+    let app = spawn_app(&env, shop::registry()?).await?;
+    let others = vec![
+        spawn_participant(&env, shop::INVENTORY, Arc::new(shop::inventory())).await?,
+        spawn_participant(&env, shop::PAYMENT, Arc::new(shop::payment())).await?,
+    ];
+    // The orders participant relays the starts of its database, as `SAGAS_RELAY_STARTS=1`
+    // makes `order_saga orders` do.
+    let relay = StartRelay::new(shop::ORDERS, env.topology.clone(), env.bank.clone())
+        .queue_options(queue_options())
+        .poll(Duration::from_millis(50));
+    let orders = Participant::new(
+        shop::ORDERS,
+        env.topology.clone(),
+        env.bank.clone(),
+        Arc::new(shop::orders()),
+    )
+    .queue_options(queue_options())
+    .relay_starts(relay);
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let running = tokio::spawn(async move {
+        orders
+            .run_forever(&amqp_url(), s.cancelled())
+            .await
+            .expect("the orders participant runs");
+    });
+
+    let order = shop::Order {
+        customer: "ada".into(),
+        sku: "widget".into(),
+        qty: 2,
+        amount: 1999,
+        simulate: None,
+    };
+    shop::place(&env.bank, "c-1", &order).await?;
+    assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
+    let started = instances(&env, "order", Some("c-1")).await?;
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(
+        env.wait_terminal(started[0]).await?.status,
+        Status::Completed
+    );
+    let (checkouts, confirmed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM shop_checkouts), \
+                (SELECT count(*) FROM shop_orders WHERE status = 'confirmed')",
+    )
+    .fetch_one(&env.bank)
+    .await?;
+    assert_eq!((checkouts, confirmed), (1, 1));
+
+    stop.cancel();
+    let _ = running.await;
+    for p in others {
+        p.stop().await;
+    }
+    let answers = env.topology.start_answers_queue(shop::ORDERS);
+    delete_amqp(&env.topology, &[], &[answers]).await;
     cleanup(env, vec![app]).await;
     Ok(())
 }
