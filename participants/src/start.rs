@@ -77,13 +77,7 @@ pub enum StartError {
 /// concurrently at every start-up. Like [`crate::barrier::install`], it keeps out of sqlx's
 /// migration table: the database is the service's.
 pub async fn install(pool: &PgPool) -> Result<(), StartError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sagas_start_outbox'))")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(())
+    Ok(crate::barrier::install_schema(pool, "sagas_start_outbox", SCHEMA).await?)
 }
 
 /// Whether `name` can be a definition's name: 1 to 100 of `A-Za-z0-9_.-`.

@@ -59,6 +59,22 @@ async fn create_orders(env: &TestEnv) -> Result<()> {
     Ok(())
 }
 
+/// A test's databases and names, with the shop's table and start outbox.
+async fn shop_env() -> Result<TestEnv> {
+    let env = TestEnv::new().await?;
+    create_orders(&env).await?;
+    Ok(env)
+}
+
+/// The `accounts` participant, which charges every order; it stops with its connection.
+async fn accounts(env: &TestEnv) -> Result<lapin::Connection> {
+    let (connection, _task) = scripted_participant(env, "accounts", |_| {
+        Some(Outcome::succeeded(json!({ "charged": true })))
+    })
+    .await?;
+    Ok(connection)
+}
+
 /// Writes order `id` and asks for its saga in one transaction, committed or rolled back.
 async fn order(env: &TestEnv, id: &str, commit: bool) -> Result<uuid::Uuid> {
     let mut tx = env.bank.begin().await?;
@@ -169,6 +185,21 @@ async fn ready(queue: &str) -> Result<u32> {
     Ok(found.map(|q| q.message_count()).unwrap_or(0))
 }
 
+/// Places order `id` with no orchestrator running: a relay publishes its start command and is
+/// killed (its task aborted, as a SIGKILL ends a process) before any answer can come.
+async fn published_by_a_relay_that_dies(env: &TestEnv, id: &str) -> Result<uuid::Uuid> {
+    let starts = env.topology.starts_queue();
+    let relay = Relay::spawn(env, amqp_url(), Duration::from_secs(600));
+    let request = order(env, id, true).await?;
+    until("the start command published", || async {
+        Ok((ready(&starts).await? == 1).then_some(()))
+    })
+    .await?;
+    relay.task.abort();
+    let _ = relay.task.await;
+    Ok(request)
+}
+
 async fn cleanup(env: TestEnv, apps: Vec<App>) {
     for app in apps {
         app.stop().await;
@@ -181,12 +212,8 @@ async fn cleanup(env: TestEnv, apps: Vec<App>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_rolled_back_with_its_order_never_runs_and_a_committed_one_runs_exactly_once()
 -> Result<()> {
-    let env = TestEnv::new().await?;
-    create_orders(&env).await?;
-    let (participant, _task) = scripted_participant(&env, "accounts", |_| {
-        Some(Outcome::succeeded(json!({ "charged": true })))
-    })
-    .await?;
+    let env = shop_env().await?;
+    let participant = accounts(&env).await?;
     let app = spawn_app(&env, registry()?).await?;
     let relay = Relay::spawn(&env, amqp_url(), Duration::from_secs(10));
 
@@ -223,23 +250,12 @@ async fn a_start_rolled_back_with_its_order_never_runs_and_a_committed_one_runs_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_between_publishing_and_deleting_leaves_exactly_one_saga_and_no_row()
 -> Result<()> {
-    let env = TestEnv::new().await?;
-    create_orders(&env).await?;
+    let env = shop_env().await?;
     let starts = env.topology.starts_queue();
-    let (participant, _task) = scripted_participant(&env, "accounts", |_| {
-        Some(Outcome::succeeded(json!({ "charged": true })))
-    })
-    .await?;
+    let participant = accounts(&env).await?;
 
     // No orchestrator yet: the first relay publishes, and is killed before any answer.
-    let first = Relay::spawn(&env, amqp_url(), Duration::from_secs(600));
-    let request = order(&env, "o-1", true).await?;
-    until("the start command published", || async {
-        Ok((ready(&starts).await? == 1).then_some(()))
-    })
-    .await?;
-    first.task.abort();
-    let _ = first.task.await;
+    let request = published_by_a_relay_that_dies(&env, "o-1").await?;
     let rows = outbox_rows(&env.bank).await?;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!((rows[0].id, rows[0].attempts), (request, 1));
@@ -275,24 +291,13 @@ async fn a_relay_killed_between_publishing_and_deleting_leaves_exactly_one_saga_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_that_comes_while_no_relay_runs_settles_the_row_when_the_next_relay_starts()
 -> Result<()> {
-    let env = TestEnv::new().await?;
-    create_orders(&env).await?;
+    let env = shop_env().await?;
     let starts = env.topology.starts_queue();
     let answers = env.topology.start_answers_queue(SERVICE);
-    let (participant, _task) = scripted_participant(&env, "accounts", |_| {
-        Some(Outcome::succeeded(json!({ "charged": true })))
-    })
-    .await?;
+    let participant = accounts(&env).await?;
 
     // The relay publishes and dies before the orchestrator, started afterwards, answers.
-    let first = Relay::spawn(&env, amqp_url(), Duration::from_secs(600));
-    order(&env, "o-1", true).await?;
-    until("the start command published", || async {
-        Ok((ready(&starts).await? == 1).then_some(()))
-    })
-    .await?;
-    first.task.abort();
-    let _ = first.task.await;
+    published_by_a_relay_that_dies(&env, "o-1").await?;
     let app = spawn_app(&env, registry()?).await?;
     until("the answer kept in the relay's queue", || async {
         Ok((ready(&answers).await? == 1).then_some(()))
@@ -321,12 +326,8 @@ async fn an_answer_that_comes_while_no_relay_runs_settles_the_row_when_the_next_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_committed_while_the_brokers_connections_are_cut_each_run_exactly_once() -> Result<()>
 {
-    let env = TestEnv::new().await?;
-    create_orders(&env).await?;
-    let (participant, _task) = scripted_participant(&env, "accounts", |_| {
-        Some(Outcome::succeeded(json!({ "charged": true })))
-    })
-    .await?;
+    let env = shop_env().await?;
+    let participant = accounts(&env).await?;
     // The orchestrator and the relay reach the broker through a proxy that cuts every
     // connection on command, as a broker restart does; the participant does not.
     let proxy = Proxy::in_front_of(&amqp_url(), 5672).await?;
@@ -371,8 +372,7 @@ async fn starts_committed_while_the_brokers_connections_are_cut_each_run_exactly
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_definition_or_an_input_that_does_not_fit_marks_the_row_failed_and_dead_letters_the_command()
 -> Result<()> {
-    let env = TestEnv::new().await?;
-    create_orders(&env).await?;
+    let env = shop_env().await?;
     let app = spawn_app(&env, registry()?).await?;
     let relay = Relay::spawn(&env, amqp_url(), Duration::from_secs(10));
 

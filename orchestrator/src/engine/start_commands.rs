@@ -155,7 +155,8 @@ impl Engine {
             },
         };
         let Refusal { request_id, reason } = refusal;
-        tracing::warn!(request = ?request_id, %reason, "start command refused: answered refused and dead-lettered");
+        let request = request_id.map_or_else(|| "unknown".to_owned(), |id| id.to_string());
+        tracing::warn!(%request, %reason, "start command refused: answered refused and dead-lettered");
         if let Some(id) = request_id {
             let outcome = StartOutcome::Refused {
                 reason: reason.clone(),

@@ -134,9 +134,20 @@ pub async fn declare_replies(
     t: &Topology,
     o: &QueueOptions,
 ) -> Result<(), lapin::Error> {
+    declare_with_dead_letters(ch, t, &t.replies_queue(), o).await
+}
+
+/// Declares `queue` with the arguments of every queue that dead-letters to `{p}.dlx`, and the
+/// dead-letter part.
+async fn declare_with_dead_letters(
+    ch: &Channel,
+    t: &Topology,
+    queue: &str,
+    o: &QueueOptions,
+) -> Result<(), lapin::Error> {
     declare_dead_letter(ch, t, o).await?;
     ch.queue_declare(
-        t.replies_queue().as_str().into(),
+        queue.into(),
         o.queue_declare(),
         o.arguments(Some(&t.dead_letter_exchange())),
     )
@@ -151,14 +162,7 @@ pub async fn declare_starts(
     t: &Topology,
     o: &QueueOptions,
 ) -> Result<(), lapin::Error> {
-    declare_dead_letter(ch, t, o).await?;
-    ch.queue_declare(
-        t.starts_queue().as_str().into(),
-        o.queue_declare(),
-        o.arguments(Some(&t.dead_letter_exchange())),
-    )
-    .await?;
-    Ok(())
+    declare_with_dead_letters(ch, t, &t.starts_queue(), o).await
 }
 
 /// Declares the queue of start answers of the relays of `service`
@@ -169,14 +173,7 @@ pub async fn declare_start_answers(
     service: &str,
     o: &QueueOptions,
 ) -> Result<(), lapin::Error> {
-    declare_dead_letter(ch, t, o).await?;
-    ch.queue_declare(
-        t.start_answers_queue(service).as_str().into(),
-        o.queue_declare(),
-        o.arguments(Some(&t.dead_letter_exchange())),
-    )
-    .await?;
-    Ok(())
+    declare_with_dead_letters(ch, t, &t.start_answers_queue(service), o).await
 }
 
 /// Deletes the queues and exchanges of a topology (for tests' cleanup); missing ones are fine.
