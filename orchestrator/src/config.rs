@@ -3,6 +3,7 @@
 //! The reader is the participant SDK's ([`sagas_participant::config::Env`]), so both kinds of
 //! process accept the same forms.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
@@ -12,6 +13,7 @@ use sagas_participant::config::MAX_DB_POOL;
 pub use sagas_participant::config::{ConfigError, EXIT_CONFIG, Env, VarError, parse_duration};
 use sagas_participant::protocol::{MAX_BATCH, Topology};
 
+use crate::breaker::BreakerPolicy;
 use crate::transport::CommandBatch;
 
 /// What a `sagad`-style process needs to run.
@@ -52,6 +54,12 @@ pub struct Config {
     pub http: HttpLimits,
     /// How log lines are written (`SAGAS_LOG_FORMAT`, `text` or `json`, default `text`).
     pub log_format: LogFormat,
+    /// The participants' circuit breakers (`SAGAS_BREAKER`, default off, and
+    /// `SAGAS_BREAKER_*`); `None` when off.
+    pub breakers: Option<BreakerPolicy>,
+    /// Commands per second this process publishes to each participant named in
+    /// `SAGAS_RATE_LIMITS` (`participant=rate,…`) at most.
+    pub rate_limits: BTreeMap<String, f64>,
 }
 
 /// How log lines are written (`SAGAS_LOG_FORMAT`): colour codes only on a terminal either way.
@@ -95,6 +103,8 @@ impl fmt::Debug for Config {
             .field("wait_notify", &self.wait_notify)
             .field("http", &self.http)
             .field("log_format", &self.log_format)
+            .field("breakers", &self.breakers)
+            .field("rate_limits", &self.rate_limits)
             .finish()
     }
 }
@@ -323,6 +333,8 @@ impl Config {
         let wait_notify = env.flag("SAGAS_WAIT_NOTIFY", true);
         let http = HttpLimits::read(env);
         let log_format = LogFormat::read(env);
+        let breakers = read_breakers(env);
+        let rate_limits = env.parse("SAGAS_RATE_LIMITS", BTreeMap::new(), parse_rate_limits);
         let config = Config {
             database_url,
             amqp_url: broker.amqp_url,
@@ -338,6 +350,8 @@ impl Config {
             wait_notify,
             http,
             log_format,
+            breakers,
+            rate_limits,
         };
         if let Err(problem) = config.check_exposure() {
             env.invalid("SAGAS_BIND", problem);
@@ -384,6 +398,58 @@ impl Config {
     pub fn queue_options(&self) -> QueueOptions {
         self.broker().queue_options()
     }
+}
+
+// --- Circuit breakers and rate limits (SAGAS_BREAKER*, SAGAS_RATE_LIMITS) ------------------------
+
+/// Reads `SAGAS_BREAKER` (on or off, default off) and, when on, `SAGAS_BREAKER_WINDOW`,
+/// `SAGAS_BREAKER_MIN_VOLUME`, `SAGAS_BREAKER_FAILURE_PERCENT`, `SAGAS_BREAKER_PROBE` and
+/// `SAGAS_BREAKER_PROBE_MAX` (every one is checked either way).
+fn read_breakers(env: &mut Env) -> Option<BreakerPolicy> {
+    let on = env.flag("SAGAS_BREAKER", false);
+    let d = BreakerPolicy::default();
+    let window = env.duration("SAGAS_BREAKER_WINDOW", d.window);
+    let min_volume = env.number("SAGAS_BREAKER_MIN_VOLUME", d.min_volume, 1..=1_000_000);
+    let percent: u32 = env.number("SAGAS_BREAKER_FAILURE_PERCENT", 50, 1..=100);
+    let probe_interval = env.duration("SAGAS_BREAKER_PROBE", d.probe_interval);
+    let max_probe_interval = env.duration("SAGAS_BREAKER_PROBE_MAX", d.max_probe_interval);
+    if max_probe_interval < probe_interval {
+        env.invalid(
+            "SAGAS_BREAKER_PROBE_MAX",
+            "is shorter than SAGAS_BREAKER_PROBE".to_owned(),
+        );
+    }
+    on.then_some(BreakerPolicy {
+        window,
+        min_volume,
+        failure_share: f64::from(percent) / 100.0,
+        probe_interval,
+        max_probe_interval,
+    })
+}
+
+/// Parses `SAGAS_RATE_LIMITS`: comma-separated `participant=rate` entries, the rate in commands
+/// per second (a positive number, fractions allowed), each participant once.
+pub fn parse_rate_limits(raw: &str) -> Result<BTreeMap<String, f64>, String> {
+    let mut limits = BTreeMap::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, rate) = entry
+            .split_once('=')
+            .map(|(n, r)| (n.trim(), r.trim()))
+            .filter(|(n, _)| !n.is_empty())
+            .ok_or_else(|| format!("{entry:?} is not participant=rate"))?;
+        let rate: f64 = rate
+            .parse()
+            .ok()
+            .filter(|r: &f64| r.is_finite() && *r > 0.0)
+            .ok_or_else(|| {
+                format!("{entry:?}: the rate is not a positive number of commands per second")
+            })?;
+        if limits.insert(name.to_owned(), rate).is_some() {
+            return Err(format!("participant {name} is named twice"));
+        }
+    }
+    Ok(limits)
 }
 
 // --- HTTP server limits (SAGAS_HTTP_*) -----------------------------------------------------------
@@ -483,6 +549,59 @@ mod tests {
         assert!(c.wait_notify);
         assert_eq!(c.http, HttpLimits::default());
         assert!(c.api_tokens.is_empty());
+        assert_eq!(c.breakers, None);
+        assert!(c.rate_limits.is_empty());
+    }
+
+    #[test]
+    fn breakers_are_off_unless_asked_for_and_their_settings_are_checked_either_way() {
+        let c = read(&[
+            ("SAGAS_BREAKER", "on"),
+            ("SAGAS_BREAKER_WINDOW", "30s"),
+            ("SAGAS_BREAKER_MIN_VOLUME", "5"),
+            ("SAGAS_BREAKER_FAILURE_PERCENT", "80"),
+            ("SAGAS_BREAKER_PROBE", "2s"),
+            ("SAGAS_BREAKER_PROBE_MAX", "1m"),
+        ])
+        .unwrap();
+        let b = c.breakers.unwrap();
+        assert_eq!(b.window, std::time::Duration::from_secs(30));
+        assert_eq!((b.min_volume, b.failure_share), (5, 0.8));
+        assert_eq!(b.probe_interval, std::time::Duration::from_secs(2));
+        assert_eq!(b.max_probe_interval, std::time::Duration::from_secs(60));
+        let err = read(&[
+            ("SAGAS_BREAKER_FAILURE_PERCENT", "0"),
+            ("SAGAS_BREAKER_PROBE", "10s"),
+            ("SAGAS_BREAKER_PROBE_MAX", "5s"),
+        ])
+        .unwrap_err();
+        assert!(err.names("SAGAS_BREAKER_FAILURE_PERCENT"), "{err}");
+        assert!(err.names("SAGAS_BREAKER_PROBE_MAX"), "{err}");
+        assert!(
+            read(&[("SAGAS_BREAKER", "maybe")])
+                .unwrap_err()
+                .names("SAGAS_BREAKER")
+        );
+    }
+
+    #[test]
+    fn rate_limits_are_participant_rate_pairs_with_positive_rates() {
+        let c = read(&[("SAGAS_RATE_LIMITS", "payments=5, shipping = 0.5,")]).unwrap();
+        assert_eq!(
+            c.rate_limits.into_iter().collect::<Vec<_>>(),
+            vec![("payments".to_owned(), 5.0), ("shipping".to_owned(), 0.5)]
+        );
+        for bad in [
+            "payments",
+            "=5",
+            "payments=0",
+            "payments=-1",
+            "payments=x",
+            "a=1,a=2",
+        ] {
+            let err = read(&[("SAGAS_RATE_LIMITS", bad)]).unwrap_err();
+            assert!(err.names("SAGAS_RATE_LIMITS"), "{bad}: {err}");
+        }
     }
 
     #[test]

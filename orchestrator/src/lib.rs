@@ -8,6 +8,7 @@
 //! transport and the HTTP API.
 
 pub mod api;
+pub mod breaker;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;

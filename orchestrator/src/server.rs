@@ -58,6 +58,8 @@ pub fn engine_config(config: &Config) -> EngineConfig {
     EngineConfig {
         retention: config.retention,
         wait_notify: config.wait_notify,
+        breakers: config.breakers,
+        rate_limits: config.rate_limits.clone(),
         ..EngineConfig::default()
     }
 }

@@ -37,6 +37,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use sagas_orchestrator::breaker::{BreakerPolicy, Outcomes, Synced};
 use sagas_orchestrator::clock::Clock;
 use sagas_orchestrator::engine::StartOptions;
 use sagas_orchestrator::machine::{self, Event, Input, Time, Timer, Transition};
@@ -88,6 +89,8 @@ struct Faults {
     timer_concurrency: usize,
     /// The engine's `timer_batch`.
     timer_batch: i64,
+    /// The engine runs with circuit breakers that open easily (a setting the seed picks).
+    breakers: bool,
 }
 
 impl Faults {
@@ -111,6 +114,7 @@ impl Faults {
             accept: [0, 50, 200][rng.below(3) as usize],
             timer_concurrency: 1 + rng.below(4) as usize,
             timer_batch: [2, 8, 128][rng.below(3) as usize],
+            breakers: rng.chance(500),
         }
     }
 }
@@ -613,6 +617,18 @@ impl SagaStore for FaultyStore {
     async fn document_count(&self) -> Result<u64, StoreError> {
         self.inner.document_count().await
     }
+
+    async fn sync_breakers(
+        &self,
+        now: Time,
+        outcomes: &[Outcomes],
+        policy: &BreakerPolicy,
+    ) -> Result<Vec<Synced>, StoreError> {
+        gate(&self.world).await;
+        let dies = self.enter("store.sync_breakers", true)?;
+        let r = self.inner.sync_breakers(now, outcomes, policy).await;
+        self.leave("store.sync_breakers", dies, r)?
+    }
 }
 
 /// The broker as one engine generation sees it.
@@ -873,13 +889,23 @@ impl Sim {
         // Due timers of one round are handled up to this many at once (they interleave at
         // their await points when rounds run at once); small claims make full batches, so
         // the timer round's "more may be due" path runs too.
-        let (timer_concurrency, timer_batch) = {
+        let (timer_concurrency, timer_batch, breakers) = {
             let f = lock(world).faults;
-            (f.timer_concurrency, f.timer_batch)
+            (f.timer_concurrency, f.timer_batch, f.breakers)
         };
+        // Breakers that open after two attempts without an answer, and probe every second
+        // to every four: they postpone attempts often in a faulty run.
+        let breakers = breakers.then_some(BreakerPolicy {
+            window: Duration::from_secs(10),
+            min_volume: 2,
+            failure_share: 0.5,
+            probe_interval: Duration::from_secs(1),
+            max_probe_interval: Duration::from_secs(4),
+        });
         let config = EngineConfig {
             timer_concurrency,
             timer_batch,
+            breakers,
             ..EngineConfig::default()
         };
         Engine::new(
@@ -1112,6 +1138,12 @@ impl Sim {
         self.runtime.block_on(job);
     }
 
+    /// A report to the participants' breakers (nothing when the seed runs without them).
+    fn sync_breakers(&mut self) {
+        let engine = self.engine.clone();
+        self.runtime.block_on(engine.sync_breakers());
+    }
+
     /// Runs two or three of the engine's rounds at once, as its loops run in a process: they
     /// interleave at their await points (each store or broker call first yields a number of
     /// times chosen by the seed; the rounds are polled in a fixed order, so the interleaving
@@ -1301,7 +1333,8 @@ impl Sim {
             }
             41..=70 => self.deliver_replies(),
             71..=82 => self.fire_timers(),
-            83..=92 => self.relay(),
+            83..=90 => self.relay(),
+            91..=92 => self.sync_breakers(),
             93..=94 => self.operate(),
             95..=96 => self.signal(),
             _ => {
@@ -1349,6 +1382,7 @@ impl Sim {
             }
             self.fire_timers();
             self.relay();
+            self.sync_breakers();
             let busy = {
                 let w = self.w();
                 !w.commands.is_empty() || !w.replies.is_empty()

@@ -1018,7 +1018,7 @@ async fn every_route_of_the_router_is_in_the_openapi_document_and_nothing_else_i
             }
         }
     }
-    assert_eq!(operations, 19, "{paths:?}");
+    assert_eq!(operations, 20, "{paths:?}");
     for path in [
         "/",
         "/v1",

@@ -8,6 +8,7 @@ mod helpers;
 mod api;
 mod bank;
 mod batches;
+mod breaker;
 mod config;
 mod conformance;
 mod console;

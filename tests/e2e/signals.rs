@@ -9,7 +9,9 @@ use sagas::orchestrator::{Definition, Registry, RetryPolicy, Status};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{App, RawParticipant, TestEnv, poll, run_sagactl, spawn_app, wait_status};
+use crate::helpers::{
+    self, App, RawParticipant, TestEnv, poll, run_sagactl, spawn_app, wait_status,
+};
 
 const RAW: &str = "raw";
 
@@ -101,6 +103,15 @@ async fn a_signalled_wait_completes_the_saga_with_the_signal_data_in_the_next_co
         message(&answer).contains("has not started waiting"),
         "{answer}"
     );
+
+    let page = s
+        .http
+        .get(s.app.url(&format!("/ui/transactions/{id}")))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(page.contains("Not waiting yet."), "{page}");
 
     s.raw
         .reply(
@@ -201,6 +212,12 @@ async fn a_signalled_wait_completes_the_saga_with_the_signal_data_in_the_next_co
         .filter(|k| k.contains("signal"))
         .collect();
     assert_eq!(kinds, ["awaiting_signal", "signalled"]);
+    let text = helpers::scrape(&s.http, &s.app.url("/metrics")).await?;
+    let received = "sagas_signals_total{definition=\"payment\",signal=\"3ds\",result=\"received\"}";
+    assert!(
+        text.lines().any(|l| l.starts_with(received)),
+        "{received} not in {text}"
+    );
     s.stop().await;
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use chrono::Duration;
+use sagas::orchestrator::breaker::{BreakerPolicy, Change, Outcomes};
 use sagas::orchestrator::clock::{Clock, SystemClock};
 use sagas::orchestrator::machine::{self, Input, Instance, Time, Timer, TimerKind, Transition};
 use sagas::orchestrator::store::{
@@ -116,7 +117,67 @@ store_suite!(
     in_flight_reads_an_instances_outbox_rows_and_timers_and_stuck_steps_name_their_cause,
     activity_counts_instances_by_minute_with_latency_percentiles_and_the_oldest_open_first,
     listing_by_idempotency_key_finds_the_instance_started_with_it,
+    breakers_are_shared_and_exactly_one_report_makes_each_change,
 );
+
+#[tokio::test]
+async fn the_memory_store_keeps_breakers_as_the_databases_do() -> Result<()> {
+    let store = MemoryStore::new();
+    shared_breakers(&store, &store).await
+}
+
+/// Two processes on one database report to the breakers at once.
+async fn breakers_are_shared_and_exactly_one_report_makes_each_change(b: &Backend) -> Result<()> {
+    let (one, two) = (b.open().await?, b.open().await?);
+    shared_breakers(&*one, &*two).await
+}
+
+/// Each of `one` and `two` alone reports fewer failures than open a breaker; together they open
+/// it, and only one of them says it did. The other sees it open; an answer that one reports
+/// closes it for both, and a participant nobody reported about stays unknown.
+async fn shared_breakers(one: &dyn SagaStore, two: &dyn SagaStore) -> Result<()> {
+    let policy = BreakerPolicy {
+        min_volume: 10,
+        ..BreakerPolicy::default()
+    };
+    let report = |participant: &str, failures, answers| {
+        vec![Outcomes {
+            participant: participant.into(),
+            failures,
+            answers,
+        }]
+    };
+    let t0 = now();
+    let six = report("payment", 6, 0);
+    let (a, b) = tokio::join!(
+        one.sync_breakers(t0, &six, &policy),
+        two.sync_breakers(t0, &six, &policy)
+    );
+    let (a, b) = (a?, b?);
+    let opened = [&a, &b]
+        .iter()
+        .filter(|r| r[0].change == Some(Change::Opened))
+        .count();
+    assert_eq!(opened, 1, "{a:?} {b:?}");
+    let seen = two.sync_breakers(t0, &[], &policy).await?;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].participant, "payment");
+    assert!(seen[0].state.open && seen[0].change.is_none(), "{seen:?}");
+    assert!(seen[0].state.next_probe.is_some_and(|at| at > t0));
+    let closed = one
+        .sync_breakers(t0 + Duration::seconds(1), &report("payment", 0, 1), &policy)
+        .await?;
+    assert_eq!(closed[0].change, Some(Change::Closed));
+    let after = two
+        .sync_breakers(t0 + Duration::seconds(1), &report("mail", 1, 0), &policy)
+        .await?;
+    let states: Vec<(&str, bool, u64)> = after
+        .iter()
+        .map(|s| (s.participant.as_str(), s.state.open, s.state.failures))
+        .collect();
+    assert_eq!(states, vec![("mail", false, 1), ("payment", false, 0)]);
+    Ok(())
+}
 
 #[tokio::test]
 async fn the_memory_store_reads_what_is_in_flight_and_the_stuck_steps_as_the_databases_do()

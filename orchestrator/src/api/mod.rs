@@ -26,6 +26,7 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod observe;
+pub mod participants;
 pub mod sagas;
 pub mod signals;
 pub mod stuck;
@@ -142,6 +143,7 @@ fn routes(auth: Arc<Auth>) -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(definitions::get))
         .routes(routes!(dead_letters::list))
         .routes(routes!(stuck::stuck))
+        .routes(routes!(participants::participants))
         .route_layer(guard(Role::Read));
     let operate = OpenApiRouter::new()
         .routes(routes!(sagas::start))

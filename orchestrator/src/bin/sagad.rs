@@ -41,6 +41,11 @@ Environment (docs/operations.md, \"Configuration\", has every variable, its defa
   SAGAS_WAIT_NOTIFY            wake ?wait across processes (NOTIFY/LISTEN), yes/no [yes]
   SAGAS_DEFINITIONS            definition documents to register at start-up (--definitions)
   SAGAS_HTTP_HEADER_TIMEOUT_MS, SAGAS_HTTP_BODY_TIMEOUT_MS, SAGAS_HTTP_MAX_CONNECTIONS
+  SAGAS_BREAKER                circuit breakers per participant, yes/no [no]; with
+                               SAGAS_BREAKER_WINDOW [10s], SAGAS_BREAKER_MIN_VOLUME [20],
+                               SAGAS_BREAKER_FAILURE_PERCENT [50], SAGAS_BREAKER_PROBE [5s],
+                               SAGAS_BREAKER_PROBE_MAX [60s]
+  SAGAS_RATE_LIMITS            commands per second per participant, e.g. payments=5,mail=20
   SAGAS_LOG_FORMAT             log lines as text or json [text]
   RUST_LOG                     log filter [info]
 

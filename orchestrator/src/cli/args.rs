@@ -120,6 +120,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Show each participant's circuit breaker (off, closed or open, since when, the next
+    /// probe) and rate limit, as the orchestrator answering sees them.
+    Participants {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Delete finished transactions older than a duration, with their logs, timers and outbox
     /// rows (as SAGAS_RETENTION does in every sagad), optionally exporting them first.
     ///

@@ -260,14 +260,29 @@ fn output_str(v: &Value) -> String {
 
 /// `sagactl definitions`.
 pub async fn definitions(api: ApiArgs, format: Format) -> anyhow::Result<u8> {
+    get_and_print(api, "/v1/definitions", format, output::definitions).await
+}
+
+/// `sagactl participants`: each participant's circuit breaker and rate limit.
+pub async fn participants(api: ApiArgs, format: Format) -> anyhow::Result<u8> {
+    get_and_print(api, "/v1/participants", format, output::participants).await
+}
+
+/// `GET path`, printed as JSON or as `table` makes it.
+async fn get_and_print(
+    api: ApiArgs,
+    path: &str,
+    format: Format,
+    table: fn(&Value) -> String,
+) -> anyhow::Result<u8> {
     let client = Client::new(&api)?;
-    let defs = match client.get("/v1/definitions", &[]).await {
-        Ok(d) => d,
+    let answer = match client.get(path, &[]).await {
+        Ok(a) => a,
         Err(e) => return refused(e),
     };
     match format {
-        Format::Json => print(&output::json(&defs))?,
-        Format::Table => print(&output::definitions(&defs))?,
+        Format::Json => print(&output::json(&answer))?,
+        Format::Table => print(&table(&answer))?,
     }
     Ok(EXIT_OK)
 }

@@ -52,6 +52,7 @@ pub async fn main() -> u8 {
             api,
             format,
         } => commands::definitions(api, format).await,
+        Command::Participants { api, format } => commands::participants(api, format).await,
         Command::Definitions {
             action: Some(DefinitionsCommand::Apply { path, api }),
             ..

@@ -235,6 +235,7 @@ fn event_detail(e: &Value) -> String {
         }
         "reply_ignored" => format!("{} reply ignored: {}", s(&e["outcome"]), s(&e["reason"])),
         "retry_scheduled" => format!("next attempt at {}", s(&e["at"])),
+        "postponed" => format!("breaker open; next try at {}", s(&e["until"])),
         "operator_action" => format!(
             "{} by {}: {}",
             s(&e["action"]),
@@ -546,6 +547,40 @@ pub fn definitions(defs: &Value) -> String {
         })
         .collect();
     table(&["NAME", "VERSION", "MODE", "LATEST", "STEPS"], &rows)
+}
+
+/// `GET /v1/participants` as a table.
+pub fn participants(answer: &Value) -> String {
+    let items = answer["participants"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let or_dash = |v: &Value| if v.is_null() { "-".to_owned() } else { s(v) };
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|p| {
+            let share = p["failure_share"].as_f64().unwrap_or(0.0);
+            vec![
+                s(&p["participant"]),
+                s(&p["breaker"]),
+                or_dash(&p["since"]),
+                format!("{:.0}% of {}", share * 100.0, s(&p["attempts"])),
+                or_dash(&p["next_probe"]),
+                or_dash(&p["rate_limit"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PARTICIPANT",
+            "BREAKER",
+            "SINCE",
+            "FAILING",
+            "NEXT PROBE",
+            "RATE LIMIT/S",
+        ],
+        &rows,
+    )
 }
 
 /// One definition (`GET /v1/definitions/{name}/versions/{version}`): what it is, its steps,

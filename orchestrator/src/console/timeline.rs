@@ -148,6 +148,21 @@ fn entry(e: &LoggedEvent) -> Option<Entry> {
             entry.note = Some(format!("next attempt at {}", super::layout::time(*at)));
             entry.tone = "wait";
         }
+        Event::Postponed {
+            until, forgiven, ..
+        } => {
+            entry.what = "postponed: the participant's breaker is open".into();
+            let written_off = if *forgiven {
+                "; the last attempt is not counted"
+            } else {
+                ""
+            };
+            entry.note = Some(format!(
+                "next try at {}{written_off}",
+                super::layout::time(*until)
+            ));
+            entry.tone = "wait";
+        }
         Event::GaveUp { reason, .. } => {
             entry.what = "gave up".into();
             entry.note = Some(reason.clone());

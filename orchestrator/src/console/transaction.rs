@@ -198,7 +198,7 @@ fn render(caller: &Caller, shown: &Shown, notice: Option<Notice>) -> Markup {
                      @if s.resolved_by_hand { " " span.badge.hand { "settled by hand" } } }
                 @if let Some(e) = &s.last_error { p.failure { (e) } }
                 @if let Some(o) = &s.output { details { summary { "Output" } (layout::json(o)) } }
-                (attempts(entries))
+                (attempts(entries, p.signal.is_some()))
             }
         }
         h2 { "Log" }
@@ -258,10 +258,12 @@ fn summary(e: &LoggedEvent) -> String {
     }
 }
 
-fn attempts(entries: &[Entry]) -> Markup {
+/// A step's timeline; before anything happened to it, what a wait step (`wait`) or a
+/// participant's step has not done yet.
+fn attempts(entries: &[Entry], wait: bool) -> Markup {
     html! {
         @if entries.is_empty() {
-            p.muted { "Not dispatched." }
+            p.muted { @if wait { "Not waiting yet." } @else { "Not dispatched." } }
         } @else {
             table.timeline {
                 thead { tr { th { "When" } th { "Attempt" } th { "What" } th { "Details" } } }

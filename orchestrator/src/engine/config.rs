@@ -1,6 +1,9 @@
 //! The engine's tuning: batch sizes, concurrency and the periods of its loops.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use crate::breaker::BreakerPolicy;
 
 /// Tuning of the engine's loops.
 #[derive(Debug, Clone)]
@@ -49,6 +52,15 @@ pub struct EngineConfig {
     /// How often the gauges of open instances, the outbox, due timers and dead letters are
     /// read (one store query and one look at the broker per period, whatever the scrapes).
     pub gauge_interval: Duration,
+    /// The participants' circuit breakers: when they open and how often they probe; `None`
+    /// (the default) runs without them (docs/architecture.md, "Circuit breakers").
+    pub breakers: Option<BreakerPolicy>,
+    /// How often this process reports the outcomes it counted to the stored breakers and reads
+    /// them back (one store transaction per period).
+    pub breaker_sync: Duration,
+    /// Commands per second this process publishes to a participant at most, by participant;
+    /// the others are not limited. Commands over the limit wait in the outbox.
+    pub rate_limits: BTreeMap<String, f64>,
 }
 
 impl Default for EngineConfig {
@@ -69,6 +81,9 @@ impl Default for EngineConfig {
             wait_recheck: Duration::from_secs(10),
             wait_notify: true,
             gauge_interval: Duration::from_secs(15),
+            breakers: None,
+            breaker_sync: Duration::from_secs(1),
+            rate_limits: BTreeMap::new(),
         }
     }
 }

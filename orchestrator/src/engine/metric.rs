@@ -14,6 +14,9 @@ pub const STARTED: &str = "sagas_instances_started_total";
 pub const FINISHED: &str = "sagas_instances_finished_total";
 /// Counter, label `definition`: instances that became stuck (need an operator).
 pub const STUCK: &str = "sagas_instances_stuck_total";
+/// Counter, labels `definition`, `signal`, `result` (`received`, `timed_out`): signals wait
+/// steps received, and waits that timed out without theirs.
+pub const SIGNALS: &str = "sagas_signals_total";
 /// Counter, label `action`: operator actions committed.
 pub const OPERATOR_ACTIONS: &str = "sagas_operator_actions_total";
 /// Counter: participant replies committed.
@@ -76,6 +79,12 @@ pub const TIMER_LAG: &str = "sagas_timer_lag_seconds";
 /// Gauge: messages in the dead-letter queue of the orchestrator's replies (not set when the
 /// transport cannot tell).
 pub const DEAD_LETTERS: &str = "sagas_dead_letters";
+/// Gauge, label `participant`: 1 while the participant's circuit breaker is open, else 0 (set
+/// only with breakers on).
+pub const BREAKER_OPEN: &str = "sagas_participant_breaker_open";
+/// Counter, label `participant`: attempts postponed because the participant's breaker was
+/// open.
+pub const POSTPONED: &str = "sagas_attempts_postponed_total";
 /// Gauge, label `version`: 1, naming the orchestrator's version.
 pub const BUILD_INFO: &str = "sagas_build_info";
 
@@ -88,6 +97,7 @@ pub const ALL: &[&str] = &[
     STEP_DURATION,
     FINISHED,
     STUCK,
+    SIGNALS,
     OPERATOR_ACTIONS,
     REPLIES,
     DEAD_LETTERED,
@@ -103,6 +113,7 @@ pub const ALL: &[&str] = &[
     LISTENER_CONNECTS,
     STATE_CACHE,
     AMQP_MESSAGES,
+    POSTPONED,
     OPEN,
     OLDEST_OPEN,
     OUTBOX_ROWS,
@@ -110,6 +121,7 @@ pub const ALL: &[&str] = &[
     TIMERS_DUE,
     TIMER_LAG,
     DEAD_LETTERS,
+    BREAKER_OPEN,
     BUILD_INFO,
 ];
 
@@ -122,6 +134,10 @@ pub fn describe() {
         "Instances that reached a terminal status, by definition and status."
     );
     describe_counter!(STUCK, "Instances that became stuck and need an operator.");
+    describe_counter!(
+        SIGNALS,
+        "Signals received by wait steps, and waits that timed out without theirs, by definition, signal and result."
+    );
     describe_counter!(OPERATOR_ACTIONS, "Operator actions committed, by action.");
     describe_counter!(REPLIES, "Participant replies committed.");
     describe_counter!(DEAD_LETTERED, "Replies dead-lettered.");
@@ -144,6 +160,10 @@ pub fn describe() {
         "Replies committed per store transaction."
     );
     describe_counter!(TIMERS, "Timers fired.");
+    describe_counter!(
+        POSTPONED,
+        "Attempts postponed because the participant's breaker was open, by participant."
+    );
     describe_counter!(RELAYED, "Outbox rows republished by the relay.");
     describe_counter!(
         PUBLISH_FAILURES,
@@ -199,6 +219,10 @@ pub fn describe() {
     describe_gauge!(
         DEAD_LETTERS,
         "Messages in the dead-letter queue of the orchestrator's replies."
+    );
+    describe_gauge!(
+        BREAKER_OPEN,
+        "1 while the participant's circuit breaker is open, else 0."
     );
     describe_gauge!(BUILD_INFO, "1, labelled with the orchestrator's version.");
 }
@@ -333,8 +357,6 @@ impl Stats {
         metrics::counter!(PUBLISH_FAILURES).increment(1);
     }
 
-    /// The events of a committed transition of an instance of `definition`: instances
-    /// finished or stuck, operator actions.
     /// Counts the attempts `t` ended, and how long each took up to `now` (when its dispatch
     /// time is known).
     pub(super) fn count_attempts(&self, t: &Transition, now: Time) {
@@ -369,6 +391,8 @@ impl Stats {
         }
     }
 
+    /// The events of a committed transition of an instance of `definition`: instances
+    /// finished or stuck, signals received or waited for in vain, operator actions.
     pub(super) fn count_events(&self, definition: &str, events: &[Event]) {
         for event in events {
             match event {
@@ -380,6 +404,10 @@ impl Stats {
                 Event::Stuck { .. } => {
                     metrics::counter!(STUCK, "definition" => definition.to_owned()).increment(1);
                 }
+                Event::Signalled { signal, .. } => count_signal(definition, signal, "received"),
+                Event::SignalTimedOut { signal, .. } => {
+                    count_signal(definition, signal, "timed_out");
+                }
                 Event::OperatorAction { action, .. } => {
                     metrics::counter!(OPERATOR_ACTIONS, "action" => action.as_str()).increment(1);
                 }
@@ -387,4 +415,11 @@ impl Stats {
             }
         }
     }
+}
+
+/// Counts [`SIGNALS`].
+fn count_signal(definition: &str, signal: &str, result: &'static str) {
+    metrics::counter!(SIGNALS, "definition" => definition.to_owned(),
+        "signal" => signal.to_owned(), "result" => result)
+    .increment(1);
 }

@@ -26,9 +26,11 @@ use crate::store::{
 };
 use crate::transport::{Transport, TransportError};
 
+mod breakers;
 mod config;
 mod definitions;
 mod gauges;
+mod limits;
 pub mod metric;
 mod publish;
 mod relay;
@@ -41,6 +43,8 @@ mod timers;
 mod trace;
 mod wait;
 
+use breakers::BreakerView;
+pub use breakers::ParticipantStatus;
 pub use config::EngineConfig;
 pub use definitions::{DEFINITIONS_INTERVAL, Registered};
 pub use metric::Stats;
@@ -122,6 +126,9 @@ pub struct Engine {
     /// The background batcher of starts (none outside a Tokio runtime: then each start is
     /// stored alone).
     creator: Option<mpsc::UnboundedSender<Creation>>,
+    /// The participants' breakers as this process knows them, and what it counted since it
+    /// last reported to them.
+    breakers: Arc<BreakerView>,
     /// How many stored documents the last complete look at them found
     /// ([`Engine::load_definitions`]): while the store counts as many, there is nothing new.
     documents_seen: std::sync::atomic::AtomicU64,
@@ -137,11 +144,14 @@ impl Engine {
         config: EngineConfig,
     ) -> Arc<Engine> {
         let stats = Arc::new(Stats::default());
-        let publisher = Publisher::new(transport.clone(), store.clone(), stats.clone());
+        let limits = Arc::new(limits::RateLimits::new(config.rate_limits.clone()));
+        let publisher = Publisher::new(transport.clone(), store.clone(), stats.clone(), limits);
         let creator = starts::batcher(store.clone(), clock.clone(), publisher.clone());
         let settlements = store.settlements().filter(|_| config.wait_notify);
         let announcer = wait::announcer(settlements.clone(), stats.clone());
+        let breakers = Arc::new(BreakerView::new(config.breakers));
         Arc::new(Engine {
+            breakers,
             publisher,
             creator,
             waiters: Waiters::default(),
@@ -190,6 +200,7 @@ impl Engine {
     fn committed(&self, t: &Transition, now: Time) {
         self.stats.count_events(&t.instance.plan.name, &t.events);
         self.stats.count_attempts(t, self.clock.now());
+        self.breakers.count(t);
         if settled(t.instance.status) && !t.events.is_empty() {
             self.settled_here(&t.instance, now);
         }
@@ -218,14 +229,21 @@ impl Engine {
     /// transaction.
     fn decider(&self, input: Input, now: Time) -> Decide<'static> {
         let registry = self.registry.clone();
+        let breakers = self.breakers.clone();
         Box::new(move |inst| {
             if let Some(def) = registry.get(&inst.plan.name, inst.plan.version) {
-                return Ok(machine::handle(inst, input.clone(), now, &def)?);
+                return Ok(machine::handle_with(
+                    inst,
+                    input.clone(),
+                    now,
+                    &def,
+                    &*breakers,
+                )?);
             }
             // Without the code, only transitions that compute no command may commit;
             // the others are left to a process that has the definition.
             let probe = MissingDefinition::default();
-            let t = machine::handle(inst, input.clone(), now, &probe)?;
+            let t = machine::handle_with(inst, input.clone(), now, &probe, &*breakers)?;
             if probe.was_asked() {
                 return Err(StoreError::MissingDefinition(format!(
                     "definition {} version {} is not registered in this process",
@@ -312,6 +330,7 @@ impl Engine {
         let listener = tokio::spawn(self.clone().listen_loop(shutdown.clone()));
         let gauges = tokio::spawn(self.clone().gauge_loop(shutdown.clone()));
         let definitions = tokio::spawn(self.clone().definitions_loop(shutdown.clone()));
+        let breakers = tokio::spawn(self.clone().breaker_loop(shutdown.clone()));
         shutdown.cancelled().await;
         self.stopping.cancel();
         for task in starts.into_iter().chain([
@@ -322,6 +341,7 @@ impl Engine {
             listener,
             gauges,
             definitions,
+            breakers,
         ]) {
             let _ = task.await;
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::limits::RateLimits;
 use super::{Engine, Stats};
 use crate::store::{OutboxMessage, SagaStore};
 use crate::transport::Transport;
@@ -14,6 +15,13 @@ use crate::transport::Transport;
 pub const OUTBOX_DELETE_INTERVAL: Duration = Duration::from_millis(20);
 /// ...or as soon as this many ids are waiting.
 pub const OUTBOX_DELETE_BATCH: usize = 256;
+
+/// A command to a rate-limited participant is published by whoever committed it only if its
+/// slot comes within this long: well within the outbox's grace period (5 s), after which the
+/// relay may take the row and publish it a second time.
+const PUBLISH_MAX_WAIT: Duration = Duration::from_secs(3);
+/// ...and by the relay only within this long: well within the lease of its claim (30 s).
+const RELAY_MAX_WAIT: Duration = Duration::from_secs(20);
 
 /// What the outbox deleter is told.
 enum Deletion {
@@ -86,6 +94,8 @@ pub(super) struct Publisher {
     deleter: Option<mpsc::UnboundedSender<Deletion>>,
     /// The engine's counters (failed publishes).
     stats: Arc<Stats>,
+    /// Commands per second to the limited participants.
+    limits: Arc<RateLimits>,
 }
 
 impl Publisher {
@@ -94,6 +104,7 @@ impl Publisher {
         transport: Arc<dyn Transport>,
         store: Arc<dyn SagaStore>,
         stats: Arc<Stats>,
+        limits: Arc<RateLimits>,
     ) -> Publisher {
         let deleter = tokio::runtime::Handle::try_current().ok().map(|runtime| {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -105,6 +116,7 @@ impl Publisher {
             store,
             deleter,
             stats,
+            limits,
         }
     }
 
@@ -112,7 +124,7 @@ impl Publisher {
     /// (deletes them itself when there is none). A failure leaves them for the relay, so it is
     /// logged, not returned.
     pub(super) async fn publish(&self, outbox: Vec<OutboxMessage>) {
-        let Some(ids) = self.send(&outbox).await else {
+        let Some(ids) = self.send(&outbox, PUBLISH_MAX_WAIT).await else {
             return;
         };
         let ids = match &self.deleter {
@@ -129,17 +141,43 @@ impl Publisher {
     /// Publishes `outbox` and deletes the rows the broker confirmed before it returns, not
     /// through the background deleter (the relay).
     pub(super) async fn publish_and_delete(&self, outbox: Vec<OutboxMessage>) {
-        if let Some(ids) = self.send(&outbox).await {
+        if let Some(ids) = self.send(&outbox, RELAY_MAX_WAIT).await {
             self.delete(&ids).await;
         }
     }
 
-    /// Publishes `outbox`; the ids of its rows once the broker confirmed them all, `None` when
-    /// there was nothing to publish or the publish failed.
-    async fn send(&self, outbox: &[OutboxMessage]) -> Option<Vec<i64>> {
+    /// Publishes `outbox`, each command to a rate-limited participant once its slot comes;
+    /// a command whose slot is more than `max_wait` away is left in the outbox (the relay
+    /// takes it once its grace period or lease ends). The ids of the rows the broker
+    /// confirmed, `None` when there was nothing to publish or nothing was confirmed.
+    async fn send(&self, outbox: &[OutboxMessage], max_wait: Duration) -> Option<Vec<i64>> {
         if outbox.is_empty() {
             return None;
         }
+        if self.limits.is_empty() {
+            return self.send_now(outbox).await;
+        }
+        // Every slot is reserved first, so that concurrent publishers queue in the order
+        // they came; rows due at the same time go together, in their order.
+        let start = tokio::time::Instant::now();
+        let waits: Vec<Option<Duration>> = outbox
+            .iter()
+            .map(|m| self.limits.reserve(&m.participant, start, max_wait))
+            .collect();
+        let mut order: Vec<usize> = (0..outbox.len()).filter(|&i| waits[i].is_some()).collect();
+        order.sort_by_key(|&i| waits[i]);
+        let mut confirmed = Vec::with_capacity(order.len());
+        for due in order.chunk_by(|a, b| waits[*a] == waits[*b]) {
+            tokio::time::sleep_until(start + waits[due[0]].unwrap_or_default()).await;
+            let rows: Vec<OutboxMessage> = due.iter().map(|&i| outbox[i].clone()).collect();
+            confirmed.extend(self.send_now(&rows).await.unwrap_or_default());
+        }
+        (!confirmed.is_empty()).then_some(confirmed)
+    }
+
+    /// Publishes `outbox` now; the ids of its rows once the broker confirmed them all, `None`
+    /// when the publish failed.
+    async fn send_now(&self, outbox: &[OutboxMessage]) -> Option<Vec<i64>> {
         match self.transport.publish(outbox).await {
             Ok(()) => Some(outbox.iter().map(|m| m.id).collect()),
             Err(e) => {

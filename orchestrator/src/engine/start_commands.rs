@@ -2,8 +2,8 @@
 //! starts"), as the HTTP API starts them, each answered to its relay.
 //!
 //! A start command goes through the checks and the idempotency of an HTTP start (the same
-//! code: [`Engine::require_definition`] and [`Engine::start_with`], through the start
-//! batcher), with the request id as the idempotency key unless it names one. It is acked only
+//! code: [`Engine::require_definition`] and [`Engine::start_with`]), with the request id as
+//! the idempotency key unless it names one. It is acked only
 //! once the start is committed and its answer confirmed by the broker, so a crash before
 //! means a redelivery, which the idempotency answers with the same transaction. A command
 //! that can never start one (malformed, an unknown definition, an input that does not fit, a
@@ -102,7 +102,8 @@ impl Engine {
                 m = starts.recv() => match m { Some(m) => m, None => break },
             };
             let engine = self.clone();
-            // Concurrent starts share commits through the start batcher.
+            // Starts with a key are stored one per transaction (`create_idempotent`), so
+            // several run at once.
             in_flight.spawn(async move { engine.handle_start_command(incoming).await });
         }
         // Let the starts in flight finish so that their answers and acks go out.

@@ -109,6 +109,23 @@ pub enum Event {
         /// When.
         at: Time,
     },
+    /// The participant's circuit breaker was open when attempt `attempt` was due: it is not
+    /// sent, and the step waits until `until` to try it again (the attempt keeps its number and
+    /// is not counted against the budget). `forgiven`: the attempt before it ended (timed out
+    /// or answered `retry`) while the breaker was open, and is not counted either.
+    Postponed {
+        /// Step index.
+        step: usize,
+        /// Operation.
+        operation: Operation,
+        /// The attempt that will be sent.
+        attempt: u32,
+        /// When it is due again.
+        until: Time,
+        /// The attempt before it is written off the budget.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        forgiven: bool,
+    },
     /// A forward operation exhausted its attempts without a definite answer: it may have run.
     GaveUp {
         /// Step index.
@@ -196,6 +213,7 @@ impl Event {
             Event::Extended { .. } => "extended",
             Event::TimedOut { .. } => "timed_out",
             Event::RetryScheduled { .. } => "retry_scheduled",
+            Event::Postponed { .. } => "postponed",
             Event::GaveUp { .. } => "gave_up",
             Event::AwaitingSignal { .. } => "awaiting_signal",
             Event::Signalled { .. } => "signalled",
@@ -219,6 +237,7 @@ impl Event {
             | Event::TimedOut { step, .. }
             | Event::Extended { step, .. }
             | Event::RetryScheduled { step, .. }
+            | Event::Postponed { step, .. }
             | Event::GaveUp { step, .. }
             | Event::AwaitingSignal { step, .. }
             | Event::Signalled { step, .. }
@@ -239,6 +258,7 @@ impl Event {
             | Event::TimedOut { operation, .. }
             | Event::Extended { operation, .. }
             | Event::RetryScheduled { operation, .. }
+            | Event::Postponed { operation, .. }
             | Event::GaveUp { operation, .. }
             | Event::Stuck { operation, .. } => Some(*operation),
             _ => None,
@@ -253,7 +273,8 @@ impl Event {
             | Event::ReplyIgnored { attempt, .. }
             | Event::TimedOut { attempt, .. }
             | Event::Extended { attempt, .. }
-            | Event::RetryScheduled { attempt, .. } => Some(*attempt),
+            | Event::RetryScheduled { attempt, .. }
+            | Event::Postponed { attempt, .. } => Some(*attempt),
             _ => None,
         }
     }
@@ -372,22 +393,11 @@ pub fn apply(inst: &mut Instance, event: &Event) {
         } => {
             let timeout = inst.plan.steps.get(*step).map(|p| p.timeout_ms);
             if let Some(s) = inst.steps.get_mut(*step) {
-                let previous = s.status.outstanding(mode);
-                s.status = match operation {
-                    Operation::Action | Operation::Try => StepStatus::Running,
-                    Operation::Compensate => StepStatus::Compensating,
-                    Operation::Confirm => StepStatus::Confirming,
-                    Operation::Cancel => StepStatus::Cancelling,
-                };
-                if previous != Some(*operation) {
-                    s.budget_from = 0;
-                }
+                s.begin(mode, *operation);
                 s.attempt = *attempt;
                 s.waiting = Waiting::Reply {
                     deadline: *deadline,
                 };
-                s.stuck = false;
-                s.in_progress = false;
                 // The dispatch set the deadline this long after it was sent.
                 s.sent_at = timeout.map(|ms| *deadline - chrono::Duration::milliseconds(ms as i64));
             }
@@ -457,6 +467,22 @@ pub fn apply(inst: &mut Instance, event: &Event) {
         Event::RetryScheduled { step, at, .. } => {
             if let Some(s) = inst.steps.get_mut(*step) {
                 s.waiting = Waiting::Backoff { until: *at };
+            }
+        }
+        Event::Postponed {
+            step,
+            operation,
+            attempt,
+            until,
+            forgiven,
+        } => {
+            if let Some(s) = inst.steps.get_mut(*step) {
+                if *forgiven {
+                    s.budget_from = (s.budget_from + 1).min(s.attempt);
+                }
+                s.begin(mode, *operation);
+                s.attempt = attempt.saturating_sub(1);
+                s.waiting = Waiting::Backoff { until: *until };
             }
         }
         Event::GaveUp { step, reason, .. } => {

@@ -191,6 +191,31 @@ impl Commands for Definition {
     }
 }
 
+/// What the participants' circuit breakers say when the machine decides: an input, like the
+/// time. It is asked when an attempt is due or has just failed, never by [`apply`]: what it
+/// said is logged (`postponed`), so replay rebuilds the same state without it.
+pub trait Breakers {
+    /// Whether an attempt to `participant` due at `now` may be sent: `None`, send it (the
+    /// breaker is closed, or this attempt is its probe); `Some(until)`, postpone it until then.
+    fn admit(&self, participant: &str, now: Time) -> Option<Time>;
+    /// Whether the breaker of `participant` is open: an attempt that fails now is not counted
+    /// against its step's budget.
+    fn is_open(&self, participant: &str) -> bool;
+}
+
+/// Breakers that are always closed: every attempt is sent and counted (no breaker).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Closed;
+
+impl Breakers for Closed {
+    fn admit(&self, _: &str, _: Time) -> Option<Time> {
+        None
+    }
+    fn is_open(&self, _: &str) -> bool {
+        false
+    }
+}
+
 /// Commands when the instance's definition is not registered in this process (say, a version
 /// no longer deployed): it computes nothing and remembers that it was asked, so the engine can
 /// leave the input to a process that has the definition instead of failing the step.
@@ -258,6 +283,7 @@ pub fn start_with(
         inst: instance,
         now,
         commands,
+        breakers: &Closed,
         events: vec![started],
         effects: Vec::new(),
     };
@@ -268,18 +294,30 @@ pub fn start_with(
     t.finish()
 }
 
-/// Handles one input; `Err` only for operator inputs and signals that do not fit the
-/// instance's state.
+/// Handles one input with every breaker closed: [`handle_with`] without breakers.
 pub fn handle(
     instance: &Instance,
     input: Input,
     now: Time,
     commands: &dyn Commands,
 ) -> Result<Transition, Rejected> {
+    handle_with(instance, input, now, commands, &Closed)
+}
+
+/// Handles one input, postponing the attempts that `breakers` hold back; `Err` only for
+/// operator inputs and signals that do not fit the instance's state.
+pub fn handle_with(
+    instance: &Instance,
+    input: Input,
+    now: Time,
+    commands: &dyn Commands,
+    breakers: &dyn Breakers,
+) -> Result<Transition, Rejected> {
     let mut t = Draft {
         inst: instance.clone(),
         now,
         commands,
+        breakers,
         events: Vec::new(),
         effects: Vec::new(),
     };
@@ -305,6 +343,7 @@ struct Draft<'a> {
     inst: Instance,
     now: Time,
     commands: &'a dyn Commands,
+    breakers: &'a dyn Breakers,
     events: Vec<Event>,
     effects: Vec<Effect>,
 }
@@ -366,6 +405,29 @@ impl Draft<'_> {
             sent_at,
             outcome,
         });
+    }
+
+    /// Sends attempt `attempt` of `op` of step `i`, unless the participant's breaker holds it
+    /// back: then it is postponed, uncounted, until the breaker's next probe.
+    fn send(&mut self, i: usize, op: Operation, attempt: u32) {
+        let participant = &self.inst.plan.steps[i].participant;
+        match self.breakers.admit(participant, self.now) {
+            None => self.dispatch(i, op, attempt),
+            Some(until) => self.postpone(i, op, attempt, until.max(self.now), false),
+        }
+    }
+
+    /// Logs that attempt `attempt` of `op` of step `i` waits until `until` (`forgiven`: the
+    /// attempt before it is written off) and sets the timer that sends it then.
+    fn postpone(&mut self, i: usize, op: Operation, attempt: u32, until: Time, forgiven: bool) {
+        self.emit(Event::Postponed {
+            step: i,
+            operation: op,
+            attempt,
+            until,
+            forgiven,
+        });
+        self.set_timer(until, TimerKind::Backoff, i, op, attempt);
     }
 
     /// Sends attempt `attempt` of `op` of step `i` and sets its reply deadline.

@@ -52,7 +52,7 @@ impl Draft<'_> {
                 self.wait_timed_out(timer.step);
             }
             (TimerKind::Backoff, Waiting::Backoff { .. }) if timer.attempt == s.attempt + 1 => {
-                self.dispatch(timer.step, timer.operation, timer.attempt);
+                self.send(timer.step, timer.operation, timer.attempt);
             }
             _ => {} // stale: superseded by a reply or a newer attempt
         }
@@ -73,11 +73,16 @@ impl Draft<'_> {
         };
         let s = &self.inst.steps[i];
         let used = s.attempt.saturating_sub(s.budget_from);
-        if used < policy.max_attempts {
-            let unit = jitter_unit(self.inst.id, i, op, s.attempt);
-            let delay = policy.delay_ms(used, unit).max(hint_ms);
-            let at = self.now + Duration::milliseconds(delay as i64);
-            let attempt = s.attempt + 1;
+        let unit = jitter_unit(self.inst.id, i, op, s.attempt);
+        let delay = policy.delay_ms(used, unit).max(hint_ms);
+        let at = self.now + Duration::milliseconds(delay as i64);
+        let attempt = s.attempt + 1;
+        if self.breakers.is_open(&plan.participant) {
+            // The participant is known to be down: this attempt says nothing about the step,
+            // so it is not counted, and the next one waits its turn behind the breaker (the
+            // timer then asks it again).
+            self.postpone(i, op, attempt, at, true);
+        } else if used < policy.max_attempts {
             self.emit(Event::RetryScheduled {
                 step: i,
                 operation: op,

@@ -44,7 +44,7 @@ impl Draft<'_> {
             if self.inst.plan.steps[i].is_wait() {
                 self.start_wait(i);
             } else {
-                self.dispatch(i, Operation::Action, 1);
+                self.send(i, Operation::Action, 1);
             }
         }
         Next::Wait
@@ -73,7 +73,7 @@ impl Draft<'_> {
                 self.undo_wait(i);
                 waits_undone = true;
             } else {
-                self.dispatch(i, Operation::Compensate, 1);
+                self.send(i, Operation::Compensate, 1);
             }
         }
         if waits_undone {

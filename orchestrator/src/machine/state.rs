@@ -212,6 +212,23 @@ pub struct StepState {
 }
 
 impl StepState {
+    /// The step turns to `op` (dispatched or postponed): its status says so, a budget written
+    /// off for another operation no longer applies, and nothing is stuck or in progress.
+    pub(super) fn begin(&mut self, mode: Mode, op: Operation) {
+        let previous = self.status.outstanding(mode);
+        self.status = match op {
+            Operation::Action | Operation::Try => StepStatus::Running,
+            Operation::Compensate => StepStatus::Compensating,
+            Operation::Confirm => StepStatus::Confirming,
+            Operation::Cancel => StepStatus::Cancelling,
+        };
+        if previous != Some(op) {
+            self.budget_from = 0;
+        }
+        self.stuck = false;
+        self.in_progress = false;
+    }
+
     pub(super) fn new() -> StepState {
         StepState {
             status: StepStatus::Pending,

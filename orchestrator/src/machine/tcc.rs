@@ -21,7 +21,7 @@ impl Draft<'_> {
                 return Next::Again; // cancelled: nothing was sent yet
             }
             for i in 0..self.inst.steps.len() {
-                self.dispatch(i, Operation::Try, 1);
+                self.send(i, Operation::Try, 1);
             }
             return Next::Wait;
         }
@@ -38,7 +38,7 @@ impl Draft<'_> {
             .filter(|&i| self.inst.steps[i].status == StepStatus::Succeeded)
             .collect();
         for i in to_confirm {
-            self.dispatch(i, Operation::Confirm, 1);
+            self.send(i, Operation::Confirm, 1);
         }
         if self
             .inst
@@ -61,7 +61,7 @@ impl Draft<'_> {
             .filter(|&i| self.inst.steps[i].status.needs_undo())
             .collect();
         for i in needs {
-            self.dispatch(i, Operation::Cancel, 1);
+            self.send(i, Operation::Cancel, 1);
         }
         self.compensated_when_undone(StepStatus::Cancelling)
     }

@@ -107,12 +107,29 @@ impl Run {
     }
 
     fn input(&mut self, input: Input) -> Result<(), Rejected> {
-        let t = handle(&self.inst, input, self.now, &Echo)?;
+        self.input_with(input, &Closed)
+    }
+
+    /// [`Run::input`] with what the participants' breakers say.
+    fn input_with(&mut self, input: Input, breakers: &dyn Breakers) -> Result<(), Rejected> {
+        let t = handle_with(&self.inst, input, self.now, &Echo, breakers)?;
         self.absorb(t);
         Ok(())
     }
 
     fn reply(&mut self, step: usize, op: Operation, attempt: u32, outcome: Outcome) {
+        self.reply_with(step, op, attempt, outcome, &Closed);
+    }
+
+    /// [`Run::reply`] with what the participants' breakers say.
+    fn reply_with(
+        &mut self,
+        step: usize,
+        op: Operation,
+        attempt: u32,
+        outcome: Outcome,
+        breakers: &dyn Breakers,
+    ) {
         let reply = Reply {
             protocol: PROTOCOL_VERSION,
             transaction_id: self.inst.id,
@@ -121,7 +138,7 @@ impl Run {
             attempt,
             outcome,
         };
-        self.input(Input::Reply(reply)).unwrap();
+        self.input_with(Input::Reply(reply), breakers).unwrap();
     }
 
     fn ok(&mut self, step: usize, op: Operation) {
@@ -131,6 +148,11 @@ impl Run {
 
     /// Fires the timer of `step` that the last transition set, advancing the clock to it.
     fn fire(&mut self, step: usize) {
+        self.fire_with(step, &Closed);
+    }
+
+    /// [`Run::fire`] with what the participants' breakers say.
+    fn fire_with(&mut self, step: usize, breakers: &dyn Breakers) {
         let (at, timer) = self
             .last
             .iter()
@@ -140,7 +162,7 @@ impl Run {
             })
             .expect("a timer for the step");
         self.now = at;
-        self.input(Input::Timer(timer)).unwrap();
+        self.input_with(Input::Timer(timer), breakers).unwrap();
     }
 
     fn sent(&self) -> Vec<(usize, Operation, u32)> {
@@ -910,5 +932,6 @@ fn operator_actions_are_logged_with_the_same_json_as_before() {
     assert!(serde_json::from_value::<OperatorAction>(json!("undo")).is_err());
 }
 
+mod breakers;
 mod properties;
 mod signals;

@@ -43,6 +43,8 @@ struct Tables {
     last_outbox_id: i64,
     /// By (name, version).
     definitions: BTreeMap<(String, u32), StoredDefinition>,
+    /// By participant.
+    breakers: BTreeMap<String, crate::breaker::BreakerState>,
 }
 
 impl Tables {
@@ -380,6 +382,21 @@ impl SagaStore for MemoryStore {
             .values()
             .filter(|d| d.document.is_some())
             .count() as u64)
+    }
+
+    async fn sync_breakers(
+        &self,
+        now: Time,
+        outcomes: &[crate::breaker::Outcomes],
+        policy: &crate::breaker::BreakerPolicy,
+    ) -> Result<Vec<crate::breaker::Synced>, StoreError> {
+        let mut tables = self.lock();
+        Ok(crate::breaker::sync(
+            &mut tables.breakers,
+            outcomes,
+            now,
+            policy,
+        ))
     }
 
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {

@@ -11,6 +11,7 @@ use chrono::Duration;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::breaker::{BreakerPolicy, BreakerState, Outcomes, Synced};
 use crate::definition::Plan;
 use crate::machine::{Event, Instance, Rejected, Status, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
@@ -552,11 +553,33 @@ pub trait SagaStore: Send + Sync + 'static {
     /// before reading them all).
     async fn document_count(&self) -> Result<u64, StoreError>;
 
+    /// Adds the attempt outcomes one process counted to the participants' breakers and
+    /// advances every breaker at `now` by `policy` ([`crate::breaker::sync`]), in one
+    /// transaction that holds the breakers' locks: of several processes, one makes each change
+    /// (its result says so) and the others see it. Every breaker, in participant order.
+    async fn sync_breakers(
+        &self,
+        now: Time,
+        outcomes: &[Outcomes],
+        policy: &BreakerPolicy,
+    ) -> Result<Vec<Synced>, StoreError>;
+
     /// Word of settled instances between the processes that share this store; `None` (the
     /// default) for a store that one process uses alone.
     fn settlements(&self) -> Option<Arc<dyn Settlements>> {
         None
     }
+}
+
+/// The breakers [`crate::breaker::sync`] changed in `states` since `before`: what a store
+/// writes back.
+fn changed_breakers<'a>(
+    before: &std::collections::BTreeMap<String, BreakerState>,
+    synced: &'a [Synced],
+) -> impl Iterator<Item = &'a Synced> {
+    synced
+        .iter()
+        .filter(|s| before.get(&s.participant) != Some(&s.state))
 }
 
 /// Word between the processes that share a store of the instances that settled (became

@@ -16,9 +16,11 @@ use super::{
     OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, Registration, SagaStore,
     Settlements, StoreError, StoredDefinition, StoredInstance, StuckStep, Updated,
 };
+use crate::breaker::{BreakerPolicy, BreakerState, Outcomes, Synced};
 use crate::definition::Plan;
 use crate::machine::{Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
+use std::collections::BTreeMap;
 
 mod plans;
 mod retention;
@@ -487,6 +489,45 @@ impl SagaStore for PgStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(count.unsigned_abs())
+    }
+
+    async fn sync_breakers(
+        &self,
+        now: Time,
+        outcomes: &[Outcomes],
+        policy: &BreakerPolicy,
+    ) -> Result<Vec<Synced>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let participants: Vec<&str> = outcomes.iter().map(|o| o.participant.as_str()).collect();
+        if !participants.is_empty() {
+            sqlx::query(sql::ADD_BREAKERS)
+                .bind(&participants)
+                .bind(Json(BreakerState::new(now)))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let rows: Vec<(String, Json<BreakerState>)> = sqlx::query_as(sql::LOCK_BREAKERS)
+            .fetch_all(&mut *tx)
+            .await?;
+        let before: BTreeMap<String, BreakerState> =
+            rows.into_iter().map(|(p, Json(s))| (p, s)).collect();
+        let mut states = before.clone();
+        let synced = crate::breaker::sync(&mut states, outcomes, now, policy);
+        let (names, values): (Vec<&str>, Vec<Json<&BreakerState>>) =
+            super::changed_breakers(&before, &synced)
+                .map(|s| (s.participant.as_str(), Json(&s.state)))
+                .unzip();
+        if !names.is_empty() {
+            sqlx::query(sql::WRITE_BREAKERS)
+                .bind(&names)
+                .bind(&values)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(synced)
     }
 
     /// NOTIFY and LISTEN: any number of processes may share the database.

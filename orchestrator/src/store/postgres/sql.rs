@@ -303,3 +303,18 @@ pub(super) const DEFINITIONS: &str = "SELECT p.plan, d.document
      FROM sagas_definitions d JOIN sagas_plans p ON p.id = d.plan_id
      WHERE ($1::text IS NULL OR d.name = $1) AND ($2::bigint IS NULL OR d.version = $2)
      ORDER BY d.name, d.version";
+
+/// Adds a closed breaker, as `$2` (JSON), for each participant in `$1` that has none yet, at
+/// `$3`: before the rows are locked, so that a new participant's row is locked like the others.
+pub(super) const ADD_BREAKERS: &str = "INSERT INTO sagas_breakers (participant, state, updated_at) \
+     SELECT p, $2::jsonb, $3 FROM unnest($1::text[]) AS p \
+     ON CONFLICT (participant) DO NOTHING";
+
+/// Every breaker, locked until the transaction ends.
+pub(super) const LOCK_BREAKERS: &str =
+    "SELECT participant, state FROM sagas_breakers ORDER BY participant FOR UPDATE";
+
+/// Writes the breakers of participants `$1` with states `$2` (JSON) at `$3`.
+pub(super) const WRITE_BREAKERS: &str = "UPDATE sagas_breakers AS b SET state = n.state, updated_at = $3 \
+     FROM unnest($1::text[], $2::jsonb[]) AS n (participant, state) \
+     WHERE b.participant = n.participant";

@@ -631,6 +631,43 @@ impl SagaStore for SqliteStore {
         Ok(count.unsigned_abs())
     }
 
+    async fn sync_breakers(
+        &self,
+        now: Time,
+        outcomes: &[crate::breaker::Outcomes],
+        policy: &crate::breaker::BreakerPolicy,
+    ) -> Result<Vec<crate::breaker::Synced>, StoreError> {
+        use crate::breaker::BreakerState;
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("breaker state: {e}"));
+        let mut tx = self.begin_write().await?;
+        let fresh = serde_json::to_string(&BreakerState::new(now)).map_err(corrupt)?;
+        for o in outcomes {
+            sqlx::query(sql::ADD_BREAKER)
+                .bind(&o.participant)
+                .bind(&fresh)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let rows: Vec<(String, String)> = sqlx::query_as(sql::BREAKERS).fetch_all(&mut *tx).await?;
+        let before = rows
+            .into_iter()
+            .map(|(p, s)| Ok((p, serde_json::from_str(&s).map_err(corrupt)?)))
+            .collect::<Result<std::collections::BTreeMap<String, BreakerState>, StoreError>>()?;
+        let mut states = before.clone();
+        let synced = crate::breaker::sync(&mut states, outcomes, now, policy);
+        for s in super::changed_breakers(&before, &synced) {
+            sqlx::query(sql::WRITE_BREAKER)
+                .bind(&s.participant)
+                .bind(serde_json::to_string(&s.state).map_err(corrupt)?)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(synced)
+    }
+
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());

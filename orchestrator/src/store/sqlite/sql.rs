@@ -169,3 +169,15 @@ pub(super) const DOCUMENT_COUNT: &str =
 pub(super) const DEFINITIONS: &str = "SELECT plan, document FROM sagas_definitions
      WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR version = ?2)
      ORDER BY name, version";
+
+/// Adds the closed breaker `?2` (JSON) for participant `?1` unless it has one, at `?3`.
+pub(super) const ADD_BREAKER: &str = "INSERT INTO sagas_breakers (participant, state, updated_at) \
+     VALUES (?1, ?2, ?3) ON CONFLICT (participant) DO NOTHING";
+
+/// Every breaker (read inside the write transaction, which holds the lock).
+pub(super) const BREAKERS: &str =
+    "SELECT participant, state FROM sagas_breakers ORDER BY participant";
+
+/// Writes the breaker of participant `?1` as `?2` (JSON) at `?3`.
+pub(super) const WRITE_BREAKER: &str =
+    "UPDATE sagas_breakers SET state = ?2, updated_at = ?3 WHERE participant = ?1";
