@@ -11,6 +11,9 @@
 //!      -d '{"input": {"customer": "ada", "sku": "widget", "qty": 2, "amount": 1999}}'
 //! cargo run --example order_saga -- audit
 //! ```
+//! Or start the saga in the shop's own transaction (transactional start): run the orders
+//! participant with `SAGAS_RELAY_STARTS=1` and
+//! `cargo run --example order_saga -- place --checkout c-1 --customer ada --sku widget --qty 2 --amount 1999`.
 //! Add `"simulate": "fail"` (card declined) or `"simulate": "hang"` (the charge outlasts its
 //! timeout) to the input to watch compensation.
 
@@ -53,6 +56,29 @@ enum Cmd {
         /// Units available.
         #[arg(long, default_value_t = 10)]
         units: i32,
+    },
+    /// Records a checkout in the orders database and starts its `order` saga in the same
+    /// transaction (`start_in`); the orders participant with `SAGAS_RELAY_STARTS=1` delivers
+    /// it. Env ORDERS_DATABASE_URL.
+    Place {
+        /// The checkout's id: also the start's idempotency key.
+        #[arg(long)]
+        checkout: String,
+        /// Who orders.
+        #[arg(long)]
+        customer: String,
+        /// What.
+        #[arg(long, default_value = "widget")]
+        sku: String,
+        /// How many.
+        #[arg(long, default_value_t = 1)]
+        qty: i32,
+        /// Price in cents.
+        #[arg(long)]
+        amount: i64,
+        /// `fail` or `hang` (see the payment participant).
+        #[arg(long)]
+        simulate: Option<String>,
     },
     /// Checks that stock is conserved and every order is charged or refunded as it should be;
     /// exits non-zero on any problem. Run it when no order is in flight.
@@ -117,6 +143,27 @@ async fn main() -> anyhow::Result<()> {
             }
             shop::seed(&pool("INVENTORY_DATABASE_URL").await?, &sku, units).await?;
             println!("{sku}: {units} units available");
+        }
+        Cmd::Place {
+            checkout,
+            customer,
+            sku,
+            qty,
+            amount,
+            simulate,
+        } => {
+            let pool = pool("ORDERS_DATABASE_URL").await?;
+            shop::install(&pool).await?;
+            sagas::participant::start::install(&pool).await?;
+            let order = shop::Order {
+                customer,
+                sku,
+                qty,
+                amount,
+                simulate,
+            };
+            let request = shop::place(&pool, &checkout, &order).await?;
+            println!("checkout {checkout} recorded; start request {request} committed with it");
         }
         Cmd::Audit => {
             let a = shop::audit(

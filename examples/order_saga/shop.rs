@@ -356,6 +356,9 @@ pub async fn install(pool: &PgPool) -> anyhow::Result<()> {
              sold int NOT NULL DEFAULT 0 CHECK (sold >= 0),
              version bigint NOT NULL DEFAULT 0);
          CREATE TABLE IF NOT EXISTS shop_stock_seed (sku text PRIMARY KEY, units int NOT NULL);
+         CREATE TABLE IF NOT EXISTS shop_checkouts (
+             id text PRIMARY KEY, customer text NOT NULL, amount bigint NOT NULL,
+             placed_at timestamptz NOT NULL DEFAULT now());
          CREATE TABLE IF NOT EXISTS shop_payments (
              order_id uuid PRIMARY KEY, amount bigint NOT NULL,
              status text NOT NULL CHECK (status IN ('charged', 'refunded')));",
@@ -367,6 +370,23 @@ pub async fn install(pool: &PgPool) -> anyhow::Result<()> {
         .await
         .context("creating the barrier table")?;
     Ok(())
+}
+
+/// A checkout: the shop's own row and the start of its `order` saga, in one transaction of
+/// the orders database (`start_in`): both are committed, or neither. The orders participant
+/// run with `SAGAS_RELAY_STARTS=1` delivers the start. Returns the start request's id.
+pub async fn place(pool: &PgPool, checkout: &str, order: &Order) -> anyhow::Result<uuid::Uuid> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO shop_checkouts (id, customer, amount) VALUES ($1, $2, $3)")
+        .bind(checkout)
+        .bind(&order.customer)
+        .bind(order.amount)
+        .execute(&mut *tx)
+        .await
+        .context("recording the checkout")?;
+    let request = sagas::participant::start_in(&mut tx, "order", order, Some(checkout)).await?;
+    tx.commit().await?;
+    Ok(request)
 }
 
 /// Sets the stock of `sku` to `units` available (and records it for the audit).

@@ -1087,6 +1087,7 @@ impl Sim {
         let incoming = batch
             .into_iter()
             .map(|(tag, body)| Incoming {
+                reply_to: None,
                 body,
                 ack: Box::new(SimAck {
                     world: self.world.clone(),

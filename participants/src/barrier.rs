@@ -149,14 +149,23 @@ pub struct BarrierRecord {
 /// It does not use sqlx's migration table on purpose: the participant's database belongs to
 /// the participant, which may run its own migrations.
 pub async fn install(pool: &PgPool) -> Result<(), BarrierError> {
+    Ok(install_schema(pool, "sagas_barrier", SCHEMA).await?)
+}
+
+/// Runs the idempotent `schema` in one transaction under the advisory lock named `lock`:
+/// concurrent `CREATE TABLE IF NOT EXISTS` can still fail on the catalog's unique index.
+pub(crate) async fn install_schema(
+    pool: &PgPool,
+    lock: &str,
+    schema: &'static str,
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // Concurrent CREATE TABLE IF NOT EXISTS can still fail on the catalog's unique index.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sagas_barrier'))")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(lock)
         .execute(&mut *tx)
         .await?;
-    sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(())
+    sqlx::raw_sql(schema).execute(&mut *tx).await?;
+    tx.commit().await
 }
 
 /// Runs `cmd` through the barrier and `handler`, exactly once per `(transaction, step, operation)`.

@@ -29,6 +29,7 @@ use crate::runtime::{
     DEFAULT_BARRIER_RETENTION, DEFAULT_CONCURRENCY, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_TIMEOUT,
     MAX_BATCH_SIZE, Participant, RuntimeError,
 };
+use crate::start::StartRelay;
 
 /// The exit code of a process that refuses to start for its configuration.
 pub const EXIT_CONFIG: i32 = 2;
@@ -417,6 +418,9 @@ pub struct ParticipantConfig {
     /// Where [`ParticipantConfig::serve`] serves the participant's counters at `/metrics`
     /// (`SAGAS_PARTICIPANT_METRICS_BIND`, e.g. `0.0.0.0:9464`; default unset: not served).
     pub metrics_bind: Option<SocketAddr>,
+    /// Whether the participant also runs the start relay of its database's start outbox
+    /// (`SAGAS_RELAY_STARTS`, default no; [`crate::start`]).
+    pub relay_starts: bool,
 }
 
 impl fmt::Debug for ParticipantConfig {
@@ -437,6 +441,7 @@ impl fmt::Debug for ParticipantConfig {
             .field("barrier_retention", &self.barrier_retention)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("metrics_bind", &self.metrics_bind)
+            .field("relay_starts", &self.relay_starts)
             .finish()
     }
 }
@@ -490,6 +495,7 @@ impl ParticipantConfig {
                 .map(Some)
                 .map_err(|_| format!("{raw:?} is not an address and port such as 0.0.0.0:9464"))
         });
+        let relay_starts = env.flag("SAGAS_RELAY_STARTS", false);
         ParticipantConfig {
             name: name.into(),
             database_url,
@@ -502,6 +508,7 @@ impl ParticipantConfig {
             barrier_retention,
             shutdown_timeout,
             metrics_bind,
+            relay_starts,
         }
     }
 
@@ -540,14 +547,23 @@ impl ParticipantConfig {
         }
     }
 
-    /// A [`Participant`] with these settings, on `pool`, answering with `handler`.
+    /// A [`Participant`] with these settings, on `pool`, answering with `handler` (and
+    /// relaying the starts of `pool`'s start outbox with `SAGAS_RELAY_STARTS`).
     pub fn participant(&self, pool: PgPool, handler: Arc<dyn Handler>) -> Participant {
-        self.apply(Participant::new(
+        let relay = self.relay_starts.then(|| {
+            StartRelay::new(self.name.clone(), self.topology(), pool.clone())
+                .queue_options(self.queue_options())
+        });
+        let participant = self.apply(Participant::new(
             self.name.clone(),
             self.topology(),
             pool,
             handler,
-        ))
+        ));
+        match relay {
+            Some(relay) => participant.relay_starts(relay),
+            None => participant,
+        }
     }
 
     /// Serves the participant until `shutdown` ([`Participant::run_forever`]): connects to the
@@ -729,6 +745,7 @@ mod tests {
         assert_eq!(c.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
         assert_eq!(c.handler_timeout, None);
         assert_eq!(c.metrics_bind, None);
+        assert!(!c.relay_starts);
     }
 
     #[test]
@@ -750,6 +767,7 @@ mod tests {
             ("SAGAS_BARRIER_RETENTION", "0"),
             ("SAGAS_SHUTDOWN_TIMEOUT", "5s"),
             ("SAGAS_PARTICIPANT_METRICS_BIND", "127.0.0.1:9464"),
+            ("SAGAS_RELAY_STARTS", "yes"),
         ]);
         let c = ParticipantConfig::read(&mut e, "accounts", "ACCOUNTS_DATABASE_URL");
         e.finish().unwrap();
@@ -770,6 +788,7 @@ mod tests {
         assert_eq!(c.barrier_retention, None);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(c.metrics_bind, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(c.relay_starts);
         assert!(!format!("{c:?}").contains("u:p@"));
     }
 

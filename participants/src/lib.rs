@@ -10,6 +10,8 @@
 //! - [`runtime`]: the AMQP consumer that ties them together;
 //! - [`amqp`]: the AMQP toolkit both sides use: declarations, header names, message
 //!   properties, dead letters, reconnection;
+//! - [`start`]: transactional starts: [`start_in`] writes a start request in the service's
+//!   own transaction, and the [`StartRelay`] delivers it to the orchestrator;
 //! - [`config`]: a strict reader of the environment, and a participant process's
 //!   configuration from it;
 //! - [`testing`]: a harness to unit-test handlers through the barrier, without a broker.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod handler;
 pub mod protocol;
 pub mod runtime;
+pub mod start;
 #[cfg(feature = "otel")]
 pub mod telemetry;
 pub mod testing;
@@ -31,3 +34,4 @@ pub use barrier::BarrierError;
 pub use handler::{Handler, HandlerError, Router, Saga, SagaHandler, Tcc, TccHandler};
 pub use protocol::{Command, Operation, Outcome, Reply, Topology, TraceParent};
 pub use runtime::{Participant, RuntimeError, Stats};
+pub use start::{StartError, StartRelay, start_in, start_version_in};

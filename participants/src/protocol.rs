@@ -339,6 +339,108 @@ impl Outcome {
     }
 }
 
+/// A request to start a transaction, sent by a service's start relay to the orchestrator's
+/// `{p}.starts` queue (docs/protocol.md, "Transactional starts").
+///
+/// The `schemars` descriptions are those of docs/schemas/start.schema.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(
+    title = "Start command",
+    description = "The body of a start command from a service to the orchestrator (sagas wire protocol, version 1: docs/protocol.md, \"Transactional starts\"). Unknown fields are ignored."
+)]
+pub struct StartCommand {
+    /// Protocol version ([`PROTOCOL_VERSION`]).
+    #[schemars(
+        extend("const" = PROTOCOL_VERSION),
+        description = "The protocol version, 1. The orchestrator refuses any other version."
+    )]
+    pub protocol: u32,
+    /// The request: the id of the service's outbox row; the answer names it.
+    #[schemars(
+        description = "The request's id (the service's outbox row), repeated in the answer."
+    )]
+    pub request_id: Uuid,
+    /// The definition to start.
+    #[schemars(description = "The definition to start.")]
+    pub definition: String,
+    /// Its version; absent: the newest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(description = "The definition's version to start; absent: its newest.")]
+    pub version: Option<u32>,
+    /// The transaction's input, checked against the definition's input type.
+    #[schemars(description = "The transaction's input, checked as an HTTP start's is.")]
+    pub input: Value,
+    /// The idempotency key of the start; absent: `request_id` in its hyphenated form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        description = "The start's idempotency key (1 to 200 visible ASCII characters), as an HTTP start's; absent: the request_id."
+    )]
+    pub idempotency_key: Option<String>,
+    /// The W3C trace context the transaction continues; absent: a new trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        description = "The W3C trace context the transaction continues; absent or invalid: a new trace."
+    )]
+    pub traceparent: Option<String>,
+}
+
+impl StartCommand {
+    /// The idempotency key the orchestrator starts with: the given one, or the request id.
+    pub fn key(&self) -> String {
+        self.idempotency_key
+            .clone()
+            .unwrap_or_else(|| self.request_id.to_string())
+    }
+}
+
+/// The orchestrator's answer to a [`StartCommand`], sent to the command's `reply_to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(
+    title = "Start answer",
+    description = "The orchestrator's answer to a start command (sagas wire protocol, version 1: docs/protocol.md, \"Transactional starts\"). Unknown fields are ignored."
+)]
+pub struct StartAnswer {
+    /// Protocol version ([`PROTOCOL_VERSION`]).
+    #[schemars(extend("const" = PROTOCOL_VERSION), description = "The protocol version, 1.")]
+    pub protocol: u32,
+    /// The `request_id` of the command answered.
+    #[schemars(description = "The request_id of the start command answered.")]
+    pub request_id: Uuid,
+    /// What the orchestrator did.
+    pub outcome: StartOutcome,
+}
+
+/// What the orchestrator did with a start command, tagged by `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+#[schemars(description = "What the orchestrator did, tagged by status.")]
+pub enum StartOutcome {
+    /// The transaction is stored (now, or by an earlier delivery of the same request).
+    #[schemars(
+        description = "The transaction is stored: started now, or by an earlier start with the same idempotency key and request."
+    )]
+    Accepted {
+        /// The transaction's id.
+        #[schemars(description = "The transaction's id.")]
+        transaction_id: Uuid,
+        /// False when an earlier start with the same key had already started it.
+        #[schemars(
+            description = "False when an earlier start with the same idempotency key had started it."
+        )]
+        created: bool,
+    },
+    /// The request can never start a transaction (unknown definition, invalid input, an
+    /// idempotency key used for another request, a malformed body).
+    #[schemars(
+        description = "The request can never start a transaction; it was dead-lettered with the same reason."
+    )]
+    Refused {
+        /// Why, as text.
+        #[schemars(description = "Why, as text.")]
+        reason: String,
+    },
+}
+
 /// Names of the AMQP exchanges and queues, derived from one prefix (default `sagas`).
 ///
 /// Tests use a unique prefix each so that they can run in parallel on one broker.
@@ -379,6 +481,16 @@ impl Topology {
     /// The durable queue the orchestrator consumes replies from (the commands' `reply_to`).
     pub fn replies_queue(&self) -> String {
         format!("{}.replies", self.prefix)
+    }
+
+    /// The durable queue the orchestrator consumes start commands from.
+    pub fn starts_queue(&self) -> String {
+        format!("{}.starts", self.prefix)
+    }
+
+    /// The durable queue of the start answers of one service's relays (their `reply_to`).
+    pub fn start_answers_queue(&self, service: &str) -> String {
+        format!("{}.start-answers.{}", self.prefix, service)
     }
 
     /// Fanout exchange that receives rejected (malformed or unknown) messages.

@@ -26,4 +26,5 @@ mod signals;
 mod store;
 mod tls;
 mod traces;
+mod transactional_start;
 mod wait;

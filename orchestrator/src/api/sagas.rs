@@ -392,10 +392,9 @@ fn idempotency_key(
     Ok(key)
 }
 
-/// Whether `key` can be an idempotency key: 1 to 200 visible ASCII characters.
-pub(super) fn idempotency_key_shape(key: &str) -> bool {
-    (1..=200).contains(&key.len()) && key.chars().all(|c| c.is_ascii_graphic())
-}
+/// Whether `key` can be an idempotency key: 1 to 200 visible ASCII characters (the SDK's
+/// `start_in` checks the same).
+pub(super) use sagas_participant::start::idempotency_key_shape;
 
 /// The trace context the transaction continues: when traces are exported, the request's own
 /// span (a child of the request's `traceparent` if it had one); else the request's W3C
@@ -406,15 +405,7 @@ fn trace_context(headers: &HeaderMap) -> String {
     if let Some(own) = sagas_participant::telemetry::current_traceparent() {
         return own;
     }
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(sagas_participant::protocol::TraceParent::parse)
-        .map(|t| t.to_string())
-        .unwrap_or_else(|| {
-            let span = Uuid::new_v4().as_u128() as u64;
-            format!("00-{}-{span:016x}-01", Uuid::new_v4().simple())
-        })
+    crate::engine::trace_or_new(headers.get("traceparent").and_then(|v| v.to_str().ok()))
 }
 
 fn deadline(request: &StartRequest) -> Result<Option<Duration>, ApiError> {
@@ -463,14 +454,14 @@ pub async fn start(
 ) -> Result<Response, ApiError> {
     // An unknown definition is a 404 whatever the body says (one registered by another
     // process is loaded from the store first).
-    if engine.find_definition(&definition, None).await?.is_none() {
-        return Err(crate::engine::EngineError::UnknownDefinition(definition).into());
-    }
+    engine.require_definition(&definition, None).await?;
     let Query(query) = query?;
     let wait = query.duration()?;
     let JsonBody(request) = body?;
     if request.version.is_some() {
-        engine.find_definition(&definition, request.version).await?;
+        engine
+            .require_definition(&definition, request.version)
+            .await?;
     }
     let options = StartOptions {
         deadline: deadline(&request)?,
@@ -916,13 +907,8 @@ pub fn decode_cursor(cursor: &str) -> Option<Position> {
 }
 
 /// Whether `name` can be a definition's name (1 to 100 of `A-Za-z0-9_.-`, as
-/// [`crate::definition::Definition`]'s builder requires).
-pub(super) fn definition_name(name: &str) -> bool {
-    (1..=100).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
+/// [`crate::definition::Definition`]'s builder requires; the SDK's `start_in` checks the same).
+pub(super) use sagas_participant::start::definition_name;
 
 /// The page size a `limit` query parameter asks for: [`DEFAULT_LIMIT`] when not given, 400
 /// naming `limit` unless a whole number from 1 to [`MAX_LIMIT`].

@@ -23,6 +23,10 @@ pub const OPERATOR_ACTIONS: &str = "sagas_operator_actions_total";
 pub const REPLIES: &str = "sagas_replies_total";
 /// Counter: replies dead-lettered (malformed, unknown protocol or transaction).
 pub const DEAD_LETTERED: &str = "sagas_replies_dead_lettered_total";
+/// Counter, label `outcome` (`accepted`, `refused`): start commands received over AMQP
+/// (docs/protocol.md, "Transactional starts") and settled: accepted (started now, or found
+/// started by an earlier delivery), or refused and dead-lettered.
+pub const START_COMMANDS: &str = "sagas_start_commands_total";
 /// Histogram: replies committed per store transaction.
 pub const REPLY_BATCH: &str = "sagas_reply_batch_size";
 /// Counter: timers fired.
@@ -97,6 +101,7 @@ pub const ALL: &[&str] = &[
     OPERATOR_ACTIONS,
     REPLIES,
     DEAD_LETTERED,
+    START_COMMANDS,
     REPLY_BATCH,
     TIMERS,
     RELAYED,
@@ -136,6 +141,10 @@ pub fn describe() {
     describe_counter!(OPERATOR_ACTIONS, "Operator actions committed, by action.");
     describe_counter!(REPLIES, "Participant replies committed.");
     describe_counter!(DEAD_LETTERED, "Replies dead-lettered.");
+    describe_counter!(
+        START_COMMANDS,
+        "Start commands received over AMQP, by outcome (accepted, refused)."
+    );
     describe_counter!(
         STEP_ATTEMPTS,
         "Step attempts that ended, by definition, step, participant, operation and outcome."

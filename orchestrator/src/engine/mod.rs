@@ -6,7 +6,7 @@
 //! what it consumed. A relay republishes outbox rows left behind by a crash.
 //!
 //! This file holds the engine and what it does for one caller (start, deliver, operate, read);
-//! `starts` batches starts, `replies` consumes replies, `timers` fires timers, `relay`
+//! `starts` batches starts, `start_commands` takes starts from AMQP, `replies` consumes replies, `timers` fires timers, `relay`
 //! republishes what was left, `publish` publishes and deletes outbox rows, `wait` serves
 //! requests waiting for instances to settle, `gauges` reads what is open and queued now,
 //! `metric` counts.
@@ -36,6 +36,7 @@ mod publish;
 mod relay;
 mod replies;
 mod retention;
+mod start_commands;
 mod starts;
 mod timers;
 #[cfg(feature = "otel")]
@@ -49,6 +50,7 @@ pub use definitions::{DEFINITIONS_INTERVAL, Registered};
 pub use metric::Stats;
 use publish::Publisher;
 pub use publish::{OUTBOX_DELETE_BATCH, OUTBOX_DELETE_INTERVAL};
+pub use start_commands::{REQUEUE_DELAY, trace_or_new};
 use starts::Creation;
 pub use starts::{START_BATCH, START_SLOTS, StartOptions, Started};
 pub use wait::Wait;
@@ -304,7 +306,8 @@ impl Engine {
             .await?)
     }
 
-    /// Runs the reply consumer, the timer loop, the outbox relay, the retention loop, the
+    /// Runs the reply consumer, the consumer of start commands (when the transport carries
+    /// them), the timer loop, the outbox relay, the retention loop, the
     /// gauge loop, the listener for instances other processes settled and the loader of
     /// definitions other processes registered until `shutdown`, after
     /// [`Engine::register_definitions`] and [`Engine::load_definitions`].
@@ -314,6 +317,13 @@ impl Engine {
         self.declare().await?;
         let replies = self.transport.subscribe(self.config.prefetch).await?;
         let consumer = tokio::spawn(self.clone().consume(replies, shutdown.clone()));
+        let starts = match self.transport.subscribe_starts(self.config.prefetch).await {
+            Ok(starts) => Some(tokio::spawn(
+                self.clone().consume_starts(starts, shutdown.clone()),
+            )),
+            Err(TransportError::Unsupported(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
         let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
         let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone()));
         let retention = tokio::spawn(self.clone().retention_loop(shutdown.clone()));
@@ -323,7 +333,7 @@ impl Engine {
         let breakers = tokio::spawn(self.clone().breaker_loop(shutdown.clone()));
         shutdown.cancelled().await;
         self.stopping.cancel();
-        for task in [
+        for task in starts.into_iter().chain([
             consumer,
             timers,
             relay,
@@ -332,7 +342,7 @@ impl Engine {
             gauges,
             definitions,
             breakers,
-        ] {
+        ]) {
             let _ = task.await;
         }
         self.flush_outbox_deletes().await;

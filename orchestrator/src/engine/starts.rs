@@ -159,6 +159,23 @@ impl Engine {
             .instance)
     }
 
+    /// Checks that a start from outside (HTTP or AMQP) names a definition, loading it first
+    /// if another process registered it: [`EngineError::UnknownDefinition`] otherwise (with
+    /// `version`, that version of it).
+    pub async fn require_definition(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<(), EngineError> {
+        if self.find_definition(name, version).await?.is_some() {
+            return Ok(());
+        }
+        Err(EngineError::UnknownDefinition(match version {
+            None => name.to_owned(),
+            Some(v) => format!("{name} v{v}"),
+        }))
+    }
+
     /// Starts an instance of `definition` (the version `options` names, or its newest) with
     /// `options` (or, when the
     /// idempotency key names one started before, answers that one).

@@ -26,10 +26,11 @@ use crate::store::OutboxMessage;
 pub use sagas_participant::amqp::command_properties;
 use sagas_participant::amqp::headers::{DEAD_LETTER_QUEUE_HEADER, DEAD_LETTER_REASON_HEADER};
 use sagas_participant::amqp::{
-    Announcement, Backoff, DeadLetters, QueueOptions, Sessions, batch_properties, confirm_channel,
-    connect, declare_participant, declare_replies, is_batch, keep_serving, look_at_queue,
+    Announcement, Backoff, Confirmed, DeadLetters, QueueOptions, Sessions, batch_properties,
+    confirm_channel, connect, declare_participant, declare_replies, declare_starts, is_batch,
+    keep_serving, look_at_queue, publish_to_queue, start_answer_properties,
 };
-use sagas_participant::protocol::{Topology, join_batch, split_batch};
+use sagas_participant::protocol::{StartAnswer, Topology, join_batch, split_batch};
 
 /// Settings of the AMQP transport.
 #[derive(Debug, Clone)]
@@ -152,6 +153,9 @@ impl Transport for AmqpTransport {
         let ch = link.connection.create_channel().await.map_err(broker)?;
         let t = &self.config.topology;
         declare_replies(&ch, t, &self.config.queues)
+            .await
+            .map_err(broker)?;
+        declare_starts(&ch, t, &self.config.queues)
             .await
             .map_err(broker)?;
         for p in participants {
@@ -316,9 +320,49 @@ impl Transport for AmqpTransport {
     }
 
     async fn subscribe(&self, prefetch: u16) -> Result<mpsc::Receiver<Incoming>, TransportError> {
+        self.receive(Source::Replies, prefetch).await
+    }
+
+    async fn subscribe_starts(
+        &self,
+        prefetch: u16,
+    ) -> Result<mpsc::Receiver<Incoming>, TransportError> {
+        self.receive(Source::Starts, prefetch).await
+    }
+
+    async fn answer_start(
+        &self,
+        reply_to: &str,
+        answer: &StartAnswer,
+    ) -> Result<bool, TransportError> {
+        let link = self.link().await?;
+        let body = serde_json::to_vec(answer).map_err(broker)?;
+        let properties = start_answer_properties(answer);
+        match publish_to_queue(&link.publisher, reply_to, &body, properties).await {
+            Ok(Confirmed::Taken) => Ok(true),
+            Ok(Confirmed::Returned) => Ok(false),
+            Ok(Confirmed::Nacked) => Err(TransportError::NotConfirmed(
+                format!("{}:answer", answer.request_id),
+                "nacked".into(),
+            )),
+            Err(e) => {
+                self.forget(&link).await;
+                Err(broker(e))
+            }
+        }
+    }
+}
+
+impl AmqpTransport {
+    /// Consumes the queue of `source`, handing its messages to the receiver.
+    async fn receive(
+        &self,
+        source: Source,
+        prefetch: u16,
+    ) -> Result<mpsc::Receiver<Incoming>, TransportError> {
         let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
         // The first connection is made here so that a broken configuration fails loudly.
-        let first = consume(&self.config, prefetch).await?;
+        let first = consume(&self.config, source, prefetch).await?;
         // Deliveries go on after `close` until the engine drops its receiver.
         let stop = {
             let (shutdown, tx) = (self.shutdown.clone(), tx.clone());
@@ -332,6 +376,7 @@ impl Transport for AmqpTransport {
         let mut consumer = ReplyConsumer {
             first: Some(first),
             config: self.config.clone(),
+            source,
             prefetch,
             tx,
             wire: self.wire.clone(),
@@ -339,9 +384,35 @@ impl Transport for AmqpTransport {
         };
         tokio::spawn(async move {
             let stop = std::pin::pin!(stop);
-            keep_serving("reply consumer", Backoff::default(), stop, &mut consumer).await;
+            keep_serving(source.name(), Backoff::default(), stop, &mut consumer).await;
         });
         Ok(rx)
+    }
+}
+
+/// A queue the orchestrator consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// `{p}.replies`: replies (and reply batches) of participants.
+    Replies,
+    /// `{p}.starts`: start commands of services' relays.
+    Starts,
+}
+
+impl Source {
+    /// Whose sessions these are, in the logs.
+    fn name(self) -> &'static str {
+        match self {
+            Source::Replies => "reply consumer",
+            Source::Starts => "start consumer",
+        }
+    }
+
+    fn queue(self, t: &Topology) -> String {
+        match self {
+            Source::Replies => t.replies_queue(),
+            Source::Starts => t.starts_queue(),
+        }
     }
 }
 
@@ -490,12 +561,19 @@ async fn republish(
 /// A consuming connection: the connection, its consumer, and where its dead letters go.
 type Consumer = (Connection, lapin::Consumer, Arc<DeadLetters>);
 
-async fn consume(config: &AmqpConfig, prefetch: u16) -> Result<Consumer, TransportError> {
+async fn consume(
+    config: &AmqpConfig,
+    source: Source,
+    prefetch: u16,
+) -> Result<Consumer, TransportError> {
     let conn = connect(&config.uri).await.map_err(broker)?;
     let ch = conn.create_channel().await.map_err(broker)?;
-    declare_replies(&ch, &config.topology, &config.queues)
-        .await
-        .map_err(broker)?;
+    match source {
+        Source::Replies => declare_replies(&ch, &config.topology, &config.queues).await,
+        Source::Starts => declare_starts(&ch, &config.topology, &config.queues).await,
+    }
+    .map_err(broker)?;
+    let queue = source.queue(&config.topology);
     ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(broker)?;
@@ -503,22 +581,23 @@ async fn consume(config: &AmqpConfig, prefetch: u16) -> Result<Consumer, Transpo
     let dead = confirm_channel(&conn).await.map_err(broker)?;
     let consumer = ch
         .basic_consume(
-            config.topology.replies_queue().into(),
+            queue.as_str().into(),
             "sagas-orchestrator".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
         .map_err(broker)?;
-    let dead = DeadLetters::new(dead, &config.topology, config.topology.replies_queue());
+    let dead = DeadLetters::new(dead, &config.topology, queue);
     Ok((conn, consumer, Arc::new(dead)))
 }
 
-/// The sessions of the reply consumer, each on a connection of its own.
+/// The sessions of the reply (or start) consumer, each on a connection of its own.
 struct ReplyConsumer {
     /// The connection `subscribe` made, for the first session.
     first: Option<Consumer>,
     config: AmqpConfig,
+    source: Source,
     prefetch: u16,
     tx: mpsc::Sender<Incoming>,
     wire: Arc<WireCounts>,
@@ -532,14 +611,19 @@ impl<S: Future<Output = ()>> Sessions<S> for ReplyConsumer {
     async fn connect(&mut self) -> Result<Consumer, TransportError> {
         match self.first.take() {
             Some(consumer) => Ok(consumer),
-            None => consume(&self.config, self.prefetch).await,
+            None => consume(&self.config, self.source, self.prefetch).await,
         }
     }
 
     /// Ends (`Ok`) only when the engine dropped its receiver.
     async fn serve(&mut self, consumer: Consumer, _: Pin<&mut S>) -> Result<(), TransportError> {
         let (conn, mut stream, dead) = consumer;
-        let result = forward(&mut stream, &dead, &self.tx, &self.wire, &self.batching).await;
+        let result = match self.source {
+            Source::Replies => {
+                forward(&mut stream, &dead, &self.tx, &self.wire, &self.batching).await
+            }
+            Source::Starts => forward_starts(&mut stream, &dead, &self.tx).await,
+        };
         let why = if result.is_ok() {
             "shutdown"
         } else {
@@ -571,6 +655,36 @@ async fn forward(
     Err(broker("the broker ended the reply consumer"))
 }
 
+/// Hands the start commands of `stream` to `tx`, each with its `reply_to`, until the engine
+/// drops its receiver (`Ok`), or the consumer fails or is ended by the broker.
+async fn forward_starts(
+    stream: &mut lapin::Consumer,
+    dead: &Arc<DeadLetters>,
+    tx: &mpsc::Sender<Incoming>,
+) -> Result<(), TransportError> {
+    while let Some(delivery) = stream.next().await {
+        let delivery = delivery.map_err(broker)?;
+        let incoming = Incoming {
+            reply_to: delivery
+                .properties
+                .reply_to()
+                .as_ref()
+                .map(|r| r.as_str().to_owned())
+                .filter(|r| !r.is_empty()),
+            body: delivery.data,
+            ack: Box::new(AmqpAck {
+                acker: delivery.acker,
+                dead: dead.clone(),
+                properties: delivery.properties,
+            }),
+        };
+        if tx.send(incoming).await.is_err() {
+            return Ok(());
+        }
+    }
+    Err(broker("the broker ended the start consumer"))
+}
+
 /// What the engine receives for a delivery: the reply itself, or each reply of a batch (see
 /// docs/protocol.md, "Batches"). A body declared a batch that is not one is dead-lettered here.
 /// What the replies announce is taken in on the way.
@@ -589,6 +703,7 @@ async fn incoming(
     if !batch {
         batching.received(from, [delivery.data.as_slice()]);
         return vec![Incoming {
+            reply_to: None,
             body: delivery.data,
             ack: Box::new(single),
         }];
@@ -604,6 +719,7 @@ async fn incoming(
             elements
                 .into_iter()
                 .map(|element| Incoming {
+                    reply_to: None,
                     body: element.get().as_bytes().to_vec(),
                     ack: Box::new(PartAck(shared.clone())),
                 })

@@ -323,6 +323,7 @@ impl Transport for MemoryTransport {
                     body: body.clone(),
                 };
                 permit.send(Incoming {
+                    reply_to: None,
                     body,
                     ack: Box::new(ack),
                 });

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::store::OutboxMessage;
+use sagas_participant::protocol::StartAnswer;
 
 pub mod amqp;
 pub mod batches;
@@ -48,10 +49,12 @@ pub trait Ack: Send + Sync {
     async fn requeue(&self) -> Result<(), TransportError>;
 }
 
-/// A received reply, not yet decoded.
+/// A received reply (or start command), not yet decoded.
 pub struct Incoming {
     /// The message body.
     pub body: Vec<u8>,
+    /// Where to answer it: the `reply_to` of a start command (none for replies).
+    pub reply_to: Option<String>,
     /// Settles the message.
     pub ack: Box<dyn Ack>,
 }
@@ -71,6 +74,29 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Succeeds if the broker can be reached now (connecting if need be).
     async fn ping(&self) -> Result<(), TransportError>;
+
+    /// Starts receiving start commands (docs/protocol.md, "Transactional starts"), as
+    /// [`Transport::subscribe`] receives replies. [`TransportError::Unsupported`] (the
+    /// default) when this transport carries none.
+    async fn subscribe_starts(
+        &self,
+        prefetch: u16,
+    ) -> Result<mpsc::Receiver<Incoming>, TransportError> {
+        let _ = prefetch;
+        Err(TransportError::Unsupported("receive start commands"))
+    }
+
+    /// Publishes the answer to a start command to its `reply_to` queue; returns once the
+    /// broker confirmed it, `Ok(false)` when no such queue exists (the answer is lost, and the
+    /// relay publishes its request again).
+    async fn answer_start(
+        &self,
+        reply_to: &str,
+        answer: &StartAnswer,
+    ) -> Result<bool, TransportError> {
+        let _ = (reply_to, answer);
+        Err(TransportError::Unsupported("answer start commands"))
+    }
 
     /// Messages waiting in the dead-letter queue the orchestrator's rejected replies go to;
     /// `None` (the default) when this transport cannot tell.

@@ -12,6 +12,7 @@ pub mod connection;
 pub mod dead_letter;
 pub mod headers;
 pub mod properties;
+pub mod publish;
 pub mod topology;
 
 pub use announcement::Announcement;
@@ -21,8 +22,11 @@ pub use connection::{
     keep_serving,
 };
 pub use dead_letter::{DeadLetterError, DeadLetters};
-pub use properties::{command_properties, reply_properties};
+pub use properties::{
+    command_properties, reply_properties, start_answer_properties, start_properties,
+};
+pub use publish::{Confirmed, publish_to_queue};
 pub use topology::{
-    QueueOptions, declare_dead_letter, declare_participant, declare_replies, delete_topology,
-    look_at_queue,
+    QueueOptions, declare_dead_letter, declare_participant, declare_replies, declare_start_answers,
+    declare_starts, delete_topology, look_at_queue,
 };

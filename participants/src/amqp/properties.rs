@@ -11,7 +11,7 @@ use super::headers::{
     ATTEMPT_HEADER, DEADLINE_HEADER, OPERATION_HEADER, STEP_HEADER, TRACEPARENT_HEADER,
     TRANSACTION_HEADER,
 };
-use crate::protocol::{CONTENT_TYPE, Command, Reply, TraceParent};
+use crate::protocol::{CONTENT_TYPE, Command, Reply, StartAnswer, StartCommand, TraceParent};
 
 /// The AMQP properties of a command: persistent JSON, its message id, the transaction as
 /// correlation id, `reply_to`, and headers that repeat the body's routing fields.
@@ -52,6 +52,27 @@ pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties 
         .with_correlation_id(command.transaction_id.to_string().into())
         .with_reply_to(reply_to.into())
         .with_headers(headers)
+}
+
+/// The AMQP properties of a start command: persistent JSON, the request id as message id and
+/// correlation id, and the queue of its relay's answers as `reply_to`.
+pub fn start_properties(command: &StartCommand, reply_to: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_message_id(command.request_id.to_string().into())
+        .with_correlation_id(command.request_id.to_string().into())
+        .with_reply_to(reply_to.into())
+}
+
+/// The AMQP properties of a start answer: persistent JSON, `{request id}:answer` as message id
+/// and the request id as correlation id.
+pub fn start_answer_properties(answer: &StartAnswer) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_delivery_mode(2)
+        .with_message_id(format!("{}:answer", answer.request_id).into())
+        .with_correlation_id(answer.request_id.to_string().into())
 }
 
 /// The AMQP properties of a reply: persistent JSON, its message id, the transaction as

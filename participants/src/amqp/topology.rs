@@ -134,14 +134,46 @@ pub async fn declare_replies(
     t: &Topology,
     o: &QueueOptions,
 ) -> Result<(), lapin::Error> {
+    declare_with_dead_letters(ch, t, &t.replies_queue(), o).await
+}
+
+/// Declares `queue` with the arguments of every queue that dead-letters to `{p}.dlx`, and the
+/// dead-letter part.
+async fn declare_with_dead_letters(
+    ch: &Channel,
+    t: &Topology,
+    queue: &str,
+    o: &QueueOptions,
+) -> Result<(), lapin::Error> {
     declare_dead_letter(ch, t, o).await?;
     ch.queue_declare(
-        t.replies_queue().as_str().into(),
+        queue.into(),
         o.queue_declare(),
         o.arguments(Some(&t.dead_letter_exchange())),
     )
     .await?;
     Ok(())
+}
+
+/// Declares the queue of start commands (`{p}.starts`, consumed by the orchestrator; starts
+/// go through the default exchange, routing key = its name) and the dead-letter part.
+pub async fn declare_starts(
+    ch: &Channel,
+    t: &Topology,
+    o: &QueueOptions,
+) -> Result<(), lapin::Error> {
+    declare_with_dead_letters(ch, t, &t.starts_queue(), o).await
+}
+
+/// Declares the queue of start answers of the relays of `service`
+/// ([`Topology::start_answers_queue`]), with the arguments of every other queue.
+pub async fn declare_start_answers(
+    ch: &Channel,
+    t: &Topology,
+    service: &str,
+    o: &QueueOptions,
+) -> Result<(), lapin::Error> {
+    declare_with_dead_letters(ch, t, &t.start_answers_queue(service), o).await
 }
 
 /// Deletes the queues and exchanges of a topology (for tests' cleanup); missing ones are fine.
@@ -155,6 +187,7 @@ pub async fn delete_topology(
         .map(|p| t.participant_queue(p))
         .collect();
     queues.push(t.replies_queue());
+    queues.push(t.starts_queue());
     queues.push(t.dead_letter_queue());
     for queue in queues {
         ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

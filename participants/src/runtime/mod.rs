@@ -55,6 +55,7 @@ use crate::amqp::{self, Backoff, QueueOptions};
 use crate::barrier::{self, BarrierError};
 use crate::handler::Handler;
 use crate::protocol::{MAX_BATCH, Topology};
+use crate::start::StartRelay;
 
 pub use admission::{Malformed, decode_command};
 pub use completion::{complete, send_reply};
@@ -164,6 +165,7 @@ pub struct Participant {
     reconnect_backoff: Backoff,
     stats: Stats,
     database: Arc<outage::DatabaseOutage>,
+    relay: Option<StartRelay>,
 }
 
 impl std::fmt::Debug for Participant {
@@ -214,6 +216,7 @@ impl Participant {
             reconnect_backoff: Backoff::default(),
             stats: Stats::default(),
             database: Arc::default(),
+            relay: None,
         }
     }
 
@@ -325,6 +328,15 @@ impl Participant {
         }
     }
 
+    /// Runs `relay` alongside [`Participant::run_forever`], on connections of its own: the
+    /// start relay of a service that starts transactions with [`crate::start_in`] in this
+    /// participant's database (e.g. `StartRelay::new(name, topology, pool)`). It stops with
+    /// the participant; whatever it had not settled is settled by the next relay.
+    pub fn relay_starts(mut self, relay: StartRelay) -> Participant {
+        self.relay = Some(relay);
+        self
+    }
+
     /// How long handlers in flight may still run after the shutdown signal (default 25 s);
     /// the ones still running then are abandoned (rolled back, and their commands redelivered
     /// by the broker to another process or after the restart).
@@ -405,13 +417,26 @@ impl Participant {
             started: 0,
         };
         let shutdown = std::pin::pin!(shutdown);
-        self.with_barrier_cleanup(amqp::keep_serving(
+        let serving = self.with_barrier_cleanup(amqp::keep_serving(
             &self.name,
             self.reconnect_backoff,
             shutdown,
             &mut sessions,
-        ))
-        .await;
+        ));
+        match &self.relay {
+            None => serving.await,
+            // The relay never stops by itself; dropped when serving ends (any request it
+            // published and had not settled is published again by the next relay).
+            Some(relay) => tokio::select! {
+                biased;
+                () = serving => {}
+                relayed = relay.run_forever(amqp_url, std::future::pending()) => {
+                    if let Err(error) = relayed {
+                        return Err(RuntimeError::InvalidUrl(error.to_string()));
+                    }
+                }
+            },
+        }
         tracing::info!(participant = %self.name, "participant stopped");
         Ok(())
     }

@@ -9,7 +9,9 @@
 use std::path::PathBuf;
 
 use jsonschema::Validator;
-use sagas_participant::protocol::{Command, MAX_BATCH, Reply, split_batch};
+use sagas_participant::protocol::{
+    Command, MAX_BATCH, Reply, StartAnswer, StartCommand, split_batch,
+};
 use sagas_participant::runtime::decode_command;
 use schemars::{JsonSchema, Schema, schema_for};
 use serde_json::Value;
@@ -34,7 +36,14 @@ struct ReplyBatch(#[schemars(length(min = 1, max = MAX_BATCH))] Vec<Reply>);
 
 /// The kinds of body, by the name of their schema file and of the tag of their examples in
 /// docs/protocol.md (a fenced block opened with ```` ```json command ````, for instance).
-const KINDS: [&str; 4] = ["command", "reply", "command-batch", "reply-batch"];
+const KINDS: [&str; 6] = [
+    "command",
+    "reply",
+    "command-batch",
+    "reply-batch",
+    "start",
+    "start-answer",
+];
 
 fn generate(kind: &str) -> Schema {
     match kind {
@@ -42,6 +51,8 @@ fn generate(kind: &str) -> Schema {
         "reply" => schema_for!(Reply),
         "command-batch" => schema_for!(CommandBatch),
         "reply-batch" => schema_for!(ReplyBatch),
+        "start" => schema_for!(StartCommand),
+        "start-answer" => schema_for!(StartAnswer),
         other => unreachable!("no schema for {other}"),
     }
 }
@@ -106,6 +117,12 @@ fn examples(tag: &str) -> Vec<String> {
 fn decodes(kind: &str, body: &str) -> Result<(), String> {
     let one = |kind: &str, element: &str| match kind {
         "command" => decode_command(element.as_bytes())
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        "start" => serde_json::from_str::<StartCommand>(element)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        "start-answer" => serde_json::from_str::<StartAnswer>(element)
             .map(drop)
             .map_err(|e| e.to_string()),
         _ => serde_json::from_str::<Reply>(element)

@@ -1,0 +1,498 @@
+//! Transactional starts (docs/protocol.md, "Transactional starts"): a service writes its
+//! order row and the start request in one transaction with `start_in`, and a start relay
+//! delivers committed requests to the orchestrator over `{p}.starts`. Rolled back: no saga
+//! ever; committed: exactly one, also when a relay dies between publishing and deleting and
+//! when the broker's connections are cut; refused: the row is marked failed with the reason
+//! and the command is dead-lettered with it.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Result;
+use sagas::orchestrator::machine::Status;
+use sagas::orchestrator::store::{ListFilter, SagaStore};
+use sagas::orchestrator::transport::AmqpConfig;
+use sagas::orchestrator::{Definition, Registry};
+use sagas::participant::start::{OutboxRow, StartRelay, outbox_rows};
+use sagas::participant::{Outcome, Participant, start_in};
+use sagas_test_support::delete_amqp;
+use sagas_test_support::proxy::Proxy;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::examples::shop;
+use crate::helpers::{
+    App, TestEnv, amqp_url, close_broker, connect_broker, queue_options, scripted_participant,
+    spawn_app, spawn_app_with, spawn_participant,
+};
+
+/// The service that starts the sagas (it names its relay's answers queue).
+const SERVICE: &str = "shop";
+const DEFINITION: &str = "order_start";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Order {
+    order: String,
+    amount: u64,
+}
+
+/// `order_start`: one step at `accounts`, whose scripted participant says yes.
+fn registry() -> Result<Registry> {
+    let def = Definition::saga::<Order>(DEFINITION, 1)
+        .step("charge", "accounts", |s| {
+            s.command(|o: &Order, _| json!({ "order": o.order, "amount": o.amount }))
+        })
+        .build()?;
+    Ok(Registry::new().with(def)?)
+}
+
+/// The service's own table, in the same database as its start outbox.
+async fn create_orders(env: &TestEnv) -> Result<()> {
+    sqlx::query("CREATE TABLE orders (id text PRIMARY KEY, amount bigint NOT NULL)")
+        .execute(&env.bank)
+        .await?;
+    sagas::participant::start::install(&env.bank).await?;
+    Ok(())
+}
+
+/// A test's databases and names, with the shop's table and start outbox.
+async fn shop_env() -> Result<TestEnv> {
+    let env = TestEnv::new().await?;
+    create_orders(&env).await?;
+    Ok(env)
+}
+
+/// The `accounts` participant, which charges every order; it stops with its connection.
+async fn accounts(env: &TestEnv) -> Result<lapin::Connection> {
+    let (connection, _task) = scripted_participant(env, "accounts", |_| {
+        Some(Outcome::succeeded(json!({ "charged": true })))
+    })
+    .await?;
+    Ok(connection)
+}
+
+/// Writes order `id` and asks for its saga in one transaction, committed or rolled back.
+async fn order(env: &TestEnv, id: &str, commit: bool) -> Result<uuid::Uuid> {
+    let mut tx = env.bank.begin().await?;
+    sqlx::query("INSERT INTO orders (id, amount) VALUES ($1, 5)")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    let input = Order {
+        order: id.to_owned(),
+        amount: 5,
+    };
+    let request = start_in(&mut tx, DEFINITION, &input, Some(id)).await?;
+    if commit {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
+    Ok(request)
+}
+
+/// A relay running in this process until stopped (or aborted, like a killed process).
+struct Relay {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    fn spawn(env: &TestEnv, url: String, answer_timeout: Duration) -> Relay {
+        let relay = StartRelay::new(SERVICE, env.topology.clone(), env.bank.clone())
+            .queue_options(queue_options())
+            .poll(Duration::from_millis(50))
+            .answer_timeout(answer_timeout)
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200));
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            relay
+                .run_forever(&url, s.cancelled())
+                .await
+                .expect("the relay runs");
+        });
+        Relay { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Waits (bounded: 60 s) until `check` answers `Some`, and returns it.
+async fn until<T, F: Future<Output = Result<Option<T>>>>(
+    what: &str,
+    check: impl Fn() -> F,
+) -> Result<T> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(found) = check().await? {
+            return Ok(found);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not within 60 s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until the outbox holds no pending row, and returns its rows (the failed ones).
+async fn settled(env: &TestEnv) -> Result<Vec<OutboxRow>> {
+    until("every start request settled", || async {
+        let rows = outbox_rows(&env.bank).await?;
+        Ok(rows.iter().all(|r| r.state == "failed").then_some(rows))
+    })
+    .await
+}
+
+/// The instances of `order_start` started with `key` (every one without).
+async fn started_with(env: &TestEnv, key: Option<&str>) -> Result<Vec<uuid::Uuid>> {
+    instances(env, DEFINITION, key).await
+}
+
+/// The instances of `definition` started with `key` (every one without).
+async fn instances(env: &TestEnv, definition: &str, key: Option<&str>) -> Result<Vec<uuid::Uuid>> {
+    let filter = ListFilter {
+        status: None,
+        definition: Some(definition.to_owned()),
+        after: None,
+        created_after: None,
+        created_before: None,
+        idempotency_key: key.map(str::to_owned),
+        limit: 500,
+    };
+    Ok(env
+        .store()
+        .list(&filter)
+        .await?
+        .into_iter()
+        .map(|s| s.instance.id)
+        .collect())
+}
+
+/// Ready messages in `queue` now.
+async fn ready(queue: &str) -> Result<u32> {
+    let conn = connect_broker().await?;
+    let found = sagas::participant::amqp::look_at_queue(&conn, queue).await;
+    close_broker(&conn).await;
+    Ok(found.map(|q| q.message_count()).unwrap_or(0))
+}
+
+/// Places order `id` with no orchestrator running: a relay publishes its start command and is
+/// killed (its task aborted, as a SIGKILL ends a process) before any answer can come.
+async fn published_by_a_relay_that_dies(env: &TestEnv, id: &str) -> Result<uuid::Uuid> {
+    let starts = env.topology.starts_queue();
+    let relay = Relay::spawn(env, amqp_url(), Duration::from_secs(600));
+    let request = order(env, id, true).await?;
+    until("the start command published", || async {
+        Ok((ready(&starts).await? == 1).then_some(()))
+    })
+    .await?;
+    relay.task.abort();
+    let _ = relay.task.await;
+    Ok(request)
+}
+
+async fn cleanup(env: TestEnv, apps: Vec<App>) {
+    for app in apps {
+        app.stop().await;
+    }
+    let answers = env.topology.start_answers_queue(SERVICE);
+    delete_amqp(&env.topology, &[], &[answers]).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_rolled_back_with_its_order_never_runs_and_a_committed_one_runs_exactly_once()
+-> Result<()> {
+    let env = shop_env().await?;
+    let participant = accounts(&env).await?;
+    let app = spawn_app(&env, registry()?).await?;
+    let relay = Relay::spawn(&env, amqp_url(), Duration::from_secs(10));
+
+    order(&env, "o-rolled-back", false).await?;
+    order(&env, "o-committed", true).await?;
+    let id = until("the committed order's saga", || async {
+        Ok(started_with(&env, Some("o-committed"))
+            .await?
+            .first()
+            .copied())
+    })
+    .await?;
+    assert_eq!(env.wait_terminal(id).await?.status, Status::Completed);
+    assert_eq!(
+        settled(&env).await?,
+        Vec::<OutboxRow>::new(),
+        "the accepted row is deleted"
+    );
+    // The rolled-back request was written before the committed one, and the committed one
+    // has been delivered, answered and deleted: had the first been visible, it would have
+    // gone first.
+    assert_eq!(
+        started_with(&env, Some("o-rolled-back")).await?,
+        Vec::<uuid::Uuid>::new()
+    );
+    assert_eq!(started_with(&env, None).await?, vec![id]);
+
+    relay.stop().await;
+    close_broker(&participant).await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_between_publishing_and_deleting_leaves_exactly_one_saga_and_no_row()
+-> Result<()> {
+    let env = shop_env().await?;
+    let starts = env.topology.starts_queue();
+    let participant = accounts(&env).await?;
+
+    // No orchestrator yet: the first relay publishes, and is killed before any answer.
+    let request = published_by_a_relay_that_dies(&env, "o-1").await?;
+    let rows = outbox_rows(&env.bank).await?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].id, rows[0].attempts), (request, 1));
+
+    // The next relay hears no answer either, and publishes the request again.
+    let second = Relay::spawn(&env, amqp_url(), Duration::from_millis(300));
+    until("the start command published again", || async {
+        Ok((ready(&starts).await? >= 2).then_some(()))
+    })
+    .await?;
+
+    // The orchestrator takes both deliveries: one saga, and the row is deleted.
+    let app = spawn_app(&env, registry()?).await?;
+    assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
+    let started = started_with(&env, Some("o-1")).await?;
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(
+        env.wait_terminal(started[0]).await?.status,
+        Status::Completed
+    );
+    until("every start command consumed", || async {
+        Ok((ready(&starts).await? == 0).then_some(()))
+    })
+    .await?;
+    assert_eq!(started_with(&env, None).await?, started);
+
+    second.stop().await;
+    close_broker(&participant).await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_comes_while_no_relay_runs_settles_the_row_when_the_next_relay_starts()
+-> Result<()> {
+    let env = shop_env().await?;
+    let starts = env.topology.starts_queue();
+    let answers = env.topology.start_answers_queue(SERVICE);
+    let participant = accounts(&env).await?;
+
+    // The relay publishes and dies before the orchestrator, started afterwards, answers.
+    published_by_a_relay_that_dies(&env, "o-1").await?;
+    let app = spawn_app(&env, registry()?).await?;
+    until("the answer kept in the relay's queue", || async {
+        Ok((ready(&answers).await? == 1).then_some(()))
+    })
+    .await?;
+    let started = started_with(&env, Some("o-1")).await?;
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(outbox_rows(&env.bank).await?.len(), 1, "not settled yet");
+
+    // The next relay takes the answer and deletes the row without publishing it again.
+    let second = Relay::spawn(&env, amqp_url(), Duration::from_secs(600));
+    assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
+    assert_eq!(ready(&starts).await?, 0, "published once");
+    assert_eq!(started_with(&env, None).await?, started);
+    assert_eq!(
+        env.wait_terminal(started[0]).await?.status,
+        Status::Completed
+    );
+
+    second.stop().await;
+    close_broker(&participant).await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_committed_while_the_brokers_connections_are_cut_each_run_exactly_once() -> Result<()>
+{
+    let env = shop_env().await?;
+    let participant = accounts(&env).await?;
+    // The orchestrator and the relay reach the broker through a proxy that cuts every
+    // connection on command, as a broker restart does; the participant does not.
+    let proxy = Proxy::in_front_of(&amqp_url(), 5672).await?;
+    let through = proxy.url(&amqp_url())?;
+    let amqp = AmqpConfig {
+        uri: through.clone(),
+        ..env.amqp_config()
+    };
+    let app = spawn_app_with(&env, registry()?, amqp).await?;
+    let relay = Relay::spawn(&env, through, Duration::from_secs(2));
+
+    let orders: Vec<String> = (0..24).map(|i| format!("o-{i}")).collect();
+    // Cuts start once everything is up (the orchestrator refuses to start without a broker).
+    order(&env, &orders[0], true).await?;
+    settled(&env).await?;
+    for (i, id) in orders.iter().enumerate().skip(1) {
+        order(&env, id, true).await?;
+        if i % 6 == 5 {
+            proxy.cut();
+        }
+    }
+    assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
+    let mut seen = HashSet::new();
+    for id in &orders {
+        let started = started_with(&env, Some(id)).await?;
+        assert_eq!(started.len(), 1, "{id}: {started:?}");
+        assert_eq!(
+            env.wait_terminal(started[0]).await?.status,
+            Status::Completed
+        );
+        seen.insert(started[0]);
+    }
+    assert_eq!(started_with(&env, None).await?.len(), orders.len());
+    assert!(proxy.accepted() > 2, "the connections were made again");
+
+    relay.stop().await;
+    close_broker(&participant).await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_definition_or_an_input_that_does_not_fit_marks_the_row_failed_and_dead_letters_the_command()
+-> Result<()> {
+    let env = shop_env().await?;
+    let app = spawn_app(&env, registry()?).await?;
+    let relay = Relay::spawn(&env, amqp_url(), Duration::from_secs(10));
+
+    let mut tx = env.bank.begin().await?;
+    let unknown = start_in(&mut tx, "no_such_saga", &json!({}), None).await?;
+    let bad = start_in(&mut tx, DEFINITION, &json!({ "order": 5 }), Some("o-bad")).await?;
+    tx.commit().await?;
+
+    let rows = until("both rows marked failed", || async {
+        let rows = outbox_rows(&env.bank).await?;
+        Ok((rows.len() == 2 && rows.iter().all(|r| r.state == "failed")).then_some(rows))
+    })
+    .await?;
+    let reason = |id| {
+        rows.iter()
+            .find(|r| r.id == id)
+            .and_then(|r| r.last_error.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        reason(unknown).contains("no definition named no_such_saga is registered"),
+        "{rows:?}"
+    );
+    assert!(
+        reason(bad).contains("input does not match definition order_start"),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.failed_at.is_some() && r.attempts == 1)
+    );
+
+    let letters = until("both commands dead-lettered", || async {
+        let letters = app.engine.transport().list_dead_letters(10).await?;
+        Ok((letters.len() == 2).then_some(letters))
+    })
+    .await?;
+    for letter in &letters {
+        assert_eq!(
+            letter.queue.as_deref(),
+            Some(env.topology.starts_queue().as_str())
+        );
+        let body: serde_json::Value = serde_json::from_slice(&letter.body)?;
+        let id: uuid::Uuid = body["request_id"].as_str().unwrap_or_default().parse()?;
+        assert_eq!(
+            letter.reason.as_deref(),
+            Some(reason(id).as_str()),
+            "{letter:?}"
+        );
+    }
+    assert_eq!(started_with(&env, None).await?, Vec::<uuid::Uuid>::new());
+
+    relay.stop().await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_of_the_order_example_starts_its_saga_once_through_the_orders_participants_relay()
+-> Result<()> {
+    let env = TestEnv::new().await?;
+    shop::seed(&env.bank, "widget", 5).await?;
+    sagas::participant::start::install(&env.bank).await?;
+    let app = spawn_app(&env, shop::registry()?).await?;
+    let others = vec![
+        spawn_participant(&env, shop::INVENTORY, Arc::new(shop::inventory())).await?,
+        spawn_participant(&env, shop::PAYMENT, Arc::new(shop::payment())).await?,
+    ];
+    // The orders participant relays the starts of its database, as `SAGAS_RELAY_STARTS=1`
+    // makes `order_saga orders` do.
+    let relay = StartRelay::new(shop::ORDERS, env.topology.clone(), env.bank.clone())
+        .queue_options(queue_options())
+        .poll(Duration::from_millis(50));
+    let orders = Participant::new(
+        shop::ORDERS,
+        env.topology.clone(),
+        env.bank.clone(),
+        Arc::new(shop::orders()),
+    )
+    .queue_options(queue_options())
+    .relay_starts(relay);
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let running = tokio::spawn(async move {
+        orders
+            .run_forever(&amqp_url(), s.cancelled())
+            .await
+            .expect("the orders participant runs");
+    });
+
+    let order = shop::Order {
+        customer: "ada".into(),
+        sku: "widget".into(),
+        qty: 2,
+        amount: 1999,
+        simulate: None,
+    };
+    shop::place(&env.bank, "c-1", &order).await?;
+    assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
+    let started = instances(&env, "order", Some("c-1")).await?;
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(
+        env.wait_terminal(started[0]).await?.status,
+        Status::Completed
+    );
+    let (checkouts, confirmed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM shop_checkouts), \
+                (SELECT count(*) FROM shop_orders WHERE status = 'confirmed')",
+    )
+    .fetch_one(&env.bank)
+    .await?;
+    assert_eq!((checkouts, confirmed), (1, 1));
+
+    stop.cancel();
+    let _ = running.await;
+    for p in others {
+        p.stop().await;
+    }
+    let answers = env.topology.start_answers_queue(shop::ORDERS);
+    delete_amqp(&env.topology, &[], &[answers]).await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
