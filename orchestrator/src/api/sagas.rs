@@ -1056,7 +1056,15 @@ mod tests {
             traceparent: None,
         };
         let (id, plan) = (Uuid::now_v7(), (**def.plan()).clone());
-        let started = machine::start_with(id, plan, Value::Null, options, at(0), &def);
+        let started = machine::start_with(
+            id,
+            plan,
+            Value::Null,
+            options,
+            at(0),
+            &def,
+            &machine::Closed,
+        );
         let timer = |step: usize, kind: TimerKind, operation: Operation, due: i64| PendingTimer {
             due_at: at(due),
             timer: Timer {

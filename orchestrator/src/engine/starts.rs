@@ -236,7 +236,8 @@ impl Engine {
             deadline,
             traceparent: options.traceparent,
         };
-        let start = machine::start_with(id, (**def.plan()).clone(), input, logged, now, &def);
+        let plan = (**def.plan()).clone();
+        let start = machine::start_with(id, plan, input, logged, now, &def, &*self.breakers);
         Ok(Prepared {
             definition,
             start,

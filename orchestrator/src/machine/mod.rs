@@ -238,9 +238,18 @@ impl Commands for MissingDefinition {
     }
 }
 
-/// Creates an instance and dispatches its first step(s): [`start_with`] without options.
+/// Creates an instance and dispatches its first step(s): [`start_with`] without options, every
+/// breaker closed.
 pub fn start(id: Uuid, plan: Plan, input: Value, now: Time, commands: &dyn Commands) -> Transition {
-    start_with(id, plan, input, StartOptions::default(), now, commands)
+    start_with(
+        id,
+        plan,
+        input,
+        StartOptions::default(),
+        now,
+        commands,
+        &Closed,
+    )
 }
 
 /// The options of a start, as the `started` event logs them. The engine takes them from a
@@ -254,7 +263,8 @@ pub struct StartOptions {
     pub traceparent: Option<String>,
 }
 
-/// Creates an instance with `options` and dispatches its first step(s).
+/// Creates an instance with `options` and dispatches its first step(s), postponing those whose
+/// participant's breaker holds them back (as [`handle_with`] does).
 pub fn start_with(
     id: Uuid,
     plan: Plan,
@@ -262,6 +272,7 @@ pub fn start_with(
     options: StartOptions,
     now: Time,
     commands: &dyn Commands,
+    breakers: &dyn Breakers,
 ) -> Transition {
     let StartOptions {
         deadline,
@@ -283,7 +294,7 @@ pub fn start_with(
         inst: instance,
         now,
         commands,
-        breakers: &Closed,
+        breakers,
         events: vec![started],
         effects: Vec::new(),
     };

@@ -784,6 +784,7 @@ fn with_deadline(mode: Mode, steps: usize) -> Run {
         options,
         t0(),
         &Echo,
+        &Closed,
     );
     Run::from_start(t)
 }

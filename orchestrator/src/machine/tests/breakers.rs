@@ -166,3 +166,30 @@ fn an_operator_retry_sends_a_postponed_attempt_at_once() {
     .unwrap();
     assert_eq!(r.sent(), vec![(0, Action, 2)]);
 }
+
+#[test]
+fn a_start_whose_first_step_goes_to_an_open_participant_is_postponed_from_the_start() {
+    let breaker = Open::new("p0", t0() + Duration::seconds(5));
+    let t = start_with(
+        Uuid::from_u128(7),
+        plan(Mode::Saga, 2),
+        json!({}),
+        StartOptions::default(),
+        t0(),
+        &Echo,
+        &breaker,
+    );
+    let mut r = Run::from_start(t);
+    assert_eq!(
+        r.sent(),
+        vec![],
+        "nothing goes to a participant known to be down"
+    );
+    assert_eq!(postponed(&r), vec![(0, Action, 1, false)]);
+    assert_eq!(r.inst.steps[0].attempt, 0);
+    r.fire(0);
+    assert_eq!(r.sent(), vec![(0, Action, 1)]);
+    r.ok(0, Action);
+    r.ok(1, Action);
+    assert_eq!(r.inst.status, Status::Completed);
+}
