@@ -496,3 +496,92 @@ async fn a_checkout_of_the_order_example_starts_its_saga_once_through_the_orders
     cleanup(env, vec![app]).await;
     Ok(())
 }
+
+/// The order example's `orders` participant as a child process relaying the starts of its
+/// database (`SAGAS_RELAY_STARTS=1`), as a service deploys it; killed when dropped.
+fn orders_process(env: &TestEnv) -> Result<tokio::process::Child> {
+    let mut cmd =
+        tokio::process::Command::new(crate::helpers::built_binary("examples/order_saga")?);
+    cmd.arg("orders")
+        .env("AMQP_URL", amqp_url())
+        .env("SAGAS_AMQP_PREFIX", env.topology.prefix())
+        .env("SAGAS_QUEUE_EXPIRES_MS", "600000")
+        .env("ORDERS_DATABASE_URL", &env.bank_url)
+        .env("SAGAS_RELAY_STARTS", "1")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    Ok(cmd.spawn()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_placed_while_the_relaying_process_is_killed_and_restarted_each_start_one_saga()
+-> Result<()> {
+    const CHECKOUTS: usize = 30;
+    let env = TestEnv::new().await?;
+    shop::seed(&env.bank, "widget", CHECKOUTS as i32).await?;
+    sagas::participant::start::install(&env.bank).await?;
+    let app = spawn_app(&env, shop::registry()?).await?;
+    let others = vec![
+        spawn_participant(&env, shop::INVENTORY, Arc::new(shop::inventory())).await?,
+        spawn_participant(&env, shop::PAYMENT, Arc::new(shop::payment())).await?,
+    ];
+    let order = shop::Order {
+        customer: "ada".into(),
+        sku: "widget".into(),
+        qty: 1,
+        amount: 500,
+        simulate: None,
+    };
+    let key = |i: usize| format!("k-{i}");
+    let mut orders = orders_process(&env)?;
+    // The first checkout settled: the process relays. Then a third placed and the process
+    // killed (SIGKILL) right after them, while their requests are being published and
+    // answered; a third while none runs; a third after a new one started.
+    shop::place(&env.bank, &key(0), &order).await?;
+    settled(&env).await?;
+    for i in 1..CHECKOUTS / 3 {
+        shop::place(&env.bank, &key(i), &order).await?;
+    }
+    orders.start_kill()?;
+    orders.wait().await?;
+    let left = outbox_rows(&env.bank).await?.len();
+    println!(
+        "{left} of {} start requests were still in the outbox at the kill",
+        CHECKOUTS / 3 - 1
+    );
+    for i in CHECKOUTS / 3..2 * CHECKOUTS / 3 {
+        shop::place(&env.bank, &key(i), &order).await?;
+    }
+    let mut orders = orders_process(&env)?;
+    for i in 2 * CHECKOUTS / 3..CHECKOUTS {
+        shop::place(&env.bank, &key(i), &order).await?;
+    }
+
+    assert_eq!(
+        settled(&env).await?,
+        Vec::<OutboxRow>::new(),
+        "no row left or failed"
+    );
+    for i in 0..CHECKOUTS {
+        let started = instances(&env, "order", Some(&key(i))).await?;
+        assert_eq!(started.len(), 1, "checkout {}: {started:?}", key(i));
+        assert_eq!(
+            env.wait_terminal(started[0]).await?.status,
+            Status::Completed,
+            "checkout {}",
+            key(i)
+        );
+    }
+    assert_eq!(instances(&env, "order", None).await?.len(), CHECKOUTS);
+
+    orders.start_kill()?;
+    orders.wait().await?;
+    for p in others {
+        p.stop().await;
+    }
+    let answers = env.topology.start_answers_queue(shop::ORDERS);
+    delete_amqp(&env.topology, &[], &[answers]).await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
