@@ -85,7 +85,8 @@ async fn main() -> anyhow::Result<()> {
             )
             .unwrap_or_else(|e| e.exit());
             let pool = config.pool()?;
-            bank::install(&pool)
+            config
+                .set_up("creating the accounts tables", || bank::install(&pool))
                 .await
                 .context("creating the accounts tables (ACCOUNTS_DATABASE_URL)")?;
             let handler = bank::shared_handler(bank::Accounts {

@@ -96,7 +96,8 @@ async fn participant(name: &str, var: &str, handler: Arc<dyn Handler>) -> anyhow
     let config =
         ParticipantConfig::from_env_with_database_var(name, var).unwrap_or_else(|e| e.exit());
     let pool = config.pool()?;
-    shop::install(&pool)
+    config
+        .set_up("creating the shop's tables", || shop::install(&pool))
         .await
         .with_context(|| format!("creating the shop's tables ({var})"))?;
     config

@@ -42,6 +42,8 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_AMQP_PREFIX: &str = "sagas";
 /// The largest database pool either process accepts.
 pub const MAX_DB_POOL: u32 = 1000;
+/// How long [`ParticipantConfig::set_up`] waits for a database that is not up.
+pub const SETUP_DEADLINE: Duration = Duration::from_secs(60);
 /// The longest accepted queue expiry, in milliseconds (`SAGAS_QUEUE_EXPIRES_MS`).
 pub const MAX_QUEUE_EXPIRES_MS: u64 = u32::MAX as u64;
 
@@ -566,6 +568,49 @@ impl ParticipantConfig {
         }
     }
 
+    /// Runs `setup` (creating the service's own tables, say) until it succeeds: a database
+    /// that is not up yet or restarting is waited for, with the delays of a reconnection
+    /// (100 ms doubling to 5 s), each failure logged with `what`, for at most
+    /// [`SETUP_DEADLINE`]; then the last error. A process that starts beside a restarting
+    /// database comes up instead of exiting, as [`ParticipantConfig::serve`] does for the
+    /// barrier's table.
+    pub async fn set_up<T, E, Fut>(&self, what: &str, setup: impl FnMut() -> Fut) -> Result<T, E>
+    where
+        Fut: Future<Output = Result<T, E>>,
+        E: fmt::Display,
+    {
+        self.set_up_within(SETUP_DEADLINE, what, setup).await
+    }
+
+    /// [`ParticipantConfig::set_up`] for at most `limit`.
+    async fn set_up_within<T, E, Fut>(
+        &self,
+        limit: Duration,
+        what: &str,
+        mut setup: impl FnMut() -> Fut,
+    ) -> Result<T, E>
+    where
+        Fut: Future<Output = Result<T, E>>,
+        E: fmt::Display,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut delays =
+            amqp::Backoff::new(Duration::from_millis(100), Duration::from_secs(5)).delays();
+        loop {
+            match setup().await {
+                Ok(done) => return Ok(done),
+                Err(error) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    if tokio::time::Instant::now() + delay > deadline {
+                        return Err(error);
+                    }
+                    tracing::warn!(participant = %self.name, %error, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
     /// Serves the participant until `shutdown` ([`Participant::run_forever`]): connects to the
     /// broker and reconnects after every failure. `pool` is usually [`ParticipantConfig::pool`].
     ///
@@ -746,6 +791,31 @@ mod tests {
         assert_eq!(c.handler_timeout, None);
         assert_eq!(c.metrics_bind, None);
         assert!(!c.relay_starts);
+    }
+
+    #[tokio::test]
+    async fn a_set_up_is_tried_again_until_it_succeeds_and_its_last_error_returned_after_its_limit()
+    {
+        let config = ParticipantConfig::read(&mut env(&[]), "accounts", "DATABASE_URL");
+        let tries = std::cell::Cell::new(0);
+        let flaky = || {
+            tries.set(tries.get() + 1);
+            let n = tries.get();
+            async move {
+                if n < 3 {
+                    Err(format!("down {n}"))
+                } else {
+                    Ok(n)
+                }
+            }
+        };
+        assert_eq!(config.set_up("creating tables", flaky).await, Ok(3));
+        let never = || async { Err::<(), _>("still down") };
+        let limit = Duration::from_millis(250);
+        assert_eq!(
+            config.set_up_within(limit, "creating tables", never).await,
+            Err("still down")
+        );
     }
 
     #[test]
