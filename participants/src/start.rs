@@ -52,6 +52,10 @@ pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most rows one look at the outbox claims and publishes at once.
 pub const RELAY_BATCH: i64 = 100;
+/// How long the broker may take to answer one step of a session (declaring, consuming, a batch
+/// of publishes confirmed, closing): past it the connection counts as lost and the relay
+/// connects again. A connection cut at the wrong moment can leave such a step waiting forever.
+pub const BROKER_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors of [`start_in`] and of the [`StartRelay`].
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +72,9 @@ pub enum StartError {
     /// The broker ended the consumer of the relay's answers (the queue was deleted).
     #[error("the broker ended the consumer of {0}")]
     ConsumerEnded(String),
+    /// The broker did not answer within [`BROKER_STEP_TIMEOUT`].
+    #[error("the broker did not answer within {limit} s: {0}", limit = BROKER_STEP_TIMEOUT.as_secs())]
+    BrokerSilent(&'static str),
     /// The AMQP URL cannot be parsed, or the TLS files it names cannot be read.
     #[error("invalid AMQP URL: {0}")]
     InvalidUrl(String),
@@ -306,28 +313,32 @@ impl StartRelay {
         conn: &Connection,
         mut shutdown: Pin<&mut S>,
     ) -> Result<(), StartError> {
-        let publisher = confirm_channel(conn).await?;
-        declare_starts(&publisher, &self.topology, &self.queue_options).await?;
         let answers_queue = self.topology.start_answers_queue(&self.service);
-        declare_start_answers(
-            &publisher,
-            &self.topology,
-            &self.service,
-            &self.queue_options,
-        )
-        .await?;
-        let consumer = conn.create_channel().await?;
-        consumer
-            .basic_qos(RELAY_BATCH as u16, BasicQosOptions::default())
-            .await?;
-        let mut answers = consumer
-            .basic_consume(
-                answers_queue.as_str().into(),
-                "sagas-start-relay".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
+        let (publisher, mut answers) = bounded("opening the session", async {
+            let publisher = confirm_channel(conn).await?;
+            declare_starts(&publisher, &self.topology, &self.queue_options).await?;
+            declare_start_answers(
+                &publisher,
+                &self.topology,
+                &self.service,
+                &self.queue_options,
             )
             .await?;
+            let consumer = conn.create_channel().await?;
+            consumer
+                .basic_qos(RELAY_BATCH as u16, BasicQosOptions::default())
+                .await?;
+            let answers = consumer
+                .basic_consume(
+                    answers_queue.as_str().into(),
+                    "sagas-start-relay".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, StartError>((publisher, answers))
+        })
+        .await??;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
         let mut poll = tokio::time::interval(self.poll);
@@ -359,7 +370,7 @@ impl StartRelay {
                 .bind(RELAY_BATCH)
                 .fetch_all(&self.pool)
                 .await?;
-            let published = join_all(claimed.iter().map(|row| {
+            let publishing = join_all(claimed.iter().map(|row| {
                 let command = StartCommand {
                     protocol: PROTOCOL_VERSION,
                     request_id: row.id,
@@ -374,13 +385,18 @@ impl StartRelay {
                 async move {
                     // Serializing a Value cannot fail.
                     let body = serde_json::to_vec(&command).unwrap_or_default();
-                    (
-                        command.request_id,
-                        publish_to_queue(ch, queue, &body, properties).await,
-                    )
+                    let confirmed = publish_to_queue(ch, queue, &body, properties).await;
+                    (command.request_id, confirmed.map_err(StartError::from))
                 }
-            }))
-            .await;
+            }));
+            // Unanswered: every row of the batch counts as not published.
+            let published = match tokio::time::timeout(BROKER_STEP_TIMEOUT, publishing).await {
+                Ok(published) => published,
+                Err(_) => claimed
+                    .iter()
+                    .map(|row| (row.id, Err(StartError::BrokerSilent("publishing"))))
+                    .collect(),
+            };
             let mut failure = None;
             for (id, result) in published {
                 let why = match result {
@@ -459,6 +475,13 @@ impl StartRelay {
     }
 }
 
+/// `step` of a session, or [`StartError::BrokerSilent`] past [`BROKER_STEP_TIMEOUT`].
+async fn bounded<T>(step: &'static str, work: impl Future<Output = T>) -> Result<T, StartError> {
+    tokio::time::timeout(BROKER_STEP_TIMEOUT, work)
+        .await
+        .map_err(|_| StartError::BrokerSilent(step))
+}
+
 /// The sessions of [`StartRelay::run_forever`], each on a connection of its own.
 struct RelaySessions<'a> {
     relay: &'a StartRelay,
@@ -482,7 +505,7 @@ impl<S: Future<Output = ()>> amqp::Sessions<S> for RelaySessions<'_> {
     async fn serve(&mut self, conn: Connection, shutdown: Pin<&mut S>) -> Result<(), StartError> {
         let result = self.relay.session(&conn, shutdown).await;
         if conn.status().connected() {
-            let _ = conn.close(200, "OK".into()).await;
+            let _ = bounded("closing", conn.close(200, "OK".into())).await;
         }
         result
     }

@@ -76,6 +76,12 @@ impl Setup {
         Ok((res.status().as_u16(), res.json().await?))
     }
 
+    /// The console's page of transaction `id`.
+    async fn page(&self, id: Uuid) -> Result<String> {
+        let url = self.app.url(&format!("/ui/transactions/{id}"));
+        Ok(self.http.get(url).send().await?.text().await?)
+    }
+
     async fn stop(self) {
         self.raw.close().await;
         self.app.stop().await;
@@ -104,13 +110,7 @@ async fn a_signalled_wait_completes_the_saga_with_the_signal_data_in_the_next_co
         "{answer}"
     );
 
-    let page = s
-        .http
-        .get(s.app.url(&format!("/ui/transactions/{id}")))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let page = s.page(id).await?;
     assert!(page.contains("Not waiting yet."), "{page}");
 
     s.raw
@@ -126,13 +126,7 @@ async fn a_signalled_wait_completes_the_saga_with_the_signal_data_in_the_next_co
     assert_eq!(view["steps"][1]["signal"], "3ds");
     assert_eq!(view["steps"][1]["status"], "running");
     assert_eq!(view["steps"][1]["participant"], "");
-    let page = s
-        .http
-        .get(s.app.url(&format!("/ui/transactions/{id}")))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let page = s.page(id).await?;
     assert!(page.contains("waits for signal 3ds until"), "{page}");
     assert!(page.contains("without it, the step fails then"), "{page}");
     let url = s.app.url("");

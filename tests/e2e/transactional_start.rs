@@ -177,6 +177,15 @@ async fn instances(env: &TestEnv, definition: &str, key: Option<&str>) -> Result
         .collect())
 }
 
+/// The one instance of `definition` started with `key`, once it completed.
+async fn one_completed(env: &TestEnv, definition: &str, key: &str) -> Result<uuid::Uuid> {
+    let started = instances(env, definition, Some(key)).await?;
+    anyhow::ensure!(started.len() == 1, "{key}: {started:?}");
+    let status = env.wait_terminal(started[0]).await?.status;
+    anyhow::ensure!(status == Status::Completed, "{key}: {status:?}");
+    Ok(started[0])
+}
+
 /// Ready messages in `queue` now.
 async fn ready(queue: &str) -> Result<u32> {
     let conn = connect_broker().await?;
@@ -270,12 +279,7 @@ async fn a_relay_killed_between_publishing_and_deleting_leaves_exactly_one_saga_
     // The orchestrator takes both deliveries: one saga, and the row is deleted.
     let app = spawn_app(&env, registry()?).await?;
     assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
-    let started = started_with(&env, Some("o-1")).await?;
-    assert_eq!(started.len(), 1, "{started:?}");
-    assert_eq!(
-        env.wait_terminal(started[0]).await?.status,
-        Status::Completed
-    );
+    let started = vec![one_completed(&env, DEFINITION, "o-1").await?];
     until("every start command consumed", || async {
         Ok((ready(&starts).await? == 0).then_some(()))
     })
@@ -352,13 +356,7 @@ async fn starts_committed_while_the_brokers_connections_are_cut_each_run_exactly
     assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
     let mut seen = HashSet::new();
     for id in &orders {
-        let started = started_with(&env, Some(id)).await?;
-        assert_eq!(started.len(), 1, "{id}: {started:?}");
-        assert_eq!(
-            env.wait_terminal(started[0]).await?.status,
-            Status::Completed
-        );
-        seen.insert(started[0]);
+        seen.insert(one_completed(&env, DEFINITION, id).await?);
     }
     assert_eq!(started_with(&env, None).await?.len(), orders.len());
     assert!(proxy.accepted() > 2, "the connections were made again");
@@ -472,12 +470,7 @@ async fn a_checkout_of_the_order_example_starts_its_saga_once_through_the_orders
     };
     shop::place(&env.bank, "c-1", &order).await?;
     assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
-    let started = instances(&env, "order", Some("c-1")).await?;
-    assert_eq!(started.len(), 1, "{started:?}");
-    assert_eq!(
-        env.wait_terminal(started[0]).await?.status,
-        Status::Completed
-    );
+    one_completed(&env, "order", "c-1").await?;
     let (checkouts, confirmed): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM shop_checkouts), \
                 (SELECT count(*) FROM shop_orders WHERE status = 'confirmed')",
@@ -564,14 +557,7 @@ async fn checkouts_placed_while_the_relaying_process_is_killed_and_restarted_eac
         "no row left or failed"
     );
     for i in 0..CHECKOUTS {
-        let started = instances(&env, "order", Some(&key(i))).await?;
-        assert_eq!(started.len(), 1, "checkout {}: {started:?}", key(i));
-        assert_eq!(
-            env.wait_terminal(started[0]).await?.status,
-            Status::Completed,
-            "checkout {}",
-            key(i)
-        );
+        one_completed(&env, "order", &key(i)).await?;
     }
     assert_eq!(instances(&env, "order", None).await?.len(), CHECKOUTS);
 
