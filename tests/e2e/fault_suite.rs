@@ -326,7 +326,7 @@ fn run_tool(cmd: &str, args: &[&str]) -> Result<()> {
 }
 
 /// Starts RabbitMQ's application again when dropped, whatever happened.
-struct StoppedBroker;
+pub(crate) struct StoppedBroker;
 
 impl Drop for StoppedBroker {
     fn drop(&mut self) {
@@ -339,12 +339,15 @@ impl Drop for StoppedBroker {
     }
 }
 
-async fn restart_broker(down: Duration) -> Result<()> {
+/// Stops the local RabbitMQ's application (`rabbitmqctl stop_app`); it starts again when the
+/// guard is dropped.
+pub(crate) fn stop_broker() -> Result<StoppedBroker> {
     run_tool("rabbitmqctl", &["stop_app"])?;
-    let stopped = StoppedBroker;
-    tokio::time::sleep(down).await;
-    drop(stopped);
-    // Back when a client can connect.
+    Ok(StoppedBroker)
+}
+
+/// Waits (60 s at most) until a client can connect to the broker again.
+pub(crate) async fn broker_back() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(conn) = connect_broker().await {
@@ -354,6 +357,13 @@ async fn restart_broker(down: Duration) -> Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "RabbitMQ not back in 60 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn restart_broker(down: Duration) -> Result<()> {
+    let stopped = stop_broker()?;
+    tokio::time::sleep(down).await;
+    drop(stopped);
+    broker_back().await
 }
 
 async fn restart_database(env: &TestEnv) -> Result<()> {

@@ -571,3 +571,95 @@ async fn checkouts_placed_while_the_relaying_process_is_killed_and_restarted_eac
     cleanup(env, vec![app]).await;
     Ok(())
 }
+
+/// Restarts the local RabbitMQ: only in the serial last stage of scripts/test, with
+/// `SAGAS_FAULTS_RESTART_SERVICES=1` (as the fault suite's variant with service restarts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_placed_before_during_and_after_a_broker_restart_each_start_one_saga()
+-> Result<()> {
+    if std::env::var("SAGAS_FAULTS_RESTART_SERVICES").as_deref() != Ok("1") {
+        println!(
+            "skipped: restarts RabbitMQ; runs with SAGAS_FAULTS_RESTART_SERVICES=1 (the serial \
+             last stage of scripts/test)"
+        );
+        return Ok(());
+    }
+    const CHECKOUTS: usize = 30;
+    let env = TestEnv::new().await?;
+    shop::seed(&env.bank, "widget", CHECKOUTS as i32).await?;
+    sagas::participant::start::install(&env.bank).await?;
+    let app = spawn_app(&env, shop::registry()?).await?;
+    let others = vec![
+        spawn_participant(&env, shop::INVENTORY, Arc::new(shop::inventory())).await?,
+        spawn_participant(&env, shop::PAYMENT, Arc::new(shop::payment())).await?,
+    ];
+    let relay = StartRelay::new(shop::ORDERS, env.topology.clone(), env.bank.clone())
+        .queue_options(queue_options())
+        .poll(Duration::from_millis(50))
+        .answer_timeout(Duration::from_secs(2))
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500));
+    let orders = Participant::new(
+        shop::ORDERS,
+        env.topology.clone(),
+        env.bank.clone(),
+        Arc::new(shop::orders()),
+    )
+    .queue_options(queue_options())
+    .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+    .relay_starts(relay);
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let running = tokio::spawn(async move {
+        orders
+            .run_forever(&amqp_url(), s.cancelled())
+            .await
+            .expect("the orders participant runs");
+    });
+    let order = shop::Order {
+        customer: "ada".into(),
+        sku: "widget".into(),
+        qty: 1,
+        amount: 500,
+        simulate: None,
+    };
+    let key = |i: usize| format!("k-{i}");
+    let place = |from: usize, to: usize| {
+        let (bank, order) = (env.bank.clone(), order.clone());
+        async move {
+            for i in from..to {
+                shop::place(&bank, &format!("k-{i}"), &order).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+
+    // A third before (settled: everything runs), a third while the broker is stopped, and a
+    // third right after it is back, while every process is still reconnecting.
+    place(0, CHECKOUTS / 3).await?;
+    settled(&env).await?;
+    let stopped = crate::fault_suite::stop_broker()?;
+    place(CHECKOUTS / 3, 2 * CHECKOUTS / 3).await?;
+    drop(stopped);
+    crate::fault_suite::broker_back().await?;
+    place(2 * CHECKOUTS / 3, CHECKOUTS).await?;
+
+    assert_eq!(
+        settled(&env).await?,
+        Vec::<OutboxRow>::new(),
+        "no row left or failed"
+    );
+    for i in 0..CHECKOUTS {
+        one_completed(&env, "order", &key(i)).await?;
+    }
+    assert_eq!(instances(&env, "order", None).await?.len(), CHECKOUTS);
+
+    stop.cancel();
+    let _ = running.await;
+    for p in others {
+        p.stop().await;
+    }
+    let answers = env.topology.start_answers_queue(shop::ORDERS);
+    delete_amqp(&env.topology, &[], &[answers]).await;
+    cleanup(env, vec![app]).await;
+    Ok(())
+}
