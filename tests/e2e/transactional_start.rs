@@ -428,65 +428,129 @@ async fn an_unknown_definition_or_an_input_that_does_not_fit_marks_the_row_faile
     Ok(())
 }
 
+/// The order example in this process: its orchestrator, and its inventory and payment
+/// participants, over a shop with `units` widgets and the start outbox; the orders
+/// participant comes with [`Shop::relaying_orders`] or as a child process.
+struct Shop {
+    env: TestEnv,
+    app: App,
+    others: Vec<crate::helpers::Running>,
+    orders: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl Shop {
+    async fn open(units: i32) -> Result<Shop> {
+        let env = TestEnv::new().await?;
+        shop::seed(&env.bank, "widget", units).await?;
+        sagas::participant::start::install(&env.bank).await?;
+        let app = spawn_app(&env, shop::registry()?).await?;
+        let others = vec![
+            spawn_participant(&env, shop::INVENTORY, Arc::new(shop::inventory())).await?,
+            spawn_participant(&env, shop::PAYMENT, Arc::new(shop::payment())).await?,
+        ];
+        Ok(Shop {
+            env,
+            app,
+            others,
+            orders: None,
+        })
+    }
+
+    /// Runs the orders participant here, reconnecting as a deployed one does, relaying the
+    /// starts of its database with `relay` (as `SAGAS_RELAY_STARTS=1` makes `order_saga
+    /// orders` do).
+    fn relaying_orders(&mut self, relay: StartRelay) {
+        let env = &self.env;
+        let orders = Participant::new(
+            shop::ORDERS,
+            env.topology.clone(),
+            env.bank.clone(),
+            Arc::new(shop::orders()),
+        )
+        .queue_options(queue_options())
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .relay_starts(relay.queue_options(queue_options()));
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let running = tokio::spawn(async move {
+            orders
+                .run_forever(&amqp_url(), s.cancelled())
+                .await
+                .expect("the orders participant runs");
+        });
+        self.orders = Some((stop, running));
+    }
+
+    /// A relay of the orders participant's database.
+    fn relay(&self) -> StartRelay {
+        StartRelay::new(
+            shop::ORDERS,
+            self.env.topology.clone(),
+            self.env.bank.clone(),
+        )
+        .poll(Duration::from_millis(50))
+    }
+
+    /// Places checkouts `k-{from}` to `k-{to - 1}`, `qty` widgets each.
+    async fn place(&self, from: usize, to: usize, qty: i32) -> Result<()> {
+        let order = shop::Order {
+            customer: "ada".into(),
+            sku: "widget".into(),
+            qty,
+            amount: 500,
+            simulate: None,
+        };
+        for i in from..to {
+            shop::place(&self.env.bank, &format!("k-{i}"), &order).await?;
+        }
+        Ok(())
+    }
+
+    /// Every checkout `k-0` to `k-{n - 1}` started one saga, which completed, and there is
+    /// no other; no start request is left.
+    async fn each_checkout_one_saga(&self, n: usize) -> Result<()> {
+        assert_eq!(
+            settled(&self.env).await?,
+            Vec::<OutboxRow>::new(),
+            "no row left or failed"
+        );
+        for i in 0..n {
+            one_completed(&self.env, "order", &format!("k-{i}")).await?;
+        }
+        assert_eq!(instances(&self.env, "order", None).await?.len(), n);
+        Ok(())
+    }
+
+    async fn close(self) {
+        if let Some((stop, running)) = self.orders {
+            stop.cancel();
+            let _ = running.await;
+        }
+        for p in self.others {
+            p.stop().await;
+        }
+        let answers = self.env.topology.start_answers_queue(shop::ORDERS);
+        delete_amqp(&self.env.topology, &[], &[answers]).await;
+        cleanup(self.env, vec![self.app]).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkout_of_the_order_example_starts_its_saga_once_through_the_orders_participants_relay()
 -> Result<()> {
-    let env = TestEnv::new().await?;
-    shop::seed(&env.bank, "widget", 5).await?;
-    sagas::participant::start::install(&env.bank).await?;
-    let app = spawn_app(&env, shop::registry()?).await?;
-    let others = vec![
-        spawn_participant(&env, shop::INVENTORY, Arc::new(shop::inventory())).await?,
-        spawn_participant(&env, shop::PAYMENT, Arc::new(shop::payment())).await?,
-    ];
-    // The orders participant relays the starts of its database, as `SAGAS_RELAY_STARTS=1`
-    // makes `order_saga orders` do.
-    let relay = StartRelay::new(shop::ORDERS, env.topology.clone(), env.bank.clone())
-        .queue_options(queue_options())
-        .poll(Duration::from_millis(50));
-    let orders = Participant::new(
-        shop::ORDERS,
-        env.topology.clone(),
-        env.bank.clone(),
-        Arc::new(shop::orders()),
-    )
-    .queue_options(queue_options())
-    .relay_starts(relay);
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let running = tokio::spawn(async move {
-        orders
-            .run_forever(&amqp_url(), s.cancelled())
-            .await
-            .expect("the orders participant runs");
-    });
-
-    let order = shop::Order {
-        customer: "ada".into(),
-        sku: "widget".into(),
-        qty: 2,
-        amount: 1999,
-        simulate: None,
-    };
-    shop::place(&env.bank, "c-1", &order).await?;
-    assert_eq!(settled(&env).await?, Vec::<OutboxRow>::new());
-    one_completed(&env, "order", "c-1").await?;
+    let mut shop = Shop::open(5).await?;
+    let relay = shop.relay();
+    shop.relaying_orders(relay);
+    shop.place(0, 1, 2).await?;
+    shop.each_checkout_one_saga(1).await?;
     let (checkouts, confirmed): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM shop_checkouts), \
                 (SELECT count(*) FROM shop_orders WHERE status = 'confirmed')",
     )
-    .fetch_one(&env.bank)
+    .fetch_one(&shop.env.bank)
     .await?;
     assert_eq!((checkouts, confirmed), (1, 1));
-
-    stop.cancel();
-    let _ = running.await;
-    for p in others {
-        p.stop().await;
-    }
-    let answers = env.topology.start_answers_queue(shop::ORDERS);
-    delete_amqp(&env.topology, &[], &[answers]).await;
-    cleanup(env, vec![app]).await;
+    shop.close().await;
     Ok(())
 }
 
@@ -511,64 +575,28 @@ fn orders_process(env: &TestEnv) -> Result<tokio::process::Child> {
 async fn checkouts_placed_while_the_relaying_process_is_killed_and_restarted_each_start_one_saga()
 -> Result<()> {
     const CHECKOUTS: usize = 30;
-    let env = TestEnv::new().await?;
-    shop::seed(&env.bank, "widget", CHECKOUTS as i32).await?;
-    sagas::participant::start::install(&env.bank).await?;
-    let app = spawn_app(&env, shop::registry()?).await?;
-    let others = vec![
-        spawn_participant(&env, shop::INVENTORY, Arc::new(shop::inventory())).await?,
-        spawn_participant(&env, shop::PAYMENT, Arc::new(shop::payment())).await?,
-    ];
-    let order = shop::Order {
-        customer: "ada".into(),
-        sku: "widget".into(),
-        qty: 1,
-        amount: 500,
-        simulate: None,
-    };
-    let key = |i: usize| format!("k-{i}");
-    let mut orders = orders_process(&env)?;
+    let shop = Shop::open(CHECKOUTS as i32).await?;
+    let mut orders = orders_process(&shop.env)?;
     // The first checkout settled: the process relays. Then a third placed and the process
     // killed (SIGKILL) right after them, while their requests are being published and
     // answered; a third while none runs; a third after a new one started.
-    shop::place(&env.bank, &key(0), &order).await?;
-    settled(&env).await?;
-    for i in 1..CHECKOUTS / 3 {
-        shop::place(&env.bank, &key(i), &order).await?;
-    }
+    shop.place(0, 1, 1).await?;
+    settled(&shop.env).await?;
+    shop.place(1, CHECKOUTS / 3, 1).await?;
     orders.start_kill()?;
     orders.wait().await?;
-    let left = outbox_rows(&env.bank).await?.len();
+    let left = outbox_rows(&shop.env.bank).await?.len();
     println!(
         "{left} of {} start requests were still in the outbox at the kill",
         CHECKOUTS / 3 - 1
     );
-    for i in CHECKOUTS / 3..2 * CHECKOUTS / 3 {
-        shop::place(&env.bank, &key(i), &order).await?;
-    }
-    let mut orders = orders_process(&env)?;
-    for i in 2 * CHECKOUTS / 3..CHECKOUTS {
-        shop::place(&env.bank, &key(i), &order).await?;
-    }
-
-    assert_eq!(
-        settled(&env).await?,
-        Vec::<OutboxRow>::new(),
-        "no row left or failed"
-    );
-    for i in 0..CHECKOUTS {
-        one_completed(&env, "order", &key(i)).await?;
-    }
-    assert_eq!(instances(&env, "order", None).await?.len(), CHECKOUTS);
-
+    shop.place(CHECKOUTS / 3, 2 * CHECKOUTS / 3, 1).await?;
+    let mut orders = orders_process(&shop.env)?;
+    shop.place(2 * CHECKOUTS / 3, CHECKOUTS, 1).await?;
+    shop.each_checkout_one_saga(CHECKOUTS).await?;
     orders.start_kill()?;
     orders.wait().await?;
-    for p in others {
-        p.stop().await;
-    }
-    let answers = env.topology.start_answers_queue(shop::ORDERS);
-    delete_amqp(&env.topology, &[], &[answers]).await;
-    cleanup(env, vec![app]).await;
+    shop.close().await;
     Ok(())
 }
 
@@ -585,81 +613,22 @@ async fn checkouts_placed_before_during_and_after_a_broker_restart_each_start_on
         return Ok(());
     }
     const CHECKOUTS: usize = 30;
-    let env = TestEnv::new().await?;
-    shop::seed(&env.bank, "widget", CHECKOUTS as i32).await?;
-    sagas::participant::start::install(&env.bank).await?;
-    let app = spawn_app(&env, shop::registry()?).await?;
-    let others = vec![
-        spawn_participant(&env, shop::INVENTORY, Arc::new(shop::inventory())).await?,
-        spawn_participant(&env, shop::PAYMENT, Arc::new(shop::payment())).await?,
-    ];
-    let relay = StartRelay::new(shop::ORDERS, env.topology.clone(), env.bank.clone())
-        .queue_options(queue_options())
-        .poll(Duration::from_millis(50))
+    let mut shop = Shop::open(CHECKOUTS as i32).await?;
+    let relay = shop
+        .relay()
         .answer_timeout(Duration::from_secs(2))
         .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500));
-    let orders = Participant::new(
-        shop::ORDERS,
-        env.topology.clone(),
-        env.bank.clone(),
-        Arc::new(shop::orders()),
-    )
-    .queue_options(queue_options())
-    .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
-    .relay_starts(relay);
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let running = tokio::spawn(async move {
-        orders
-            .run_forever(&amqp_url(), s.cancelled())
-            .await
-            .expect("the orders participant runs");
-    });
-    let order = shop::Order {
-        customer: "ada".into(),
-        sku: "widget".into(),
-        qty: 1,
-        amount: 500,
-        simulate: None,
-    };
-    let key = |i: usize| format!("k-{i}");
-    let place = |from: usize, to: usize| {
-        let (bank, order) = (env.bank.clone(), order.clone());
-        async move {
-            for i in from..to {
-                shop::place(&bank, &format!("k-{i}"), &order).await?;
-            }
-            anyhow::Ok(())
-        }
-    };
-
+    shop.relaying_orders(relay);
     // A third before (settled: everything runs), a third while the broker is stopped, and a
     // third right after it is back, while every process is still reconnecting.
-    place(0, CHECKOUTS / 3).await?;
-    settled(&env).await?;
+    shop.place(0, CHECKOUTS / 3, 1).await?;
+    settled(&shop.env).await?;
     let stopped = crate::fault_suite::stop_broker()?;
-    place(CHECKOUTS / 3, 2 * CHECKOUTS / 3).await?;
+    shop.place(CHECKOUTS / 3, 2 * CHECKOUTS / 3, 1).await?;
     drop(stopped);
     crate::fault_suite::broker_back().await?;
-    place(2 * CHECKOUTS / 3, CHECKOUTS).await?;
-
-    assert_eq!(
-        settled(&env).await?,
-        Vec::<OutboxRow>::new(),
-        "no row left or failed"
-    );
-    for i in 0..CHECKOUTS {
-        one_completed(&env, "order", &key(i)).await?;
-    }
-    assert_eq!(instances(&env, "order", None).await?.len(), CHECKOUTS);
-
-    stop.cancel();
-    let _ = running.await;
-    for p in others {
-        p.stop().await;
-    }
-    let answers = env.topology.start_answers_queue(shop::ORDERS);
-    delete_amqp(&env.topology, &[], &[answers]).await;
-    cleanup(env, vec![app]).await;
+    shop.place(2 * CHECKOUTS / 3, CHECKOUTS, 1).await?;
+    shop.each_checkout_one_saga(CHECKOUTS).await?;
+    shop.close().await;
     Ok(())
 }
