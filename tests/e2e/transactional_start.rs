@@ -15,7 +15,7 @@ use sagas::orchestrator::store::{ListFilter, SagaStore};
 use sagas::orchestrator::transport::AmqpConfig;
 use sagas::orchestrator::{Definition, Registry};
 use sagas::participant::start::{OutboxRow, StartRelay, outbox_rows};
-use sagas::participant::{Outcome, Participant, start_in};
+use sagas::participant::{Handler, Outcome, Participant, start_in};
 use sagas_test_support::delete_amqp;
 use sagas_test_support::proxy::Proxy;
 use serde::{Deserialize, Serialize};
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::examples::shop;
 use crate::helpers::{
     App, TestEnv, amqp_url, close_broker, connect_broker, queue_options, scripted_participant,
-    spawn_app, spawn_app_with, spawn_participant,
+    spawn_app, spawn_app_with,
 };
 
 /// The service that starts the sagas (it names its relay's answers queue).
@@ -434,8 +434,8 @@ async fn an_unknown_definition_or_an_input_that_does_not_fit_marks_the_row_faile
 struct Shop {
     env: TestEnv,
     app: App,
-    others: Vec<crate::helpers::Running>,
-    orders: Option<(CancellationToken, JoinHandle<()>)>,
+    /// The participants running here, each until its token is cancelled.
+    served: Vec<(CancellationToken, JoinHandle<()>)>,
 }
 
 impl Shop {
@@ -444,41 +444,42 @@ impl Shop {
         shop::seed(&env.bank, "widget", units).await?;
         sagas::participant::start::install(&env.bank).await?;
         let app = spawn_app(&env, shop::registry()?).await?;
-        let others = vec![
-            spawn_participant(&env, shop::INVENTORY, Arc::new(shop::inventory())).await?,
-            spawn_participant(&env, shop::PAYMENT, Arc::new(shop::payment())).await?,
-        ];
-        Ok(Shop {
+        let mut shop = Shop {
             env,
             app,
-            others,
-            orders: None,
-        })
+            served: Vec::new(),
+        };
+        shop.serve(shop::INVENTORY, Arc::new(shop::inventory()), None);
+        shop.serve(shop::PAYMENT, Arc::new(shop::payment()), None);
+        Ok(shop)
     }
 
-    /// Runs the orders participant here, reconnecting as a deployed one does, relaying the
-    /// starts of its database with `relay` (as `SAGAS_RELAY_STARTS=1` makes `order_saga
-    /// orders` do).
-    fn relaying_orders(&mut self, relay: StartRelay) {
+    /// Runs participant `name` here as a deployed one runs, reconnecting after a broker
+    /// outage (within half a second), with `relay` beside it if given.
+    fn serve(&mut self, name: &str, handler: Arc<dyn Handler>, relay: Option<StartRelay>) {
         let env = &self.env;
-        let orders = Participant::new(
-            shop::ORDERS,
-            env.topology.clone(),
-            env.bank.clone(),
-            Arc::new(shop::orders()),
-        )
-        .queue_options(queue_options())
-        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
-        .relay_starts(relay.queue_options(queue_options()));
+        let participant = Participant::new(name, env.topology.clone(), env.bank.clone(), handler)
+            .queue_options(queue_options())
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500));
+        let participant = match relay {
+            Some(relay) => participant.relay_starts(relay.queue_options(queue_options())),
+            None => participant,
+        };
         let stop = CancellationToken::new();
         let s = stop.clone();
         let running = tokio::spawn(async move {
-            orders
+            participant
                 .run_forever(&amqp_url(), s.cancelled())
                 .await
-                .expect("the orders participant runs");
+                .expect("the participant runs");
         });
-        self.orders = Some((stop, running));
+        self.served.push((stop, running));
+    }
+
+    /// Runs the orders participant here, relaying the starts of its database with `relay`
+    /// (as `SAGAS_RELAY_STARTS=1` makes `order_saga orders` do).
+    fn relaying_orders(&mut self, relay: StartRelay) {
+        self.serve(shop::ORDERS, Arc::new(shop::orders()), Some(relay));
     }
 
     /// A relay of the orders participant's database.
@@ -522,12 +523,9 @@ impl Shop {
     }
 
     async fn close(self) {
-        if let Some((stop, running)) = self.orders {
+        for (stop, running) in self.served {
             stop.cancel();
             let _ = running.await;
-        }
-        for p in self.others {
-            p.stop().await;
         }
         let answers = self.env.topology.start_answers_queue(shop::ORDERS);
         delete_amqp(&self.env.topology, &[], &[answers]).await;
