@@ -594,7 +594,7 @@ async fn readyz_is_ok_when_the_database_and_the_broker_answer() -> Result<()> {
     assert_eq!(res.status(), 200);
     assert_eq!(
         res.json::<Value>().await?,
-        json!({"database": "ok", "broker": "ok"})
+        json!({"database": "ok", "broker": "ok", "engine": "ok"})
     );
     app.stop().await;
     env.cleanup().await;
@@ -626,6 +626,7 @@ async fn readyz_is_503_naming_the_broker_when_it_cannot_be_reached() -> Result<(
     let body: Value = res.json().await?;
     assert_eq!(body["database"], "ok");
     assert_ne!(body["broker"], "ok");
+    assert_eq!(body["engine"], "starting", "never run: {body}");
     server.abort();
     env.cleanup().await;
     Ok(())

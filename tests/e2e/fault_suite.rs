@@ -282,7 +282,7 @@ impl Cluster {
     async fn wait_healthy(&mut self, http: &reqwest::Client, i: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = http.get(format!("{}/healthz", self.base(i))).send().await
+            if let Ok(r) = http.get(format!("{}/readyz", self.base(i))).send().await
                 && r.status().is_success()
             {
                 return Ok(());
@@ -290,7 +290,7 @@ impl Cluster {
             self.check_alive()?;
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "orchestrator {i} not healthy in 60 s"
+                "orchestrator {i} not ready (/readyz) in 60 s"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

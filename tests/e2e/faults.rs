@@ -145,14 +145,14 @@ fn spawn_orchestrator(env: &TestEnv, port: u16) -> Result<Child> {
 async fn wait_healthy(http: &reqwest::Client, base: &str) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(r) = http.get(format!("{base}/healthz")).send().await
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
             && r.status().is_success()
         {
             return Ok(());
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "orchestrator not healthy in 30 s"
+            "orchestrator not ready (/readyz) in 30 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -246,6 +246,10 @@ async fn spawn(
             }
         })
     };
+    // Ready, as a load balancer would wait for `/readyz`: replies and starts are consumed.
+    tokio::time::timeout(Duration::from_secs(60), engine.until_running())
+        .await
+        .context("the engine did not run within 60 s")?;
     Ok(App {
         engine,
         addr,

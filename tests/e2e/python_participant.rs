@@ -213,13 +213,16 @@ impl Processes {
     async fn wait_healthy(&mut self, http: &reqwest::Client) -> Result<()> {
         let deadline = Instant::now() + WITHIN;
         loop {
-            if let Ok(r) = http.get(format!("{}/healthz", self.base)).send().await
+            if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await
                 && r.status().is_success()
             {
                 return Ok(());
             }
             self.check_alive()?;
-            anyhow::ensure!(Instant::now() < deadline, "orchestrator not healthy");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "orchestrator not ready (/readyz)"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

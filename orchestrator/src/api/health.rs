@@ -1,4 +1,5 @@
-//! `/healthz` (the process serves) and `/readyz` (it can do its work: database and broker).
+//! `/healthz` (the process serves) and `/readyz` (it can do its work: database, broker, and
+//! the engine running).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,6 +22,9 @@ pub struct Readiness {
     pub database: String,
     /// `ok`, `unavailable` or `timeout`: whether the broker accepts a connection.
     pub broker: String,
+    /// `ok` once the engine has declared its queues and consumes replies and start commands,
+    /// `starting` before (a start taken then waits for the outbox relay), `stopped` after.
+    pub engine: String,
 }
 
 /// `GET /healthz`: the process is up.
@@ -53,15 +57,16 @@ async fn check<E: std::fmt::Display>(
     }
 }
 
-/// `GET /readyz`: 200 when the database and the broker answer, else 503 naming which did not.
+/// `GET /readyz`: 200 when the database and the broker answer and the engine runs, else 503
+/// naming what is not ready.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "health",
     operation_id = "readyz",
     responses(
-        (status = 200, description = "Database and broker answer", body = Readiness),
-        (status = 503, description = "One of them does not", body = Readiness),
+        (status = 200, description = "Database and broker answer, and the engine runs", body = Readiness),
+        (status = 503, description = "One of them does not, or the engine is not running yet", body = Readiness),
     ),
 )]
 pub async fn readyz(State(engine): State<Arc<Engine>>) -> (StatusCode, Json<Readiness>) {
@@ -69,10 +74,25 @@ pub async fn readyz(State(engine): State<Arc<Engine>>) -> (StatusCode, Json<Read
         check("database", engine.ping_store()),
         check("broker", engine.ping_transport()),
     );
-    let status = if database == "ok" && broker == "ok" {
+    let engine = if engine.is_running() {
+        "ok"
+    } else if engine.is_stopping() {
+        "stopped"
+    } else {
+        "starting"
+    };
+    let status = if database == "ok" && broker == "ok" && engine == "ok" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(Readiness { database, broker }))
+    let engine = engine.to_owned();
+    (
+        status,
+        Json(Readiness {
+            database,
+            broker,
+            engine,
+        }),
+    )
 }

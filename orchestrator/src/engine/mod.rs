@@ -121,6 +121,9 @@ pub struct Engine {
     announcer: Option<mpsc::UnboundedSender<Uuid>>,
     /// Cancelled when `run` is told to stop, so that waiting requests end.
     stopping: CancellationToken,
+    /// True once [`Engine::run`] has declared the topology and consumes replies and starts:
+    /// the process can do its work (`/readyz`).
+    running: tokio::sync::watch::Sender<bool>,
     /// Publishes outbox rows; holds the background deleter of published rows.
     publisher: Publisher,
     /// The background batcher of starts (none outside a Tokio runtime: then each start is
@@ -164,6 +167,7 @@ impl Engine {
             config,
             stats,
             stopping: CancellationToken::new(),
+            running: tokio::sync::watch::Sender::new(false),
             documents_seen: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -311,6 +315,22 @@ impl Engine {
     /// gauge loop, the listener for instances other processes settled and the loader of
     /// definitions other processes registered until `shutdown`, after
     /// [`Engine::register_definitions`] and [`Engine::load_definitions`].
+    /// Whether [`Engine::run`] has declared the topology and consumes replies and starts.
+    pub fn is_running(&self) -> bool {
+        *self.running.borrow()
+    }
+
+    /// Whether [`Engine::run`] was told to stop.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
+    /// Waits until [`Engine::is_running`].
+    pub async fn until_running(&self) {
+        let mut running = self.running.subscribe();
+        let _ = running.wait_for(|r| *r).await;
+    }
+
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
         self.register_definitions().await?;
         self.load_definitions(None).await?;
@@ -324,6 +344,7 @@ impl Engine {
             Err(TransportError::Unsupported(_)) => None,
             Err(e) => return Err(e.into()),
         };
+        self.running.send_replace(true);
         let timers = tokio::spawn(self.clone().timer_loop(shutdown.clone()));
         let relay = tokio::spawn(self.clone().relay_loop(shutdown.clone()));
         let retention = tokio::spawn(self.clone().retention_loop(shutdown.clone()));
@@ -333,6 +354,7 @@ impl Engine {
         let breakers = tokio::spawn(self.clone().breaker_loop(shutdown.clone()));
         shutdown.cancelled().await;
         self.stopping.cancel();
+        self.running.send_replace(false);
         for task in starts.into_iter().chain([
             consumer,
             timers,
