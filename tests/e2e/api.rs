@@ -1482,6 +1482,42 @@ async fn a_repeated_start_with_the_same_idempotency_key_returns_the_first_transa
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_repeating_idempotency_keys_start_one_transaction_per_key() -> Result<()>
+{
+    let api = Api::start().await?;
+    // Sent all at once, so that starts with the same key share the start batches.
+    let requests = (0..48).map(|n| {
+        let body =
+            json!({"input": {"answer": true}, "idempotency_key": format!("burst-{}", n % 12)});
+        let api = &api;
+        async move { (n % 12, api.post("/v1/sagas/api_saga", None, body).await) }
+    });
+    let mut by_key: std::collections::BTreeMap<usize, Vec<(u16, String)>> = Default::default();
+    for (key, answer) in futures_util::future::join_all(requests).await {
+        let (status, view) = answer?;
+        let id = view["id"].as_str().unwrap_or_default().to_owned();
+        by_key.entry(key).or_default().push((status, id));
+    }
+    for (key, answers) in &by_key {
+        let created = answers.iter().filter(|(status, _)| *status == 202).count();
+        let found = answers.iter().filter(|(status, _)| *status == 200).count();
+        assert_eq!((created, found), (1, 3), "key {key}: {answers:?}");
+        assert!(
+            answers.iter().all(|(_, id)| *id == answers[0].1),
+            "key {key} names one transaction: {answers:?}"
+        );
+    }
+    let (_, page) = api.get("/v1/sagas?definition=api_saga&limit=100").await?;
+    assert_eq!(
+        page["items"].as_array().unwrap().len(),
+        12,
+        "one transaction per key"
+    );
+    api.stop().await;
+    Ok(())
+}
+
 // --- Input that cannot be stored -----------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

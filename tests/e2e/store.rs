@@ -13,8 +13,8 @@ use sagas::orchestrator::breaker::{BreakerPolicy, Change, Outcomes};
 use sagas::orchestrator::clock::{Clock, SystemClock};
 use sagas::orchestrator::machine::{self, Input, Instance, Time, Timer, TimerKind, Transition};
 use sagas::orchestrator::store::{
-    Decide, ListFilter, MemoryStore, Pending, PgStore, Position, Pruned, SagaStore, SqliteStore,
-    StateCacheStats, StoreError,
+    Created, Decide, Idempotency, ListFilter, MemoryStore, NewInstance, Pending, PgStore, Position,
+    Pruned, SagaStore, SqliteStore, StateCacheStats, StoreError,
 };
 use sagas::orchestrator::{Definition, Status};
 use sagas::participant::{Operation, Outcome, Reply};
@@ -110,6 +110,7 @@ store_suite!(
     ping_answers,
     a_batch_commits_every_good_input_and_answers_each_item_on_its_own,
     a_batch_of_starts_stores_each_new_instance_and_refuses_an_existing_one,
+    a_batch_of_keyed_starts_stores_one_instance_per_key_and_names_it_to_the_others,
     concurrent_batches_over_the_same_instances_lose_nothing_and_do_not_deadlock,
     finished_instances_older_than_the_horizon_are_pruned_with_their_log_and_open_ones_stay,
     a_prune_deletes_at_most_its_batch_oldest_finished_first,
@@ -200,6 +201,11 @@ fn now() -> Time {
 
 fn start(def: &Definition, at: Time) -> Transition {
     machine::start(Uuid::now_v7(), (**def.plan()).clone(), json!({}), at, def)
+}
+
+/// `starts` as a batch of starts without idempotency keys.
+fn keyless(starts: &[Transition]) -> Vec<NewInstance<'_>> {
+    starts.iter().map(|t| (t, None)).collect()
 }
 
 async fn create(store: &dyn SagaStore, def: &Definition, at: Time) -> Result<Uuid> {
@@ -897,11 +903,13 @@ async fn a_batch_of_starts_stores_each_new_instance_and_refuses_an_existing_one(
     let existing = start(&def, at);
     store.create(&existing, at).await?;
     let starts = vec![start(&def, at), existing.clone(), start(&def, at)];
-    let results = store.create_batch(&starts, at).await?;
+    let results = store.create_batch(&keyless(&starts), at).await?;
     assert_eq!(results.len(), 3);
     assert!(matches!(results[1], Err(StoreError::Exists(id)) if id == existing.instance.id));
     for i in [0, 2] {
-        let outbox = results[i].as_ref().expect("a new instance is stored");
+        let Ok(Created::New(outbox)) = &results[i] else {
+            panic!("a new instance is stored: {:?}", results[i]);
+        };
         let t = &starts[i];
         let sent: Vec<_> = t.sends().collect();
         assert_eq!(outbox.len(), 1);
@@ -956,6 +964,79 @@ async fn stray_batches(
             result?;
         }
     }
+    Ok(())
+}
+
+async fn a_batch_of_keyed_starts_stores_one_instance_per_key_and_names_it_to_the_others(
+    b: &Backend,
+) -> Result<()> {
+    let store = b.open().await?;
+    let def = definition("d");
+    let at = now();
+    let key = |key: &str, input: i64| Idempotency {
+        key: key.into(),
+        request: json!({ "input": input }),
+    };
+    let earlier = start(&def, at);
+    let stored = key("stored-before", 1);
+    store.create_idempotent(&earlier, at, &stored).await?;
+    let starts: Vec<Transition> = (0..6).map(|_| start(&def, at)).collect();
+    let (fresh, again, other) = (key("fresh", 1), key("fresh", 1), key("fresh", 2));
+    let (same, different) = (key("stored-before", 1), key("stored-before", 2));
+    let batch: Vec<NewInstance<'_>> = vec![
+        (&starts[0], Some(&fresh)),
+        (&starts[1], None),
+        (&starts[2], Some(&again)),
+        (&starts[3], Some(&other)),
+        (&starts[4], Some(&same)),
+        (&starts[5], Some(&different)),
+    ];
+    let results = store.create_batch(&batch, at).await?;
+    let answers: Vec<String> = results
+        .iter()
+        .map(|r| match r {
+            Ok(Created::New(rows)) => format!("new, {} command(s)", rows.len()),
+            Ok(Created::Existing { id, same_request }) => {
+                let whose = if *id == starts[0].instance.id {
+                    "the batch's first"
+                } else if *id == earlier.instance.id {
+                    "the earlier one"
+                } else {
+                    "another"
+                };
+                format!("existing: {whose}, same request {same_request}")
+            }
+            Err(e) => format!("error: {e}"),
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            "new, 1 command(s)",
+            "new, 1 command(s)",
+            "existing: the batch's first, same request true",
+            "existing: the batch's first, same request false",
+            "existing: the earlier one, same request true",
+            "existing: the earlier one, same request false",
+        ]
+    );
+    for (i, t) in starts.iter().enumerate() {
+        let found = store.get(t.instance.id).await?;
+        assert_eq!(found.is_some(), i < 2, "start {i} stored only if new");
+    }
+    // Only the new instances' commands wait in the outbox.
+    let rows = store
+        .claim_outbox(at + Duration::hours(1), 100, Duration::seconds(10))
+        .await?;
+    let mut owners: Vec<Uuid> = rows.iter().map(|m| m.command.transaction_id).collect();
+    owners.sort();
+    let mut expected = vec![
+        earlier.instance.id,
+        starts[0].instance.id,
+        starts[1].instance.id,
+    ];
+    expected.sort();
+    assert_eq!(owners, expected);
     Ok(())
 }
 
@@ -1250,7 +1331,7 @@ mod plans {
             let one = definition("one");
             let at = now();
             let starts: Vec<Transition> = (0..3).map(|_| start(&one, at)).collect();
-            store.create_batch(&starts, at).await?;
+            store.create_batch(&keyless(&starts), at).await?;
             create(store, &one, at).await?;
             let other = create(store, &definition("other"), at).await?;
             let plans: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas_plans")
@@ -1412,7 +1493,7 @@ mod state_cache {
             let def = definition("d");
             let at = now();
             let starts: Vec<Transition> = (0..3).map(|_| start(&def, at)).collect();
-            store.create_batch(&starts, at).await?;
+            store.create_batch(&keyless(&starts), at).await?;
             let [one, two, three] = [0, 1, 2].map(|i| starts[i].instance.id);
             assert_eq!(store.state_cache(), stats(0, 0, 3));
 
@@ -1572,7 +1653,7 @@ mod state_cache {
             let def = definition("d");
             let at = now();
             let starts: Vec<Transition> = (0..12).map(|_| start(&def, at)).collect();
-            store.create_batch(&starts, at).await?;
+            store.create_batch(&keyless(&starts), at).await?;
             let ids: Vec<Uuid> = starts.iter().map(|t| t.instance.id).collect();
             let before = store.events(ids[0]).await?.len();
             let rounds = 24u32;

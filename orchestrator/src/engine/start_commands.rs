@@ -102,8 +102,7 @@ impl Engine {
                 m = starts.recv() => match m { Some(m) => m, None => break },
             };
             let engine = self.clone();
-            // Starts with a key are stored one per transaction (`create_idempotent`), so
-            // several run at once.
+            // Several at once, so that the start batcher can store their starts together.
             in_flight.spawn(async move { engine.handle_start_command(incoming).await });
         }
         // Let the starts in flight finish so that their answers and acks go out.

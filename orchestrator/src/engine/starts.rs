@@ -11,7 +11,7 @@ use super::publish::Publisher;
 use super::{Engine, EngineError};
 use crate::clock::Clock;
 use crate::machine::{self, Instance, Time, Transition};
-use crate::store::{Created, Idempotency, OutboxMessage, SagaStore, StoreError};
+use crate::store::{Created, Idempotency, NewInstance, SagaStore, StoreError};
 
 /// The options of a start, as a caller asks for them ([`Engine::start_with`]; the API's start
 /// request). The engine turns them into the [`machine::StartOptions`] that the `started`
@@ -62,11 +62,16 @@ impl Prepared<'_> {
     }
 }
 
+/// What the batcher answers a start: the start, the time its batch was stored, and the
+/// batch's result for it.
+type CreationResult<R = Result<Created, StoreError>> = (Transition, Time, R);
+
 /// A start waiting to be stored, and where to send the result.
 pub(super) struct Creation {
     start: Transition,
-    /// Gets back the start, the time its batch stored, and the batch's result for it.
-    done: oneshot::Sender<(Transition, Time, Result<Vec<OutboxMessage>, StoreError>)>,
+    /// The client's idempotency key, if it gave one.
+    idempotency: Option<Idempotency>,
+    done: oneshot::Sender<CreationResult>,
 }
 
 /// The batcher of starts, spawned on the current Tokio runtime (none outside one: then each
@@ -85,9 +90,13 @@ pub(super) fn batcher(
 
 /// Stores starts in batches: when one of [`START_SLOTS`] is free it takes the starts that are
 /// waiting (at most [`START_BATCH`], never waiting for more) and stores them with one
-/// [`SagaStore::create_batch`]. A lone start is stored at once; under load many share a
-/// commit. If the batch fails as a whole, each start is tried alone, so that each gets its own
-/// error.
+/// [`SagaStore::create_batch`], those with an idempotency key too. A lone start is stored at
+/// once; under load many share a commit. If the batch fails as a whole, each start is tried
+/// alone, so that each gets its own error.
+///
+/// The keyed starts of a batch are stored in the order of their keys, so that two batches
+/// holding the same two keys (a client retrying two requests at once) take their unique-index
+/// entries in one order and do not deadlock.
 ///
 /// The commands of the stored starts are then published together (one publish: a
 /// participant's first commands can share a message) before each caller is answered, with
@@ -115,34 +124,53 @@ async fn create_loop(
         }
         let (store, now, publisher) = (store.clone(), clock.now(), publisher.clone());
         tokio::spawn(async move {
-            let (starts, senders): (Vec<_>, Vec<_>) =
-                batch.into_iter().map(|c| (c.start, c.done)).unzip();
-            let results = match store.create_batch(&starts, now).await {
+            batch.sort_by(|a, b| {
+                let key = |c: &Creation| {
+                    c.idempotency
+                        .as_ref()
+                        .map(|i| (c.start.instance.plan.name.clone(), i.key.clone()))
+                };
+                key(a).cmp(&key(b))
+            });
+            let (starts, senders): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|c| ((c.start, c.idempotency), c.done))
+                .unzip();
+            let new: Vec<NewInstance<'_>> = starts.iter().map(|(t, i)| (t, i.as_ref())).collect();
+            let results = match store.create_batch(&new, now).await {
                 Ok(results) => results,
                 Err(e) => {
-                    tracing::debug!(error = %e, starts = starts.len(), "batched starts failed; storing them one by one");
-                    let mut results = Vec::with_capacity(starts.len());
-                    for start in &starts {
-                        results.push(store.create(start, now).await);
+                    tracing::debug!(error = %e, starts = new.len(), "batched starts failed; storing them one by one");
+                    let mut results = Vec::with_capacity(new.len());
+                    for one in &new {
+                        let alone = store.create_batch(std::slice::from_ref(one), now).await;
+                        results.push(alone.and_then(|mut r| {
+                            r.pop()
+                                .unwrap_or(Err(StoreError::Exists(one.0.instance.id)))
+                        }));
                     }
                     results
                 }
             };
+            drop(new);
             // The slots bound the store transactions; the next batch may commit while this
             // one publishes.
             drop(slot);
             let mut outbox = Vec::new();
-            let results: Vec<Result<Vec<OutboxMessage>, StoreError>> = results
+            let results: Vec<Result<Created, StoreError>> = results
                 .into_iter()
                 .map(|result| {
-                    result.map(|rows| {
-                        outbox.extend(rows);
-                        Vec::new()
+                    result.map(|created| match created {
+                        Created::New(rows) => {
+                            outbox.extend(rows);
+                            Created::New(Vec::new())
+                        }
+                        existing => existing,
                     })
                 })
                 .collect();
             publisher.publish(outbox).await;
-            for ((start, done), result) in starts.into_iter().zip(senders).zip(results) {
+            for (((start, _), done), result) in starts.into_iter().zip(senders).zip(results) {
                 let _ = done.send((start, now, result));
             }
         });
@@ -259,28 +287,30 @@ impl Engine {
             idempotency,
         } = prepared;
         let id = t.instance.id;
-        let (t, created_at, outbox) = match &idempotency {
-            None => self.create(t, now).await?,
-            Some(idem) => match self.store.create_idempotent(&t, now, idem).await? {
-                Created::New(outbox) => (t, now, outbox),
+        let key = idempotency.as_ref().map(|i| i.key.clone());
+        let (t, created_at, outbox) = match self.create(t, now, idempotency).await? {
+            (t, created_at, Created::New(outbox)) => (t, created_at, outbox),
+            (
+                _,
+                _,
                 Created::Existing {
                     id,
                     same_request: true,
-                } => {
-                    let stored = self.store.get(id).await?.ok_or(EngineError::NotFound(id))?;
-                    return Ok(Started {
-                        instance: stored.instance,
-                        created: false,
-                        created_at: stored.created_at,
-                    });
-                }
-                Created::Existing { id, .. } => {
-                    return Err(EngineError::Conflict(format!(
-                        "idempotency key {:?} was used for another request (transaction {id})",
-                        idem.key
-                    )));
-                }
-            },
+                },
+            ) => {
+                let stored = self.store.get(id).await?.ok_or(EngineError::NotFound(id))?;
+                return Ok(Started {
+                    instance: stored.instance,
+                    created: false,
+                    created_at: stored.created_at,
+                });
+            }
+            (_, _, Created::Existing { id, .. }) => {
+                return Err(EngineError::Conflict(format!(
+                    "idempotency key {:?} was used for another request (transaction {id})",
+                    key.unwrap_or_default()
+                )));
+            }
         };
         self.stats.count_start(definition);
         self.committed(&t, created_at);
@@ -293,31 +323,44 @@ impl Engine {
         })
     }
 
-    /// Stores a start through the batcher (or alone without one), answering the time stored
-    /// as its `created_at`.
+    /// Stores a start (with the client's idempotency key, if any) through the batcher, or
+    /// alone without one, answering the time stored as its `created_at`.
     async fn create(
         &self,
         start: Transition,
         now: Time,
-    ) -> Result<(Transition, Time, Vec<OutboxMessage>), StoreError> {
-        let start = match &self.creator {
+        idempotency: Option<Idempotency>,
+    ) -> Result<CreationResult<Created>, StoreError> {
+        let (start, idempotency) = match &self.creator {
             Some(creator) => {
                 let (done, result) = oneshot::channel();
-                match creator.send(Creation { start, done }) {
+                let creation = Creation {
+                    start,
+                    idempotency,
+                    done,
+                };
+                match creator.send(creation) {
                     Ok(()) => {
-                        let (start, stored_at, outbox) = result
+                        let (start, stored_at, created) = result
                             .await
                             // The batcher is gone (the runtime is shutting down): whether the
                             // start was stored is unknown, as after a lost connection.
                             .map_err(|_| StoreError::Database(sqlx::Error::WorkerCrashed))?;
-                        return Ok((start, stored_at, outbox?));
+                        return Ok((start, stored_at, created?));
                     }
-                    Err(mpsc::error::SendError(creation)) => creation.start,
+                    Err(mpsc::error::SendError(creation)) => (creation.start, creation.idempotency),
                 }
             }
-            None => start,
+            None => (start, idempotency),
         };
-        let outbox = self.store.create(&start, now).await?;
-        Ok((start, now, outbox))
+        let created = match &idempotency {
+            Some(idempotency) => {
+                self.store
+                    .create_idempotent(&start, now, idempotency)
+                    .await?
+            }
+            None => Created::New(self.store.create(&start, now).await?),
+        };
+        Ok((start, now, created))
     }
 }

@@ -36,7 +36,12 @@ pub struct Idempotency {
     pub request: serde_json::Value,
 }
 
-/// The result of [`SagaStore::create_idempotent`].
+/// A start to store: the transition that starts the instance, with the client's idempotency
+/// key when it gave one ([`SagaStore::create_batch`]).
+pub type NewInstance<'a> = (&'a Transition, Option<&'a Idempotency>);
+
+/// The result of [`SagaStore::create_idempotent`] (and of each start of
+/// [`SagaStore::create_batch`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Created {
     /// The instance was stored; publish these outbox rows.
@@ -436,18 +441,23 @@ pub trait SagaStore: Send + Sync + 'static {
         idempotency: &Idempotency,
     ) -> Result<Created, StoreError>;
 
-    /// Several [`SagaStore::create`]s in one transaction, all stamped `now`. The results are
-    /// in the order of `starts`; an instance that exists already is that item's error and the
-    /// others are stored. `Err` means that nothing was stored. Stores without a cheaper way
-    /// create them one by one.
+    /// Several starts in one transaction, all stamped `now`: each as
+    /// [`SagaStore::create_idempotent`] stores it when it comes with a key, else as
+    /// [`SagaStore::create`]. The results are in the order of `starts`; an instance that exists
+    /// already, or a key that names one (also one stored earlier in the same batch), is that
+    /// item's answer and the others are stored. `Err` means that nothing was stored. Stores
+    /// without a cheaper way create them one by one.
     async fn create_batch(
         &self,
-        starts: &[Transition],
+        starts: &[NewInstance<'_>],
         now: Time,
-    ) -> Result<Vec<Result<Vec<OutboxMessage>, StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<Created, StoreError>>, StoreError> {
         let mut results = Vec::with_capacity(starts.len());
-        for start in starts {
-            results.push(self.create(start, now).await);
+        for &(start, idempotency) in starts {
+            results.push(match idempotency {
+                Some(idempotency) => self.create_idempotent(start, now, idempotency).await,
+                None => self.create(start, now).await.map(Created::New),
+            });
         }
         Ok(results)
     }

@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::{
     Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
-    OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, Registration, SagaStore,
-    Settlements, StoreError, StoredDefinition, StoredInstance, StuckStep, Updated,
+    NewInstance, OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, Registration,
+    SagaStore, Settlements, StoreError, StoredDefinition, StoredInstance, StuckStep, Updated,
 };
 use crate::breaker::{BreakerPolicy, BreakerState, Outcomes, Synced};
 use crate::definition::Plan;
@@ -169,24 +169,19 @@ impl SagaStore for PgStore {
         start: &Transition,
         now: Time,
     ) -> Result<Vec<OutboxMessage>, StoreError> {
-        let mut results = self.create_batch(std::slice::from_ref(start), now).await?;
-        results
+        self.insert(&[(start, None)], now)
+            .await?
             .pop()
-            .unwrap_or(Err(StoreError::Exists(start.instance.id)))
+            .unwrap_or(Err(StoreError::Exists(start.instance.id)))?
+            .into_new()
     }
 
     async fn create_batch(
         &self,
-        starts: &[Transition],
+        starts: &[NewInstance<'_>],
         now: Time,
-    ) -> Result<Vec<Result<Vec<OutboxMessage>, StoreError>>, StoreError> {
-        let starts: Vec<_> = starts.iter().map(|t| (t, None)).collect();
-        Ok(self
-            .insert(&starts, now)
-            .await?
-            .into_iter()
-            .map(|created| created?.into_new())
-            .collect())
+    ) -> Result<Vec<Result<Created, StoreError>>, StoreError> {
+        self.insert(starts, now).await
     }
 
     async fn create_idempotent(

@@ -16,7 +16,7 @@ use super::{PgStore, corrupt, sql};
 use crate::definition::Plan;
 use crate::machine::{Instance, Time, Timer, Transition};
 use crate::store::write_set::{WriteSet, decide_in_order};
-use crate::store::{Created, Decide, Idempotency, OutboxMessage, StoreError, Updated};
+use crate::store::{Created, Decide, Idempotency, NewInstance, OutboxMessage, StoreError, Updated};
 use sagas_participant::protocol::Command;
 
 /// How long the writer of an outbox row has to publish it before the relay may.
@@ -287,7 +287,7 @@ impl PgStore {
     /// with the key is then read and named.
     pub(super) async fn insert(
         &self,
-        starts: &[(&Transition, Option<&Idempotency>)],
+        starts: &[NewInstance<'_>],
         now: Time,
     ) -> Result<Vec<Result<Created, StoreError>>, StoreError> {
         let set = WriteSet::of(starts.iter().map(|(start, _)| *start));
