@@ -12,6 +12,7 @@
 
 mod bank;
 
+use sagas::participant::config::database_options;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -65,7 +66,7 @@ enum Cmd {
 async fn accounts_pool() -> anyhow::Result<PgPool> {
     let url =
         std::env::var("ACCOUNTS_DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.into());
-    PgPool::connect(&url)
+    PgPool::connect_with(database_options(&url)?)
         .await
         .with_context(|| "connecting to the accounts database (ACCOUNTS_DATABASE_URL)")
 }

@@ -2,6 +2,7 @@
 //! single-row INSERT commits through a sqlx pool, and persistent AMQP round trips
 //! (publish with confirm, consume, ack) through lapin.
 
+use sagas::participant::config::database_options;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -69,7 +70,7 @@ async fn pg_commits(url: &str, concurrency: usize, secs: f64) -> Result<f64> {
     let pool = PgPoolOptions::new()
         .max_connections(concurrency as u32)
         .min_connections(concurrency as u32)
-        .connect(url)
+        .connect_with(database_options(url)?)
         .await?;
     sqlx::query("CREATE TABLE ceiling (id bigserial PRIMARY KEY, v text NOT NULL)")
         .execute(&pool)

@@ -1,6 +1,7 @@
 //! Scratch databases (`sagas_bench_*`), connection URLs and database statistics.
 
 use anyhow::{Context, Result};
+use sagas::participant::config::database_options;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
@@ -28,7 +29,7 @@ impl Urls {
     pub async fn admin_pool(&self) -> Result<PgPool> {
         PgPoolOptions::new()
             .max_connections(2)
-            .connect(&self.admin)
+            .connect_with(database_options(&self.admin)?)
             .await
             .context("connecting to DATABASE_URL")
     }
@@ -111,7 +112,10 @@ pub async fn wal(admin: &PgPool) -> Result<(i64, i64, i64, i64)> {
 /// Rows inserted, updated (HOT and not) and deleted per table of a database, from
 /// `pg_stat_user_tables`, as `(table, ins, upd, hot_upd, del)`.
 pub async fn table_writes(url: &str) -> Result<Vec<(String, i64, i64, i64, i64)>> {
-    let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(database_options(url)?)
+        .await?;
     let rows = sqlx::query_as(
         "SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del
          FROM pg_stat_user_tables ORDER BY relname",

@@ -1,6 +1,7 @@
 //! `--topology in-process`: the engine, the HTTP API and the participants in this process, N
 //! sagas driven with C in flight, completion seen by counting the open instances.
 
+use sagas::participant::config::database_options;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,7 +50,7 @@ pub async fn run(args: &Args, place: &Place<'_>, workload: Workload) -> Result<M
     // The orchestrator, built like `server::engine`.
     let orch_pool = PgPoolOptions::new()
         .max_connections(args.db_pool)
-        .connect(&orch.url)
+        .connect_with(database_options(&orch.url)?)
         .await?;
     let transport = Arc::new(AmqpTransport::new(AmqpConfig {
         uri: urls.amqp.clone(),
@@ -107,7 +108,7 @@ pub async fn run(args: &Args, place: &Place<'_>, workload: Workload) -> Result<M
             Arc::new(Connection::connect(&urls.amqp, ConnectionProperties::default()).await?);
         let pool = PgPoolOptions::new()
             .max_connections(args.participant_pool)
-            .connect(&part.url)
+            .connect_with(database_options(&part.url)?)
             .await?;
         let participant =
             Participant::new(p.clone(), topology.clone(), pool.clone(), Arc::new(Effects))

@@ -2,6 +2,7 @@
 //! (`inprocess` or `processes`), then, once everything the run started is stopped, the checks
 //! and the counters, the same for both.
 
+use sagas::participant::config::database_options;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -309,13 +310,13 @@ pub fn queue_options() -> QueueOptions {
 pub async fn prepare(place: &Place<'_>, names: &[String]) -> Result<()> {
     let setup = PgPoolOptions::new()
         .max_connections(1)
-        .connect(&place.orch.url)
+        .connect_with(database_options(&place.orch.url)?)
         .await?;
     PgStore::new(setup.clone()).migrate().await?;
     setup.close().await;
     let setup = PgPoolOptions::new()
         .max_connections(1)
-        .connect(&place.part.url)
+        .connect_with(database_options(&place.part.url)?)
         .await?;
     participants::install(&setup).await?;
     setup.close().await;

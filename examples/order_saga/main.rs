@@ -19,6 +19,7 @@
 
 mod shop;
 
+use sagas::participant::config::database_options;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -87,7 +88,7 @@ enum Cmd {
 
 async fn pool(var: &str) -> anyhow::Result<PgPool> {
     let url = std::env::var(var).unwrap_or_else(|_| DEFAULT_DATABASE_URL.into());
-    PgPool::connect(&url)
+    PgPool::connect_with(database_options(&url)?)
         .await
         .with_context(|| format!("connecting to {var}"))
 }

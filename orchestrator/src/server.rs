@@ -6,6 +6,7 @@ use anyhow::Context;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use sagas_participant::config::database_options;
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -23,9 +24,14 @@ use crate::transport::{AmqpConfig, AmqpTransport};
 pub async fn engine(config: &Config, registry: Registry) -> anyhow::Result<Arc<Engine>> {
     let pool = PgPoolOptions::new()
         .max_connections(config.db_pool)
-        .connect(&config.database_url)
+        .connect_with(database_options(&config.database_url)?)
         .await
-        .with_context(|| "connecting to the orchestrator database (DATABASE_URL)")?;
+        .with_context(|| "connecting to the orchestrator database (DATABASE_URL)")
+        .map_err(|e| match format!("{e:#}").contains("no encryption") {
+            // A loopback URL without an sslmode connects plain; this server wants TLS.
+            true => e.context("the server takes TLS connections only: name an sslmode in DATABASE_URL (e.g. ?sslmode=require)"),
+            false => e,
+        })?;
     let store = PgStore::new(pool);
     store
         .migrate()

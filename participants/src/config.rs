@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 use crate::amqp::{self, QueueOptions};
 use crate::handler::Handler;
@@ -271,6 +271,43 @@ pub fn parse_flag(raw: &str) -> Result<bool, String> {
             "{raw:?} is not a yes/no (1, true, yes, on or 0, false, no, off)"
         )),
     }
+}
+
+/// The connection options of a PostgreSQL URL, as every pool of the orchestrator and of the
+/// participant runtime reads it: the URL's own, except that a loopback host (`localhost`,
+/// 127.0.0.0/8, `::1`) is connected without TLS when neither the URL nor `PGSSLMODE` names an
+/// `sslmode`.
+///
+/// The default (`prefer`) encrypts whenever the server offers TLS, loopback included, where it
+/// protects nothing: the traffic never leaves the host, and `prefer` would accept a plain
+/// connection anyway. There it cost about a tenth of all the CPU of a saga (docs/performance.md);
+/// libpq's own default for a local server, a Unix socket, has no TLS either. Name an `sslmode`
+/// (e.g. `require`) to have it on loopback too.
+pub fn database_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    database_options_with(url, std::env::var_os("PGSSLMODE").is_some())
+}
+
+/// [`database_options`], told whether `PGSSLMODE` is set.
+fn database_options_with(url: &str, env_ssl_mode: bool) -> Result<PgConnectOptions, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?;
+    let named = url.split_once('?').is_some_and(|(_, query)| {
+        query
+            .split('&')
+            .any(|pair| matches!(pair.split('=').next(), Some("sslmode" | "ssl-mode")))
+    });
+    let host = options
+        .get_host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    Ok(if named || env_ssl_mode || !loopback {
+        options
+    } else {
+        options.ssl_mode(PgSslMode::Disable)
+    })
 }
 
 /// Checks a PostgreSQL URL as the pool reads it, without connecting; the error does not quote
@@ -527,7 +564,7 @@ impl ParticipantConfig {
     /// A pool on the participant's database that connects when first used: a database that is
     /// down at start-up does not stop the process. An error only for an unusable URL.
     pub fn pool(&self) -> Result<PgPool, sqlx::Error> {
-        let options = PgConnectOptions::from_str(&self.database_url)?;
+        let options = database_options(&self.database_url)?;
         Ok(PgPoolOptions::new()
             .max_connections(self.db_pool)
             .connect_lazy_with(options))
@@ -665,6 +702,42 @@ impl ParticipantConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loopback_database_is_connected_without_tls_unless_an_sslmode_is_named() {
+        let mode = |url: &str, env: bool| database_options_with(url, env).unwrap().get_ssl_mode();
+        for url in [
+            "postgres://u@127.0.0.1:5432/db",
+            "postgres://u@127.0.0.2/db",
+            "postgres://u@localhost/db",
+            "postgresql://u@[::1]:5432/db?application_name=x",
+        ] {
+            assert!(matches!(mode(url, false), PgSslMode::Disable), "{url}");
+            assert!(
+                matches!(mode(url, true), PgSslMode::Prefer),
+                "{url}, PGSSLMODE set"
+            );
+        }
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1/db?sslmode=prefer", false),
+            PgSslMode::Prefer
+        ));
+        assert!(matches!(
+            mode(
+                "postgres://u@localhost/db?application_name=x&sslmode=require",
+                false
+            ),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://u@db.internal:5432/db", false),
+            PgSslMode::Prefer
+        ));
+        assert!(matches!(
+            mode("postgres://u@10.0.0.7/db", false),
+            PgSslMode::Prefer
+        ));
+    }
 
     fn env(vars: &[(&str, &str)]) -> Env {
         Env::from_map(vars.iter().copied())

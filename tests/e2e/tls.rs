@@ -240,6 +240,39 @@ async fn postgresql_over_tls_refuses_another_ca_and_another_name_with_a_clear_er
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_database_without_an_sslmode_is_connected_plain_and_an_sslmode_brings_tls_back()
+-> Result<()> {
+    use sagas::participant::config::database_options;
+    let connect = |url: String| async move {
+        let options = database_options(&url)?;
+        anyhow::Ok(
+            PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await?,
+        )
+    };
+    // The machine's server takes plain and TLS connections (if it offers TLS at all).
+    let local = "postgres://postgres@127.0.0.1:5432/postgres";
+    let pool = connect(local.to_owned()).await?;
+    assert!(!server_sees_tls(&pool).await?, "loopback without sslmode");
+    pool.close().await;
+
+    // A server of its own that takes TLS connections only: the plain default is refused, in
+    // words that say so, and naming an sslmode connects over TLS.
+    let ca = TestCa::new("sagas test CA")?;
+    let pg = start_postgres(&ca)?;
+    let plain = format!("postgres://postgres@localhost:{}/postgres", pg.port());
+    let err = connect(plain.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("no encryption"), "{err}");
+    let pool = connect(format!("{plain}?sslmode=require")).await?;
+    assert!(server_sees_tls(&pool).await?, "sslmode=require");
+    pool.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_over_tls_refuses_another_ca_or_a_missing_client_certificate_with_a_clear_error()
 -> Result<()> {
     let ca = TestCa::new("sagas test CA")?;

@@ -13,8 +13,9 @@ use sagas_orchestrator::config::{Config, parse_duration};
 use sagas_orchestrator::definition::Registry;
 use sagas_orchestrator::document;
 use sagas_orchestrator::server;
+use sagas_participant::config::database_options;
 use sqlx::Connection as _;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnection;
 
 // The process allocates and frees many small buffers per message (JSON, SQL rows, AMQP
 // frames); with mimalloc the benchmark spends about a tenth less CPU in this process than with
@@ -126,7 +127,7 @@ fn documents(dir: &Path) -> anyhow::Result<Registry> {
 async fn check_config(config: &Config, timeout: Duration) -> ExitCode {
     println!("environment: ok");
     let postgres = within(timeout, async {
-        let options: PgConnectOptions = config.database_url.parse()?;
+        let options = database_options(&config.database_url)?;
         let mut conn = PgConnection::connect_with(&options).await?;
         sqlx::query("SELECT 1").execute(&mut conn).await?;
         conn.close().await?;

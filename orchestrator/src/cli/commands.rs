@@ -34,7 +34,7 @@ async fn connect(url: &str, what: &str) -> anyhow::Result<sqlx::PgPool> {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
+        .connect_with(sagas_participant::config::database_options(url)?)
         .await
         .with_context(|| format!("connecting to the {what} database"))
 }
