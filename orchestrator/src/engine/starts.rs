@@ -80,6 +80,14 @@ pub(super) struct Creation {
     done: oneshot::Sender<CreationResult>,
 }
 
+impl Creation {
+    /// The definition and idempotency key of a keyed start (keyless ones sort first).
+    fn key(&self) -> Option<(&str, &str)> {
+        let key = self.idempotency.as_ref()?;
+        Some((&self.start.instance.plan.name, &key.key))
+    }
+}
+
 /// The batcher of starts, spawned on the current Tokio runtime (none outside one: then each
 /// start is stored alone).
 pub(super) fn batcher(
@@ -130,14 +138,7 @@ async fn create_loop(
         }
         let (store, now, publisher) = (store.clone(), clock.now(), publisher.clone());
         tokio::spawn(async move {
-            batch.sort_by(|a, b| {
-                let key = |c: &Creation| {
-                    c.idempotency
-                        .as_ref()
-                        .map(|i| (c.start.instance.plan.name.clone(), i.key.clone()))
-                };
-                key(a).cmp(&key(b))
-            });
+            batch.sort_by(|a, b| a.key().cmp(&b.key()));
             let (starts, senders): (Vec<_>, Vec<_>) = batch
                 .into_iter()
                 .map(|c| ((c.start, c.idempotency), c.done))
