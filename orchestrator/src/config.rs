@@ -410,7 +410,8 @@ fn read_breakers(env: &mut Env) -> Option<BreakerPolicy> {
     let d = BreakerPolicy::default();
     let window = env.duration("SAGAS_BREAKER_WINDOW", d.window);
     let min_volume = env.number("SAGAS_BREAKER_MIN_VOLUME", d.min_volume, 1..=1_000_000);
-    let percent: u32 = env.number("SAGAS_BREAKER_FAILURE_PERCENT", 50, 1..=100);
+    let default_percent = (d.failure_share * 100.0).round() as u32;
+    let percent: u32 = env.number("SAGAS_BREAKER_FAILURE_PERCENT", default_percent, 1..=100);
     let probe_interval = env.duration("SAGAS_BREAKER_PROBE", d.probe_interval);
     let max_probe_interval = env.duration("SAGAS_BREAKER_PROBE_MAX", d.max_probe_interval);
     if max_probe_interval < probe_interval {

@@ -6,10 +6,11 @@
 //! what it consumed. A relay republishes outbox rows left behind by a crash.
 //!
 //! This file holds the engine and what it does for one caller (start, deliver, operate, read);
-//! `starts` batches starts, `start_commands` takes starts from AMQP, `replies` consumes replies, `timers` fires timers, `relay`
-//! republishes what was left, `publish` publishes and deletes outbox rows, `wait` serves
-//! requests waiting for instances to settle, `gauges` reads what is open and queued now,
-//! `metric` counts.
+//! `starts` batches starts, `start_commands` takes starts from AMQP, `replies` consumes
+//! replies, `timers` fires timers, `relay` republishes what was left, `publish` publishes and
+//! deletes outbox rows (`limits` paces them per participant), `breakers` counts attempts for
+//! the participants' circuit breakers, `wait` serves requests waiting for instances to settle,
+//! `gauges` reads what is open and queued now, `metric` counts.
 
 use std::sync::Arc;
 
@@ -310,11 +311,6 @@ impl Engine {
             .await?)
     }
 
-    /// Runs the reply consumer, the consumer of start commands (when the transport carries
-    /// them), the timer loop, the outbox relay, the retention loop, the
-    /// gauge loop, the listener for instances other processes settled and the loader of
-    /// definitions other processes registered until `shutdown`, after
-    /// [`Engine::register_definitions`] and [`Engine::load_definitions`].
     /// Whether [`Engine::run`] has declared the topology and consumes replies and starts.
     pub fn is_running(&self) -> bool {
         *self.running.borrow()
@@ -331,6 +327,11 @@ impl Engine {
         let _ = running.wait_for(|r| *r).await;
     }
 
+    /// Runs the reply consumer, the consumer of start commands (when the transport carries
+    /// them), the timer loop, the outbox relay, the retention loop, the gauge loop, the
+    /// listener for instances other processes settled, the loader of definitions other
+    /// processes registered and the breakers' reports until `shutdown`, after
+    /// [`Engine::register_definitions`] and [`Engine::load_definitions`].
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), EngineError> {
         self.register_definitions().await?;
         self.load_definitions(None).await?;

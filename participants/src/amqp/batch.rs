@@ -25,9 +25,7 @@ pub fn batch_properties(first_id: &str, count: usize) -> BasicProperties {
         BATCH_HEADER.into(),
         AMQPValue::LongLongInt(i64::try_from(count).unwrap_or(i64::MAX)),
     );
-    BasicProperties::default()
-        .with_content_type(BATCH_CONTENT_TYPE.into())
-        .with_delivery_mode(2)
+    super::properties::persistent(BATCH_CONTENT_TYPE)
         .with_message_id(format!("batch:{first_id}:{count}").into())
         .with_headers(headers)
 }

@@ -62,7 +62,9 @@ impl DeadLetters {
             DEAD_LETTER_QUEUE_HEADER.into(),
             AMQPValue::LongString(self.queue.as_str().into()),
         );
-        let properties = properties.with_delivery_mode(2).with_headers(headers);
+        let properties = properties
+            .with_delivery_mode(super::properties::PERSISTENT)
+            .with_headers(headers);
         let confirmation = self
             .channel
             .basic_publish(

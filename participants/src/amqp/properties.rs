@@ -13,6 +13,23 @@ use super::headers::{
 };
 use crate::protocol::{CONTENT_TYPE, Command, Reply, StartAnswer, StartCommand, TraceParent};
 
+/// Delivery mode 2: the broker keeps the message on disk (every message of the protocol is).
+pub(crate) const PERSISTENT: u8 = 2;
+
+/// A persistent message of `content_type`: the base of every message's properties.
+pub(crate) fn persistent(content_type: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(content_type.into())
+        .with_delivery_mode(PERSISTENT)
+}
+
+/// A persistent JSON message with `message_id` and `correlation_id`.
+fn persistent_json(message_id: String, correlation_id: String) -> BasicProperties {
+    persistent(CONTENT_TYPE)
+        .with_message_id(message_id.into())
+        .with_correlation_id(correlation_id.into())
+}
+
 /// The AMQP properties of a command: persistent JSON, its message id, the transaction as
 /// correlation id, `reply_to`, and headers that repeat the body's routing fields.
 pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties {
@@ -45,11 +62,7 @@ pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties 
             AMQPValue::LongString(deadline.to_rfc3339().into()),
         );
     }
-    BasicProperties::default()
-        .with_content_type(CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_message_id(command.message_id().into())
-        .with_correlation_id(command.transaction_id.to_string().into())
+    persistent_json(command.message_id(), command.transaction_id.to_string())
         .with_reply_to(reply_to.into())
         .with_headers(headers)
 }
@@ -57,22 +70,15 @@ pub fn command_properties(command: &Command, reply_to: &str) -> BasicProperties 
 /// The AMQP properties of a start command: persistent JSON, the request id as message id and
 /// correlation id, and the queue of its relay's answers as `reply_to`.
 pub fn start_properties(command: &StartCommand, reply_to: &str) -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type(CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_message_id(command.request_id.to_string().into())
-        .with_correlation_id(command.request_id.to_string().into())
-        .with_reply_to(reply_to.into())
+    let id = command.request_id.to_string();
+    persistent_json(id.clone(), id).with_reply_to(reply_to.into())
 }
 
 /// The AMQP properties of a start answer: persistent JSON, `{request id}:answer` as message id
 /// and the request id as correlation id.
 pub fn start_answer_properties(answer: &StartAnswer) -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type(CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_message_id(format!("{}:answer", answer.request_id).into())
-        .with_correlation_id(answer.request_id.to_string().into())
+    let id = answer.request_id.to_string();
+    persistent_json(format!("{id}:answer"), id)
 }
 
 /// The AMQP properties of a reply: persistent JSON, its message id, the transaction as
@@ -91,12 +97,7 @@ pub fn reply_properties(
         );
     }
     from.stamp(
-        BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type(CONTENT_TYPE.into())
-            .with_message_id(reply.message_id().into())
-            .with_correlation_id(reply.transaction_id.to_string().into())
-            .with_headers(headers),
+        persistent_json(reply.message_id(), reply.transaction_id.to_string()).with_headers(headers),
     )
 }
 
