@@ -2066,3 +2066,60 @@ async fn listing_by_idempotency_key_finds_the_instance_started_with_it(b: &Backe
     assert!(store.list(&by_key("order-8")).await?.is_empty());
     Ok(())
 }
+
+/// The projection's row on PostgreSQL beyond the common suite.
+mod projection {
+    use super::*;
+    use std::time::{Duration as StdDuration, Instant};
+
+    /// A running instance's transitions change no indexed column of its row, so PostgreSQL
+    /// writes each new version on the same page without an entry in any index (a HOT update).
+    /// An index on a column that every transition changes (as `updated_at` was indexed for the
+    /// retention loop) makes every update insert into every index of the table.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_transitions_of_a_running_instance_update_its_row_in_place() -> Result<()> {
+        let env = helpers::TestEnv::new().await?;
+        let pool = PgPool::connect(&env.orch_url).await?;
+        let store = PgStore::new(pool.clone());
+        let def = Definition::saga::<serde_json::Value>("hot", 1)
+            .step("a", "p", |s| s.command(|_, _| json!({"op": "a"})))
+            .step("b", "p", |s| s.command(|_, _| json!({"op": "b"})))
+            .step("c", "p", |s| s.command(|_, _| json!({"op": "c"})))
+            .build()?;
+        let t0 = now();
+        let id = create(&store, &def, t0).await?;
+        for (i, step) in ["a", "b"].into_iter().enumerate() {
+            let at = t0 + Duration::seconds(i as i64 + 1);
+            let input = Input::Reply(reply(id, step, 1, Outcome::succeeded(json!(step))));
+            feed(&store, &def, id, input, None, at).await?;
+        }
+        let stored = store.get(id).await?.context("instance")?;
+        assert_eq!(stored.instance.status, Status::Running);
+        assert_eq!(stored.updated_at, t0 + Duration::seconds(2));
+
+        // The store's connections end, and with them PostgreSQL reports their statistics.
+        pool.close().await;
+        let reader = PgPool::connect(&env.orch_url).await?;
+        let deadline = Instant::now() + StdDuration::from_secs(30);
+        let (updated, hot) = loop {
+            let (updated, hot): (i64, i64) = sqlx::query_as(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+                 WHERE relname = 'sagas_instances'",
+            )
+            .fetch_one(&reader)
+            .await?;
+            if updated >= 2 {
+                break (updated, hot);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "PostgreSQL reported {updated} of the 2 updates within 30 s"
+            );
+            tokio::time::sleep(StdDuration::from_millis(50)).await;
+        };
+        assert_eq!((updated, hot), (2, 2), "(updates, of which HOT)");
+        reader.close().await;
+        env.cleanup().await;
+        Ok(())
+    }
+}

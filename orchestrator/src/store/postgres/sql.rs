@@ -190,15 +190,16 @@ pub(super) const OTHERS_LISTENING: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_
 pub(super) const PRUNE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 
 /// Up to `$2` instances that finished before `$1`, oldest first (index
-/// `sagas_instances_finished`), locked; rows another transaction holds are skipped.
+/// `sagas_instances_finished` on `finished_at`, set by PostgreSQL once the status is final),
+/// locked; rows another transaction holds are skipped.
 pub(super) const DUE_FOR_PRUNING: &str = "SELECT id FROM sagas_instances
-     WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at < $1
-     ORDER BY updated_at LIMIT $2
+     WHERE finished_at < $1
+     ORDER BY finished_at LIMIT $2
      FOR UPDATE SKIP LOCKED";
 
 /// How many instances finished before `$1`.
-pub(super) const COUNT_PRUNABLE: &str = "SELECT count(*) FROM sagas_instances
-     WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at < $1";
+pub(super) const COUNT_PRUNABLE: &str =
+    "SELECT count(*) FROM sagas_instances WHERE finished_at < $1";
 
 /// The instances `$1` as JSON documents, oldest finished first: the row with its whole state
 /// (`sagas_instance_states`) and `events`, its log (each event with `seq` and `logged_at`, as
@@ -258,15 +259,15 @@ pub(super) const STUCK_STEPS: &str =
      ORDER BY i.updated_at, i.id, s.n";
 
 /// Instances by minute (since 1970) since `$1`: created (`started`, through
-/// `sagas_instances_created`), and by their last change for those now finished (through
-/// `sagas_instances_finished`) or stuck (through `sagas_instances_open`).
+/// `sagas_instances_created`), by when they finished for those now finished (`finished_at`,
+/// through `sagas_instances_finished`), and by their last change for those stuck (through
+/// `sagas_instances_open`).
 pub(super) const ACTIVITY: &str = "SELECT m, k, count(*) FROM (
        SELECT floor(extract(epoch FROM created_at) / 60)::bigint AS m, 'started' AS k
        FROM sagas_instances WHERE created_at >= $1
        UNION ALL
-       SELECT floor(extract(epoch FROM updated_at) / 60)::bigint, status
-       FROM sagas_instances
-       WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at >= $1
+       SELECT floor(extract(epoch FROM finished_at) / 60)::bigint, status
+       FROM sagas_instances WHERE finished_at >= $1
        UNION ALL
        SELECT floor(extract(epoch FROM updated_at) / 60)::bigint, status
        FROM sagas_instances WHERE status = 'stuck' AND updated_at >= $1) a
@@ -276,9 +277,8 @@ pub(super) const ACTIVITY: &str = "SELECT m, k, count(*) FROM (
 /// the microseconds they took.
 pub(super) const LATENCY: &str = "SELECT n, p[1], p[2], p[3] FROM (
        SELECT count(*) AS n, percentile_disc(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY
-                (extract(epoch FROM updated_at - created_at) * 1000000)::bigint) AS p
-       FROM sagas_instances
-       WHERE status IN ('completed', 'compensated', 'resolved') AND updated_at >= $1) l";
+                (extract(epoch FROM finished_at - created_at) * 1000000)::bigint) AS p
+       FROM sagas_instances WHERE finished_at >= $1) l";
 
 /// The `$1` oldest open instances, oldest first.
 pub(super) const OLDEST_OPEN: &str =
