@@ -1,7 +1,7 @@
 //! `--topology in-process`: the engine, the HTTP API and the participants in this process, N
 //! sagas driven with C in flight, completion seen by counting the open instances.
 
-use sagas::participant::config::database_options;
+use sagas::participant::config::{database_options, pool_options};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +16,6 @@ use sagas::orchestrator::transport::{AmqpConfig, AmqpTransport};
 use sagas::orchestrator::{Engine, EngineConfig};
 use sagas::participant::Participant;
 use serde_json::Value;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, PgConnection};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -48,8 +47,7 @@ pub async fn run(args: &Args, place: &Place<'_>, workload: Workload) -> Result<M
     run::prepare(place, &names).await?;
 
     // The orchestrator, built like `server::engine`.
-    let orch_pool = PgPoolOptions::new()
-        .max_connections(args.db_pool)
+    let orch_pool = pool_options(args.db_pool)
         .connect_with(database_options(&orch.url)?)
         .await?;
     let transport = Arc::new(AmqpTransport::new(AmqpConfig {
@@ -106,8 +104,7 @@ pub async fn run(args: &Args, place: &Place<'_>, workload: Workload) -> Result<M
     for p in &names {
         let conn =
             Arc::new(Connection::connect(&urls.amqp, ConnectionProperties::default()).await?);
-        let pool = PgPoolOptions::new()
-            .max_connections(args.participant_pool)
+        let pool = pool_options(args.participant_pool)
             .connect_with(database_options(&part.url)?)
             .await?;
         let participant =

@@ -6,8 +6,7 @@ use anyhow::Context;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use sagas_participant::config::database_options;
-use sqlx::postgres::PgPoolOptions;
+use sagas_participant::config::{database_options, pool_options};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -22,8 +21,7 @@ use crate::transport::{AmqpConfig, AmqpTransport};
 
 /// Connects to PostgreSQL (applying migrations) and builds an engine on the AMQP transport.
 pub async fn engine(config: &Config, registry: Registry) -> anyhow::Result<Arc<Engine>> {
-    let pool = PgPoolOptions::new()
-        .max_connections(config.db_pool)
+    let pool = pool_options(config.db_pool)
         .connect_with(database_options(&config.database_url)?)
         .await
         .with_context(|| "connecting to the orchestrator database (DATABASE_URL)")

@@ -273,6 +273,35 @@ pub fn parse_flag(raw: &str) -> Result<bool, String> {
     }
 }
 
+/// How long a pooled connection may have sat idle before it is checked (one round trip to the
+/// server) as it is taken again.
+pub const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// The options of every pool of the orchestrator and of the participant runtime: at most
+/// `max_connections`, and a connection that sat idle for [`IDLE_CHECK_AFTER`] or longer checked
+/// before it is handed out, one that did not handed out at once.
+///
+/// sqlx's default checks every connection it hands out, a round trip to PostgreSQL before every
+/// transaction: on the user path ≈ 7 per saga at low load, on the path of every step
+/// (docs/performance.md). A connection that was used a moment ago is as alive as the check
+/// would show; one that sat idle (the case after the server restarted while nothing ran) is
+/// still checked, and replaced if it is dead, as PgBouncer checks its server connections only
+/// after `server_check_delay`. A connection that breaks while in use fails that use either
+/// way, and the callers handle it as any lost connection.
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_CHECK_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// The connection options of a PostgreSQL URL, as every pool of the orchestrator and of the
 /// participant runtime reads it: the URL's own, except that a loopback host (`localhost`,
 /// 127.0.0.0/8, `::1`) is connected without TLS when neither the URL nor `PGSSLMODE` names an
@@ -565,9 +594,7 @@ impl ParticipantConfig {
     /// down at start-up does not stop the process. An error only for an unusable URL.
     pub fn pool(&self) -> Result<PgPool, sqlx::Error> {
         let options = database_options(&self.database_url)?;
-        Ok(PgPoolOptions::new()
-            .max_connections(self.db_pool)
-            .connect_lazy_with(options))
+        Ok(pool_options(self.db_pool).connect_lazy_with(options))
     }
 
     /// `participant` with these settings (prefetch, concurrency, batch size, queue options,

@@ -18,6 +18,7 @@ mod broker_restart;
 mod declarations;
 mod in_progress;
 mod outage;
+mod pool;
 mod runtime;
 mod schemas;
 mod testing;
