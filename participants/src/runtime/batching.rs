@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::admission::Job;
 use super::outage::run_alone;
-use super::process::{panic_message, within};
+use super::process::{panic_message, timed_out, within};
 use super::session::Context;
 use super::stats::Stats;
 use crate::barrier::{BarrierError, Batch, handler_lock_order, in_given_order};
@@ -81,8 +81,17 @@ async fn in_one_transaction(
 /// while the database cannot be reached, they wait for it).
 ///
 /// While few recent commands failed, a batch first runs without savepoints; if one of its
-/// handlers does not succeed, it runs again with them.
+/// handlers does not succeed, it runs again with them. So does a lone command
+/// ([`lone_unguarded`]).
 pub(super) async fn outcomes(ctx: &Context, jobs: &[Job]) -> Vec<Outcome> {
+    if let [job] = jobs {
+        let outcome = match lone_unguarded(ctx, job).await {
+            Some(outcome) => outcome,
+            None => run_alone(ctx, &job.cmd).instrument(job.span.clone()).await,
+        };
+        ctx.failures.observe(std::slice::from_ref(&outcome));
+        return vec![outcome];
+    }
     if jobs.len() > 1 {
         let order = handler_lock_order(&*ctx.handler, jobs.iter().map(|job| &job.cmd));
         let ordered: Vec<&Job> = order.iter().map(|&i| &jobs[i]).collect();
@@ -119,6 +128,33 @@ pub(super) async fn outcomes(ctx: &Context, jobs: &[Job]) -> Vec<Outcome> {
         .iter()
         .map(|job| run_alone(ctx, &job.cmd).instrument(job.span.clone()));
     futures_util::future::join_all(alone).await
+}
+
+/// The outcome of a lone command run without a savepoint, while few recent commands failed:
+/// the transaction of a batch of one, one round trip (the `SAVEPOINT`) less than
+/// [`run_alone`]. `None` when it is to run as [`run_alone`] runs it: savepoints are due, or
+/// its handler did not succeed (its writes rolled back with the transaction; the run with a
+/// savepoint answers it, as a batch runs again), or the transaction failed. A handler that
+/// exceeds its time limit is answered `retry` at once, as alone, rather than run again.
+async fn lone_unguarded(ctx: &Context, job: &Job) -> Option<Outcome> {
+    if !ctx.failures.unguarded(1) {
+        return None;
+    }
+    match in_one_transaction(ctx, &[job], true).await {
+        Ok(mut outcomes) => outcomes.pop(),
+        Err(BatchFailure::TimedOut(limit)) => {
+            Stats::bump(&ctx.stats.0.timed_out);
+            Some(timed_out(limit))
+        }
+        Err(BatchFailure::Barrier(BarrierError::Unguarded)) => {
+            Stats::bump(&ctx.stats.0.batch_reruns);
+            None
+        }
+        Err(_) => {
+            Stats::bump(&ctx.stats.0.batch_fallbacks);
+            None
+        }
+    }
 }
 
 /// An estimate of the share of recent batched commands that did not succeed (`failed`,

@@ -86,14 +86,8 @@ pub(super) async fn attempt(
     let result = match within(limit, run).await {
         Ok(result) => result,
         Err(limit) => {
-            let limit_ms = limit.as_millis();
-            tracing::warn!(
-                limit_ms = limit_ms as u64,
-                "handler exceeded its time limit; rolled back, replying retry"
-            );
-            let reason = format!("handler exceeded its time limit of {limit_ms} ms");
             return Attempt::Answered {
-                outcome: Outcome::retry(reason),
+                outcome: timed_out(limit),
                 timed_out: true,
             };
         }
@@ -115,6 +109,17 @@ pub(super) async fn attempt(
         outcome,
         timed_out: false,
     }
+}
+
+/// The answer to a command whose handler exceeded its time `limit` (its transaction rolled
+/// back): `retry`.
+pub(super) fn timed_out(limit: Duration) -> Outcome {
+    let limit_ms = limit.as_millis();
+    tracing::warn!(
+        limit_ms = limit_ms as u64,
+        "handler exceeded its time limit; rolled back, replying retry"
+    );
+    Outcome::retry(format!("handler exceeded its time limit of {limit_ms} ms"))
 }
 
 /// Awaits `work`, for at most `limit` if there is one; `Err(limit)` when it strikes (and

@@ -62,13 +62,17 @@ impl Stats {
     }
 
     /// Batches rolled back whose commands then ran one by one (a lost connection, a deadlock,
-    /// a failed commit, a handler that panicked or exceeded its time limit).
+    /// a failed commit, a handler that panicked or exceeded its time limit); a lone command
+    /// run without its savepoint counts as a batch of one, but for a time limit, which is
+    /// answered at once.
     pub fn batch_fallbacks(&self) -> u64 {
         self.0.batch_fallbacks.load(Ordering::Relaxed)
     }
 
     /// Batches that ran without savepoints, met a handler that did not succeed, and ran again
-    /// with them (see [`barrier::Batch::begin_unguarded`](crate::barrier::Batch::begin_unguarded)).
+    /// with them (see [`barrier::Batch::begin_unguarded`](crate::barrier::Batch::begin_unguarded));
+    /// lone commands, which also go without their savepoint while few commands fail, count as
+    /// batches of one.
     pub fn batch_reruns(&self) -> u64 {
         self.0.batch_reruns.load(Ordering::Relaxed)
     }

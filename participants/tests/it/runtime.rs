@@ -256,6 +256,71 @@ async fn a_panicking_handler_yields_a_retry_reply() {
     broker.teardown(&[BANK]).await;
 }
 
+/// A lone command goes without the savepoint around its handler while few commands fail, as a
+/// batch does: one whose handler fails after writing is rolled back whole and runs again with
+/// it, and is answered as alone. Once lone commands fail often, they take the savepoint at once.
+#[tokio::test]
+async fn a_lone_failing_command_runs_again_with_its_savepoint_until_failures_are_frequent() {
+    let db = TestDb::new().await;
+    db.open("a", 100).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let running = start(&db, &broker.topology, &broker.options);
+
+    let mut reruns = Vec::new();
+    for _ in 0..40 {
+        let cmd = command(
+            Uuid::new_v4(),
+            "credit",
+            Operation::Action,
+            json!({ "account": "a", "amount": 10, "fail": "business_after_write" }),
+        );
+        broker.send(BANK, &cmd).await;
+        let (reply, _) = broker.next_reply().await;
+        assert_eq!(reply.outcome.status(), "failed", "{reply:?}");
+        // Stored as alone: the barrier row with the failure, the handler's write undone.
+        let records = barrier::records(&db.pool, cmd.transaction_id)
+            .await
+            .unwrap();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(
+            records[0].reply.as_ref().map(Outcome::status),
+            Some("failed")
+        );
+        assert_eq!(db.account("a").await, (100, 0));
+        reruns.push(running.stats.batch_reruns());
+    }
+    assert_eq!(
+        reruns[0], 1,
+        "the first ran without its savepoint, then with it"
+    );
+    assert!(
+        reruns[39] < 40 && reruns[29] == reruns[39],
+        "with a failure rate this high, lone commands take their savepoint at once: {reruns:?}"
+    );
+    assert_eq!(
+        running.stats.batches(),
+        0,
+        "no transaction of several commands"
+    );
+
+    // A lone command that succeeds commits once.
+    let before = running.stats.batch_reruns();
+    let ok = command(
+        Uuid::new_v4(),
+        "credit",
+        Operation::Action,
+        json!({ "account": "a", "amount": 10 }),
+    );
+    broker.send(BANK, &ok).await;
+    assert_eq!(broker.next_reply().await.0.outcome.status(), "succeeded");
+    assert_eq!(db.account("a").await, (110, 0));
+    assert_eq!(running.stats.batch_reruns(), before);
+
+    running.shutdown().await;
+    broker.teardown(&[BANK]).await;
+}
+
 #[tokio::test]
 async fn shutdown_waits_for_the_command_in_flight_and_its_reply() {
     let db = TestDb::new().await;
@@ -507,7 +572,10 @@ async fn killed_database_connections_cost_a_rerun_and_nothing_else() {
     assert!(killed >= 1, "the handler's connection was killed");
     let (reply, _) = broker.next_reply().await;
     assert_eq!(reply.outcome.status(), "succeeded", "{reply:?}");
-    assert!(running.stats.database_waits() >= 1);
+    assert!(
+        running.stats.database_waits() + running.stats.batch_fallbacks() >= 1,
+        "the command ran again, at once or after waiting for the database"
+    );
 
     // The orchestrator's next attempt gets the stored reply, also on fresh connections.
     let next = helpers::again(&in_flight);
