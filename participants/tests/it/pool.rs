@@ -38,6 +38,18 @@ async fn terminate(pid: i32) {
     panic!("backend {pid} still there after 10 s");
 }
 
+/// Waits (up to 10 s) until the pool's one connection is back in it: it goes back after the
+/// check sqlx makes as it takes a connection back, off the caller's path.
+async fn back_in(pool: &PgPool) {
+    for _ in 0..500 {
+        if pool.num_idle() == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the connection is not back in the pool after 10 s");
+}
+
 #[tokio::test]
 async fn a_pooled_connection_is_checked_only_once_it_sat_idle_for_a_second() {
     let db = TestDb::new().await;
@@ -45,11 +57,13 @@ async fn a_pooled_connection_is_checked_only_once_it_sat_idle_for_a_second() {
     let pool = pool_options(1).connect_with(options).await.expect("pool");
 
     // Used a moment ago: handed out without a round trip, so a backend terminated meanwhile
-    // fails its next use, once; the pool then opens a fresh connection.
+    // fails its next use, once; the pool then opens a fresh connection. (Idle since after
+    // `used`: unchecked while less than IDLE_CHECK_AFTER has passed since.)
+    let used = Instant::now();
     let first = backend_pid(&pool).await.expect("first use");
-    let released = Instant::now();
+    back_in(&pool).await;
     terminate(first).await;
-    let unchecked = released.elapsed() < IDLE_CHECK_AFTER;
+    let unchecked = used.elapsed() < IDLE_CHECK_AFTER;
     let next = backend_pid(&pool).await;
     if unchecked {
         assert!(
@@ -60,7 +74,9 @@ async fn a_pooled_connection_is_checked_only_once_it_sat_idle_for_a_second() {
     let fresh = backend_pid(&pool).await.expect("a fresh connection");
     assert_ne!(fresh, first);
 
-    // Idle for IDLE_CHECK_AFTER: checked as it is taken, and replaced unnoticed.
+    // Idle for IDLE_CHECK_AFTER: checked as it is taken, and replaced unnoticed. (Idle since
+    // before `released`.)
+    back_in(&pool).await;
     let released = Instant::now();
     terminate(fresh).await;
     tokio::time::sleep_until(released + IDLE_CHECK_AFTER).await;
