@@ -25,6 +25,10 @@ enum BatchFailure {
     Barrier(#[from] BarrierError),
     #[error("a step of the batch exceeded the time limit of {} ms", .0.as_millis())]
     TimedOut(Duration),
+    /// The transaction did not begin within the time limit: no connection could be had (the
+    /// database may be down), or the barrier rows waited for another transaction's.
+    #[error("the batch did not begin within the time limit of {} ms", .0.as_millis())]
+    BeginTimedOut(Duration),
     #[error("a handler panicked: {0}")]
     Panicked(String),
 }
@@ -55,7 +59,7 @@ async fn in_one_transaction(
     };
     let mut batch = within(limit, begin)
         .await
-        .map_err(BatchFailure::TimedOut)??;
+        .map_err(BatchFailure::BeginTimedOut)??;
     let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs {
         let run = AssertUnwindSafe(batch.execute(&job.cmd, &*ctx.handler)).catch_unwind();
@@ -134,7 +138,8 @@ pub(super) async fn outcomes(ctx: &Context, jobs: &[Job]) -> Vec<Outcome> {
 /// the transaction of a batch of one, one round trip (the `SAVEPOINT`) less than
 /// [`run_alone`]. `None` when it is to run as [`run_alone`] runs it: savepoints are due, or
 /// its handler did not succeed (its writes rolled back with the transaction; the run with a
-/// savepoint answers it, as a batch runs again), or the transaction failed. A handler that
+/// savepoint answers it, as a batch runs again), or the transaction failed or did not begin
+/// in time (alone, it waits for the database if that is why). A handler (or the commit) that
 /// exceeds its time limit is answered `retry` at once, as alone, rather than run again.
 async fn lone_unguarded(ctx: &Context, job: &Job) -> Option<Outcome> {
     if !ctx.failures.unguarded(1) {

@@ -63,8 +63,8 @@ impl Stats {
 
     /// Batches rolled back whose commands then ran one by one (a lost connection, a deadlock,
     /// a failed commit, a handler that panicked or exceeded its time limit); a lone command
-    /// run without its savepoint counts as a batch of one, but for a time limit, which is
-    /// answered at once.
+    /// run without its savepoint counts as a batch of one, but for a handler over its time
+    /// limit, which is answered at once.
     pub fn batch_fallbacks(&self) -> u64 {
         self.0.batch_fallbacks.load(Ordering::Relaxed)
     }

@@ -438,6 +438,56 @@ async fn a_handler_over_its_time_limit_is_rolled_back_and_answered_retry() {
     broker.teardown(&[BANK]).await;
 }
 
+/// The time limit is the handler's: a lone command that waits for a database connection longer
+/// than the limit (here, the pool's one connection held by a batch of slow commands) is run
+/// once it has one, not answered `retry`.
+#[tokio::test]
+async fn a_lone_command_waiting_for_a_connection_longer_than_the_time_limit_is_not_answered_retry()
+{
+    let db = TestDb::with_connections(1).await;
+    db.open("a", 100).await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let slow: Vec<Command> = (0..3)
+        .map(|_| {
+            let payload = json!({ "account": "a", "amount": 1, "sleep_ms": 300 });
+            command(Uuid::new_v4(), "credit", Operation::Action, payload)
+        })
+        .collect();
+    for cmd in &slow {
+        broker.send(BANK, cmd).await;
+    }
+    let running = start_with(
+        participant(&db, &broker.topology, &broker.options)
+            .handler_timeout(Duration::from_millis(500)),
+    );
+    db.wait_handler_in_transaction().await;
+    let lone = command(
+        Uuid::new_v4(),
+        "credit",
+        Operation::Action,
+        json!({ "account": "a", "amount": 1 }),
+    );
+    broker.send(BANK, &lone).await;
+
+    let mut answered = HashMap::new();
+    while answered.len() < 4 {
+        let (reply, _) = broker.next_reply().await;
+        answered.insert(reply.transaction_id, reply.outcome.status());
+    }
+    assert_eq!(
+        answered.get(&lone.transaction_id),
+        Some(&"succeeded"),
+        "{answered:?}"
+    );
+    assert!(answered.values().all(|s| *s == "succeeded"), "{answered:?}");
+    assert_eq!(running.stats.timed_out(), 0);
+    assert_eq!(db.account("a").await, (104, 0));
+
+    running.shutdown().await;
+    broker.teardown(&[BANK]).await;
+}
+
 #[tokio::test]
 async fn shutdown_abandons_handlers_that_outlast_the_shutdown_timeout_and_their_command_is_redelivered()
  {
