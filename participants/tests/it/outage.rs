@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sagas_participant::barrier;
+use sagas_participant::config::pool_options;
 use sagas_participant::protocol::{Command, Operation, Outcome};
 use sagas_participant::runtime::Participant;
 use sagas_test_support::proxy::Proxy;
 use serde_json::json;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use uuid::Uuid;
 
 use crate::helpers::{
@@ -33,16 +34,15 @@ fn quick(participant: Participant) -> Participant {
     participant.reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
 }
 
-/// A pool on `db` through `proxy`, made as a participant process makes it: lazily, so that it
-/// can start while the database is down.
+/// A pool on `db` through `proxy`, made as a participant process makes it
+/// (`ParticipantConfig::pool`): lazily, so that it can start while the database is down, with
+/// the runtime's pool options.
 fn pool_through(proxy: &Proxy, db: &TestDb) -> PgPool {
     let url = proxy
         .url(db.url())
         .expect("the database URL through the proxy");
     let options = PgConnectOptions::from_str(&url).expect("parse the database URL");
-    PgPoolOptions::new()
-        .max_connections(4)
-        .connect_lazy_with(options)
+    pool_options(4).connect_lazy_with(options)
 }
 
 /// Reads replies until each of `sent` has one, and checks that each has exactly one, that it
