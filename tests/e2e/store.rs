@@ -2097,7 +2097,9 @@ mod projection {
         assert_eq!(stored.instance.status, Status::Running);
         assert_eq!(stored.updated_at, t0 + Duration::seconds(2));
 
-        // The store's connections end, and with them PostgreSQL reports their statistics.
+        // The store's connections end (its held ones with it), and with them PostgreSQL
+        // reports their statistics.
+        drop(store);
         pool.close().await;
         let reader = PgPool::connect(&env.orch_url).await?;
         let deadline = Instant::now() + StdDuration::from_secs(30);
@@ -2119,6 +2121,75 @@ mod projection {
         };
         assert_eq!((updated, hot), (2, 2), "(updates, of which HOT)");
         reader.close().await;
+        env.cleanup().await;
+        Ok(())
+    }
+}
+
+/// The write path's connections, held out of the pool (`store::postgres::HELD`).
+mod held_connections {
+    use super::*;
+    use sagas::participant::config::{IDLE_CHECK_AFTER, database_options, pool_options};
+    use std::time::Duration as StdDuration;
+
+    /// Terminates every backend of the database at `url` but this one, and waits (up to 10 s)
+    /// until they are gone.
+    async fn terminate_all(url: &str) -> Result<()> {
+        let mut admin = sagas_test_support::admin().await?;
+        let db = url.rsplit('/').next().unwrap_or_default();
+        let db = db.split('?').next().unwrap_or_default().to_owned();
+        let live =
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()";
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+            .bind(&db)
+            .execute(&mut admin)
+            .await?;
+        for _ in 0..500 {
+            let (n,): (i64,) = sqlx::query_as(live).bind(&db).fetch_one(&mut admin).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(StdDuration::from_millis(20)).await;
+        }
+        anyhow::bail!("backends of {db} still there after 10 s")
+    }
+
+    /// Starts and replies are written on connections kept out of the pool: closing the pool
+    /// does not wait for them, and one that died while idle is checked and replaced before the
+    /// next write, as the pool's own are.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_write_path_holds_its_connections_and_replaces_one_that_died_while_idle()
+    -> Result<()> {
+        let env = helpers::TestEnv::new().await?;
+        let pool = pool_options(4)
+            .connect_with(database_options(&env.orch_url)?)
+            .await?;
+        let store = PgStore::new(pool.clone());
+        store.migrate().await?;
+        let def = Definition::saga::<serde_json::Value>("held", 1)
+            .step("a", "p", |s| s.command(|_, _| json!({"op": "a"})))
+            .step("b", "p", |s| s.command(|_, _| json!({"op": "b"})))
+            .build()?;
+        let t0 = now();
+        let id = create(&store, &def, t0).await?;
+        let first = Input::Reply(reply(id, "a", 1, Outcome::succeeded(json!("a"))));
+        feed(&store, &def, id, first, None, t0 + Duration::seconds(1)).await?;
+
+        // Every connection dies while idle; once they have been idle long enough to be
+        // checked, the next write goes through on a fresh one.
+        terminate_all(&env.orch_url).await?;
+        let died = tokio::time::Instant::now();
+        tokio::time::sleep_until(died + IDLE_CHECK_AFTER).await;
+        let second = Input::Reply(reply(id, "b", 1, Outcome::succeeded(json!("b"))));
+        feed(&store, &def, id, second, None, t0 + Duration::seconds(2)).await?;
+        let stored = store.get(id).await?.context("instance")?;
+        assert_eq!(stored.instance.status, Status::Completed);
+
+        // The store still holds its connections; the pool closes without them.
+        tokio::time::timeout(StdDuration::from_secs(10), pool.close())
+            .await
+            .context("closing the pool waited for the held connections")?;
+        drop(store);
         env.cleanup().await;
         Ok(())
     }

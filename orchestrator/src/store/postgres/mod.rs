@@ -22,12 +22,15 @@ use crate::machine::{Event, Instance, Time, Timer, Transition};
 use sagas_participant::protocol::Command;
 use std::collections::BTreeMap;
 
+mod held;
 mod plans;
 mod retention;
 mod settlements;
 mod sql;
 mod states;
 mod write;
+pub use held::HELD;
+use held::Held;
 use plans::Plans;
 pub use retention::{Export, PRUNE_LOCK_KEY};
 use settlements::PgSettlements;
@@ -45,6 +48,8 @@ pub struct PgStore {
     plans: Arc<Plans>,
     /// The states of open instances as this process last committed them.
     states: Arc<States>,
+    /// Connections held out of the pool for the start and reply batches' writes.
+    held: Arc<Held>,
 }
 
 /// How often reply batches could skip reading their states (see [`PgStore::state_cache`]).
@@ -111,6 +116,7 @@ impl PgStore {
             pool,
             plans: Arc::default(),
             states: Arc::default(),
+            held: Arc::default(),
         }
     }
 

@@ -297,7 +297,9 @@ impl PgStore {
             .collect();
         let ids = starts.iter().map(|(start, _)| start.instance.id).collect();
         let params = Params::new(&set, ids, &self.plans, &HashMap::new(), &keys);
-        let written = params.write(Target::New, now, &self.pool).await?;
+        let mut conn = self.held.take(&self.pool).await?;
+        let written = params.write(Target::New, now, &mut *conn).await?;
+        self.held.give_back(conn);
         self.remember(params, &written);
         let mut results = Vec::with_capacity(starts.len());
         for (start, idempotency) in starts {
@@ -328,7 +330,8 @@ impl PgStore {
         items: &[(Uuid, Decide<'_>)],
         fired: Option<Timer>,
     ) -> Result<Vec<Result<Updated, StoreError>>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.held.take(&self.pool).await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
         let rows: Vec<(Uuid, Json<StoredState>, Option<Uuid>)> = sqlx::query_as(sql::LOCK_STATES)
             .bind(&ids)
@@ -354,6 +357,7 @@ impl PgStore {
             params.write(Target::Locked, now, &mut *tx).await?
         };
         tx.commit().await?;
+        self.held.give_back(conn);
         self.remember(params, &written);
         Ok(results
             .into_iter()
@@ -405,7 +409,9 @@ impl PgStore {
         };
         let set = WriteSet::of(&transitions);
         let params = Params::new(&set, ids, &self.plans, &plan_ids, &HashMap::new());
-        let written = params.write(Target::Guarded, now, &self.pool).await?;
+        let mut conn = self.held.take(&self.pool).await?;
+        let written = params.write(Target::Guarded, now, &mut *conn).await?;
+        self.held.give_back(conn);
         self.remember(params, &written);
         let hits = transitions
             .iter()
