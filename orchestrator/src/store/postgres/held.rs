@@ -21,65 +21,103 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres};
 /// Connections held at most: one for the start slot, one for the reply slot.
 pub const HELD: usize = 2;
 
-/// The held connections, with when each was last given back.
+/// The held connections: those idle, with when each was given back, and how many exist
+/// (idle or in use). A pooled connection is taken out of the pool only while fewer than
+/// [`HELD`] exist, so that a held one coming back always has its place (none is closed for
+/// want of room while more writers than [`HELD`] run at once).
 #[derive(Debug, Default)]
-pub(super) struct Held(Mutex<Vec<(PgConnection, Instant)>>);
+pub(super) struct Held(Mutex<Slots>);
 
-/// A connection for one write: a held one, or one of the pool's.
-pub(super) enum WriteConnection {
+#[derive(Debug, Default)]
+struct Slots {
+    idle: Vec<(PgConnection, Instant)>,
+    owned: usize,
+}
+
+/// A connection for one write: a held one, or one of the pool's. Give it back with
+/// [`WriteConnection::give_back`] once the write succeeded; dropped instead (the write
+/// failed), a held one is closed and a pooled one goes back through the pool's check.
+pub(super) struct WriteConnection<'h> {
+    conn: Option<Conn>,
+    held: &'h Held,
+}
+
+enum Conn {
     Held(PgConnection),
     Pooled(PoolConnection<Postgres>),
 }
 
-impl std::ops::Deref for WriteConnection {
+impl std::ops::Deref for WriteConnection<'_> {
     type Target = PgConnection;
     fn deref(&self) -> &PgConnection {
-        match self {
-            WriteConnection::Held(conn) => conn,
-            WriteConnection::Pooled(conn) => conn,
+        match self.conn.as_ref().expect("a connection until given back") {
+            Conn::Held(conn) => conn,
+            Conn::Pooled(conn) => conn,
         }
     }
 }
 
-impl std::ops::DerefMut for WriteConnection {
+impl std::ops::DerefMut for WriteConnection<'_> {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        match self {
-            WriteConnection::Held(conn) => conn,
-            WriteConnection::Pooled(conn) => conn,
+        match self.conn.as_mut().expect("a connection until given back") {
+            Conn::Held(conn) => conn,
+            Conn::Pooled(conn) => conn,
+        }
+    }
+}
+
+impl Drop for WriteConnection<'_> {
+    fn drop(&mut self) {
+        if let Some(Conn::Held(_)) = self.conn {
+            // Its write failed: it is closed, and no longer counts.
+            self.held.lock().owned -= 1;
+        }
+    }
+}
+
+impl WriteConnection<'_> {
+    /// Gives back a connection whose write succeeded: a held one is kept; a pooled one is
+    /// taken out of the pool and kept while fewer than [`HELD`] exist, else returned to it.
+    pub(super) fn give_back(mut self) {
+        let conn = self.conn.take();
+        let mut slots = self.held.lock();
+        match conn {
+            Some(Conn::Held(conn)) => slots.idle.push((conn, Instant::now())),
+            Some(Conn::Pooled(conn)) if slots.owned < HELD => {
+                slots.owned += 1;
+                slots.idle.push((conn.detach(), Instant::now()));
+            }
+            // Back to the pool.
+            _ => {}
         }
     }
 }
 
 impl Held {
     /// A held connection (checked first if it sat idle), else one from `pool`.
-    pub(super) async fn take(&self, pool: &PgPool) -> Result<WriteConnection, sqlx::Error> {
+    pub(super) async fn take(&self, pool: &PgPool) -> Result<WriteConnection<'_>, sqlx::Error> {
         loop {
-            let Some((mut conn, since)) = self.lock().pop() else {
-                return Ok(WriteConnection::Pooled(pool.acquire().await?));
+            let idle = self.lock().idle.pop();
+            let Some((mut conn, since)) = idle else {
+                let conn = Conn::Pooled(pool.acquire().await?);
+                return Ok(self.write_connection(conn));
             };
             if since.elapsed() < IDLE_CHECK_AFTER || conn.ping().await.is_ok() {
-                return Ok(WriteConnection::Held(conn));
+                return Ok(self.write_connection(Conn::Held(conn)));
             }
-            // Dead (the server restarted, say): dropped, and the next one tried.
+            // Dead (the server restarted, say): closed, and the next one tried.
+            self.lock().owned -= 1;
         }
     }
 
-    /// Gives back a connection whose write succeeded: kept while fewer than [`HELD`] are,
-    /// else returned to the pool. (One whose write failed is dropped instead: a held one is
-    /// closed, a pooled one goes back through the pool's check.)
-    pub(super) fn give_back(&self, conn: WriteConnection) {
-        let mut held = self.lock();
-        if held.len() >= HELD {
-            return;
+    fn write_connection(&self, conn: Conn) -> WriteConnection<'_> {
+        WriteConnection {
+            conn: Some(conn),
+            held: self,
         }
-        let conn = match conn {
-            WriteConnection::Held(conn) => conn,
-            WriteConnection::Pooled(conn) => conn.detach(),
-        };
-        held.push((conn, Instant::now()));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PgConnection, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

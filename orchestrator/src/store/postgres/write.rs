@@ -299,7 +299,7 @@ impl PgStore {
         let params = Params::new(&set, ids, &self.plans, &HashMap::new(), &keys);
         let mut conn = self.held.take(&self.pool).await?;
         let written = params.write(Target::New, now, &mut *conn).await?;
-        self.held.give_back(conn);
+        conn.give_back();
         self.remember(params, &written);
         let mut results = Vec::with_capacity(starts.len());
         for (start, idempotency) in starts {
@@ -357,7 +357,7 @@ impl PgStore {
             params.write(Target::Locked, now, &mut *tx).await?
         };
         tx.commit().await?;
-        self.held.give_back(conn);
+        conn.give_back();
         self.remember(params, &written);
         Ok(results
             .into_iter()
@@ -411,7 +411,7 @@ impl PgStore {
         let params = Params::new(&set, ids, &self.plans, &plan_ids, &HashMap::new());
         let mut conn = self.held.take(&self.pool).await?;
         let written = params.write(Target::Guarded, now, &mut *conn).await?;
-        self.held.give_back(conn);
+        conn.give_back();
         self.remember(params, &written);
         let hits = transitions
             .iter()
