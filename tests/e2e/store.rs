@@ -2067,10 +2067,45 @@ async fn listing_by_idempotency_key_finds_the_instance_started_with_it(b: &Backe
     Ok(())
 }
 
+/// What PostgreSQL counted on `sagas_instances` in the database at `url`.
+struct TableStats {
+    updated: i64,
+    hot: i64,
+    seq_scans: i64,
+}
+
+/// [`TableStats`] once at least `updates` updates are counted (waiting up to 30 s): a backend
+/// reports its counts as it ends, so end the connections that did the work first.
+async fn instance_table_stats(url: &str, updates: i64) -> Result<TableStats> {
+    let reader = PgPool::connect(url).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let stats = loop {
+        let (updated, hot, seq_scans): (i64, i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd, seq_scan FROM pg_stat_user_tables
+             WHERE relname = 'sagas_instances'",
+        )
+        .fetch_one(&reader)
+        .await?;
+        if updated >= updates {
+            break TableStats {
+                updated,
+                hot,
+                seq_scans,
+            };
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "PostgreSQL reported {updated} of the {updates} updates within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    reader.close().await;
+    Ok(stats)
+}
+
 /// The projection's row on PostgreSQL beyond the common suite.
 mod projection {
     use super::*;
-    use std::time::{Duration as StdDuration, Instant};
 
     /// A running instance's transitions change no indexed column of its row, so PostgreSQL
     /// writes each new version on the same page without an entry in any index (a HOT update).
@@ -2101,26 +2136,12 @@ mod projection {
         // reports their statistics.
         drop(store);
         pool.close().await;
-        let reader = PgPool::connect(&env.orch_url).await?;
-        let deadline = Instant::now() + StdDuration::from_secs(30);
-        let (updated, hot) = loop {
-            let (updated, hot): (i64, i64) = sqlx::query_as(
-                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
-                 WHERE relname = 'sagas_instances'",
-            )
-            .fetch_one(&reader)
-            .await?;
-            if updated >= 2 {
-                break (updated, hot);
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "PostgreSQL reported {updated} of the 2 updates within 30 s"
-            );
-            tokio::time::sleep(StdDuration::from_millis(50)).await;
-        };
-        assert_eq!((updated, hot), (2, 2), "(updates, of which HOT)");
-        reader.close().await;
+        let stats = instance_table_stats(&env.orch_url, 2).await?;
+        assert_eq!(
+            (stats.updated, stats.hot),
+            (2, 2),
+            "(updates, of which HOT)"
+        );
         env.cleanup().await;
         Ok(())
     }
@@ -2190,6 +2211,58 @@ mod held_connections {
             .await
             .context("closing the pool waited for the held connections")?;
         drop(store);
+        env.cleanup().await;
+        Ok(())
+    }
+    /// PostgreSQL keeps one generic plan per prepared statement and connection, costed with
+    /// the tables' sizes of when it was made. A new database's first transitions make the
+    /// write path's plans while `sagas_instances` is small: they must still reach the
+    /// instances by key, not read the whole table on every transition as it grows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transitions_find_their_instances_by_key_with_plans_made_while_the_table_was_small()
+    -> Result<()> {
+        let env = helpers::TestEnv::new().await?;
+        let pool = pool_options(4)
+            .connect_with(database_options(&env.orch_url)?)
+            .await?;
+        let store = PgStore::new(pool.clone());
+        store.migrate().await?;
+        let def = Definition::saga::<serde_json::Value>("plans", 1)
+            .step("a", "p", |s| s.command(|_, _| json!({"op": "a"})))
+            .step("b", "p", |s| s.command(|_, _| json!({"op": "b"})))
+            .build()?;
+        let t0 = now();
+        let at = t0 + Duration::seconds(1);
+        let advance = |id| {
+            let input = Input::Reply(reply(id, "a", 1, Outcome::succeeded(json!("a"))));
+            store.update_batch(at, vec![(id, decide(&def, input, at))])
+        };
+        // One saga at a time on the new tables, as a first deployment's first minutes: past
+        // its fifth run, a statement may keep a generic plan.
+        const ONE_BY_ONE: usize = 12;
+        for _ in 0..ONE_BY_ONE {
+            let id = create(&store, &def, t0).await?;
+            advance(id).await?.pop().context("one answer")??;
+        }
+        // The table grows; the same plans serve.
+        let mut later = Vec::new();
+        for _ in 0..300 {
+            later.push(create(&store, &def, t0).await?);
+        }
+        for &id in &later[..ONE_BY_ONE] {
+            advance(id).await?.pop().context("one answer")??;
+        }
+
+        drop(store);
+        pool.close().await;
+        let stats = instance_table_stats(&env.orch_url, 2 * ONE_BY_ONE as i64).await?;
+        assert_eq!(stats.updated, 2 * ONE_BY_ONE as i64);
+        assert_eq!(
+            stats.seq_scans,
+            0,
+            "sequential scans of sagas_instances by {} transitions",
+            2 * ONE_BY_ONE
+        );
         env.cleanup().await;
         Ok(())
     }
