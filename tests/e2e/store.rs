@@ -2150,6 +2150,7 @@ mod projection {
 /// The write path's connections, held out of the pool (`store::postgres::HELD`).
 mod held_connections {
     use super::*;
+    use sagas::orchestrator::store::postgres::HELD;
     use sagas::participant::config::{IDLE_CHECK_AFTER, database_options, pool_options};
     use std::time::Duration as StdDuration;
 
@@ -2214,6 +2215,43 @@ mod held_connections {
         env.cleanup().await;
         Ok(())
     }
+    /// A write cancelled while it waits for a connection to hold (the pool exhausted) gives up
+    /// its place: once the pool has a connection again, the next write takes it out of the
+    /// pool and holds it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_cancelled_while_waiting_for_a_connection_leaves_its_place_to_the_next()
+    -> Result<()> {
+        let env = helpers::TestEnv::new().await?;
+        let pool = pool_options(1)
+            .connect_with(database_options(&env.orch_url)?)
+            .await?;
+        let store = PgStore::new(pool.clone());
+        store.migrate().await?;
+        let def = Definition::saga::<serde_json::Value>("cancelled", 1)
+            .step("a", "p", |s| s.command(|_, _| json!({"op": "a"})))
+            .build()?;
+        let t0 = now();
+        let only = pool.acquire().await?;
+        for _ in 0..HELD {
+            let waiting =
+                tokio::time::timeout(StdDuration::from_millis(100), create(&store, &def, t0));
+            assert!(
+                waiting.await.is_err(),
+                "a write went through without a connection"
+            );
+        }
+        drop(only);
+        create(&store, &def, t0).await?;
+        assert_eq!(
+            pool.size(),
+            0,
+            "the write held the pool's one connection (taken out of the pool)"
+        );
+        drop(store);
+        env.cleanup().await;
+        Ok(())
+    }
+
     /// PostgreSQL keeps one generic plan per prepared statement and connection, costed with
     /// the tables' sizes of when it was made. A new database's first transitions make the
     /// write path's plans while `sagas_instances` is small: they must still reach the

@@ -123,11 +123,13 @@ impl Held {
                 }
                 (idle, room)
             };
+            // Made only with room (its drop uncounts), after the lock is released.
+            let room = room.then(|| Counted(self));
             let Some((conn, since)) = idle else {
-                if !room {
-                    return Ok(self.write_connection(Conn::Pooled(pool.acquire().await?)));
-                }
-                return self.hold(pool).await;
+                return match room {
+                    Some(counted) => self.hold(pool, counted).await,
+                    None => Ok(self.write_connection(Conn::Pooled(pool.acquire().await?))),
+                };
             };
             let mut conn = self.write_connection(Conn::Held(conn));
             if since.elapsed() < IDLE_CHECK_AFTER || conn.ping().await.is_ok() {
@@ -138,10 +140,13 @@ impl Held {
         }
     }
 
-    /// A new held connection, counted already: taken out of `pool` and set up with
+    /// A new held connection, in the place `counted`: taken out of `pool` and set up with
     /// [`PLANNER`]; uncounted if that fails or is cancelled.
-    async fn hold(&self, pool: &PgPool) -> Result<WriteConnection<'_>, sqlx::Error> {
-        let counted = Counted(self);
+    async fn hold(
+        &self,
+        pool: &PgPool,
+        counted: Counted<'_>,
+    ) -> Result<WriteConnection<'_>, sqlx::Error> {
         let pooled = pool.acquire().await?;
         std::mem::forget(counted);
         // From here the guard uncounts it when it drops without being given back.
