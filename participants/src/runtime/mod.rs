@@ -50,6 +50,7 @@ use std::time::Duration;
 
 use lapin::Connection;
 use sqlx::PgPool;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::amqp::{self, Backoff, QueueOptions};
 use crate::barrier::{self, BarrierError};
@@ -371,7 +372,9 @@ impl Participant {
     /// It first creates the barrier table (unless [`Participant::install_barrier`] is off) and
     /// declares its queue. Commands delivered but not yet started when shutting down are
     /// requeued by the broker when the channel closes. It returns an error when the connection
-    /// or a channel fails; [`Participant::run_forever`] reconnects instead.
+    /// or a channel fails; [`Participant::run_forever`] reconnects instead. It runs in the
+    /// caller's future: spawn it on the runtime (`tokio::spawn`) rather than awaiting it in
+    /// `#[tokio::main]`'s, which runs on the main thread, outside the worker threads.
     pub async fn run(
         self,
         conn: &Connection,
@@ -404,14 +407,50 @@ impl Participant {
     /// Every failure is logged as a warning once when an outage starts (and at debug level
     /// afterwards). Returns `Ok(())` once `shutdown` completes, and an error only for a URL
     /// that cannot be parsed or whose TLS files cannot be read ([`amqp::connect`]).
+    ///
+    /// The participant is served on a task of its own on the Tokio runtime, not in the
+    /// caller's future: awaited in `#[tokio::main]`, that future runs on the main thread,
+    /// outside the runtime's worker threads, and every delivery would wake it before a worker
+    /// ran the command. Dropping the returned future stops the participant at once, as
+    /// before (its commands in flight are redelivered).
     pub async fn run_forever(
         self,
         amqp_url: &str,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), RuntimeError> {
         amqp::check_url(amqp_url).map_err(RuntimeError::InvalidUrl)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let url = amqp_url.to_owned();
+        let mut serving = AbortOnDropHandle::new(tokio::spawn(async move {
+            self.serve_forever(&url, async {
+                let _ = stopped.await;
+            })
+            .await
+        }));
+        let ended = tokio::select! {
+            biased;
+            ended = &mut serving => ended,
+            () = shutdown => {
+                let _ = stop.send(());
+                (&mut serving).await
+            }
+        };
+        match ended {
+            Ok(served) => served,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Aborted: only by the runtime shutting down.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// [`Participant::run_forever`], in the caller's future.
+    async fn serve_forever(
+        &self,
+        amqp_url: &str,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), RuntimeError> {
         let mut sessions = Forever {
-            participant: &self,
+            participant: self,
             amqp_url,
             installed: !self.install_barrier,
             started: 0,

@@ -585,6 +585,26 @@ async fn run_forever_redeclares_its_queue_after_the_broker_cancels_its_consumer(
     broker.teardown(&[BANK]).await;
 }
 
+/// `run_forever` serves on a task of its own on the runtime (not on the thread that awaits
+/// it); dropping its future still stops the participant.
+#[tokio::test]
+async fn a_participant_whose_run_forever_future_is_dropped_stops_consuming() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new().await;
+    broker.declare_participant(BANK).await;
+    let queue = broker.topology.participant_queue(BANK);
+    let url = amqp_url();
+    let serving = participant(&db, &broker.topology, &broker.options)
+        .run_forever(&url, std::future::pending());
+    tokio::select! {
+        ended = serving => panic!("run_forever ended by itself: {ended:?}"),
+        () = broker.wait_consumer(&queue) => {}
+    }
+    // The select dropped the future.
+    broker.wait_consumers(&queue, false).await;
+    broker.teardown(&[BANK]).await;
+}
+
 #[tokio::test]
 async fn run_forever_rejects_an_unparsable_url_at_once() {
     let db = TestDb::new().await;

@@ -461,6 +461,11 @@ impl TestBroker {
 
     /// Waits up to 10 s until `queue` exists and has a consumer (so it is bound, too).
     pub async fn wait_consumer(&self, queue: &str) {
+        self.wait_consumers(queue, true).await;
+    }
+
+    /// Waits up to 10 s until `queue` exists and has a consumer (`present`) or none.
+    pub async fn wait_consumers(&self, queue: &str, present: bool) {
         use lapin::options::QueueDeclareOptions;
         for _ in 0..500 {
             // A NOT_FOUND closes the channel: use a fresh one each time.
@@ -477,13 +482,16 @@ impl TestBroker {
                 .await;
             if let Ok(declared) = declared {
                 channel.close(200, "OK".into()).await.ok();
-                if declared.consumer_count() > 0 {
+                if (declared.consumer_count() > 0) == present {
                     return;
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("{queue} has no consumer after 10 s");
+        match present {
+            true => panic!("{queue} has no consumer after 10 s"),
+            false => panic!("{queue} still has a consumer after 10 s"),
+        }
     }
 
     /// Waits for the next reply.
