@@ -2176,22 +2176,35 @@ mod held_connections {
         anyhow::bail!("backends of {db} still there after 10 s")
     }
 
+    /// A migrated store on a new database, on a pool of `max` connections with the options
+    /// `sagad` uses, and a saga `name` whose `steps` all go to participant `p`.
+    async fn store_on_pool(
+        max: u32,
+        name: &str,
+        steps: &[&'static str],
+    ) -> Result<(helpers::TestEnv, PgPool, PgStore, Definition)> {
+        let env = helpers::TestEnv::new().await?;
+        let pool = pool_options(max)
+            .connect_with(database_options(&env.orch_url)?)
+            .await?;
+        let store = PgStore::new(pool.clone());
+        store.migrate().await?;
+        let mut def = Definition::saga::<serde_json::Value>(name, 1);
+        for &step in steps {
+            def = def.step(step, "p", move |s| {
+                s.command(move |_, _| json!({"op": step}))
+            });
+        }
+        Ok((env, pool, store, def.build()?))
+    }
+
     /// Starts and replies are written on connections kept out of the pool: closing the pool
     /// does not wait for them, and one that died while idle is checked and replaced before the
     /// next write, as the pool's own are.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_write_path_holds_its_connections_and_replaces_one_that_died_while_idle()
     -> Result<()> {
-        let env = helpers::TestEnv::new().await?;
-        let pool = pool_options(4)
-            .connect_with(database_options(&env.orch_url)?)
-            .await?;
-        let store = PgStore::new(pool.clone());
-        store.migrate().await?;
-        let def = Definition::saga::<serde_json::Value>("held", 1)
-            .step("a", "p", |s| s.command(|_, _| json!({"op": "a"})))
-            .step("b", "p", |s| s.command(|_, _| json!({"op": "b"})))
-            .build()?;
+        let (env, pool, store, def) = store_on_pool(4, "held", &["a", "b"]).await?;
         let t0 = now();
         let id = create(&store, &def, t0).await?;
         let first = Input::Reply(reply(id, "a", 1, Outcome::succeeded(json!("a"))));
@@ -2215,21 +2228,14 @@ mod held_connections {
         env.cleanup().await;
         Ok(())
     }
+
     /// A write cancelled while it waits for a connection to hold (the pool exhausted) gives up
     /// its place: once the pool has a connection again, the next write takes it out of the
     /// pool and holds it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_cancelled_while_waiting_for_a_connection_leaves_its_place_to_the_next()
     -> Result<()> {
-        let env = helpers::TestEnv::new().await?;
-        let pool = pool_options(1)
-            .connect_with(database_options(&env.orch_url)?)
-            .await?;
-        let store = PgStore::new(pool.clone());
-        store.migrate().await?;
-        let def = Definition::saga::<serde_json::Value>("cancelled", 1)
-            .step("a", "p", |s| s.command(|_, _| json!({"op": "a"})))
-            .build()?;
+        let (env, pool, store, def) = store_on_pool(1, "cancelled", &["a"]).await?;
         let t0 = now();
         let only = pool.acquire().await?;
         for _ in 0..HELD {
@@ -2259,16 +2265,7 @@ mod held_connections {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn transitions_find_their_instances_by_key_with_plans_made_while_the_table_was_small()
     -> Result<()> {
-        let env = helpers::TestEnv::new().await?;
-        let pool = pool_options(4)
-            .connect_with(database_options(&env.orch_url)?)
-            .await?;
-        let store = PgStore::new(pool.clone());
-        store.migrate().await?;
-        let def = Definition::saga::<serde_json::Value>("plans", 1)
-            .step("a", "p", |s| s.command(|_, _| json!({"op": "a"})))
-            .step("b", "p", |s| s.command(|_, _| json!({"op": "b"})))
-            .build()?;
+        let (env, pool, store, def) = store_on_pool(4, "plans", &["a", "b"]).await?;
         let t0 = now();
         let at = t0 + Duration::seconds(1);
         let advance = |id| {
