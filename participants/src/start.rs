@@ -289,7 +289,23 @@ impl StartRelay {
     /// Relays until `shutdown` completes, connecting to `amqp_url` and reconnecting (to the
     /// broker and the database) after every failure, with backoff. The outbox is created
     /// first if need be. Returns an error only for a URL that cannot be used.
+    ///
+    /// The relay runs on a task of its own on the Tokio runtime, not in the caller's future
+    /// (as [`crate::Participant::run_forever`] does); dropping the returned future stops it.
     pub async fn run_forever(
+        &self,
+        amqp_url: &str,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
+        let (relay, url) = (self.clone(), amqp_url.to_owned());
+        let serve = move |stopped| async move { relay.serve_forever(&url, stopped).await };
+        amqp::connection::on_a_task(serve, shutdown)
+            .await
+            .unwrap_or(Ok(()))
+    }
+
+    /// [`StartRelay::run_forever`], in the caller's future.
+    pub(crate) async fn serve_forever(
         &self,
         amqp_url: &str,
         shutdown: impl Future<Output = ()>,

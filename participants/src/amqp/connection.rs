@@ -12,6 +12,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder};
+use tokio_util::task::AbortOnDropHandle;
 
 /// Connects to the broker at `uri`: `amqp://user:password@host:port/vhost`, or
 /// `amqps://…` for TLS.
@@ -247,6 +248,48 @@ pub trait Sessions<S> {
         connection: Self::Connection,
         shutdown: Pin<&mut S>,
     ) -> impl Future<Output = Result<(), Self::Error>>;
+}
+
+/// Runs the future `serve` makes on a task of the Tokio runtime, not in the caller's future,
+/// and passes `shutdown` on to it as [`Stopped`]; dropping the returned future aborts the task.
+/// Awaited in `#[tokio::main]`, a loop run in the caller's future would run on the main
+/// thread, outside the runtime's worker threads, and every message would wake that thread
+/// before a worker took its work. A panic of the task is resumed here; `None` when the task
+/// was aborted (the runtime shutting down).
+pub(crate) async fn on_a_task<T, F>(
+    serve: impl FnOnce(Stopped) -> F,
+    shutdown: impl Future<Output = ()>,
+) -> Option<T>
+where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut task = AbortOnDropHandle::new(tokio::spawn(serve(Stopped(stopped))));
+    let ended = tokio::select! {
+        biased;
+        ended = &mut task => ended,
+        () = shutdown => {
+            let _ = stop.send(());
+            (&mut task).await
+        }
+    };
+    match ended {
+        Ok(value) => Some(value),
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => None,
+    }
+}
+
+/// The shutdown [`on_a_task`] passes on: completes once the caller's has (or the caller's
+/// future was dropped).
+pub(crate) struct Stopped(tokio::sync::oneshot::Receiver<()>);
+
+impl Future for Stopped {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
 }
 
 /// Runs `sessions` until one ends because `shutdown` completed, reconnecting after every

@@ -50,7 +50,6 @@ use std::time::Duration;
 
 use lapin::Connection;
 use sqlx::PgPool;
-use tokio_util::task::AbortOnDropHandle;
 
 use crate::amqp::{self, Backoff, QueueOptions};
 use crate::barrier::{self, BarrierError};
@@ -419,28 +418,11 @@ impl Participant {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), RuntimeError> {
         amqp::check_url(amqp_url).map_err(RuntimeError::InvalidUrl)?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let url = amqp_url.to_owned();
-        let mut serving = AbortOnDropHandle::new(tokio::spawn(async move {
-            self.serve_forever(&url, async {
-                let _ = stopped.await;
-            })
+        let serve = move |stopped| async move { self.serve_forever(&url, stopped).await };
+        amqp::connection::on_a_task(serve, shutdown)
             .await
-        }));
-        let ended = tokio::select! {
-            biased;
-            ended = &mut serving => ended,
-            () = shutdown => {
-                let _ = stop.send(());
-                (&mut serving).await
-            }
-        };
-        match ended {
-            Ok(served) => served,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            // Aborted: only by the runtime shutting down.
-            Err(_) => Ok(()),
-        }
+            .unwrap_or(Ok(()))
     }
 
     /// [`Participant::run_forever`], in the caller's future.
@@ -469,7 +451,7 @@ impl Participant {
             Some(relay) => tokio::select! {
                 biased;
                 () = serving => {}
-                relayed = relay.run_forever(amqp_url, std::future::pending()) => {
+                relayed = relay.serve_forever(amqp_url, std::future::pending()) => {
                     if let Err(error) = relayed {
                         return Err(RuntimeError::InvalidUrl(error.to_string()));
                     }
