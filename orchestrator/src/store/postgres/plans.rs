@@ -28,6 +28,7 @@ pub(super) struct StateRef<'a> {
     status: &'a Status,
     phase: &'a Phase,
     steps: &'a [StepState],
+    #[serde(skip_serializing_if = "Option::is_none")]
     failure: &'a Option<String>,
     seq: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,6 +130,7 @@ pub(super) struct StoredState {
     status: Status,
     phase: Phase,
     steps: Vec<StepState>,
+    #[serde(default)]
     failure: Option<String>,
     seq: u64,
     #[serde(default)]
@@ -331,6 +333,39 @@ mod tests {
             serde_json::to_value(&body).unwrap(),
             serde_json::to_value(&other).unwrap()
         );
+    }
+
+    #[test]
+    fn a_state_is_stored_without_the_fields_at_their_defaults_and_reads_back_whole() {
+        let mut instance = crate::machine::replay(&[Event::Started {
+            id: Uuid::now_v7(),
+            plan: plan(10),
+            input: serde_json::json!({"amount": 5}),
+            deadline: None,
+            traceparent: None,
+        }])
+        .unwrap();
+        instance.steps[0].attempt = 2;
+        instance.steps[0].output = Some(serde_json::json!({"ok": true}));
+        let stored = serde_json::to_value(StateRef::from(&instance)).unwrap();
+        assert!(stored.get("failure").is_none(), "{stored}");
+        let step = stored["steps"][0].as_object().unwrap();
+        let mut keys: Vec<&str> = step.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["attempt", "output", "status"]);
+        let read: StoredState = serde_json::from_value(stored).unwrap();
+        assert_eq!(read.into_instance(Some(&plan(10))), Some(instance.clone()));
+
+        // A state stored before the defaults were left out reads back the same.
+        let mut full = serde_json::to_value(StateRef::from(&instance)).unwrap();
+        full["failure"] = Value::Null;
+        full["steps"][0] = serde_json::json!({
+            "status": "pending", "attempt": 2, "budget_from": 0, "waiting": {"for": "nothing"},
+            "payload": null, "output": {"ok": true}, "last_error": null, "stuck": false,
+            "in_progress": false
+        });
+        let read: StoredState = serde_json::from_value(full).unwrap();
+        assert_eq!(read.into_instance(Some(&plan(10))), Some(instance));
     }
 
     #[test]
