@@ -151,6 +151,25 @@ pub fn print_text(r: &WorkloadResult) {
             r.machine_utilisation * 100.0
         );
     }
+    if processes {
+        println!(
+            "  switches     per saga {:.0} orchestrators, {:.0} participants, {:.0} clients, {:.0} PostgreSQL, {:.0} RabbitMQ; {:.0} on the whole machine",
+            ms(r.switches_per_saga_orchestrators),
+            ms(r.switches_per_saga_participants),
+            r.switches_per_saga_bench,
+            r.switches_per_saga_postgres,
+            r.switches_per_saga_rabbitmq,
+            r.switches_per_saga_machine
+        );
+    } else {
+        println!(
+            "  switches     per saga {:.0} this process, {:.0} PostgreSQL, {:.0} RabbitMQ; {:.0} on the whole machine",
+            r.switches_per_saga_bench,
+            r.switches_per_saga_postgres,
+            r.switches_per_saga_rabbitmq,
+            r.switches_per_saga_machine
+        );
+    }
     if r.cpu_ms_per_saga_other > 0.1 * r.cpu_ms_per_saga_machine {
         println!(
             "  WARNING      other processes used {:.0}% of the busy CPU time: the machine was not quiet",

@@ -108,6 +108,14 @@ pub struct WorkloadResult {
     pub cpu_ms_per_saga_other: f64,
     /// Machine busy time / (cores × wall time) during the run.
     pub machine_utilisation: f64,
+    /// Context switches per saga (`sys.rs`): this process, PostgreSQL (the backends alive at
+    /// the end), RabbitMQ, the machine; with processes, the orchestrators' and participants'.
+    pub switches_per_saga_bench: f64,
+    pub switches_per_saga_postgres: f64,
+    pub switches_per_saga_rabbitmq: f64,
+    pub switches_per_saga_machine: f64,
+    pub switches_per_saga_orchestrators: Option<f64>,
+    pub switches_per_saga_participants: Option<f64>,
     /// Peak resident memory of this process during the workload (MiB): in process, the
     /// orchestrator, participants and driver together, so an upper bound of the
     /// orchestrator's; with processes, the clients.
@@ -731,6 +739,12 @@ async fn finish(
         } else {
             0.0
         },
+        switches_per_saga_bench: per(run_cpu.switches.bench),
+        switches_per_saga_postgres: per(run_cpu.switches.postgres),
+        switches_per_saga_rabbitmq: per(run_cpu.switches.rabbitmq),
+        switches_per_saga_machine: per(run_cpu.switches.machine),
+        switches_per_saga_orchestrators: has_children.then(|| per(run_cpu.switches.orchestrators)),
+        switches_per_saga_participants: has_children.then(|| per(run_cpu.switches.participants)),
         peak_rss_mib: memory.peak_rss_mib,
         idle_rss_mib: memory.idle_rss_mib,
         peak_rss_mib_orchestrators: memory.orchestrators,

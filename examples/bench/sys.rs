@@ -5,6 +5,12 @@
 //! orchestrator and participant processes it started, every PostgreSQL process (backends that
 //! exited during the measurement are included through the postmaster's `cutime`/`cstime`),
 //! and RabbitMQ's `beam.smp`. The machine's busy time comes from `/proc/stat`.
+//!
+//! Context switches are counted alongside, per group, from every thread's
+//! `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` (`/proc/{pid}/task/*/status`;
+//! threads and backends that exited during the run are not counted), and for the whole machine
+//! from `/proc/stat`'s `ctxt`. On a lone saga they count the hand-offs between threads and
+//! processes that its latency is made of, and they vary far less between runs than times do.
 
 use std::fs;
 
@@ -36,6 +42,52 @@ fn proc_stat(pid: &str) -> Option<(String, u64, u64, u64)> {
     Some((comm, ppid, own, children))
 }
 
+/// Context switches of every thread of `pid` so far (0 for a process that is gone).
+fn task_switches(pid: &str) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("voluntary_ctxt_switches:")
+                        || l.starts_with("nonvoluntary_ctxt_switches:")
+                })
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// Context switches so far, per group (see the module's docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Switches {
+    pub bench: f64,
+    pub orchestrators: f64,
+    pub participants: f64,
+    pub postgres: f64,
+    pub rabbitmq: f64,
+    /// Every thread of the machine (`/proc/stat`'s `ctxt`).
+    pub machine: f64,
+}
+
+impl Switches {
+    fn until(&self, later: &Switches) -> Switches {
+        Switches {
+            bench: later.bench - self.bench,
+            orchestrators: later.orchestrators - self.orchestrators,
+            participants: later.participants - self.participants,
+            postgres: later.postgres - self.postgres,
+            rabbitmq: later.rabbitmq - self.rabbitmq,
+            machine: later.machine - self.machine,
+        }
+    }
+}
+
 /// The processes this one started, by group (`--topology processes`).
 #[derive(Debug, Clone, Default)]
 pub struct Children {
@@ -60,6 +112,8 @@ pub struct CpuSnapshot {
     pub machine_busy: f64,
     /// Wall-clock time of the whole machine times its cores, as `/proc/stat` counts it.
     pub machine_total: f64,
+    /// Context switches so far, per group.
+    pub switches: Switches,
 }
 
 impl CpuSnapshot {
@@ -73,14 +127,23 @@ impl CpuSnapshot {
         let tck = clock_ticks();
         let own = |pid: &str| proc_stat(pid).map_or(0, |(_, _, own, _)| own);
         let sum = |pids: &[u32]| pids.iter().map(|p| own(&p.to_string())).sum::<u64>() as f64 / tck;
+        let switched = |pids: &[u32]| {
+            pids.iter()
+                .map(|p| task_switches(&p.to_string()))
+                .sum::<u64>() as f64
+        };
         let mut snap = CpuSnapshot {
             bench: own("self") as f64 / tck,
             orchestrators: sum(&children.orchestrators),
             participants: sum(&children.participants),
             ..CpuSnapshot::default()
         };
+        snap.switches.bench = task_switches("self") as f64;
+        snap.switches.orchestrators = switched(&children.orchestrators);
+        snap.switches.participants = switched(&children.participants);
         let mut pg_ticks = 0u64;
         let mut rabbit_ticks = 0u64;
+        let (mut pg_switches, mut rabbit_switches) = (0u64, 0u64);
         if let Ok(entries) = fs::read_dir("/proc") {
             for entry in entries.flatten() {
                 let name = entry.file_name();
@@ -96,6 +159,7 @@ impl CpuSnapshot {
                 match comm.as_str() {
                     "postgres" | "postmaster" => {
                         pg_ticks += own;
+                        pg_switches += task_switches(pid);
                         // The postmaster (whose parent is not postgres) reaps the backends.
                         let parent = proc_stat(&ppid.to_string()).map(|p| p.0);
                         if !matches!(parent.as_deref(), Some("postgres" | "postmaster")) {
@@ -104,6 +168,7 @@ impl CpuSnapshot {
                     }
                     "beam.smp" | "erl_child_setup" | "inet_gethost" | "epmd" => {
                         rabbit_ticks += own + children;
+                        rabbit_switches += task_switches(pid);
                     }
                     _ => {}
                 }
@@ -111,9 +176,17 @@ impl CpuSnapshot {
         }
         snap.postgres = pg_ticks as f64 / tck;
         snap.rabbitmq = rabbit_ticks as f64 / tck;
-        if let Ok(stat) = fs::read_to_string("/proc/stat")
-            && let Some(line) = stat.lines().find(|l| l.starts_with("cpu "))
+        snap.switches.postgres = pg_switches as f64;
+        snap.switches.rabbitmq = rabbit_switches as f64;
+        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+        if let Some(ctxt) = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("ctxt "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
         {
+            snap.switches.machine = ctxt as f64;
+        }
+        if let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) {
             let v: Vec<u64> = line
                 .split_whitespace()
                 .skip(1)
@@ -138,6 +211,7 @@ impl CpuSnapshot {
             rabbitmq: later.rabbitmq - self.rabbitmq,
             machine_busy: later.machine_busy - self.machine_busy,
             machine_total: later.machine_total - self.machine_total,
+            switches: self.switches.until(&later.switches),
         }
     }
 
