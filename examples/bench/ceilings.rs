@@ -55,14 +55,14 @@ pub async fn measure(
     let pg = pg?;
     let (amqp, unconsumed) = amqp_round_trips(&urls.amqp, prefix, concurrency, secs).await?;
     let cpu = cpu_0.until(&CpuSnapshot::take());
-    let other = (cpu.machine_busy - cpu.ours()).max(0.0);
+    let other = (cpu.cpu.machine - cpu.cpu.ours()).max(0.0);
     Ok(Ceilings {
         concurrency,
         seconds: secs,
         pg_commits_per_s: pg,
         amqp_round_trips_per_s: amqp,
         amqp_unconsumed: unconsumed,
-        other_cpu_share: other / cpu.machine_busy.max(1e-9),
+        other_cpu_share: other / cpu.cpu.machine.max(1e-9),
     })
 }
 

@@ -482,7 +482,7 @@ async fn finish(
     let cpu_2 = CpuSnapshot::take();
     baseline.admin.close().await;
     let run_cpu = cpu_0.until(&cpu_1);
-    let pg_cpu = cpu_0.until(&cpu_2).postgres;
+    let pg_cpu = cpu_0.until(&cpu_2).cpu.postgres;
 
     // Read back: states, latencies, the log, the business rows.
     let mut check = PgConnection::connect(&orch.url).await?;
@@ -671,7 +671,7 @@ async fn finish(
     let reported = driven.client_latency.as_ref().unwrap_or(&latency);
     let q = |p: f64| ok.then(|| ms(reported, p));
     let created_q = |p: f64| (ok && driven.client_latency.is_some()).then(|| ms(&latency, p));
-    let all_cpu = run_cpu.ours() - run_cpu.postgres + pg_cpu;
+    let all_cpu = run_cpu.cpu.ours() - run_cpu.cpu.postgres + pg_cpu;
     let has_children = args.topology == Layout::Processes;
     let cache = counted
         .state_cache
@@ -726,16 +726,16 @@ async fn finish(
         wal_records_per_saga: per((wal_1.0 - wal_0.0) as f64),
         wal_syncs_per_saga: per((wal_1.2 - wal_0.2) as f64),
         wal_fpi_per_saga: per((wal_1.3 - wal_0.3) as f64),
-        cpu_ms_per_saga_bench: ms_per(run_cpu.bench),
+        cpu_ms_per_saga_bench: ms_per(run_cpu.cpu.bench),
         cpu_ms_per_saga_postgres: ms_per(pg_cpu),
-        cpu_ms_per_saga_rabbitmq: ms_per(run_cpu.rabbitmq),
-        cpu_ms_per_saga_machine: ms_per(run_cpu.machine_busy),
-        cpu_ms_per_saga_orchestrators: has_children.then(|| ms_per(run_cpu.orchestrators)),
-        cpu_ms_per_saga_participants: has_children.then(|| ms_per(run_cpu.participants)),
+        cpu_ms_per_saga_rabbitmq: ms_per(run_cpu.cpu.rabbitmq),
+        cpu_ms_per_saga_machine: ms_per(run_cpu.cpu.machine),
+        cpu_ms_per_saga_orchestrators: has_children.then(|| ms_per(run_cpu.cpu.orchestrators)),
+        cpu_ms_per_saga_participants: has_children.then(|| ms_per(run_cpu.cpu.participants)),
         cpu_ms_per_saga_all: ms_per(all_cpu),
-        cpu_ms_per_saga_other: ms_per((run_cpu.machine_busy - all_cpu).max(0.0)),
+        cpu_ms_per_saga_other: ms_per((run_cpu.cpu.machine - all_cpu).max(0.0)),
         machine_utilisation: if run_cpu.machine_total > 0.0 {
-            run_cpu.machine_busy / run_cpu.machine_total
+            run_cpu.cpu.machine / run_cpu.machine_total
         } else {
             0.0
         },

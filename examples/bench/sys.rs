@@ -63,21 +63,28 @@ fn task_switches(pid: &str) -> u64 {
         .sum()
 }
 
-/// Context switches so far, per group (see the module's docs).
+/// One figure per group (see the module's docs): CPU seconds, or context switches.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Switches {
+pub struct Groups {
+    /// This process (all threads).
     pub bench: f64,
+    /// The orchestrator processes this one started (sum).
     pub orchestrators: f64,
+    /// The participant processes this one started (sum).
     pub participants: f64,
+    /// All PostgreSQL processes (CPU: including reaped backends).
     pub postgres: f64,
+    /// RabbitMQ (`beam.smp` and its helpers).
     pub rabbitmq: f64,
-    /// Every thread of the machine (`/proc/stat`'s `ctxt`).
+    /// The whole machine: its busy time (everything but idle and iowait, all cores), or
+    /// every thread's switches (`/proc/stat`'s `ctxt`).
     pub machine: f64,
 }
 
-impl Switches {
-    fn until(&self, later: &Switches) -> Switches {
-        Switches {
+impl Groups {
+    /// What was added between `self` and `later`.
+    fn until(&self, later: &Groups) -> Groups {
+        Groups {
             bench: later.bench - self.bench,
             orchestrators: later.orchestrators - self.orchestrators,
             participants: later.participants - self.participants,
@@ -85,6 +92,11 @@ impl Switches {
             rabbitmq: later.rabbitmq - self.rabbitmq,
             machine: later.machine - self.machine,
         }
+    }
+
+    /// The groups measured together (this process, its children, PostgreSQL and RabbitMQ).
+    pub fn ours(&self) -> f64 {
+        self.bench + self.orchestrators + self.participants + self.postgres + self.rabbitmq
     }
 }
 
@@ -95,25 +107,15 @@ pub struct Children {
     pub participants: Vec<u32>,
 }
 
-/// CPU seconds used so far, per group.
+/// CPU seconds used and context switches so far, per group.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuSnapshot {
-    /// This process (all threads).
-    pub bench: f64,
-    /// The orchestrator processes this one started (sum).
-    pub orchestrators: f64,
-    /// The participant processes this one started (sum).
-    pub participants: f64,
-    /// All PostgreSQL processes, including reaped backends.
-    pub postgres: f64,
-    /// RabbitMQ (`beam.smp` and its helpers).
-    pub rabbitmq: f64,
-    /// Busy time of the whole machine (all cores, everything but idle and iowait).
-    pub machine_busy: f64,
+    /// CPU seconds (`machine`: the machine's busy time).
+    pub cpu: Groups,
     /// Wall-clock time of the whole machine times its cores, as `/proc/stat` counts it.
     pub machine_total: f64,
-    /// Context switches so far, per group.
-    pub switches: Switches,
+    /// Context switches.
+    pub switches: Groups,
 }
 
 impl CpuSnapshot {
@@ -132,12 +134,10 @@ impl CpuSnapshot {
                 .map(|p| task_switches(&p.to_string()))
                 .sum::<u64>() as f64
         };
-        let mut snap = CpuSnapshot {
-            bench: own("self") as f64 / tck,
-            orchestrators: sum(&children.orchestrators),
-            participants: sum(&children.participants),
-            ..CpuSnapshot::default()
-        };
+        let mut snap = CpuSnapshot::default();
+        snap.cpu.bench = own("self") as f64 / tck;
+        snap.cpu.orchestrators = sum(&children.orchestrators);
+        snap.cpu.participants = sum(&children.participants);
         snap.switches.bench = task_switches("self") as f64;
         snap.switches.orchestrators = switched(&children.orchestrators);
         snap.switches.participants = switched(&children.participants);
@@ -174,8 +174,8 @@ impl CpuSnapshot {
                 }
             }
         }
-        snap.postgres = pg_ticks as f64 / tck;
-        snap.rabbitmq = rabbit_ticks as f64 / tck;
+        snap.cpu.postgres = pg_ticks as f64 / tck;
+        snap.cpu.rabbitmq = rabbit_ticks as f64 / tck;
         snap.switches.postgres = pg_switches as f64;
         snap.switches.rabbitmq = rabbit_switches as f64;
         let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -196,29 +196,18 @@ impl CpuSnapshot {
             let total: u64 = v.iter().take(8).sum();
             let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
             snap.machine_total = total as f64 / tck;
-            snap.machine_busy = (total - idle) as f64 / tck;
+            snap.cpu.machine = (total - idle) as f64 / tck;
         }
         snap
     }
 
-    /// The CPU seconds used between `self` and `later`.
+    /// What was used between `self` and `later`.
     pub fn until(&self, later: &CpuSnapshot) -> CpuSnapshot {
         CpuSnapshot {
-            bench: later.bench - self.bench,
-            orchestrators: later.orchestrators - self.orchestrators,
-            participants: later.participants - self.participants,
-            postgres: later.postgres - self.postgres,
-            rabbitmq: later.rabbitmq - self.rabbitmq,
-            machine_busy: later.machine_busy - self.machine_busy,
+            cpu: self.cpu.until(&later.cpu),
             machine_total: later.machine_total - self.machine_total,
             switches: self.switches.until(&later.switches),
         }
-    }
-
-    /// The busy time of the groups measured (this process, its children, PostgreSQL and
-    /// RabbitMQ).
-    pub fn ours(&self) -> f64 {
-        self.bench + self.orchestrators + self.participants + self.postgres + self.rabbitmq
     }
 }
 
