@@ -205,6 +205,19 @@ pub fn print_text(r: &WorkloadResult) {
             ms(r.rss_at_max_in_flight_mib)
         );
     }
+    if let Some(floor) = r.serial_floor_ms {
+        println!(
+            "  floor        {floor:.1} ms: {:.0} commits and {:.0} messages one after the other at the ceilings' speeds; p50 {} and p99 {} times that",
+            1.0 + r.messages_per_saga,
+            r.messages_per_saga,
+            r.p50_over_floor
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            r.p99_over_floor
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
     println!(
         "  efficiency   {} of the AMQP ceiling, {} of the PostgreSQL ceiling",
         r.efficiency

@@ -144,6 +144,13 @@ pub struct WorkloadResult {
     pub efficiency: Option<f64>,
     /// sagas/s × transactions per saga / raw PostgreSQL commits per second.
     pub db_efficiency: Option<f64>,
+    /// At concurrency 1 only: the saga's commits and messages one after the other, each at the
+    /// speed of the ceilings measured in the same run ([`serial_floor_ms`]), in ms.
+    pub serial_floor_ms: Option<f64>,
+    /// At concurrency 1: the p50 latency over [`WorkloadResult::serial_floor_ms`].
+    pub p50_over_floor: Option<f64>,
+    /// At concurrency 1: the p99 latency over [`WorkloadResult::serial_floor_ms`].
+    pub p99_over_floor: Option<f64>,
     /// Events in the log per kind.
     pub events: BTreeMap<String, i64>,
     /// Rows written per table per saga: (inserted, updated, deleted).
@@ -667,9 +674,16 @@ async fn finish(
     let sagas_per_s = ok.then(|| ok_starts as f64 / driven.seconds);
     let db_xacts = per((xact_orch + xact_part) as f64);
     let ms = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    let floor = match (amqp_ceiling, pg_ceiling) {
+        (Some(amqp), Some(pg)) if args.concurrency == 1 => {
+            serial_floor_ms(messages_per_saga, pg, amqp)
+        }
+        _ => None,
+    };
     // The latency reported: the client's with processes, the instance rows' in process.
     let reported = driven.client_latency.as_ref().unwrap_or(&latency);
     let q = |p: f64| ok.then(|| ms(reported, p));
+    let (p50, p99) = (q(0.50), q(0.99));
     let created_q = |p: f64| (ok && driven.client_latency.is_some()).then(|| ms(&latency, p));
     let all_cpu = run_cpu.cpu.ours() - run_cpu.cpu.postgres + pg_cpu;
     let has_children = args.topology == Layout::Processes;
@@ -700,9 +714,9 @@ async fn finish(
         } else {
             "created_to_terminal"
         },
-        p50_ms: q(0.50),
+        p50_ms: p50,
         p95_ms: q(0.95),
-        p99_ms: q(0.99),
+        p99_ms: p99,
         max_ms: ok.then(|| reported.max() as f64 / 1000.0),
         created_to_terminal_p50_ms: created_q(0.50),
         created_to_terminal_p99_ms: created_q(0.99),
@@ -763,6 +777,9 @@ async fn finish(
             (Some(s), Some(p)) if p > 0.0 => Some(s * db_xacts / p),
             _ => None,
         },
+        serial_floor_ms: floor,
+        p50_over_floor: floor.zip(p50).map(|(f, p)| p / f),
+        p99_over_floor: floor.zip(p99).map(|(f, p)| p / f),
         events: ev,
         rows_per_saga,
         outbox_left,
@@ -784,6 +801,22 @@ async fn finish(
     })
 }
 
+/// The least time a saga of `messages` AMQP messages (commands and replies) can take at
+/// concurrency 1 on this machine, in ms: its commits and messages one after the other, each
+/// at the speed of the ceilings measured at concurrency 1 (`pg_commits_per_s` single-row
+/// commits, `amqp_round_trips_per_s` publish-to-consume round trips). The commits are the
+/// start's and one per message: every command is committed by its participant's barrier
+/// before it is answered, every reply by the transition it causes before its next command
+/// goes out. `None` without both ceilings.
+pub fn serial_floor_ms(
+    messages: f64,
+    pg_commits_per_s: f64,
+    amqp_round_trips_per_s: f64,
+) -> Option<f64> {
+    (pg_commits_per_s > 0.0 && amqp_round_trips_per_s > 0.0)
+        .then(|| 1000.0 * ((1.0 + messages) / pg_commits_per_s + messages / amqp_round_trips_per_s))
+}
+
 /// Rows inserted, updated and deleted so far per table of both databases, keyed
 /// `orchestrator.<table>` and `participant.<table>`.
 async fn table_writes(orch: &Scratch, part: &Scratch) -> Result<HashMap<String, (i64, i64, i64)>> {
@@ -794,4 +827,22 @@ async fn table_writes(orch: &Scratch, part: &Scratch) -> Result<HashMap<String, 
         }
     }
     Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serial_floor_ms;
+
+    #[test]
+    fn the_serial_floor_of_a_three_step_saga_is_seven_commits_and_six_messages() {
+        // 2,000 commits/s (0.5 ms each) and 1,000 round trips/s (1 ms each).
+        let floor = serial_floor_ms(6.0, 2000.0, 1000.0).expect("both ceilings");
+        assert!((floor - (7.0 * 0.5 + 6.0 * 1.0)).abs() < 1e-9, "{floor}");
+    }
+
+    #[test]
+    fn there_is_no_serial_floor_without_both_ceilings() {
+        assert_eq!(serial_floor_ms(6.0, 0.0, 1000.0), None);
+        assert_eq!(serial_floor_ms(6.0, 2000.0, 0.0), None);
+    }
 }
