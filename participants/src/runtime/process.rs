@@ -9,6 +9,7 @@ use sqlx::PgPool;
 
 use crate::barrier::{self, BarrierError};
 use crate::handler::Handler;
+use crate::held::{Held, Keep};
 use crate::protocol::{Command, Outcome};
 
 /// Runs `cmd` through the barrier and `handler`, never failing: barrier errors and handler
@@ -39,7 +40,8 @@ pub(super) async fn guarded(
     cmd: &Command,
     limit: Option<Duration>,
 ) -> (Outcome, bool) {
-    match attempt(pool, handler, cmd, limit).await {
+    let none = Held::new(0, Keep::Counted, None);
+    match attempt((&none, pool), handler, cmd, limit).await {
         Attempt::Answered { outcome, timed_out } => (outcome, timed_out),
         Attempt::Unavailable(error) => {
             tracing::warn!(%error, "database unreachable; replying retry");
@@ -61,14 +63,15 @@ pub(super) enum Attempt {
 /// Runs `cmd` through the barrier and `handler` once: barrier errors and handler panics become
 /// `retry` outcomes (nothing was committed in either case), but for a database that cannot be
 /// reached. The time limit starts once a connection is had: waiting for one is waiting for
-/// the database, not the handler being slow.
+/// the database, not the handler being slow. The connection comes from `held` (else from
+/// `pool`), and goes back to it only when the command was answered cleanly.
 pub(super) async fn attempt(
-    pool: &PgPool,
+    (held, pool): (&Held, &PgPool),
     handler: &dyn Handler,
     cmd: &Command,
     limit: Option<Duration>,
 ) -> Attempt {
-    let mut conn = match pool.acquire().await {
+    let mut conn = match held.take(pool).await {
         Ok(conn) => conn,
         Err(error) => {
             let error = BarrierError::from(error);
@@ -93,7 +96,10 @@ pub(super) async fn attempt(
         }
     };
     let outcome = match result {
-        Ok(Ok(outcome)) => outcome,
+        Ok(Ok(outcome)) => {
+            conn.give_back();
+            outcome
+        }
         Ok(Err(error)) if error.is_unavailable() => return Attempt::Unavailable(error),
         Ok(Err(error)) => {
             tracing::warn!(%error, "barrier failed; replying retry");

@@ -16,6 +16,7 @@ mod batch_trace;
 #[cfg(feature = "broker-restart-tests")]
 mod broker_restart;
 mod declarations;
+mod held;
 mod in_progress;
 mod outage;
 mod pool;
