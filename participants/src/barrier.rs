@@ -380,8 +380,8 @@ async fn execute_in(
 /// subtransaction (its handler's savepoint), plus those its handler takes; keep batches to at
 /// most 32 commands, since past 64 subtransactions in one transaction PostgreSQL's per-backend
 /// cache overflows and every snapshot in the database gets slower.
-pub struct Batch<'c> {
-    tx: sqlx::Transaction<'c, sqlx::Postgres>,
+pub struct Batch {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
     /// The replies of the commands so far, written to their rows by [`Batch::commit`].
     pending: Vec<PendingReply>,
     /// The rows claimed up front by [`Batch::begin_for`], each with whether this batch
@@ -415,20 +415,17 @@ fn pending_reply<'p>(
         .map(|p| &p.outcome)
 }
 
-impl std::fmt::Debug for Batch<'_> {
+impl std::fmt::Debug for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batch").finish_non_exhaustive()
     }
 }
 
-impl<'c> Batch<'c> {
-    /// Begins the batch's transaction on `conn`: a connection from a pool (`&PgPool`), or one
-    /// the caller holds (`&mut PgConnection`).
-    pub async fn begin(
-        conn: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
-    ) -> Result<Batch<'c>, BarrierError> {
+impl Batch {
+    /// Begins the batch's transaction on a connection from `pool`.
+    pub async fn begin(pool: &PgPool) -> Result<Batch, BarrierError> {
         Ok(Batch {
-            tx: conn.begin().await?,
+            tx: pool.begin().await?,
             pending: Vec::new(),
             claimed: HashMap::new(),
             savepoints: true,
@@ -444,12 +441,12 @@ impl<'c> Batch<'c> {
     /// one-by-one order: the row of a forward operation whose undo is in the batch too (the
     /// undo looks for it, and must not find it claimed but not run). A command not in `cmds`
     /// runs as in a batch from [`Batch::begin`].
-    pub async fn begin_for<'k>(
-        conn: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
-        cmds: impl IntoIterator<Item = &'k Command>,
-    ) -> Result<Batch<'c>, BarrierError> {
+    pub async fn begin_for<'c>(
+        pool: &PgPool,
+        cmds: impl IntoIterator<Item = &'c Command>,
+    ) -> Result<Batch, BarrierError> {
         let cmds: Vec<&Command> = cmds.into_iter().collect();
-        let mut batch = Batch::begin(conn).await?;
+        let mut batch = Batch::begin(pool).await?;
         let claims = to_claim(&cmds);
         if !claims.is_empty() {
             batch.claimed = claim_all(&mut batch.tx, &claims).await?;
@@ -463,11 +460,11 @@ impl<'c> Batch<'c> {
     /// [`BarrierError::Unguarded`]; drop it and run the commands again in a batch from
     /// [`Batch::begin_for`]. Worth it when failures are rare: every command before the failing
     /// one then runs twice (its writes once).
-    pub async fn begin_unguarded<'k>(
-        conn: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
-        cmds: impl IntoIterator<Item = &'k Command>,
-    ) -> Result<Batch<'c>, BarrierError> {
-        let mut batch = Batch::begin_for(conn, cmds).await?;
+    pub async fn begin_unguarded<'c>(
+        pool: &PgPool,
+        cmds: impl IntoIterator<Item = &'c Command>,
+    ) -> Result<Batch, BarrierError> {
+        let mut batch = Batch::begin_for(pool, cmds).await?;
         batch.savepoints = false;
         Ok(batch)
     }
@@ -481,7 +478,7 @@ impl<'c> Batch<'c> {
         mut self,
         cmd: &Command,
         handler: &dyn Handler,
-    ) -> Result<(Batch<'c>, Outcome), BarrierError> {
+    ) -> Result<(Batch, Outcome), BarrierError> {
         let claimed = if self.claimed.is_empty() {
             None
         } else {
@@ -580,7 +577,7 @@ pub(crate) fn in_given_order<T>(order: &[usize], results: Vec<T>) -> Vec<T> {
 
 /// Runs `cmds` in `batch` and commits it.
 async fn run_batch(
-    mut batch: Batch<'_>,
+    mut batch: Batch,
     cmds: &[&Command],
     handler: &dyn Handler,
 ) -> Result<Vec<Outcome>, BarrierError> {

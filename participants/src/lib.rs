@@ -22,7 +22,6 @@ pub mod amqp;
 pub mod barrier;
 pub mod config;
 pub mod handler;
-pub mod held;
 pub mod protocol;
 pub mod runtime;
 pub mod start;

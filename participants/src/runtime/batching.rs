@@ -50,17 +50,11 @@ async fn in_one_transaction(
 ) -> Result<Vec<Outcome>, BatchFailure> {
     let limit = ctx.handler_timeout;
     let cmds = jobs.iter().map(|job| &job.cmd);
-    // Given back only once the batch committed; on any failure it is dropped, which sends the
-    // transaction's rollback through the pool's check.
-    let mut conn = within(limit, ctx.held.take(&ctx.pool))
-        .await
-        .map_err(BatchFailure::BeginTimedOut)?
-        .map_err(BarrierError::from)?;
     let begin = async {
         if unguarded {
-            Batch::begin_unguarded(&mut *conn, cmds).await
+            Batch::begin_unguarded(&ctx.pool, cmds).await
         } else {
-            Batch::begin_for(&mut *conn, cmds).await
+            Batch::begin_for(&ctx.pool, cmds).await
         }
     };
     let mut batch = within(limit, begin)
@@ -80,7 +74,6 @@ async fn in_one_transaction(
     within(limit, batch.commit())
         .await
         .map_err(BatchFailure::TimedOut)??;
-    conn.give_back();
     Ok(outcomes)
 }
 

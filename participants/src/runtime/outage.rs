@@ -49,14 +49,7 @@ impl DatabaseOutage {
 pub(super) async fn run_alone(ctx: &Context, cmd: &Command) -> Outcome {
     let mut delays = ctx.backoff.delays();
     loop {
-        match attempt(
-            (&ctx.held, &ctx.pool),
-            &*ctx.handler,
-            cmd,
-            ctx.handler_timeout,
-        )
-        .await
-        {
+        match attempt(&ctx.pool, &*ctx.handler, cmd, ctx.handler_timeout).await {
             Attempt::Answered { outcome, timed_out } => {
                 if timed_out {
                     Stats::bump(&ctx.stats.0.timed_out);

@@ -9,7 +9,6 @@ use sqlx::PgPool;
 
 use crate::barrier::{self, BarrierError};
 use crate::handler::Handler;
-use crate::held::{Held, Keep};
 use crate::protocol::{Command, Outcome};
 
 /// Runs `cmd` through the barrier and `handler`, never failing: barrier errors and handler
@@ -40,8 +39,7 @@ pub(super) async fn guarded(
     cmd: &Command,
     limit: Option<Duration>,
 ) -> (Outcome, bool) {
-    let none = Held::new(0, Keep::Counted, None);
-    match attempt((&none, pool), handler, cmd, limit).await {
+    match attempt(pool, handler, cmd, limit).await {
         Attempt::Answered { outcome, timed_out } => (outcome, timed_out),
         Attempt::Unavailable(error) => {
             tracing::warn!(%error, "database unreachable; replying retry");
@@ -63,15 +61,14 @@ pub(super) enum Attempt {
 /// Runs `cmd` through the barrier and `handler` once: barrier errors and handler panics become
 /// `retry` outcomes (nothing was committed in either case), but for a database that cannot be
 /// reached. The time limit starts once a connection is had: waiting for one is waiting for
-/// the database, not the handler being slow. The connection comes from `held` (else from
-/// `pool`), and goes back to it only when the command was answered cleanly.
+/// the database, not the handler being slow.
 pub(super) async fn attempt(
-    (held, pool): (&Held, &PgPool),
+    pool: &PgPool,
     handler: &dyn Handler,
     cmd: &Command,
     limit: Option<Duration>,
 ) -> Attempt {
-    let mut conn = match held.take(pool).await {
+    let mut conn = match pool.acquire().await {
         Ok(conn) => conn,
         Err(error) => {
             let error = BarrierError::from(error);
@@ -96,10 +93,7 @@ pub(super) async fn attempt(
         }
     };
     let outcome = match result {
-        Ok(Ok(outcome)) => {
-            conn.give_back();
-            outcome
-        }
+        Ok(Ok(outcome)) => outcome,
         Ok(Err(error)) if error.is_unavailable() => return Attempt::Unavailable(error),
         Ok(Err(error)) => {
             tracing::warn!(%error, "barrier failed; replying retry");

@@ -23,7 +23,6 @@ use super::stats::Stats;
 use super::{Ended, Participant, RuntimeError};
 use crate::amqp::{Announcement, Backoff, DeadLetters, confirm_channel, declare_participant};
 use crate::handler::Handler;
-use crate::held::{Held, Keep};
 
 impl Participant {
     /// One connection's worth of serving: declare, consume, dispatch, drain.
@@ -62,11 +61,6 @@ impl Participant {
             participant: self.name.clone(),
             dead_letters: DeadLetters::new(reply_channel.clone(), &self.topology, queue.clone()),
             pool: self.pool.clone(),
-            held: Held::new(
-                kept_connections(self.concurrency, &self.pool),
-                Keep::Counted,
-                None,
-            ),
             handler: self.handler.clone(),
             handler_timeout: self.handler_timeout,
             batch_size: self.batch_size,
@@ -191,23 +185,11 @@ fn take_ready(
     None
 }
 
-/// How many of `pool`'s connections the handler slots keep between their transactions (no
-/// round trip to check each one as it goes back to the pool): one per slot, but always one
-/// fewer than the pool holds, so that the rest of the participant's work (pruning, the start
-/// relay) still finds one. Kept connections count against the pool's size.
-fn kept_connections(slots: usize, pool: &PgPool) -> usize {
-    let size = pool.options().get_max_connections() as usize;
-    slots.min(size.saturating_sub(1))
-}
-
 pub(super) struct Context {
     pub(super) participant: String,
     /// On the reply channel: replies and dead letters share one confirm-mode channel.
     pub(super) dead_letters: DeadLetters,
     pub(super) pool: PgPool,
-    /// The pool's connections kept between the handler slots' transactions
-    /// ([`kept_connections`]).
-    pub(super) held: Held,
     pub(super) handler: Arc<dyn Handler>,
     pub(super) handler_timeout: Option<Duration>,
     /// The most commands run in one database transaction.

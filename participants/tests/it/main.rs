@@ -16,7 +16,6 @@ mod batch_trace;
 #[cfg(feature = "broker-restart-tests")]
 mod broker_restart;
 mod declarations;
-mod held;
 mod in_progress;
 mod outage;
 mod pool;

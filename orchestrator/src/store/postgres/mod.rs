@@ -30,9 +30,9 @@ mod sql;
 mod states;
 mod write;
 pub use held::HELD;
+use held::Held;
 use plans::Plans;
 pub use retention::{Export, PRUNE_LOCK_KEY};
-use sagas_participant::held::Held;
 use settlements::PgSettlements;
 pub use settlements::{LISTENER_NAME, SETTLED_CHANNEL};
 use states::States;
@@ -116,7 +116,7 @@ impl PgStore {
             pool,
             plans: Arc::default(),
             states: Arc::default(),
-            held: Arc::new(held::write_path()),
+            held: Arc::default(),
         }
     }
 
