@@ -206,16 +206,13 @@ pub fn print_text(r: &WorkloadResult) {
         );
     }
     if let Some(floor) = r.serial_floor_ms {
+        let times = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
         println!(
             "  floor        {floor:.1} ms: {:.0} commits and {:.0} messages one after the other at the ceilings' speeds; p50 {} and p99 {} times that",
             1.0 + r.messages_per_saga,
             r.messages_per_saga,
-            r.p50_over_floor
-                .map(|x| format!("{x:.2}"))
-                .unwrap_or_else(|| "-".into()),
-            r.p99_over_floor
-                .map(|x| format!("{x:.2}"))
-                .unwrap_or_else(|| "-".into())
+            times(r.p50_over_floor),
+            times(r.p99_over_floor)
         );
     }
     println!(
