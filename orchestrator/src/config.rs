@@ -35,6 +35,10 @@ pub struct Config {
     /// unset, batches of up to 16 to the participants that announce them; `1`, never; `N`,
     /// batches of up to N to every participant (docs/protocol.md, "Batches").
     pub command_batch: CommandBatch,
+    /// How long a batch of replies or starts waits for more after a batch of several
+    /// (`SAGAS_BATCH_LINGER`, default 2ms, at most 100ms; `0`: not at all; see
+    /// [`crate::engine::EngineConfig::batch_linger`]).
+    pub batch_linger: std::time::Duration,
     /// Queues vanish after this long unused (`SAGAS_QUEUE_EXPIRES_MS`); for tests and demos only.
     pub queue_expires_ms: Option<u64>,
     /// Bearer tokens of the HTTP API (`SAGAS_API_TOKENS` or the file `SAGAS_API_TOKENS_FILE`
@@ -96,6 +100,7 @@ impl fmt::Debug for Config {
             .field("quorum_queues", &self.quorum_queues)
             .field("db_pool", &self.db_pool)
             .field("command_batch", &self.command_batch)
+            .field("batch_linger", &self.batch_linger)
             .field("queue_expires_ms", &self.queue_expires_ms)
             .field("api_tokens", &self.api_tokens)
             .field("body_limit", &self.body_limit)
@@ -327,6 +332,7 @@ impl Config {
         let command_batch = env
             .optional_number("SAGAS_AMQP_COMMAND_BATCH", 1..=MAX_BATCH)
             .map_or_else(CommandBatch::default, CommandBatch::from);
+        let batch_linger = env.linger("SAGAS_BATCH_LINGER");
         let api_tokens = read_api_tokens(env);
         let body_limit = env.number("SAGAS_BODY_LIMIT", DEFAULT_BODY_LIMIT, 1..=MAX_BODY_LIMIT);
         let retention = env.duration_or_off("SAGAS_RETENTION", None);
@@ -343,6 +349,7 @@ impl Config {
             quorum_queues: broker.quorum_queues,
             db_pool,
             command_batch,
+            batch_linger,
             queue_expires_ms: broker.queue_expires_ms,
             api_tokens,
             body_limit,
@@ -615,6 +622,7 @@ mod tests {
             ("SAGAS_QUORUM_QUEUES", "TRUE"),
             ("SAGAS_DB_POOL", "4"),
             ("SAGAS_AMQP_COMMAND_BATCH", "16"),
+            ("SAGAS_BATCH_LINGER", "5ms"),
             ("SAGAS_QUEUE_EXPIRES_MS", "600000"),
             ("SAGAS_API_TOKENS", TOKEN),
             ("SAGAS_BODY_LIMIT", "2048"),
@@ -633,6 +641,7 @@ mod tests {
             (4, CommandBatch::Forced(16), 2048)
         );
         assert_eq!(c.retention, Some(std::time::Duration::from_secs(36 * 3600)));
+        assert_eq!(c.batch_linger, std::time::Duration::from_millis(5));
         assert!(!c.wait_notify);
         assert_eq!(
             c.http.header_timeout,
@@ -654,6 +663,7 @@ mod tests {
             ("SAGAS_QUORUM_QUEUES", "2"),
             ("SAGAS_DB_POOL", "sixteen"),
             ("SAGAS_AMQP_COMMAND_BATCH", "257"),
+            ("SAGAS_BATCH_LINGER", "101ms"),
             ("SAGAS_QUEUE_EXPIRES_MS", "-5"),
             ("SAGAS_API_TOKENS", "admin:ssssssssssssssss"),
             ("SAGAS_BODY_LIMIT", "0"),

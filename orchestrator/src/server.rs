@@ -56,11 +56,12 @@ pub async fn engine(config: &Config, registry: Registry) -> anyhow::Result<Arc<E
     Ok(engine)
 }
 
-/// The engine's tuning in a `sagad`-style process: the defaults, with the retention `config`
-/// asks for.
+/// The engine's tuning in a `sagad`-style process: the defaults, with what `config` sets
+/// (retention, batch linger, waits' announcements, breakers, rate limits).
 pub fn engine_config(config: &Config) -> EngineConfig {
     EngineConfig {
         retention: config.retention,
+        batch_linger: config.batch_linger,
         wait_notify: config.wait_notify,
         breakers: config.breakers,
         rate_limits: config.rate_limits.clone(),

@@ -24,6 +24,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 use crate::amqp::{self, QueueOptions};
 use crate::handler::Handler;
+use crate::linger::{DEFAULT_LINGER, MAX_LINGER};
 use crate::protocol::Topology;
 use crate::runtime::{
     DEFAULT_BARRIER_RETENTION, DEFAULT_CONCURRENCY, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_TIMEOUT,
@@ -210,6 +211,25 @@ impl Env {
             parse_std_duration(raw)
                 .map(|d| Some(d).filter(|d| !d.is_zero()))
                 .map_err(|e| format!("{e}, or 0 for none"))
+        })
+    }
+
+    /// How long a batch waits for more ([`crate::linger`]): a duration up to
+    /// [`MAX_LINGER`], or `0` (with or without a unit) for not at all; [`DEFAULT_LINGER`] when
+    /// unset.
+    pub fn linger(&mut self, name: &str) -> Duration {
+        self.parse(name, DEFAULT_LINGER, |raw| {
+            if raw == "0" {
+                return Ok(Duration::ZERO);
+            }
+            let linger = parse_std_duration(raw).map_err(|e| format!("{e}, or 0 for none"))?;
+            if linger > MAX_LINGER {
+                return Err(format!(
+                    "{raw:?} is longer than {} ms, the longest a batch may wait",
+                    MAX_LINGER.as_millis()
+                ));
+            }
+            Ok(linger)
         })
     }
 
@@ -475,6 +495,9 @@ pub struct ParticipantConfig {
     /// Most commands in one database transaction (`SAGAS_PARTICIPANT_BATCH`, default 16, 1 to
     /// [`MAX_BATCH_SIZE`]).
     pub batch_size: usize,
+    /// How long a take of commands waits for more after a take of several
+    /// (`SAGAS_PARTICIPANT_BATCH_LINGER`, default 2ms, at most 100ms; `0`: not at all).
+    pub batch_linger: Duration,
     /// Longest time one command may take (`SAGAS_HANDLER_TIMEOUT`; default unset: no limit).
     pub handler_timeout: Option<Duration>,
     /// How long barrier rows are kept (`SAGAS_BARRIER_RETENTION`, default 30d; `0`: kept for
@@ -505,6 +528,7 @@ impl fmt::Debug for ParticipantConfig {
             .field("prefetch", &self.prefetch)
             .field("concurrency", &self.concurrency)
             .field("batch_size", &self.batch_size)
+            .field("batch_linger", &self.batch_linger)
             .field("handler_timeout", &self.handler_timeout)
             .field("barrier_retention", &self.barrier_retention)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -550,6 +574,7 @@ impl ParticipantConfig {
             crate::runtime::DEFAULT_BATCH_SIZE,
             1..=MAX_BATCH_SIZE,
         );
+        let batch_linger = env.linger("SAGAS_PARTICIPANT_BATCH_LINGER");
         let default_pool = u32::try_from(concurrency + 1)
             .unwrap_or(MAX_DB_POOL)
             .min(MAX_DB_POOL);
@@ -572,6 +597,7 @@ impl ParticipantConfig {
             prefetch,
             concurrency,
             batch_size,
+            batch_linger,
             handler_timeout,
             barrier_retention,
             shutdown_timeout,
@@ -597,13 +623,14 @@ impl ParticipantConfig {
         Ok(pool_options(self.db_pool).connect_lazy_with(options))
     }
 
-    /// `participant` with these settings (prefetch, concurrency, batch size, queue options,
+    /// `participant` with these settings (prefetch, concurrency, batch size and linger, queue options,
     /// handler timeout, barrier retention, shutdown timeout).
     pub fn apply(&self, participant: Participant) -> Participant {
         let participant = participant
             .prefetch(self.prefetch)
             .concurrency(self.concurrency)
             .batch_size(self.batch_size)
+            .batch_linger(self.batch_linger)
             .queue_options(self.queue_options())
             .barrier_retention(self.barrier_retention)
             .shutdown_timeout(self.shutdown_timeout);
@@ -853,6 +880,31 @@ mod tests {
     }
 
     #[test]
+    fn a_linger_is_a_duration_up_to_its_limit_and_zero_turns_it_off() {
+        let mut e = env(&[
+            ("UNSET_BLANK", " "),
+            ("OFF", "0"),
+            ("OFF_MS", "0ms"),
+            ("FIVE", "5ms"),
+            ("MOST", "100ms"),
+            ("TOO_LONG", "1s"),
+            ("BARE", "2"),
+        ]);
+        assert_eq!(e.linger("NOT_SET"), DEFAULT_LINGER);
+        assert_eq!(e.linger("OFF"), Duration::ZERO);
+        assert_eq!(e.linger("OFF_MS"), Duration::ZERO);
+        assert_eq!(e.linger("FIVE"), Duration::from_millis(5));
+        assert_eq!(e.linger("MOST"), MAX_LINGER);
+        assert_eq!(e.linger("TOO_LONG"), DEFAULT_LINGER);
+        e.linger("BARE");
+        let err = e.finish().unwrap_err();
+        assert_eq!(err.errors.len(), 2, "{err}");
+        assert!(err.names("TOO_LONG") && err.names("BARE"), "{err}");
+        assert!(err.to_string().contains("longer than 100 ms"), "{err}");
+        assert!(err.to_string().contains("or 0 for none"), "{err}");
+    }
+
+    #[test]
     fn urls_are_checked_without_quoting_them() {
         let mut e = env(&[
             ("DATABASE_URL", "mysql://root:hunter2secret@db/x"),
@@ -889,6 +941,7 @@ mod tests {
         assert_eq!(c.barrier_retention, Some(DEFAULT_BARRIER_RETENTION));
         assert_eq!(c.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
         assert_eq!(c.handler_timeout, None);
+        assert_eq!(c.batch_linger, DEFAULT_LINGER);
         assert_eq!(c.metrics_bind, None);
         assert!(!c.relay_starts);
     }
@@ -932,6 +985,7 @@ mod tests {
             ("SAGAS_PARTICIPANT_PREFETCH", "64"),
             ("SAGAS_PARTICIPANT_CONCURRENCY", "8"),
             ("SAGAS_PARTICIPANT_BATCH", "4"),
+            ("SAGAS_PARTICIPANT_BATCH_LINGER", "0"),
             ("SAGAS_PARTICIPANT_DB_POOL", "5"),
             ("SAGAS_HANDLER_TIMEOUT", "10s"),
             ("SAGAS_BARRIER_RETENTION", "0"),
@@ -955,6 +1009,7 @@ mod tests {
             (64, 8, 4, 5)
         );
         assert_eq!(c.handler_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(c.batch_linger, Duration::ZERO);
         assert_eq!(c.barrier_retention, None);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(c.metrics_bind, Some("127.0.0.1:9464".parse().unwrap()));
@@ -973,6 +1028,7 @@ mod tests {
             ("SAGAS_PARTICIPANT_PREFETCH", "70000"),
             ("SAGAS_PARTICIPANT_CONCURRENCY", "0"),
             ("SAGAS_PARTICIPANT_BATCH", &(MAX_BATCH_SIZE + 1).to_string()),
+            ("SAGAS_PARTICIPANT_BATCH_LINGER", "2"),
             ("SAGAS_PARTICIPANT_DB_POOL", "lots"),
             ("SAGAS_HANDLER_TIMEOUT", "5"),
             ("SAGAS_BARRIER_RETENTION", "30"),

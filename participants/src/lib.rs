@@ -12,6 +12,7 @@
 //!   properties, dead letters, reconnection;
 //! - [`start`]: transactional starts: [`start_in`] writes a start request in the service's
 //!   own transaction, and the [`StartRelay`] delivers it to the orchestrator;
+//! - [`linger`]: how long a batch waits for more, on both sides;
 //! - [`config`]: a strict reader of the environment, and a participant process's
 //!   configuration from it;
 //! - [`testing`]: a harness to unit-test handlers through the barrier, without a broker.
@@ -22,6 +23,7 @@ pub mod amqp;
 pub mod barrier;
 pub mod config;
 pub mod handler;
+pub mod linger;
 pub mod protocol;
 pub mod runtime;
 pub mod start;

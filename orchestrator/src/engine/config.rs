@@ -14,8 +14,14 @@ pub struct EngineConfig {
     /// acknowledging a batch's effects overlap the next batch's commit either way.
     pub reply_concurrency: usize,
     /// At most this many replies are committed in one store transaction. A batch takes the
-    /// replies that are waiting when a slot frees up; it never waits for more.
+    /// replies that are waiting when a slot frees up, and waits for more only as
+    /// [`EngineConfig::batch_linger`] says.
     pub reply_batch: usize,
+    /// How long a batch of replies or of starts waits for more after a batch that held
+    /// several ([`sagas_participant::linger::Linger`]): a lone saga's batches never wait;
+    /// under load, transactions and messages are shared by more sagas. Zero: batches take
+    /// only what is waiting.
+    pub batch_linger: Duration,
     /// Unacknowledged replies the broker may send ahead.
     pub prefetch: u16,
     /// Due timers handled at the same time.
@@ -68,6 +74,7 @@ impl Default for EngineConfig {
         EngineConfig {
             reply_concurrency: 1,
             reply_batch: 64,
+            batch_linger: sagas_participant::linger::DEFAULT_LINGER,
             prefetch: 256,
             timer_concurrency: 32,
             timer_poll: Duration::from_millis(100),

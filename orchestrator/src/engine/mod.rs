@@ -150,7 +150,12 @@ impl Engine {
         let stats = Arc::new(Stats::default());
         let limits = Arc::new(limits::RateLimits::new(config.rate_limits.clone()));
         let publisher = Publisher::new(transport.clone(), store.clone(), stats.clone(), limits);
-        let creator = starts::batcher(store.clone(), clock.clone(), publisher.clone());
+        let creator = starts::batcher(
+            store.clone(),
+            clock.clone(),
+            publisher.clone(),
+            config.batch_linger,
+        );
         let settlements = store.settlements().filter(|_| config.wait_notify);
         let announcer = wait::announcer(settlements.clone(), stats.clone());
         let breakers = Arc::new(BreakerView::new(config.breakers));

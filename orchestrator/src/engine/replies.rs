@@ -11,10 +11,13 @@ use uuid::Uuid;
 use super::{Engine, EngineError};
 use crate::machine::Input;
 use crate::transport::Incoming;
+use sagas_participant::linger::Linger;
 use sagas_participant::protocol::{PROTOCOL_VERSION, Reply};
 
 impl Engine {
-    /// Takes replies off the broker in batches, one batch per free slot, until `shutdown`.
+    /// Takes replies off the broker in batches, one batch per free slot, until `shutdown`;
+    /// a batch waits [`EngineConfig::batch_linger`](super::EngineConfig::batch_linger) for
+    /// more only after a batch of several ([`Linger`]).
     pub(super) async fn consume(
         self: Arc<Self>,
         mut replies: tokio::sync::mpsc::Receiver<Incoming>,
@@ -23,10 +26,12 @@ impl Engine {
         let permits = Arc::new(Semaphore::new(self.config.reply_concurrency));
         let limit = self.config.reply_batch.max(1);
         let mut in_flight = tokio::task::JoinSet::new();
+        let mut linger = Linger::new(self.config.batch_linger);
         loop {
             while in_flight.try_join_next().is_some() {}
             // A slot first: while every slot is busy, replies gather in the channel and the
-            // next batch takes them all (up to the limit), so batches grow with the load.
+            // next batch takes them all (up to the limit), so batches grow with the load;
+            // after a batch of several, it also waits the linger for more.
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;
             };
@@ -35,12 +40,7 @@ impl Engine {
                 m = replies.recv() => match m { Some(m) => m, None => break },
             };
             let mut batch = vec![first];
-            while batch.len() < limit {
-                match replies.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
+            linger.fill(&mut batch, limit, &mut replies).await;
             let engine = self.clone();
             in_flight.spawn(async move {
                 engine.on_replies(batch, permit).await;

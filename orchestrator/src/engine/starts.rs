@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use sagas_participant::linger::Linger;
+
 use super::publish::Publisher;
 use super::{Engine, EngineError};
 use crate::clock::Clock;
@@ -94,19 +96,20 @@ pub(super) fn batcher(
     store: Arc<dyn SagaStore>,
     clock: Arc<dyn Clock>,
     publisher: Publisher,
+    linger: Duration,
 ) -> Option<mpsc::UnboundedSender<Creation>> {
     tokio::runtime::Handle::try_current().ok().map(|runtime| {
         let (tx, rx) = mpsc::unbounded_channel();
-        runtime.spawn(create_loop(store, clock, publisher, rx));
+        runtime.spawn(create_loop(store, clock, publisher, linger, rx));
         tx
     })
 }
 
 /// Stores starts in batches: when one of [`START_SLOTS`] is free it takes the starts that are
-/// waiting (at most [`START_BATCH`], never waiting for more) and stores them with one
-/// [`SagaStore::create_batch`], those with an idempotency key too. A lone start is stored at
-/// once; under load many share a commit. If the batch fails as a whole, each start is tried
-/// alone, so that each gets its own error.
+/// waiting (at most [`START_BATCH`]; after a batch of several, also those that come within
+/// the `linger`, [`Linger`]) and stores them with one [`SagaStore::create_batch`], those with
+/// an idempotency key too. A lone start is stored at once; under load many share a commit.
+/// If the batch fails as a whole, each start is tried alone, so that each gets its own error.
 ///
 /// The keyed starts of a batch are stored in the order of their keys, so that two batches
 /// holding the same two keys (a client retrying two requests at once) take their unique-index
@@ -119,9 +122,11 @@ async fn create_loop(
     store: Arc<dyn SagaStore>,
     clock: Arc<dyn Clock>,
     publisher: Publisher,
+    linger: Duration,
     mut rx: mpsc::UnboundedReceiver<Creation>,
 ) {
     let slots = Arc::new(Semaphore::new(START_SLOTS));
+    let mut linger = Linger::new(linger);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
@@ -130,12 +135,7 @@ async fn create_loop(
             break;
         };
         let mut batch = vec![first];
-        while batch.len() < START_BATCH {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
-            }
-        }
+        linger.fill(&mut batch, START_BATCH, &mut rx).await;
         let (store, now, publisher) = (store.clone(), clock.now(), publisher.clone());
         tokio::spawn(async move {
             batch.sort_by(|a, b| a.key().cmp(&b.key()));

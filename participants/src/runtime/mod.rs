@@ -155,6 +155,7 @@ pub struct Participant {
     prefetch: u16,
     concurrency: usize,
     batch_size: usize,
+    batch_linger: Duration,
     accepts_batch: usize,
     queue_options: QueueOptions,
     install_barrier: bool,
@@ -176,6 +177,7 @@ impl std::fmt::Debug for Participant {
             .field("prefetch", &self.prefetch)
             .field("concurrency", &self.concurrency)
             .field("batch_size", &self.batch_size)
+            .field("batch_linger", &self.batch_linger)
             .field("accepts_batch", &self.accepts_batch)
             .field("queue_options", &self.queue_options)
             .field("handler_timeout", &self.handler_timeout)
@@ -206,6 +208,7 @@ impl Participant {
             prefetch: DEFAULT_PREFETCH,
             concurrency: DEFAULT_CONCURRENCY,
             batch_size: DEFAULT_BATCH_SIZE,
+            batch_linger: crate::linger::DEFAULT_LINGER,
             accepts_batch: MAX_BATCH,
             queue_options: QueueOptions::default(),
             install_barrier: true,
@@ -236,14 +239,25 @@ impl Participant {
     /// turns batching off, to [`MAX_BATCH_SIZE`]).
     ///
     /// When a command is taken, the ones already delivered are taken with it, as long as
-    /// handler slots ([`Participant::concurrency`]) are free; nothing waits for more to
-    /// arrive. They run through the barrier in one transaction ([`barrier::Batch`]), each in a
+    /// handler slots ([`Participant::concurrency`]) are free, and, after a take of several,
+    /// those that arrive within the linger ([`Participant::batch_linger`]). They run through the barrier in one transaction ([`barrier::Batch`]), each in a
     /// savepoint of its own, with the same outcome each would have alone, and commit at once.
     /// If the transaction fails, it is rolled back and the commands run one by one. Commands
     /// of a batch hold their row locks until it commits: for handlers that mostly update the
     /// same few rows, or that take long, prefer small batches.
     pub fn batch_size(mut self, batch_size: usize) -> Participant {
         self.batch_size = batch_size.clamp(1, MAX_BATCH_SIZE);
+        self
+    }
+
+    /// Sets how long a take of commands waits for more to arrive, after a take that held
+    /// several commands (default [`DEFAULT_LINGER`](crate::linger::DEFAULT_LINGER), at most
+    /// [`MAX_LINGER`](crate::linger::MAX_LINGER); zero: only what was delivered already).
+    ///
+    /// A lone command never waits: the take before it held one. Under load, the wait lets
+    /// more commands share a transaction and a reply message ([`crate::linger`]).
+    pub fn batch_linger(mut self, linger: Duration) -> Participant {
+        self.batch_linger = linger.min(crate::linger::MAX_LINGER);
         self
     }
 

@@ -5,14 +5,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::admission::admit;
@@ -21,8 +22,11 @@ use super::outage::DatabaseOutage;
 use super::replies::{publish, settle};
 use super::stats::Stats;
 use super::{Ended, Participant, RuntimeError};
-use crate::amqp::{Announcement, Backoff, DeadLetters, confirm_channel, declare_participant};
+use crate::amqp::{
+    Announcement, Backoff, DeadLetters, confirm_channel, declare_participant, is_batch,
+};
 use crate::handler::Handler;
+use crate::linger::Linger;
 
 impl Participant {
     /// One connection's worth of serving: declare, consume, dispatch, drain.
@@ -74,6 +78,9 @@ impl Participant {
         });
         let semaphore = Arc::new(Semaphore::new(self.concurrency));
         let mut in_flight = JoinSet::new();
+        // Several commands taken together (or a command batch) tell that there is something
+        // to batch: the next deliveries wait the linger for more.
+        let mut linger = Linger::new(self.batch_linger);
 
         let result = loop {
             while in_flight.try_join_next().is_some() {}
@@ -97,13 +104,17 @@ impl Participant {
             match delivery {
                 Some(Ok(delivery)) => {
                     let (mut taken, mut permits) = (vec![delivery], permit);
-                    let ended = take_ready(
-                        &mut consumer,
-                        &semaphore,
-                        (&mut taken, &mut permits),
-                        self.batch_size,
-                        &queue,
-                    );
+                    let max = self.batch_size;
+                    let taking = (&mut taken, &mut permits);
+                    let mut ended =
+                        take_more(&mut consumer, &semaphore, taking, (max, None), &queue).await;
+                    if let (None, Some(until)) = (&ended, linger.until()) {
+                        let taking = (&mut taken, &mut permits);
+                        let window = (max, Some(until));
+                        ended = take_more(&mut consumer, &semaphore, taking, window, &queue).await;
+                    }
+                    linger
+                        .gathered(taken.len() > 1 || taken.iter().any(|d| is_batch(&d.properties)));
                     in_flight.spawn(serve(ctx.clone(), taken, permits));
                     if let Some(error) = ended {
                         break Err(error);
@@ -158,21 +169,25 @@ impl Participant {
     }
 }
 
-/// Adds to `taken` the deliveries already there, without waiting for more, while a handler
-/// slot is free (merged into `permits`) and up to `max`; returns the error if the consumer
-/// ended meanwhile.
-fn take_ready(
-    consumer: &mut Consumer,
+/// Adds to `taken`, while a handler slot is free (merged into `permits`) and up to `max`, the
+/// deliveries already there and, with `until`, those that arrive until then; returns the
+/// error if the consumer ended meanwhile.
+async fn take_more<T>(
+    consumer: &mut (impl Stream<Item = Result<T, lapin::Error>> + Unpin),
     semaphore: &Arc<Semaphore>,
-    (taken, permits): (&mut Vec<Delivery>, &mut OwnedSemaphorePermit),
-    max: usize,
+    (taken, permits): (&mut Vec<T>, &mut OwnedSemaphorePermit),
+    (max, until): (usize, Option<Instant>),
     queue: &str,
 ) -> Option<RuntimeError> {
     while taken.len() < max {
         let Ok(permit) = semaphore.clone().try_acquire_owned() else {
             return None;
         };
-        match consumer.next().now_or_never() {
+        let next = match until {
+            None => consumer.next().now_or_never(),
+            Some(until) => tokio::time::timeout_at(until, consumer.next()).await.ok(),
+        };
+        match next {
             None => return None,
             Some(Some(Ok(delivery))) => {
                 taken.push(delivery);
@@ -255,5 +270,121 @@ async fn serve(ctx: Arc<Context>, deliveries: Vec<Delivery>, permits: OwnedSemap
     for (group, pending) in published {
         let span = taken[group[0]].span.clone();
         settle(&ctx, &taken, &group, pending).instrument(span).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(2);
+
+    /// A consumer of the numbers sent on the returned channel (no `Err` ever comes).
+    fn consumer() -> (
+        tokio::sync::mpsc::UnboundedSender<u32>,
+        impl Stream<Item = Result<u32, lapin::Error>> + Unpin,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|n| (Ok(n), rx))
+        });
+        (tx, Box::pin(stream))
+    }
+
+    /// `n` handler slots, the first one taken.
+    fn slots(n: usize) -> (Arc<Semaphore>, OwnedSemaphorePermit) {
+        let semaphore = Arc::new(Semaphore::new(n));
+        let first = semaphore.clone().try_acquire_owned().unwrap();
+        (semaphore, first)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_take_without_a_window_takes_only_what_is_there() {
+        let (tx, mut consumer) = consumer();
+        let (semaphore, mut permits) = slots(8);
+        tx.send(2).unwrap();
+        tx.send(3).unwrap();
+        let mut taken = vec![1];
+        let taking = (&mut taken, &mut permits);
+        let ended = take_more(&mut consumer, &semaphore, taking, (16, None), "q").await;
+        assert!(ended.is_none());
+        assert_eq!(taken, vec![1, 2, 3]);
+        assert_eq!(permits.num_permits(), 3, "one slot per delivery");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_take_with_a_window_takes_what_arrives_within_it_and_stops_at_its_end() {
+        let (tx, mut consumer) = consumer();
+        let (semaphore, mut permits) = slots(8);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let _ = tx.send(2);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = tx.send(3);
+        });
+        let until = Instant::now() + WINDOW;
+        let mut taken = vec![1];
+        let taking = (&mut taken, &mut permits);
+        let ended = take_more(&mut consumer, &semaphore, taking, (16, Some(until)), "q").await;
+        assert!(ended.is_none());
+        assert_eq!(taken, vec![1, 2]);
+        assert_eq!(Instant::now(), until);
+        assert_eq!(
+            semaphore.available_permits(),
+            6,
+            "the slot taken for a third went back"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_take_does_not_wait_without_a_free_slot_nor_once_full() {
+        let (tx, mut consumer) = consumer();
+        for n in 2..=4 {
+            tx.send(n).unwrap();
+        }
+        let begun = Instant::now();
+        let (semaphore, mut permits) = slots(2);
+        let mut taken = vec![1];
+        let taking = (&mut taken, &mut permits);
+        take_more(
+            &mut consumer,
+            &semaphore,
+            taking,
+            (16, Some(begun + WINDOW)),
+            "q",
+        )
+        .await;
+        assert_eq!(taken, vec![1, 2], "two slots");
+        let (semaphore, mut permits) = slots(8);
+        let mut taken = vec![1];
+        let taking = (&mut taken, &mut permits);
+        take_more(
+            &mut consumer,
+            &semaphore,
+            taking,
+            (2, Some(begun + WINDOW)),
+            "q",
+        )
+        .await;
+        assert_eq!(taken, vec![1, 3], "full at two");
+        assert_eq!(Instant::now(), begun, "neither waited");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_that_ends_while_a_take_waits_is_reported() {
+        let (tx, mut consumer) = consumer();
+        let (semaphore, mut permits) = slots(8);
+        drop(tx);
+        let mut taken = vec![1];
+        let taking = (&mut taken, &mut permits);
+        let window = (16, Some(Instant::now() + WINDOW));
+        let ended = take_more(&mut consumer, &semaphore, taking, window, "q").await;
+        assert!(
+            matches!(&ended, Some(RuntimeError::ConsumerEnded(q)) if q == "q"),
+            "{ended:?}"
+        );
+        assert_eq!(taken, vec![1]);
     }
 }

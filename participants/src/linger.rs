@@ -1,0 +1,219 @@
+//! How long a batch waits for more: the one rule of every batching loop, the orchestrator's
+//! (starts, replies) and a participant's (commands).
+//!
+//! A batch takes what is waiting when it begins. Under load that alone makes batches grow
+//! (while one commits, the next gathers); at a moderate load each batch is small and its
+//! fixed costs (a commit, a message, the wake-ups of every process on the way) are paid
+//! nearly once per item. A [`Linger`] lets a batch wait a short window for more, **only after
+//! a batch that held more than one item**: a lone saga's batches hold one item each, so it
+//! never waits; PostgreSQL's `commit_delay` is bounded by `commit_siblings` for the same
+//! reason (docs/architecture.md, "Batches that wait").
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// The window a batch waits for more by default, on both sides: against none, the p99 at half
+/// the peak was lower in seven pairs of seven at 5–9 % less CPU per saga; 1 ms hardly changed
+/// the batches, 5 ms cut the CPU by a third and cost 10–20 ms of p50 (docs/performance.md,
+/// "Batches that wait").
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(2);
+
+/// The longest window the configuration accepts: a batch held longer would cost a saga more
+/// than the commits it saves.
+pub const MAX_LINGER: Duration = Duration::from_millis(100);
+
+/// Whether, and until when, the batch being gathered waits for more items.
+#[derive(Debug, Clone, Copy)]
+pub struct Linger {
+    window: Duration,
+    /// Whether the last batch held more than one item.
+    plural: bool,
+}
+
+impl Linger {
+    /// Batches that wait up to `window` after a batch of more than one item (zero: never).
+    pub fn new(window: Duration) -> Linger {
+        Linger {
+            window,
+            plural: false,
+        }
+    }
+
+    /// Until when the batch that begins now may wait for more: `None` after a batch of one
+    /// (there was nothing to batch), or when the window is zero.
+    pub fn until(&self) -> Option<Instant> {
+        (self.plural && !self.window.is_zero()).then(|| Instant::now() + self.window)
+    }
+
+    /// Takes in whether the batch just gathered held more than one item.
+    pub fn gathered(&mut self, plural: bool) {
+        self.plural = plural;
+    }
+
+    /// Fills `batch` (which holds its first item) from `source` up to `limit`: first with
+    /// what is waiting, then, when [`Linger::until`] allows, with what arrives until then.
+    pub async fn fill<T, S: Source<T>>(
+        &mut self,
+        batch: &mut Vec<T>,
+        limit: usize,
+        source: &mut S,
+    ) {
+        while batch.len() < limit {
+            match source.ready() {
+                Some(item) => batch.push(item),
+                None => break,
+            }
+        }
+        if let Some(until) = self.until() {
+            while batch.len() < limit {
+                match tokio::time::timeout_at(until, source.next()).await {
+                    Ok(Some(item)) => batch.push(item),
+                    // The window ended, or the source did (its end is seen by the next recv).
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        self.gathered(batch.len() > 1);
+    }
+}
+
+/// Where a batch's items come from: a channel's receiving end.
+pub trait Source<T> {
+    /// An item already waiting, without waiting.
+    fn ready(&mut self) -> Option<T>;
+    /// The next item; `None` once the source has ended.
+    fn next(&mut self) -> impl Future<Output = Option<T>> + Send;
+}
+
+impl<T: Send> Source<T> for mpsc::Receiver<T> {
+    fn ready(&mut self) -> Option<T> {
+        self.try_recv().ok()
+    }
+
+    fn next(&mut self) -> impl Future<Output = Option<T>> + Send {
+        self.recv()
+    }
+}
+
+impl<T: Send> Source<T> for mpsc::UnboundedReceiver<T> {
+    fn ready(&mut self) -> Option<T> {
+        self.try_recv().ok()
+    }
+
+    fn next(&mut self) -> impl Future<Output = Option<T>> + Send {
+        self.recv()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(2);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_after_a_lone_item_takes_what_waits_and_does_not_wait() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut linger = Linger::new(WINDOW);
+        let later = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let _ = later.send(3);
+        });
+        tx.send(2).unwrap();
+        let begun = Instant::now();
+        let mut batch = vec![1];
+        linger.fill(&mut batch, 16, &mut rx).await;
+        assert_eq!(
+            batch,
+            vec![1, 2],
+            "what waited, and nothing that came later"
+        );
+        assert_eq!(Instant::now(), begun, "no time passed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_after_a_plural_one_waits_out_its_window_for_more() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut linger = Linger::new(WINDOW);
+        linger.gathered(true);
+        let later = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let _ = later.send(2);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = later.send(3);
+        });
+        let begun = Instant::now();
+        let mut batch = vec![1];
+        linger.fill(&mut batch, 16, &mut rx).await;
+        assert_eq!(
+            batch,
+            vec![1, 2],
+            "what came within the window, not after it"
+        );
+        assert_eq!(Instant::now() - begun, WINDOW);
+        assert!(
+            linger.until().is_some(),
+            "the batch held two: the next one waits too"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_stops_waiting_at_once() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut linger = Linger::new(WINDOW);
+        linger.gathered(true);
+        for n in 2..=5 {
+            tx.send(n).await.unwrap();
+        }
+        let begun = Instant::now();
+        let mut batch = vec![1];
+        linger.fill(&mut batch, 3, &mut rx).await;
+        assert_eq!(batch, vec![1, 2, 3]);
+        assert_eq!(Instant::now(), begun);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_item_after_waiting_ends_the_waiting() {
+        let (_tx, mut rx) = mpsc::channel::<u32>(8);
+        let mut linger = Linger::new(WINDOW);
+        linger.gathered(true);
+        let mut batch = vec![1];
+        linger.fill(&mut batch, 16, &mut rx).await;
+        assert_eq!(batch, vec![1]);
+        assert!(
+            linger.until().is_none(),
+            "nothing came: the next batch goes at once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_window_never_waits() {
+        let (_tx, mut rx) = mpsc::channel::<u32>(8);
+        let mut linger = Linger::new(Duration::ZERO);
+        linger.gathered(true);
+        assert!(linger.until().is_none());
+        let begun = Instant::now();
+        let mut batch = vec![1];
+        linger.fill(&mut batch, 16, &mut rx).await;
+        assert_eq!(Instant::now(), begun);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_that_ends_while_waiting_ends_the_batch() {
+        let (tx, mut rx) = mpsc::channel::<u32>(8);
+        let mut linger = Linger::new(WINDOW);
+        linger.gathered(true);
+        tx.send(2).await.unwrap();
+        drop(tx);
+        let begun = Instant::now();
+        let mut batch = vec![1];
+        linger.fill(&mut batch, 16, &mut rx).await;
+        assert_eq!(batch, vec![1, 2]);
+        assert_eq!(Instant::now(), begun, "an ended source is not waited for");
+    }
+}
