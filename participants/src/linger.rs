@@ -114,6 +114,21 @@ mod tests {
 
     const WINDOW: Duration = Duration::from_millis(2);
 
+    /// The batch that begins with item 1 (up to 16) and how long it took to gather.
+    async fn gather<S: Source<u32>>(linger: &mut Linger, source: &mut S) -> (Vec<u32>, Duration) {
+        let begun = Instant::now();
+        let mut batch = vec![1];
+        linger.fill(&mut batch, 16, source).await;
+        (batch, Instant::now() - begun)
+    }
+
+    /// A linger of `window` after a batch of several.
+    fn after_several(window: Duration) -> Linger {
+        let mut linger = Linger::new(window);
+        linger.gathered(true);
+        linger
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_batch_after_a_lone_item_takes_what_waits_and_does_not_wait() {
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -124,22 +139,15 @@ mod tests {
             let _ = later.send(3);
         });
         tx.send(2).unwrap();
-        let begun = Instant::now();
-        let mut batch = vec![1];
-        linger.fill(&mut batch, 16, &mut rx).await;
-        assert_eq!(
-            batch,
-            vec![1, 2],
-            "what waited, and nothing that came later"
-        );
-        assert_eq!(Instant::now(), begun, "no time passed");
+        let (batch, took) = gather(&mut linger, &mut rx).await;
+        assert_eq!(batch, vec![1, 2], "what waited, nothing that came later");
+        assert_eq!(took, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_batch_after_a_plural_one_waits_out_its_window_for_more() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut linger = Linger::new(WINDOW);
-        linger.gathered(true);
+        let mut linger = after_several(WINDOW);
         let later = tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -147,15 +155,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
             let _ = later.send(3);
         });
-        let begun = Instant::now();
-        let mut batch = vec![1];
-        linger.fill(&mut batch, 16, &mut rx).await;
-        assert_eq!(
-            batch,
-            vec![1, 2],
-            "what came within the window, not after it"
-        );
-        assert_eq!(Instant::now() - begun, WINDOW);
+        let (batch, took) = gather(&mut linger, &mut rx).await;
+        assert_eq!(batch, vec![1, 2], "what came within the window, not after");
+        assert_eq!(took, WINDOW);
         assert!(
             linger.until().is_some(),
             "the batch held two: the next one waits too"
@@ -165,8 +167,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_stops_waiting_at_once() {
         let (tx, mut rx) = mpsc::channel(8);
-        let mut linger = Linger::new(WINDOW);
-        linger.gathered(true);
+        let mut linger = after_several(WINDOW);
         for n in 2..=5 {
             tx.send(n).await.unwrap();
         }
@@ -180,11 +181,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lone_item_after_waiting_ends_the_waiting() {
         let (_tx, mut rx) = mpsc::channel::<u32>(8);
-        let mut linger = Linger::new(WINDOW);
-        linger.gathered(true);
-        let mut batch = vec![1];
-        linger.fill(&mut batch, 16, &mut rx).await;
-        assert_eq!(batch, vec![1]);
+        let mut linger = after_several(WINDOW);
+        let (batch, took) = gather(&mut linger, &mut rx).await;
+        assert_eq!((batch, took), (vec![1], WINDOW));
         assert!(
             linger.until().is_none(),
             "nothing came: the next batch goes at once"
@@ -194,26 +193,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_zero_window_never_waits() {
         let (_tx, mut rx) = mpsc::channel::<u32>(8);
-        let mut linger = Linger::new(Duration::ZERO);
-        linger.gathered(true);
+        let mut linger = after_several(Duration::ZERO);
         assert!(linger.until().is_none());
-        let begun = Instant::now();
-        let mut batch = vec![1];
-        linger.fill(&mut batch, 16, &mut rx).await;
-        assert_eq!(Instant::now(), begun);
+        let (batch, took) = gather(&mut linger, &mut rx).await;
+        assert_eq!((batch, took), (vec![1], Duration::ZERO));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_source_that_ends_while_waiting_ends_the_batch() {
         let (tx, mut rx) = mpsc::channel::<u32>(8);
-        let mut linger = Linger::new(WINDOW);
-        linger.gathered(true);
+        let mut linger = after_several(WINDOW);
         tx.send(2).await.unwrap();
         drop(tx);
-        let begun = Instant::now();
-        let mut batch = vec![1];
-        linger.fill(&mut batch, 16, &mut rx).await;
+        let (batch, took) = gather(&mut linger, &mut rx).await;
         assert_eq!(batch, vec![1, 2]);
-        assert_eq!(Instant::now(), begun, "an ended source is not waited for");
+        assert_eq!(took, Duration::ZERO, "an ended source is not waited for");
     }
 }

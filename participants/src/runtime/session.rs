@@ -345,30 +345,23 @@ mod tests {
             tx.send(n).unwrap();
         }
         let begun = Instant::now();
-        let (semaphore, mut permits) = slots(2);
-        let mut taken = vec![1];
-        let taking = (&mut taken, &mut permits);
-        take_more(
-            &mut consumer,
-            &semaphore,
-            taking,
-            (16, Some(begun + WINDOW)),
-            "q",
-        )
-        .await;
-        assert_eq!(taken, vec![1, 2], "two slots");
-        let (semaphore, mut permits) = slots(8);
-        let mut taken = vec![1];
-        let taking = (&mut taken, &mut permits);
-        take_more(
-            &mut consumer,
-            &semaphore,
-            taking,
-            (2, Some(begun + WINDOW)),
-            "q",
-        )
-        .await;
-        assert_eq!(taken, vec![1, 3], "full at two");
+        // The first of `slots` slots taken with item 1; items taken up to `max`.
+        let mut take = async |slots_held: usize, max: usize| {
+            let (semaphore, mut permits) = slots(slots_held);
+            let mut taken = vec![1];
+            let window = (max, Some(begun + WINDOW));
+            take_more(
+                &mut consumer,
+                &semaphore,
+                (&mut taken, &mut permits),
+                window,
+                "q",
+            )
+            .await;
+            taken
+        };
+        assert_eq!(take(2, 16).await, vec![1, 2], "two slots");
+        assert_eq!(take(8, 2).await, vec![1, 3], "full at two");
         assert_eq!(Instant::now(), begun, "neither waited");
     }
 
