@@ -104,8 +104,12 @@ pub enum Via {
     Engine,
 }
 
+/// The least length of `--half-peak`'s paced run, in seconds: long enough for its p99 to hold
+/// a few hundred sagas at any rate this machine reaches.
+pub const HALF_PEAK_SECS: f64 = 20.0;
+
 /// Benchmark of the sagas orchestrator against local PostgreSQL and RabbitMQ.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "bench")]
 pub struct Args {
     /// Which workload(s) to run.
@@ -139,6 +143,10 @@ pub struct Args {
     /// Start at most this many sagas per second (paced; the in-flight limit still applies).
     #[arg(long)]
     pub rate: Option<f64>,
+    /// After each workload's run, run it again paced at half the rate it reached (for at least
+    /// 20 s: `--sagas` or more), and report both: the latency at half the peak.
+    #[arg(long, conflicts_with = "rate")]
+    pub half_peak: bool,
     /// Print one JSON document instead of text.
     #[arg(long)]
     json: bool,
@@ -219,6 +227,18 @@ impl Args {
     pub fn command_batch(&self) -> CommandBatch {
         self.command_batch
             .map_or_else(CommandBatch::default, |n| usize::from(n).into())
+    }
+
+    /// These arguments paced at half of `peak` sagas/s, for at least
+    /// [`HALF_PEAK_SECS`] (`--half-peak`'s second run).
+    pub fn at_half(&self, peak: f64) -> Args {
+        let rate = peak / 2.0;
+        Args {
+            rate: Some(rate),
+            sagas: self.sagas.max((rate * HALF_PEAK_SECS).ceil() as u64),
+            half_peak: false,
+            ..self.clone()
+        }
     }
 
     /// Start calls allowed in flight at once.
@@ -447,19 +467,25 @@ async fn main_inner(args: &Args) -> Result<bool> {
 
     let mut results = Vec::new();
     for w in args.workloads() {
-        let r = run::run(
-            args,
-            &urls,
-            &tag,
-            w,
-            ceilings.as_ref().map(|c| c.amqp_round_trips_per_s),
-            ceilings.as_ref().map(|c| c.pg_commits_per_s),
-        )
-        .await?;
-        if !args.json {
-            output::print_text(&r);
+        let mut runs = vec![args.clone()];
+        while let Some(run_args) = runs.pop() {
+            let r = run::run(
+                &run_args,
+                &urls,
+                &tag,
+                w,
+                ceilings.as_ref().map(|c| c.amqp_round_trips_per_s),
+                ceilings.as_ref().map(|c| c.pg_commits_per_s),
+            )
+            .await?;
+            if !args.json {
+                output::print_text(&r);
+            }
+            if let Some(peak) = r.sagas_per_s.filter(|_| run_args.half_peak) {
+                runs.push(run_args.at_half(peak));
+            }
+            results.push(r);
         }
-        results.push(r);
     }
     let ok = results.iter().all(|r| r.status == "ok");
     if args.json {
@@ -478,4 +504,26 @@ async fn main_inner(args: &Args) -> Result<bool> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_the_peak_is_paced_at_half_its_rate_for_at_least_twenty_seconds() {
+        let args = Args::parse_from(["bench", "--sagas", "3000", "--half-peak"]);
+        let slow = args.at_half(200.0);
+        assert_eq!(slow.rate, Some(100.0));
+        assert_eq!(slow.sagas, 3000, "30 s at 100/s already");
+        assert!(!slow.half_peak, "its own run is not halved again");
+        let quick = args.at_half(1000.0);
+        assert_eq!((quick.rate, quick.sagas), (Some(500.0), 10_000));
+    }
+
+    #[test]
+    fn half_the_peak_and_a_rate_of_ones_own_are_refused_together() {
+        let both = Args::try_parse_from(["bench", "--half-peak", "--rate", "100"]);
+        assert!(both.is_err());
+    }
 }
