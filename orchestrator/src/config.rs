@@ -11,6 +11,7 @@ use sagas_participant::amqp::QueueOptions;
 pub use sagas_participant::config::BrokerSettings;
 use sagas_participant::config::MAX_DB_POOL;
 pub use sagas_participant::config::{ConfigError, EXIT_CONFIG, Env, VarError, parse_duration};
+use sagas_participant::linger::DEFAULT_LINGER;
 use sagas_participant::protocol::{MAX_BATCH, Topology};
 
 use crate::breaker::BreakerPolicy;
@@ -332,7 +333,7 @@ impl Config {
         let command_batch = env
             .optional_number("SAGAS_AMQP_COMMAND_BATCH", 1..=MAX_BATCH)
             .map_or_else(CommandBatch::default, CommandBatch::from);
-        let batch_linger = env.linger("SAGAS_BATCH_LINGER");
+        let batch_linger = env.linger("SAGAS_BATCH_LINGER", DEFAULT_LINGER);
         let api_tokens = read_api_tokens(env);
         let body_limit = env.number("SAGAS_BODY_LIMIT", DEFAULT_BODY_LIMIT, 1..=MAX_BODY_LIMIT);
         let retention = env.duration_or_off("SAGAS_RETENTION", None);

@@ -24,7 +24,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 use crate::amqp::{self, QueueOptions};
 use crate::handler::Handler;
-use crate::linger::{DEFAULT_LINGER, MAX_LINGER};
+use crate::linger::{DEFAULT_PARTICIPANT_LINGER, MAX_LINGER};
 use crate::protocol::Topology;
 use crate::runtime::{
     DEFAULT_BARRIER_RETENTION, DEFAULT_CONCURRENCY, DEFAULT_PREFETCH, DEFAULT_SHUTDOWN_TIMEOUT,
@@ -215,10 +215,9 @@ impl Env {
     }
 
     /// How long a batch waits for more ([`crate::linger`]): a duration up to
-    /// [`MAX_LINGER`], or `0` (with or without a unit) for not at all; [`DEFAULT_LINGER`] when
-    /// unset.
-    pub fn linger(&mut self, name: &str) -> Duration {
-        self.parse(name, DEFAULT_LINGER, |raw| {
+    /// [`MAX_LINGER`], or `0` (with or without a unit) for not at all; `default` when unset.
+    pub fn linger(&mut self, name: &str, default: Duration) -> Duration {
+        self.parse(name, default, |raw| {
             if raw == "0" {
                 return Ok(Duration::ZERO);
             }
@@ -496,7 +495,7 @@ pub struct ParticipantConfig {
     /// [`MAX_BATCH_SIZE`]).
     pub batch_size: usize,
     /// How long a take of commands waits for more after a take of several
-    /// (`SAGAS_PARTICIPANT_BATCH_LINGER`, default 2ms, at most 100ms; `0`: not at all).
+    /// (`SAGAS_PARTICIPANT_BATCH_LINGER`, default `0`: not at all; at most 100ms).
     pub batch_linger: Duration,
     /// Longest time one command may take (`SAGAS_HANDLER_TIMEOUT`; default unset: no limit).
     pub handler_timeout: Option<Duration>,
@@ -574,7 +573,7 @@ impl ParticipantConfig {
             crate::runtime::DEFAULT_BATCH_SIZE,
             1..=MAX_BATCH_SIZE,
         );
-        let batch_linger = env.linger("SAGAS_PARTICIPANT_BATCH_LINGER");
+        let batch_linger = env.linger("SAGAS_PARTICIPANT_BATCH_LINGER", DEFAULT_PARTICIPANT_LINGER);
         let default_pool = u32::try_from(concurrency + 1)
             .unwrap_or(MAX_DB_POOL)
             .min(MAX_DB_POOL);
@@ -890,13 +889,14 @@ mod tests {
             ("TOO_LONG", "1s"),
             ("BARE", "2"),
         ]);
-        assert_eq!(e.linger("NOT_SET"), DEFAULT_LINGER);
-        assert_eq!(e.linger("OFF"), Duration::ZERO);
-        assert_eq!(e.linger("OFF_MS"), Duration::ZERO);
-        assert_eq!(e.linger("FIVE"), Duration::from_millis(5));
-        assert_eq!(e.linger("MOST"), MAX_LINGER);
-        assert_eq!(e.linger("TOO_LONG"), DEFAULT_LINGER);
-        e.linger("BARE");
+        let two = Duration::from_millis(2);
+        assert_eq!(e.linger("NOT_SET", two), two);
+        assert_eq!(e.linger("OFF", two), Duration::ZERO);
+        assert_eq!(e.linger("OFF_MS", two), Duration::ZERO);
+        assert_eq!(e.linger("FIVE", two), Duration::from_millis(5));
+        assert_eq!(e.linger("MOST", two), MAX_LINGER);
+        assert_eq!(e.linger("TOO_LONG", two), two);
+        e.linger("BARE", two);
         let err = e.finish().unwrap_err();
         assert_eq!(err.errors.len(), 2, "{err}");
         assert!(err.names("TOO_LONG") && err.names("BARE"), "{err}");
@@ -941,7 +941,7 @@ mod tests {
         assert_eq!(c.barrier_retention, Some(DEFAULT_BARRIER_RETENTION));
         assert_eq!(c.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
         assert_eq!(c.handler_timeout, None);
-        assert_eq!(c.batch_linger, DEFAULT_LINGER);
+        assert_eq!(c.batch_linger, DEFAULT_PARTICIPANT_LINGER);
         assert_eq!(c.metrics_bind, None);
         assert!(!c.relay_starts);
     }

@@ -15,11 +15,17 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// The window a batch waits for more by default, on both sides: against none, a third fewer
-/// transactions per saga at the peak and 4–9 % less CPU per saga at a paced load, for a few
-/// ms of p50 there; 1 ms hardly changed the batches, 5 ms cut the CPU by a third and cost
+/// The window the orchestrator's batches wait for more by default: against none, a third
+/// fewer transactions per saga at the peak and 4–9 % less CPU per saga at a paced load, for a
+/// few ms of p50 there; 1 ms hardly changed the batches, 5 ms cut the CPU by a third and cost
 /// 10–20 ms of p50 (docs/performance.md, "Batches that wait").
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(2);
+
+/// A participant's default: none. Its commands already come in batches that the
+/// orchestrator's linger filled; waiting for a second one saved 0–3 % of CPU per saga and cost
+/// 2–18 ms of p50 (docs/performance.md, "Batches that wait"). It pays where commands come one
+/// by one (`SAGAS_AMQP_COMMAND_BATCH=1`, a participant that announces no batches).
+pub const DEFAULT_PARTICIPANT_LINGER: Duration = Duration::ZERO;
 
 /// The longest window the configuration accepts: a batch held longer would cost a saga more
 /// than the commits it saves.

@@ -208,7 +208,7 @@ impl Participant {
             prefetch: DEFAULT_PREFETCH,
             concurrency: DEFAULT_CONCURRENCY,
             batch_size: DEFAULT_BATCH_SIZE,
-            batch_linger: crate::linger::DEFAULT_LINGER,
+            batch_linger: crate::linger::DEFAULT_PARTICIPANT_LINGER,
             accepts_batch: MAX_BATCH,
             queue_options: QueueOptions::default(),
             install_barrier: true,
@@ -251,11 +251,13 @@ impl Participant {
     }
 
     /// Sets how long a take of commands waits for more to arrive, after a take that held
-    /// several commands (default [`DEFAULT_LINGER`](crate::linger::DEFAULT_LINGER), at most
+    /// several commands (default none,
+    /// [`DEFAULT_PARTICIPANT_LINGER`](crate::linger::DEFAULT_PARTICIPANT_LINGER); at most
     /// [`MAX_LINGER`](crate::linger::MAX_LINGER); zero: only what was delivered already).
     ///
     /// A lone command never waits: the take before it held one. Under load, the wait lets
-    /// more commands share a transaction and a reply message ([`crate::linger`]).
+    /// more commands share a transaction and a reply message ([`crate::linger`]); it pays
+    /// where commands come one by one, not where the orchestrator sends them in batches.
     pub fn batch_linger(mut self, linger: Duration) -> Participant {
         self.batch_linger = linger.min(crate::linger::MAX_LINGER);
         self
