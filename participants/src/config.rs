@@ -205,12 +205,7 @@ impl Env {
     /// A duration with units ([`parse_duration`]), or `0` (with or without a unit) for none.
     pub fn duration_or_off(&mut self, name: &str, default: Option<Duration>) -> Option<Duration> {
         self.parse(name, default, |raw| {
-            if raw == "0" {
-                return Ok(None);
-            }
-            parse_std_duration(raw)
-                .map(|d| Some(d).filter(|d| !d.is_zero()))
-                .map_err(|e| format!("{e}, or 0 for none"))
+            parse_duration_or_zero(raw).map(|d| Some(d).filter(|d| !d.is_zero()))
         })
     }
 
@@ -218,10 +213,7 @@ impl Env {
     /// [`MAX_LINGER`], or `0` (with or without a unit) for not at all; `default` when unset.
     pub fn linger(&mut self, name: &str, default: Duration) -> Duration {
         self.parse(name, default, |raw| {
-            if raw == "0" {
-                return Ok(Duration::ZERO);
-            }
-            let linger = parse_std_duration(raw).map_err(|e| format!("{e}, or 0 for none"))?;
+            let linger = parse_duration_or_zero(raw)?;
             if linger > MAX_LINGER {
                 return Err(format!(
                     "{raw:?} is longer than {} ms, the longest a batch may wait",
@@ -409,6 +401,14 @@ pub fn parse_duration(s: &str) -> Result<chrono::Duration, String> {
         rest = &rest[unit_len..];
     }
     Ok(total)
+}
+
+/// A duration with units, or `0` (without a unit) for none: a zero duration either way.
+fn parse_duration_or_zero(raw: &str) -> Result<Duration, String> {
+    if raw == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_std_duration(raw).map_err(|e| format!("{e}, or 0 for none"))
 }
 
 /// [`parse_duration`] as a [`std::time::Duration`].
@@ -881,7 +881,6 @@ mod tests {
     #[test]
     fn a_linger_is_a_duration_up_to_its_limit_and_zero_turns_it_off() {
         let mut e = env(&[
-            ("UNSET_BLANK", " "),
             ("OFF", "0"),
             ("OFF_MS", "0ms"),
             ("FIVE", "5ms"),

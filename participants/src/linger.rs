@@ -59,27 +59,29 @@ impl Linger {
         self.plural = plural;
     }
 
-    /// Fills `batch` (which holds its first item) from `source` up to `limit`: first with
-    /// what is waiting, then, when [`Linger::until`] allows, with what arrives until then.
+    /// Fills `batch` (which holds its first item) from `source` up to `limit`: with what is
+    /// waiting and, when [`Linger::until`] allows, with what arrives until then.
     pub async fn fill<T, S: Source<T>>(
         &mut self,
         batch: &mut Vec<T>,
         limit: usize,
         source: &mut S,
     ) {
+        let until = self.until();
         while batch.len() < limit {
-            match source.ready() {
+            // A waiting item is taken at once either way (a timeout polls its future first);
+            // the end of the window or of the source ends the batch (the source's end is seen
+            // again by the next receive).
+            let next = match until {
+                None => source.ready(),
+                Some(until) => tokio::time::timeout_at(until, source.next())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+            match next {
                 Some(item) => batch.push(item),
                 None => break,
-            }
-        }
-        if let Some(until) = self.until() {
-            while batch.len() < limit {
-                match tokio::time::timeout_at(until, source.next()).await {
-                    Ok(Some(item)) => batch.push(item),
-                    // The window ended, or the source did (its end is seen by the next recv).
-                    Ok(None) | Err(_) => break,
-                }
             }
         }
         self.gathered(batch.len() > 1);

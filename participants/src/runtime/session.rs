@@ -104,15 +104,9 @@ impl Participant {
             match delivery {
                 Some(Ok(delivery)) => {
                     let (mut taken, mut permits) = (vec![delivery], permit);
-                    let max = self.batch_size;
                     let taking = (&mut taken, &mut permits);
-                    let mut ended =
-                        take_more(&mut consumer, &semaphore, taking, (max, None), &queue).await;
-                    if let (None, Some(until)) = (&ended, linger.until()) {
-                        let taking = (&mut taken, &mut permits);
-                        let window = (max, Some(until));
-                        ended = take_more(&mut consumer, &semaphore, taking, window, &queue).await;
-                    }
+                    let window = (self.batch_size, linger.until());
+                    let ended = take_more(&mut consumer, &semaphore, taking, window, &queue).await;
                     linger
                         .gathered(taken.len() > 1 || taken.iter().any(|d| is_batch(&d.properties)));
                     in_flight.spawn(serve(ctx.clone(), taken, permits));
@@ -170,8 +164,9 @@ impl Participant {
 }
 
 /// Adds to `taken`, while a handler slot is free (merged into `permits`) and up to `max`, the
-/// deliveries already there and, with `until`, those that arrive until then; returns the
-/// error if the consumer ended meanwhile.
+/// deliveries already there and, with `until`, those that arrive until then (one already
+/// there is taken at once either way: a timeout polls its future first); returns the error if
+/// the consumer ended meanwhile.
 async fn take_more<T>(
     consumer: &mut (impl Stream<Item = Result<T, lapin::Error>> + Unpin),
     semaphore: &Arc<Semaphore>,
