@@ -2302,3 +2302,91 @@ mod held_connections {
         Ok(())
     }
 }
+
+/// PostgreSQL's writes carry the deletes of published outbox rows (`OutboxDeletes`): whichever
+/// way an instance is written, the statement also deletes the rows left for it, of any
+/// instance, so that those deletes cost no transaction of their own.
+mod outbox_deletes {
+    use super::*;
+    use sagas::orchestrator::store::CARRIED_PER_WRITE;
+
+    /// The ids of the outbox rows, in order.
+    async fn outbox_ids(pool: &PgPool) -> Result<Vec<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM sagas_outbox ORDER BY id")
+                .fetch_all(pool)
+                .await?,
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn published_outbox_rows_go_with_the_next_creation_or_update_of_any_instance()
+    -> Result<()> {
+        let env = helpers::TestEnv::new().await?;
+        let pool = PgPool::connect(&env.orch_url).await?;
+        let store = PgStore::new(pool.clone());
+        let deletes = store
+            .outbox_deletes()
+            .context("PostgreSQL's writes carry outbox deletes")?;
+        let def = definition("d");
+        let at = now();
+        let (one, two) = (start(&def, at), start(&def, at));
+        let one_row = store.create(&one, at).await?[0].id;
+        let two_row = store.create(&two, at).await?[0].id;
+
+        // A creation carries the rows left for it.
+        deletes.add(&[one_row]);
+        let three = start(&def, at);
+        let three_row = store.create(&three, at).await?[0].id;
+        assert!(deletes.is_empty());
+        assert_eq!(outbox_ids(&pool).await?, [two_row, three_row]);
+
+        // So does an update under the rows' locks (`update` takes that path)...
+        deletes.add(&[two_row]);
+        let later = at + Duration::milliseconds(10);
+        let ok = |id, step| Input::Reply(reply(id, step, 1, Outcome::succeeded(json!(step))));
+        let updated = feed(
+            &store,
+            &def,
+            one.instance.id,
+            ok(one.instance.id, "a"),
+            None,
+            later,
+        )
+        .await?;
+        let b_row = updated.outbox[0].id;
+        assert!(deletes.is_empty());
+        assert_eq!(outbox_ids(&pool).await?, [three_row, b_row]);
+
+        // ...and a batch decided on the states this store cached.
+        deletes.add(&[three_row]);
+        let hits = store.state_cache().hits;
+        let item = (
+            two.instance.id,
+            decide(&def, ok(two.instance.id, "a"), later),
+        );
+        let results = store.update_batch(later, vec![item]).await?;
+        assert_eq!(
+            store.state_cache().hits,
+            hits + 1,
+            "decided on the cached state"
+        );
+        let two_b_row = results[0].as_ref().expect("two, step a").outbox[0].id;
+        assert!(deletes.is_empty());
+        assert_eq!(outbox_ids(&pool).await?, [b_row, two_b_row]);
+
+        // A write takes its share at most, the oldest first; the rest waits for the next.
+        let gone: Vec<i64> = (1..=CARRIED_PER_WRITE as i64).map(|i| -i).collect();
+        deletes.add(&gone);
+        deletes.add(&[b_row]);
+        store.create(&start(&def, at), at).await?;
+        assert_eq!(deletes.take_all(), [b_row]);
+        assert!(outbox_ids(&pool).await?.contains(&b_row));
+
+        // The write path's statements are the ones the log and the projection replay from.
+        assert_replays(&store, one.instance.id).await?;
+        assert_replays(&store, two.instance.id).await?;
+        env.cleanup().await;
+        Ok(())
+    }
+}

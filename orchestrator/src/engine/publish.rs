@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::limits::RateLimits;
 use super::{Engine, Stats};
-use crate::store::{OutboxMessage, SagaStore};
+use crate::store::{OutboxDeletes, OutboxMessage, SagaStore};
 use crate::transport::Transport;
 
 /// Published outbox rows are deleted in batches: at most this often...
@@ -37,50 +37,97 @@ enum Deletion {
 /// every [`OUTBOX_DELETE_BATCH`] ids), so one transaction deletes many rows. A row whose
 /// delete is lost (crash, failed statement) is republished by the relay after its grace
 /// period: a duplicate command, which the participants' barrier absorbs.
-async fn delete_loop(store: Arc<dyn SagaStore>, mut rx: mpsc::UnboundedReceiver<Deletion>) {
-    let mut batch: Vec<i64> = Vec::new();
-    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+///
+/// Where the store's writes carry deletes ([`SagaStore::outbox_deletes`]), the ids wait there
+/// instead, and the loop deletes them only once a whole interval passed without a write (or
+/// [`OUTBOX_DELETE_BATCH`] of them wait): while writes come, they take the ids, and the
+/// deletes cost no transaction.
+async fn delete_loop(
+    store: &dyn SagaStore,
+    carried: Option<&OutboxDeletes>,
+    mut rx: mpsc::UnboundedReceiver<Deletion>,
+) {
+    let mut due = Due::default();
     let mut last = tokio::time::Instant::now()
         .checked_sub(OUTBOX_DELETE_INTERVAL)
         .unwrap_or_else(tokio::time::Instant::now);
     let mut open = true;
     while open {
         // Wait for work.
-        match rx.recv().await {
-            Some(Deletion::Ids(ids)) => batch.extend(ids),
-            Some(Deletion::Flush(done)) => waiting.push(done),
-            None => open = false,
-        }
-        // Collect until the interval since the last delete is over, the batch is full, or a
-        // flush is asked for.
-        let until = last + OUTBOX_DELETE_INTERVAL;
-        while open && waiting.is_empty() && batch.len() < OUTBOX_DELETE_BATCH {
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some(Deletion::Ids(ids)) => batch.extend(ids),
-                    Some(Deletion::Flush(done)) => waiting.push(done),
-                    None => open = false,
-                },
-                _ = tokio::time::sleep_until(until) => break,
+        open = due.take(carried, rx.recv().await);
+        loop {
+            let writes = carried.map(OutboxDeletes::writes);
+            // Collect until the interval is over (since the last delete, or from now where
+            // writes carry deletes), the batch is full, or a flush is asked for.
+            let until = match writes {
+                Some(_) => tokio::time::Instant::now(),
+                None => last,
+            } + OUTBOX_DELETE_INTERVAL;
+            while open && due.waiting.is_empty() && !due.full(carried) {
+                tokio::select! {
+                    m = rx.recv() => open = due.take(carried, m),
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+            // Whatever else is already queued goes with it.
+            while let Ok(m) = rx.try_recv() {
+                due.take(carried, Some(m));
+            }
+            // Writes came in the interval and ids wait: the next writes take them.
+            let writes_carry = match (carried, writes) {
+                (Some(carried), Some(before)) => !carried.is_empty() && carried.writes() != before,
+                _ => false,
+            };
+            if !(writes_carry && open && due.waiting.is_empty() && !due.full(carried)) {
+                break;
             }
         }
-        // Whatever else is already queued goes with it.
-        while let Ok(m) = rx.try_recv() {
-            match m {
-                Deletion::Ids(ids) => batch.extend(ids),
-                Deletion::Flush(done) => waiting.push(done),
-            }
+        let mut ids = std::mem::take(&mut due.ids);
+        if let Some(carried) = carried {
+            ids.extend(carried.take_all());
         }
-        if !batch.is_empty() {
-            if let Err(e) = store.delete_outbox(&batch).await {
-                tracing::warn!(error = %e, rows = batch.len(), "published outbox rows not deleted; the relay will publish them again");
+        if !ids.is_empty() {
+            if let Err(e) = store.delete_outbox(&ids).await {
+                tracing::warn!(error = %e, rows = ids.len(), "published outbox rows not deleted; the relay will publish them again");
             }
-            batch.clear();
             last = tokio::time::Instant::now();
         }
-        for done in waiting.drain(..) {
+        for done in due.waiting.drain(..) {
             let _ = done.send(());
         }
+    }
+}
+
+/// What the outbox deleter has received since its last delete.
+#[derive(Default)]
+struct Due {
+    /// Ids to delete (where the store's writes do not carry them).
+    ids: Vec<i64>,
+    /// Flushes to answer.
+    waiting: Vec<oneshot::Sender<()>>,
+}
+
+impl Due {
+    /// Takes `m`; `false` when the channel is closed.
+    fn take(&mut self, carried: Option<&OutboxDeletes>, m: Option<Deletion>) -> bool {
+        match m {
+            Some(Deletion::Ids(ids)) => match carried {
+                Some(carried) => carried.add(&ids),
+                None => self.ids.extend(ids),
+            },
+            Some(Deletion::Flush(done)) => self.waiting.push(done),
+            None => return false,
+        }
+        true
+    }
+
+    /// Whether a whole batch waits.
+    fn full(&self, carried: Option<&OutboxDeletes>) -> bool {
+        let waiting = match carried {
+            Some(carried) => carried.len(),
+            None => self.ids.len(),
+        };
+        waiting >= OUTBOX_DELETE_BATCH
     }
 }
 
@@ -108,7 +155,8 @@ impl Publisher {
     ) -> Publisher {
         let deleter = tokio::runtime::Handle::try_current().ok().map(|runtime| {
             let (tx, rx) = mpsc::unbounded_channel();
-            runtime.spawn(delete_loop(store.clone(), rx));
+            let store = store.clone();
+            runtime.spawn(async move { delete_loop(&*store, store.outbox_deletes(), rx).await });
             tx
         });
         Publisher {
@@ -212,5 +260,117 @@ impl Engine {
                 let _ = wait.await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition::Definition;
+    use crate::machine;
+    use crate::store::MemoryStore;
+    use serde_json::json;
+    use uuid::Uuid;
+
+    /// A store holding `n` outbox rows, and their ids.
+    async fn store_with_rows(n: usize) -> (Arc<MemoryStore>, Vec<i64>) {
+        let store = Arc::new(MemoryStore::new());
+        let def = Definition::saga::<serde_json::Value>("d", 1)
+            .step("a", "p", |s| s.command(|_, _| json!({})))
+            .build()
+            .unwrap();
+        let now = chrono::Utc::now();
+        for _ in 0..n {
+            let t = machine::start(Uuid::now_v7(), (**def.plan()).clone(), json!({}), now, &def);
+            store.create(&t, now).await.unwrap();
+        }
+        let ids = left(&store);
+        (store, ids)
+    }
+
+    /// The outbox rows not deleted.
+    fn left(store: &MemoryStore) -> Vec<i64> {
+        store.outbox().iter().map(|m| m.id).collect()
+    }
+
+    /// Lets the deleter run whatever is ready; the paused clock does not move.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A deleter on `store`, its writes carrying deletes through `carried` if given.
+    fn deleter(
+        store: &Arc<MemoryStore>,
+        carried: Option<Arc<OutboxDeletes>>,
+    ) -> mpsc::UnboundedSender<Deletion> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let store = store.clone();
+        tokio::spawn(async move { delete_loop(&*store, carried.as_deref(), rx).await });
+        tx
+    }
+
+    async fn advance(ms: u64) {
+        tokio::time::advance(Duration::from_millis(ms)).await;
+        settle().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_writes_that_carry_them_the_first_ids_after_a_quiet_period_go_at_once() {
+        let (store, ids) = store_with_rows(3).await;
+        let tx = deleter(&store, None);
+        tx.send(Deletion::Ids(vec![ids[0]])).unwrap();
+        settle().await;
+        assert_eq!(left(&store), &ids[1..]);
+        // The next ones wait out the interval since that delete, and go together.
+        tx.send(Deletion::Ids(vec![ids[1]])).unwrap();
+        advance(10).await;
+        tx.send(Deletion::Ids(vec![ids[2]])).unwrap();
+        settle().await;
+        assert_eq!(left(&store), &ids[1..]);
+        advance(10).await;
+        assert!(left(&store).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn carried_ids_are_left_to_the_writes_while_they_come_and_deleted_once_none_came_for_an_interval()
+     {
+        let (store, ids) = store_with_rows(2).await;
+        let carried = Arc::new(OutboxDeletes::default());
+        let tx = deleter(&store, Some(carried.clone()));
+        tx.send(Deletion::Ids(vec![ids[0]])).unwrap();
+        settle().await;
+        assert_eq!(carried.len(), 1, "left for a write");
+        // A write takes it (its statement deletes the row; here it stays, to show who deleted
+        // what).
+        advance(10).await;
+        carried.carry().committed();
+        tx.send(Deletion::Ids(vec![ids[1]])).unwrap();
+        // The interval ends with a write in it: another one for the id that waits.
+        advance(15).await;
+        assert_eq!(carried.len(), 1);
+        assert_eq!(left(&store), ids);
+        // No write in that one: the deleter deletes it.
+        advance(20).await;
+        assert!(carried.is_empty());
+        assert_eq!(left(&store), &ids[..1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_or_a_whole_batch_waiting_deletes_the_carried_ids_at_once() {
+        let (store, ids) = store_with_rows(1).await;
+        let carried = Arc::new(OutboxDeletes::default());
+        let tx = deleter(&store, Some(carried.clone()));
+        tx.send(Deletion::Ids(ids.clone())).unwrap();
+        let (done, flushed) = oneshot::channel();
+        tx.send(Deletion::Flush(done)).unwrap();
+        flushed.await.unwrap();
+        assert!(left(&store).is_empty());
+        assert!(carried.is_empty());
+        let batch: Vec<i64> = (1..=OUTBOX_DELETE_BATCH as i64).map(|i| -i).collect();
+        tx.send(Deletion::Ids(batch)).unwrap();
+        settle().await;
+        assert!(carried.is_empty(), "deleted without waiting");
     }
 }

@@ -17,12 +17,14 @@ use crate::machine::{Event, Instance, Rejected, Status, Time, Timer, Transition}
 use sagas_participant::protocol::Command;
 
 pub mod memory;
+mod outbox_deletes;
 pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub(crate) mod write_set;
 
 pub use memory::MemoryStore;
+pub use outbox_deletes::{CARRIED_PER_WRITE, Carried, OutboxDeletes};
 pub use postgres::{LISTENER_NAME, PgStore, SETTLED_CHANNEL, StateCacheStats};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
@@ -521,6 +523,14 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Deletes published outbox rows.
     async fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError>;
+
+    /// Where this store's writes (creations and updates) pick up ids of published outbox rows
+    /// to delete in their own statements, so that the deletes need no transaction of their
+    /// own; `None` (the default) for a store whose writes do not: then the outbox deleter
+    /// deletes every row with [`SagaStore::delete_outbox`].
+    fn outbox_deletes(&self) -> Option<&OutboxDeletes> {
+        None
+    }
 
     /// Deletes, in one transaction, up to `limit` instances that finished (completed,
     /// compensated or resolved) before `finished_before`, oldest first, with their events,

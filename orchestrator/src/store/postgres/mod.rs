@@ -13,8 +13,9 @@ use uuid::Uuid;
 
 use super::{
     Activity, Created, Decide, Gauges, Idempotency, Latency, ListFilter, LoggedEvent, Minute,
-    NewInstance, OLDEST_OPEN, OutboxMessage, Pending, PendingTimer, Pruned, Registration,
-    SagaStore, Settlements, StoreError, StoredDefinition, StoredInstance, StuckStep, Updated,
+    NewInstance, OLDEST_OPEN, OutboxDeletes, OutboxMessage, Pending, PendingTimer, Pruned,
+    Registration, SagaStore, Settlements, StoreError, StoredDefinition, StoredInstance, StuckStep,
+    Updated,
 };
 use crate::breaker::{BreakerPolicy, BreakerState, Outcomes, Synced};
 use crate::definition::Plan;
@@ -50,6 +51,8 @@ pub struct PgStore {
     states: Arc<States>,
     /// Connections held out of the pool for the start and reply batches' writes.
     held: Arc<Held>,
+    /// Published outbox rows the next write deletes in its statement.
+    outbox_deletes: Arc<OutboxDeletes>,
 }
 
 /// How often reply batches could skip reading their states (see [`PgStore::state_cache`]).
@@ -117,6 +120,7 @@ impl PgStore {
             plans: Arc::default(),
             states: Arc::default(),
             held: Arc::default(),
+            outbox_deletes: Arc::default(),
         }
     }
 
@@ -445,6 +449,10 @@ impl SagaStore for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    fn outbox_deletes(&self) -> Option<&OutboxDeletes> {
+        Some(&self.outbox_deletes)
     }
 
     async fn register_definition(

@@ -16,6 +16,7 @@
 //! | `$7` | the outbox grace period in milliseconds |
 //! | `$8` | the ids of the batch's instances |
 //! | `$9` | plans that may not be stored yet: `[{i, plan}]` |
+//! | `$10` | ids of published outbox rows to delete (any instance's: see `OutboxDeletes`) |
 //!
 //! They return the instances written (`written`) and the outbox rows' ids with their message
 //! ids. `= ANY($8)` lets the planner reach the rows to update and delete through the primary
@@ -24,7 +25,8 @@
 
 /// A write statement: `$target` defines `w`, the instances whose rows it writes, and writes
 /// their rows; the plans, events, timers and outbox rows follow, each joined to `w`, so an
-/// instance whose row is not written gets nothing else written either.
+/// instance whose row is not written gets nothing else written either. Published outbox rows
+/// (`od`, of any instance) are deleted whatever else is written.
 macro_rules! write_statement {
     ($target:literal) => {
         concat!(
@@ -59,7 +61,9 @@ macro_rules! write_statement {
                FROM jsonb_array_elements($6) WITH ORDINALITY AS r(r, ord)
                JOIN w ON w.id = (r.r->>'i')::uuid
                ORDER BY r.ord
-               RETURNING id, message_id)
+               RETURNING id, message_id),
+             od AS (
+               DELETE FROM sagas_outbox WHERE id = ANY($10))
              SELECT coalesce((SELECT array_agg(id) FROM w), '{}') AS written,
                     coalesce((SELECT array_agg(id ORDER BY id) FROM ob), '{}') AS ids,
                     coalesce((SELECT array_agg(message_id ORDER BY id) FROM ob), '{}') AS message_ids"

@@ -1,5 +1,6 @@
 //! The PostgreSQL store's write path: decide, build the write set, write it with one statement
-//! of the family in `sql`, remember what was committed.
+//! of the family in `sql`, remember what was committed. Each statement also deletes the
+//! published outbox rows waiting in [`OutboxDeletes`](crate::store::OutboxDeletes).
 //!
 //! Three callers, one statement family: new instances ([`PgStore::insert`]), transitions
 //! decided under the rows' locks ([`PgStore::transact`]) and transitions decided on the states
@@ -238,11 +239,13 @@ impl<'a> Params<'a> {
         }
     }
 
-    /// Runs the statement of `target` with these parameters.
+    /// Runs the statement of `target` with these parameters; it also deletes the published
+    /// outbox rows `outbox_deletes`.
     async fn write<'e>(
         &self,
         target: Target,
         now: Time,
+        outbox_deletes: &[i64],
         executor: impl PgExecutor<'e>,
     ) -> Result<Written, sqlx::Error> {
         let (instances, ids, message_ids): (Vec<Uuid>, Vec<i64>, Vec<String>) =
@@ -256,6 +259,7 @@ impl<'a> Params<'a> {
                 .bind(OUTBOX_GRACE_MS as f64)
                 .bind(&self.ids)
                 .bind(Json(&self.plans.rows))
+                .bind(outbox_deletes)
                 .fetch_one(executor)
                 .await?;
         Ok(Written {
@@ -298,7 +302,11 @@ impl PgStore {
         let ids = starts.iter().map(|(start, _)| start.instance.id).collect();
         let params = Params::new(&set, ids, &self.plans, &HashMap::new(), &keys);
         let mut conn = self.held.take(&self.pool).await?;
-        let written = params.write(Target::New, now, &mut *conn).await?;
+        let carried = self.outbox_deletes.carry();
+        let written = params
+            .write(Target::New, now, carried.ids(), &mut *conn)
+            .await?;
+        carried.committed();
         conn.give_back();
         self.remember(params, &written);
         let mut results = Vec::with_capacity(starts.len());
@@ -351,12 +359,19 @@ impl PgStore {
             set.fired(*id, timer);
         }
         let params = Params::new(&set, ids, &self.plans, &plan_ids, &HashMap::new());
-        let written = if set.is_empty() {
-            Written::default()
-        } else {
-            params.write(Target::Locked, now, &mut *tx).await?
+        let carried = (!set.is_empty()).then(|| self.outbox_deletes.carry());
+        let written = match &carried {
+            None => Written::default(),
+            Some(carried) => {
+                params
+                    .write(Target::Locked, now, carried.ids(), &mut *tx)
+                    .await?
+            }
         };
         tx.commit().await?;
+        if let Some(carried) = carried {
+            carried.committed();
+        }
         conn.give_back();
         self.remember(params, &written);
         Ok(results
@@ -410,7 +425,11 @@ impl PgStore {
         let set = WriteSet::of(&transitions);
         let params = Params::new(&set, ids, &self.plans, &plan_ids, &HashMap::new());
         let mut conn = self.held.take(&self.pool).await?;
-        let written = params.write(Target::Guarded, now, &mut *conn).await?;
+        let carried = self.outbox_deletes.carry();
+        let written = params
+            .write(Target::Guarded, now, carried.ids(), &mut *conn)
+            .await?;
+        carried.committed();
         conn.give_back();
         self.remember(params, &written);
         let hits = transitions
