@@ -37,7 +37,7 @@ pub struct Config {
     /// batches of up to N to every participant (docs/protocol.md, "Batches").
     pub command_batch: CommandBatch,
     /// How long a batch of replies or starts waits for more after a batch of several
-    /// (`SAGAS_BATCH_LINGER`, default 2ms, at most 100ms; `0`: not at all; see
+    /// (`SAGAS_BATCH_LINGER`, default 5ms, at most 100ms; `0`: not at all; see
     /// [`crate::engine::EngineConfig::batch_linger`]).
     pub batch_linger: std::time::Duration,
     /// Queues vanish after this long unused (`SAGAS_QUEUE_EXPIRES_MS`); for tests and demos only.

@@ -38,7 +38,7 @@ Environment (docs/operations.md, \"Configuration\", has every variable, its defa
   SAGAS_AMQP_COMMAND_BATCH     commands per AMQP message: unset, up to 16 to participants
                                that announce batches; 1, never; 2 to 256, forced [unset]
   SAGAS_BATCH_LINGER           after a batch of several, how long the next batch of replies
-                               or starts waits for more, up to 100ms; 0 = never [2ms]
+                               or starts waits for more, up to 100ms; 0 = never [5ms]
   SAGAS_BODY_LIMIT             largest request body in bytes [1048576]
   SAGAS_RETENTION              delete finished transactions after, e.g. 30d; 0 = never [0]
   SAGAS_WAIT_NOTIFY            wake ?wait across processes (NOTIFY/LISTEN), yes/no [yes]

@@ -18,9 +18,10 @@ pub struct EngineConfig {
     /// [`EngineConfig::batch_linger`] says.
     pub reply_batch: usize,
     /// How long a batch of replies or of starts waits for more after a batch that held
-    /// several ([`sagas_participant::linger::Linger`]): a lone saga's batches never wait;
-    /// under load, transactions and messages are shared by more sagas. Zero: batches take
-    /// only what is waiting.
+    /// several ([`sagas_participant::linger::Linger`]), while it holds fewer than
+    /// [`sagas_participant::linger::ENOUGH`]: a lone saga's batches never wait; under load,
+    /// transactions and messages are shared by more sagas. Zero: batches take only what is
+    /// waiting.
     pub batch_linger: Duration,
     /// Unacknowledged replies the broker may send ahead.
     pub prefetch: u16,
