@@ -30,7 +30,7 @@ pub const ENOUGH: usize = 16;
 
 /// Whether a batch that holds `held` items may still wait for more (it holds fewer than
 /// [`ENOUGH`]).
-pub fn wants_more(held: usize) -> bool {
+fn wants_more(held: usize) -> bool {
     held < ENOUGH
 }
 

@@ -59,11 +59,13 @@ async fn delete_loop(
             let writes = carried.map(OutboxDeletes::writes);
             // Collect until the interval is over (since the last delete, or from now where
             // writes carry deletes), the batch is full, or a flush is asked for.
-            let until = match writes {
-                Some(_) => tokio::time::Instant::now(),
-                None => last,
-            } + OUTBOX_DELETE_INTERVAL;
-            while open && due.waiting.is_empty() && !due.full(carried) {
+            let from = if carried.is_some() {
+                tokio::time::Instant::now()
+            } else {
+                last
+            };
+            let until = from + OUTBOX_DELETE_INTERVAL;
+            while !due.must_delete(open, carried) {
                 tokio::select! {
                     m = rx.recv() => open = due.take(carried, m),
                     _ = tokio::time::sleep_until(until) => break,
@@ -74,11 +76,10 @@ async fn delete_loop(
                 due.take(carried, Some(m));
             }
             // Writes came in the interval and ids wait: the next writes take them.
-            let writes_carry = match (carried, writes) {
-                (Some(carried), Some(before)) => !carried.is_empty() && carried.writes() != before,
-                _ => false,
-            };
-            if !(writes_carry && open && due.waiting.is_empty() && !due.full(carried)) {
+            let writes_carry = carried
+                .zip(writes)
+                .is_some_and(|(carried, before)| !carried.is_empty() && carried.writes() != before);
+            if !writes_carry || due.must_delete(open, carried) {
                 break;
             }
         }
@@ -121,13 +122,14 @@ impl Due {
         true
     }
 
-    /// Whether a whole batch waits.
-    fn full(&self, carried: Option<&OutboxDeletes>) -> bool {
+    /// Whether to delete now, without waiting further: the channel closed, a flush is asked
+    /// for, or a whole batch waits.
+    fn must_delete(&self, open: bool, carried: Option<&OutboxDeletes>) -> bool {
         let waiting = match carried {
             Some(carried) => carried.len(),
             None => self.ids.len(),
         };
-        waiting >= OUTBOX_DELETE_BATCH
+        !open || !self.waiting.is_empty() || waiting >= OUTBOX_DELETE_BATCH
     }
 }
 
