@@ -685,7 +685,7 @@ pub(crate) fn reason_text(reason: Option<String>) -> Result<String, ApiError> {
 /// variant's doc is its description.
 #[derive(Debug, IntoResponses)]
 pub enum ActionResponses {
-    /// Done; the transaction as it now is
+    /// Done; the transaction as the action left it (what it sent may have moved it on since)
     #[response(status = 200)]
     Done(SagaView),
     /// `invalid_body` (no reason, or text with a NUL character; for a signal, no valid

@@ -225,7 +225,17 @@ impl Engine {
         input: Input,
         fired: Option<Timer>,
     ) -> Result<Instance, EngineError> {
-        let now = self.clock.now();
+        self.deliver_at(id, input, fired, self.clock.now()).await
+    }
+
+    /// [`Engine::deliver`] at `now`, the time the transition stores as `updated_at`.
+    async fn deliver_at(
+        &self,
+        id: Uuid,
+        input: Input,
+        fired: Option<Timer>,
+        now: Time,
+    ) -> Result<Instance, EngineError> {
         let updated = self
             .store
             .update(id, fired, now, self.decider(input, now))
@@ -277,9 +287,18 @@ impl Engine {
     /// Carries out an operator action ([`Input::Abort`], [`Input::Retry`] or
     /// [`Input::Resolve`]); an action that does not fit the instance's state is a
     /// [`EngineError::Conflict`].
+    ///
+    /// The answer is the state the action committed: read back afterwards, the instance may
+    /// already have moved on (a compensation the abort sent can have finished by then).
     pub async fn operate(&self, id: Uuid, action: Input) -> Result<StoredInstance, EngineError> {
-        self.deliver(id, action, None).await?;
-        self.store.get(id).await?.ok_or(EngineError::NotFound(id))
+        let now = self.clock.now();
+        let instance = self.deliver_at(id, action, None, now).await?;
+        let stored = self.store.get(id).await?.ok_or(EngineError::NotFound(id))?;
+        Ok(StoredInstance {
+            instance,
+            created_at: stored.created_at,
+            updated_at: now,
+        })
     }
 
     /// The instance's outbox rows and timers: what may still act on it.
