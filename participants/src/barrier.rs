@@ -353,8 +353,9 @@ async fn execute_in(
 /// ([`execute`]), 6 — `BEGIN`, the barrier row's `INSERT`, `SAVEPOINT`, the handler's write,
 /// the reply's `UPDATE`, `COMMIT`. In a batch, 3 per command — `INSERT`, `SAVEPOINT`, the
 /// handler's write — and 3 per batch: `BEGIN`, the upsert of every reply, `COMMIT`. A batch
-/// begun with [`Batch::begin_for`] inserts its commands' rows with one statement: 2 per
-/// command and 4 per batch. A
+/// begun with [`Batch::begin_for`] inserts its commands' rows with one statement, sent with
+/// its `BEGIN`, and [`Batch::commit`] sends the replies' upsert with the `COMMIT`: 2 per
+/// command and 2 per batch (a batch of one command among them: 3 in all, against 5). A
 /// discarded command costs 2 more (`ROLLBACK TO SAVEPOINT`, `DELETE` of its row), a duplicate
 /// 1 or 2 (`INSERT`, then `SELECT` of the stored reply unless it is the batch's own).
 ///
@@ -434,9 +435,11 @@ impl Batch {
 
     /// Begins the batch for `cmds`, the commands it will execute in this order (run them in
     /// [`lock_order`] to keep batches from deadlocking). Their barrier rows are inserted first,
-    /// at once, in one statement (in key order, so that two batches claiming the same rows
-    /// wait for each other before either takes a handler's row), instead of one `INSERT` per
-    /// command; each command then finds its row claimed, or there already (a duplicate). That
+    /// at once, in one statement sent with the `BEGIN` (in key order, so that two batches
+    /// claiming the same rows wait for each other before either takes a handler's row),
+    /// instead of one `INSERT` per command after it; each command then finds its row
+    /// claimed, or there already (a duplicate: then the rows are claimed again after the
+    /// `BEGIN`, one round trip more, see [`claimed_as_begun`]). That
     /// is what the commands would do one after the other, with one exception kept to the
     /// one-by-one order: the row of a forward operation whose undo is in the batch too (the
     /// undo looks for it, and must not find it claimed but not run). A command not in `cmds`
@@ -446,11 +449,23 @@ impl Batch {
         cmds: impl IntoIterator<Item = &'c Command>,
     ) -> Result<Batch, BarrierError> {
         let cmds: Vec<&Command> = cmds.into_iter().collect();
-        let mut batch = Batch::begin(pool).await?;
-        let claims = to_claim(&cmds);
-        if !claims.is_empty() {
-            batch.claimed = claim_all(&mut batch.tx, &claims).await?;
+        let keys = claim_keys(&to_claim(&cmds));
+        if keys.is_empty() {
+            return Batch::begin(pool).await;
         }
+        if let Some(tx) = claimed_as_begun(pool, &keys).await? {
+            return Ok(Batch {
+                tx,
+                pending: Vec::new(),
+                claimed: keys
+                    .into_iter()
+                    .map(|(t, s, o)| ((t, s.to_owned(), o), true))
+                    .collect(),
+                savepoints: true,
+            });
+        }
+        let mut batch = Batch::begin(pool).await?;
+        batch.claimed = claim_all(&mut batch.tx, keys).await?;
         Ok(batch)
     }
 
@@ -524,11 +539,55 @@ impl Batch {
     }
 
     /// Commits every command of the batch at once, after writing their replies to their rows.
+    ///
+    /// The replies' upsert travels with the `COMMIT`, in one round trip: a simple query
+    /// `INSERT … ON CONFLICT … DO UPDATE …; COMMIT; BEGIN` (the replies written as constants,
+    /// [`string_constant`]). Its `BEGIN` leaves the connection in a new, empty transaction of
+    /// the depth sqlx counts, which the batch's `Transaction` then rolls back as it is dropped:
+    /// sqlx queues that `ROLLBACK` and sends it with the connection's next message, the
+    /// check with which the pool takes it back, in that check's round trip. An error before
+    /// the `COMMIT` rolls everything back, as any failed commit did.
     pub async fn commit(mut self) -> Result<(), BarrierError> {
-        record_all(&mut self.tx, &self.pending).await?;
-        self.tx.commit().await?;
+        match replies_then_commit(&self.pending) {
+            Some(statement) => {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                    .execute(&mut *self.tx)
+                    .await?;
+            }
+            None => {
+                record_all(&mut self.tx, &self.pending).await?;
+                self.tx.commit().await?;
+            }
+        }
         Ok(())
     }
+}
+
+/// The simple query that stores `pending`'s replies (as [`record_all`] does), commits, and
+/// begins an empty transaction for sqlx to roll back (see [`Batch::commit`]); `None` when
+/// there is nothing to store or a step name cannot be a constant.
+fn replies_then_commit(pending: &[PendingReply]) -> Option<String> {
+    if pending.is_empty() {
+        return None;
+    }
+    let mut rows = Vec::with_capacity(pending.len());
+    for p in pending {
+        let step = string_constant(&p.step)?;
+        // JSON text holds no NUL character: serde_json escapes every control character.
+        let reply = string_constant(&serde_json::to_string(&p.outcome).ok()?)?;
+        rows.push(format!(
+            "('{}'::uuid, {step}, '{}', '{}', {reply}::jsonb)",
+            p.transaction_id,
+            p.operation.as_str(),
+            p.origin.as_str()
+        ));
+    }
+    Some(format!(
+        "INSERT INTO sagas_barrier AS b (transaction_id, step, operation, origin, reply) \
+         VALUES {} ON CONFLICT (transaction_id, step, operation) \
+         DO UPDATE SET origin = EXCLUDED.origin, reply = EXCLUDED.reply; COMMIT; BEGIN",
+        rows.join(", ")
+    ))
 }
 
 /// Runs `cmds` in one [`Batch`], in [`lock_order`], and returns their outcomes in the order of
@@ -786,12 +845,8 @@ async fn insert(
 }
 
 /// The commands of `cmds` whose rows [`Batch::begin_for`] inserts up front: all of them, but
-/// the forward operations whose undo is in `cmds` too (and none for a single command, which
-/// gains nothing).
+/// the forward operations whose undo is in `cmds` too.
 fn to_claim<'c>(cmds: &[&'c Command]) -> Vec<&'c Command> {
-    if cmds.len() < 2 {
-        return Vec::new();
-    }
     let undone: HashSet<(Uuid, &str)> = cmds
         .iter()
         .filter(|c| c.operation.is_undo())
@@ -837,19 +892,92 @@ pub fn lock_order(keyed: &[(Option<&str>, &Command)]) -> Vec<usize> {
     order
 }
 
-/// Inserts the rows of `cmds` (as their [`insert`]s would, one each) in one statement; for
-/// each, whether it was inserted (false: it existed, after waiting for a concurrent inserter
-/// to finish).
-async fn claim_all(
-    conn: &mut PgConnection,
-    cmds: &[&Command],
-) -> Result<HashMap<(Uuid, String, Operation), bool>, BarrierError> {
+/// The barrier keys of `cmds`, in key order (the order every claim inserts them in), each once.
+fn claim_keys<'c>(cmds: &[&'c Command]) -> Vec<(Uuid, &'c str, Operation)> {
     let mut keys: Vec<(Uuid, &str, Operation)> = cmds
         .iter()
         .map(|c| (c.transaction_id, c.step.as_str(), c.operation))
         .collect();
     keys.sort_by(|a, b| (a.0, a.1, a.2.as_str()).cmp(&(b.0, b.1, b.2.as_str())));
     keys.dedup();
+    keys
+}
+
+/// A transaction on a connection from `pool` that has inserted the rows of `keys` (as
+/// [`claim_all`] would), begun in one round trip with them: `None` when a row was there
+/// already (a duplicate, found after waiting for a concurrent inserter to commit), and
+/// nothing was inserted.
+///
+/// A simple query `INSERT …; BEGIN` does it: PostgreSQL runs the statements of one simple
+/// query in one implicit transaction, which a `BEGIN` among them turns into an ordinary one
+/// that stays open, the insert in it. When the insert fails, the implicit transaction rolls
+/// back at the end of the query and the connection is left idle. A simple query takes no
+/// parameters, so the keys are written as constants ([`string_constant`]). The cost of a
+/// duplicate: PostgreSQL logs the failed insert (`duplicate key value violates unique
+/// constraint "sagas_barrier_pkey"`, then a warning that no transaction is in progress, from
+/// the rollback sqlx sends after a failed begin), and the claim is made again as
+/// [`claim_all`] makes it, which tells the new rows from the old.
+async fn claimed_as_begun(
+    pool: &PgPool,
+    keys: &[(Uuid, &str, Operation)],
+) -> Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, BarrierError> {
+    let mut rows = Vec::with_capacity(keys.len());
+    for (transaction_id, step, operation) in keys {
+        // A step name PostgreSQL cannot store: the claim with parameters says why.
+        let Some(step) = string_constant(step) else {
+            return Ok(None);
+        };
+        rows.push(format!(
+            "('{transaction_id}'::uuid, {step}, '{}', '{}')",
+            operation.as_str(),
+            Origin::Handler.as_str()
+        ));
+    }
+    let claim = format!(
+        "INSERT INTO sagas_barrier (transaction_id, step, operation, origin) VALUES {}; BEGIN",
+        rows.join(", ")
+    );
+    match pool.begin_with(sqlx::AssertSqlSafe(claim)).await {
+        Ok(tx) => Ok(Some(tx)),
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+            Ok(None)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// PostgreSQL's SQLSTATE for an insert of a key that exists.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// `s` as an SQL string constant: an escape string constant (`E'…'`) with every backslash and
+/// quote escaped, which reads the same whatever `standard_conforming_strings` says. `None` if
+/// `s` holds a NUL character, which no PostgreSQL text can hold.
+///
+/// Written here rather than taken from a crate: the one that has it (`postgres-protocol`'s
+/// `escape_literal`) would be a dependency, with its own, for these few lines.
+fn string_constant(s: &str) -> Option<String> {
+    if s.contains('\0') {
+        return None;
+    }
+    let mut constant = String::with_capacity(s.len() + 4);
+    constant.push_str("E'");
+    for c in s.chars() {
+        if c == '\\' || c == '\'' {
+            constant.push('\\');
+        }
+        constant.push(c);
+    }
+    constant.push('\'');
+    Some(constant)
+}
+
+/// Inserts the rows of `keys` (from [`claim_keys`]; as their [`insert`]s would, one each) in
+/// one statement; for each, whether it was inserted (false: it existed, after waiting for a
+/// concurrent inserter to finish).
+async fn claim_all(
+    conn: &mut PgConnection,
+    keys: Vec<(Uuid, &str, Operation)>,
+) -> Result<HashMap<(Uuid, String, Operation), bool>, BarrierError> {
     let inserted: Vec<(Uuid, String, String)> = sqlx::query_as(
         "INSERT INTO sagas_barrier (transaction_id, step, operation, origin) \
          SELECT t, s, o, $4 FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(t, s, o) \
@@ -1091,9 +1219,10 @@ mod tests {
             claimed(&[cmd(a, Operation::Action), cmd(b, Operation::Try)]),
             [(a, Operation::Action), (b, Operation::Try)]
         );
-        assert!(
-            claimed(&[cmd(a, Operation::Action)]).is_empty(),
-            "one command gains nothing"
+        assert_eq!(
+            claimed(&[cmd(a, Operation::Action)]),
+            [(a, Operation::Action)],
+            "one command's row rides with the BEGIN too"
         );
         assert_eq!(
             claimed(&[cmd(a, Operation::Try), cmd(a, Operation::Confirm)]),
@@ -1179,6 +1308,17 @@ mod tests {
         assert!(position(0) < position(2), "{order:?}");
         assert_eq!(position(2), position(0) + 1, "together: {order:?}");
         assert_eq!(order, [4, 1, 3, 0, 2], "other steps go by their own keys");
+    }
+
+    #[test]
+    fn string_constants_escape_every_quote_and_backslash_and_refuse_nul() {
+        assert_eq!(string_constant("debit").as_deref(), Some("E'debit'"));
+        assert_eq!(
+            string_constant(r"it's \ a 'step'\").as_deref(),
+            Some(r"E'it\'s \\ a \'step\'\\'")
+        );
+        assert_eq!(string_constant("").as_deref(), Some("E''"));
+        assert_eq!(string_constant("a\0b"), None);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use sagas_participant::barrier::{self, BarrierError};
 use sagas_participant::handler::{Handler, HandlerError, Router};
 use sagas_participant::protocol::{Command, Operation, Outcome};
 use serde_json::{Value, json};
-use sqlx::PgConnection;
 use sqlx::types::Json;
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::helpers::{TestDb, again, bank, command};
@@ -788,4 +788,76 @@ async fn a_batch_whose_handlers_all_succeed_runs_each_once_without_savepoints() 
     assert_eq!(barrier_rows.len(), 3);
     // 3 in the batch (the duplicate runs no handler), then 3 one by one.
     assert_eq!(handler.calls(), 3 + 3);
+}
+
+/// Writes nothing and answers with text that needs escaping, its step's name in it.
+struct Awkward;
+
+#[async_trait]
+impl Handler for Awkward {
+    async fn handle(&self, cmd: &Command, _tx: &mut PgConnection) -> Result<Value, HandlerError> {
+        Ok(json!({ "note": r#"it's \ "quoted" E'\x41' $$ ünï 🚀"#, "step": cmd.step }))
+    }
+}
+
+#[tokio::test]
+async fn claims_and_replies_sent_with_the_begin_and_the_commit_keep_any_text_and_leave_the_connection_clean()
+ {
+    // One connection: every batch below, and the checks after them, take the same one.
+    let db = TestDb::with_connections(1).await;
+    let step = r"credit 'it''s' \ E'\x41' $$ ; --";
+    let cmd = || command(Uuid::new_v4(), step, Operation::Action, json!({}));
+    let (lone, first, second, after) = (cmd(), cmd(), cmd(), cmd());
+    let stored = async |cmd: &Command| -> Outcome {
+        let (reply,): (Json<Outcome>,) = sqlx::query_as(
+            "SELECT reply FROM sagas_barrier \
+             WHERE transaction_id = $1 AND step = $2 AND operation = 'action'",
+        )
+        .bind(cmd.transaction_id)
+        .bind(&cmd.step)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        reply.0
+    };
+
+    // A batch of one and a batch of two: rows claimed with the `BEGIN`, replies stored with
+    // the `COMMIT`, as given.
+    for cmds in [vec![lone.clone()], vec![first, second]] {
+        let outcomes = barrier::execute_batch(&db.pool, &cmds, &Awkward).await;
+        for (cmd, outcome) in cmds.iter().zip(outcomes.unwrap()) {
+            let Outcome::Succeeded { output } = &outcome else {
+                panic!("{outcome:?}")
+            };
+            assert_eq!(output["step"], step);
+            assert_eq!(stored(cmd).await, outcome);
+        }
+        assert!(
+            outside_a_transaction(&db).await,
+            "the pool's connection was left in a transaction"
+        );
+    }
+
+    // A redelivery in a batch: the claim with the `BEGIN` fails on its row, and the claim
+    // after a plain `BEGIN` tells it from the new one.
+    let first_reply = stored(&lone).await;
+    let outcomes = barrier::execute_batch(&db.pool, &[again(&lone), after.clone()], &Awkward)
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0], first_reply, "the stored reply");
+    assert_eq!(stored(&after).await, outcomes[1]);
+    assert!(
+        outside_a_transaction(&db).await,
+        "the pool's connection was left in a transaction"
+    );
+}
+
+/// Whether a statement on the pool's connection runs in a transaction of its own (in a
+/// simple query, whose statement and implicit transaction start at the same moment).
+async fn outside_a_transaction(db: &TestDb) -> bool {
+    let row = sqlx::raw_sql("SELECT now() = statement_timestamp()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    row.get(0)
 }
