@@ -354,8 +354,8 @@ async fn execute_in(
 /// the reply's `UPDATE`, `COMMIT`. In a batch, 3 per command — `INSERT`, `SAVEPOINT`, the
 /// handler's write — and 3 per batch: `BEGIN`, the upsert of every reply, `COMMIT`. A batch
 /// begun with [`Batch::begin_for`] inserts its commands' rows with one statement, sent with
-/// its `BEGIN`, and [`Batch::commit`] sends the replies' upsert with the `COMMIT`: 2 per
-/// command and 2 per batch (a batch of one command among them: 3 in all, against 5). A
+/// its `BEGIN`: 2 per command and 3 per batch (a batch of one command among them: 4 in all,
+/// against 5). A
 /// discarded command costs 2 more (`ROLLBACK TO SAVEPOINT`, `DELETE` of its row), a duplicate
 /// 1 or 2 (`INSERT`, then `SELECT` of the stored reply unless it is the batch's own).
 ///
@@ -539,55 +539,11 @@ impl Batch {
     }
 
     /// Commits every command of the batch at once, after writing their replies to their rows.
-    ///
-    /// The replies' upsert travels with the `COMMIT`, in one round trip: a simple query
-    /// `INSERT … ON CONFLICT … DO UPDATE …; COMMIT; BEGIN` (the replies written as constants,
-    /// [`string_constant`]). Its `BEGIN` leaves the connection in a new, empty transaction of
-    /// the depth sqlx counts, which the batch's `Transaction` then rolls back as it is dropped:
-    /// sqlx queues that `ROLLBACK` and sends it with the connection's next message, the
-    /// check with which the pool takes it back, in that check's round trip. An error before
-    /// the `COMMIT` rolls everything back, as any failed commit did.
     pub async fn commit(mut self) -> Result<(), BarrierError> {
-        match replies_then_commit(&self.pending) {
-            Some(statement) => {
-                sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                    .execute(&mut *self.tx)
-                    .await?;
-            }
-            None => {
-                record_all(&mut self.tx, &self.pending).await?;
-                self.tx.commit().await?;
-            }
-        }
+        record_all(&mut self.tx, &self.pending).await?;
+        self.tx.commit().await?;
         Ok(())
     }
-}
-
-/// The simple query that stores `pending`'s replies (as [`record_all`] does), commits, and
-/// begins an empty transaction for sqlx to roll back (see [`Batch::commit`]); `None` when
-/// there is nothing to store or a step name cannot be a constant.
-fn replies_then_commit(pending: &[PendingReply]) -> Option<String> {
-    if pending.is_empty() {
-        return None;
-    }
-    let mut rows = Vec::with_capacity(pending.len());
-    for p in pending {
-        let step = string_constant(&p.step)?;
-        // JSON text holds no NUL character: serde_json escapes every control character.
-        let reply = string_constant(&serde_json::to_string(&p.outcome).ok()?)?;
-        rows.push(format!(
-            "('{}'::uuid, {step}, '{}', '{}', {reply}::jsonb)",
-            p.transaction_id,
-            p.operation.as_str(),
-            p.origin.as_str()
-        ));
-    }
-    Some(format!(
-        "INSERT INTO sagas_barrier AS b (transaction_id, step, operation, origin, reply) \
-         VALUES {} ON CONFLICT (transaction_id, step, operation) \
-         DO UPDATE SET origin = EXCLUDED.origin, reply = EXCLUDED.reply; COMMIT; BEGIN",
-        rows.join(", ")
-    ))
 }
 
 /// Runs `cmds` in one [`Batch`], in [`lock_order`], and returns their outcomes in the order of
@@ -951,7 +907,9 @@ const UNIQUE_VIOLATION: &str = "23505";
 
 /// `s` as an SQL string constant: an escape string constant (`E'…'`) with every backslash and
 /// quote escaped, which reads the same whatever `standard_conforming_strings` says. `None` if
-/// `s` holds a NUL character, which no PostgreSQL text can hold.
+/// `s` holds a NUL character, which no PostgreSQL text can hold. Safe in UTF-8, the client
+/// encoding sqlx sets on every connection: there no byte of a multi-byte character is a quote
+/// or a backslash.
 ///
 /// Written here rather than taken from a crate: the one that has it (`postgres-protocol`'s
 /// `escape_literal`) would be a dependency, with its own, for these few lines.

@@ -801,8 +801,7 @@ impl Handler for Awkward {
 }
 
 #[tokio::test]
-async fn claims_and_replies_sent_with_the_begin_and_the_commit_keep_any_text_and_leave_the_connection_clean()
- {
+async fn claims_sent_with_the_begin_keep_any_step_name_and_leave_the_connection_clean() {
     // One connection: every batch below, and the checks after them, take the same one.
     let db = TestDb::with_connections(1).await;
     let step = r"credit 'it''s' \ E'\x41' $$ ; --";
@@ -821,8 +820,8 @@ async fn claims_and_replies_sent_with_the_begin_and_the_commit_keep_any_text_and
         reply.0
     };
 
-    // A batch of one and a batch of two: rows claimed with the `BEGIN`, replies stored with
-    // the `COMMIT`, as given.
+    // A batch of one and a batch of two: rows claimed with the `BEGIN`; names and replies
+    // stored as given.
     for cmds in [vec![lone.clone()], vec![first, second]] {
         let outcomes = barrier::execute_batch(&db.pool, &cmds, &Awkward).await;
         for (cmd, outcome) in cmds.iter().zip(outcomes.unwrap()) {
