@@ -354,8 +354,10 @@ async fn execute_in(
 /// the reply's `UPDATE`, `COMMIT`. In a batch, 3 per command — `INSERT`, `SAVEPOINT`, the
 /// handler's write — and 3 per batch: `BEGIN`, the upsert of every reply, `COMMIT`. A batch
 /// begun with [`Batch::begin_for`] inserts its commands' rows with one statement, sent with
-/// its `BEGIN`: 2 per command and 3 per batch (a batch of one command among them: 4 in all,
-/// against 5). A
+/// its `BEGIN`: 2 per command and 3 per batch (a batch of one command: 5 in all; 4 begun with
+/// [`Batch::begin_unguarded`], the runtime's lone command, against 5 before the claim rode
+/// with the `BEGIN`). A batch holding a redelivered command takes 2 more (the claim again,
+/// after a `BEGIN` of its own). A
 /// discarded command costs 2 more (`ROLLBACK TO SAVEPOINT`, `DELETE` of its row), a duplicate
 /// 1 or 2 (`INSERT`, then `SELECT` of the stored reply unless it is the batch's own).
 ///
@@ -438,8 +440,9 @@ impl Batch {
     /// at once, in one statement sent with the `BEGIN` (in key order, so that two batches
     /// claiming the same rows wait for each other before either takes a handler's row),
     /// instead of one `INSERT` per command after it; each command then finds its row
-    /// claimed, or there already (a duplicate: then the rows are claimed again after the
-    /// `BEGIN`, one round trip more, see [`claimed_as_begun`]). That
+    /// claimed, or there already (a duplicate: then the rows are claimed again after a
+    /// `BEGIN` of their own, two round trips more and a connection taken again, see
+    /// [`claimed_as_begun`]). That
     /// is what the commands would do one after the other, with one exception kept to the
     /// one-by-one order: the row of a forward operation whose undo is in the batch too (the
     /// undo looks for it, and must not find it claimed but not run). A command not in `cmds`
@@ -862,7 +865,8 @@ fn claim_keys<'c>(cmds: &[&'c Command]) -> Vec<(Uuid, &'c str, Operation)> {
 /// A transaction on a connection from `pool` that has inserted the rows of `keys` (as
 /// [`claim_all`] would), begun in one round trip with them: `None` when a row was there
 /// already (a duplicate, found after waiting for a concurrent inserter to commit), and
-/// nothing was inserted.
+/// nothing was inserted, or when a step name holds a NUL character (the claim with
+/// parameters then says why).
 ///
 /// A simple query `INSERT …; BEGIN` does it: PostgreSQL runs the statements of one simple
 /// query in one implicit transaction, which a `BEGIN` among them turns into an ordinary one
@@ -871,8 +875,16 @@ fn claim_keys<'c>(cmds: &[&'c Command]) -> Vec<(Uuid, &'c str, Operation)> {
 /// parameters, so the keys are written as constants ([`string_constant`]). The cost of a
 /// duplicate: PostgreSQL logs the failed insert (`duplicate key value violates unique
 /// constraint "sagas_barrier_pkey"`, then a warning that no transaction is in progress, from
-/// the rollback sqlx sends after a failed begin), and the claim is made again as
-/// [`claim_all`] makes it, which tells the new rows from the old.
+/// the rollback sqlx sends after a failed begin, which sqlx logs as a notice too), counts two
+/// rollbacks, and the claim is made again as [`claim_all`] makes it, which tells the new rows
+/// from the old.
+///
+/// A begin whose future is dropped (a time limit) leaves nothing behind: sqlx 0.9.1 counts the
+/// transaction before the round trip, so the `ROLLBACK` it queues as the future is dropped
+/// goes out right behind the claim, and the pool's check as the connection comes back waits
+/// for both (a connection whose claim waits on another transaction's row stays out of the
+/// pool until that one ends). Older sqlx counted it after, and would have handed the next
+/// borrower a connection inside this transaction.
 async fn claimed_as_begun(
     pool: &PgPool,
     keys: &[(Uuid, &str, Operation)],
@@ -905,11 +917,11 @@ async fn claimed_as_begun(
 /// PostgreSQL's SQLSTATE for an insert of a key that exists.
 const UNIQUE_VIOLATION: &str = "23505";
 
-/// `s` as an SQL string constant: an escape string constant (`E'…'`) with every backslash and
-/// quote escaped, which reads the same whatever `standard_conforming_strings` says. `None` if
-/// `s` holds a NUL character, which no PostgreSQL text can hold. Safe in UTF-8, the client
-/// encoding sqlx sets on every connection: there no byte of a multi-byte character is a quote
-/// or a backslash.
+/// `s` as an SQL string constant: an escape string constant (`E'…'`) with every backslash
+/// doubled and every quote doubled, which reads the same whatever `standard_conforming_strings`
+/// and `backslash_quote` say (a quote is never written `\'`). `None` if `s` holds a NUL
+/// character, which no PostgreSQL text can hold. Safe in UTF-8, the client encoding sqlx sets
+/// on every connection: there no byte of a multi-byte character is a quote or a backslash.
 ///
 /// Written here rather than taken from a crate: the one that has it (`postgres-protocol`'s
 /// `escape_literal`) would be a dependency, with its own, for these few lines.
@@ -920,8 +932,9 @@ fn string_constant(s: &str) -> Option<String> {
     let mut constant = String::with_capacity(s.len() + 4);
     constant.push_str("E'");
     for c in s.chars() {
+        // A backslash escapes itself; a quote is doubled, as in any SQL string.
         if c == '\\' || c == '\'' {
-            constant.push('\\');
+            constant.push(c);
         }
         constant.push(c);
     }
@@ -1273,7 +1286,7 @@ mod tests {
         assert_eq!(string_constant("debit").as_deref(), Some("E'debit'"));
         assert_eq!(
             string_constant(r"it's \ a 'step'\").as_deref(),
-            Some(r"E'it\'s \\ a \'step\'\\'")
+            Some(r"E'it''s \\ a ''step''\\'")
         );
         assert_eq!(string_constant("").as_deref(), Some("E''"));
         assert_eq!(string_constant("a\0b"), None);

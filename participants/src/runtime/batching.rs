@@ -136,7 +136,8 @@ pub(super) async fn outcomes(ctx: &Context, jobs: &[Job]) -> Vec<Outcome> {
 
 /// The outcome of a lone command run without a savepoint, while few recent commands failed:
 /// the transaction of a batch of one, two round trips less than [`run_alone`] (the
-/// `SAVEPOINT`, and the `BEGIN`, which carries the barrier row's insert). `None` when it is to run as [`run_alone`] runs it: savepoints are due, or
+/// `SAVEPOINT`, and the `BEGIN`, which carries the barrier row's insert). `None` when it is
+/// to run as [`run_alone`] runs it: savepoints are due, or
 /// its handler did not succeed (its writes rolled back with the transaction; the run with a
 /// savepoint answers it, as a batch runs again), or the transaction failed or did not begin
 /// in time (alone, it waits for the database if that is why). A handler (or the commit) that

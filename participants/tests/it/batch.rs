@@ -12,7 +12,7 @@ use sagas_participant::handler::{Handler, HandlerError, Router};
 use sagas_participant::protocol::{Command, Operation, Outcome};
 use serde_json::{Value, json};
 use sqlx::types::Json;
-use sqlx::{PgConnection, Row};
+use sqlx::{Connection as _, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::helpers::{TestDb, again, bank, command};
@@ -859,4 +859,46 @@ async fn outside_a_transaction(db: &TestDb) -> bool {
         .await
         .unwrap();
     row.get(0)
+}
+
+#[tokio::test]
+async fn a_claim_dropped_while_its_row_is_held_leaves_no_transaction_and_no_row_behind() {
+    // One connection: the check after the dropped claim takes the one it used.
+    let db = TestDb::with_connections(1).await;
+    let cmd = command(Uuid::new_v4(), "credit", Operation::Action, pay(1));
+    // Another delivery's transaction holds the command's row, not yet committed.
+    let mut holder = PgConnection::connect(db.url()).await.unwrap();
+    let mut held = holder.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO sagas_barrier (transaction_id, step, operation, origin) \
+         VALUES ($1, $2, 'action', 'handler')",
+    )
+    .bind(cmd.transaction_id)
+    .bind(&cmd.step)
+    .execute(&mut *held)
+    .await
+    .unwrap();
+
+    // The claim (with its `BEGIN`) waits for that row until its time limit drops it.
+    let begun = tokio::time::timeout(
+        Duration::from_millis(300),
+        barrier::Batch::begin_for(&db.pool, [&cmd]),
+    )
+    .await;
+    assert!(begun.is_err(), "the claim cannot end while the row is held");
+    held.rollback().await.unwrap();
+
+    // The claim went on once the row was free, and the rollback queued as it was dropped
+    // ended it: the connection is back outside any transaction, and no row is left.
+    assert!(
+        outside_a_transaction(&db).await,
+        "the pool's connection was left in a transaction"
+    );
+    let (rows,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM sagas_barrier WHERE transaction_id = $1")
+            .bind(cmd.transaction_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0);
 }
