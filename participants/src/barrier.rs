@@ -427,12 +427,20 @@ impl std::fmt::Debug for Batch {
 impl Batch {
     /// Begins the batch's transaction on a connection from `pool`.
     pub async fn begin(pool: &PgPool) -> Result<Batch, BarrierError> {
-        Ok(Batch {
-            tx: pool.begin().await?,
+        Ok(Batch::on(pool.begin().await?, HashMap::new()))
+    }
+
+    /// A batch in `tx`, whose rows `claimed` are inserted (or found), with savepoints.
+    fn on(
+        tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        claimed: HashMap<(Uuid, String, Operation), bool>,
+    ) -> Batch {
+        Batch {
+            tx,
             pending: Vec::new(),
-            claimed: HashMap::new(),
+            claimed,
             savepoints: true,
-        })
+        }
     }
 
     /// Begins the batch for `cmds`, the commands it will execute in this order (run them in
@@ -457,15 +465,10 @@ impl Batch {
             return Batch::begin(pool).await;
         }
         if let Some(tx) = claimed_as_begun(pool, &keys).await? {
-            return Ok(Batch {
-                tx,
-                pending: Vec::new(),
-                claimed: keys
-                    .into_iter()
-                    .map(|(t, s, o)| ((t, s.to_owned(), o), true))
-                    .collect(),
-                savepoints: true,
-            });
+            let claimed = keys
+                .into_iter()
+                .map(|(t, s, o)| ((t, s.to_owned(), o), true));
+            return Ok(Batch::on(tx, claimed.collect()));
         }
         let mut batch = Batch::begin(pool).await?;
         batch.claimed = claim_all(&mut batch.tx, keys).await?;
