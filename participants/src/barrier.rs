@@ -910,15 +910,10 @@ async fn claimed_as_begun(
     );
     match pool.begin_with(sqlx::AssertSqlSafe(claim)).await {
         Ok(tx) => Ok(Some(tx)),
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(UNIQUE_VIOLATION) => {
-            Ok(None)
-        }
+        Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Ok(None),
         Err(error) => Err(error.into()),
     }
 }
-
-/// PostgreSQL's SQLSTATE for an insert of a key that exists.
-const UNIQUE_VIOLATION: &str = "23505";
 
 /// `s` as an SQL string constant: an escape string constant (`E'…'`) with every backslash
 /// doubled and every quote doubled, which reads the same whatever `standard_conforming_strings`
