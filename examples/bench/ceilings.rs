@@ -1,6 +1,7 @@
 //! The machine's ceilings, measured with the same kind of connections the engine uses:
 //! single-row INSERT commits through a sqlx pool, and persistent AMQP round trips
-//! (publish with confirm, consume, ack) through lapin.
+//! (publish with confirm, consume, ack) through lapin. At concurrency 1 also one client's
+//! statements on a bare connection, for a lone saga's chain floor.
 
 use sagas::participant::config::database_options;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde::Serialize;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{ConnectOptions, Connection as _, PgConnection};
 use tokio::sync::Semaphore;
 
 use crate::env::{self, Urls};
@@ -38,6 +40,20 @@ pub struct Ceilings {
     /// Share of the machine's busy time used by other processes (not PostgreSQL, RabbitMQ or
     /// this one) while measuring; high values mean the ceilings are understated.
     pub other_cpu_share: f64,
+    /// At concurrency 1 only: one client's statements on a bare connection.
+    pub bare: Option<BareStatements>,
+}
+
+/// One client's statements one after the other on one connection outside any pool (so
+/// without the check a pool makes when a connection comes back), each prepared once, as
+/// `pgbench -M prepared` runs them: what PostgreSQL itself needs per statement on this
+/// machine, the parts of a lone saga's chain ([`crate::run::chain_floor_ms`]).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BareStatements {
+    /// A single-row INSERT in its own transaction (its commit waits for the WAL flush), ms.
+    pub commit_ms: f64,
+    /// `SELECT 1`, ms: a statement's round trip without a commit to flush.
+    pub statement_ms: f64,
 }
 
 /// Measures both ceilings (PostgreSQL first), `secs` each, at `concurrency`.
@@ -51,8 +67,13 @@ pub async fn measure(
     let db = env::create_db(urls, &format!("sagas_bench_{tag}_ceiling")).await?;
     let cpu_0 = CpuSnapshot::take();
     let pg = pg_commits(&db.url, concurrency, secs).await;
+    let bare = match pg {
+        Ok(_) if concurrency == 1 => Some(bare_statements(&db.url, secs / 2.0).await),
+        _ => None,
+    };
     env::drop_all(urls, std::slice::from_ref(&db)).await;
     let pg = pg?;
+    let bare = bare.transpose()?;
     let (amqp, unconsumed) = amqp_round_trips(&urls.amqp, prefix, concurrency, secs).await?;
     let cpu = cpu_0.until(&CpuSnapshot::take());
     let other = (cpu.cpu.machine - cpu.cpu.ours()).max(0.0);
@@ -63,7 +84,34 @@ pub async fn measure(
         amqp_round_trips_per_s: amqp,
         amqp_unconsumed: unconsumed,
         other_cpu_share: other / cpu.cpu.machine.max(1e-9),
+        bare,
     })
+}
+
+/// [`BareStatements`], `secs` for each statement, on the table [`pg_commits`] made.
+async fn bare_statements(url: &str, secs: f64) -> Result<BareStatements> {
+    let mut conn = database_options(url)?.connect().await?;
+    let commit_ms = mean_ms(&mut conn, "INSERT INTO ceiling (v) VALUES ('bare')", secs).await?;
+    let statement_ms = mean_ms(&mut conn, "SELECT 1", secs).await?;
+    conn.close().await?;
+    Ok(BareStatements {
+        commit_ms,
+        statement_ms,
+    })
+}
+
+/// The mean time of `sql` run one after the other on `conn` for `secs` (after one run that
+/// prepares it), in ms.
+async fn mean_ms(conn: &mut PgConnection, sql: &'static str, secs: f64) -> Result<f64> {
+    sqlx::query(sql).execute(&mut *conn).await?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(secs);
+    let mut runs = 0u64;
+    while Instant::now() < deadline {
+        sqlx::query(sql).execute(&mut *conn).await?;
+        runs += 1;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1000.0 / runs.max(1) as f64)
 }
 
 async fn pg_commits(url: &str, concurrency: usize, secs: f64) -> Result<f64> {

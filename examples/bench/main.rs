@@ -455,6 +455,12 @@ async fn main_inner(args: &Args) -> Result<bool> {
                  AMQP {:.0} persistent publish-confirm-consume-ack round trips/s",
                 c.concurrency, c.pg_commits_per_s, c.amqp_round_trips_per_s
             );
+            if let Some(bare) = c.bare {
+                println!(
+                    "  one client on a bare connection: {:.3} ms a commit, {:.3} ms a statement",
+                    bare.commit_ms, bare.statement_ms
+                );
+            }
             if c.other_cpu_share > 0.1 {
                 println!(
                     "  WARNING other processes used {:.0}% of the busy CPU time while measuring the ceilings",
@@ -469,15 +475,7 @@ async fn main_inner(args: &Args) -> Result<bool> {
     for w in args.workloads() {
         let mut runs = vec![args.clone()];
         while let Some(run_args) = runs.pop() {
-            let r = run::run(
-                &run_args,
-                &urls,
-                &tag,
-                w,
-                ceilings.as_ref().map(|c| c.amqp_round_trips_per_s),
-                ceilings.as_ref().map(|c| c.pg_commits_per_s),
-            )
-            .await?;
+            let r = run::run(&run_args, &urls, &tag, w, ceilings.as_ref()).await?;
             if !args.json {
                 output::print_text(&r);
             }

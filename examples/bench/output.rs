@@ -1,7 +1,7 @@
 //! The text report (`--json` prints the same as one document).
 
 use crate::fleet::Settings;
-use crate::run::WorkloadResult;
+use crate::run::{PARTICIPANT_STATEMENTS_PER_COMMAND, WorkloadResult};
 use crate::{Layout, Via};
 
 /// The settings of the processes, once per run.
@@ -213,6 +213,15 @@ pub fn print_text(r: &WorkloadResult) {
             r.messages_per_saga,
             times(r.p50_over_floor),
             times(r.p99_over_floor)
+        );
+    }
+    if let Some(chain) = r.chain_floor_ms {
+        println!(
+            "  chain        {chain:.1} ms: the floor's commits on a bare connection, {:.0} statements per command, its messages; p50 {} times that",
+            PARTICIPANT_STATEMENTS_PER_COMMAND,
+            r.p50_over_chain
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| "-".into())
         );
     }
     println!(

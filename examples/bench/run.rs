@@ -23,6 +23,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::ceilings::{BareStatements, Ceilings};
 use crate::env::{self, Scratch, Urls};
 use crate::participants::{self, Row};
 use crate::prefill::PrefillReport;
@@ -151,6 +152,11 @@ pub struct WorkloadResult {
     pub p50_over_floor: Option<f64>,
     /// At concurrency 1: the p99 latency over [`WorkloadResult::serial_floor_ms`].
     pub p99_over_floor: Option<f64>,
+    /// At concurrency 1 only: the saga's chain of statements and messages, each at one bare
+    /// client's speed measured in the same run ([`chain_floor_ms`]), in ms.
+    pub chain_floor_ms: Option<f64>,
+    /// At concurrency 1: the p50 latency over [`WorkloadResult::chain_floor_ms`].
+    pub p50_over_chain: Option<f64>,
     /// Events in the log per kind.
     pub events: BTreeMap<String, i64>,
     /// Rows written per table per saga: (inserted, updated, deleted).
@@ -264,8 +270,7 @@ pub async fn run(
     urls: &Urls,
     tag: &str,
     workload: Workload,
-    amqp_ceiling: Option<f64>,
-    pg_ceiling: Option<f64>,
+    ceilings: Option<&Ceilings>,
 ) -> Result<WorkloadResult> {
     let name = workload.as_str();
     let orch = env::create_db(urls, &format!("sagas_bench_{tag}_{name}_o")).await?;
@@ -289,7 +294,7 @@ pub async fn run(
             Layout::InProcess => crate::inprocess::run(args, &place, workload).await?,
             Layout::Processes => crate::processes::run(args, &place, workload).await?,
         };
-        finish(args, &place, workload, measured, amqp_ceiling, pg_ceiling).await
+        finish(args, &place, workload, measured, ceilings).await
     }
     .await;
     // Clean up whatever happened.
@@ -461,9 +466,10 @@ async fn finish(
     place: &Place<'_>,
     workload: Workload,
     m: Measured,
-    amqp_ceiling: Option<f64>,
-    pg_ceiling: Option<f64>,
+    ceilings: Option<&Ceilings>,
 ) -> Result<WorkloadResult> {
+    let amqp_ceiling = ceilings.map(|c| c.amqp_round_trips_per_s);
+    let pg_ceiling = ceilings.map(|c| c.pg_commits_per_s);
     let (orch, part) = (place.orch, place.part);
     let n = args.sagas;
     let steps = args.steps;
@@ -680,6 +686,12 @@ async fn finish(
         }
         _ => None,
     };
+    let chain = match (amqp_ceiling, ceilings.and_then(|c| c.bare)) {
+        (Some(amqp), Some(bare)) if args.concurrency == 1 => {
+            chain_floor_ms(messages_per_saga, per(commands), bare, amqp)
+        }
+        _ => None,
+    };
     // The latency reported: the client's with processes, the instance rows' in process.
     let reported = driven.client_latency.as_ref().unwrap_or(&latency);
     let q = |p: f64| ok.then(|| ms(reported, p));
@@ -780,6 +792,8 @@ async fn finish(
         serial_floor_ms: floor,
         p50_over_floor: floor.zip(p50).map(|(f, p)| p / f),
         p99_over_floor: floor.zip(p99).map(|(f, p)| p / f),
+        chain_floor_ms: chain,
+        p50_over_chain: chain.zip(p50).map(|(f, p)| p / f),
         events: ev,
         rows_per_saga,
         outbox_left,
@@ -817,6 +831,30 @@ pub fn serial_floor_ms(
         .then(|| 1000.0 * ((1.0 + messages) / pg_commits_per_s + messages / amqp_round_trips_per_s))
 }
 
+/// Statements a participant's transaction runs for a lone command besides its `COMMIT`: the
+/// barrier's claim (sent with the `BEGIN`), the bench handler's one statement, and the reply.
+pub const PARTICIPANT_STATEMENTS_PER_COMMAND: f64 = 3.0;
+
+/// The chain a saga of `messages` AMQP messages, `commands` of them commands, runs at
+/// concurrency 1, in ms: every step of it waits for the one before, so nothing in it
+/// overlaps. Its commits as in [`serial_floor_ms`] and each of
+/// [`PARTICIPANT_STATEMENTS_PER_COMMAND`] at `bare`'s speed (one client on a connection outside
+/// any pool: PostgreSQL's own time per statement), and its messages at the AMQP ceiling's.
+/// Left out, so that the chain stays below what the saga can take: the HTTP request, and all
+/// work of the orchestrator and the participants other than waiting for those.
+pub fn chain_floor_ms(
+    messages: f64,
+    commands: f64,
+    bare: BareStatements,
+    amqp_round_trips_per_s: f64,
+) -> Option<f64> {
+    (amqp_round_trips_per_s > 0.0).then(|| {
+        (1.0 + messages) * bare.commit_ms
+            + commands * PARTICIPANT_STATEMENTS_PER_COMMAND * bare.statement_ms
+            + 1000.0 * messages / amqp_round_trips_per_s
+    })
+}
+
 /// Rows inserted, updated and deleted so far per table of both databases, keyed
 /// `orchestrator.<table>` and `participant.<table>`.
 async fn table_writes(orch: &Scratch, part: &Scratch) -> Result<HashMap<String, (i64, i64, i64)>> {
@@ -831,7 +869,23 @@ async fn table_writes(orch: &Scratch, part: &Scratch) -> Result<HashMap<String, 
 
 #[cfg(test)]
 mod tests {
-    use super::serial_floor_ms;
+    use super::{chain_floor_ms, serial_floor_ms};
+    use crate::ceilings::BareStatements;
+
+    #[test]
+    fn the_chain_of_a_three_step_saga_is_seven_commits_nine_statements_and_six_messages() {
+        let bare = BareStatements {
+            commit_ms: 0.3,
+            statement_ms: 0.1,
+        };
+        // 1,000 round trips/s: 1 ms a message.
+        let chain = chain_floor_ms(6.0, 3.0, bare, 1000.0).expect("an AMQP ceiling");
+        assert!(
+            (chain - (7.0 * 0.3 + 9.0 * 0.1 + 6.0)).abs() < 1e-9,
+            "{chain}"
+        );
+        assert_eq!(chain_floor_ms(6.0, 3.0, bare, 0.0), None);
+    }
 
     #[test]
     fn the_serial_floor_of_a_three_step_saga_is_seven_commits_and_six_messages() {
